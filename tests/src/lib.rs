@@ -1,0 +1,1 @@
+//! End-to-end test helpers (network namespaces, traffic generators).
