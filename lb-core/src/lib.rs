@@ -9,6 +9,9 @@ pub mod maglev;
 pub mod model;
 pub mod pick;
 
+pub use categorize::{
+    Categorized, EndpointSet, Exclusion, Topology, TopologyMode, TopologyReason, categorize,
+};
 pub use model::{
     Conditions, Endpoint, EndpointBuilder, IpFamily, ModelError, Node, Protocol, ServicePort,
     ServicePortBuilder, ServicePortName, ServiceType, SessionAffinity, TrafficDistribution,

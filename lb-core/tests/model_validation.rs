@@ -1,0 +1,246 @@
+//! Validation of model values: every invalid field is rejected with an error naming it.
+
+use std::time::Duration;
+
+use lb_core::{
+    Conditions, Endpoint, IpFamily, ModelError, Node, Protocol, ServicePort, ServicePortBuilder,
+    ServiceType, SessionAffinity, TrafficDistribution, TrafficPolicy,
+};
+
+fn port() -> ServicePortBuilder {
+    ServicePort::builder("ns", "web", "http", Protocol::Tcp, 80).cluster_ips(["10.96.0.1"])
+}
+
+fn field_of(r: Result<impl std::fmt::Debug, ModelError>) -> String {
+    r.expect_err("must be rejected").field
+}
+
+#[test]
+fn a_port_of_zero_or_above_65535_is_rejected_naming_the_port_field() {
+    for bad in [0, -1, 65_536, i64::MAX] {
+        let e = ServicePort::builder("ns", "web", "http", Protocol::Tcp, bad)
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field, "port");
+        assert!(e.to_string().contains("service port ns/web:http"), "{e}");
+    }
+}
+
+#[test]
+fn a_node_port_of_zero_means_none_and_out_of_range_is_rejected() {
+    assert_eq!(
+        port().node_port(0).build().expect("valid").node_port(),
+        None
+    );
+    assert_eq!(
+        port().node_port(30080).build().expect("valid").node_port(),
+        Some(30080)
+    );
+    assert_eq!(field_of(port().node_port(70_000).build()), "nodePort");
+    assert_eq!(
+        field_of(port().health_check_node_port(-5).build()),
+        "healthCheckNodePort"
+    );
+}
+
+#[test]
+fn an_invalid_ip_is_rejected_naming_the_field_and_index() {
+    assert_eq!(
+        field_of(port().cluster_ips(["10.96.0.1", "nope"]).build()),
+        "clusterIPs[1]"
+    );
+    assert_eq!(
+        field_of(port().external_ips(["300.1.1.1"]).build()),
+        "externalIPs[0]"
+    );
+    assert_eq!(
+        field_of(port().load_balancer_ips(["1.2.3.4", "x"]).build()),
+        "status.loadBalancer.ingress[1]"
+    );
+    assert_eq!(
+        field_of(port().cluster_ips(["0.0.0.0"]).build()),
+        "clusterIPs[0]"
+    );
+}
+
+#[test]
+fn dual_stack_cluster_ips_need_one_address_per_family() {
+    let svc = port()
+        .cluster_ips(["10.96.0.1", "fd00::1"])
+        .build()
+        .expect("dual-stack is valid");
+    assert_eq!(svc.ip_families(), [IpFamily::V4, IpFamily::V6]);
+    assert_eq!(
+        field_of(port().cluster_ips(["10.96.0.1", "10.96.0.2"]).build()),
+        "clusterIPs"
+    );
+    assert_eq!(
+        field_of(
+            port()
+                .cluster_ips(["fd00::1"])
+                .ip_families(["IPv4"])
+                .build()
+        ),
+        "clusterIPs[0]"
+    );
+    assert_eq!(
+        field_of(port().ip_families(["IPv5"]).build()),
+        "ipFamilies[0]"
+    );
+}
+
+#[test]
+fn client_ip_affinity_defaults_to_10800_seconds() {
+    let svc = port().client_ip_affinity(None).build().expect("valid");
+    assert_eq!(
+        svc.session_affinity().timeout(),
+        Some(Duration::from_secs(10_800))
+    );
+    assert_eq!(
+        port().build().expect("valid").session_affinity(),
+        SessionAffinity::None
+    );
+}
+
+#[test]
+fn client_ip_affinity_accepts_1_to_86400_seconds_and_nothing_else() {
+    for ok in [1, 60, 86_400] {
+        let svc = port()
+            .client_ip_affinity(Some(ok))
+            .build()
+            .expect("in range");
+        assert_eq!(
+            svc.session_affinity().timeout(),
+            Some(Duration::from_secs(ok as u64))
+        );
+    }
+    for bad in [0, -1, 86_401, i64::MAX] {
+        assert_eq!(
+            field_of(port().client_ip_affinity(Some(bad)).build()),
+            "sessionAffinityConfig.clientIP.timeoutSeconds"
+        );
+    }
+    let forged = SessionAffinity::ClientIp {
+        timeout: Duration::from_millis(10),
+    };
+    assert_eq!(
+        field_of(port().session_affinity(forged).build()),
+        "sessionAffinityConfig.clientIP.timeoutSeconds"
+    );
+}
+
+#[test]
+fn load_balancer_source_ranges_must_be_cidrs_and_are_trimmed() {
+    let svc = port()
+        .load_balancer_source_ranges([" 192.0.2.0/24 ", "10.1.2.3/8"])
+        .build();
+    let svc = svc.expect("valid");
+    let ranges: Vec<_> = svc
+        .load_balancer_source_ranges()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(ranges, ["192.0.2.0/24", "10.0.0.0/8"]);
+    assert_eq!(
+        field_of(port().load_balancer_source_ranges(["192.0.2.0/33"]).build()),
+        "loadBalancerSourceRanges[0]"
+    );
+}
+
+#[test]
+fn policies_types_and_distribution_parse_from_their_api_spelling() {
+    assert_eq!("Local".parse::<TrafficPolicy>(), Ok(TrafficPolicy::Local));
+    assert_eq!("".parse::<TrafficPolicy>(), Ok(TrafficPolicy::Cluster));
+    assert!("local".parse::<TrafficPolicy>().is_err());
+    assert_eq!(
+        "LoadBalancer".parse::<ServiceType>(),
+        Ok(ServiceType::LoadBalancer)
+    );
+    assert!("ExternalName".parse::<ServiceType>().is_err());
+    assert_eq!("SCTP".parse::<Protocol>(), Ok(Protocol::Sctp));
+    assert!("ICMP".parse::<Protocol>().is_err());
+    assert_eq!(
+        "PreferClose".parse(),
+        Ok(TrafficDistribution::PreferSameZone)
+    );
+    assert_eq!(
+        "PreferSameNode".parse(),
+        Ok(TrafficDistribution::PreferSameNode)
+    );
+}
+
+#[test]
+fn an_endpoint_with_a_bad_address_or_port_is_rejected_naming_the_field() {
+    assert_eq!(
+        field_of(Endpoint::builder("10.0.0.300", 80).build()),
+        "addresses[0]"
+    );
+    assert_eq!(
+        field_of(Endpoint::builder("127.0.0.1", 80).build()),
+        "addresses[0]"
+    );
+    assert_eq!(field_of(Endpoint::builder("10.0.0.1", 0).build()), "port");
+    let e = Endpoint::builder("fd00::5", 8443)
+        .build()
+        .expect("IPv6 endpoints are valid");
+    assert_eq!(e.addr().to_string(), "[fd00::5]:8443");
+}
+
+#[test]
+fn a_ready_endpoint_that_is_not_serving_is_a_contradiction() {
+    let r = Endpoint::builder("10.0.0.1", 80)
+        .ready(true)
+        .serving(false)
+        .build();
+    assert_eq!(field_of(r), "conditions.serving");
+}
+
+#[test]
+fn unset_api_conditions_mean_ready_serving_and_not_terminating() {
+    assert_eq!(Conditions::from_api(None, None, None), Conditions::READY);
+    assert_eq!(
+        Conditions::from_api(Some(false), Some(true), Some(true)),
+        Conditions::SERVING_TERMINATING
+    );
+}
+
+#[test]
+fn empty_hint_and_node_names_are_rejected() {
+    assert_eq!(
+        field_of(
+            Endpoint::builder("10.0.0.1", 80)
+                .hints_for_zones([""])
+                .build()
+        ),
+        "hints.forZones[0].name"
+    );
+    assert_eq!(
+        field_of(Endpoint::builder("10.0.0.1", 80).node_name("").build()),
+        "nodeName"
+    );
+    assert_eq!(field_of(Node::new("", None)), "metadata.name");
+}
+
+#[test]
+fn hints_are_deduplicated_and_sorted() {
+    let e = Endpoint::builder("10.0.0.1", 80)
+        .hints_for_zones(["b", "a", "b"])
+        .build()
+        .expect("valid");
+    let zones: Vec<&str> = e.hints_for_zones().iter().map(|z| &**z).collect();
+    assert_eq!(zones, ["a", "b"]);
+}
+
+#[test]
+fn external_policy_local_counts_only_for_externally_accessible_services() {
+    let local = |b: ServicePortBuilder| {
+        b.external_traffic_policy(TrafficPolicy::Local)
+            .build()
+            .expect("valid")
+            .external_policy_local()
+    };
+    assert!(!local(port()));
+    assert!(local(port().service_type(ServiceType::NodePort)));
+    assert!(local(port().service_type(ServiceType::LoadBalancer)));
+    assert!(local(port().external_ips(["192.0.2.1"])));
+}
