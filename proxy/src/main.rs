@@ -1,5 +1,14 @@
-//! `lb-proxy`: the node daemon. Minimal entry point; the dataplane lands in later work.
+//! `lb-proxy`: parse the command line, run, print any error chain once, exit non-zero on error.
 
-fn main() {
-    println!("lb-proxy {}", env!("CARGO_PKG_VERSION"));
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = lb_proxy::cli::Cli::parse();
+    match lb_proxy::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-proxy: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

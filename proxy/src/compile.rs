@@ -1,0 +1,1067 @@
+//! The compiler: a [`Snapshot`] of service ports and endpoints, categorised by `lb-core` for
+//! this node, becomes one nftables table per IP family.
+//!
+//! # Layout
+//!
+//! The layout is built for scale: a packet's cost does not depend on the number of Services
+//! (every decision is one map lookup), and the number of kernel sets, maps and chains does not
+//! grow with Services or endpoints. Services and endpoints live in map *elements*, so a change
+//! to one endpoint is a handful of element adds and deletes.
+//!
+//! * `services` (from `nat-prerouting` and `nat-output`) first marks connections that must be
+//!   masqueraded, then applies ClientIP affinity, then dispatches on the destination:
+//!   `daddr . proto . dport` through the verdict maps `service-ips` (cluster IPs, external IPs,
+//!   load-balancer IPs) and `service-nodeports` (`proto . dport` on node addresses).
+//! * A verdict is `goto pick-N`: one chain per endpoint count `N` in use, whose single rule is
+//!   `dnat to daddr . proto . dport . numgen random mod N map @endpoints`, so choosing uniformly
+//!   among N endpoints needs no per-Service object. Chains exist only for counts in use.
+//! * Traffic policies: with `externalTrafficPolicy: Local`, external traffic that is neither
+//!   from a pod nor from the node itself goes through `external-local-ips` /
+//!   `nodeport-external-local` to the node-local endpoints (kept in `endpoints-local`), unmasqueraded
+//!   so the backend sees the client; pods and the node are short-circuited to all endpoints
+//!   (as kube-proxy does). With no local endpoint the connection is dropped.
+//! * No endpoints: `no-endpoint-services` / `no-endpoint-nodeports` in the filter hooks reject
+//!   (ICMP port unreachable) when the Service has no endpoint at all, and drop when it has
+//!   endpoints but none usable under a Local policy.
+//! * `loadBalancerSourceRanges`: `firewall-check`, before DNAT, drops connections to a
+//!   load-balancer IP whose source is not in `firewall-allow` (`vip . proto . port . cidr`).
+//! * ClientIP affinity: one dynamic map `affinity-T` per timeout `T` in use,
+//!   `saddr . vip . proto . port → endpoint`, consulted before dispatch and refreshed by every
+//!   new connection in `affinity-record` (postrouting, before masquerading). The kernel expires
+//!   entries `T` after the client's last new connection, as kube-proxy's affinity sets do.
+//! * Masquerade: a mark bit (`0x4000` by default) set before DNAT and turned into
+//!   `masquerade fully-random` in `masquerading`; hairpin connections (a pod reaching itself
+//!   through a Service) are found with the `hairpin` set.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use lb_core::{EndpointSet, IpFamily, Protocol, ServicePort, categorize};
+
+use crate::nft::ir::{
+    BaseChain, Chain, ChainSpec, ChainType, CmpOp, CtKey, CtState, CtStatus, DataType, DynsetOp,
+    Element, Expr, FibAddr, Hook, KeySpec, MapData, MarkOp, MetaKey, NatFamily, Payload, Policy,
+    Rule, Set, SetFlags, SetSpec, Stmt, Table, TableId, Value, Verdict,
+};
+use crate::store::Snapshot;
+
+/// Name of our tables (`table ip lb-proxy`, `table ip6 lb-proxy`).
+pub const TABLE: &str = "lb-proxy";
+
+/// How the node's traffic is classified and where NodePorts listen.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The pods' CIDRs (kube-proxy's `clusterCIDR`): sources inside are "in the cluster".
+    /// Traffic from outside them to a cluster IP is masqueraded, and pod traffic to an external
+    /// address of an eTP Local Service is short-circuited to all endpoints.
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Masquerade every connection to a cluster IP.
+    pub masquerade_all: bool,
+    /// The mark bit that requests masquerading (kube-proxy's `masqueradeBit`, default 14).
+    pub masquerade_bit: u8,
+    /// Where NodePorts are served: `None` for every local address but loopback, or these CIDRs.
+    pub nodeport_cidrs: Option<Vec<IpNet>>,
+    /// Name of the nftables tables.
+    pub table: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            cluster_cidrs: Vec::new(),
+            masquerade_all: false,
+            masquerade_bit: 14,
+            nodeport_cidrs: None,
+            table: TABLE.to_string(),
+        }
+    }
+}
+
+impl Config {
+    fn mark(&self) -> u32 {
+        1u32 << self.masquerade_bit.min(31)
+    }
+}
+
+// Object names: stable and greppable, so a rendered ruleset explains itself.
+const SERVICES: &str = "services";
+const MASQUERADING: &str = "masquerading";
+const REJECT_CHAIN: &str = "reject-chain";
+const FIREWALL_CHECK: &str = "firewall-check";
+const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
+const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
+const AFFINITY_RECORD: &str = "affinity-record";
+
+const CLUSTER_IPS: &str = "cluster-ips";
+const SERVICE_IPS: &str = "service-ips";
+const EXTERNAL_LOCAL_IPS: &str = "external-local-ips";
+const SERVICE_NODEPORTS: &str = "service-nodeports";
+const NODEPORT_EXTERNAL_LOCAL: &str = "nodeport-external-local";
+const ENDPOINTS: &str = "endpoints";
+const ENDPOINTS_LOCAL: &str = "endpoints-local";
+const NODEPORT_ENDPOINTS: &str = "nodeport-endpoints";
+const NODEPORT_ENDPOINTS_LOCAL: &str = "nodeport-endpoints-local";
+const MASQ_IPS: &str = "masquerade-ips";
+const MASQ_LOCAL_SOURCE_IPS: &str = "masquerade-local-source-ips";
+const MASQ_NODEPORTS: &str = "masquerade-nodeports";
+const MASQ_LOCAL_SOURCE_NODEPORTS: &str = "masquerade-local-source-nodeports";
+const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
+const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+const FIREWALL_IPS: &str = "firewall-ips";
+const FIREWALL_ALLOW: &str = "firewall-allow";
+const HAIRPIN: &str = "hairpin";
+const NODEPORT_IPS: &str = "nodeport-ips";
+
+/// The four endpoint maps and their dispatch chains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Dispatch {
+    /// `daddr . proto . port . bucket`, the set used by `service-ips`.
+    Ips,
+    /// The same for eTP Local external traffic.
+    IpsLocal,
+    /// `proto . port . bucket`, the set used by `service-nodeports`.
+    NodePorts,
+    /// The same for eTP Local external traffic.
+    NodePortsLocal,
+}
+
+impl Dispatch {
+    fn map(self) -> &'static str {
+        match self {
+            Dispatch::Ips => ENDPOINTS,
+            Dispatch::IpsLocal => ENDPOINTS_LOCAL,
+            Dispatch::NodePorts => NODEPORT_ENDPOINTS,
+            Dispatch::NodePortsLocal => NODEPORT_ENDPOINTS_LOCAL,
+        }
+    }
+    fn chain(self, n: usize) -> String {
+        let prefix = match self {
+            Dispatch::Ips => "pick",
+            Dispatch::IpsLocal => "pick-local",
+            Dispatch::NodePorts => "nodeport-pick",
+            Dispatch::NodePortsLocal => "nodeport-pick-local",
+        };
+        format!("{prefix}-{n}")
+    }
+    fn has_daddr(self) -> bool {
+        matches!(self, Dispatch::Ips | Dispatch::IpsLocal)
+    }
+}
+
+/// Per-family vocabulary.
+#[derive(Debug, Clone, Copy)]
+struct Fam {
+    family: IpFamily,
+    addr: DataType,
+    saddr: Payload,
+    daddr: Payload,
+    ct_daddr: CtKey,
+    nat: NatFamily,
+}
+
+impl Fam {
+    fn new(family: IpFamily) -> Self {
+        match family {
+            IpFamily::V4 => Fam {
+                family,
+                addr: DataType::Ipv4Addr,
+                saddr: Payload::IpSaddr,
+                daddr: Payload::IpDaddr,
+                ct_daddr: CtKey::OriginalIpDaddr,
+                nat: NatFamily::Ip,
+            },
+            IpFamily::V6 => Fam {
+                family,
+                addr: DataType::Ipv6Addr,
+                saddr: Payload::Ip6Saddr,
+                daddr: Payload::Ip6Daddr,
+                ct_daddr: CtKey::OriginalIp6Daddr,
+                nat: NatFamily::Ip6,
+            },
+        }
+    }
+    fn table_family(self) -> crate::nft::ir::Family {
+        match self.family {
+            IpFamily::V4 => crate::nft::ir::Family::Ip,
+            IpFamily::V6 => crate::nft::ir::Family::Ip6,
+        }
+    }
+    fn is(self, ip: &IpAddr) -> bool {
+        IpFamily::of(ip) == self.family
+    }
+    fn loopback(self) -> Value {
+        match self.family {
+            IpFamily::V4 => Value::Ipv4Net("127.0.0.0/8".parse().expect("valid literal")),
+            IpFamily::V6 => Value::Ipv6Net("::1/128".parse().expect("valid literal")),
+        }
+    }
+}
+
+fn ip_value(ip: IpAddr) -> Value {
+    match ip {
+        IpAddr::V4(a) => Value::Ipv4(a),
+        IpAddr::V6(a) => Value::Ipv6(a),
+    }
+}
+
+fn net_value(net: IpNet) -> Value {
+    match net {
+        IpNet::V4(n) => Value::Ipv4Net(n),
+        IpNet::V6(n) => Value::Ipv6Net(n),
+    }
+}
+
+fn proto_value(p: Protocol) -> Value {
+    match p {
+        Protocol::Tcp => Value::TCP,
+        Protocol::Udp => Value::UDP,
+        Protocol::Sctp => Value::SCTP,
+    }
+}
+
+fn pl(p: Payload) -> Expr {
+    Expr::Payload(p)
+}
+
+const L4PROTO: Expr = Expr::Meta(MetaKey::L4Proto);
+const DPORT: Expr = Expr::Payload(Payload::ThDport);
+
+/// What the compiler produced besides the table: figures for logs and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Service ports programmed for this family.
+    pub service_ports: usize,
+    /// Endpoint elements in the endpoint maps.
+    pub endpoint_elements: usize,
+}
+
+/// Builds the table for `family`.
+pub fn compile(snapshot: &Snapshot, config: &Config, family: IpFamily) -> (TableId, Table, Stats) {
+    let f = Fam::new(family);
+    let mut b = Builder::new(f, config);
+    for entry in snapshot.services.values() {
+        let endpoints: Vec<_> = entry
+            .endpoints
+            .iter()
+            .filter(|e| f.is(&e.ip()))
+            .cloned()
+            .collect();
+        b.service(&entry.port, &endpoints, snapshot);
+    }
+    let stats = b.stats.clone();
+    (
+        TableId::new(f.table_family(), config.table.clone()),
+        b.finish(),
+        stats,
+    )
+}
+
+struct Builder<'a> {
+    f: Fam,
+    config: &'a Config,
+    table: Table,
+    /// Endpoint counts in use per dispatch map, for the `pick-N` chains.
+    counts: BTreeSet<(Dispatch, usize)>,
+    /// Affinity timeouts in use, in seconds.
+    timeouts: BTreeSet<u64>,
+    stats: Stats,
+}
+
+impl<'a> Builder<'a> {
+    fn new(f: Fam, config: &'a Config) -> Self {
+        let mut table = Table {
+            comment: Some("rules for lb-proxy, a kube-proxy replacement".into()),
+            ..Table::default()
+        };
+        let key3 = || vec![f.addr, DataType::InetProto, DataType::InetService];
+        let np2 = || vec![DataType::InetProto, DataType::InetService];
+        let mut add = |name: &str, spec: SetSpec, comment: &str| {
+            let spec = SetSpec {
+                comment: Some(comment.into()),
+                ..spec
+            };
+            table.sets.insert(name.into(), Set::new(spec));
+        };
+        add(
+            CLUSTER_IPS,
+            SetSpec::set(vec![f.addr]),
+            "active cluster IPs",
+        );
+        add(
+            SERVICE_IPS,
+            SetSpec::map(KeySpec::Types(key3()), MapData::Verdict),
+            "cluster, external and load-balancer IPs: dispatch to endpoints",
+        );
+        add(
+            EXTERNAL_LOCAL_IPS,
+            SetSpec::map(KeySpec::Types(key3()), MapData::Verdict),
+            "external traffic to eTP Local services: node-local endpoints",
+        );
+        add(
+            SERVICE_NODEPORTS,
+            SetSpec::map(KeySpec::Types(np2()), MapData::Verdict),
+            "NodePort traffic: dispatch to endpoints",
+        );
+        add(
+            NODEPORT_EXTERNAL_LOCAL,
+            SetSpec::map(KeySpec::Types(np2()), MapData::Verdict),
+            "external NodePort traffic to eTP Local services",
+        );
+        let ep_map = |with_daddr: bool| {
+            let mut key = Vec::new();
+            if with_daddr {
+                key.push(pl(f.daddr));
+            }
+            key.extend([L4PROTO, DPORT, Expr::NumgenRandom { modulus: 1 }]);
+            SetSpec::map(
+                KeySpec::Typeof(key),
+                MapData::Values(KeySpec::Typeof(vec![pl(f.daddr), DPORT])),
+            )
+        };
+        add(
+            ENDPOINTS,
+            ep_map(true),
+            "service address . bucket -> endpoint",
+        );
+        add(
+            ENDPOINTS_LOCAL,
+            ep_map(true),
+            "as endpoints, node-local endpoints only",
+        );
+        add(
+            NODEPORT_ENDPOINTS,
+            ep_map(false),
+            "node port . bucket -> endpoint",
+        );
+        add(
+            NODEPORT_ENDPOINTS_LOCAL,
+            ep_map(false),
+            "as nodeport-endpoints, node-local only",
+        );
+        add(
+            MASQ_IPS,
+            SetSpec::set(key3()),
+            "external addresses of eTP Cluster services",
+        );
+        add(
+            MASQ_LOCAL_SOURCE_IPS,
+            SetSpec::set(key3()),
+            "external addresses of eTP Local services: masquerade the node's own traffic",
+        );
+        add(
+            MASQ_NODEPORTS,
+            SetSpec::set(np2()),
+            "node ports of eTP Cluster services",
+        );
+        add(
+            MASQ_LOCAL_SOURCE_NODEPORTS,
+            SetSpec::set(np2()),
+            "node ports of eTP Local services",
+        );
+        add(
+            NO_ENDPOINT_SERVICES,
+            SetSpec::map(KeySpec::Types(key3()), MapData::Verdict),
+            "reject or drop traffic to service addresses without usable endpoints",
+        );
+        add(
+            NO_ENDPOINT_NODEPORTS,
+            SetSpec::map(KeySpec::Types(np2()), MapData::Verdict),
+            "reject or drop traffic to node ports without usable endpoints",
+        );
+        add(
+            FIREWALL_IPS,
+            SetSpec::set(key3()),
+            "load-balancer IPs with source ranges",
+        );
+        let mut allow = SetSpec::set({
+            let mut k = key3();
+            k.push(f.addr);
+            k
+        });
+        allow.flags.interval = true;
+        add(
+            FIREWALL_ALLOW,
+            allow,
+            "load-balancer IP . proto . port . allowed source range",
+        );
+        add(
+            HAIRPIN,
+            SetSpec::set(vec![f.addr, f.addr]),
+            "endpoint . endpoint: hairpin",
+        );
+        if config.nodeport_cidrs.is_some() {
+            let mut s = SetSpec::set(vec![f.addr]);
+            s.flags.interval = true;
+            add(NODEPORT_IPS, s, "addresses that accept NodePort traffic");
+        }
+        Builder {
+            f,
+            config,
+            table,
+            counts: BTreeSet::new(),
+            timeouts: BTreeSet::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    fn elem(&mut self, set: &str, key: Vec<Value>, e: Element) {
+        if let Some(s) = self.table.sets.get_mut(set) {
+            s.elements.insert(key, e);
+        }
+    }
+
+    fn service(&mut self, port: &ServicePort, endpoints: &[lb_core::Endpoint], snap: &Snapshot) {
+        let f = self.f;
+        let Some(&cluster_ip) = port.cluster_ips().iter().find(|ip| f.is(ip)) else {
+            return;
+        };
+        self.stats.service_ports += 1;
+        let c = categorize(port, endpoints, &snap.node);
+        let proto = proto_value(port.protocol());
+        let svc_port = Value::Port(port.port());
+        let comment = Some(port.name().to_string()).filter(|s| s.len() < 128);
+        let to_vals = |set: EndpointSet| -> Vec<Vec<Value>> {
+            c.iter(set)
+                .map(|e| vec![ip_value(e.ip()), Value::Port(e.port())])
+                .collect()
+        };
+        let cluster = to_vals(EndpointSet::Cluster);
+        let local = to_vals(EndpointSet::Local);
+        let no_endpoint = if c.has_any_endpoints() {
+            Element {
+                comment: comment.clone(),
+                ..Element::verdict(Verdict::Drop)
+            }
+        } else {
+            Element {
+                comment: comment.clone(),
+                ..Element::verdict(Verdict::Goto(REJECT_CHAIN.into()))
+            }
+        };
+        for e in c.all() {
+            let ip = ip_value(e.ip());
+            self.elem(HAIRPIN, vec![ip, ip], Element::key_only());
+        }
+        let timeout = port.session_affinity().timeout();
+
+        // Internal traffic to the cluster IP.
+        let cip = ip_value(cluster_ip);
+        self.elem(CLUSTER_IPS, vec![cip], Element::key_only());
+        let internal = if port.internal_policy_local() {
+            &local
+        } else {
+            &cluster
+        };
+        let key = vec![cip, proto, svc_port];
+        self.dispatch(
+            Dispatch::Ips,
+            SERVICE_IPS,
+            &key,
+            internal,
+            &no_endpoint,
+            &comment,
+        );
+        self.affinity(timeout, AffinityKey::Ip(key));
+
+        // External addresses: external IPs and load-balancer IPs of this family.
+        let externals: Vec<IpAddr> = port
+            .external_ips()
+            .iter()
+            .chain(port.load_balancer_ips())
+            .filter(|ip| f.is(ip) && **ip != cluster_ip)
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let etp_local = port.external_policy_local();
+        for ip in externals {
+            let key = vec![ip_value(ip), proto, svc_port];
+            self.external(
+                Dispatch::Ips,
+                &key,
+                &cluster,
+                &local,
+                etp_local,
+                &no_endpoint,
+                &comment,
+            );
+            self.affinity(timeout, AffinityKey::Ip(key.clone()));
+            if port.load_balancer_ips().contains(&ip) {
+                let ranges: Vec<IpNet> = port
+                    .load_balancer_source_ranges()
+                    .iter()
+                    .filter(|n| f.is(&n.addr()))
+                    .copied()
+                    .collect();
+                if !ranges.is_empty() {
+                    self.elem(FIREWALL_IPS, key.clone(), Element::key_only());
+                    for r in ranges {
+                        let mut k = key.clone();
+                        k.push(net_value(r));
+                        self.elem(FIREWALL_ALLOW, k, Element::key_only());
+                    }
+                }
+            }
+        }
+
+        // NodePort.
+        if let Some(np) = port.node_port() {
+            let key = vec![proto, Value::Port(np)];
+            self.external(
+                Dispatch::NodePorts,
+                &key,
+                &cluster,
+                &local,
+                etp_local,
+                &no_endpoint,
+                &comment,
+            );
+            self.affinity(timeout, AffinityKey::NodePort(key));
+        }
+    }
+
+    /// An external entry point: eTP Cluster masquerades and uses all endpoints; eTP Local uses
+    /// local endpoints for outside traffic and all endpoints for pods and the node itself.
+    #[allow(clippy::too_many_arguments)]
+    fn external(
+        &mut self,
+        d: Dispatch,
+        key: &[Value],
+        cluster: &[Vec<Value>],
+        local: &[Vec<Value>],
+        etp_local: bool,
+        no_endpoint: &Element,
+        comment: &Option<String>,
+    ) {
+        let (vmap, local_vmap, masq, masq_local, local_dispatch) = if d == Dispatch::Ips {
+            (
+                SERVICE_IPS,
+                EXTERNAL_LOCAL_IPS,
+                MASQ_IPS,
+                MASQ_LOCAL_SOURCE_IPS,
+                Dispatch::IpsLocal,
+            )
+        } else {
+            (
+                SERVICE_NODEPORTS,
+                NODEPORT_EXTERNAL_LOCAL,
+                MASQ_NODEPORTS,
+                MASQ_LOCAL_SOURCE_NODEPORTS,
+                Dispatch::NodePortsLocal,
+            )
+        };
+        if !etp_local {
+            self.elem(masq, key.to_vec(), Element::key_only());
+            self.dispatch(d, vmap, key, cluster, no_endpoint, comment);
+            return;
+        }
+        self.elem(masq_local, key.to_vec(), Element::key_only());
+        // Pods and the node itself: all endpoints (short-circuit), no filter entry needed when
+        // there are some, since the connection is DNATed before the filter hooks.
+        let none = Element::verdict(Verdict::Return);
+        if cluster.is_empty() {
+            self.no_endpoint(d, key, no_endpoint.clone());
+        } else {
+            self.add_dispatch(d, vmap, key, cluster, comment);
+        }
+        if local.is_empty() {
+            // Outside traffic must not fall through to the short-circuit path: stop here and
+            // let the filter hooks drop (or reject) it.
+            self.elem(
+                local_vmap,
+                key.to_vec(),
+                Element {
+                    comment: comment.clone(),
+                    ..none
+                },
+            );
+            self.no_endpoint(d, key, no_endpoint.clone());
+        } else {
+            self.add_dispatch(local_dispatch, local_vmap, key, local, comment);
+        }
+    }
+
+    fn no_endpoint(&mut self, d: Dispatch, key: &[Value], e: Element) {
+        let map = if d.has_daddr() {
+            NO_ENDPOINT_SERVICES
+        } else {
+            NO_ENDPOINT_NODEPORTS
+        };
+        self.elem(map, key.to_vec(), e);
+    }
+
+    fn dispatch(
+        &mut self,
+        d: Dispatch,
+        vmap: &str,
+        key: &[Value],
+        endpoints: &[Vec<Value>],
+        no_endpoint: &Element,
+        comment: &Option<String>,
+    ) {
+        if endpoints.is_empty() {
+            self.no_endpoint(d, key, no_endpoint.clone());
+        } else {
+            self.add_dispatch(d, vmap, key, endpoints, comment);
+        }
+    }
+
+    fn add_dispatch(
+        &mut self,
+        d: Dispatch,
+        vmap: &str,
+        key: &[Value],
+        endpoints: &[Vec<Value>],
+        comment: &Option<String>,
+    ) {
+        let n = endpoints.len();
+        self.counts.insert((d, n));
+        let verdict = Element {
+            comment: comment.clone(),
+            ..Element::verdict(Verdict::Goto(d.chain(n)))
+        };
+        self.elem(vmap, key.to_vec(), verdict);
+        for (i, ep) in endpoints.iter().enumerate() {
+            let mut k = key.to_vec();
+            k.push(Value::Integer(i as u32));
+            self.elem(d.map(), k, Element::values(ep.clone()));
+            self.stats.endpoint_elements += 1;
+        }
+    }
+
+    fn affinity(&mut self, timeout: Option<Duration>, key: AffinityKey) {
+        let Some(t) = timeout else { return };
+        let secs = t.as_secs();
+        if self.timeouts.insert(secs) {
+            let f = self.f;
+            let mut spec = SetSpec::map(
+                KeySpec::Typeof(vec![pl(f.saddr), pl(f.daddr), L4PROTO, DPORT]),
+                MapData::Values(KeySpec::Typeof(vec![pl(f.daddr), DPORT])),
+            );
+            spec.flags = SetFlags {
+                dynamic: true,
+                timeout: true,
+                ..SetFlags::default()
+            };
+            spec.timeout = Some(t);
+            spec.comment = Some(format!("ClientIP affinity, timeout {secs}s"));
+            self.table.sets.insert(affinity_map(secs), Set::new(spec));
+            let typeof_set = |key: Vec<Expr>, comment: String| SetSpec {
+                key: KeySpec::Typeof(key),
+                data: None,
+                flags: SetFlags::default(),
+                timeout: None,
+                comment: Some(comment),
+            };
+            let keys = typeof_set(
+                vec![
+                    Expr::Ct(f.ct_daddr),
+                    L4PROTO,
+                    Expr::Ct(CtKey::OriginalProtoDst),
+                ],
+                format!("service addresses with affinity timeout {secs}s"),
+            );
+            self.table.sets.insert(affinity_keys(secs), Set::new(keys));
+            let np = typeof_set(
+                vec![L4PROTO, Expr::Ct(CtKey::OriginalProtoDst)],
+                format!("node ports with affinity timeout {secs}s"),
+            );
+            self.table
+                .sets
+                .insert(affinity_nodeport_keys(secs), Set::new(np));
+        }
+        match key {
+            AffinityKey::Ip(k) => self.elem(&affinity_keys(secs), k, Element::key_only()),
+            AffinityKey::NodePort(k) => {
+                self.elem(&affinity_nodeport_keys(secs), k, Element::key_only())
+            }
+        }
+    }
+
+    fn finish(mut self) -> Table {
+        let f = self.f;
+        let cfg = self.config;
+        let mark = cfg.mark();
+        let mut chains: BTreeMap<String, Chain> = BTreeMap::new();
+        let base = |kind, hook, priority| ChainSpec {
+            base: Some(BaseChain {
+                kind,
+                hook,
+                priority,
+                policy: Policy::Accept,
+            }),
+            comment: None,
+        };
+        let regular = |comment: &str| ChainSpec {
+            base: None,
+            comment: Some(comment.into()),
+        };
+        let jump = |c: &str| Stmt::Verdict(Verdict::Jump(c.into()));
+        let new = Stmt::CtState(CtState::New);
+        let set_mark = Stmt::SetMark(MarkOp::Or(mark));
+        let k3 = || vec![pl(f.daddr), L4PROTO, DPORT];
+        let k2 = || vec![L4PROTO, DPORT];
+        let lookup = |key: Vec<Expr>, set: &str| Stmt::Lookup {
+            key,
+            set: set.into(),
+            negate: false,
+        };
+        let vmap = |key: Vec<Expr>, map: &str| Stmt::Vmap {
+            key,
+            map: map.into(),
+        };
+        let fib_saddr_local = Stmt::FibLocal(FibAddr::Saddr);
+        // Destination is a NodePort address of this node.
+        let nodeport_dest: Vec<Stmt> = match &cfg.nodeport_cidrs {
+            None => vec![
+                Stmt::FibLocal(FibAddr::Daddr),
+                Stmt::Match {
+                    left: pl(f.daddr),
+                    op: CmpOp::Ne,
+                    right: f.loopback(),
+                },
+            ],
+            Some(_) => vec![
+                Stmt::FibLocal(FibAddr::Daddr),
+                lookup(vec![pl(f.daddr)], NODEPORT_IPS),
+            ],
+        };
+        let with = |pre: &[Stmt], more: Vec<Stmt>| -> Rule {
+            let mut v = pre.to_vec();
+            v.extend(more);
+            Rule::new(v)
+        };
+        let cidrs: Vec<IpNet> = cfg
+            .cluster_cidrs
+            .iter()
+            .filter(|n| f.is(&n.addr()))
+            .copied()
+            .collect();
+
+        // nat: masquerade marks, affinity, dispatch.
+        let mut services = Vec::new();
+        if cfg.masquerade_all {
+            services.push(
+                Rule::new(vec![
+                    lookup(vec![pl(f.daddr)], CLUSTER_IPS),
+                    set_mark.clone(),
+                ])
+                .with_comment("masquerade all cluster IP traffic"),
+            );
+        } else if !cidrs.is_empty() {
+            // Traffic from outside every cluster CIDR: one rule per CIDR would be wrong
+            // (a source outside one is maybe inside another), so use the first (per family
+            // kube-proxy accepts one CIDR per family).
+            services.push(
+                Rule::new(vec![
+                    lookup(vec![pl(f.daddr)], CLUSTER_IPS),
+                    Stmt::Match {
+                        left: pl(f.saddr),
+                        op: CmpOp::Ne,
+                        right: net_value(cidrs[0]),
+                    },
+                    set_mark.clone(),
+                ])
+                .with_comment("masquerade cluster IP traffic from outside the cluster"),
+            );
+        }
+        services.push(Rule::new(vec![lookup(k3(), MASQ_IPS), set_mark.clone()]));
+        services.push(Rule::new(vec![
+            fib_saddr_local.clone(),
+            lookup(k3(), MASQ_LOCAL_SOURCE_IPS),
+            set_mark.clone(),
+        ]));
+        services.push(with(
+            &nodeport_dest,
+            vec![lookup(k2(), MASQ_NODEPORTS), set_mark.clone()],
+        ));
+        services.push(with(
+            &nodeport_dest,
+            vec![
+                fib_saddr_local.clone(),
+                lookup(k2(), MASQ_LOCAL_SOURCE_NODEPORTS),
+                set_mark.clone(),
+            ],
+        ));
+        for &secs in &self.timeouts {
+            services.push(
+                Rule::new(vec![Stmt::DnatMap {
+                    family: f.nat,
+                    key: vec![pl(f.saddr), pl(f.daddr), L4PROTO, DPORT],
+                    map: affinity_map(secs),
+                }])
+                .with_comment("ClientIP affinity"),
+            );
+        }
+        // Dispatch. Pods and the node itself are short-circuited to all endpoints before the
+        // eTP Local maps are consulted for everything else.
+        services.push(Rule::new(vec![
+            fib_saddr_local.clone(),
+            vmap(k3(), SERVICE_IPS),
+        ]));
+        for n in &cidrs {
+            services.push(Rule::new(vec![
+                Stmt::Match {
+                    left: pl(f.saddr),
+                    op: CmpOp::Eq,
+                    right: net_value(*n),
+                },
+                vmap(k3(), SERVICE_IPS),
+            ]));
+        }
+        services.push(Rule::new(vec![vmap(k3(), EXTERNAL_LOCAL_IPS)]));
+        services.push(Rule::new(vec![vmap(k3(), SERVICE_IPS)]));
+        services.push(with(
+            &nodeport_dest,
+            vec![fib_saddr_local.clone(), vmap(k2(), SERVICE_NODEPORTS)],
+        ));
+        for n in &cidrs {
+            services.push(with(
+                &nodeport_dest,
+                vec![
+                    Stmt::Match {
+                        left: pl(f.saddr),
+                        op: CmpOp::Eq,
+                        right: net_value(*n),
+                    },
+                    vmap(k2(), SERVICE_NODEPORTS),
+                ],
+            ));
+        }
+        services.push(with(
+            &nodeport_dest,
+            vec![vmap(k2(), NODEPORT_EXTERNAL_LOCAL)],
+        ));
+        services.push(with(&nodeport_dest, vec![vmap(k2(), SERVICE_NODEPORTS)]));
+        chains.insert(
+            SERVICES.into(),
+            Chain {
+                spec: regular("dispatch to service endpoints"),
+                rules: services,
+            },
+        );
+
+        for &(d, n) in &self.counts {
+            let mut key = Vec::new();
+            if d.has_daddr() {
+                key.push(pl(f.daddr));
+            }
+            key.extend([L4PROTO, DPORT, Expr::NumgenRandom { modulus: n as u32 }]);
+            chains.insert(
+                d.chain(n),
+                Chain {
+                    spec: regular(&format!("uniform choice among {n} endpoints")),
+                    rules: vec![Rule::new(vec![Stmt::DnatMap {
+                        family: f.nat,
+                        key,
+                        map: d.map().into(),
+                    }])],
+                },
+            );
+        }
+
+        chains.insert(
+            MASQUERADING.into(),
+            Chain {
+                spec: regular("masquerade marked and hairpin connections"),
+                rules: vec![
+                    Rule::new(vec![
+                        Stmt::MarkMatch {
+                            mask: mark,
+                            op: CmpOp::Ne,
+                            value: 0,
+                        },
+                        Stmt::SetMark(MarkOp::Xor(mark)),
+                        Stmt::Masquerade { fully_random: true },
+                    ]),
+                    Rule::new(vec![
+                        Stmt::CtStatus(CtStatus::Dnat),
+                        lookup(vec![pl(f.saddr), pl(f.daddr)], HAIRPIN),
+                        Stmt::Masquerade { fully_random: true },
+                    ]),
+                ],
+            },
+        );
+
+        // Affinity: remember the endpoint every new connection was sent to.
+        if !self.timeouts.is_empty() {
+            let mut rules = Vec::new();
+            for &secs in &self.timeouts {
+                let data = vec![pl(f.daddr), DPORT];
+                let key = vec![
+                    pl(f.saddr),
+                    Expr::Ct(f.ct_daddr),
+                    L4PROTO,
+                    Expr::Ct(CtKey::OriginalProtoDst),
+                ];
+                let update = Stmt::Dynset {
+                    op: DynsetOp::Update,
+                    set: affinity_map(secs),
+                    key,
+                    data,
+                };
+                rules.push(Rule::new(vec![
+                    new.clone(),
+                    Stmt::CtStatus(CtStatus::Dnat),
+                    lookup(
+                        vec![
+                            Expr::Ct(f.ct_daddr),
+                            L4PROTO,
+                            Expr::Ct(CtKey::OriginalProtoDst),
+                        ],
+                        &affinity_keys(secs),
+                    ),
+                    update.clone(),
+                ]));
+                rules.push(Rule::new(vec![
+                    new.clone(),
+                    Stmt::CtStatus(CtStatus::Dnat),
+                    lookup(
+                        vec![L4PROTO, Expr::Ct(CtKey::OriginalProtoDst)],
+                        &affinity_nodeport_keys(secs),
+                    ),
+                    update,
+                ]));
+            }
+            chains.insert(
+                AFFINITY_RECORD.into(),
+                Chain {
+                    spec: base(ChainType::Filter, Hook::Postrouting, 99),
+                    rules,
+                },
+            );
+        }
+
+        // filter: source ranges before DNAT, no-endpoint verdicts after.
+        chains.insert(
+            FIREWALL_CHECK.into(),
+            Chain {
+                spec: regular("loadBalancerSourceRanges"),
+                rules: vec![Rule::new(vec![
+                    lookup(k3(), FIREWALL_IPS),
+                    Stmt::Lookup {
+                        key: vec![pl(f.daddr), L4PROTO, DPORT, pl(f.saddr)],
+                        set: FIREWALL_ALLOW.into(),
+                        negate: true,
+                    },
+                    Stmt::Verdict(Verdict::Drop),
+                ])],
+            },
+        );
+        chains.insert(
+            SERVICE_ENDPOINTS_CHECK.into(),
+            Chain {
+                spec: regular("service addresses without usable endpoints"),
+                rules: vec![Rule::new(vec![vmap(k3(), NO_ENDPOINT_SERVICES)])],
+            },
+        );
+        chains.insert(
+            NODEPORT_ENDPOINTS_CHECK.into(),
+            Chain {
+                spec: regular("node ports without usable endpoints"),
+                rules: vec![with(
+                    &nodeport_dest,
+                    vec![vmap(k2(), NO_ENDPOINT_NODEPORTS)],
+                )],
+            },
+        );
+        chains.insert(
+            REJECT_CHAIN.into(),
+            Chain {
+                spec: regular("reject: the service has no endpoints"),
+                rules: vec![Rule::new(vec![Stmt::Reject])],
+            },
+        );
+
+        // Base chains, at kube-proxy's hooks and priorities.
+        let base_rules = [
+            (
+                "filter-prerouting-pre-dnat",
+                ChainType::Filter,
+                Hook::Prerouting,
+                -110,
+                vec![vec![new.clone(), jump(FIREWALL_CHECK)]],
+            ),
+            (
+                "filter-output-pre-dnat",
+                ChainType::Filter,
+                Hook::Output,
+                -110,
+                vec![vec![new.clone(), jump(FIREWALL_CHECK)]],
+            ),
+            (
+                "filter-input",
+                ChainType::Filter,
+                Hook::Input,
+                0,
+                vec![
+                    vec![new.clone(), jump(NODEPORT_ENDPOINTS_CHECK)],
+                    vec![new.clone(), jump(SERVICE_ENDPOINTS_CHECK)],
+                ],
+            ),
+            (
+                "filter-forward",
+                ChainType::Filter,
+                Hook::Forward,
+                0,
+                vec![vec![new.clone(), jump(SERVICE_ENDPOINTS_CHECK)]],
+            ),
+            (
+                "filter-output",
+                ChainType::Filter,
+                Hook::Output,
+                0,
+                vec![vec![new.clone(), jump(SERVICE_ENDPOINTS_CHECK)]],
+            ),
+            (
+                "nat-prerouting",
+                ChainType::Nat,
+                Hook::Prerouting,
+                -100,
+                vec![vec![jump(SERVICES)]],
+            ),
+            (
+                "nat-output",
+                ChainType::Nat,
+                Hook::Output,
+                -100,
+                vec![vec![jump(SERVICES)]],
+            ),
+            (
+                "nat-postrouting",
+                ChainType::Nat,
+                Hook::Postrouting,
+                100,
+                vec![vec![jump(MASQUERADING)]],
+            ),
+        ];
+        for (name, kind, hook, prio, rules) in base_rules {
+            chains.insert(
+                name.into(),
+                Chain {
+                    spec: base(kind, hook, prio),
+                    rules: rules.into_iter().map(Rule::new).collect(),
+                },
+            );
+        }
+        self.table.chains = chains;
+        self.table
+    }
+}
+
+enum AffinityKey {
+    Ip(Vec<Value>),
+    NodePort(Vec<Value>),
+}
+
+fn affinity_map(secs: u64) -> String {
+    format!("affinity-{secs}")
+}
+fn affinity_keys(secs: u64) -> String {
+    format!("affinity-keys-{secs}")
+}
+fn affinity_nodeport_keys(secs: u64) -> String {
+    format!("affinity-nodeport-keys-{secs}")
+}

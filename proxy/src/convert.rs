@@ -1,0 +1,443 @@
+//! Conversion at the edge: Kubernetes API objects (`k8s-openapi` types) in, validated `lb-core`
+//! model values out, or an error naming the object and the field.
+//!
+//! Filtering follows kube-proxy (`ShouldSkipService` and the informers' label selector):
+//! objects labelled `service.kubernetes.io/headless` are skipped, and so are objects labelled
+//! `service.kubernetes.io/service-proxy-name` unless the label equals our configured proxy
+//! name; ExternalName Services and Services without a cluster IP are skipped. A skip is not an
+//! error: it is reported as [`Converted::Skipped`] with the reason.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Node as K8sNode, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use lb_core::{
+    Conditions, Endpoint, IpFamily, ModelError, Node, Protocol, ServicePort, ServiceType,
+    TrafficPolicy,
+};
+
+/// Label that marks the objects of headless Services.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Label that hands an object to an alternative service proxy.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label linking an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The node label carrying the zone.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// Upper bound on endpoints accepted from one EndpointSlice. The API allows 1000; anything
+/// larger is malformed and rejected so one object cannot balloon the dataplane.
+pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
+
+/// An object or a field of it was invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {namespace}/{name}: field {field}: {reason}")]
+pub struct ConvertError {
+    /// `Service`, `EndpointSlice` or `Node`.
+    pub kind: &'static str,
+    /// Namespace (empty for Nodes).
+    pub namespace: String,
+    /// Object name.
+    pub name: String,
+    /// Field path, as in the API (`spec.ports[0].port`).
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// The outcome of converting an object that was not invalid.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Converted<T> {
+    /// The object is for us.
+    Accepted(T),
+    /// The object is valid but not proxied (headless, other proxy, ExternalName, …).
+    Skipped(String),
+}
+
+/// Settings that decide which objects are ours.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Our `serviceProxyName`: when set, only objects labelled with it are handled; when empty,
+    /// objects carrying the label at all are skipped.
+    pub service_proxy_name: Option<String>,
+}
+
+impl Filter {
+    /// Why objects with these labels are not ours, if they are not.
+    pub fn skip_reason(&self, labels: Option<&BTreeMap<String, String>>) -> Option<String> {
+        let get = |k: &str| labels.and_then(|l| l.get(k));
+        if get(LABEL_HEADLESS).is_some() {
+            return Some(format!("labelled {LABEL_HEADLESS}"));
+        }
+        match (get(LABEL_SERVICE_PROXY_NAME), &self.service_proxy_name) {
+            (None, None) => None,
+            (Some(v), Some(ours)) if v == ours => None,
+            (Some(v), _) => Some(format!("{LABEL_SERVICE_PROXY_NAME}={v} is another proxy's")),
+            (None, Some(ours)) => Some(format!("not labelled {LABEL_SERVICE_PROXY_NAME}={ours}")),
+        }
+    }
+}
+
+/// Identity of a Service: namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Converts a Service into its ports.
+pub fn service(
+    svc: &Service,
+    filter: &Filter,
+) -> Result<Converted<Vec<ServicePort>>, ConvertError> {
+    let meta = &svc.metadata;
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = meta.name.clone().unwrap_or_default();
+    let err = |field: String, reason: String| ConvertError {
+        kind: "Service",
+        namespace: namespace.clone(),
+        name: name.clone(),
+        field,
+        reason,
+    };
+    if name.is_empty() {
+        return Err(err("metadata.name".into(), "must not be empty".into()));
+    }
+    if let Some(reason) = filter.skip_reason(meta.labels.as_ref()) {
+        return Ok(Converted::Skipped(reason));
+    }
+    let Some(spec) = &svc.spec else {
+        return Err(err("spec".into(), "missing".into()));
+    };
+    let type_str = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if type_str == "ExternalName" {
+        return Ok(Converted::Skipped(
+            "type ExternalName is not proxied".into(),
+        ));
+    }
+    let service_type: ServiceType = type_str
+        .parse()
+        .map_err(|r: String| err("spec.type".into(), r))?;
+    let mut cluster_ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+    if cluster_ips.is_empty() {
+        cluster_ips.extend(spec.cluster_ip.clone());
+    }
+    if cluster_ips.iter().all(|ip| ip.is_empty() || ip == "None") {
+        return Ok(Converted::Skipped("no cluster IP (headless)".into()));
+    }
+    let policy = |field: &str, v: &Option<String>| -> Result<TrafficPolicy, ConvertError> {
+        v.as_deref()
+            .unwrap_or("")
+            .parse()
+            .map_err(|r: String| err(field.into(), r))
+    };
+    let etp = policy("spec.externalTrafficPolicy", &spec.external_traffic_policy)?;
+    let itp = policy("spec.internalTrafficPolicy", &spec.internal_traffic_policy)?;
+    let lb_ips: Vec<String> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|ingress| {
+            ingress
+                .iter()
+                // `ipMode: Proxy` ingress is served by the load balancer itself (KEP-1860).
+                .filter(|i| i.ip_mode.as_deref().is_none_or(|m| m == "VIP"))
+                .filter_map(|i| i.ip.clone())
+                .filter(|ip| !ip.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let affinity_timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .map(i64::from);
+    let client_ip_affinity = match spec.session_affinity.as_deref() {
+        None | Some("") | Some("None") => false,
+        Some("ClientIP") => true,
+        Some(other) => {
+            return Err(err(
+                "spec.sessionAffinity".into(),
+                format!("unknown value {other:?}"),
+            ));
+        }
+    };
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    if ports.is_empty() {
+        return Err(err(
+            "spec.ports".into(),
+            "a Service needs at least one port".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(ports.len());
+    for (i, p) in ports.iter().enumerate() {
+        let protocol: Protocol = p
+            .protocol
+            .as_deref()
+            .unwrap_or("TCP")
+            .parse()
+            .map_err(|r: String| err(format!("spec.ports[{i}].protocol"), r))?;
+        let mut b = ServicePort::builder(
+            &namespace,
+            &name,
+            p.name.as_deref().unwrap_or(""),
+            protocol,
+            i64::from(p.port),
+        )
+        .node_port(p.node_port.map_or(0, i64::from))
+        .cluster_ips(&cluster_ips)
+        .ip_families(spec.ip_families.clone().unwrap_or_default())
+        .external_ips(spec.external_ips.clone().unwrap_or_default())
+        .load_balancer_ips(&lb_ips)
+        .load_balancer_source_ranges(spec.load_balancer_source_ranges.clone().unwrap_or_default())
+        .service_type(service_type)
+        .external_traffic_policy(etp)
+        .internal_traffic_policy(itp)
+        .traffic_distribution(
+            spec.traffic_distribution
+                .as_deref()
+                .map(|d| match d.parse() {
+                    Ok(d) => d,
+                    Err(never) => match never {},
+                }),
+        );
+        if service_type == ServiceType::LoadBalancer && etp == TrafficPolicy::Local {
+            b = b.health_check_node_port(spec.health_check_node_port.map_or(0, i64::from));
+        }
+        if client_ip_affinity {
+            b = b.client_ip_affinity(affinity_timeout);
+        }
+        let port = b.build().map_err(|e| err(service_field(i, &e), e.reason))?;
+        out.push(port);
+    }
+    Ok(Converted::Accepted(out))
+}
+
+fn service_field(i: usize, e: &ModelError) -> String {
+    match e.field.as_str() {
+        "port" | "nodePort" | "protocol" | "name" => format!("spec.ports[{i}].{}", e.field),
+        f if f.starts_with("status.") => f.to_string(),
+        f => format!("spec.{f}"),
+    }
+}
+
+/// One port of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePort {
+    /// Port name (matches the Service port's name).
+    pub name: String,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Port number on the endpoints.
+    pub port: u16,
+}
+
+/// A converted EndpointSlice: which Service it belongs to, its family, ports and endpoints
+/// (each endpoint built with port 1 as a placeholder; the real port comes from `ports`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slice {
+    /// The Service, from the `kubernetes.io/service-name` label.
+    pub service: ServiceKey,
+    /// `addressType`.
+    pub family: IpFamily,
+    /// `ports`.
+    pub ports: Vec<SlicePort>,
+    /// The endpoints, one per port in `ports` order is built on demand by [`Slice::endpoints_for`].
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// One endpoint of a slice, port-independent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    /// `addresses[0]`.
+    pub address: String,
+    /// Conditions.
+    pub conditions: Conditions,
+    /// `nodeName`.
+    pub node_name: Option<String>,
+    /// `zone`.
+    pub zone: Option<String>,
+    /// `hints.forZones`.
+    pub hints_for_zones: Vec<String>,
+    /// `hints.forNodes`.
+    pub hints_for_nodes: Vec<String>,
+}
+
+impl Slice {
+    /// The endpoints serving port `port` of this slice, as model values. Endpoints that fail
+    /// validation are skipped; conversion already validated them, so none is expected to.
+    pub fn endpoints_for(&self, port: u16) -> impl Iterator<Item = Endpoint> + '_ {
+        self.endpoints
+            .iter()
+            .filter_map(move |e| e.build(port).ok())
+    }
+}
+
+impl SliceEndpoint {
+    fn build(&self, port: u16) -> Result<Endpoint, ModelError> {
+        let mut b = Endpoint::builder(&self.address, i64::from(port))
+            .conditions(self.conditions)
+            .hints_for_zones(&self.hints_for_zones)
+            .hints_for_nodes(&self.hints_for_nodes);
+        if let Some(n) = &self.node_name {
+            b = b.node_name(n);
+        }
+        if let Some(z) = &self.zone {
+            b = b.zone(z);
+        }
+        b.build()
+    }
+}
+
+/// Converts an EndpointSlice. Invalid endpoints are dropped and reported in the returned list
+/// of errors; the rest of the slice is still used.
+pub fn endpoint_slice(
+    slice: &EndpointSlice,
+    filter: &Filter,
+) -> Result<(Converted<Slice>, Vec<ConvertError>), ConvertError> {
+    let meta = &slice.metadata;
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = meta.name.clone().unwrap_or_default();
+    let err = |field: String, reason: String| ConvertError {
+        kind: "EndpointSlice",
+        namespace: namespace.clone(),
+        name: name.clone(),
+        field,
+        reason,
+    };
+    if let Some(reason) = filter.skip_reason(meta.labels.as_ref()) {
+        return Ok((Converted::Skipped(reason), vec![]));
+    }
+    let Some(service) = meta.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+        return Ok((
+            Converted::Skipped(format!("no {LABEL_SERVICE_NAME} label")),
+            vec![],
+        ));
+    };
+    let family = match slice.address_type.as_str() {
+        "IPv4" => IpFamily::V4,
+        "IPv6" => IpFamily::V6,
+        "FQDN" => return Ok((Converted::Skipped("addressType FQDN".into()), vec![])),
+        other => {
+            return Err(err(
+                "addressType".into(),
+                format!("unknown value {other:?}"),
+            ));
+        }
+    };
+    let mut ports = Vec::new();
+    for (i, p) in slice
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        // kube-proxy ignores ports without a number or protocol.
+        let (Some(port), Some(protocol)) = (p.port, p.protocol.as_deref()) else {
+            continue;
+        };
+        let protocol: Protocol = protocol
+            .parse()
+            .map_err(|r: String| err(format!("ports[{i}].protocol"), r))?;
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                err(
+                    format!("ports[{i}].port"),
+                    format!("{port} is not a valid port"),
+                )
+            })?;
+        ports.push(SlicePort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol,
+            port,
+        });
+    }
+    let raw = slice.endpoints.as_deref().unwrap_or_default();
+    if raw.len() > MAX_ENDPOINTS_PER_SLICE {
+        return Err(err(
+            "endpoints".into(),
+            format!(
+                "{} endpoints exceed the limit of {MAX_ENDPOINTS_PER_SLICE}",
+                raw.len()
+            ),
+        ));
+    }
+    let mut endpoints = Vec::with_capacity(raw.len());
+    let mut errors = Vec::new();
+    for (i, e) in raw.iter().enumerate() {
+        let Some(address) = e.addresses.first() else {
+            errors.push(err(format!("endpoints[{i}].addresses"), "empty".into()));
+            continue;
+        };
+        let c = e.conditions.as_ref();
+        let hints = e.hints.as_ref();
+        let ep = SliceEndpoint {
+            address: address.clone(),
+            conditions: Conditions::from_api(
+                c.and_then(|c| c.ready),
+                c.and_then(|c| c.serving),
+                c.and_then(|c| c.terminating),
+            ),
+            node_name: e.node_name.clone(),
+            zone: e.zone.clone(),
+            hints_for_zones: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                .unwrap_or_default(),
+            hints_for_nodes: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                .unwrap_or_default(),
+        };
+        // Validate once here, with any port: address, conditions and hints are port-free.
+        match ep.build(1) {
+            Ok(built) if IpFamily::of(&built.ip()) != family => errors.push(err(
+                format!("endpoints[{i}].addresses[0]"),
+                format!("{address} is not an {family} address (addressType {family})"),
+            )),
+            Ok(_) => endpoints.push(ep),
+            Err(e) => errors.push(err(format!("endpoints[{i}].{}", e.field), e.reason)),
+        }
+    }
+    let slice = Slice {
+        service: ServiceKey {
+            namespace: namespace.clone(),
+            name: service.clone(),
+        },
+        family,
+        ports,
+        endpoints,
+    };
+    Ok((Converted::Accepted(slice), errors))
+}
+
+/// Converts this node's Node object: its name and zone label.
+pub fn node(n: &K8sNode) -> Result<Node, ConvertError> {
+    let name = n.metadata.name.clone().unwrap_or_default();
+    let zone = n
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_ZONE))
+        .map(String::as_str);
+    Node::new(&name, zone).map_err(|e| ConvertError {
+        kind: "Node",
+        namespace: String::new(),
+        name: name.clone(),
+        field: e.field,
+        reason: e.reason,
+    })
+}

@@ -1,0 +1,153 @@
+//! Test peer for end-to-end tests and the demo: tiny TCP/UDP servers that answer with their
+//! name and the client address they saw, and clients that print the answer.
+//!
+//! ```text
+//! lb-testsrv serve NAME ADDR:PORT...         TCP and UDP on every address, until killed
+//! lb-testsrv tcp ADDR:PORT [TIMEOUT_MS]     one connection: print the answer or the error
+//! lb-testsrv udp ADDR:PORT [TIMEOUT_MS]     one datagram: print the answer or the error
+//! lb-testsrv tcp-hold ADDR:PORT SECONDS     connect, then send a line every 100 ms
+//! ```
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let res = match args.first().map(String::as_str) {
+        Some("serve") if args.len() >= 3 => serve(&args[1], &args[2..]),
+        Some("tcp") if args.len() >= 2 => tcp(&args[1], timeout(args.get(2))),
+        Some("udp") if args.len() >= 2 => udp(&args[1], timeout(args.get(2))),
+        Some("tcp-hold") if args.len() == 3 => hold(&args[1], &args[2]),
+        _ => Err("usage: lb-testsrv serve NAME ADDR... | tcp ADDR [MS] | udp ADDR [MS] | tcp-hold ADDR SECS".into()),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            println!("ERROR {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn timeout(arg: Option<&String>) -> Duration {
+    Duration::from_millis(arg.and_then(|s| s.parse().ok()).unwrap_or(2000))
+}
+
+fn addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|e| format!("bad address {s}: {e}"))
+}
+
+fn serve(name: &str, addrs: &[String]) -> Result<(), String> {
+    let mut threads = Vec::new();
+    for a in addrs {
+        let a = addr(a)?;
+        let tcp = TcpListener::bind(a).map_err(|e| format!("bind tcp {a}: {e}"))?;
+        let udp = UdpSocket::bind(a).map_err(|e| format!("bind udp {a}: {e}"))?;
+        let n = name.to_string();
+        threads.push(std::thread::spawn(move || {
+            for conn in tcp.incoming().flatten() {
+                let n = n.clone();
+                std::thread::spawn(move || handle_tcp(conn, &n));
+            }
+        }));
+        let n = name.to_string();
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(format!("{n} {peer}\n").as_bytes(), peer);
+            }
+        }));
+    }
+    println!("READY");
+    let _ = std::io::stdout().flush();
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn handle_tcp(mut conn: TcpStream, name: &str) {
+    let peer = conn.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+    if conn
+        .write_all(format!("{name} {peer}\n").as_bytes())
+        .is_err()
+    {
+        return;
+    }
+    // Echo further lines (used by long-lived connections), until the client closes.
+    let mut reader = BufReader::new(conn.try_clone().expect("clone socket"));
+    let mut line = String::new();
+    while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+        if conn
+            .write_all(format!("{name} {}", line).as_bytes())
+            .is_err()
+        {
+            return;
+        }
+        line.clear();
+    }
+}
+
+fn tcp(target: &str, t: Duration) -> Result<(), String> {
+    let a = addr(target)?;
+    let mut s = TcpStream::connect_timeout(&a, t).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(t)).map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).map_err(|e| format!("read: {e}"))?;
+    line.push_str(&String::from_utf8_lossy(&buf[..n]));
+    print!("{line}");
+    Ok(())
+}
+
+fn udp(target: &str, t: Duration) -> Result<(), String> {
+    let a = addr(target)?;
+    let bind: SocketAddr = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .expect("literal");
+    let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(t)).map_err(|e| e.to_string())?;
+    s.send_to(b"hello\n", a).map_err(|e| format!("send: {e}"))?;
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf).map_err(|e| format!("recv: {e}"))?;
+    print!("{}", String::from_utf8_lossy(&buf[..n]));
+    Ok(())
+}
+
+/// Holds one connection for `secs`, sending a line every 100 ms and checking each echo; prints
+/// `HELD <server> <count>` on success or an error as soon as the connection breaks.
+fn hold(target: &str, secs: &str) -> Result<(), String> {
+    let a = addr(target)?;
+    let secs: u64 = secs.parse().map_err(|_| "bad seconds".to_string())?;
+    let s = TcpStream::connect_timeout(&a, Duration::from_secs(2))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s);
+    let mut greeting = String::new();
+    r.read_line(&mut greeting)
+        .map_err(|e| format!("greeting: {e}"))?;
+    let server = greeting.split_whitespace().next().unwrap_or("").to_string();
+    println!("CONNECTED {server}");
+    let _ = std::io::stdout().flush();
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut count = 0u64;
+    while Instant::now() < end {
+        w.write_all(format!("ping {count}\n").as_bytes())
+            .map_err(|e| format!("write after {count}: {e}"))?;
+        let mut line = String::new();
+        let n = r
+            .read_line(&mut line)
+            .map_err(|e| format!("read after {count}: {e}"))?;
+        if n == 0 || !line.starts_with(&server) {
+            return Err(format!("echo {count} broken: {line:?}"));
+        }
+        count += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("HELD {server} {count}");
+    Ok(())
+}
