@@ -109,7 +109,9 @@ fn udp(target: &str, t: Duration) -> Result<(), String> {
         .expect("literal");
     let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(t)).map_err(|e| e.to_string())?;
-    s.send_to(b"hello\n", a).map_err(|e| format!("send: {e}"))?;
+    // Connected, so ICMP errors (port unreachable) are reported to us.
+    s.connect(a).map_err(|e| format!("connect: {e}"))?;
+    s.send(b"hello\n").map_err(|e| format!("send: {e}"))?;
     let mut buf = [0u8; 256];
     let n = s.recv(&mut buf).map_err(|e| format!("recv: {e}"))?;
     print!("{}", String::from_utf8_lossy(&buf[..n]));

@@ -1,0 +1,355 @@
+//! The nftables dataplane with real packets: `lb-proxy run` programs a node namespace over
+//! netlink from manifests; clients and backends in their own namespaces exchange traffic.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use lb_e2e::{NODE_YAML, Topology, slice_yaml};
+
+fn service(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: t\nspec:\n{spec}"
+    )
+}
+
+fn backends(m: &BTreeMap<String, usize>) -> Vec<String> {
+    m.keys().cloned().collect()
+}
+
+fn setup(n: usize, manifests: &[(&str, String)]) -> Topology {
+    let mut t = Topology::up(n);
+    t.serve_all();
+    t.write_manifest("node.yaml", NODE_YAML);
+    for (name, yaml) in manifests {
+        t.write_manifest(name, yaml);
+    }
+    t.start_proxy(&[]);
+    t
+}
+
+const WEB: &str = "  clusterIP: 10.96.0.10\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n  - name: dns\n    port: 53\n    protocol: UDP\n";
+
+fn web_slices(eps: &[(usize, &str, bool)]) -> String {
+    format!(
+        "{}---\n{}",
+        slice_yaml("web", "IPv4", "http", "TCP", 8080, eps),
+        slice_yaml("web", "IPv4", "dns", "UDP", 5353, eps)
+            .replace("name: web-ipv4", "name: web-dns")
+    )
+}
+
+#[test]
+fn cluster_ip_tcp_and_udp_spread_over_all_endpoints() {
+    let eps = [
+        (0, "node-a", true),
+        (1, "node-b", true),
+        (2, "node-c", true),
+    ];
+    let t = setup(
+        3,
+        &[
+            ("svc.yaml", service("web", WEB)),
+            ("eps.yaml", web_slices(&eps)),
+        ],
+    );
+    let tcp = t.spread(&t.client, "10.96.0.10:80", 60, false);
+    assert_eq!(backends(&tcp), ["b0", "b1", "b2"], "{tcp:?}");
+    assert!(tcp.values().all(|&n| n >= 8), "uneven TCP spread {tcp:?}");
+    let udp = t.spread(&t.client, "10.96.0.10:53", 60, true);
+    assert_eq!(backends(&udp), ["b0", "b1", "b2"], "{udp:?}");
+}
+
+#[test]
+fn etp_cluster_masquerades_traffic_from_outside_the_cluster() {
+    let eps = [(0, "node-a", true)];
+    let t = setup(
+        1,
+        &[
+            ("svc.yaml", service("web", WEB)),
+            ("eps.yaml", web_slices(&eps)),
+        ],
+    );
+    let (b, seen) = t.tcp(&t.client, "10.96.0.10:80").expect("reply");
+    assert_eq!(b, "b0");
+    assert_eq!(
+        seen, "10.244.1.1",
+        "off-cluster client must be masqueraded to the node"
+    );
+    // A pod inside the cluster CIDR keeps its address.
+    let (_, seen) = t
+        .tcp(&t.backends[0].clone(), "10.96.0.10:80")
+        .expect("reply");
+    assert_eq!(
+        seen, "10.244.1.1",
+        "hairpin (a pod reaching itself) is masqueraded"
+    );
+}
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_is_hairpinned() {
+    let eps = [(0, "node-a", true), (1, "node-a", true)];
+    let t = setup(
+        2,
+        &[
+            ("svc.yaml", service("web", WEB)),
+            ("eps.yaml", web_slices(&eps)),
+        ],
+    );
+    let mut saw_self = false;
+    let mut saw_other = false;
+    for _ in 0..30 {
+        let (b, seen) = t
+            .tcp(&t.backends[0], "10.96.0.10:80")
+            .expect("hairpin must work");
+        if b == "b0" {
+            assert_eq!(seen, "10.244.1.1", "hairpin connections are masqueraded");
+            saw_self = true;
+        } else {
+            assert_eq!(seen, "10.244.1.10", "pod-to-pod keeps the pod's address");
+            saw_other = true;
+        }
+    }
+    assert!(saw_self && saw_other);
+}
+
+#[test]
+fn ipv6_cluster_ip_reaches_ipv6_endpoints() {
+    let svc = service(
+        "web6",
+        "  clusterIP: fd00:96::10\n  clusterIPs: [\"fd00:96::10\"]\n  ipFamilies: [IPv6]\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n",
+    );
+    let eps = slice_yaml(
+        "web6",
+        "IPv6",
+        "http",
+        "TCP",
+        8080,
+        &[(0, "node-a", true), (1, "node-b", true)],
+    );
+    let t = setup(2, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    let spread = t.spread(&t.client, "[fd00:96::10]:80", 30, false);
+    assert_eq!(backends(&spread), ["b0", "b1"], "{spread:?}");
+}
+
+#[test]
+fn node_port_and_load_balancer_ip_reach_endpoints() {
+    let svc = service(
+        "lb",
+        "  type: LoadBalancer\n  clusterIP: 10.96.0.30\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30080\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.30\n    - ip: 192.0.2.31\n      ipMode: Proxy\n",
+    );
+    let eps = slice_yaml(
+        "lb",
+        "IPv4",
+        "http",
+        "TCP",
+        8080,
+        &[(0, "node-a", true), (1, "node-b", true)],
+    );
+    let t = setup(2, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    let np = t.spread(&t.client, "10.100.0.1:30080", 30, false);
+    assert_eq!(backends(&np), ["b0", "b1"], "{np:?}");
+    let lb = t.spread(&t.client, "192.0.2.30:80", 30, false);
+    assert_eq!(backends(&lb), ["b0", "b1"], "{lb:?}");
+    let (_, seen) = t.tcp(&t.client, "192.0.2.30:80").expect("reply");
+    assert_eq!(
+        seen, "10.244.1.1",
+        "eTP Cluster external traffic is masqueraded"
+    );
+    // ipMode: Proxy ingress is the load balancer's business: not programmed here.
+    assert!(t.tcp(&t.client, "192.0.2.31:80").is_err());
+}
+
+#[test]
+fn etp_local_serves_only_local_endpoints_and_keeps_the_client_address() {
+    let svc = service(
+        "loc",
+        "  type: LoadBalancer\n  clusterIP: 10.96.0.40\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30040\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.40\n",
+    );
+    let eps = slice_yaml(
+        "loc",
+        "IPv4",
+        "http",
+        "TCP",
+        8080,
+        &[
+            (0, "node-a", true),
+            (1, "node-b", true),
+            (2, "node-b", true),
+        ],
+    );
+    let t = setup(3, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    for target in ["192.0.2.40:80", "10.100.0.1:30040"] {
+        for _ in 0..15 {
+            let (b, seen) = t.tcp(&t.client, target).expect("reply");
+            assert_eq!(
+                b, "b0",
+                "{target}: only the local endpoint serves external traffic"
+            );
+            assert_eq!(
+                seen, "10.100.0.2",
+                "{target}: the backend sees the real client"
+            );
+        }
+    }
+    // The cluster IP still uses every endpoint.
+    let ci = t.spread(&t.client, "10.96.0.40:80", 40, false);
+    assert_eq!(backends(&ci), ["b0", "b1", "b2"], "{ci:?}");
+    // A pod is short-circuited to all endpoints even via the load-balancer IP.
+    let pod = t.spread(&t.backends[1], "192.0.2.40:80", 40, false);
+    assert_eq!(backends(&pod), ["b0", "b1", "b2"], "{pod:?}");
+}
+
+#[test]
+fn etp_local_drops_external_traffic_when_no_endpoint_is_local() {
+    let svc = service(
+        "loc",
+        "  type: NodePort\n  clusterIP: 10.96.0.41\n  externalTrafficPolicy: Local\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30041\n",
+    );
+    let eps = slice_yaml("loc", "IPv4", "http", "TCP", 8080, &[(1, "node-b", true)]);
+    let t = setup(2, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    let err = t
+        .tcp(&t.client, "10.100.0.1:30041")
+        .expect_err("must not connect");
+    assert!(err.contains("timed out"), "dropped, not rejected: {err}");
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.41:80")
+            .expect("cluster IP still works")
+            .0,
+        "b1"
+    );
+}
+
+#[test]
+fn a_service_without_endpoints_refuses_connections_at_once() {
+    let t = setup(1, &[("svc.yaml", service("web", WEB))]);
+    let started = std::time::Instant::now();
+    let err = t.tcp(&t.client, "10.96.0.10:80").expect_err("no endpoints");
+    assert!(
+        err.contains("refused"),
+        "ICMP reject means connection refused: {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a reject, not a timeout"
+    );
+    let err = t.udp(&t.client, "10.96.0.10:53").expect_err("no endpoints");
+    assert!(err.contains("refused"), "UDP gets port unreachable: {err}");
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_and_block() {
+    let spec = |range: &str| {
+        service(
+            "fw",
+            &format!(
+                "  type: LoadBalancer\n  clusterIP: 10.96.0.50\n  loadBalancerSourceRanges: [\"{range}\"]\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30050\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.50\n"
+            ),
+        )
+    };
+    let eps = slice_yaml("fw", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]);
+    let mut t = setup(1, &[("svc.yaml", spec("10.100.0.0/24")), ("eps.yaml", eps)]);
+    assert_eq!(t.tcp(&t.client, "192.0.2.50:80").expect("admitted").0, "b0");
+    t.write_manifest("svc.yaml", &spec("203.0.113.0/24"));
+    t.wait_applied();
+    let err = t.tcp(&t.client, "192.0.2.50:80").expect_err("blocked");
+    assert!(err.contains("timed out"), "dropped: {err}");
+    // Source ranges do not apply to the cluster IP.
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.50:80").expect("cluster IP").0,
+        "b0"
+    );
+}
+
+#[test]
+fn client_ip_affinity_sticks_and_lets_go_after_its_timeout() {
+    let svc = service(
+        "sticky",
+        "  clusterIP: 10.96.0.60\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 2\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n",
+    );
+    let eps = slice_yaml(
+        "sticky",
+        "IPv4",
+        "http",
+        "TCP",
+        8080,
+        &[
+            (0, "node-a", true),
+            (1, "node-a", true),
+            (2, "node-b", true),
+        ],
+    );
+    let t = setup(3, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    let first = t.tcp(&t.client, "10.96.0.60:80").expect("reply").0;
+    for _ in 0..20 {
+        assert_eq!(
+            t.tcp(&t.client, "10.96.0.60:80").expect("reply").0,
+            first,
+            "sticks"
+        );
+    }
+    // After the timeout without new connections, the choice is free again.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(2300));
+        seen.insert(t.tcp(&t.client, "10.96.0.60:80").expect("reply").0);
+        if seen.len() > 1 {
+            break;
+        }
+    }
+    assert!(seen.len() > 1, "affinity never expired: always {seen:?}");
+}
+
+#[test]
+fn an_endpoint_change_applies_without_disturbing_established_connections() {
+    let eps = |v: &[(usize, &str, bool)]| web_slices(v);
+    let mut t = setup(
+        3,
+        &[
+            ("svc.yaml", service("web", WEB)),
+            ("eps.yaml", eps(&[(0, "node-a", true), (1, "node-a", true)])),
+        ],
+    );
+    // A long-lived connection, held across the changes.
+    let holder = std::thread::spawn({
+        let node_client = t.client.clone();
+        let bin = lb_e2e::binary("lb-testsrv");
+        move || {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &node_client])
+                .arg(bin)
+                .args(["tcp-hold", "10.96.0.10:80", "4"])
+                .output()
+                .expect("run tcp-hold");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    t.write_manifest(
+        "eps.yaml",
+        &eps(&[
+            (0, "node-a", true),
+            (1, "node-a", true),
+            (2, "node-a", true),
+        ]),
+    );
+    t.wait_applied();
+    let spread = t.spread(&t.client, "10.96.0.10:80", 45, false);
+    assert_eq!(
+        backends(&spread),
+        ["b0", "b1", "b2"],
+        "added endpoint serves: {spread:?}"
+    );
+    t.write_manifest("eps.yaml", &eps(&[(2, "node-a", true)]));
+    t.wait_applied();
+    let spread = t.spread(&t.client, "10.96.0.10:80", 10, false);
+    assert_eq!(
+        backends(&spread),
+        ["b2"],
+        "removed endpoints get no new connections: {spread:?}"
+    );
+    let held = holder.join().expect("holder thread");
+    assert!(
+        held.contains("HELD"),
+        "the established connection survived: {held}"
+    );
+}
