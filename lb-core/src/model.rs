@@ -759,6 +759,15 @@ impl Endpoint {
             hints_for_nodes: Vec::new(),
         }
     }
+    /// The same endpoint serving another port (an EndpointSlice lists ports separately from
+    /// endpoints; this avoids validating the endpoint once per port).
+    pub fn with_port(&self, port: NonZeroU16) -> Endpoint {
+        Endpoint {
+            addr: SocketAddr::new(self.addr.ip(), port.get()),
+            ..self.clone()
+        }
+    }
+
     /// Address and port.
     pub fn addr(&self) -> SocketAddr {
         self.addr

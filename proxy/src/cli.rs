@@ -13,8 +13,9 @@ use crate::compile::{self, Config};
 use crate::convert::Filter;
 use crate::manifests::Objects;
 use crate::nft::ir::Ruleset;
-use crate::nft::{Backend, Transaction, diff::diff};
+use crate::nft::{Backend, Transaction};
 use crate::store::Store;
+use crate::sync::Dataplane;
 
 /// A kube-proxy replacement: Kubernetes Services compiled into nftables over netlink.
 #[derive(Debug, Parser)]
@@ -105,8 +106,9 @@ impl ManifestArgs {
         }
     }
 
-    /// Reads the manifests into a store, reporting bad objects on stderr.
-    fn load(&self) -> anyhow::Result<Store> {
+    /// Re-reads the manifests into `store` (replacing what it held, as a re-list would),
+    /// reporting bad objects on stderr.
+    fn reload(&self, store: &mut Store) -> anyhow::Result<()> {
         let (objects, errors) = Objects::read_paths(&self.paths);
         for e in &errors {
             eprintln!("lb-proxy: skipped: {e}");
@@ -114,19 +116,20 @@ impl ManifestArgs {
         let filter = Filter {
             service_proxy_name: self.service_proxy_name.clone(),
         };
-        let (store, invalid, _skipped) = objects.into_store(self.node.as_deref(), &filter);
+        let (invalid, _skipped) = objects.replace_in(store, self.node.as_deref(), &filter);
         for e in &invalid {
             eprintln!("lb-proxy: invalid, skipped: {e}");
         }
         if store.node().is_none() {
             bail!("no node: pass --node NAME (or NODE_NAME), or give exactly one Node object");
         }
-        Ok(store)
+        Ok(())
     }
 
     /// The desired ruleset for the manifests as they are now.
     pub fn desired(&self) -> anyhow::Result<Ruleset> {
-        let store = self.load()?;
+        let mut store = Store::new();
+        self.reload(&mut store)?;
         let snap = store.snapshot().context("node unknown")?;
         let config = self.config();
         let mut rs = Ruleset::default();
@@ -196,29 +199,16 @@ fn cleanup(table: &str) -> anyhow::Result<()> {
 }
 
 fn run_manifests(args: &ManifestArgs, once: bool, poll: Duration) -> anyhow::Result<()> {
-    let mut backend = netlink()?;
-    // Start from a clean slate for our own tables: what an earlier run left is replaced in the
-    // same batch, so traffic never sees a gap.
-    let mut applied = Ruleset::default();
-    let mut desired = args.desired()?;
-    let mut tx = Transaction::new();
-    for id in desired.tables.keys() {
-        tx.push(crate::nft::Command::AddTable {
-            table: id.clone(),
-            comment: None,
-        });
-        tx.push(crate::nft::Command::DeleteTable { table: id.clone() });
-    }
-    tx.commands.extend(diff(&applied, &desired).commands);
-    let started = std::time::Instant::now();
-    backend.apply(&tx).context("programming the ruleset")?;
+    let mut dataplane = Dataplane::new(netlink()?, args.config());
+    let mut store = Store::new();
+    args.reload(&mut store)?;
+    let report = dataplane
+        .sync(&mut store)
+        .context("programming the ruleset")?;
     eprintln!(
-        "lb-proxy: programmed {} commands ({} elements) in {:?}",
-        tx.commands.len(),
-        tx.element_count(),
-        started.elapsed()
+        "lb-proxy: programmed {} service ports ({} commands, {} elements) in {:?} + {:?}",
+        report.service_ports, report.commands, report.elements, report.compute, report.apply
     );
-    applied = std::mem::take(&mut desired);
     if once {
         return Ok(());
     }
@@ -230,31 +220,24 @@ fn run_manifests(args: &ManifestArgs, once: bool, poll: Duration) -> anyhow::Res
             continue;
         }
         seen = now;
-        let desired = match args.desired() {
-            Ok(d) => d,
-            Err(e) => {
-                eprintln!("lb-proxy: keeping the current ruleset: {e:#}");
-                continue;
-            }
-        };
-        let tx = diff(&applied, &desired);
-        if tx.is_empty() {
+        if let Err(e) = args.reload(&mut store) {
+            eprintln!("lb-proxy: keeping the current ruleset: {e:#}");
             continue;
         }
-        let started = std::time::Instant::now();
-        match backend.apply(&tx) {
-            Ok(()) => {
-                eprintln!(
-                    "lb-proxy: applied {} commands ({} elements) in {:?}",
-                    tx.commands.len(),
-                    tx.element_count(),
-                    started.elapsed()
-                );
-                applied = desired;
-            }
-            Err(e) => {
-                eprintln!("lb-proxy: kernel rejected the change, keeping the previous ruleset: {e}")
-            }
+        match dataplane.sync(&mut store) {
+            Ok(r) if r.commands == 0 => {}
+            Ok(r) => eprintln!(
+                "lb-proxy: applied {} service ports ({} commands, {} elements{}) in {:?} + {:?}",
+                r.service_ports,
+                r.commands,
+                r.elements,
+                if r.full { ", full" } else { "" },
+                r.compute,
+                r.apply
+            ),
+            Err(e) => eprintln!(
+                "lb-proxy: kernel rejected the change, the previous ruleset keeps serving: {e}"
+            ),
         }
     }
 }

@@ -34,21 +34,26 @@
 //!   through a Service) are found with the `hairpin` set.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use rustc_hash::FxHashMap as HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use lb_core::{EndpointSet, IpFamily, Protocol, ServicePort, categorize};
+use lb_core::{EndpointSet, IpFamily, Node, Protocol, ServicePort, ServicePortName, categorize};
 
 use crate::nft::ir::{
     BaseChain, Chain, ChainSpec, ChainType, CmpOp, CtKey, CtState, CtStatus, DataType, DynsetOp,
     Element, Expr, FibAddr, Hook, KeySpec, MapData, MarkOp, MetaKey, NatFamily, Payload, Policy,
     Rule, Set, SetFlags, SetSpec, Stmt, Table, TableId, Value, Verdict,
 };
-use crate::store::Snapshot;
+use crate::nft::{Command, Transaction};
+use crate::store::{ServiceEntry, Snapshot};
 
 /// Name of our tables (`table ip lb-proxy`, `table ip6 lb-proxy`).
 pub const TABLE: &str = "lb-proxy";
+/// The comment on our tables.
+pub const TABLE_COMMENT: &str = "rules for lb-proxy, a kube-proxy replacement";
 
 /// How the node's traffic is classified and where NodePorts listen.
 #[derive(Debug, Clone)]
@@ -237,188 +242,484 @@ pub struct Stats {
     pub endpoint_elements: usize,
 }
 
-/// Builds the table for `family`.
+/// Builds the table for `family` from a whole snapshot (a full sync, `render`, tests).
 pub fn compile(snapshot: &Snapshot, config: &Config, family: IpFamily) -> (TableId, Table, Stats) {
-    let f = Fam::new(family);
-    let mut b = Builder::new(f, config);
-    for entry in snapshot.services.values() {
+    let mut c = Compiler::new(config.clone(), family);
+    let changes: Vec<_> = snapshot
+        .services
+        .iter()
+        .map(|(name, e)| (name.clone(), Some(e)))
+        .collect();
+    let plan = c.plan(&snapshot.node, changes);
+    c.commit(plan);
+    let stats = c.stats();
+    (c.table_id(), c.table(), stats)
+}
+
+/// Who contributes which element: for every (set, key), the contributing service ports and
+/// their element. The kernel holds the first contributor's element.
+type Owners = HashMap<ElemKey, Vec<(ServicePortName, Element)>>;
+
+/// A set of the table, by name: the static ones, and the per-timeout affinity key sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum SetRef {
+    Static(&'static str),
+    AffinityKeys(u64),
+    AffinityNodePortKeys(u64),
+}
+
+impl SetRef {
+    fn name(self) -> String {
+        match self {
+            SetRef::Static(s) => s.to_string(),
+            SetRef::AffinityKeys(t) => affinity_keys(t),
+            SetRef::AffinityNodePortKeys(t) => affinity_nodeport_keys(t),
+        }
+    }
+}
+
+/// An element of the table: its set and key.
+type ElemKey = (SetRef, Vec<Value>);
+
+/// The incremental compiler for one IP family.
+///
+/// It keeps every service port's [`Fragment`] and who owns each element, so a change to one
+/// Service costs work proportional to that Service, not to the cluster: [`Compiler::plan`]
+/// computes the transaction for a set of changed service ports without touching the state,
+/// and [`Compiler::commit`] adopts it once the kernel accepted the transaction. A rejected
+/// transaction is simply not committed, so the compiler keeps describing what the kernel holds.
+#[derive(Debug)]
+pub struct Compiler {
+    f: Fam,
+    config: Config,
+    fragments: HashMap<ServicePortName, Fragment>,
+    owners: Owners,
+    counts: BTreeMap<(Dispatch, usize), usize>,
+    timeouts: BTreeMap<u64, usize>,
+    /// `pick-N` chains and affinity sets that exist in the kernel (a superset of what is in
+    /// use: unused ones are only removed by a full sync).
+    installed_counts: BTreeSet<(Dispatch, usize)>,
+    installed_timeouts: BTreeSet<u64>,
+    installed: bool,
+}
+
+/// A computed but not yet committed change: the transaction and the state it leads to.
+#[derive(Debug)]
+pub struct Plan {
+    /// The transaction to apply.
+    pub tx: Transaction,
+    changes: Vec<(ServicePortName, Option<Fragment>)>,
+    touched: HashMap<ElemKey, Vec<(ServicePortName, Element)>>,
+    installed_counts: BTreeSet<(Dispatch, usize)>,
+    installed_timeouts: BTreeSet<u64>,
+}
+
+impl Compiler {
+    /// An empty compiler: nothing programmed yet.
+    pub fn new(config: Config, family: IpFamily) -> Self {
+        Compiler {
+            f: Fam::new(family),
+            config,
+            fragments: HashMap::default(),
+            owners: HashMap::default(),
+            counts: BTreeMap::new(),
+            timeouts: BTreeMap::new(),
+            installed_counts: BTreeSet::new(),
+            installed_timeouts: BTreeSet::new(),
+            installed: false,
+        }
+    }
+
+    /// The table this compiler programs.
+    pub fn table_id(&self) -> TableId {
+        TableId::new(self.f.table_family(), self.config.table.clone())
+    }
+
+    /// Whether the table exists in the kernel (a plan was committed since the last
+    /// [`Compiler::forget_installed`]).
+    pub fn is_installed(&self) -> bool {
+        self.installed
+    }
+
+    /// Declares that the kernel no longer holds our table (deleted, or never programmed): the
+    /// next plan creates it from scratch with every element.
+    pub fn forget_installed(&mut self) {
+        self.installed = false;
+    }
+
+    /// Figures for logs and metrics.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            service_ports: self.fragments.len(),
+            endpoint_elements: self.fragments.values().map(|f| f.endpoint_elements).sum(),
+        }
+    }
+
+    /// The fragment of one service port (empty when it has no cluster IP of this family).
+    pub fn fragment(&self, node: &Node, entry: &ServiceEntry) -> Fragment {
+        let mut b = Builder {
+            f: self.f,
+            frag: Fragment::default(),
+        };
         let endpoints: Vec<_> = entry
             .endpoints
             .iter()
-            .filter(|e| f.is(&e.ip()))
+            .filter(|e| self.f.is(&e.ip()))
             .cloned()
             .collect();
-        b.service(&entry.port, &endpoints, snapshot);
+        b.service(&entry.port, &endpoints, node);
+        b.frag
     }
-    let stats = b.stats.clone();
-    (
-        TableId::new(f.table_family(), config.table.clone()),
-        b.finish(),
-        stats,
-    )
-}
 
-struct Builder<'a> {
-    f: Fam,
-    config: &'a Config,
-    table: Table,
-    /// Endpoint counts in use per dispatch map, for the `pick-N` chains.
-    counts: BTreeSet<(Dispatch, usize)>,
-    /// Affinity timeouts in use, in seconds.
-    timeouts: BTreeSet<u64>,
-    stats: Stats,
-}
-
-impl<'a> Builder<'a> {
-    fn new(f: Fam, config: &'a Config) -> Self {
-        let mut table = Table {
-            comment: Some("rules for lb-proxy, a kube-proxy replacement".into()),
-            ..Table::default()
-        };
-        let key3 = || vec![f.addr, DataType::InetProto, DataType::InetService];
-        let np2 = || vec![DataType::InetProto, DataType::InetService];
-        let mut add = |name: &str, spec: SetSpec, comment: &str| {
-            let spec = SetSpec {
-                comment: Some(comment.into()),
-                ..spec
-            };
-            table.sets.insert(name.into(), Set::new(spec));
-        };
-        add(
-            CLUSTER_IPS,
-            SetSpec::set(vec![f.addr]),
-            "active cluster IPs",
-        );
-        add(
-            SERVICE_IPS,
-            SetSpec::map(KeySpec::Types(key3()), MapData::Verdict),
-            "cluster, external and load-balancer IPs: dispatch to endpoints",
-        );
-        add(
-            EXTERNAL_LOCAL_IPS,
-            SetSpec::map(KeySpec::Types(key3()), MapData::Verdict),
-            "external traffic to eTP Local services: node-local endpoints",
-        );
-        add(
-            SERVICE_NODEPORTS,
-            SetSpec::map(KeySpec::Types(np2()), MapData::Verdict),
-            "NodePort traffic: dispatch to endpoints",
-        );
-        add(
-            NODEPORT_EXTERNAL_LOCAL,
-            SetSpec::map(KeySpec::Types(np2()), MapData::Verdict),
-            "external NodePort traffic to eTP Local services",
-        );
-        let ep_map = |with_daddr: bool| {
-            let mut key = Vec::new();
-            if with_daddr {
-                key.push(pl(f.daddr));
+    /// The transaction that brings the kernel from the committed state to one where the given
+    /// service ports have their new content (`None`: deleted). Does not change the compiler.
+    pub fn plan<'e>(
+        &self,
+        node: &Node,
+        changes: impl IntoIterator<Item = (ServicePortName, Option<&'e ServiceEntry>)>,
+    ) -> Plan {
+        let changes: Vec<(ServicePortName, Option<Fragment>)> = changes
+            .into_iter()
+            .map(|(name, e)| {
+                (
+                    name,
+                    e.map(|e| self.fragment(node, e))
+                        .filter(|f| *f != Fragment::default()),
+                )
+            })
+            .filter(|(name, frag)| self.fragments.get(name) != frag.as_ref())
+            .collect();
+        // Structural objects: new endpoint counts and timeouts need chains and sets first.
+        let mut counts = self.installed_counts.clone();
+        let mut timeouts = self.installed_timeouts.clone();
+        for (_, frag) in &changes {
+            if let Some(f) = frag {
+                counts.extend(f.counts.iter().copied());
+                timeouts.extend(f.timeouts.iter().copied());
             }
-            key.extend([L4PROTO, DPORT, Expr::NumgenRandom { modulus: 1 }]);
-            SetSpec::map(
-                KeySpec::Typeof(key),
-                MapData::Values(KeySpec::Typeof(vec![pl(f.daddr), DPORT])),
+        }
+        let id = self.table_id();
+        let mut tx = Transaction::new();
+        let fresh = !self.installed;
+        let before = if fresh {
+            crate::nft::ir::Ruleset::default()
+        } else {
+            one_table(
+                &id,
+                skeleton(
+                    self.f,
+                    &self.config,
+                    &self.installed_counts,
+                    &self.installed_timeouts,
+                ),
             )
         };
-        add(
-            ENDPOINTS,
-            ep_map(true),
-            "service address . bucket -> endpoint",
-        );
-        add(
-            ENDPOINTS_LOCAL,
-            ep_map(true),
-            "as endpoints, node-local endpoints only",
-        );
-        add(
-            NODEPORT_ENDPOINTS,
-            ep_map(false),
-            "node port . bucket -> endpoint",
-        );
-        add(
-            NODEPORT_ENDPOINTS_LOCAL,
-            ep_map(false),
-            "as nodeport-endpoints, node-local only",
-        );
-        add(
-            MASQ_IPS,
-            SetSpec::set(key3()),
-            "external addresses of eTP Cluster services",
-        );
-        add(
-            MASQ_LOCAL_SOURCE_IPS,
-            SetSpec::set(key3()),
-            "external addresses of eTP Local services: masquerade the node's own traffic",
-        );
-        add(
-            MASQ_NODEPORTS,
-            SetSpec::set(np2()),
-            "node ports of eTP Cluster services",
-        );
-        add(
-            MASQ_LOCAL_SOURCE_NODEPORTS,
-            SetSpec::set(np2()),
-            "node ports of eTP Local services",
-        );
-        add(
-            NO_ENDPOINT_SERVICES,
-            SetSpec::map(KeySpec::Types(key3()), MapData::Verdict),
-            "reject or drop traffic to service addresses without usable endpoints",
-        );
-        add(
-            NO_ENDPOINT_NODEPORTS,
-            SetSpec::map(KeySpec::Types(np2()), MapData::Verdict),
-            "reject or drop traffic to node ports without usable endpoints",
-        );
-        add(
-            FIREWALL_IPS,
-            SetSpec::set(key3()),
-            "load-balancer IPs with source ranges",
-        );
-        let mut allow = SetSpec::set({
-            let mut k = key3();
-            k.push(f.addr);
-            k
-        });
-        allow.flags.interval = true;
-        add(
-            FIREWALL_ALLOW,
-            allow,
-            "load-balancer IP . proto . port . allowed source range",
-        );
-        add(
-            HAIRPIN,
-            SetSpec::set(vec![f.addr, f.addr]),
-            "endpoint . endpoint: hairpin",
-        );
-        if config.nodeport_cidrs.is_some() {
-            let mut s = SetSpec::set(vec![f.addr]);
-            s.flags.interval = true;
-            add(NODEPORT_IPS, s, "addresses that accept NodePort traffic");
+        let after = one_table(&id, skeleton(self.f, &self.config, &counts, &timeouts));
+        tx.commands
+            .extend(crate::nft::diff::diff(&before, &after).commands);
+
+        // Elements: for every touched (set, key), its contributors after the change, and the
+        // effective element (the first contributor's) before and after.
+        let capacity = changes
+            .iter()
+            .flat_map(|(_, f)| f)
+            .map(|f| f.elems.len())
+            .sum();
+        let mut touched: HashMap<ElemKey, Vec<(ServicePortName, Element)>> =
+            HashMap::with_capacity_and_hasher(capacity, Default::default());
+        for (name, frag) in &changes {
+            if let Some(old) = self.fragments.get(name) {
+                for (set, key, _) in &old.elems {
+                    let k = (*set, key.clone());
+                    let owners = touched
+                        .entry(k)
+                        .or_insert_with_key(|k| self.owners.get(k).cloned().unwrap_or_default());
+                    owners.retain(|(n, _)| n != name);
+                }
+            }
+            for (set, key, e) in frag.iter().flat_map(|f| &f.elems) {
+                let k = (*set, key.clone());
+                let owners = touched
+                    .entry(k)
+                    .or_insert_with_key(|k| self.owners.get(k).cloned().unwrap_or_default());
+                match owners.binary_search_by(|(n, _)| n.cmp(name)) {
+                    Ok(i) => owners[i].1 = e.clone(),
+                    Err(i) => owners.insert(i, (name.clone(), e.clone())),
+                }
+            }
         }
-        Builder {
-            f,
-            config,
-            table,
-            counts: BTreeSet::new(),
-            timeouts: BTreeSet::new(),
-            stats: Stats::default(),
+        let mut deletes: BTreeMap<SetRef, Vec<Vec<Value>>> = BTreeMap::new();
+        let mut adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>> = BTreeMap::new();
+        for (k, owners) in &touched {
+            let old = self.owners.get(k).and_then(|o| o.first()).map(|(_, e)| e);
+            let new = owners.first().map(|(_, e)| e);
+            if old == new {
+                continue;
+            }
+            if old.is_some() {
+                deletes.entry(k.0).or_default().push(k.1.clone());
+            }
+            if let Some(e) = new {
+                adds.entry(k.0).or_default().push((k.1.clone(), e.clone()));
+            }
+        }
+        // Element order inside one message does not matter to the kernel; not sorting keeps a
+        // full sync linear.
+        for (set, keys) in deletes {
+            tx.push(Command::DeleteElements {
+                table: id.clone(),
+                set: set.name(),
+                keys,
+            });
+        }
+        for (set, elements) in adds {
+            tx.push(Command::AddElements {
+                table: id.clone(),
+                set: set.name(),
+                elements,
+            });
+        }
+        Plan {
+            tx,
+            changes,
+            touched,
+            installed_counts: counts,
+            installed_timeouts: timeouts,
         }
     }
 
-    fn elem(&mut self, set: &str, key: Vec<Value>, e: Element) {
-        if let Some(s) = self.table.sets.get_mut(set) {
-            s.elements.insert(key, e);
+    /// Adopts a plan whose transaction the kernel accepted.
+    pub fn commit(&mut self, mut plan: Plan) {
+        if self.owners.is_empty() {
+            // A first or full sync: the plan's view is the whole state; adopt it as is.
+            plan.touched.retain(|_, owners| !owners.is_empty());
+            self.owners = std::mem::take(&mut plan.touched);
         }
+        for (k, owners) in plan.touched {
+            if owners.is_empty() {
+                self.owners.remove(&k);
+            } else {
+                self.owners.insert(k, owners);
+            }
+        }
+        for (name, frag) in plan.changes {
+            if let Some(old) = self.fragments.remove(&name) {
+                for c in &old.counts {
+                    dec(&mut self.counts, c);
+                }
+                for t in &old.timeouts {
+                    dec(&mut self.timeouts, t);
+                }
+            }
+            if let Some(new) = frag {
+                for c in &new.counts {
+                    *self.counts.entry(*c).or_default() += 1;
+                }
+                for t in &new.timeouts {
+                    *self.timeouts.entry(*t).or_default() += 1;
+                }
+                self.fragments.insert(name, new);
+            }
+        }
+        self.installed_counts = plan.installed_counts;
+        self.installed_timeouts = plan.installed_timeouts;
+        self.installed = true;
     }
 
-    fn service(&mut self, port: &ServicePort, endpoints: &[lb_core::Endpoint], snap: &Snapshot) {
+    /// The table as committed, elements included, with only the chains and sets in use (what
+    /// a full sync installs).
+    pub fn table(&self) -> Table {
+        let counts: BTreeSet<_> = self.counts.keys().copied().collect();
+        let timeouts: BTreeSet<_> = self.timeouts.keys().copied().collect();
+        let mut table = skeleton(self.f, &self.config, &counts, &timeouts);
+        for ((set, key), owners) in &self.owners {
+            if let (Some(s), Some((_, e))) = (table.sets.get_mut(&set.name()), owners.first()) {
+                s.elements.insert(key.clone(), e.clone());
+            }
+        }
+        table
+    }
+
+    /// Forgets which chains and sets beyond those in use exist, after a full sync replaced
+    /// the table with [`Compiler::table`].
+    pub fn mark_full_sync(&mut self) {
+        self.installed_counts = self.counts.keys().copied().collect();
+        self.installed_timeouts = self.timeouts.keys().copied().collect();
+    }
+}
+
+fn dec<K: Ord>(m: &mut BTreeMap<K, usize>, k: &K) {
+    if let Some(n) = m.get_mut(k) {
+        *n -= 1;
+        if *n == 0 {
+            m.remove(k);
+        }
+    }
+}
+
+fn one_table(id: &TableId, t: Table) -> crate::nft::ir::Ruleset {
+    let mut rs = crate::nft::ir::Ruleset::default();
+    rs.tables.insert(id.clone(), t);
+    rs
+}
+
+/// The static sets and maps, without elements.
+fn skeleton_sets(f: Fam, config: &Config) -> Table {
+    let mut table = Table {
+        comment: Some(TABLE_COMMENT.into()),
+        ..Table::default()
+    };
+    let key3 = || vec![f.addr, DataType::InetProto, DataType::InetService];
+    let np2 = || vec![DataType::InetProto, DataType::InetService];
+    let mut add = |name: &str, spec: SetSpec, comment: &str| {
+        let spec = SetSpec {
+            comment: Some(comment.into()),
+            ..spec
+        };
+        table.sets.insert(name.into(), Set::new(spec));
+    };
+    add(
+        CLUSTER_IPS,
+        SetSpec::set(vec![f.addr]),
+        "active cluster IPs",
+    );
+    add(
+        SERVICE_IPS,
+        SetSpec::map(KeySpec::Types(key3()), MapData::Verdict),
+        "cluster, external and load-balancer IPs: dispatch to endpoints",
+    );
+    add(
+        EXTERNAL_LOCAL_IPS,
+        SetSpec::map(KeySpec::Types(key3()), MapData::Verdict),
+        "external traffic to eTP Local services: node-local endpoints",
+    );
+    add(
+        SERVICE_NODEPORTS,
+        SetSpec::map(KeySpec::Types(np2()), MapData::Verdict),
+        "NodePort traffic: dispatch to endpoints",
+    );
+    add(
+        NODEPORT_EXTERNAL_LOCAL,
+        SetSpec::map(KeySpec::Types(np2()), MapData::Verdict),
+        "external NodePort traffic to eTP Local services",
+    );
+    let ep_map = |with_daddr: bool| {
+        let mut key = Vec::new();
+        if with_daddr {
+            key.push(pl(f.daddr));
+        }
+        key.extend([L4PROTO, DPORT, Expr::NumgenRandom { modulus: 1 }]);
+        SetSpec::map(
+            KeySpec::Typeof(key),
+            MapData::Values(KeySpec::Typeof(vec![pl(f.daddr), DPORT])),
+        )
+    };
+    add(
+        ENDPOINTS,
+        ep_map(true),
+        "service address . bucket -> endpoint",
+    );
+    add(
+        ENDPOINTS_LOCAL,
+        ep_map(true),
+        "as endpoints, node-local endpoints only",
+    );
+    add(
+        NODEPORT_ENDPOINTS,
+        ep_map(false),
+        "node port . bucket -> endpoint",
+    );
+    add(
+        NODEPORT_ENDPOINTS_LOCAL,
+        ep_map(false),
+        "as nodeport-endpoints, node-local only",
+    );
+    add(
+        MASQ_IPS,
+        SetSpec::set(key3()),
+        "external addresses of eTP Cluster services",
+    );
+    add(
+        MASQ_LOCAL_SOURCE_IPS,
+        SetSpec::set(key3()),
+        "external addresses of eTP Local services: masquerade the node's own traffic",
+    );
+    add(
+        MASQ_NODEPORTS,
+        SetSpec::set(np2()),
+        "node ports of eTP Cluster services",
+    );
+    add(
+        MASQ_LOCAL_SOURCE_NODEPORTS,
+        SetSpec::set(np2()),
+        "node ports of eTP Local services",
+    );
+    add(
+        NO_ENDPOINT_SERVICES,
+        SetSpec::map(KeySpec::Types(key3()), MapData::Verdict),
+        "reject or drop traffic to service addresses without usable endpoints",
+    );
+    add(
+        NO_ENDPOINT_NODEPORTS,
+        SetSpec::map(KeySpec::Types(np2()), MapData::Verdict),
+        "reject or drop traffic to node ports without usable endpoints",
+    );
+    add(
+        FIREWALL_IPS,
+        SetSpec::set(key3()),
+        "load-balancer IPs with source ranges",
+    );
+    let mut allow = SetSpec::set({
+        let mut k = key3();
+        k.push(f.addr);
+        k
+    });
+    allow.flags.interval = true;
+    add(
+        FIREWALL_ALLOW,
+        allow,
+        "load-balancer IP . proto . port . allowed source range",
+    );
+    add(
+        HAIRPIN,
+        SetSpec::set(vec![f.addr, f.addr]),
+        "endpoint . endpoint: hairpin",
+    );
+    if config.nodeport_cidrs.is_some() {
+        let mut s = SetSpec::set(vec![f.addr]);
+        s.flags.interval = true;
+        add(NODEPORT_IPS, s, "addresses that accept NodePort traffic");
+    }
+    table
+}
+
+/// What one service port contributes to the table: elements, endpoint counts (for the
+/// `pick-N` chains) and affinity timeouts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fragment {
+    elems: Vec<(SetRef, Vec<Value>, Element)>,
+    counts: BTreeSet<(Dispatch, usize)>,
+    timeouts: BTreeSet<u64>,
+    endpoint_elements: usize,
+}
+
+/// Builds one service port's [`Fragment`].
+struct Builder {
+    f: Fam,
+    frag: Fragment,
+}
+
+impl Builder {
+    fn elem(&mut self, set: &'static str, key: Vec<Value>, e: Element) {
+        self.frag.elems.push((SetRef::Static(set), key, e));
+    }
+
+    fn service(&mut self, port: &ServicePort, endpoints: &[lb_core::Endpoint], node: &Node) {
         let f = self.f;
         let Some(&cluster_ip) = port.cluster_ips().iter().find(|ip| f.is(ip)) else {
             return;
         };
-        self.stats.service_ports += 1;
-        let c = categorize(port, endpoints, &snap.node);
+        let c = categorize(port, endpoints, node);
         let proto = proto_value(port.protocol());
         let svc_port = Value::Port(port.port());
         let comment = Some(port.name().to_string()).filter(|s| s.len() < 128);
@@ -595,7 +896,7 @@ impl<'a> Builder<'a> {
     fn dispatch(
         &mut self,
         d: Dispatch,
-        vmap: &str,
+        vmap: &'static str,
         key: &[Value],
         endpoints: &[Vec<Value>],
         no_endpoint: &Element,
@@ -611,13 +912,13 @@ impl<'a> Builder<'a> {
     fn add_dispatch(
         &mut self,
         d: Dispatch,
-        vmap: &str,
+        vmap: &'static str,
         key: &[Value],
         endpoints: &[Vec<Value>],
         comment: &Option<String>,
     ) {
         let n = endpoints.len();
-        self.counts.insert((d, n));
+        self.frag.counts.insert((d, n));
         let verdict = Element {
             comment: comment.clone(),
             ..Element::verdict(Verdict::Goto(d.chain(n)))
@@ -627,428 +928,446 @@ impl<'a> Builder<'a> {
             let mut k = key.to_vec();
             k.push(Value::Integer(i as u32));
             self.elem(d.map(), k, Element::values(ep.clone()));
-            self.stats.endpoint_elements += 1;
+            self.frag.endpoint_elements += 1;
         }
     }
 
     fn affinity(&mut self, timeout: Option<Duration>, key: AffinityKey) {
         let Some(t) = timeout else { return };
         let secs = t.as_secs();
-        if self.timeouts.insert(secs) {
-            let f = self.f;
-            let mut spec = SetSpec::map(
-                KeySpec::Typeof(vec![pl(f.saddr), pl(f.daddr), L4PROTO, DPORT]),
-                MapData::Values(KeySpec::Typeof(vec![pl(f.daddr), DPORT])),
-            );
-            spec.flags = SetFlags {
-                dynamic: true,
-                timeout: true,
-                ..SetFlags::default()
-            };
-            spec.timeout = Some(t);
-            spec.comment = Some(format!("ClientIP affinity, timeout {secs}s"));
-            self.table.sets.insert(affinity_map(secs), Set::new(spec));
-            let typeof_set = |key: Vec<Expr>, comment: String| SetSpec {
-                key: KeySpec::Typeof(key),
-                data: None,
-                flags: SetFlags::default(),
-                timeout: None,
-                comment: Some(comment),
-            };
-            let keys = typeof_set(
-                vec![
-                    Expr::Ct(f.ct_daddr),
-                    L4PROTO,
-                    Expr::Ct(CtKey::OriginalProtoDst),
-                ],
-                format!("service addresses with affinity timeout {secs}s"),
-            );
-            self.table.sets.insert(affinity_keys(secs), Set::new(keys));
-            let np = typeof_set(
-                vec![L4PROTO, Expr::Ct(CtKey::OriginalProtoDst)],
-                format!("node ports with affinity timeout {secs}s"),
-            );
-            self.table
-                .sets
-                .insert(affinity_nodeport_keys(secs), Set::new(np));
-        }
+        self.frag.timeouts.insert(secs);
         match key {
-            AffinityKey::Ip(k) => self.elem(&affinity_keys(secs), k, Element::key_only()),
+            AffinityKey::Ip(k) => {
+                self.frag
+                    .elems
+                    .push((SetRef::AffinityKeys(secs), k, Element::key_only()))
+            }
             AffinityKey::NodePort(k) => {
-                self.elem(&affinity_nodeport_keys(secs), k, Element::key_only())
+                self.frag
+                    .elems
+                    .push((SetRef::AffinityNodePortKeys(secs), k, Element::key_only()))
             }
         }
     }
+}
 
-    fn finish(mut self) -> Table {
-        let f = self.f;
-        let cfg = self.config;
-        let mark = cfg.mark();
-        let mut chains: BTreeMap<String, Chain> = BTreeMap::new();
-        let base = |kind, hook, priority| ChainSpec {
-            base: Some(BaseChain {
-                kind,
-                hook,
-                priority,
-                policy: Policy::Accept,
-            }),
-            comment: None,
-        };
-        let regular = |comment: &str| ChainSpec {
-            base: None,
-            comment: Some(comment.into()),
-        };
-        let jump = |c: &str| Stmt::Verdict(Verdict::Jump(c.into()));
-        let new = Stmt::CtState(CtState::New);
-        let set_mark = Stmt::SetMark(MarkOp::Or(mark));
-        let k3 = || vec![pl(f.daddr), L4PROTO, DPORT];
-        let k2 = || vec![L4PROTO, DPORT];
-        let lookup = |key: Vec<Expr>, set: &str| Stmt::Lookup {
-            key,
-            set: set.into(),
-            negate: false,
-        };
-        let vmap = |key: Vec<Expr>, map: &str| Stmt::Vmap {
-            key,
-            map: map.into(),
-        };
-        let fib_saddr_local = Stmt::FibLocal(FibAddr::Saddr);
-        // Destination is a NodePort address of this node.
-        let nodeport_dest: Vec<Stmt> = match &cfg.nodeport_cidrs {
-            None => vec![
-                Stmt::FibLocal(FibAddr::Daddr),
+/// The affinity map and key sets for timeout `secs`.
+fn affinity_sets(f: Fam, table: &mut Table, secs: u64) {
+    let t = Duration::from_secs(secs);
+    let mut spec = SetSpec::map(
+        KeySpec::Typeof(vec![pl(f.saddr), pl(f.daddr), L4PROTO, DPORT]),
+        MapData::Values(KeySpec::Typeof(vec![pl(f.daddr), DPORT])),
+    );
+    spec.flags = SetFlags {
+        dynamic: true,
+        timeout: true,
+        ..SetFlags::default()
+    };
+    spec.timeout = Some(t);
+    spec.comment = Some(format!("ClientIP affinity, timeout {secs}s"));
+    table.sets.insert(affinity_map(secs), Set::new(spec));
+    let typeof_set = |key: Vec<Expr>, comment: String| SetSpec {
+        key: KeySpec::Typeof(key),
+        data: None,
+        flags: SetFlags::default(),
+        timeout: None,
+        comment: Some(comment),
+    };
+    let keys = typeof_set(
+        vec![
+            Expr::Ct(f.ct_daddr),
+            L4PROTO,
+            Expr::Ct(CtKey::OriginalProtoDst),
+        ],
+        format!("service addresses with affinity timeout {secs}s"),
+    );
+    table.sets.insert(affinity_keys(secs), Set::new(keys));
+    let np = typeof_set(
+        vec![L4PROTO, Expr::Ct(CtKey::OriginalProtoDst)],
+        format!("node ports with affinity timeout {secs}s"),
+    );
+    table
+        .sets
+        .insert(affinity_nodeport_keys(secs), Set::new(np));
+}
+
+/// The whole table without elements: static sets, affinity sets for `timeouts`, and chains,
+/// with a `pick-N` chain for every endpoint count in `counts`.
+fn skeleton(
+    f: Fam,
+    cfg: &Config,
+    counts: &BTreeSet<(Dispatch, usize)>,
+    timeouts: &BTreeSet<u64>,
+) -> Table {
+    let mut table = skeleton_sets(f, cfg);
+    for &secs in timeouts {
+        affinity_sets(f, &mut table, secs);
+    }
+    let mark = cfg.mark();
+    let mut chains: BTreeMap<String, Chain> = BTreeMap::new();
+    let base = |kind, hook, priority| ChainSpec {
+        base: Some(BaseChain {
+            kind,
+            hook,
+            priority,
+            policy: Policy::Accept,
+        }),
+        comment: None,
+    };
+    let regular = |comment: &str| ChainSpec {
+        base: None,
+        comment: Some(comment.into()),
+    };
+    let jump = |c: &str| Stmt::Verdict(Verdict::Jump(c.into()));
+    let new = Stmt::CtState(CtState::New);
+    let set_mark = Stmt::SetMark(MarkOp::Or(mark));
+    let k3 = || vec![pl(f.daddr), L4PROTO, DPORT];
+    let k2 = || vec![L4PROTO, DPORT];
+    let lookup = |key: Vec<Expr>, set: &str| Stmt::Lookup {
+        key,
+        set: set.into(),
+        negate: false,
+    };
+    let vmap = |key: Vec<Expr>, map: &str| Stmt::Vmap {
+        key,
+        map: map.into(),
+    };
+    let fib_saddr_local = Stmt::FibLocal(FibAddr::Saddr);
+    // Destination is a NodePort address of this node.
+    let nodeport_dest: Vec<Stmt> = match &cfg.nodeport_cidrs {
+        None => vec![
+            Stmt::FibLocal(FibAddr::Daddr),
+            Stmt::Match {
+                left: pl(f.daddr),
+                op: CmpOp::Ne,
+                right: f.loopback(),
+            },
+        ],
+        Some(_) => vec![
+            Stmt::FibLocal(FibAddr::Daddr),
+            lookup(vec![pl(f.daddr)], NODEPORT_IPS),
+        ],
+    };
+    let with = |pre: &[Stmt], more: Vec<Stmt>| -> Rule {
+        let mut v = pre.to_vec();
+        v.extend(more);
+        Rule::new(v)
+    };
+    let cidrs: Vec<IpNet> = cfg
+        .cluster_cidrs
+        .iter()
+        .filter(|n| f.is(&n.addr()))
+        .copied()
+        .collect();
+
+    // nat: masquerade marks, affinity, dispatch.
+    let mut services = Vec::new();
+    if cfg.masquerade_all {
+        services.push(
+            Rule::new(vec![
+                lookup(vec![pl(f.daddr)], CLUSTER_IPS),
+                set_mark.clone(),
+            ])
+            .with_comment("masquerade all cluster IP traffic"),
+        );
+    } else if !cidrs.is_empty() {
+        // Traffic from outside every cluster CIDR: one rule per CIDR would be wrong
+        // (a source outside one is maybe inside another), so use the first (per family
+        // kube-proxy accepts one CIDR per family).
+        services.push(
+            Rule::new(vec![
+                lookup(vec![pl(f.daddr)], CLUSTER_IPS),
                 Stmt::Match {
-                    left: pl(f.daddr),
+                    left: pl(f.saddr),
                     op: CmpOp::Ne,
-                    right: f.loopback(),
+                    right: net_value(cidrs[0]),
                 },
-            ],
-            Some(_) => vec![
-                Stmt::FibLocal(FibAddr::Daddr),
-                lookup(vec![pl(f.daddr)], NODEPORT_IPS),
-            ],
-        };
-        let with = |pre: &[Stmt], more: Vec<Stmt>| -> Rule {
-            let mut v = pre.to_vec();
-            v.extend(more);
-            Rule::new(v)
-        };
-        let cidrs: Vec<IpNet> = cfg
-            .cluster_cidrs
-            .iter()
-            .filter(|n| f.is(&n.addr()))
-            .copied()
-            .collect();
-
-        // nat: masquerade marks, affinity, dispatch.
-        let mut services = Vec::new();
-        if cfg.masquerade_all {
-            services.push(
-                Rule::new(vec![
-                    lookup(vec![pl(f.daddr)], CLUSTER_IPS),
-                    set_mark.clone(),
-                ])
-                .with_comment("masquerade all cluster IP traffic"),
-            );
-        } else if !cidrs.is_empty() {
-            // Traffic from outside every cluster CIDR: one rule per CIDR would be wrong
-            // (a source outside one is maybe inside another), so use the first (per family
-            // kube-proxy accepts one CIDR per family).
-            services.push(
-                Rule::new(vec![
-                    lookup(vec![pl(f.daddr)], CLUSTER_IPS),
-                    Stmt::Match {
-                        left: pl(f.saddr),
-                        op: CmpOp::Ne,
-                        right: net_value(cidrs[0]),
-                    },
-                    set_mark.clone(),
-                ])
-                .with_comment("masquerade cluster IP traffic from outside the cluster"),
-            );
-        }
-        services.push(Rule::new(vec![lookup(k3(), MASQ_IPS), set_mark.clone()]));
-        services.push(Rule::new(vec![
+                set_mark.clone(),
+            ])
+            .with_comment("masquerade cluster IP traffic from outside the cluster"),
+        );
+    }
+    services.push(Rule::new(vec![lookup(k3(), MASQ_IPS), set_mark.clone()]));
+    services.push(Rule::new(vec![
+        fib_saddr_local.clone(),
+        lookup(k3(), MASQ_LOCAL_SOURCE_IPS),
+        set_mark.clone(),
+    ]));
+    services.push(with(
+        &nodeport_dest,
+        vec![lookup(k2(), MASQ_NODEPORTS), set_mark.clone()],
+    ));
+    services.push(with(
+        &nodeport_dest,
+        vec![
             fib_saddr_local.clone(),
-            lookup(k3(), MASQ_LOCAL_SOURCE_IPS),
+            lookup(k2(), MASQ_LOCAL_SOURCE_NODEPORTS),
             set_mark.clone(),
+        ],
+    ));
+    for &secs in timeouts {
+        services.push(
+            Rule::new(vec![Stmt::DnatMap {
+                family: f.nat,
+                key: vec![pl(f.saddr), pl(f.daddr), L4PROTO, DPORT],
+                map: affinity_map(secs),
+            }])
+            .with_comment("ClientIP affinity"),
+        );
+    }
+    // Dispatch. Pods and the node itself are short-circuited to all endpoints before the
+    // eTP Local maps are consulted for everything else.
+    services.push(Rule::new(vec![
+        fib_saddr_local.clone(),
+        vmap(k3(), SERVICE_IPS),
+    ]));
+    for n in &cidrs {
+        services.push(Rule::new(vec![
+            Stmt::Match {
+                left: pl(f.saddr),
+                op: CmpOp::Eq,
+                right: net_value(*n),
+            },
+            vmap(k3(), SERVICE_IPS),
         ]));
-        services.push(with(
-            &nodeport_dest,
-            vec![lookup(k2(), MASQ_NODEPORTS), set_mark.clone()],
-        ));
+    }
+    services.push(Rule::new(vec![vmap(k3(), EXTERNAL_LOCAL_IPS)]));
+    services.push(Rule::new(vec![vmap(k3(), SERVICE_IPS)]));
+    services.push(with(
+        &nodeport_dest,
+        vec![fib_saddr_local.clone(), vmap(k2(), SERVICE_NODEPORTS)],
+    ));
+    for n in &cidrs {
         services.push(with(
             &nodeport_dest,
             vec![
-                fib_saddr_local.clone(),
-                lookup(k2(), MASQ_LOCAL_SOURCE_NODEPORTS),
-                set_mark.clone(),
-            ],
-        ));
-        for &secs in &self.timeouts {
-            services.push(
-                Rule::new(vec![Stmt::DnatMap {
-                    family: f.nat,
-                    key: vec![pl(f.saddr), pl(f.daddr), L4PROTO, DPORT],
-                    map: affinity_map(secs),
-                }])
-                .with_comment("ClientIP affinity"),
-            );
-        }
-        // Dispatch. Pods and the node itself are short-circuited to all endpoints before the
-        // eTP Local maps are consulted for everything else.
-        services.push(Rule::new(vec![
-            fib_saddr_local.clone(),
-            vmap(k3(), SERVICE_IPS),
-        ]));
-        for n in &cidrs {
-            services.push(Rule::new(vec![
                 Stmt::Match {
                     left: pl(f.saddr),
                     op: CmpOp::Eq,
                     right: net_value(*n),
                 },
-                vmap(k3(), SERVICE_IPS),
+                vmap(k2(), SERVICE_NODEPORTS),
+            ],
+        ));
+    }
+    services.push(with(
+        &nodeport_dest,
+        vec![vmap(k2(), NODEPORT_EXTERNAL_LOCAL)],
+    ));
+    services.push(with(&nodeport_dest, vec![vmap(k2(), SERVICE_NODEPORTS)]));
+    chains.insert(
+        SERVICES.into(),
+        Chain {
+            spec: regular("dispatch to service endpoints"),
+            rules: services,
+        },
+    );
+
+    for &(d, n) in counts {
+        let mut key = Vec::new();
+        if d.has_daddr() {
+            key.push(pl(f.daddr));
+        }
+        key.extend([L4PROTO, DPORT, Expr::NumgenRandom { modulus: n as u32 }]);
+        chains.insert(
+            d.chain(n),
+            Chain {
+                spec: regular(&format!("uniform choice among {n} endpoints")),
+                rules: vec![Rule::new(vec![Stmt::DnatMap {
+                    family: f.nat,
+                    key,
+                    map: d.map().into(),
+                }])],
+            },
+        );
+    }
+
+    chains.insert(
+        MASQUERADING.into(),
+        Chain {
+            spec: regular("masquerade marked and hairpin connections"),
+            rules: vec![
+                Rule::new(vec![
+                    Stmt::MarkMatch {
+                        mask: mark,
+                        op: CmpOp::Ne,
+                        value: 0,
+                    },
+                    Stmt::SetMark(MarkOp::Xor(mark)),
+                    Stmt::Masquerade { fully_random: true },
+                ]),
+                Rule::new(vec![
+                    Stmt::CtStatus(CtStatus::Dnat),
+                    lookup(vec![pl(f.saddr), pl(f.daddr)], HAIRPIN),
+                    Stmt::Masquerade { fully_random: true },
+                ]),
+            ],
+        },
+    );
+
+    // Affinity: remember the endpoint every new connection was sent to.
+    if !timeouts.is_empty() {
+        let mut rules = Vec::new();
+        for &secs in timeouts {
+            let data = vec![pl(f.daddr), DPORT];
+            let key = vec![
+                pl(f.saddr),
+                Expr::Ct(f.ct_daddr),
+                L4PROTO,
+                Expr::Ct(CtKey::OriginalProtoDst),
+            ];
+            let update = Stmt::Dynset {
+                op: DynsetOp::Update,
+                set: affinity_map(secs),
+                key,
+                data,
+            };
+            rules.push(Rule::new(vec![
+                new.clone(),
+                Stmt::CtStatus(CtStatus::Dnat),
+                lookup(
+                    vec![
+                        Expr::Ct(f.ct_daddr),
+                        L4PROTO,
+                        Expr::Ct(CtKey::OriginalProtoDst),
+                    ],
+                    &affinity_keys(secs),
+                ),
+                update.clone(),
+            ]));
+            rules.push(Rule::new(vec![
+                new.clone(),
+                Stmt::CtStatus(CtStatus::Dnat),
+                lookup(
+                    vec![L4PROTO, Expr::Ct(CtKey::OriginalProtoDst)],
+                    &affinity_nodeport_keys(secs),
+                ),
+                update,
             ]));
         }
-        services.push(Rule::new(vec![vmap(k3(), EXTERNAL_LOCAL_IPS)]));
-        services.push(Rule::new(vec![vmap(k3(), SERVICE_IPS)]));
-        services.push(with(
-            &nodeport_dest,
-            vec![fib_saddr_local.clone(), vmap(k2(), SERVICE_NODEPORTS)],
-        ));
-        for n in &cidrs {
-            services.push(with(
-                &nodeport_dest,
-                vec![
-                    Stmt::Match {
-                        left: pl(f.saddr),
-                        op: CmpOp::Eq,
-                        right: net_value(*n),
-                    },
-                    vmap(k2(), SERVICE_NODEPORTS),
-                ],
-            ));
-        }
-        services.push(with(
-            &nodeport_dest,
-            vec![vmap(k2(), NODEPORT_EXTERNAL_LOCAL)],
-        ));
-        services.push(with(&nodeport_dest, vec![vmap(k2(), SERVICE_NODEPORTS)]));
         chains.insert(
-            SERVICES.into(),
+            AFFINITY_RECORD.into(),
             Chain {
-                spec: regular("dispatch to service endpoints"),
-                rules: services,
+                spec: base(ChainType::Filter, Hook::Postrouting, 99),
+                rules,
             },
         );
-
-        for &(d, n) in &self.counts {
-            let mut key = Vec::new();
-            if d.has_daddr() {
-                key.push(pl(f.daddr));
-            }
-            key.extend([L4PROTO, DPORT, Expr::NumgenRandom { modulus: n as u32 }]);
-            chains.insert(
-                d.chain(n),
-                Chain {
-                    spec: regular(&format!("uniform choice among {n} endpoints")),
-                    rules: vec![Rule::new(vec![Stmt::DnatMap {
-                        family: f.nat,
-                        key,
-                        map: d.map().into(),
-                    }])],
-                },
-            );
-        }
-
-        chains.insert(
-            MASQUERADING.into(),
-            Chain {
-                spec: regular("masquerade marked and hairpin connections"),
-                rules: vec![
-                    Rule::new(vec![
-                        Stmt::MarkMatch {
-                            mask: mark,
-                            op: CmpOp::Ne,
-                            value: 0,
-                        },
-                        Stmt::SetMark(MarkOp::Xor(mark)),
-                        Stmt::Masquerade { fully_random: true },
-                    ]),
-                    Rule::new(vec![
-                        Stmt::CtStatus(CtStatus::Dnat),
-                        lookup(vec![pl(f.saddr), pl(f.daddr)], HAIRPIN),
-                        Stmt::Masquerade { fully_random: true },
-                    ]),
-                ],
-            },
-        );
-
-        // Affinity: remember the endpoint every new connection was sent to.
-        if !self.timeouts.is_empty() {
-            let mut rules = Vec::new();
-            for &secs in &self.timeouts {
-                let data = vec![pl(f.daddr), DPORT];
-                let key = vec![
-                    pl(f.saddr),
-                    Expr::Ct(f.ct_daddr),
-                    L4PROTO,
-                    Expr::Ct(CtKey::OriginalProtoDst),
-                ];
-                let update = Stmt::Dynset {
-                    op: DynsetOp::Update,
-                    set: affinity_map(secs),
-                    key,
-                    data,
-                };
-                rules.push(Rule::new(vec![
-                    new.clone(),
-                    Stmt::CtStatus(CtStatus::Dnat),
-                    lookup(
-                        vec![
-                            Expr::Ct(f.ct_daddr),
-                            L4PROTO,
-                            Expr::Ct(CtKey::OriginalProtoDst),
-                        ],
-                        &affinity_keys(secs),
-                    ),
-                    update.clone(),
-                ]));
-                rules.push(Rule::new(vec![
-                    new.clone(),
-                    Stmt::CtStatus(CtStatus::Dnat),
-                    lookup(
-                        vec![L4PROTO, Expr::Ct(CtKey::OriginalProtoDst)],
-                        &affinity_nodeport_keys(secs),
-                    ),
-                    update,
-                ]));
-            }
-            chains.insert(
-                AFFINITY_RECORD.into(),
-                Chain {
-                    spec: base(ChainType::Filter, Hook::Postrouting, 99),
-                    rules,
-                },
-            );
-        }
-
-        // filter: source ranges before DNAT, no-endpoint verdicts after.
-        chains.insert(
-            FIREWALL_CHECK.into(),
-            Chain {
-                spec: regular("loadBalancerSourceRanges"),
-                rules: vec![Rule::new(vec![
-                    lookup(k3(), FIREWALL_IPS),
-                    Stmt::Lookup {
-                        key: vec![pl(f.daddr), L4PROTO, DPORT, pl(f.saddr)],
-                        set: FIREWALL_ALLOW.into(),
-                        negate: true,
-                    },
-                    Stmt::Verdict(Verdict::Drop),
-                ])],
-            },
-        );
-        chains.insert(
-            SERVICE_ENDPOINTS_CHECK.into(),
-            Chain {
-                spec: regular("service addresses without usable endpoints"),
-                rules: vec![Rule::new(vec![vmap(k3(), NO_ENDPOINT_SERVICES)])],
-            },
-        );
-        chains.insert(
-            NODEPORT_ENDPOINTS_CHECK.into(),
-            Chain {
-                spec: regular("node ports without usable endpoints"),
-                rules: vec![with(
-                    &nodeport_dest,
-                    vec![vmap(k2(), NO_ENDPOINT_NODEPORTS)],
-                )],
-            },
-        );
-        chains.insert(
-            REJECT_CHAIN.into(),
-            Chain {
-                spec: regular("reject: the service has no endpoints"),
-                rules: vec![Rule::new(vec![Stmt::Reject])],
-            },
-        );
-
-        // Base chains, at kube-proxy's hooks and priorities.
-        let base_rules = [
-            (
-                "filter-prerouting-pre-dnat",
-                ChainType::Filter,
-                Hook::Prerouting,
-                -110,
-                vec![vec![new.clone(), jump(FIREWALL_CHECK)]],
-            ),
-            (
-                "filter-output-pre-dnat",
-                ChainType::Filter,
-                Hook::Output,
-                -110,
-                vec![vec![new.clone(), jump(FIREWALL_CHECK)]],
-            ),
-            (
-                "filter-input",
-                ChainType::Filter,
-                Hook::Input,
-                0,
-                vec![
-                    vec![new.clone(), jump(NODEPORT_ENDPOINTS_CHECK)],
-                    vec![new.clone(), jump(SERVICE_ENDPOINTS_CHECK)],
-                ],
-            ),
-            (
-                "filter-forward",
-                ChainType::Filter,
-                Hook::Forward,
-                0,
-                vec![vec![new.clone(), jump(SERVICE_ENDPOINTS_CHECK)]],
-            ),
-            (
-                "filter-output",
-                ChainType::Filter,
-                Hook::Output,
-                0,
-                vec![vec![new.clone(), jump(SERVICE_ENDPOINTS_CHECK)]],
-            ),
-            (
-                "nat-prerouting",
-                ChainType::Nat,
-                Hook::Prerouting,
-                -100,
-                vec![vec![jump(SERVICES)]],
-            ),
-            (
-                "nat-output",
-                ChainType::Nat,
-                Hook::Output,
-                -100,
-                vec![vec![jump(SERVICES)]],
-            ),
-            (
-                "nat-postrouting",
-                ChainType::Nat,
-                Hook::Postrouting,
-                100,
-                vec![vec![jump(MASQUERADING)]],
-            ),
-        ];
-        for (name, kind, hook, prio, rules) in base_rules {
-            chains.insert(
-                name.into(),
-                Chain {
-                    spec: base(kind, hook, prio),
-                    rules: rules.into_iter().map(Rule::new).collect(),
-                },
-            );
-        }
-        self.table.chains = chains;
-        self.table
     }
+
+    // filter: source ranges before DNAT, no-endpoint verdicts after.
+    chains.insert(
+        FIREWALL_CHECK.into(),
+        Chain {
+            spec: regular("loadBalancerSourceRanges"),
+            rules: vec![Rule::new(vec![
+                lookup(k3(), FIREWALL_IPS),
+                Stmt::Lookup {
+                    key: vec![pl(f.daddr), L4PROTO, DPORT, pl(f.saddr)],
+                    set: FIREWALL_ALLOW.into(),
+                    negate: true,
+                },
+                Stmt::Verdict(Verdict::Drop),
+            ])],
+        },
+    );
+    chains.insert(
+        SERVICE_ENDPOINTS_CHECK.into(),
+        Chain {
+            spec: regular("service addresses without usable endpoints"),
+            rules: vec![Rule::new(vec![vmap(k3(), NO_ENDPOINT_SERVICES)])],
+        },
+    );
+    chains.insert(
+        NODEPORT_ENDPOINTS_CHECK.into(),
+        Chain {
+            spec: regular("node ports without usable endpoints"),
+            rules: vec![with(
+                &nodeport_dest,
+                vec![vmap(k2(), NO_ENDPOINT_NODEPORTS)],
+            )],
+        },
+    );
+    chains.insert(
+        REJECT_CHAIN.into(),
+        Chain {
+            spec: regular("reject: the service has no endpoints"),
+            rules: vec![Rule::new(vec![Stmt::Reject])],
+        },
+    );
+
+    // Base chains, at kube-proxy's hooks and priorities.
+    let base_rules = [
+        (
+            "filter-prerouting-pre-dnat",
+            ChainType::Filter,
+            Hook::Prerouting,
+            -110,
+            vec![vec![new.clone(), jump(FIREWALL_CHECK)]],
+        ),
+        (
+            "filter-output-pre-dnat",
+            ChainType::Filter,
+            Hook::Output,
+            -110,
+            vec![vec![new.clone(), jump(FIREWALL_CHECK)]],
+        ),
+        (
+            "filter-input",
+            ChainType::Filter,
+            Hook::Input,
+            0,
+            vec![
+                vec![new.clone(), jump(NODEPORT_ENDPOINTS_CHECK)],
+                vec![new.clone(), jump(SERVICE_ENDPOINTS_CHECK)],
+            ],
+        ),
+        (
+            "filter-forward",
+            ChainType::Filter,
+            Hook::Forward,
+            0,
+            vec![vec![new.clone(), jump(SERVICE_ENDPOINTS_CHECK)]],
+        ),
+        (
+            "filter-output",
+            ChainType::Filter,
+            Hook::Output,
+            0,
+            vec![vec![new.clone(), jump(SERVICE_ENDPOINTS_CHECK)]],
+        ),
+        (
+            "nat-prerouting",
+            ChainType::Nat,
+            Hook::Prerouting,
+            -100,
+            vec![vec![jump(SERVICES)]],
+        ),
+        (
+            "nat-output",
+            ChainType::Nat,
+            Hook::Output,
+            -100,
+            vec![vec![jump(SERVICES)]],
+        ),
+        (
+            "nat-postrouting",
+            ChainType::Nat,
+            Hook::Postrouting,
+            100,
+            vec![vec![jump(MASQUERADING)]],
+        ),
+    ];
+    for (name, kind, hook, prio, rules) in base_rules {
+        chains.insert(
+            name.into(),
+            Chain {
+                spec: base(kind, hook, prio),
+                rules: rules.into_iter().map(Rule::new).collect(),
+            },
+        );
+    }
+    table.chains = chains;
+    table
 }
 
 enum AffinityKey {

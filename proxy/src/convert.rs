@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::num::NonZeroU16;
 
 use k8s_openapi::api::core::v1::{Node as K8sNode, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -239,11 +240,10 @@ pub struct SlicePort {
     /// Protocol.
     pub protocol: Protocol,
     /// Port number on the endpoints.
-    pub port: u16,
+    pub port: NonZeroU16,
 }
 
-/// A converted EndpointSlice: which Service it belongs to, its family, ports and endpoints
-/// (each endpoint built with port 1 as a placeholder; the real port comes from `ports`).
+/// A converted EndpointSlice: which Service it belongs to, its family, ports and endpoints.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Slice {
     /// The Service, from the `kubernetes.io/service-name` label.
@@ -252,50 +252,15 @@ pub struct Slice {
     pub family: IpFamily,
     /// `ports`.
     pub ports: Vec<SlicePort>,
-    /// The endpoints, one per port in `ports` order is built on demand by [`Slice::endpoints_for`].
-    pub endpoints: Vec<SliceEndpoint>,
-}
-
-/// One endpoint of a slice, port-independent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SliceEndpoint {
-    /// `addresses[0]`.
-    pub address: String,
-    /// Conditions.
-    pub conditions: Conditions,
-    /// `nodeName`.
-    pub node_name: Option<String>,
-    /// `zone`.
-    pub zone: Option<String>,
-    /// `hints.forZones`.
-    pub hints_for_zones: Vec<String>,
-    /// `hints.forNodes`.
-    pub hints_for_nodes: Vec<String>,
+    /// The validated endpoints. Their port is a placeholder: an EndpointSlice lists ports
+    /// separately, and [`Slice::endpoints_for`] gives the endpoints of one port.
+    pub endpoints: Vec<Endpoint>,
 }
 
 impl Slice {
-    /// The endpoints serving port `port` of this slice, as model values. Endpoints that fail
-    /// validation are skipped; conversion already validated them, so none is expected to.
-    pub fn endpoints_for(&self, port: u16) -> impl Iterator<Item = Endpoint> + '_ {
-        self.endpoints
-            .iter()
-            .filter_map(move |e| e.build(port).ok())
-    }
-}
-
-impl SliceEndpoint {
-    fn build(&self, port: u16) -> Result<Endpoint, ModelError> {
-        let mut b = Endpoint::builder(&self.address, i64::from(port))
-            .conditions(self.conditions)
-            .hints_for_zones(&self.hints_for_zones)
-            .hints_for_nodes(&self.hints_for_nodes);
-        if let Some(n) = &self.node_name {
-            b = b.node_name(n);
-        }
-        if let Some(z) = &self.zone {
-            b = b.zone(z);
-        }
-        b.build()
+    /// The endpoints serving port `port` of this slice.
+    pub fn endpoints_for(&self, port: NonZeroU16) -> impl Iterator<Item = Endpoint> + '_ {
+        self.endpoints.iter().map(move |e| e.with_port(port))
     }
 }
 
@@ -352,7 +317,7 @@ pub fn endpoint_slice(
             .map_err(|r: String| err(format!("ports[{i}].protocol"), r))?;
         let port = u16::try_from(port)
             .ok()
-            .filter(|p| *p != 0)
+            .and_then(NonZeroU16::new)
             .ok_or_else(|| {
                 err(
                     format!("ports[{i}].port"),
@@ -384,31 +349,36 @@ pub fn endpoint_slice(
         };
         let c = e.conditions.as_ref();
         let hints = e.hints.as_ref();
-        let ep = SliceEndpoint {
-            address: address.clone(),
-            conditions: Conditions::from_api(
+        let mut b = Endpoint::builder(address, 1)
+            .conditions(Conditions::from_api(
                 c.and_then(|c| c.ready),
                 c.and_then(|c| c.serving),
                 c.and_then(|c| c.terminating),
-            ),
-            node_name: e.node_name.clone(),
-            zone: e.zone.clone(),
-            hints_for_zones: hints
-                .and_then(|h| h.for_zones.as_ref())
-                .map(|z| z.iter().map(|z| z.name.clone()).collect())
-                .unwrap_or_default(),
-            hints_for_nodes: hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .map(|n| n.iter().map(|n| n.name.clone()).collect())
-                .unwrap_or_default(),
-        };
-        // Validate once here, with any port: address, conditions and hints are port-free.
-        match ep.build(1) {
+            ))
+            .hints_for_zones(
+                hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            )
+            .hints_for_nodes(
+                hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .map(|n| n.iter().map(|n| n.name.clone()).collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            );
+        if let Some(n) = &e.node_name {
+            b = b.node_name(n);
+        }
+        if let Some(z) = &e.zone {
+            b = b.zone(z);
+        }
+        match b.build() {
             Ok(built) if IpFamily::of(&built.ip()) != family => errors.push(err(
                 format!("endpoints[{i}].addresses[0]"),
                 format!("{address} is not an {family} address (addressType {family})"),
             )),
-            Ok(_) => endpoints.push(ep),
+            Ok(built) => endpoints.push(built),
             Err(e) => errors.push(err(format!("endpoints[{i}].{}", e.field), e.reason)),
         }
     }

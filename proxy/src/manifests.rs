@@ -179,6 +179,19 @@ impl Objects {
         filter: &Filter,
     ) -> (Store, Vec<ConvertError>, Vec<String>) {
         let mut store = Store::new();
+        let (errors, skipped) = self.replace_in(&mut store, node_name, filter);
+        (store, errors, skipped)
+    }
+
+    /// Replaces everything in `store` with these objects (as a re-list would), so the store
+    /// records exactly which Services changed. Returns the invalid objects and the skipped
+    /// ones (with the reason).
+    pub fn replace_in(
+        self,
+        store: &mut Store,
+        node_name: Option<&str>,
+        filter: &Filter,
+    ) -> (Vec<ConvertError>, Vec<String>) {
         let mut errors = Vec::new();
         let mut skipped = Vec::new();
         let mut services = Vec::new();
@@ -244,6 +257,6 @@ impl Objects {
             }
             (None, None) => {}
         }
-        (store, errors, skipped)
+        (errors, skipped)
     }
 }

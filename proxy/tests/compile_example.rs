@@ -21,7 +21,7 @@ fn example() -> Ruleset {
     );
     let snap = store.snapshot().expect("node known");
     let config = Config {
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("literal CIDR")],
         ..Config::default()
     };
     let mut rs = Ruleset::default();
@@ -41,11 +41,11 @@ fn the_example_compiles_into_a_ruleset_the_fake_kernel_accepts() {
     assert_eq!(fake.ruleset, rs);
     let text = tx.to_nft();
     assert!(
-        text.contains("10.96.0.10 . tcp . 80 : goto pick-3"),
+        text.contains(r#"10.96.0.10 . tcp . 80 comment "demo/web:http" : goto pick-3"#),
         "{text}"
     );
     assert!(
-        text.contains("192.0.2.20 . tcp . 80 : goto pick-local-1"),
+        text.contains(r#"192.0.2.20 . tcp . 80 comment "demo/shop:http" : goto pick-local-1"#),
         "{text}"
     );
 }

@@ -1,0 +1,12 @@
+//! `lb-proxy` library: the node daemon's building blocks.
+//!
+//! - [`nft`]: a small "knftables in Rust": typed nftables IR, `nft -f` rendering, diff,
+//!   transactions, and backends (in-memory fake, netlink).
+
+pub mod cli;
+pub mod compile;
+pub mod convert;
+pub mod manifests;
+pub mod nft;
+pub mod store;
+pub mod sync;

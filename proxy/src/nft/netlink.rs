@@ -1,0 +1,405 @@
+//! The netlink backend: every transaction is ONE nfnetlink batch (begin … end) sent with one
+//! `sendmsg`, so the kernel applies it atomically or not at all.
+//!
+//! - Elements are packed many per `NEWSETELEM` message (never zero), each message kept well
+//!   under the 64 KiB netlink attribute limit.
+//! - The socket buffers are sized for the batch (`SO_SNDBUFFORCE`, falling back to
+//!   `SO_SNDBUF`; `SO_RCVBUFFORCE` for the replies).
+//! - Only the last message asks for an ACK; the kernel reports every failing message with an
+//!   error carrying its sequence number, which maps back to the command. Any error means the
+//!   kernel rolled the whole batch back.
+//!
+//! Expressions supported: payload (ip/ip6 saddr/daddr, th/tcp/udp sport/dport), meta
+//! (l4proto, mark, iifname, oifname; mark set), ct (state, status, original ip/ip6
+//! saddr/daddr, original proto-dst), fib (saddr/daddr type), cmp, bitwise (prefixes, mark
+//! bits), lookup (sets, verdict maps, data maps), numgen random, nat dnat, masq, reject,
+//! counter, immediate verdicts, dynset.
+
+pub mod encode;
+mod sys;
+
+use std::io;
+use std::path::Path;
+
+use self::encode::{ElemDesc, nfproto};
+use super::ir::Family;
+use super::transaction::{Command, Transaction};
+use super::{ApplyError, Backend, short};
+
+/// Estimated bytes of elements per message (the attribute nest limit is 64 KiB).
+pub const ELEMS_PER_MSG_BYTES: usize = 32 * 1024;
+
+const NFNL_SUBSYS_NFTABLES: u16 = libc::NFNL_SUBSYS_NFTABLES as u16;
+
+/// Moves the calling thread into a network namespace given by path (e.g.
+/// `/run/netns/NAME`). Open the [`Netlink`] backend afterwards, from the same thread.
+pub fn enter_netns(path: &Path) -> io::Result<()> {
+    let f = std::fs::File::open(path)?;
+    sys::enter_netns(&f)
+}
+
+/// The netlink backend.
+#[derive(Debug)]
+pub struct Netlink {
+    sock: sys::Socket,
+    seq: u32,
+}
+
+impl Netlink {
+    /// Opens a netfilter netlink socket in the calling thread's network namespace.
+    pub fn new() -> Result<Self, ApplyError> {
+        let sock = sys::Socket::open().map_err(|e| ApplyError::Netlink {
+            step: "socket",
+            source: e,
+        })?;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs() as u32);
+        Ok(Self { sock, seq: seed })
+    }
+}
+
+fn put_attr(out: &mut Vec<u8>, ty: u16, payload: &[u8]) {
+    out.extend(((4 + payload.len()) as u16).to_ne_bytes());
+    out.extend(ty.to_ne_bytes());
+    out.extend(payload);
+    out.resize(out.len().div_ceil(4) * 4, 0);
+}
+
+fn str_attr(out: &mut Vec<u8>, ty: u16, s: &str) {
+    let mut b = s.as_bytes().to_vec();
+    b.push(0);
+    put_attr(out, ty, &b);
+}
+
+/// A message built without libnftnl: header, nfgenmsg, attributes.
+fn raw_msg(
+    out: &mut Vec<u8>,
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    family: u8,
+    res_id: u16,
+    attrs: &[u8],
+) {
+    let len = 16 + 4 + attrs.len();
+    out.extend((len as u32).to_ne_bytes());
+    out.extend(ty.to_ne_bytes());
+    out.extend(flags.to_ne_bytes());
+    out.extend(seq.to_ne_bytes());
+    out.extend(0u32.to_ne_bytes());
+    out.extend([family, 0]); // nfgen_family, version NFNETLINK_V0
+    out.extend(res_id.to_be_bytes());
+    out.extend(attrs);
+}
+
+fn nft_msg(out: &mut Vec<u8>, msg: i32, flags: u16, seq: u32, family: u16, names: &[(u16, &str)]) {
+    let mut attrs = Vec::new();
+    for (ty, s) in names {
+        str_attr(&mut attrs, *ty, s);
+    }
+    let ty = (NFNL_SUBSYS_NFTABLES << 8) | msg as u16;
+    raw_msg(
+        out,
+        ty,
+        flags | libc::NLM_F_REQUEST as u16,
+        seq,
+        family as u8,
+        0,
+        &attrs,
+    );
+}
+
+/// The batch being built: bytes, and which command each sequence number belongs to.
+struct Batch {
+    buf: Vec<u8>,
+    seq: u32,
+    owners: Vec<(u32, usize)>,
+    last_msg: Option<usize>,
+    set_ids: u32,
+}
+
+impl Batch {
+    fn next(&mut self, cmd: usize) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.owners.push((self.seq, cmd));
+        self.last_msg = Some(self.buf.len());
+        self.seq
+    }
+}
+
+const REQ: u16 = libc::NLM_F_REQUEST as u16;
+const CREATE: u16 = libc::NLM_F_CREATE as u16;
+
+fn encode_command(b: &mut Batch, i: usize, c: &Command) -> Result<(), String> {
+    let fam = nfproto(c.table().family);
+    let tname = c.table().name.as_str();
+    match c {
+        Command::AddTable { comment, .. } => {
+            let seq = b.next(i);
+            let ud = encode::comment_udata(comment);
+            sys::table_msg(&mut b.buf, seq, REQ | CREATE, fam, tname, ud.as_deref())?;
+        }
+        Command::DeleteTable { .. } => {
+            let seq = b.next(i);
+            nft_msg(
+                &mut b.buf,
+                libc::NFT_MSG_DELTABLE,
+                0,
+                seq,
+                fam,
+                &[(1, tname)],
+            );
+        }
+        Command::AddChain { chain, spec, .. } => {
+            let seq = b.next(i);
+            let base = spec.base.map(|x| {
+                (
+                    encode::hooknum(x.hook),
+                    x.priority,
+                    x.kind.as_str(),
+                    encode::policy(x.policy),
+                )
+            });
+            let ud = encode::comment_udata(&spec.comment);
+            sys::chain_msg(
+                &mut b.buf,
+                seq,
+                REQ | CREATE,
+                fam,
+                tname,
+                chain,
+                base,
+                ud.as_deref(),
+            )?;
+        }
+        Command::FlushChain { chain, .. } => {
+            let seq = b.next(i);
+            let names = [(1, tname), (2, chain.as_str())];
+            nft_msg(&mut b.buf, libc::NFT_MSG_DELRULE, 0, seq, fam, &names);
+        }
+        Command::DeleteChain { chain, .. } => {
+            let seq = b.next(i);
+            let names = [(1, tname), (3, chain.as_str())];
+            nft_msg(&mut b.buf, libc::NFT_MSG_DELCHAIN, 0, seq, fam, &names);
+        }
+        Command::AddSet { set, spec, .. } => {
+            let seq = b.next(i);
+            b.set_ids += 1;
+            let d = encode::set_desc(spec);
+            sys::set_msg(
+                &mut b.buf,
+                seq,
+                REQ | CREATE,
+                fam,
+                tname,
+                set,
+                b.set_ids,
+                &d,
+            )?;
+        }
+        Command::FlushSet { set, .. } => {
+            let seq = b.next(i);
+            let names = [(1, tname), (2, set.as_str())];
+            nft_msg(&mut b.buf, libc::NFT_MSG_DELSETELEM, 0, seq, fam, &names);
+        }
+        Command::DeleteSet { set, .. } => {
+            let seq = b.next(i);
+            let names = [(1, tname), (2, set.as_str())];
+            nft_msg(&mut b.buf, libc::NFT_MSG_DELSET, 0, seq, fam, &names);
+        }
+        Command::AddElements { set, elements, .. } => {
+            if elements.is_empty() {
+                return Err("empty element list".into());
+            }
+            let groups = elements.iter().map(|(k, e)| encode::elem_descs(k, e));
+            let flags = REQ | CREATE | libc::NLM_F_EXCL as u16;
+            pack_elems(
+                b,
+                i,
+                libc::NFT_MSG_NEWSETELEM as u16,
+                flags,
+                fam,
+                tname,
+                set,
+                groups,
+            )?;
+        }
+        Command::DeleteElements { set, keys, .. } => {
+            if keys.is_empty() {
+                return Err("empty element list".into());
+            }
+            let groups = keys.iter().map(|k| encode::elem_key_descs(k));
+            pack_elems(
+                b,
+                i,
+                libc::NFT_MSG_DELSETELEM as u16,
+                REQ,
+                fam,
+                tname,
+                set,
+                groups,
+            )?;
+        }
+        Command::AddRule { chain, rule, .. } => {
+            let seq = b.next(i);
+            let insns = encode::rule_insns(c.table().family, rule);
+            let ud = encode::comment_udata(&rule.comment);
+            let flags = REQ | CREATE | libc::NLM_F_APPEND as u16;
+            sys::rule_msg(
+                &mut b.buf,
+                seq,
+                flags,
+                fam,
+                tname,
+                chain,
+                &insns,
+                ud.as_deref(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pack_elems(
+    b: &mut Batch,
+    i: usize,
+    msg: u16,
+    flags: u16,
+    fam: u16,
+    table: &str,
+    set: &str,
+    groups: impl Iterator<Item = Vec<ElemDesc>>,
+) -> Result<(), String> {
+    let mut chunk: Vec<ElemDesc> = Vec::new();
+    let mut size = 0;
+    for g in groups {
+        let gsize: usize = g.iter().map(ElemDesc::size_bound).sum();
+        if !chunk.is_empty() && size + gsize > ELEMS_PER_MSG_BYTES {
+            let seq = b.next(i);
+            sys::elems_msg(&mut b.buf, msg, seq, flags, fam, table, set, &chunk)?;
+            chunk.clear();
+            size = 0;
+        }
+        size += gsize;
+        chunk.extend(g);
+    }
+    if !chunk.is_empty() {
+        let seq = b.next(i);
+        sys::elems_msg(&mut b.buf, msg, seq, flags, fam, table, set, &chunk)?;
+    }
+    Ok(())
+}
+
+fn batch_marker(out: &mut Vec<u8>, ty: i32, seq: u32) {
+    raw_msg(
+        out,
+        ty as u16,
+        REQ,
+        seq,
+        libc::AF_UNSPEC as u8,
+        NFNL_SUBSYS_NFTABLES,
+        &[],
+    );
+}
+
+/// Replies parsed from the socket: `(seq, errno)`, errno 0 for an ACK.
+fn parse_replies(buf: &[u8], out: &mut Vec<(u32, i32)>) {
+    let mut off = 0;
+    while off + 16 <= buf.len() {
+        let u32_at = |o: usize| u32::from_ne_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
+        let len = u32_at(off) as usize;
+        let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+        let seq = u32_at(off + 8);
+        if len < 16 || off + len > buf.len() {
+            break;
+        }
+        if ty == libc::NLMSG_ERROR as u16 && len >= 20 {
+            out.push((seq, -(u32_at(off + 16) as i32)));
+        }
+        off += len.div_ceil(4) * 4;
+    }
+}
+
+impl Backend for Netlink {
+    fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError> {
+        if tx.is_empty() {
+            return Ok(());
+        }
+        let begin = self.seq.wrapping_add(1);
+        let mut b = Batch {
+            buf: Vec::new(),
+            seq: begin,
+            owners: vec![],
+            last_msg: None,
+            set_ids: 0,
+        };
+        batch_marker(&mut b.buf, libc::NFNL_MSG_BATCH_BEGIN, begin);
+        for (i, c) in tx.commands.iter().enumerate() {
+            encode_command(&mut b, i, c).map_err(|r| ApplyError::invalid(i, c, r))?;
+        }
+        // Ask for an ACK on the last message only: errors are reported regardless.
+        let last = b
+            .last_msg
+            .expect("a non-empty transaction encodes at least one message");
+        let fl = u16::from_ne_bytes([b.buf[last + 6], b.buf[last + 7]]) | libc::NLM_F_ACK as u16;
+        b.buf[last + 6..last + 8].copy_from_slice(&fl.to_ne_bytes());
+        let last_seq = b.seq;
+        let end = b.seq.wrapping_add(1);
+        batch_marker(&mut b.buf, libc::NFNL_MSG_BATCH_END, end);
+        self.seq = end;
+
+        let nl = |step| move |e| ApplyError::Netlink { step, source: e };
+        self.sock
+            .set_sndbuf(b.buf.len() + 64 * 1024)
+            .map_err(nl("setsockopt(SO_SNDBUF)"))?;
+        // Worst case every message fails: room for one small error skb per message.
+        let rcv = (b.owners.len() * 1024).clamp(1 << 20, 256 << 20);
+        self.sock
+            .set_rcvbuf(rcv)
+            .map_err(nl("setsockopt(SO_RCVBUF)"))?;
+        self.sock.send(&b.buf).map_err(nl("sendmsg"))?;
+
+        let mut replies = Vec::new();
+        let mut rbuf = vec![0u8; 256 * 1024];
+        loop {
+            let n = self.sock.recv_nonblocking(&mut rbuf).map_err(nl("recv"))?;
+            if n == 0 {
+                break;
+            }
+            parse_replies(&rbuf[..n], &mut replies);
+        }
+        let cmd_of = |seq: u32| b.owners.iter().find(|(s, _)| *s == seq).map(|(_, i)| *i);
+        let mut first_err: Option<(u32, i32)> = None;
+        for &(seq, errno) in &replies {
+            let in_batch = seq.wrapping_sub(begin) <= end.wrapping_sub(begin);
+            if errno != 0 && in_batch && first_err.is_none_or(|(s, _)| seq < s) {
+                first_err = Some((seq, errno));
+            }
+        }
+        if let Some((seq, errno)) = first_err {
+            let source = io::Error::from_raw_os_error(errno);
+            return Err(match cmd_of(seq) {
+                Some(i) => ApplyError::Kernel {
+                    index: i,
+                    command: short(&tx.commands[i]),
+                    source,
+                },
+                None => ApplyError::Batch(source),
+            });
+        }
+        if !replies.iter().any(|&(s, e)| s == last_seq && e == 0) {
+            return Err(ApplyError::Netlink {
+                step: "ack",
+                source: io::Error::other("no acknowledgement for the batch's last message"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The family's netfilter number (re-exported for tests of raw encodings).
+pub fn family_number(f: Family) -> u16 {
+    nfproto(f)
+}
