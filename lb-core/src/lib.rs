@@ -1,6 +1,49 @@
 //! # lb-core: Kubernetes Service endpoint selection, exactly as kube-proxy does it
 //!
-//! (Crate tour is written below the module list once the API settles.)
+//! A small, pure library: data and decisions only. No I/O, no clock, no random number
+//! generator: time (`now`) and randomness (a `u64`) are arguments, so every decision is a
+//! deterministic function you can test. `lb-proxy` compiles these decisions into nftables;
+//! user-space load balancers call them per connection.
+//!
+//! ## The pipeline
+//!
+//! ```text
+//! plain values ──► model (validated) ──► categorize(port, endpoints, node) ──► sets + reasons
+//!                                                          │
+//!                         pick::uniform / affinity::AffinityTable / maglev::Maglev ◄┘
+//! ```
+//!
+//! ## Where to start
+//!
+//! * [`model`]: [`ServicePort`], [`Endpoint`], [`Node`], built with validating builders; an
+//!   invalid value is an error naming the field.
+//! * [`categorize()`](categorize::categorize): which endpoints serve cluster-wide and node-local traffic on a node
+//!   (readiness, terminating fallback, traffic policies, topology hints), and a readable
+//!   reason for every endpoint left out — kube-proxy's `CategorizeEndpoints`, restated.
+//! * [`pick`]: uniform choice from a caller-supplied random value.
+//! * [`affinity`]: ClientIP session affinity on a concurrent table, with kube-proxy's timeout
+//!   semantics, never returning an expired or ineligible endpoint.
+//! * [`maglev`]: Maglev consistent hashing for minimal disruption when endpoints change.
+//!
+//! ## Example
+//!
+//! ```
+//! use lb_core::{categorize, Endpoint, Node, Protocol, ServicePort, pick};
+//!
+//! let svc = ServicePort::builder("default", "web", "http", Protocol::Tcp, 80)
+//!     .cluster_ips(["10.96.0.10"])
+//!     .build()?;
+//! let endpoints = [
+//!     Endpoint::builder("10.0.0.1", 8080).build()?,
+//!     Endpoint::builder("10.0.0.2", 8080).ready(false).build()?,
+//! ];
+//! let node = Node::new("node-a", None)?;
+//! let c = categorize(&svc, &endpoints, &node);
+//! let usable: Vec<_> = c.cluster().collect();
+//! let chosen = pick::uniform(&usable, 0x1234_5678_9abc_def0).expect("one is ready");
+//! assert_eq!(chosen.addr().to_string(), "10.0.0.1:8080");
+//! # Ok::<(), lb_core::ModelError>(())
+//! ```
 #![deny(missing_docs)]
 
 pub mod affinity;
