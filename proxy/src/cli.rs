@@ -1,6 +1,7 @@
 //! The command line: raw arguments parsed by `clap`, validated into a [`Config`], then run.
 
 use std::io::Write as _;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -44,12 +45,73 @@ pub enum Command {
         #[arg(long, default_value = "500ms", value_parser = parse_duration)]
         poll: Duration,
     },
+    /// Run as the node's service proxy: watch the cluster's Services, EndpointSlices and this
+    /// node, and keep the dataplane in this network namespace in sync, until SIGTERM.
+    Daemon(DaemonArgs),
+    /// Explain what happens to a connection: which Service port it hits, which endpoints may
+    /// serve it on this node and why the others may not, masquerading, affinity.
+    Explain {
+        /// The manifests and node settings.
+        #[command(flatten)]
+        manifests: ManifestArgs,
+        /// Destination: ADDR:PORT[/PROTO] (IPv6: [ADDR]:PORT), PROTO tcp (default), udp, sctp.
+        #[arg(long)]
+        to: String,
+        /// Source address of the client.
+        #[arg(long)]
+        from: IpAddr,
+        /// The client is the node itself (host network).
+        #[arg(long)]
+        from_node: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove everything lb-proxy installed in the current network namespace.
     Cleanup {
         /// Name of the nftables tables.
         #[arg(long, default_value = compile::TABLE)]
         table: String,
     },
+}
+
+/// Settings of the daemon.
+#[derive(Debug, Args, Clone)]
+pub struct DaemonArgs {
+    /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, or the in-cluster service account).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name, as the Node object is named.
+    #[arg(long = "node", alias = "hostname-override", env = "NODE_NAME")]
+    pub node: String,
+    /// Pod CIDRs, comma-separated (kube-proxy's `--cluster-cidr`).
+    #[arg(long, value_delimiter = ',')]
+    pub cluster_cidr: Vec<IpNet>,
+    /// CIDRs of the addresses that accept NodePort traffic (default: every local address but
+    /// loopback).
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<IpNet>,
+    /// Masquerade all traffic to cluster IPs.
+    #[arg(long)]
+    pub masquerade_all: bool,
+    /// Mark bit that requests masquerading.
+    #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..=31))]
+    pub masquerade_bit: u8,
+    /// Name of the nftables tables.
+    #[arg(long, default_value = compile::TABLE)]
+    pub table: String,
+    /// Handle only objects labelled `service.kubernetes.io/service-proxy-name=<this>`.
+    #[arg(long)]
+    pub service_proxy_name: Option<String>,
+    /// Minimum interval between syncs (0 syncs every change at once).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub min_sync_period: Duration,
+    /// Retry interval after a failed sync.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub sync_period: Duration,
+    /// Interval between full resyncs (which also repair rules changed by others).
+    #[arg(long, default_value = "60m", value_parser = parse_duration)]
+    pub full_sync_period: Duration,
 }
 
 /// Where the objects come from and how this node is set up.
@@ -176,7 +238,105 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             poll,
         } => run_manifests(&manifests, once, poll),
         Command::Cleanup { table } => cleanup(&table),
+        Command::Explain {
+            manifests,
+            to,
+            from,
+            from_node,
+            json,
+        } => {
+            let (to, port, protocol) =
+                crate::explain::parse_destination(&to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+            let mut store = Store::new();
+            manifests.reload(&mut store)?;
+            let snap = store.snapshot().context("node unknown")?;
+            let q = crate::explain::Query {
+                to,
+                port,
+                protocol,
+                from,
+                from_node,
+                to_node: true,
+            };
+            let e = crate::explain::explain(&snap, &manifests.config(), &q);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&e).context("encoding JSON")?
+                );
+            } else {
+                print!("{e}");
+            }
+            Ok(())
+        }
+        Command::Daemon(args) => daemon(args),
     }
+}
+
+fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    init_logging();
+    if args.min_sync_period > args.sync_period {
+        bail!("--min-sync-period must not exceed --sync-period");
+    }
+    let config = crate::daemon::DaemonConfig {
+        kubeconfig: args.kubeconfig.clone(),
+        node: args.node.clone(),
+        compile: Config {
+            cluster_cidrs: args.cluster_cidr.clone(),
+            masquerade_all: args.masquerade_all,
+            masquerade_bit: args.masquerade_bit,
+            nodeport_cidrs: (!args.nodeport_addresses.is_empty())
+                .then(|| args.nodeport_addresses.clone()),
+            table: args.table.clone(),
+        },
+        service_proxy_name: args.service_proxy_name.clone(),
+        min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
+        full_sync_period: args.full_sync_period,
+    };
+    let backend = netlink()?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(&mut registry));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(crate::daemon::run(
+        config,
+        backend,
+        metrics,
+        shutdown_signal(),
+    ))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Structured logs on stderr; `RUST_LOG` overrides the default level (`info`: start-up, full
+/// syncs, warnings).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn,hyper=warn")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn netlink() -> anyhow::Result<crate::nft::netlink::Netlink> {

@@ -6,7 +6,10 @@
 pub mod cli;
 pub mod compile;
 pub mod convert;
+pub mod daemon;
+pub mod explain;
 pub mod manifests;
+pub mod metrics;
 pub mod nft;
 pub mod store;
 pub mod sync;

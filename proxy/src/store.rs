@@ -137,6 +137,11 @@ impl Store {
         )
     }
 
+    /// Whether anything changed since the last [`Store::take_changes`].
+    pub fn has_changes(&self) -> bool {
+        !self.changed.is_empty() || self.node_changed
+    }
+
     /// Number of Services.
     pub fn service_count(&self) -> usize {
         self.services.len()

@@ -1,0 +1,492 @@
+//! The node daemon: watches Services, EndpointSlices and this node's Node, keeps the store,
+//! and syncs the dataplane.
+//!
+//! * **Watches** (`kube-runtime` watchers, with backoff) apply kube-proxy's label selector
+//!   (`!service.kubernetes.io/headless`, and `service.kubernetes.io/service-proxy-name`
+//!   absent or equal to ours) on the server, and the same filters again on conversion. Each
+//!   event is converted at the edge; an invalid object is logged with its name and field,
+//!   counted, and skipped (the last good version of it stays).
+//! * **The store** is updated by one task; a re-list (`Init` … `InitDone`) replaces everything
+//!   of its kind, so nothing stale survives a watch restart.
+//! * **The sync loop** waits until every watch has listed once (no half-programmed start),
+//!   then coalesces changes with `min_sync_period` between syncs, applies only what changed,
+//!   runs a full resync every `full_sync_period` (which also repairs rules someone else
+//!   changed), and retries with backoff when the kernel rejects a transaction. While the API
+//!   server is unreachable nothing changes in the store, so the dataplane stays exactly as it
+//!   is.
+//! * **Network programming latency** — from the moment a change arrives to the moment the
+//!   kernel acknowledged its rules — is observed in a histogram and logged at debug level.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Node as K8sNode, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use tokio::sync::mpsc;
+
+use crate::compile::Config as CompileConfig;
+use crate::convert::{
+    self, Converted, Filter, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ServiceKey,
+};
+use crate::metrics::Metrics;
+use crate::nft::Backend;
+use crate::store::{SliceKey, Store};
+use crate::sync::Dataplane;
+
+/// How the daemon runs.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Kubeconfig file; `None` infers (`KUBECONFIG`, `~/.kube/config`, in-cluster).
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name.
+    pub node: String,
+    /// What to compile.
+    pub compile: CompileConfig,
+    /// Only objects labelled with this `service.kubernetes.io/service-proxy-name`.
+    pub service_proxy_name: Option<String>,
+    /// Minimum time between syncs (kube-proxy's `minSyncPeriod`, default 1 s; 0 syncs at once).
+    pub min_sync_period: Duration,
+    /// Retry interval after a failed sync, and the health timeout is twice this
+    /// (kube-proxy's `syncPeriod`, default 30 s).
+    pub sync_period: Duration,
+    /// Interval of full resyncs (table replaced, drift repaired).
+    pub full_sync_period: Duration,
+}
+
+/// Which kinds have listed at least once.
+#[derive(Debug, Default, Clone, Copy)]
+struct Listed {
+    services: bool,
+    slices: bool,
+    node: bool,
+}
+
+impl Listed {
+    fn all(&self) -> bool {
+        self.services && self.slices && self.node
+    }
+}
+
+/// A converted watch event for the store.
+#[derive(Debug)]
+enum Update {
+    Services(Vec<(ServiceKey, Vec<lb_core::ServicePort>)>),
+    Service(ServiceKey, Option<Vec<lb_core::ServicePort>>),
+    Slices(Vec<(SliceKey, convert::Slice)>),
+    Slice(SliceKey, Option<convert::Slice>),
+    Node(lb_core::Node),
+    NodeListed,
+}
+
+/// Kube-proxy's label selector for Services and EndpointSlices.
+pub fn label_selector(service_proxy_name: Option<&str>) -> String {
+    match service_proxy_name {
+        Some(name) => format!("{LABEL_SERVICE_PROXY_NAME}={name},!{LABEL_HEADLESS}"),
+        None => format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}"),
+    }
+}
+
+/// Builds the Kubernetes client: the given kubeconfig, or kube's standard inference.
+pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no Kubernetes configuration: pass --kubeconfig, set KUBECONFIG, or run in a pod with a service account",
+        )?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Runs the daemon until `shutdown` resolves. The dataplane is left in place on return, so
+/// traffic keeps flowing across a restart or an upgrade.
+pub async fn run<B: Backend + Send + 'static>(
+    config: DaemonConfig,
+    backend: B,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let client = client(config.kubeconfig.as_ref()).await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let filter = Filter {
+        service_proxy_name: config.service_proxy_name.clone(),
+    };
+    let selector = label_selector(config.service_proxy_name.as_deref());
+    let tasks = vec![
+        tokio::spawn(watch_services(
+            Api::all(client.clone()),
+            selector.clone(),
+            filter.clone(),
+            tx.clone(),
+            metrics.clone(),
+        )),
+        tokio::spawn(watch_slices(
+            Api::all(client.clone()),
+            selector,
+            filter,
+            tx.clone(),
+            metrics.clone(),
+        )),
+        tokio::spawn(watch_node(
+            Api::all(client),
+            config.node.clone(),
+            tx,
+            metrics.clone(),
+        )),
+    ];
+    let result = tokio::select! {
+        r = sync_loop(config, backend, rx, metrics) => r,
+        () = shutdown => {
+            tracing::info!("shutting down; the dataplane stays in place");
+            Ok(())
+        }
+    };
+    for t in tasks {
+        t.abort();
+    }
+    result
+}
+
+fn invalid(metrics: &Metrics, kind: &'static str, e: &convert::ConvertError) {
+    tracing::warn!(error = %e, "invalid object skipped");
+    metrics
+        .invalid_objects
+        .get_or_create(&crate::metrics::KindLabel { kind })
+        .inc();
+}
+
+async fn watch_services(
+    api: Api<Service>,
+    selector: String,
+    filter: Filter,
+    tx: mpsc::UnboundedSender<(Instant, Update)>,
+    metrics: Arc<Metrics>,
+) {
+    let cfg = watcher::Config::default().labels(&selector);
+    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    let mut buffer = Vec::new();
+    let convert = |s: &Service| -> Option<(ServiceKey, Option<Vec<lb_core::ServicePort>>)> {
+        let key = ServiceKey {
+            namespace: s
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            name: s.metadata.name.clone().unwrap_or_default(),
+        };
+        match convert::service(s, &filter) {
+            Ok(Converted::Accepted(ports)) => Some((key, Some(ports))),
+            Ok(Converted::Skipped(why)) => {
+                tracing::debug!(service = %key, why, "service skipped");
+                Some((key, None))
+            }
+            Err(e) => {
+                invalid(&metrics, "Service", &e);
+                None
+            }
+        }
+    };
+    while let Some(event) = stream.next().await {
+        let now = Instant::now();
+        let update = match event {
+            Ok(Event::Init) => {
+                buffer.clear();
+                continue;
+            }
+            Ok(Event::InitApply(s)) => {
+                if let Some((k, Some(p))) = convert(&s) {
+                    buffer.push((k, p));
+                }
+                continue;
+            }
+            Ok(Event::InitDone) => Update::Services(std::mem::take(&mut buffer)),
+            Ok(Event::Apply(s)) => match convert(&s) {
+                Some((k, p)) => Update::Service(k, p),
+                None => continue,
+            },
+            Ok(Event::Delete(s)) => Update::Service(
+                ServiceKey {
+                    namespace: s
+                        .metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| "default".into()),
+                    name: s.metadata.name.clone().unwrap_or_default(),
+                },
+                None,
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "Service watch failed; retrying with backoff");
+                metrics
+                    .watch_errors
+                    .get_or_create(&crate::metrics::KindLabel { kind: "Service" })
+                    .inc();
+                continue;
+            }
+        };
+        if tx.send((now, update)).is_err() {
+            return;
+        }
+    }
+}
+
+async fn watch_slices(
+    api: Api<EndpointSlice>,
+    selector: String,
+    filter: Filter,
+    tx: mpsc::UnboundedSender<(Instant, Update)>,
+    metrics: Arc<Metrics>,
+) {
+    let cfg = watcher::Config::default().labels(&selector);
+    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    let mut buffer = Vec::new();
+    let key = |s: &EndpointSlice| -> SliceKey {
+        (
+            s.metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            s.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    let convert = |s: &EndpointSlice| -> Option<Option<convert::Slice>> {
+        match convert::endpoint_slice(s, &filter) {
+            Ok((Converted::Accepted(slice), errors)) => {
+                for e in &errors {
+                    invalid(&metrics, "EndpointSlice", e);
+                }
+                Some(Some(slice))
+            }
+            Ok((Converted::Skipped(_), _)) => Some(None),
+            Err(e) => {
+                invalid(&metrics, "EndpointSlice", &e);
+                None
+            }
+        }
+    };
+    while let Some(event) = stream.next().await {
+        let now = Instant::now();
+        let update = match event {
+            Ok(Event::Init) => {
+                buffer.clear();
+                continue;
+            }
+            Ok(Event::InitApply(s)) => {
+                if let Some(Some(slice)) = convert(&s) {
+                    buffer.push((key(&s), slice));
+                }
+                continue;
+            }
+            Ok(Event::InitDone) => Update::Slices(std::mem::take(&mut buffer)),
+            Ok(Event::Apply(s)) => match convert(&s) {
+                Some(slice) => Update::Slice(key(&s), slice),
+                None => continue,
+            },
+            Ok(Event::Delete(s)) => Update::Slice(key(&s), None),
+            Err(e) => {
+                tracing::warn!(error = %e, "EndpointSlice watch failed; retrying with backoff");
+                metrics
+                    .watch_errors
+                    .get_or_create(&crate::metrics::KindLabel {
+                        kind: "EndpointSlice",
+                    })
+                    .inc();
+                continue;
+            }
+        };
+        if tx.send((now, update)).is_err() {
+            return;
+        }
+    }
+}
+
+async fn watch_node(
+    api: Api<K8sNode>,
+    name: String,
+    tx: mpsc::UnboundedSender<(Instant, Update)>,
+    metrics: Arc<Metrics>,
+) {
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    while let Some(event) = stream.next().await {
+        let now = Instant::now();
+        let node = match event {
+            Ok(Event::Apply(n) | Event::InitApply(n)) => n,
+            Ok(Event::InitDone) => {
+                if tx.send((now, Update::NodeListed)).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(Event::Init | Event::Delete(_)) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "Node watch failed; retrying with backoff");
+                metrics
+                    .watch_errors
+                    .get_or_create(&crate::metrics::KindLabel { kind: "Node" })
+                    .inc();
+                continue;
+            }
+        };
+        match convert::node(&node) {
+            Ok(n) => {
+                if tx.send((now, Update::Node(n))).is_err() {
+                    return;
+                }
+            }
+            Err(e) => invalid(&metrics, "Node", &e),
+        }
+    }
+}
+
+/// Applies store updates and syncs the dataplane. Returns only if every watch task ended.
+async fn sync_loop<B: Backend>(
+    config: DaemonConfig,
+    backend: B,
+    mut rx: mpsc::UnboundedReceiver<(Instant, Update)>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let mut store = Store::new();
+    // Until the Node object is listed, this node has no zone label: no topology filtering.
+    store.set_node(lb_core::Node::new(&config.node, None).context("node name")?);
+    let mut dataplane = Dataplane::new(backend, config.compile.clone());
+    let mut listed = Listed::default();
+    // Arrival time of every change not yet programmed, for the latency histogram.
+    let mut pending: Vec<Instant> = Vec::new();
+    let mut last_sync: Option<Instant> = None;
+    let mut last_full = Instant::now();
+    let mut retry_after: Option<Instant> = None;
+    let mut failures = 0u32;
+    loop {
+        let first = last_sync.is_none();
+        let due = if !listed.all() || (pending.is_empty() && retry_after.is_none() && !first) {
+            None
+        } else {
+            let earliest = last_sync.map_or_else(Instant::now, |t| t + config.min_sync_period);
+            Some(retry_after.map_or(earliest, |r| r.max(earliest)))
+        };
+        let full_due = last_full + config.full_sync_period;
+        let wake = due.map_or(full_due, |d| d.min(full_due));
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some((arrived, update)) = msg else {
+                    anyhow::bail!("every watch ended");
+                };
+                let counts_as_change = apply(&mut store, &mut listed, update);
+                if counts_as_change {
+                    pending.push(arrived);
+                    metrics.changes_pending.set(pending.len() as i64);
+                }
+                // Drain what else is queued, so a burst is one sync.
+                while let Ok((arrived, update)) = rx.try_recv() {
+                    if apply(&mut store, &mut listed, update) {
+                        pending.push(arrived);
+                    }
+                }
+                metrics.changes_pending.set(pending.len() as i64);
+                if listed.all() && last_sync.is_none() && !pending.is_empty() {
+                    tracing::info!("every watch has listed once; programming the dataplane");
+                }
+                continue;
+            }
+            () = tokio::time::sleep_until(wake.into()) => {}
+        }
+        let now = Instant::now();
+        if now >= full_due {
+            dataplane.request_full_sync();
+            last_full = now;
+            if !listed.all() {
+                continue;
+            }
+        } else if due.is_none_or(|d| now < d) {
+            continue;
+        }
+        let started = Instant::now();
+        match dataplane.sync(&mut store) {
+            Ok(report) => {
+                let acked = Instant::now();
+                failures = 0;
+                retry_after = None;
+                last_sync = Some(acked);
+                metrics.observe_sync(&report, started.elapsed());
+                for arrived in pending.drain(..) {
+                    let latency = acked.duration_since(arrived);
+                    metrics
+                        .network_programming_latency
+                        .observe(latency.as_secs_f64());
+                    tracing::debug!(
+                        latency_ms = latency.as_secs_f64() * 1000.0,
+                        "network programming latency"
+                    );
+                }
+                metrics.changes_pending.set(0);
+                if report.full {
+                    tracing::info!(
+                        service_ports = report.service_ports,
+                        elements = report.elements,
+                        compute_ms = report.compute.as_secs_f64() * 1000.0,
+                        apply_ms = report.apply.as_secs_f64() * 1000.0,
+                        "full sync"
+                    );
+                } else if report.commands > 0 {
+                    tracing::debug!(
+                        full = report.full,
+                        service_ports = report.service_ports,
+                        commands = report.commands,
+                        elements = report.elements,
+                        compute_ms = report.compute.as_secs_f64() * 1000.0,
+                        apply_ms = report.apply.as_secs_f64() * 1000.0,
+                        "synced"
+                    );
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                let backoff = Duration::from_millis(500)
+                    .saturating_mul(1u32 << failures.min(8))
+                    .min(config.sync_period);
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the kernel rejected the sync; the previous ruleset keeps serving");
+                metrics.sync_failures.inc();
+                retry_after = Some(Instant::now() + backoff);
+                last_sync = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// Applies one update to the store; returns whether it may change the dataplane.
+fn apply(store: &mut Store, listed: &mut Listed, update: Update) -> bool {
+    match update {
+        Update::Services(all) => {
+            listed.services = true;
+            store.replace_services(all);
+        }
+        Update::Service(k, p) => store.apply_service(k, p),
+        Update::Slices(all) => {
+            listed.slices = true;
+            let mut by_key = BTreeMap::new();
+            for (k, s) in all {
+                by_key.insert(k, s);
+            }
+            store.replace_slices(by_key);
+        }
+        Update::Slice(k, s) => store.apply_slice(k, s),
+        Update::Node(n) => store.set_node(n),
+        Update::NodeListed => {
+            listed.node = true;
+        }
+    }
+    store.has_changes()
+}

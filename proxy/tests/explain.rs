@@ -1,0 +1,94 @@
+//! `explain` on the bundled example says what the rules do.
+
+use lb_core::Protocol;
+use lb_proxy::compile::Config;
+use lb_proxy::convert::Filter;
+use lb_proxy::explain::{Entry, Query, explain, parse_destination};
+use lb_proxy::manifests::Objects;
+use lb_proxy::store::Snapshot;
+
+fn example() -> (Snapshot, Config) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/cluster");
+    let (objects, _) = Objects::read_paths(&[dir]);
+    let (store, _, _) = objects.into_store(Some("node-a"), &Filter::default());
+    let config = Config {
+        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("literal")],
+        ..Config::default()
+    };
+    (store.snapshot().expect("node"), config)
+}
+
+fn query(to: &str, from: &str) -> Query {
+    let (to, port, protocol) = parse_destination(to).expect("valid destination");
+    Query {
+        to,
+        port,
+        protocol,
+        from: from.parse().expect("ip"),
+        from_node: false,
+        to_node: true,
+    }
+}
+
+#[test]
+fn a_cluster_ip_from_outside_the_cluster_is_masqueraded_and_terminating_endpoints_explained() {
+    let (snap, config) = example();
+    let e = explain(&snap, &config, &query("10.96.0.10:80", "10.100.0.2"));
+    assert_eq!(e.service_port.as_deref(), Some("demo/web:http"));
+    assert_eq!(e.entry, Some(Entry::ClusterIp));
+    assert_eq!(e.endpoints.iter().filter(|v| v.eligible).count(), 3);
+    let terminating = e
+        .endpoints
+        .iter()
+        .find(|v| v.endpoint == "10.244.1.13:8080")
+        .expect("listed");
+    assert_eq!(
+        terminating.reason.as_deref(),
+        Some("terminating, and ready endpoints are available")
+    );
+    assert!(
+        e.masquerade
+            .starts_with("yes: the source is outside the cluster CIDR"),
+        "{}",
+        e.masquerade
+    );
+    assert!(e.outcome.starts_with("dnat"));
+}
+
+#[test]
+fn an_etp_local_load_balancer_ip_uses_local_endpoints_for_outside_clients_and_all_for_pods() {
+    let (snap, config) = example();
+    let e = explain(&snap, &config, &query("192.0.2.20:80", "10.100.0.2"));
+    let eligible: Vec<_> = e
+        .endpoints
+        .iter()
+        .filter(|v| v.eligible)
+        .map(|v| v.endpoint.as_str())
+        .collect();
+    assert_eq!(eligible, ["10.244.1.10:8080"]);
+    assert!(e.masquerade.starts_with("no"), "{}", e.masquerade);
+    let pod = explain(&snap, &config, &query("192.0.2.20:80", "10.244.1.11"));
+    assert_eq!(
+        pod.endpoints.iter().filter(|v| v.eligible).count(),
+        2,
+        "short-circuit"
+    );
+}
+
+#[test]
+fn a_service_without_endpoints_is_rejected_and_an_unknown_destination_is_not_ours() {
+    let (snap, config) = example();
+    let e = explain(&snap, &config, &query("10.96.0.30:80", "10.244.1.10"));
+    assert!(e.outcome.starts_with("reject"), "{}", e.outcome);
+    let none = explain(&snap, &config, &query("10.96.9.9:80", "10.244.1.10"));
+    assert!(none.service_port.is_none());
+    let udp = explain(&snap, &config, &query("10.96.0.53:53/udp", "10.244.1.10"));
+    assert_eq!(udp.service_port.as_deref(), Some("demo/echo-udp:dns/UDP"));
+    let np = explain(&snap, &config, &query("10.100.0.1:30081", "10.100.0.2"));
+    assert_eq!(np.entry, Some(Entry::NodePort));
+    assert!(parse_destination("10.0.0.1:0").is_err());
+    assert_eq!(
+        parse_destination("[fd00::1]:80/sctp").map(|d| d.2),
+        Ok(Protocol::Sctp)
+    );
+}
