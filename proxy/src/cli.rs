@@ -112,6 +112,24 @@ pub struct DaemonArgs {
     /// Interval between full resyncs (which also repair rules changed by others).
     #[arg(long, default_value = "60m", value_parser = parse_duration)]
     pub full_sync_period: Duration,
+    /// Address of `/healthz` and `/livez` (empty: disabled).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: String,
+    /// Address of `/metrics` and `/explain` (empty: disabled).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: String,
+    /// Address the healthCheckNodePort responders listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub health_check_bind_address: IpAddr,
+}
+
+fn optional_addr(flag: &str, s: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| anyhow::anyhow!("{flag}: {s:?} is not ADDRESS:PORT"))
 }
 
 /// Where the objects come from and how this node is set up.
@@ -293,6 +311,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
         full_sync_period: args.full_sync_period,
+        healthz_bind: optional_addr("--healthz-bind-address", &args.healthz_bind_address)?,
+        metrics_bind: optional_addr("--metrics-bind-address", &args.metrics_bind_address)?,
+        health_check_bind: args.health_check_bind_address,
     };
     let backend = netlink()?;
     let mut registry = prometheus_client::registry::Registry::default();
@@ -302,10 +323,12 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let registry = std::sync::Arc::new(registry);
     runtime.block_on(crate::daemon::run(
         config,
         backend,
         metrics,
+        registry,
         shutdown_signal(),
     ))
 }

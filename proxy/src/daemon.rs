@@ -35,6 +35,7 @@ use crate::compile::Config as CompileConfig;
 use crate::convert::{
     self, Converted, Filter, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ServiceKey,
 };
+use crate::health::{ExplainRequest, ProxyHealth, ServiceHealthServers};
 use crate::metrics::Metrics;
 use crate::nft::Backend;
 use crate::store::{SliceKey, Store};
@@ -58,6 +59,12 @@ pub struct DaemonConfig {
     pub sync_period: Duration,
     /// Interval of full resyncs (table replaced, drift repaired).
     pub full_sync_period: Duration,
+    /// Where `/healthz` and `/livez` listen (`None`: disabled).
+    pub healthz_bind: Option<std::net::SocketAddr>,
+    /// Where `/metrics` and `/explain` listen (`None`: disabled).
+    pub metrics_bind: Option<std::net::SocketAddr>,
+    /// Address the healthCheckNodePort responders listen on.
+    pub health_check_bind: std::net::IpAddr,
 }
 
 /// Which kinds have listed at least once.
@@ -81,7 +88,7 @@ enum Update {
     Service(ServiceKey, Option<Vec<lb_core::ServicePort>>),
     Slices(Vec<(SliceKey, convert::Slice)>),
     Slice(SliceKey, Option<convert::Slice>),
-    Node(lb_core::Node),
+    Node(lb_core::Node, bool),
     NodeListed,
 }
 
@@ -116,9 +123,29 @@ pub async fn run<B: Backend + Send + 'static>(
     config: DaemonConfig,
     backend: B,
     metrics: Arc<Metrics>,
+    registry: Arc<prometheus_client::registry::Registry>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let client = client(config.kubeconfig.as_ref()).await?;
+    let health = Arc::new(ProxyHealth::new(config.sync_period * 2));
+    let mut servers = Vec::new();
+    if let Some(addr) = config.healthz_bind {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the health server to {addr}"))?;
+        servers.push(crate::health::serve_health(
+            l,
+            health.clone(),
+            metrics.clone(),
+        ));
+    }
+    let (explain_tx, explain_rx) = mpsc::unbounded_channel();
+    if let Some(addr) = config.metrics_bind {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics server to {addr}"))?;
+        servers.push(crate::health::serve_metrics(l, registry, Some(explain_tx)));
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     let filter = Filter {
         service_proxy_name: config.service_proxy_name.clone(),
@@ -147,13 +174,13 @@ pub async fn run<B: Backend + Send + 'static>(
         )),
     ];
     let result = tokio::select! {
-        r = sync_loop(config, backend, rx, metrics) => r,
+        r = sync_loop(config, backend, rx, explain_rx, metrics, health) => r,
         () = shutdown => {
             tracing::info!("shutting down; the dataplane stays in place");
             Ok(())
         }
     };
-    for t in tasks {
+    for t in tasks.into_iter().chain(servers) {
         t.abort();
     }
     result
@@ -340,9 +367,17 @@ async fn watch_node(
                 continue;
             }
         };
+        // KEP-3836: a node being deleted, or marked for deletion by the cluster autoscaler, is
+        // no longer eligible for load-balancer traffic.
+        let eligible = node.metadata.deletion_timestamp.is_none()
+            && !node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"));
         match convert::node(&node) {
             Ok(n) => {
-                if tx.send((now, Update::Node(n))).is_err() {
+                if tx.send((now, Update::Node(n, eligible))).is_err() {
                     return;
                 }
             }
@@ -356,8 +391,12 @@ async fn sync_loop<B: Backend>(
     config: DaemonConfig,
     backend: B,
     mut rx: mpsc::UnboundedReceiver<(Instant, Update)>,
+    mut explain_rx: mpsc::UnboundedReceiver<ExplainRequest>,
     metrics: Arc<Metrics>,
+    health: Arc<ProxyHealth>,
 ) -> anyhow::Result<()> {
+    let mut responders = ServiceHealthServers::new(health.clone(), config.health_check_bind);
+    let mut health_checks: BTreeMap<ServiceKey, Vec<(u16, usize)>> = BTreeMap::new();
     let mut store = Store::new();
     // Until the Node object is listed, this node has no zone label: no topology filtering.
     store.set_node(lb_core::Node::new(&config.node, None).context("node name")?);
@@ -380,10 +419,19 @@ async fn sync_loop<B: Backend>(
         let full_due = last_full + config.full_sync_period;
         let wake = due.map_or(full_due, |d| d.min(full_due));
         tokio::select! {
+            Some((q, reply)) = explain_rx.recv() => {
+                if let Some(snap) = store.snapshot() {
+                    let _ = reply.send(crate::explain::explain(&snap, &config.compile, &q));
+                }
+                continue;
+            }
             msg = rx.recv() => {
                 let Some((arrived, update)) = msg else {
                     anyhow::bail!("every watch ended");
                 };
+                if let Update::Node(_, eligible) = &update {
+                    health.set_node_eligible(*eligible);
+                }
                 let counts_as_change = apply(&mut store, &mut listed, update);
                 if counts_as_change {
                     pending.push(arrived);
@@ -396,6 +444,9 @@ async fn sync_loop<B: Backend>(
                     }
                 }
                 metrics.changes_pending.set(pending.len() as i64);
+                if !pending.is_empty() {
+                    health.queued();
+                }
                 if listed.all() && last_sync.is_none() && !pending.is_empty() {
                     tracing::info!("every watch has listed once; programming the dataplane");
                 }
@@ -432,6 +483,16 @@ async fn sync_loop<B: Backend>(
                     );
                 }
                 metrics.changes_pending.set(0);
+                health.updated();
+                update_health_checks(&store, &report.changed_services, &mut health_checks);
+                let wanted = health_checks
+                    .iter()
+                    .flat_map(|(k, v)| {
+                        v.iter()
+                            .map(move |&(port, n)| (port, (k.namespace.clone(), k.name.clone(), n)))
+                    })
+                    .collect();
+                responders.sync(&wanted).await;
                 if report.full {
                     tracing::info!(
                         service_ports = report.service_ports,
@@ -466,6 +527,40 @@ async fn sync_loop<B: Backend>(
     }
 }
 
+/// Refreshes the healthCheckNodePort table for `changed` Services: port and number of distinct
+/// local ready endpoints, for LoadBalancer Services with `externalTrafficPolicy: Local`.
+fn update_health_checks(
+    store: &Store,
+    changed: &[ServiceKey],
+    table: &mut BTreeMap<ServiceKey, Vec<(u16, usize)>>,
+) {
+    let Some(node) = store.node() else { return };
+    for key in changed {
+        let entries = store.entries(key);
+        let mut ports = Vec::new();
+        for e in &entries {
+            let Some(port) = e.port.health_check_node_port() else {
+                continue;
+            };
+            if !e.port.external_policy_local() || ports.iter().any(|(p, _)| *p == port) {
+                continue;
+            }
+            let local: std::collections::BTreeSet<_> = entries
+                .iter()
+                .flat_map(|e| &e.endpoints)
+                .filter(|ep| ep.is_ready() && ep.is_local_to(node))
+                .map(lb_core::Endpoint::ip)
+                .collect();
+            ports.push((port, local.len()));
+        }
+        if ports.is_empty() {
+            table.remove(key);
+        } else {
+            table.insert(key.clone(), ports);
+        }
+    }
+}
+
 /// Applies one update to the store; returns whether it may change the dataplane.
 fn apply(store: &mut Store, listed: &mut Listed, update: Update) -> bool {
     match update {
@@ -483,7 +578,7 @@ fn apply(store: &mut Store, listed: &mut Listed, update: Update) -> bool {
             store.replace_slices(by_key);
         }
         Update::Slice(k, s) => store.apply_slice(k, s),
-        Update::Node(n) => store.set_node(n),
+        Update::Node(n, _) => store.set_node(n),
         Update::NodeListed => {
             listed.node = true;
         }

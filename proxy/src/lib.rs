@@ -8,6 +8,7 @@ pub mod compile;
 pub mod convert;
 pub mod daemon;
 pub mod explain;
+pub mod health;
 pub mod manifests;
 pub mod metrics;
 pub mod nft;

@@ -39,6 +39,17 @@ pub struct Metrics {
     pub invalid_objects: Family<KindLabel, Counter>,
     /// `lb_proxy_watch_errors_total{kind}`.
     pub watch_errors: Family<KindLabel, Counter>,
+    /// `kubeproxy_proxy_healthz_total{code}`.
+    pub healthz: Family<CodeLabel, Counter>,
+    /// `kubeproxy_proxy_livez_total{code}`.
+    pub livez: Family<CodeLabel, Counter>,
+}
+
+/// Label with an HTTP status code.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// `200` or `503`.
+    pub code: u16,
 }
 
 impl Metrics {
@@ -56,6 +67,8 @@ impl Metrics {
             elements_programmed: Counter::default(),
             invalid_objects: Family::default(),
             watch_errors: Family::default(),
+            healthz: Family::default(),
+            livez: Family::default(),
         };
         let kp = registry.sub_registry_with_prefix("kubeproxy");
         kp.register(
@@ -88,6 +101,12 @@ impl Metrics {
             "Changes received and not yet programmed",
             m.changes_pending.clone(),
         );
+        kp.register(
+            "proxy_healthz",
+            "/healthz responses by code",
+            m.healthz.clone(),
+        );
+        kp.register("proxy_livez", "/livez responses by code", m.livez.clone());
         let ours = registry.sub_registry_with_prefix("lb_proxy");
         ours.register(
             "network_programming_latency_seconds",
@@ -110,6 +129,16 @@ impl Metrics {
             m.watch_errors.clone(),
         );
         m
+    }
+
+    /// Counts a `/healthz` (`with_node`) or `/livez` response.
+    pub fn health_response(&self, with_node: bool, code: u16) {
+        let family = if with_node {
+            &self.healthz
+        } else {
+            &self.livez
+        };
+        family.get_or_create(&CodeLabel { code }).inc();
     }
 
     /// Records a successful sync.

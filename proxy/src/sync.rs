@@ -34,6 +34,8 @@ pub struct SyncReport {
     pub apply: Duration,
     /// Time to adopt the new state after the kernel accepted it.
     pub commit: Duration,
+    /// The Services this sync recompiled (every Service for a full sync).
+    pub changed_services: Vec<ServiceKey>,
 }
 
 /// Compiles and applies. Owns the backend.
@@ -133,6 +135,7 @@ impl<B: Backend> Dataplane<B> {
             compute,
             apply: Duration::ZERO,
             commit: Duration::ZERO,
+            changed_services: changed.iter().cloned().collect(),
         };
         if tx.is_empty() {
             self.commit(plans, &entries);
@@ -227,6 +230,7 @@ impl<B: Backend> Dataplane<B> {
             compute,
             apply,
             commit: t.elapsed(),
+            changed_services: self.ports.keys().cloned().collect(),
         })
     }
 }

@@ -11,6 +11,7 @@
 //! client 10.100.0.2 ─ 10.100.0.1 node 10.244.1.1 ─ bN 10.244.1.1N   (IPv6: fd00:100::/64, fd00:244:1::1N)
 //! ```
 
+pub mod apiserver;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -197,6 +198,86 @@ impl Topology {
         self.proxy_events = Some(rx);
     }
 
+    /// Binds a TCP listener on 127.0.0.1 (free port) inside namespace `ns`: a server on it is
+    /// reachable from processes in that namespace (e.g. the API server emulator for lb-proxy).
+    pub fn bind_in(&self, ns: &str) -> std::net::TcpListener {
+        let path = PathBuf::from(format!("/run/netns/{ns}"));
+        std::thread::spawn(move || {
+            lb_proxy::nft::netlink::enter_netns(&path).expect("enter the network namespace");
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 in the namespace")
+        })
+        .join()
+        .expect("bind thread")
+    }
+
+    /// Runs `lb-proxy daemon` in the node namespace with `kubeconfig`, node `node-a`, the
+    /// cluster CIDR, `--min-sync-period 0` unless `extra` sets it, and waits for the first
+    /// (full) sync. Returns the index of the process, for [`Topology::stop`].
+    pub fn start_daemon(&mut self, kubeconfig: &Path, extra: &[&str]) -> usize {
+        let mut cmd = self.ns_command(&self.node.clone(), &binary("lb-proxy"));
+        cmd.args([
+            "daemon",
+            "--node",
+            "node-a",
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00:244::/32",
+        ])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--healthz-bind-address", "127.0.0.1:10256"])
+        .args(["--metrics-bind-address", "127.0.0.1:10249"]);
+        if !extra.iter().any(|a| *a == "--min-sync-period") {
+            cmd.args(["--min-sync-period", "0"]);
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info,lb_proxy=debug")
+            .env("NO_COLOR", "1");
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[lb-proxy daemon] {line}");
+                if line.contains("full sync") || line.contains(" synced") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        self.children.push(child);
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("lb-proxy daemon did not program the node");
+        self.proxy_events = Some(rx);
+        self.children.len() - 1
+    }
+
+    /// Stops process `index` (from [`Topology::start_daemon`]) with SIGTERM and waits for it.
+    pub fn stop(&mut self, index: usize) {
+        let c = &mut self.children[index];
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    /// Drops pending "applied" notifications.
+    pub fn drain_applied(&mut self) {
+        if let Some(rx) = &self.proxy_events {
+            while rx.try_recv().is_ok() {}
+        }
+    }
+
     /// Waits until lb-proxy reports it applied a change.
     pub fn wait_applied(&mut self) {
         let rx = self.proxy_events.as_ref().expect("proxy started");
@@ -279,6 +360,21 @@ impl Drop for Topology {
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// One TCP request from namespace `ns` to `target` (no [`Topology`] needed, e.g. from
+/// another thread): `Ok((backend, source seen))` or `Err(message)`.
+pub fn tcp_from(ns: &str, target: &str) -> Result<(String, String), String> {
+    let out = run(Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(binary("lb-testsrv"))
+        .args(["tcp", target, "1500"]));
+    parse_reply(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or(""),
+    )
 }
 
 fn parse_reply(line: &str) -> Result<(String, String), String> {

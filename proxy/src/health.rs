@@ -1,0 +1,439 @@
+//! Health and metrics endpoints, and the healthCheckNodePort responders, with kube-proxy's
+//! semantics, paths, headers and JSON bodies.
+//!
+//! * `/healthz` and `/livez` (default `0.0.0.0:10256`): unhealthy (503) when a change has been
+//!   waiting to be programmed for more than twice the sync period; `/healthz` is also unhealthy
+//!   while the node is being deleted (deletion timestamp, or the cluster autoscaler's
+//!   `ToBeDeletedByClusterAutoscaler` taint), so load balancers drain it.
+//! * `/metrics` (default `127.0.0.1:10249`): Prometheus text format; `/explain?to=…&from=…`
+//!   answers `lb-proxy explain --live` from the running daemon's state.
+//! * One HTTP server per `healthCheckNodePort` of a LoadBalancer Service with
+//!   `externalTrafficPolicy: Local`: 200 with the number of local ready endpoints when there is
+//!   at least one and the proxy is healthy, 503 otherwise; header
+//!   `X-Load-Balancing-Endpoint-Weight`. Servers come and go with the Services.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// The proxy's health, shared by the sync loop (writer) and the HTTP handlers (readers).
+#[derive(Debug)]
+pub struct ProxyHealth {
+    timeout: Duration,
+    state: Mutex<HealthState>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct HealthState {
+    last_updated: Option<SystemTime>,
+    oldest_pending: Option<(Instant, SystemTime)>,
+    node_eligible: bool,
+}
+
+/// A health verdict and the JSON body that explains it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthBody {
+    /// Last successful sync (RFC 3339); "now" while healthy, as kube-proxy reports it.
+    pub last_updated: String,
+    /// Current time (RFC 3339).
+    pub current_time: String,
+    /// Whether the node may receive traffic (`/healthz` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_eligible: Option<bool>,
+    /// The verdict.
+    pub healthy: bool,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl ProxyHealth {
+    /// Health with `timeout` = twice the sync period.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            state: Mutex::new(HealthState {
+                last_updated: None,
+                oldest_pending: None,
+                node_eligible: true,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        // A poisoned lock only means a panic elsewhere; the state is plain data.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A change is waiting to be programmed (keeps the oldest).
+    pub fn queued(&self) {
+        let mut s = self.lock();
+        if s.oldest_pending.is_none() {
+            s.oldest_pending = Some((Instant::now(), SystemTime::now()));
+        }
+    }
+
+    /// Everything pending was programmed.
+    pub fn updated(&self) {
+        let mut s = self.lock();
+        s.last_updated = Some(SystemTime::now());
+        s.oldest_pending = None;
+    }
+
+    /// Whether the node may receive traffic.
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.lock().node_eligible = eligible;
+    }
+
+    /// Whether the proxy is healthy: no change has waited longer than the timeout.
+    pub fn healthy(&self) -> bool {
+        let s = *self.lock();
+        s.oldest_pending
+            .is_none_or(|(t, _)| t.elapsed() < self.timeout)
+    }
+
+    /// The `/healthz` (with node eligibility) or `/livez` body.
+    pub fn body(&self, with_node: bool) -> HealthBody {
+        let s = *self.lock();
+        let now = SystemTime::now();
+        let healthy = self.healthy();
+        let ok = healthy && (!with_node || s.node_eligible);
+        HealthBody {
+            last_updated: rfc3339(if healthy {
+                now
+            } else {
+                s.last_updated.unwrap_or(now)
+            }),
+            current_time: rfc3339(now),
+            node_eligible: with_node.then_some(s.node_eligible),
+            healthy: ok,
+        }
+    }
+}
+
+fn json_response(
+    status: StatusCode,
+    body: String,
+    extra: &[(&str, String)],
+) -> Response<Full<Bytes>> {
+    let mut b = Response::builder()
+        .status(status)
+        .header("Content-Type", "application/json")
+        .header("X-Content-Type-Options", "nosniff");
+    for (k, v) in extra {
+        b = b.header(*k, v.as_str());
+    }
+    b.body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| Response::new(Full::default()))
+}
+
+/// Serves HTTP/1 on `listener`, answering every request with `handler`.
+pub fn serve<F>(listener: TcpListener, handler: F) -> JoinHandle<()>
+where
+    F: Fn(Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let r = handler(req);
+                    async move { Ok::<_, Infallible>(r) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
+}
+
+/// Serves `/healthz` and `/livez`.
+pub fn serve_health(
+    listener: TcpListener,
+    health: Arc<ProxyHealth>,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> JoinHandle<()> {
+    serve(listener, move |req| {
+        let with_node = match req.uri().path() {
+            "/healthz" => true,
+            "/livez" => false,
+            _ => {
+                return Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .body(Full::new(Bytes::from_static(b"404 page not found\n")))
+                    .unwrap_or_else(|_| Response::new(Full::default()));
+            }
+        };
+        let body = health.body(with_node);
+        let status = if body.healthy {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        metrics.health_response(with_node, status.as_u16());
+        json_response(
+            status,
+            serde_json::to_string(&body).unwrap_or_default(),
+            &[],
+        )
+    })
+}
+
+/// The body of a healthCheckNodePort response.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceHealthBody {
+    service: NamespacedName,
+    local_endpoints: usize,
+    service_proxy_healthy: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct NamespacedName {
+    namespace: String,
+    name: String,
+}
+
+/// The healthCheckNodePort responders: one server per port, created and removed as Services
+/// come and go.
+#[derive(Debug)]
+pub struct ServiceHealthServers {
+    health: Arc<ProxyHealth>,
+    bind: std::net::IpAddr,
+    servers: BTreeMap<u16, (String, String, Arc<Mutex<usize>>, JoinHandle<()>)>,
+}
+
+impl ServiceHealthServers {
+    /// Responders bound to `bind` (e.g. `0.0.0.0`).
+    pub fn new(health: Arc<ProxyHealth>, bind: std::net::IpAddr) -> Self {
+        Self {
+            health,
+            bind,
+            servers: BTreeMap::new(),
+        }
+    }
+
+    /// Makes the set of responders match `wanted`: port → (namespace, name, local ready
+    /// endpoints). Ports that fail to bind are reported and retried on the next call.
+    pub async fn sync(&mut self, wanted: &BTreeMap<u16, (String, String, usize)>) {
+        self.servers.retain(|port, (ns, name, _, task)| {
+            let keep = wanted
+                .get(port)
+                .is_some_and(|(n, m, _)| n == ns && m == name);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (&port, (ns, name, count)) in wanted {
+            if let Some((_, _, c, _)) = self.servers.get(&port) {
+                *c.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = *count;
+                continue;
+            }
+            let listener = match TcpListener::bind(SocketAddr::new(self.bind, port)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(port, service = %format!("{ns}/{name}"), error = %e, "cannot start healthCheckNodePort responder");
+                    continue;
+                }
+            };
+            let counter = Arc::new(Mutex::new(*count));
+            let (c, h) = (counter.clone(), self.health.clone());
+            let (n, m) = (ns.clone(), name.clone());
+            let task = serve(listener, move |_req| {
+                let local = *c.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let healthy = h.healthy();
+                let body = ServiceHealthBody {
+                    service: NamespacedName {
+                        namespace: n.clone(),
+                        name: m.clone(),
+                    },
+                    local_endpoints: local,
+                    service_proxy_healthy: healthy,
+                };
+                let status = if local > 0 && healthy {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                json_response(
+                    status,
+                    serde_json::to_string_pretty(&body).unwrap_or_default(),
+                    &[("X-Load-Balancing-Endpoint-Weight", local.to_string())],
+                )
+            });
+            self.servers
+                .insert(port, (ns.clone(), name.clone(), counter, task));
+        }
+    }
+
+    /// The ports served now.
+    pub fn ports(&self) -> Vec<u16> {
+        self.servers.keys().copied().collect()
+    }
+}
+
+/// Serves `/metrics` (Prometheus text) and `/explain` (through `explain`, which asks the sync
+/// loop).
+pub fn serve_metrics(
+    listener: TcpListener,
+    registry: Arc<prometheus_client::registry::Registry>,
+    explain: Option<tokio::sync::mpsc::UnboundedSender<ExplainRequest>>,
+) -> JoinHandle<()> {
+    let registry2 = registry.clone();
+    let _ = registry2;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let registry = registry.clone();
+            let explain = explain.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let registry = registry.clone();
+                    let explain = explain.clone();
+                    async move { Ok::<_, Infallible>(metrics_route(req, &registry, explain).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
+}
+
+/// A live `explain` question for the sync loop, with where to send the answer.
+pub type ExplainRequest = (
+    crate::explain::Query,
+    tokio::sync::oneshot::Sender<crate::explain::Explanation>,
+);
+
+async fn metrics_route(
+    req: Request<Incoming>,
+    registry: &prometheus_client::registry::Registry,
+    explain: Option<tokio::sync::mpsc::UnboundedSender<ExplainRequest>>,
+) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, ct: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("Content-Type", ct)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_else(|_| Response::new(Full::default()))
+    };
+    match req.uri().path() {
+        "/metrics" => {
+            let mut out = String::new();
+            match prometheus_client::encoding::text::encode(&mut out, registry) {
+                Ok(()) => text(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    out,
+                ),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            }
+        }
+        "/proxyMode" => text(StatusCode::OK, "text/plain", "nftables".into()),
+        "/explain" => {
+            let Some(tx) = explain else {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "explain is not available\n".into(),
+                );
+            };
+            let query = req.uri().query().unwrap_or("");
+            let q = match parse_explain_query(query) {
+                Ok(q) => q,
+                Err(e) => return text(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+            };
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            if tx.send((q, reply)).is_err() {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "sync loop stopped\n".into(),
+                );
+            }
+            match rx.await {
+                Ok(e) => json_response(
+                    StatusCode::OK,
+                    serde_json::to_string_pretty(&e).unwrap_or_default(),
+                    &[],
+                ),
+                Err(_) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "no answer\n".into(),
+                ),
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "404 page not found\n".into(),
+        ),
+    }
+}
+
+/// Parses `to=ADDR:PORT[/PROTO]&from=ADDR[&fromNode=true]`.
+pub fn parse_explain_query(query: &str) -> Result<crate::explain::Query, String> {
+    let mut to = None;
+    let mut from = None;
+    let mut from_node = false;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = v
+            .replace("%3A", ":")
+            .replace("%3a", ":")
+            .replace("%2F", "/")
+            .replace("%2f", "/")
+            .replace("%5B", "[")
+            .replace("%5D", "]");
+        match k {
+            "to" => to = Some(v),
+            "from" => {
+                from = Some(
+                    v.parse()
+                        .map_err(|_| format!("from: invalid address {v:?}"))?,
+                )
+            }
+            "fromNode" => from_node = v == "true",
+            _ => {}
+        }
+    }
+    let to = to.ok_or("missing to=ADDR:PORT[/PROTO]")?;
+    let (to, port, protocol) = crate::explain::parse_destination(&to)?;
+    let from = from.ok_or("missing from=ADDR")?;
+    Ok(crate::explain::Query {
+        to,
+        port,
+        protocol,
+        from,
+        from_node,
+        to_node: true,
+    })
+}
