@@ -24,9 +24,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .client_ip_affinity(Some(600))
         .build()?;
     let endpoints = vec![
-        Endpoint::builder("10.0.1.5", 8080).node_name("node-a").zone("zone-a").build()?,
-        Endpoint::builder("10.0.1.6", 8080).node_name("node-a").zone("zone-a").build()?,
-        Endpoint::builder("10.0.2.7", 8080).node_name("node-b").zone("zone-b").build()?,
+        Endpoint::builder("10.0.1.5", 8080)
+            .node_name("node-a")
+            .zone("zone-a")
+            .build()?,
+        Endpoint::builder("10.0.1.6", 8080)
+            .node_name("node-a")
+            .zone("zone-a")
+            .build()?,
+        Endpoint::builder("10.0.2.7", 8080)
+            .node_name("node-b")
+            .zone("zone-b")
+            .build()?,
         Endpoint::builder("10.0.2.8", 8080)
             .node_name("node-b")
             .conditions(Conditions::SERVING_TERMINATING)
@@ -60,7 +69,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // connection from it.
     let table: AffinityTable<String, SocketAddr> = AffinityTable::new();
     let key = web.name().to_string();
-    let timeout = web.session_affinity().timeout().ok_or("affinity configured above")?;
+    let timeout = web
+        .session_affinity()
+        .timeout()
+        .ok_or("affinity configured above")?;
     let t0 = Instant::now();
     let client: IpAddr = "198.51.100.7".parse()?;
     let mut seen = BTreeMap::new();

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use lb_core::IpFamily;
 
 use crate::compile::{self, Config};
+use crate::conntrack::ServicePorts;
 use crate::convert::Filter;
 use crate::manifests::Objects;
 use crate::nft::ir::Ruleset;
@@ -44,6 +45,10 @@ pub enum Command {
         /// How often to look for changed manifest files.
         #[arg(long, default_value = "500ms", value_parser = parse_duration)]
         poll: Duration,
+        /// Keep stale UDP/SCTP conntrack entries after a sync (by default they are deleted, so
+        /// clients do not stay on removed endpoints; see `conntrack`).
+        #[arg(long)]
+        no_conntrack_cleanup: bool,
     },
     /// Run as the node's service proxy: watch the cluster's Services, EndpointSlices and this
     /// node, and keep the dataplane in this network namespace in sync, until SIGTERM.
@@ -75,61 +80,66 @@ pub enum Command {
     },
 }
 
-/// Settings of the daemon.
+/// Settings of the daemon. Flags override the `--config` file; unset flags fall back to the
+/// file, then to kube-proxy's defaults.
 #[derive(Debug, Args, Clone)]
 pub struct DaemonArgs {
+    /// A `KubeProxyConfiguration` file (kubeproxy.config.k8s.io/v1alpha1).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Remove everything lb-proxy installed and exit (like `kube-proxy --cleanup`).
+    #[arg(long)]
+    pub cleanup: bool,
     /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, or the in-cluster service account).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// This node's name, as the Node object is named.
+    /// This node's name, as the Node object is named (`hostnameOverride`).
     #[arg(long = "node", alias = "hostname-override", env = "NODE_NAME")]
-    pub node: String,
-    /// Pod CIDRs, comma-separated (kube-proxy's `--cluster-cidr`).
-    #[arg(long, value_delimiter = ',')]
-    pub cluster_cidr: Vec<IpNet>,
-    /// CIDRs of the addresses that accept NodePort traffic (default: every local address but
-    /// loopback).
-    #[arg(long, value_delimiter = ',')]
-    pub nodeport_addresses: Vec<IpNet>,
-    /// Masquerade all traffic to cluster IPs.
+    pub node: Option<String>,
+    /// Pod CIDRs, comma-separated (`clusterCIDR`).
+    #[arg(long)]
+    pub cluster_cidr: Option<String>,
+    /// CIDRs of the addresses that accept NodePort traffic, comma-separated
+    /// (`nodePortAddresses`; default: every local address but loopback).
+    #[arg(long)]
+    pub nodeport_addresses: Option<String>,
+    /// Masquerade all traffic to cluster IPs (`nftables.masqueradeAll`).
     #[arg(long)]
     pub masquerade_all: bool,
-    /// Mark bit that requests masquerading.
-    #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..=31))]
-    pub masquerade_bit: u8,
+    /// Mark bit that requests masquerading (`nftables.masqueradeBit`, default 14).
+    #[arg(long)]
+    pub masquerade_bit: Option<i64>,
     /// Name of the nftables tables.
     #[arg(long, default_value = compile::TABLE)]
     pub table: String,
     /// Handle only objects labelled `service.kubernetes.io/service-proxy-name=<this>`.
     #[arg(long)]
     pub service_proxy_name: Option<String>,
-    /// Minimum interval between syncs (0 syncs every change at once).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    pub min_sync_period: Duration,
-    /// Retry interval after a failed sync.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub sync_period: Duration,
+    /// Minimum interval between syncs, Go syntax (`nftables.minSyncPeriod`, default 1s; 0
+    /// syncs every change at once).
+    #[arg(long)]
+    pub min_sync_period: Option<String>,
+    /// Retry interval after a failed sync; health fails after twice this
+    /// (`nftables.syncPeriod`, default 30s).
+    #[arg(long)]
+    pub sync_period: Option<String>,
     /// Interval between full resyncs (which also repair rules changed by others).
     #[arg(long, default_value = "60m", value_parser = parse_duration)]
     pub full_sync_period: Duration,
-    /// Address of `/healthz` and `/livez` (empty: disabled).
-    #[arg(long, default_value = "0.0.0.0:10256")]
-    pub healthz_bind_address: String,
-    /// Address of `/metrics` and `/explain` (empty: disabled).
-    #[arg(long, default_value = "127.0.0.1:10249")]
-    pub metrics_bind_address: String,
-    /// Address the healthCheckNodePort responders listen on.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub health_check_bind_address: IpAddr,
-}
-
-fn optional_addr(flag: &str, s: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
-    if s.is_empty() {
-        return Ok(None);
-    }
-    s.parse()
-        .map(Some)
-        .map_err(|_| anyhow::anyhow!("{flag}: {s:?} is not ADDRESS:PORT"))
+    /// Address of `/healthz` and `/livez` (`healthzBindAddress`, default 0.0.0.0:10256; empty
+    /// disables).
+    #[arg(long)]
+    pub healthz_bind_address: Option<String>,
+    /// Address of `/metrics` and `/explain` (`metricsBindAddress`, default 127.0.0.1:10249;
+    /// empty disables).
+    #[arg(long)]
+    pub metrics_bind_address: Option<String>,
+    /// Address the healthCheckNodePort responders listen on (`bindAddress`, default 0.0.0.0).
+    #[arg(long)]
+    pub bind_address: Option<String>,
+    /// Do not delete stale UDP/SCTP conntrack entries after endpoint changes.
+    #[arg(long)]
+    pub no_conntrack_cleanup: bool,
 }
 
 /// Where the objects come from and how this node is set up.
@@ -254,7 +264,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             manifests,
             once,
             poll,
-        } => run_manifests(&manifests, once, poll),
+            no_conntrack_cleanup,
+        } => run_manifests(&manifests, once, poll, !no_conntrack_cleanup),
         Command::Cleanup { table } => cleanup(&table),
         Command::Explain {
             manifests,
@@ -293,27 +304,50 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     init_logging();
-    if args.min_sync_period > args.sync_period {
-        bail!("--min-sync-period must not exceed --sync-period");
+    if args.cleanup {
+        return cleanup(&args.table);
     }
-    let config = crate::daemon::DaemonConfig {
+    let file = args
+        .config
+        .as_ref()
+        .map(crate::config::KubeProxyConfiguration::read)
+        .transpose()
+        .context("invalid configuration")?;
+    let overrides = crate::config::Overrides {
         kubeconfig: args.kubeconfig.clone(),
         node: args.node.clone(),
+        cluster_cidr: args.cluster_cidr.clone(),
+        nodeport_addresses: args.nodeport_addresses.clone(),
+        masquerade_all: args.masquerade_all.then_some(true),
+        masquerade_bit: args.masquerade_bit,
+        min_sync_period: args.min_sync_period.clone(),
+        sync_period: args.sync_period.clone(),
+        healthz_bind_address: args.healthz_bind_address.clone(),
+        metrics_bind_address: args.metrics_bind_address.clone(),
+        bind_address: args.bind_address.clone(),
+    };
+    let s = crate::config::resolve(file.as_ref(), &overrides).context("invalid configuration")?;
+    for problem in crate::config::apply_conntrack_sysctls(&s.conntrack) {
+        tracing::warn!(problem, "could not set a conntrack sysctl");
+    }
+    let config = crate::daemon::DaemonConfig {
+        kubeconfig: s.kubeconfig,
+        node: s.node,
         compile: Config {
-            cluster_cidrs: args.cluster_cidr.clone(),
-            masquerade_all: args.masquerade_all,
-            masquerade_bit: args.masquerade_bit,
-            nodeport_cidrs: (!args.nodeport_addresses.is_empty())
-                .then(|| args.nodeport_addresses.clone()),
+            cluster_cidrs: s.cluster_cidrs,
+            masquerade_all: s.masquerade_all,
+            masquerade_bit: s.masquerade_bit,
+            nodeport_cidrs: s.nodeport_cidrs,
             table: args.table.clone(),
         },
         service_proxy_name: args.service_proxy_name.clone(),
-        min_sync_period: args.min_sync_period,
-        sync_period: args.sync_period,
+        min_sync_period: s.min_sync_period,
+        sync_period: s.sync_period,
         full_sync_period: args.full_sync_period,
-        healthz_bind: optional_addr("--healthz-bind-address", &args.healthz_bind_address)?,
-        metrics_bind: optional_addr("--metrics-bind-address", &args.metrics_bind_address)?,
-        health_check_bind: args.health_check_bind_address,
+        healthz_bind: s.healthz_bind,
+        metrics_bind: s.metrics_bind,
+        health_check_bind: s.health_check_bind,
+        conntrack_cleanup: !args.no_conntrack_cleanup,
     };
     let backend = netlink()?;
     let mut registry = prometheus_client::registry::Registry::default();
@@ -381,7 +415,12 @@ fn cleanup(table: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_manifests(args: &ManifestArgs, once: bool, poll: Duration) -> anyhow::Result<()> {
+fn run_manifests(
+    args: &ManifestArgs,
+    once: bool,
+    poll: Duration,
+    conntrack_cleanup: bool,
+) -> anyhow::Result<()> {
     let mut dataplane = Dataplane::new(netlink()?, args.config());
     let mut store = Store::new();
     args.reload(&mut store)?;
@@ -392,6 +431,10 @@ fn run_manifests(args: &ManifestArgs, once: bool, poll: Duration) -> anyhow::Res
         "lb-proxy: programmed {} service ports ({} commands, {} elements) in {:?} + {:?}",
         report.service_ports, report.commands, report.elements, report.compute, report.apply
     );
+    let mut tracked = ServicePorts::new();
+    if conntrack_cleanup {
+        clean_conntrack(&store, &mut tracked);
+    }
     if once {
         return Ok(());
     }
@@ -407,7 +450,8 @@ fn run_manifests(args: &ManifestArgs, once: bool, poll: Duration) -> anyhow::Res
             eprintln!("lb-proxy: keeping the current ruleset: {e:#}");
             continue;
         }
-        match dataplane.sync(&mut store) {
+        let synced = dataplane.sync(&mut store);
+        match &synced {
             Ok(r) if r.commands == 0 => {}
             Ok(r) => eprintln!(
                 "lb-proxy: applied {} service ports ({} commands, {} elements{}) in {:?} + {:?}",
@@ -422,5 +466,35 @@ fn run_manifests(args: &ManifestArgs, once: bool, poll: Duration) -> anyhow::Res
                 "lb-proxy: kernel rejected the change, the previous ruleset keeps serving: {e}"
             ),
         }
+        if synced.is_ok() && conntrack_cleanup {
+            clean_conntrack(&store, &mut tracked);
+        }
     }
+}
+
+/// Conntrack cleanup after a successful sync ([`crate::conntrack`]): deletes the UDP/SCTP
+/// flows that would keep clients on a removed endpoint, or on a service address that had no
+/// endpoints. `previous` advances only when the cleanup succeeds, so a failed one is retried
+/// after the next sync.
+fn clean_conntrack(store: &Store, previous: &mut ServicePorts) {
+    let Some(snapshot) = store.snapshot() else {
+        return;
+    };
+    let next = ServicePorts::from_snapshot(&snapshot);
+    let started = std::time::Instant::now();
+    match crate::conntrack::cleanup(previous, &next) {
+        Ok(0) => {}
+        Ok(n) => eprintln!(
+            "lb-proxy: conntrack: deleted {n} stale UDP/SCTP flows in {:?}",
+            started.elapsed()
+        ),
+        Err(e) => {
+            eprintln!(
+                "lb-proxy: conntrack cleanup failed, retrying after the next sync: {:#}",
+                anyhow::Error::new(e)
+            );
+            return;
+        }
+    }
+    *previous = next;
 }

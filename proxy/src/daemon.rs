@@ -65,6 +65,8 @@ pub struct DaemonConfig {
     pub metrics_bind: Option<std::net::SocketAddr>,
     /// Address the healthCheckNodePort responders listen on.
     pub health_check_bind: std::net::IpAddr,
+    /// Delete stale UDP/SCTP conntrack entries after endpoint changes.
+    pub conntrack_cleanup: bool,
 }
 
 /// Which kinds have listed at least once.
@@ -397,6 +399,10 @@ async fn sync_loop<B: Backend>(
 ) -> anyhow::Result<()> {
     let mut responders = ServiceHealthServers::new(health.clone(), config.health_check_bind);
     let mut health_checks: BTreeMap<ServiceKey, Vec<(u16, usize)>> = BTreeMap::new();
+    let mut conntrack_seen: BTreeMap<
+        ServiceKey,
+        Vec<(lb_core::ServicePortName, crate::conntrack::ServicePortState)>,
+    > = BTreeMap::new();
     let mut store = Store::new();
     // Until the Node object is listed, this node has no zone label: no topology filtering.
     store.set_node(lb_core::Node::new(&config.node, None).context("node name")?);
@@ -493,6 +499,14 @@ async fn sync_loop<B: Backend>(
                     })
                     .collect();
                 responders.sync(&wanted).await;
+                if config.conntrack_cleanup {
+                    clean_conntrack(
+                        &store,
+                        &report.changed_services,
+                        &mut conntrack_seen,
+                        &metrics,
+                    );
+                }
                 if report.full {
                     tracing::info!(
                         service_ports = report.service_ports,
@@ -557,6 +571,60 @@ fn update_health_checks(
             table.remove(key);
         } else {
             table.insert(key.clone(), ports);
+        }
+    }
+}
+
+/// Deletes conntrack entries that the changes to `changed` Services left stale (UDP and SCTP
+/// flows to endpoints that left; un-DNATed flows to service ports that gained endpoints).
+fn clean_conntrack(
+    store: &Store,
+    changed: &[ServiceKey],
+    seen: &mut BTreeMap<
+        ServiceKey,
+        Vec<(lb_core::ServicePortName, crate::conntrack::ServicePortState)>,
+    >,
+    metrics: &Metrics,
+) {
+    use crate::conntrack::{ServicePortState, ServicePorts};
+    let mut previous = ServicePorts::new();
+    let mut next = ServicePorts::new();
+    let mut fresh = Vec::new();
+    for key in changed {
+        for (name, state) in seen.get(key).into_iter().flatten() {
+            previous.insert(name.clone(), state.clone());
+        }
+        let now: Vec<_> = store
+            .entries(key)
+            .iter()
+            .filter_map(|e| ServicePortState::from_entry(e).map(|s| (e.port.name().clone(), s)))
+            .collect();
+        for (name, state) in &now {
+            next.insert(name.clone(), state.clone());
+        }
+        fresh.push((key.clone(), now));
+    }
+    let started = Instant::now();
+    match crate::conntrack::cleanup(&previous, &next) {
+        Ok(deleted) => {
+            for (key, now) in fresh {
+                if now.is_empty() {
+                    seen.remove(&key);
+                } else {
+                    seen.insert(key, now);
+                }
+            }
+            if deleted > 0 {
+                tracing::debug!(
+                    deleted,
+                    took_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "conntrack cleanup"
+                );
+            }
+            metrics.conntrack_deleted.inc_by(deleted as u64);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "conntrack cleanup failed; retried after the next sync")
         }
     }
 }

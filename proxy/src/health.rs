@@ -219,7 +219,16 @@ struct NamespacedName {
 pub struct ServiceHealthServers {
     health: Arc<ProxyHealth>,
     bind: std::net::IpAddr,
-    servers: BTreeMap<u16, (String, String, Arc<Mutex<usize>>, JoinHandle<()>)>,
+    servers: BTreeMap<u16, Responder>,
+}
+
+/// One healthCheckNodePort server: its Service, its local endpoint count, its task.
+#[derive(Debug)]
+struct Responder {
+    namespace: String,
+    name: String,
+    local_endpoints: Arc<Mutex<usize>>,
+    task: JoinHandle<()>,
 }
 
 impl ServiceHealthServers {
@@ -235,18 +244,20 @@ impl ServiceHealthServers {
     /// Makes the set of responders match `wanted`: port → (namespace, name, local ready
     /// endpoints). Ports that fail to bind are reported and retried on the next call.
     pub async fn sync(&mut self, wanted: &BTreeMap<u16, (String, String, usize)>) {
-        self.servers.retain(|port, (ns, name, _, task)| {
+        self.servers.retain(|port, r| {
             let keep = wanted
                 .get(port)
-                .is_some_and(|(n, m, _)| n == ns && m == name);
+                .is_some_and(|(n, m, _)| *n == r.namespace && *m == r.name);
             if !keep {
-                task.abort();
+                r.task.abort();
             }
             keep
         });
         for (&port, (ns, name, count)) in wanted {
-            if let Some((_, _, c, _)) = self.servers.get(&port) {
-                *c.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = *count;
+            if let Some(r) = self.servers.get(&port) {
+                *r.local_endpoints
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = *count;
                 continue;
             }
             let listener = match TcpListener::bind(SocketAddr::new(self.bind, port)).await {
@@ -281,8 +292,13 @@ impl ServiceHealthServers {
                     &[("X-Load-Balancing-Endpoint-Weight", local.to_string())],
                 )
             });
-            self.servers
-                .insert(port, (ns.clone(), name.clone(), counter, task));
+            let responder = Responder {
+                namespace: ns.clone(),
+                name: name.clone(),
+                local_endpoints: counter,
+                task,
+            };
+            self.servers.insert(port, responder);
         }
     }
 
@@ -299,8 +315,6 @@ pub fn serve_metrics(
     registry: Arc<prometheus_client::registry::Registry>,
     explain: Option<tokio::sync::mpsc::UnboundedSender<ExplainRequest>>,
 ) -> JoinHandle<()> {
-    let registry2 = registry.clone();
-    let _ = registry2;
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {

@@ -5,6 +5,8 @@
 
 pub mod cli;
 pub mod compile;
+pub mod config;
+pub mod conntrack;
 pub mod convert;
 pub mod daemon;
 pub mod explain;

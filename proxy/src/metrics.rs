@@ -39,6 +39,8 @@ pub struct Metrics {
     pub invalid_objects: Family<KindLabel, Counter>,
     /// `lb_proxy_watch_errors_total{kind}`.
     pub watch_errors: Family<KindLabel, Counter>,
+    /// `kubeproxy_conntrack_reconciler_deleted_entries_total`.
+    pub conntrack_deleted: Counter,
     /// `kubeproxy_proxy_healthz_total{code}`.
     pub healthz: Family<CodeLabel, Counter>,
     /// `kubeproxy_proxy_livez_total{code}`.
@@ -67,6 +69,7 @@ impl Metrics {
             elements_programmed: Counter::default(),
             invalid_objects: Family::default(),
             watch_errors: Family::default(),
+            conntrack_deleted: Counter::default(),
             healthz: Family::default(),
             livez: Family::default(),
         };

@@ -640,9 +640,9 @@ fn tmp_explore_rehash() {
                     tx.push(Command::DeleteElements {
                         table: id.clone(),
                         set: "endpoints".into(),
-                        keys: (next - 5000..next).map(|i| elem(i).0).collect(),
+                        keys: (next - 10000..next).map(|i| elem(i).0).collect(),
                     });
-                    next -= 5000;
+                    next -= 10000;
                     if next <= 100_000 {
                         removing = false;
                     }
@@ -652,7 +652,7 @@ fn tmp_explore_rehash() {
             next
         });
         let mut results = vec![];
-        for _ in 0..4 {
+        for _ in 0..2 {
             let json = ns
                 .nft(&["-j", "list", "map", "ip", "big", "endpoints"], None)
                 .expect("list");

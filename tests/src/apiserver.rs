@@ -19,6 +19,16 @@
 //! // KUBECONFIG=/tmp/kubeconfig, or kube::Config::from_custom_kubeconfig(…)
 //! ```
 //!
+//! Pointing the client at it: [`ApiServer::write_kubeconfig`] writes a kubeconfig with a plain
+//! `http://` server and no credentials, which `Kubeconfig::read_from`, `Config::infer()` (via
+//! `KUBECONFIG`) and `Config::from_custom_kubeconfig` accept. kube 5 needs only its `client`
+//! feature for `http://`; with `rustls-tls` its connector is built `https_or_http`, so that works
+//! too. One trap: kube takes `HTTPS_PROXY`/`https_proxy` from the environment even for an `http://`
+//! server and, without its `http-proxy` feature, fails to build a client when one is set.
+//!
+//! The listener is the caller's, so it may come from inside a network namespace; the server
+//! thread never binds anything itself, which is also why [`ApiServer::pause`] keeps the socket.
+//!
 //! Where it is not the real thing: no writes over HTTP (only the hooks write), no admission or
 //! validation of object contents, no authn/authz, JSON only (no protobuf, no gzip), every write
 //! through a hook bumps the resourceVersion even when nothing changed, the event log is kept until
@@ -358,7 +368,8 @@ impl ApiServer {
     }
 
     /// Answers the next `n` LIST or WATCH requests with HTTP `status_code` and a `Status` body.
-    /// (kube's client retries 429, 503 and 504 itself, a few times, before a caller sees them.)
+    /// kube's default client retries 429, 503 and 504 itself (up to 15 times, backing off from
+    /// 5 ms) before a caller sees them: use e.g. 500 to reach the watcher at once.
     pub fn fail_next(&self, n: usize, status_code: u16) {
         *lock(&self.shared.faults) = Faults {
             remaining: n,
@@ -1295,8 +1306,6 @@ enum Start {
     },
     /// Live events after this revision.
     After(u64),
-    /// Live events from now.
-    Now,
 }
 
 #[derive(Debug)]
@@ -1342,7 +1351,7 @@ fn start_watch(
                 "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
             ));
         }
-        Some(false) => rv.map_or(Start::Now, Start::After),
+        Some(false) => Start::After(rv.unwrap_or_else(|| *shared.rv.borrow())),
         None => rv.map_or(
             Start::Initial {
                 not_older_than: 0,
@@ -1369,7 +1378,10 @@ fn start_watch(
         shared: Arc::clone(shared),
         conn: Arc::clone(conn),
     };
-    tokio::spawn(run_watch(guard, spec, tx));
+    // Commands issued once the client has the response head apply to this watch, even before
+    // its task first runs.
+    let started = *shared.control.borrow();
+    tokio::spawn(run_watch(guard, started, spec, tx));
     let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
     resp.headers_mut().insert(
@@ -1479,6 +1491,7 @@ fn drain(
 
 async fn run_watch(
     guard: WatchGuard,
+    started: Control,
     spec: WatchSpec,
     tx: mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
 ) {
@@ -1488,7 +1501,6 @@ async fn run_watch(
         kind: spec.kind,
     };
     let mut control = shared.control.subscribe();
-    let started = *control.borrow_and_update();
     let mut rvs = shared.rv.subscribe();
     let deadline = Instant::now() + spec.timeout;
 
@@ -1527,7 +1539,6 @@ async fn run_watch(
             }
             rv
         }
-        Start::Now => *rvs.borrow(),
     };
     rvs.mark_unchanged();
 

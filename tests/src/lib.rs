@@ -29,10 +29,11 @@ pub fn repo() -> PathBuf {
 /// A binary built by this workspace (`lb-proxy`, `lb-testsrv`), next to the test executable.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile> directory");
+    // Tests run from target/<profile>/deps, binaries from target/<profile>.
+    let mut dir = exe.parent().expect("executable directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile> directory");
+    }
     let p = dir.join(name);
     assert!(
         p.exists(),
@@ -226,7 +227,7 @@ impl Topology {
         .arg(kubeconfig)
         .args(["--healthz-bind-address", "127.0.0.1:10256"])
         .args(["--metrics-bind-address", "127.0.0.1:10249"]);
-        if !extra.iter().any(|a| *a == "--min-sync-period") {
+        if !extra.contains(&"--min-sync-period") {
             cmd.args(["--min-sync-period", "0"]);
         }
         cmd.args(extra)

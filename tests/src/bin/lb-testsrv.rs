@@ -6,6 +6,10 @@
 //! lb-testsrv tcp ADDR:PORT [TIMEOUT_MS]     one connection: print the answer or the error
 //! lb-testsrv udp ADDR:PORT [TIMEOUT_MS]     one datagram: print the answer or the error
 //! lb-testsrv tcp-hold ADDR:PORT SECONDS     connect, then send a line every 100 ms
+//! lb-testsrv udp-stream ADDR:PORT COUNT INTERVAL_MS
+//!                                           COUNT datagrams from ONE source port: prints
+//!                                           `PORT <port>`, then `<i> <server>`, `<i> TIMEOUT`
+//!                                           or `<i> REFUSED` per datagram, then `DONE`
 //! ```
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -20,7 +24,8 @@ fn main() -> ExitCode {
         Some("tcp") if args.len() >= 2 => tcp(&args[1], timeout(args.get(2))),
         Some("udp") if args.len() >= 2 => udp(&args[1], timeout(args.get(2))),
         Some("tcp-hold") if args.len() == 3 => hold(&args[1], &args[2]),
-        _ => Err("usage: lb-testsrv serve NAME ADDR... | tcp ADDR [MS] | udp ADDR [MS] | tcp-hold ADDR SECS".into()),
+        Some("udp-stream") if args.len() == 4 => udp_stream(&args[1], &args[2], &args[3]),
+        _ => Err("usage: lb-testsrv serve NAME ADDR... | tcp ADDR [MS] | udp ADDR [MS] | tcp-hold ADDR SECS | udp-stream ADDR COUNT MS".into()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -151,5 +156,72 @@ fn hold(target: &str, secs: &str) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(100));
     }
     println!("HELD {server} {count}");
+    Ok(())
+}
+
+/// Sends `count` datagrams, one every `interval_ms`, all from the same socket (so the same
+/// source port, hence the same conntrack entry while it lives), and reports who answered each.
+/// The socket is connected, so an ICMP port-unreachable (a rejected datagram) reads as
+/// `REFUSED`.
+fn udp_stream(target: &str, count: &str, interval_ms: &str) -> Result<(), String> {
+    let a = addr(target)?;
+    let count: u64 = count.parse().map_err(|_| "bad count".to_string())?;
+    let interval = Duration::from_millis(
+        interval_ms
+            .parse()
+            .map_err(|_| "bad interval".to_string())?,
+    );
+    let bind: SocketAddr = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .expect("literal");
+    let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    s.connect(a).map_err(|e| format!("connect: {e}"))?;
+    let port = s.local_addr().map_err(|e| e.to_string())?.port();
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "PORT {port}");
+    let _ = out.flush();
+    let mut buf = [0u8; 256];
+    for i in 0..count {
+        let started = Instant::now();
+        let deadline = started + interval.max(Duration::from_millis(50));
+        // A pending ICMP error from the previous datagram may be reported by this send.
+        if let Err(e) = s.send(format!("hello {i}\n").as_bytes()) {
+            if e.kind() != std::io::ErrorKind::ConnectionRefused {
+                return Err(format!("send {i}: {e}"));
+            }
+            s.send(format!("hello {i}\n").as_bytes())
+                .map_err(|e| format!("send {i}: {e}"))?;
+        }
+        let outcome = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break "TIMEOUT".to_string();
+            }
+            s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+            match s.recv(&mut buf) {
+                Ok(n) => {
+                    let reply = String::from_utf8_lossy(&buf[..n]);
+                    break reply
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("EMPTY")
+                        .to_string();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    break "REFUSED".to_string();
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(format!("recv {i}: {e}")),
+            }
+        };
+        let _ = writeln!(out, "{i} {outcome}");
+        let _ = out.flush();
+        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+    }
+    let _ = writeln!(out, "DONE");
     Ok(())
 }

@@ -1,0 +1,383 @@
+//! Property tests for the embedder pickers: uniform choice, ClientIP affinity and Maglev.
+//!
+//! The affinity test drives the real table and a deliberately naive model (a `BTreeMap` and the
+//! Kubernetes rule written out longhand) with the same random sequence of picks, endpoint-set
+//! changes, time advances, reaps and removals, and requires identical answers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use lb_core::affinity::{AffinityTable, NewConnection, Outcome};
+use lb_core::maglev::{DEFAULT_TABLE_SIZE, Maglev};
+use lb_core::pick::{uniform, uniform_index};
+use proptest::prelude::*;
+
+// ---------------------------------------------------------------------------------------------
+// Uniform choice
+// ---------------------------------------------------------------------------------------------
+
+proptest! {
+    #[test]
+    fn uniform_pick_always_returns_a_member(
+        candidates in prop::collection::vec(any::<u32>(), 0..50),
+        random in any::<u64>(),
+    ) {
+        match uniform(&candidates, random) {
+            None => prop_assert!(candidates.is_empty()),
+            Some(chosen) => {
+                let i = uniform_index(candidates.len(), random).expect("non-empty");
+                prop_assert!(i < candidates.len());
+                prop_assert!(std::ptr::eq(chosen, &candidates[i]));
+            }
+        }
+    }
+
+    #[test]
+    fn uniform_pick_covers_every_candidate_given_enough_randoms(
+        n in 1usize..=64,
+        randoms in prop::collection::vec(any::<u64>(), 4096),
+    ) {
+        // A given index is missed by 4096 independent draws with probability
+        // (1 - 1/64)^4096 < 1e-27.
+        let candidates: Vec<usize> = (0..n).collect();
+        let hit: BTreeSet<usize> = randoms
+            .iter()
+            .filter_map(|&r| uniform(&candidates, r).copied())
+            .collect();
+        prop_assert_eq!(hit.len(), n);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ClientIP affinity against a model
+// ---------------------------------------------------------------------------------------------
+
+/// Six endpoints exist; an eligibility mask says which serve right now.
+const ENDPOINTS: u32 = 6;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Pick {
+        service: u8,
+        client: u8,
+        timeout_secs: u64,
+        random: u64,
+        /// Use `pick_with`, choosing among the eligible endpoints selected by this mask.
+        with_candidates: Option<u8>,
+    },
+    SetEligible(u8),
+    Advance(Duration),
+    Reap,
+    RemoveEndpoint(u32),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u8..2, 0u8..6, prop::sample::select(vec![1u64, 5, 30]), any::<u64>(),
+              prop::option::of(any::<u8>()))
+            .prop_map(|(service, client, timeout_secs, random, with_candidates)| Op::Pick {
+                service, client, timeout_secs, random, with_candidates
+            }),
+        2 => any::<u8>().prop_map(Op::SetEligible),
+        3 => (0u64..20_000).prop_map(|ms| Op::Advance(Duration::from_millis(ms))),
+        1 => Just(Op::Reap),
+        1 => (0..ENDPOINTS).prop_map(Op::RemoveEndpoint),
+    ]
+}
+
+fn client_ip(client: u8) -> IpAddr {
+    if client % 2 == 0 {
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, client))
+    } else {
+        IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0,
+            0,
+            0,
+            0,
+            0,
+            u16::from(client),
+        ))
+    }
+}
+
+fn endpoints_in(mask: u8) -> Vec<u32> {
+    (0..ENDPOINTS).filter(|e| mask & (1 << e) != 0).collect()
+}
+
+#[derive(Debug, Clone)]
+struct ModelEntry {
+    endpoint: u32,
+    last_new: Instant,
+    timeout: Duration,
+}
+
+impl ModelEntry {
+    fn expired(&self, now: Instant) -> bool {
+        now.duration_since(self.last_new) >= self.timeout
+    }
+}
+
+/// The affinity rule written out longhand.
+#[derive(Debug, Default)]
+struct Model {
+    entries: BTreeMap<(u8, u8), ModelEntry>,
+    max_entries: Option<usize>,
+    overflows: u64,
+}
+
+impl Model {
+    fn pick(
+        &mut self,
+        key: (u8, u8),
+        now: Instant,
+        timeout: Duration,
+        random: u64,
+        eligible: &[u32],
+        candidates: &[u32],
+    ) -> Option<(u32, Outcome)> {
+        if let Some(entry) = self.entries.get_mut(&key) {
+            let outcome = if !entry.expired(now) && eligible.contains(&entry.endpoint) {
+                Outcome::Hit
+            } else {
+                entry.endpoint = *uniform(candidates, random)?;
+                Outcome::Miss
+            };
+            entry.last_new = now;
+            entry.timeout = timeout;
+            return Some((entry.endpoint, outcome));
+        }
+        let endpoint = *uniform(candidates, random)?;
+        let fits = |m: &Self| m.max_entries.is_none_or(|max| m.entries.len() < max);
+        if !fits(self) {
+            self.entries.retain(|_, e| !e.expired(now));
+        }
+        if fits(self) {
+            let entry = ModelEntry {
+                endpoint,
+                last_new: now,
+                timeout,
+            };
+            self.entries.insert(key, entry);
+            Some((endpoint, Outcome::Miss))
+        } else {
+            self.overflows += 1;
+            Some((endpoint, Outcome::Overflow))
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn affinity_never_returns_an_expired_or_ineligible_endpoint_and_matches_the_model(
+        max_entries in prop::sample::select(vec![None, Some(0usize), Some(1), Some(3), Some(8)]),
+        initial_mask in any::<u8>(),
+        ops in prop::collection::vec(op(), 1..80),
+    ) {
+        let services = ["default/a:http", "default/b:dns"];
+        let table: AffinityTable<&str, u32> = match max_entries {
+            None => AffinityTable::new(),
+            Some(max) => AffinityTable::with_max_entries(max),
+        };
+        let mut model = Model { max_entries, ..Model::default() };
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut eligible = endpoints_in(initial_mask);
+
+        for op in ops {
+            match op {
+                Op::Pick { service, client, timeout_secs, random, with_candidates } => {
+                    let timeout = Duration::from_secs(timeout_secs);
+                    let conn = NewConnection {
+                        service: &services[usize::from(service)],
+                        client: client_ip(client),
+                        now,
+                        timeout,
+                        random,
+                    };
+                    let remembered = model.entries.get(&(service, client)).cloned();
+                    let (got, candidates) = match with_candidates {
+                        None => (table.pick(conn, &eligible), eligible.clone()),
+                        Some(mask) => {
+                            let candidates: Vec<u32> =
+                                eligible.iter().copied().filter(|e| mask & (1 << e) != 0).collect();
+                            let got = table.pick_with(conn, |e| eligible.contains(e), &candidates);
+                            (got, candidates)
+                        }
+                    };
+                    let want =
+                        model.pick((service, client), now, timeout, random, &eligible, &candidates);
+                    let got = got.map(|p| (p.endpoint, p.outcome));
+                    prop_assert_eq!(got, want);
+                    if let Some((endpoint, outcome)) = got {
+                        prop_assert!(eligible.contains(&endpoint), "{} is not eligible", endpoint);
+                        if outcome == Outcome::Hit {
+                            let before = remembered.expect("a hit needs an entry");
+                            prop_assert!(!before.expired(now));
+                            prop_assert_eq!(before.endpoint, endpoint);
+                        }
+                    }
+                }
+                Op::SetEligible(mask) => eligible = endpoints_in(mask),
+                Op::Advance(d) => now += d,
+                Op::Reap => {
+                    let before = model.entries.len();
+                    model.entries.retain(|_, e| !e.expired(now));
+                    prop_assert_eq!(table.reap(now), before - model.entries.len());
+                }
+                Op::RemoveEndpoint(endpoint) => {
+                    let before = model.entries.len();
+                    model.entries.retain(|_, e| e.endpoint != endpoint);
+                    prop_assert_eq!(table.remove_endpoint(&endpoint), before - model.entries.len());
+                }
+            }
+            prop_assert_eq!(table.len(), model.entries.len());
+            if let Some(max) = max_entries {
+                prop_assert!(table.len() <= max);
+            }
+            prop_assert_eq!(table.overflows(), model.overflows);
+            for service in 0..2u8 {
+                for client in 0..6u8 {
+                    let want = model
+                        .entries
+                        .get(&(service, client))
+                        .filter(|e| !e.expired(now))
+                        .map(|e| e.endpoint);
+                    let got = table.peek(&services[usize::from(service)], client_ip(client), now);
+                    prop_assert_eq!(got, want);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Maglev
+// ---------------------------------------------------------------------------------------------
+
+/// Distinct backend identities, shaped like `address:port`.
+fn backend_names(sizes: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Vec<String>> {
+    prop::collection::btree_set("[0-9a-f:.]{1,20}", sizes).prop_map(|s| s.into_iter().collect())
+}
+
+fn slot_counts(table: &Maglev) -> Vec<usize> {
+    let mut counts = vec![0; table.backend_count()];
+    for &b in table.slots() {
+        counts[b as usize] += 1;
+    }
+    counts
+}
+
+/// Per-removal slack on top of the ideal `1 / N` moved fraction, and the most slots not owned by
+/// the removed backend that may change owner, both as fractions of the table.
+///
+/// Measured with M = 65,537 over ~50,000 removals from random backend sets: the mean excess is
+/// 0.0003 (N = 3) to 0.005 (N = 64), but the tail is heavy for small N (worst excess 0.050 and
+/// worst collateral 0.076, both at N = 3; 0.045 at N = 24), because the last slots to fill are
+/// claimed by whoever reaches them first and one removal can reshuffle that endgame. 0.10 is
+/// about twice the worst seen. The mean is checked tightly by a separate test below.
+const REMOVAL_SLACK: f64 = 0.10;
+
+proptest! {
+    #[test]
+    fn maglev_shares_differ_by_at_most_one_slot(
+        names in backend_names(1..=60),
+        table_size in prop::sample::select(vec![61u32, 67, 251, 1009, 4099]),
+    ) {
+        let table = Maglev::new(&names, table_size).expect("valid input");
+        prop_assert_eq!(table.slots().len(), table_size as usize);
+        let counts = slot_counts(&table);
+        let n = names.len();
+        let m = table_size as usize;
+        for &c in &counts {
+            prop_assert!(c == m / n || c == m.div_ceil(n), "{c} slots of {m} for {n} backends");
+        }
+    }
+
+    #[test]
+    fn maglev_lookup_always_names_a_backend(
+        names in backend_names(1..=20),
+        flow_hash in any::<u64>(),
+    ) {
+        let table = Maglev::new(&names, 251).expect("valid input");
+        let backend = table.lookup(flow_hash).expect("backends exist");
+        prop_assert!(backend < names.len());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn maglev_removal_moves_about_one_nth_of_the_table(
+        names in backend_names(2..=40),
+        removed in any::<prop::sample::Index>(),
+    ) {
+        let removed = removed.index(names.len());
+        let m = DEFAULT_TABLE_SIZE as usize;
+        let n = names.len();
+        let before = Maglev::new(&names, DEFAULT_TABLE_SIZE).expect("valid input");
+        let rest: Vec<&String> =
+            names.iter().enumerate().filter(|&(i, _)| i != removed).map(|(_, s)| s).collect();
+        let after = Maglev::new(&rest, DEFAULT_TABLE_SIZE).expect("valid input");
+
+        let mut removed_share = 0usize;
+        let mut collateral = 0usize;
+        for (&b, &a) in before.slots().iter().zip(after.slots()) {
+            let (b, a) = (b as usize, a as usize);
+            if b == removed {
+                removed_share += 1;
+            } else if names[b] != *rest[a] {
+                collateral += 1;
+            }
+        }
+        let moved = removed_share + collateral;
+        prop_assert!(removed_share >= m / n, "removed backend owned only {removed_share}");
+        prop_assert!(moved >= removed_share);
+        let moved_fraction = moved as f64 / m as f64;
+        prop_assert!(
+            moved_fraction <= 1.0 / n as f64 + REMOVAL_SLACK,
+            "moved {moved_fraction:.4} of the table for N = {n}"
+        );
+        let collateral_fraction = collateral as f64 / (m - removed_share) as f64;
+        prop_assert!(
+            collateral_fraction <= REMOVAL_SLACK,
+            "{collateral_fraction:.4} of the other backends' slots moved"
+        );
+    }
+}
+
+#[test]
+fn maglev_removal_disturbs_other_backends_little_on_average() {
+    // 40 fixed backend sets of 20, each losing its first, middle and last member: the mean
+    // collateral movement measured 0.003 to 0.004 of the table.
+    let mut collateral_sum = 0.0;
+    let mut trials = 0;
+    for set in 0..40 {
+        let names: Vec<String> = (0..20).map(|i| format!("10.{set}.0.{i}:8080")).collect();
+        let before = Maglev::new(&names, DEFAULT_TABLE_SIZE).expect("valid input");
+        for removed in [0, 10, 19] {
+            let rest: Vec<&String> = names
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != removed)
+                .map(|(_, s)| s)
+                .collect();
+            let after = Maglev::new(&rest, DEFAULT_TABLE_SIZE).expect("valid input");
+            let collateral = before
+                .slots()
+                .iter()
+                .zip(after.slots())
+                .filter(|&(&b, &a)| b as usize != removed && names[b as usize] != *rest[a as usize])
+                .count();
+            collateral_sum += collateral as f64 / f64::from(DEFAULT_TABLE_SIZE);
+            trials += 1;
+        }
+    }
+    let mean = collateral_sum / f64::from(trials);
+    assert!(mean <= 0.01, "mean collateral movement {mean:.4}");
+}
