@@ -14,6 +14,9 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use lb_core::affinity::{AffinityTable, NewConnection, Outcome};
 use lb_core::maglev::{DEFAULT_TABLE_SIZE, Maglev};
 use lb_core::pick;
+use lb_core::{
+    Conditions, Endpoint, Node, Protocol, ServicePort, ServiceType, TrafficPolicy, categorize,
+};
 
 /// Threads picking concurrently in the affinity benches.
 const THREADS: u32 = 2;
@@ -223,9 +226,55 @@ fn maglev_benches(c: &mut Criterion) {
     group.finish();
 }
 
-/// Categorisation benches: the lead adds them here (for example categorising a Service with
-/// 1,000 endpoints across zones and nodes). Registered in the group below; a no-op until then.
-fn categorize_benches(_c: &mut Criterion) {}
+/// Endpoints of a Service spread over 3 zones and 50 nodes; with `hints`, each carries a zone
+/// hint for its own zone (what the EndpointSlice controller writes for PreferSameZone).
+fn zoned_endpoints(n: usize, hints: bool) -> Vec<Endpoint> {
+    (0..n)
+        .map(|i| {
+            let zone = format!("zone-{}", i % 3);
+            let mut b = Endpoint::builder(
+                &format!("10.{}.{}.{}", 1 + i / 65536, (i / 256) % 256, i % 256),
+                8080,
+            )
+            .node_name(&format!("node-{}", i % 50))
+            .zone(&zone);
+            if hints {
+                b = b.hints_for_zones([zone.as_str()]);
+            }
+            if i % 10 == 9 {
+                b = b.conditions(Conditions::SERVING_TERMINATING);
+            }
+            b.build().expect("bench endpoint is valid")
+        })
+        .collect()
+}
+
+/// Categorising 10, 100 and 1000 endpoints, with and without zone hints, for a NodePort
+/// Service with externalTrafficPolicy Local (so both the cluster and the local sets are built).
+fn categorize_benches(c: &mut Criterion) {
+    let svc = ServicePort::builder("bench", "web", "http", Protocol::Tcp, 80)
+        .cluster_ips(["10.96.0.10"])
+        .service_type(ServiceType::NodePort)
+        .node_port(30080)
+        .external_traffic_policy(TrafficPolicy::Local)
+        .build()
+        .expect("bench service is valid");
+    let node = Node::new("node-7", Some("zone-1")).expect("bench node is valid");
+    let mut group = c.benchmark_group("categorize");
+    for n in [10, 100, 1000] {
+        for hints in [false, true] {
+            let eps = zoned_endpoints(n, hints);
+            let name = format!("{n}_endpoints{}", if hints { "_zone_hints" } else { "" });
+            group.bench_function(name, |b| {
+                b.iter(|| {
+                    let r = categorize(black_box(&svc), black_box(&eps), &node);
+                    black_box(r.cluster_indices().len() + r.local_indices().len())
+                })
+            });
+        }
+    }
+    group.finish();
+}
 
 fn config() -> Criterion {
     Criterion::default()

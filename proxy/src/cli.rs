@@ -71,6 +71,10 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Ask the running daemon instead of reading manifests: its metrics address
+        /// (`ADDR:PORT`, e.g. 127.0.0.1:10249).
+        #[arg(long)]
+        live: Option<std::net::SocketAddr>,
     },
     /// Remove everything lb-proxy installed in the current network namespace.
     Cleanup {
@@ -147,7 +151,7 @@ pub struct DaemonArgs {
 pub struct ManifestArgs {
     /// YAML or JSON files or directories with Services, EndpointSlices and Nodes, in the shapes
     /// `kubectl get -o yaml` prints (multi-document and `List` included).
-    #[arg(long = "manifests", short = 'f', required = true, num_args = 1..)]
+    #[arg(long = "manifests", short = 'f', num_args = 1..)]
     pub paths: Vec<PathBuf>,
     /// This node's name (defaults to the only Node in the manifests).
     #[arg(long, env = "NODE_NAME")]
@@ -199,6 +203,9 @@ impl ManifestArgs {
     /// Re-reads the manifests into `store` (replacing what it held, as a re-list would),
     /// reporting bad objects on stderr.
     fn reload(&self, store: &mut Store) -> anyhow::Result<()> {
+        if self.paths.is_empty() {
+            bail!("-f/--manifests: give at least one file or directory");
+        }
         let (objects, errors) = Objects::read_paths(&self.paths);
         for e in &errors {
             eprintln!("lb-proxy: skipped: {e}");
@@ -273,9 +280,26 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             from,
             from_node,
             json,
+            live,
         } => {
-            let (to, port, protocol) =
+            let (to_ip, port, protocol) =
                 crate::explain::parse_destination(&to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+            if let Some(addr) = live {
+                let path = format!("/explain?to={to}&from={from}&fromNode={from_node}");
+                let (status, body) = http_get(addr, &path)?;
+                if status != 200 {
+                    bail!("{addr}{path}: HTTP {status}: {}", body.trim());
+                }
+                if json {
+                    println!("{}", body.trim());
+                } else {
+                    let e: crate::explain::Explanation =
+                        serde_json::from_str(&body).context("decoding the daemon's answer")?;
+                    print!("{e}");
+                }
+                return Ok(());
+            }
+            let to = to_ip;
             let mut store = Store::new();
             manifests.reload(&mut store)?;
             let snap = store.snapshot().context("node unknown")?;
@@ -365,6 +389,25 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         registry,
         shutdown_signal(),
     ))
+}
+
+/// A plain HTTP/1.0 GET on a local address: (status, body).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::Read as _;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .context("socket timeout")?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").context("sending the request")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).context("reading the answer")?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("{addr}: not an HTTP answer"))?;
+    Ok((status, body.to_string()))
 }
 
 /// Resolves on SIGTERM or SIGINT.

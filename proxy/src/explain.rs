@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use lb_core::{EndpointSet, IpFamily, Protocol, ServicePort, categorize};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::compile::Config;
 use crate::store::Snapshot;
@@ -35,7 +35,7 @@ pub struct Query {
 }
 
 /// How the destination was matched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Entry {
     /// A cluster IP.
@@ -49,7 +49,7 @@ pub enum Entry {
 }
 
 /// One endpoint and its verdict.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointVerdict {
     /// `ip:port`.
     pub endpoint: String,
@@ -62,7 +62,7 @@ pub struct EndpointVerdict {
 }
 
 /// The answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Explanation {
     /// The Service port hit (`ns/name:port`), or `None` when nothing matches.
     pub service_port: Option<String>,

@@ -159,6 +159,7 @@ where
                     async move { Ok::<_, Infallible>(r) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .title_case_headers(true)
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
             });
@@ -329,6 +330,7 @@ pub fn serve_metrics(
                     async move { Ok::<_, Infallible>(metrics_route(req, &registry, explain).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .title_case_headers(true)
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
             });

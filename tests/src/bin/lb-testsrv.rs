@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         Some("tcp") if args.len() >= 2 => tcp(&args[1], timeout(args.get(2))),
         Some("udp") if args.len() >= 2 => udp(&args[1], timeout(args.get(2))),
         Some("tcp-hold") if args.len() == 3 => hold(&args[1], &args[2]),
+        Some("http") if args.len() == 3 => http(&args[1], &args[2]),
         Some("udp-stream") if args.len() == 4 => udp_stream(&args[1], &args[2], &args[3]),
         _ => Err("usage: lb-testsrv serve NAME ADDR... | tcp ADDR [MS] | udp ADDR [MS] | tcp-hold ADDR SECS | udp-stream ADDR COUNT MS".into()),
     };
@@ -93,6 +94,22 @@ fn handle_tcp(mut conn: TcpStream, name: &str) {
         }
         line.clear();
     }
+}
+
+/// `http ADDR:PORT PATH`: one HTTP/1.0 GET; prints the status line, the headers and the body.
+fn http(target: &str, path: &str) -> Result<(), String> {
+    let a = addr(target)?;
+    let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(2))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {target}\r\n\r\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .map_err(|e| format!("read: {e}"))?;
+    print!("{out}");
+    Ok(())
 }
 
 fn tcp(target: &str, t: Duration) -> Result<(), String> {
