@@ -199,7 +199,7 @@ impl Fam {
     fn loopback(self) -> Value {
         match self.family {
             IpFamily::V4 => Value::Ipv4Net("127.0.0.0/8".parse().expect("valid literal")),
-            IpFamily::V6 => Value::Ipv6Net("::1/128".parse().expect("valid literal")),
+            IpFamily::V6 => Value::Ipv6(std::net::Ipv6Addr::LOCALHOST),
         }
     }
 }

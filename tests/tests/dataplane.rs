@@ -353,3 +353,54 @@ fn an_endpoint_change_applies_without_disturbing_established_connections() {
         "the established connection survived: {held}"
     );
 }
+
+#[test]
+fn the_ruleset_read_back_with_nft_json_matches_the_ir() {
+    use lb_proxy::nft::json::{from_nft_json, json_view};
+    let mut t = Topology::up(1);
+    let example = lb_e2e::repo().join("examples/cluster");
+    for f in ["node.yaml", "services.yaml", "endpointslices.yaml"] {
+        let text = std::fs::read_to_string(example.join(f)).expect("example manifest");
+        t.write_manifest(f, &text);
+    }
+    // The bundled example plus a Service with ClientIP affinity and source ranges, so every
+    // kind of object the compiler emits is read back.
+    t.write_manifest(
+        "extra.yaml",
+        &service(
+            "sticky",
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.70\n  sessionAffinity: ClientIP\n  loadBalancerSourceRanges: [\"10.100.0.0/24\"]\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30070\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.70\n",
+        ),
+    );
+    t.start_proxy(&[]);
+    let args = lb_proxy::cli::ManifestArgs {
+        paths: vec![t.dir.clone()],
+        node: Some("node-a".into()),
+        cluster_cidr: vec![
+            "10.244.0.0/16".parse().expect("cidr"),
+            "fd00:244::/32".parse().expect("cidr"),
+        ],
+        nodeport_addresses: vec![],
+        masquerade_all: false,
+        masquerade_bit: 14,
+        table: lb_proxy::compile::TABLE.into(),
+        service_proxy_name: None,
+    };
+    let desired = args.desired().expect("compile the manifests");
+    let kernel = from_nft_json(&t.nft_json()).expect("parse nft -j list ruleset");
+    let want = json_view(&desired);
+    assert_eq!(
+        kernel.tables.keys().collect::<Vec<_>>(),
+        want.tables.keys().collect::<Vec<_>>()
+    );
+    for (id, table) in &want.tables {
+        let have = &kernel.tables[id];
+        for (name, set) in &table.sets {
+            assert_eq!(have.sets.get(name), Some(set), "set {name} of {id}");
+        }
+        for (name, chain) in &table.chains {
+            assert_eq!(have.chains.get(name), Some(chain), "chain {name} of {id}");
+        }
+        assert_eq!(have, table, "table {id}");
+    }
+}
