@@ -130,23 +130,22 @@ pub async fn run<B: Backend + Send + 'static>(
 ) -> anyhow::Result<()> {
     let client = client(config.kubeconfig.as_ref()).await?;
     let health = Arc::new(ProxyHealth::new(config.sync_period * 2));
+    // As kube-proxy (bindAddressHardFail false): a port that cannot be bound yet (say, the old
+    // proxy still holds it) is retried in the background; the dataplane does not wait for it.
     let mut servers = Vec::new();
     if let Some(addr) = config.healthz_bind {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the health server to {addr}"))?;
-        servers.push(crate::health::serve_health(
-            l,
-            health.clone(),
-            metrics.clone(),
-        ));
+        let (health, metrics) = (health.clone(), metrics.clone());
+        servers.push(tokio::spawn(async move {
+            let l = bind_retrying(addr, "health").await;
+            let _ = crate::health::serve_health(l, health, metrics).await;
+        }));
     }
     let (explain_tx, explain_rx) = mpsc::unbounded_channel();
     if let Some(addr) = config.metrics_bind {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the metrics server to {addr}"))?;
-        servers.push(crate::health::serve_metrics(l, registry, Some(explain_tx)));
+        servers.push(tokio::spawn(async move {
+            let l = bind_retrying(addr, "metrics").await;
+            let _ = crate::health::serve_metrics(l, registry, Some(explain_tx)).await;
+        }));
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let filter = Filter {
@@ -186,6 +185,19 @@ pub async fn run<B: Backend + Send + 'static>(
         t.abort();
     }
     result
+}
+
+/// Binds `addr`, retrying every 5 s (and logging) until it succeeds.
+async fn bind_retrying(addr: std::net::SocketAddr, what: &'static str) -> tokio::net::TcpListener {
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot bind the {what} server; retrying in 5 s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
 }
 
 fn invalid(metrics: &Metrics, kind: &'static str, e: &convert::ConvertError) {

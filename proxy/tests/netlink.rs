@@ -4,7 +4,7 @@
 //! thread that entered it, reads it back with `nft -j list ruleset` inside it, and deletes it
 //! on drop (also on panic). The root namespace is never touched.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Command as Proc, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -13,6 +13,7 @@ use lb_proxy::nft::diff::diff;
 use lb_proxy::nft::fake::Fake;
 use lb_proxy::nft::ir::*;
 use lb_proxy::nft::json::{from_nft_json, json_view};
+use lb_proxy::nft::netlink::encode::tuple_bytes;
 use lb_proxy::nft::netlink::{Netlink, enter_netns};
 use lb_proxy::nft::testing::{
     firewall_key, firewall_ruleset, firewall_table_id, sample_ruleset, sample_ruleset_v6, table_id,
@@ -24,9 +25,29 @@ struct NetNs {
     name: String,
 }
 
+/// Deletes the namespaces of earlier runs of this suite that were killed before their
+/// guards dropped: `lbt-<pid>-<n>` whose process is gone. Others' namespaces never match.
+fn remove_stale_namespaces() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((pid, n)) = name.strip_prefix("lbt-").and_then(|r| r.split_once('-')) else {
+            continue;
+        };
+        let ours = pid.parse::<u32>().is_ok() && n.parse::<u32>().is_ok();
+        if ours && !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = Proc::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}
+
 impl NetNs {
     fn new() -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
+        static STALE: std::sync::Once = std::sync::Once::new();
+        STALE.call_once(remove_stale_namespaces);
         let name = format!(
             "lbt-{}-{}",
             std::process::id(),
@@ -256,14 +277,16 @@ fn libc_eexist() -> i32 {
     17
 }
 
+/// Regression (a run listed 98,410 of 100,000 elements): the kernel held all of them; the
+/// listing had raced the kernel's resize of the hash table, which makes one dump repeat some
+/// elements and miss as many (see `Netlink::dump_elements`). What the kernel holds is asked
+/// key by key and by a dump checked for repeats; nft's own listing is retried.
 #[test]
 fn netlink_applies_100k_elements_in_one_transaction() {
     let ns = NetNs::new();
+    let id = TableId::new(Family::Ip, "big");
     let mut rs = Ruleset::default();
-    let t = rs
-        .tables
-        .entry(TableId::new(Family::Ip, "big"))
-        .or_default();
+    let t = rs.tables.entry(id.clone()).or_default();
     let mut s = Set::new(SetSpec::map(
         KeySpec::Types(vec![
             DataType::Ipv4Addr,
@@ -285,25 +308,51 @@ fn netlink_applies_100k_elements_in_one_transaction() {
             ]),
         );
     }
+    let keys: Vec<Key> = s.elements.keys().cloned().collect();
     t.sets.insert("endpoints".into(), s);
     let tx = Transaction::create(&rs);
     assert_eq!(tx.element_count(), 100_000);
-    ns.apply(&tx).expect("one batch of 100k elements");
-    let text = ns
-        .nft(&["list", "map", "ip", "big", "endpoints"], None)
-        .expect("list map");
-    // One " : " per element plus the type line.
-    assert_eq!(text.matches(" : ").count(), 100_001, "text listing");
-    let json = ns
-        .nft(&["-j", "list", "map", "ip", "big", "endpoints"], None)
-        .expect("list map");
-    let listed = from_nft_json(&json).expect("parse");
-    let n: BTreeMap<_, _> = listed.tables[&TableId::new(Family::Ip, "big")].sets["endpoints"]
-        .elements
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    assert_eq!(n.len(), 100_000);
+    let (missing, dumped) = ns
+        .run(|| {
+            let mut nl = Netlink::new()?;
+            nl.apply(&tx)?;
+            let missing = nl.missing_elements(&id, "endpoints", &keys)?;
+            Ok::<_, ApplyError>((missing, nl.dump_elements(&id, "endpoints")?))
+        })
+        .expect("apply, look up and dump 100k elements");
+    assert!(
+        missing.is_empty(),
+        "{} of 100000 keys not in the kernel, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    let want: BTreeSet<Vec<u8>> = keys.iter().map(|k| tuple_bytes(k)).collect();
+    let got: BTreeSet<Vec<u8>> = dumped.into_iter().map(|e| e.key).collect();
+    assert_eq!(got.len(), 100_000, "distinct keys in a consistent dump");
+    assert!(got == want, "the dump holds other keys than applied");
+
+    // nft's listing parses our encoding of every element. It has no consistency check, so
+    // a listing that raced a resize is retried.
+    let mut last = (0, 0);
+    for attempt in 0..3 {
+        if attempt > 0 {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        let json = ns
+            .nft(&["-j", "list", "map", "ip", "big", "endpoints"], None)
+            .expect("list map");
+        let listed = from_nft_json(&json).expect("parse");
+        let n = listed.tables[&id].sets["endpoints"].elements.len();
+        let text = ns
+            .nft(&["list", "map", "ip", "big", "endpoints"], None)
+            .expect("list map");
+        // One " : " per element plus the type line.
+        last = (n, text.matches(" : ").count() - 1);
+        if last == (100_000, 100_000) {
+            return;
+        }
+    }
+    panic!("nft listed (json, text) = {last:?} of 100000 elements in 3 attempts");
 }
 
 /// Applies `rs` over netlink and checks the listing, then applies a delta and its reverse.
@@ -426,6 +475,24 @@ fn check_interval_sets(family: Family) {
         );
     }
 
+    // Asked key by key, the kernel names exactly the keys it lacks (with a range end for
+    // the concatenation, by its start for the single-field set).
+    for set in ["firewall-allow", "nodeport-ips"] {
+        let mut keys: Vec<Key> = rs.tables[&id].sets[set].elements.keys().cloned().collect();
+        let absent = keys[0].iter().map(|v| match v {
+            Value::Ipv4Net(_) => Value::Ipv4Net("198.51.100.0/24".parse().expect("p")),
+            Value::Ipv6Net(_) => Value::Ipv6Net("2001:db8:ff::/48".parse().expect("p")),
+            other => *other,
+        });
+        let absent: Key = absent.collect();
+        keys.insert(1, absent.clone());
+        keys.push(absent.clone());
+        let missing = ns
+            .run(|| Netlink::new()?.missing_elements(&id, set, &keys))
+            .expect("look up");
+        assert_eq!(missing, vec![absent.clone(), absent], "{set}");
+    }
+
     // Incremental changes: one range removed and one added, in both directions.
     let want = firewall_changed(&rs, family);
     ns.apply(&diff(&rs, &want)).expect("apply delta");
@@ -508,166 +575,4 @@ fn netlink_ip6_table_lists_back_with_ip6_daddr_in_typeof_map_data() {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
     assert!(!text.contains(": ip6 saddr"), "{text}");
-}
-
-#[test]
-#[ignore]
-fn tmp_explore_100k() {
-    let ns = NetNs::new();
-    let mut rs = Ruleset::default();
-    let t = rs
-        .tables
-        .entry(TableId::new(Family::Ip, "big"))
-        .or_default();
-    let mut s = Set::new(SetSpec::map(
-        KeySpec::Types(vec![
-            DataType::Ipv4Addr,
-            DataType::InetProto,
-            DataType::InetService,
-        ]),
-        MapData::Values(KeySpec::Types(vec![
-            DataType::Ipv4Addr,
-            DataType::InetService,
-        ])),
-    ));
-    for i in 0..100_000u32 {
-        let vip = std::net::Ipv4Addr::from(0x0a60_0000 + i);
-        s.elements.insert(
-            vec![Value::Ipv4(vip), Value::TCP, Value::Port(80)],
-            Element::values(vec![
-                Value::Ipv4(std::net::Ipv4Addr::from(0x0af4_0000 + i)),
-                Value::Port(8080),
-            ]),
-        );
-    }
-    t.sets.insert("endpoints".into(), s);
-    let tx = Transaction::create(&rs);
-    let start = std::time::Instant::now();
-    ns.apply(&tx).expect("one batch of 100k elements");
-    eprintln!("applied in {:?}", start.elapsed());
-    for round in 0..6 {
-        let text = ns
-            .nft(&["list", "map", "ip", "big", "endpoints"], None)
-            .expect("list map");
-        let json = ns
-            .nft(&["-j", "list", "map", "ip", "big", "endpoints"], None)
-            .expect("list map");
-        let listed = from_nft_json(&json).expect("parse");
-        let n = listed.tables[&TableId::new(Family::Ip, "big")].sets["endpoints"]
-            .elements
-            .len();
-        let jn = json.matches("\"concat\"").count();
-        eprintln!(
-            "round {round} at {:?}: text {} json-unique {n} json-raw {}",
-            start.elapsed(),
-            text.matches(" : ").count() - 1,
-            jn / 2
-        );
-    }
-}
-
-#[test]
-#[ignore]
-fn tmp_explore_rehash() {
-    use std::sync::atomic::AtomicBool;
-    let ns = NetNs::new();
-    let id = TableId::new(Family::Ip, "big");
-    let spec = SetSpec::map(
-        KeySpec::Types(vec![
-            DataType::Ipv4Addr,
-            DataType::InetProto,
-            DataType::InetService,
-        ]),
-        MapData::Values(KeySpec::Types(vec![
-            DataType::Ipv4Addr,
-            DataType::InetService,
-        ])),
-    );
-    let elem = |i: u32| {
-        (
-            vec![
-                Value::Ipv4(std::net::Ipv4Addr::from(0x0a60_0000 + i)),
-                Value::TCP,
-                Value::Port(80),
-            ],
-            Element::values(vec![
-                Value::Ipv4(std::net::Ipv4Addr::from(0x0af4_0000 + i)),
-                Value::Port(8080),
-            ]),
-        )
-    };
-    let mut rs = Ruleset::default();
-    let mut s = Set::new(spec);
-    for i in 0..100_000u32 {
-        let (k, e) = elem(i);
-        s.elements.insert(k, e);
-    }
-    rs.tables
-        .entry(id.clone())
-        .or_default()
-        .sets
-        .insert("endpoints".into(), s);
-    ns.apply(&Transaction::create(&rs)).expect("apply");
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let count_orig = |json: &str| {
-        let listed = from_nft_json(json).expect("parse");
-        let els = &listed.tables[&id].sets["endpoints"].elements;
-        (0..100_000u32)
-            .filter(|i| els.contains_key(&elem(*i).0))
-            .count()
-    };
-    let stop = AtomicBool::new(false);
-    let path = ns.path();
-    let added = std::thread::scope(|sc| {
-        let h = sc.spawn(|| {
-            enter_netns(&path).expect("setns");
-            let mut nl = Netlink::new().expect("nl");
-            let mut next = 100_000u32;
-            let mut removing = false;
-            while !stop.load(Ordering::SeqCst) {
-                let mut tx = Transaction::new();
-                if !removing {
-                    tx.push(Command::AddElements {
-                        table: id.clone(),
-                        set: "endpoints".into(),
-                        elements: (next..next + 5000).map(elem).collect(),
-                    });
-                    next += 5000;
-                    if next >= 400_000 {
-                        removing = true;
-                    }
-                } else {
-                    tx.push(Command::DeleteElements {
-                        table: id.clone(),
-                        set: "endpoints".into(),
-                        keys: (next - 10000..next).map(|i| elem(i).0).collect(),
-                    });
-                    next -= 10000;
-                    if next <= 100_000 {
-                        removing = false;
-                    }
-                }
-                nl.apply(&tx).expect("churn");
-            }
-            next
-        });
-        let mut results = vec![];
-        for _ in 0..2 {
-            let json = ns
-                .nft(&["-j", "list", "map", "ip", "big", "endpoints"], None)
-                .expect("list");
-            results.push(count_orig(&json));
-        }
-        stop.store(true, Ordering::SeqCst);
-        let n = h.join().expect("churn thread");
-        eprintln!("original elements seen during churn: {results:?} (churn at {n})");
-        n
-    });
-    let json = ns
-        .nft(&["-j", "list", "map", "ip", "big", "endpoints"], None)
-        .expect("list");
-    eprintln!(
-        "after churn: {} of the originals, churn end {added}",
-        count_orig(&json)
-    );
 }

@@ -693,6 +693,23 @@ impl Socket {
     }
 }
 
+impl Socket {
+    /// Receives one datagram, waiting at most `timeout_ms` for it; `Ok(0)` on timeout.
+    pub fn recv_wait(&self, buf: &mut [u8], timeout_ms: i32) -> io::Result<usize> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: pfd is one live pollfd.
+        let n = check(unsafe { libc::poll(&mut pfd, 1, timeout_ms) })?;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.recv_nonblocking(buf)
+    }
+}
+
 /// Moves the calling *thread* into the network namespace `ns` (e.g. an open
 /// `/run/netns/NAME`). Sockets opened afterwards by this thread live in that namespace.
 pub fn enter_netns(ns: &std::fs::File) -> io::Result<()> {
