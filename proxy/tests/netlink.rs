@@ -500,37 +500,51 @@ fn check_interval_sets(family: Family) {
     ns.apply(&diff(&want, &rs)).expect("apply reverse delta");
     assert_same(&ns.listing(), &json_view(&rs), "after reverse delta");
 
-    // An overlapping range is refused by the kernel and the fake alike, and nothing changes.
-    let (vip, over) = if v6 {
-        ("2001:db8::50", "fd00:100::/56")
+    // An overlapping range is refused by the kernel and the fake alike, and nothing changes:
+    // in the concatenation (pipapo) and in the single-field set (rbtree).
+    let (vip, over, np_over) = if v6 {
+        ("2001:db8::50", "fd00:100::/56", "fd00:1::/63")
     } else {
-        ("192.0.2.50", "10.100.0.0/23")
+        ("192.0.2.50", "10.100.0.0/23", "10.0.0.0/23")
     };
-    let mut tx = Transaction::new();
-    tx.push(Command::AddElements {
-        table: id.clone(),
-        set: "firewall-allow".into(),
-        elements: vec![(firewall_key(vip, Value::TCP, 80, over), Element::key_only())],
-    });
-    match ns.apply(&tx) {
-        Err(ApplyError::Kernel { source, .. }) => {
-            assert_eq!(source.raw_os_error(), Some(libc_eexist()))
-        }
-        other => panic!("expected EEXIST for an overlapping range, got {other:?}"),
-    }
+    let np_key = if v6 {
+        Value::Ipv6Net(np_over.parse().expect("test prefix"))
+    } else {
+        Value::Ipv4Net(np_over.parse().expect("test prefix"))
+    };
     let mut fake = Fake::default();
     fake.apply(&Transaction::create(&rs)).expect("fake create");
-    let err = fake
-        .apply(&tx)
-        .expect_err("the fake refuses the overlap too");
-    assert!(err.to_string().contains("overlaps"), "{err}");
-    assert_same(&ns.listing(), &json_view(&rs), "after the refused overlap");
+    for (set, key) in [
+        ("firewall-allow", firewall_key(vip, Value::TCP, 80, over)),
+        ("nodeport-ips", vec![np_key]),
+    ] {
+        let mut tx = Transaction::new();
+        tx.push(Command::AddElements {
+            table: id.clone(),
+            set: set.into(),
+            elements: vec![(key, Element::key_only())],
+        });
+        match ns.apply(&tx) {
+            Err(ApplyError::Kernel { source, .. }) => {
+                assert_eq!(source.raw_os_error(), Some(libc_eexist()), "{set}")
+            }
+            other => panic!("expected EEXIST for an overlapping range in {set}, got {other:?}"),
+        }
+        let err = fake
+            .apply(&tx)
+            .expect_err("the fake refuses the overlap too");
+        assert!(err.to_string().contains("overlaps"), "{err}");
+    }
+    assert_same(&ns.listing(), &json_view(&rs), "after the refused overlaps");
 
     // nft itself loads the rendered text and lists the same ruleset.
     let ns2 = NetNs::new();
     ns2.nft(&["-f", "-"], Some(&Transaction::create(&rs).to_nft()))
         .expect("nft -f of the transaction");
     assert_same(&ns2.listing(), &json_view(&rs), "nft -f of the transaction");
+    ns2.nft(&["-f", "-"], Some(&diff(&rs, &want).to_nft()))
+        .expect("nft -f of the delta");
+    assert_same(&ns2.listing(), &json_view(&want), "nft -f of the delta");
     let ns3 = NetNs::new();
     ns3.nft(&["-f", "-"], Some(&rs.to_nft()))
         .expect("nft -f of the block render");

@@ -277,7 +277,10 @@ pub enum MapData {
 pub struct SetFlags {
     /// `constant`: elements cannot change after creation.
     pub constant: bool,
-    /// `interval`: elements are prefixes/ranges (single-field keys only here).
+    /// `interval`: the key's last field is an address given as a prefix (a single address
+    /// is a /32 or /128); other fields of a concatenated key are exact values, e.g.
+    /// `192.0.2.50 . tcp . 80 . 10.100.0.0/24`. Ranges must not overlap (the kernel
+    /// refuses an overlapping element): merge prefixes first.
     pub interval: bool,
     /// `timeout`: elements may expire.
     pub timeout: bool,
