@@ -689,6 +689,19 @@ fn skeleton_sets(f: Fam, config: &Config) -> Table {
         let mut s = SetSpec::set(vec![f.addr]);
         s.flags.interval = true;
         add(NODEPORT_IPS, s, "addresses that accept NodePort traffic");
+        // Overlapping intervals are refused by the kernel: merge them first.
+        let cidrs: Vec<IpNet> = config
+            .nodeport_cidrs
+            .iter()
+            .flatten()
+            .filter(|n| f.is(&n.addr()))
+            .copied()
+            .collect();
+        if let Some(set) = table.sets.get_mut(NODEPORT_IPS) {
+            for n in IpNet::aggregate(&cidrs) {
+                set.elements.insert(vec![net_value(n)], Element::key_only());
+            }
+        }
     }
     table
 }
@@ -798,7 +811,8 @@ impl Builder {
                     .collect();
                 if !ranges.is_empty() {
                     self.elem(FIREWALL_IPS, key.clone(), Element::key_only());
-                    for r in ranges {
+                    // Overlapping intervals are refused by the kernel: merge them first.
+                    for r in IpNet::aggregate(&ranges) {
                         let mut k = key.clone();
                         k.push(net_value(r));
                         self.elem(FIREWALL_ALLOW, k, Element::key_only());

@@ -404,3 +404,28 @@ fn the_ruleset_read_back_with_nft_json_matches_the_ir() {
         assert_eq!(have, table, "table {id}");
     }
 }
+
+#[test]
+fn node_ports_are_served_only_on_the_configured_node_addresses_and_overlapping_ranges_merge() {
+    let svc = service(
+        "np",
+        "  type: LoadBalancer\n  clusterIP: 10.96.0.80\n  loadBalancerSourceRanges: [\"10.100.0.0/16\", \"10.100.0.0/24\", \"10.100.0.2/32\"]\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30080\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.80\n",
+    );
+    let eps = slice_yaml("np", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]);
+    let mut t = Topology::up(1);
+    t.serve_all();
+    t.write_manifest("node.yaml", NODE_YAML);
+    t.write_manifest("svc.yaml", &svc);
+    t.write_manifest("eps.yaml", &eps);
+    t.start_proxy(&["--nodeport-addresses", "10.100.0.0/24,10.100.0.1/32"]);
+    assert_eq!(
+        t.tcp(&t.client, "10.100.0.1:30080")
+            .expect("served on 10.100.0.1")
+            .0,
+        "b0"
+    );
+    // 10.200.0.1 is also the node's, but outside --nodeport-addresses: not a NodePort address.
+    assert!(t.tcp(&t.client, "10.200.0.1:30080").is_err());
+    // Overlapping source ranges were merged, so the sync succeeded and they apply.
+    assert_eq!(t.tcp(&t.client, "192.0.2.80:80").expect("admitted").0, "b0");
+}
