@@ -6,12 +6,19 @@
 //! everything), which also repairs rules someone else changed or deleted. When the kernel
 //! rejects a transaction nothing is committed, the previous ruleset keeps serving, and the
 //! next sync is a full one.
+//!
+//! After an incremental sync that changed Services with ClientIP affinity, the affinity
+//! entries that now point to an endpoint their destination no longer dispatches to are read
+//! back and deleted in one more transaction ([`crate::compile::affinity`]), so sticky clients
+//! move at once instead of when their entry times out. A failed purge is retried by the next
+//! sync; a full sync replaces the tables, affinity maps included, so nothing is left to purge.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use lb_core::{IpFamily, ServicePortName};
 
+use crate::compile::affinity::{self, Touched};
 use crate::compile::{Compiler, Config, Plan};
 use crate::convert::ServiceKey;
 use crate::nft::{ApplyError, Backend, Command, Transaction};
@@ -36,6 +43,12 @@ pub struct SyncReport {
     pub commit: Duration,
     /// The Services this sync recompiled (every Service for a full sync).
     pub changed_services: Vec<ServiceKey>,
+    /// ClientIP affinity entries deleted because they pointed to an endpoint their
+    /// destination no longer dispatches to.
+    pub affinity_purged: usize,
+    /// Why reading back or deleting stale affinity entries failed (retried by the next sync;
+    /// the ruleset itself was applied).
+    pub affinity_purge_error: Option<String>,
 }
 
 /// Compiles and applies. Owns the backend.
@@ -47,6 +60,8 @@ pub struct Dataplane<B> {
     /// The service ports each Service had at the last successful sync.
     ports: BTreeMap<ServiceKey, Vec<ServicePortName>>,
     needs_full: bool,
+    /// Per family, affinity destinations whose stale entries are still to be purged.
+    affinity_pending: [Touched; 2],
 }
 
 impl<B: Backend> Dataplane<B> {
@@ -62,6 +77,7 @@ impl<B: Backend> Dataplane<B> {
             compilers,
             ports: BTreeMap::new(),
             needs_full: true,
+            affinity_pending: [Touched::new(), Touched::new()],
         }
     }
 
@@ -97,7 +113,10 @@ impl<B: Backend> Dataplane<B> {
             return self.full_sync(store);
         }
         if changed.is_empty() {
-            return Ok(SyncReport::default());
+            // Nothing changed; a purge that failed earlier is retried.
+            let mut report = SyncReport::default();
+            self.purge_affinity(&mut report);
+            return Ok(report);
         }
         let Some(node) = store.node().cloned() else {
             return Ok(SyncReport::default());
@@ -117,17 +136,24 @@ impl<B: Backend> Dataplane<B> {
             }
             changes.extend(es.iter().map(|e| (e.port.name().clone(), Some(e))));
         }
-        let plans: Vec<Plan> = self
+        let mut plans: Vec<Plan> = self
             .compilers
             .iter()
             .map(|c| c.plan(&node, changes.iter().cloned()))
             .collect();
+        // The plans' transactions are moved, not copied: a full sync holds every element.
         let mut tx = Transaction::new();
-        for p in &plans {
-            tx.commands.extend(p.tx.commands.iter().cloned());
+        for p in &mut plans {
+            tx.commands.append(&mut p.tx.commands);
         }
+        let touched: Vec<Touched> = self
+            .compilers
+            .iter()
+            .zip(&plans)
+            .map(|(c, p)| c.affinity_touched(p))
+            .collect();
         let compute = started.elapsed();
-        let report = SyncReport {
+        let mut report = SyncReport {
             full: false,
             commands: tx.commands.len(),
             elements: tx.element_count(),
@@ -136,24 +162,101 @@ impl<B: Backend> Dataplane<B> {
             apply: Duration::ZERO,
             commit: Duration::ZERO,
             changed_services: changed.iter().cloned().collect(),
+            affinity_purged: 0,
+            affinity_purge_error: None,
         };
-        if tx.is_empty() {
-            self.commit(plans, &entries);
-            return Ok(report);
+        if !tx.is_empty() {
+            let t = Instant::now();
+            if let Err(e) = self.backend.apply(&tx) {
+                self.needs_full = true;
+                return Err(e);
+            }
+            report.apply = t.elapsed();
         }
-        let t = Instant::now();
-        if let Err(e) = self.backend.apply(&tx) {
-            self.needs_full = true;
-            return Err(e);
-        }
-        let apply = t.elapsed();
         let t = Instant::now();
         self.commit(plans, &entries);
-        Ok(SyncReport {
-            apply,
-            commit: t.elapsed(),
-            ..report
-        })
+        report.commit = t.elapsed();
+        for (pending, t) in self.affinity_pending.iter_mut().zip(touched) {
+            affinity::merge(pending, t);
+        }
+        self.purge_affinity(&mut report);
+        Ok(report)
+    }
+
+    /// Deletes the pending stale affinity entries of both families in one transaction, and
+    /// records the outcome in `report`. An entry that expired between the read and the
+    /// delete fails the transaction with `ENOENT`: read again and retry, a few times.
+    fn purge_affinity(&mut self, report: &mut SyncReport) {
+        if self.affinity_pending.iter().all(Touched::is_empty) {
+            return;
+        }
+        const ATTEMPTS: usize = 3;
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            let tx = match self.stale_affinity() {
+                Ok(tx) if tx.is_empty() => break Ok(0),
+                Ok(tx) => tx,
+                Err(e) => break Err(e),
+            };
+            match self.backend.apply(&tx) {
+                Ok(()) => break Ok(tx.element_count()),
+                Err(e) if e.is_not_found() && attempt < ATTEMPTS => continue,
+                Err(e) => break Err(e),
+            }
+        };
+        match result {
+            Ok(n) => {
+                report.affinity_purged += n;
+                self.affinity_pending = [Touched::new(), Touched::new()];
+            }
+            Err(e) => {
+                if matches!(e, ApplyError::Unsupported(_)) {
+                    // Retrying cannot help.
+                    self.affinity_pending = [Touched::new(), Touched::new()];
+                }
+                tracing::warn!(error = %e, "deleting stale ClientIP affinity entries failed");
+                report.affinity_purge_error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// The transaction deleting the pending stale affinity entries, read back from the
+    /// backend.
+    fn stale_affinity(&mut self) -> Result<Transaction, ApplyError> {
+        let mut tx = Transaction::new();
+        for (c, pending) in self.compilers.iter().zip(&self.affinity_pending) {
+            if pending.is_empty() || !c.is_installed() {
+                continue;
+            }
+            let table = c.table_id();
+            for (secs, targets) in c.affinity_targets(pending) {
+                let map = crate::compile::affinity_map(secs);
+                let listed =
+                    match self
+                        .backend
+                        .list_elements(&table, &map, &c.affinity_map_spec(secs))
+                    {
+                        Ok(l) => l,
+                        // No map, no entries.
+                        Err(e) if e.is_not_found() => continue,
+                        Err(e) => return Err(e),
+                    };
+                let keys = affinity::stale_entries(
+                    &targets,
+                    listed.iter().map(|e| (&e.key, e.data.as_ref())),
+                    |k| c.is_service_address(k),
+                );
+                if !keys.is_empty() {
+                    tx.push(Command::DeleteElements {
+                        table: table.clone(),
+                        set: map,
+                        keys,
+                    });
+                }
+            }
+        }
+        Ok(tx)
     }
 
     fn commit(&mut self, plans: Vec<Plan>, entries: &BTreeMap<ServiceKey, Vec<ServiceEntry>>) {
@@ -194,11 +297,11 @@ impl<B: Backend> Dataplane<B> {
             tx.push(Command::DeleteTable {
                 table: c.table_id(),
             });
-            let p = c.plan(
+            let mut p = c.plan(
                 &snapshot.node,
                 snapshot.services.iter().map(|(n, e)| (n.clone(), Some(e))),
             );
-            tx.commands.extend(p.tx.commands.iter().cloned());
+            tx.commands.append(&mut p.tx.commands);
             plans.push(p);
         }
         let compute = started.elapsed();
@@ -222,6 +325,8 @@ impl<B: Backend> Dataplane<B> {
             self.ports.entry(key).or_default().push(name.clone());
         }
         self.needs_full = false;
+        // The affinity maps were replaced with empty ones.
+        self.affinity_pending = [Touched::new(), Touched::new()];
         Ok(SyncReport {
             full: true,
             commands: tx.commands.len(),
@@ -231,6 +336,8 @@ impl<B: Backend> Dataplane<B> {
             apply,
             commit: t.elapsed(),
             changed_services: self.ports.keys().cloned().collect(),
+            affinity_purged: 0,
+            affinity_purge_error: None,
         })
     }
 }

@@ -6,7 +6,7 @@
 //! creates is named `lbt-scale-*` and removed at the end; the root namespace is not touched.
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use std::io::Write as _;
 use std::process::Command;
@@ -183,6 +183,28 @@ fn main() {
     );
     if quick {
         full(1_000, 10);
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--compute-only") {
+        // Compute of a full sync without the kernel (for profiling): store → transaction.
+        let n: u32 = args
+            .get(i + 1)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(10_000);
+        let m: u32 = args.get(i + 2).and_then(|a| a.parse().ok()).unwrap_or(10);
+        let store = store(n, m);
+        for _ in 0..3 {
+            let mut dp = Dataplane::new(lb_proxy::nft::fake::Fake::default(), Config::default());
+            let t = Instant::now();
+            let r = dp.full_sync(&store).expect("fake full sync");
+            println!(
+                "compute {} (fake apply {}), {} elements, total {}",
+                ms(r.compute),
+                ms(r.apply),
+                r.elements,
+                ms(t.elapsed())
+            );
+        }
         return;
     }
     full(10_000, 10);
