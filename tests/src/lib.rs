@@ -178,6 +178,24 @@ impl Topology {
         .args(extra)
         .arg("-f")
         .arg(&self.dir);
+        self.start_logged(
+            cmd,
+            "lb-proxy",
+            &["programmed", "applied"],
+            Duration::from_secs(20),
+        );
+    }
+
+    /// Spawns `cmd` (an lb-proxy), echoes its stderr prefixed with `name`, and waits until a
+    /// line contains one of `markers` (a sync); later such lines feed
+    /// [`Topology::wait_applied`]. Returns the index of the process.
+    fn start_logged(
+        &mut self,
+        mut cmd: Command,
+        name: &str,
+        markers: &[&str],
+        wait: Duration,
+    ) -> usize {
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -185,18 +203,23 @@ impl Topology {
             .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let (name, markers): (String, Vec<String>) = (
+            name.to_string(),
+            markers.iter().map(|m| m.to_string()).collect(),
+        );
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[lb-proxy] {line}");
-                if line.contains("programmed") || line.contains("applied") {
+                eprintln!("[{name}] {line}");
+                if markers.iter().any(|m| line.contains(m.as_str())) {
                     let _ = tx.send(line);
                 }
             }
         });
         self.children.push(child);
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("lb-proxy did not program the node");
+        rx.recv_timeout(wait)
+            .unwrap_or_else(|_| panic!("{cmd:?} did not program the node"));
         self.proxy_events = Some(rx);
+        self.children.len() - 1
     }
 
     /// Binds a TCP listener on 127.0.0.1 (free port) inside namespace `ns`: a server on it is
@@ -233,26 +256,12 @@ impl Topology {
         cmd.args(extra)
             .env("RUST_LOG", "info,lb_proxy=debug")
             .env("NO_COLOR", "1");
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[lb-proxy daemon] {line}");
-                if line.contains("full sync") || line.contains(" synced") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        self.children.push(child);
-        rx.recv_timeout(Duration::from_secs(30))
-            .expect("lb-proxy daemon did not program the node");
-        self.proxy_events = Some(rx);
-        self.children.len() - 1
+        self.start_logged(
+            cmd,
+            "lb-proxy daemon",
+            &["full sync", " synced"],
+            Duration::from_secs(30),
+        )
     }
 
     /// Stops process `index` (from [`Topology::start_daemon`]) with SIGTERM and waits for it.
