@@ -32,6 +32,14 @@
 //! * Masquerade: a mark bit (`0x4000` by default) set before DNAT and turned into
 //!   `masquerade fully-random` in `masquerading`; hairpin connections (a pod reaching itself
 //!   through a Service) are found with the `hairpin` set.
+//! * Traffic counters: the sets `service-traffic` (`vip . proto . port`) and
+//!   `nodeport-traffic` (`proto . port`) hold every service address and node port, each
+//!   element with its own counter (the set's `counter`). Every packet of a DNATed connection,
+//!   both directions, goes through `count-service-traffic` from the filter input, forward and
+//!   output hooks, whose lookup of the connection's *original* destination counts it. Two
+//!   sets, whatever the number of Services; read back per service port for `/metrics`.
+
+pub mod affinity;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -49,6 +57,8 @@ use crate::nft::ir::{
 };
 use crate::nft::{Command, Transaction};
 use crate::store::{ServiceEntry, Snapshot};
+
+use self::affinity::{AffinityDestination, AffinityTargets, Touched};
 
 /// Name of our tables (`table ip lb-proxy`, `table ip6 lb-proxy`).
 pub const TABLE: &str = "lb-proxy";
@@ -118,6 +128,9 @@ const FIREWALL_IPS: &str = "firewall-ips";
 const FIREWALL_ALLOW: &str = "firewall-allow";
 const HAIRPIN: &str = "hairpin";
 const NODEPORT_IPS: &str = "nodeport-ips";
+const SERVICE_TRAFFIC: &str = "service-traffic";
+const NODEPORT_TRAFFIC: &str = "nodeport-traffic";
+const COUNT_SERVICE_TRAFFIC: &str = "count-service-traffic";
 
 /// The four endpoint maps and their dispatch chains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -548,6 +561,94 @@ impl Compiler {
     }
 }
 
+impl Compiler {
+    /// The ClientIP affinity destinations whose entries a plan may make stale, per timeout:
+    /// those for which a changed service port loses an endpoint, or which it no longer has
+    /// with that timeout (deleted, affinity dropped, timeout changed). A change that only
+    /// adds endpoints touches nothing, so reads nothing back. Call it before
+    /// [`Compiler::commit`].
+    pub fn affinity_touched(&self, plan: &Plan) -> Touched {
+        let mut touched = Touched::new();
+        for (name, frag) in &plan.changes {
+            let Some(old) = self.fragments.get(name) else {
+                continue;
+            };
+            for (secs, dest, old_eps) in &old.affinity {
+                let now = frag
+                    .iter()
+                    .flat_map(|f| &f.affinity)
+                    .find(|(s, d, _)| s == secs && d == dest)
+                    .map(|(_, _, eps)| eps);
+                let lost =
+                    now.is_none_or(|now| old_eps.iter().any(|e| now.binary_search(e).is_err()));
+                if lost {
+                    touched.entry(*secs).or_default().insert(dest.clone());
+                }
+            }
+        }
+        touched
+    }
+
+    /// For every touched (timeout, destination), the endpoints its affinity entries may still
+    /// point to, as committed: the union over the service ports that now have that
+    /// destination with that timeout (none: every entry is stale, e.g. the Service or its
+    /// affinity is gone, or its timeout changed).
+    pub fn affinity_targets(&self, touched: &Touched) -> BTreeMap<u64, AffinityTargets> {
+        let mut out: BTreeMap<u64, AffinityTargets> = BTreeMap::new();
+        for (&secs, dests) in touched {
+            let targets = out.entry(secs).or_default();
+            for dest in dests {
+                let set = match dest {
+                    AffinityDestination::Address(_) => SetRef::AffinityKeys(secs),
+                    AffinityDestination::NodePort(_) => SetRef::AffinityNodePortKeys(secs),
+                };
+                let allowed = targets.entry(dest.clone()).or_default();
+                let owners = self.owners.get(&(set, dest.key().to_vec()));
+                for (name, _) in owners.into_iter().flatten() {
+                    let Some(frag) = self.fragments.get(name) else {
+                        continue;
+                    };
+                    for (s, d, eps) in &frag.affinity {
+                        if *s == secs && d == dest {
+                            allowed.extend(eps.iter().cloned());
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether `vip . proto . port` is a service address (cluster, external or load-balancer
+    /// IP) as committed: such traffic dispatches through `service-ips` before any node port.
+    pub fn is_service_address(&self, key: &[Value]) -> bool {
+        [SERVICE_IPS, NO_ENDPOINT_SERVICES].iter().any(|set| {
+            self.owners
+                .contains_key(&(SetRef::Static(set), key.to_vec()))
+        })
+    }
+
+    /// The traffic counting sets (`service-traffic`, `nodeport-traffic`) and their specs,
+    /// to read their counters back.
+    pub fn traffic_sets(&self) -> [(&'static str, SetSpec); 2] {
+        traffic_sets(self.f)
+    }
+
+    /// The service port that element `key` of traffic set `set` counts for (its first
+    /// contributor, as committed).
+    pub fn traffic_owner(&self, set: &'static str, key: &[Value]) -> Option<&ServicePortName> {
+        self.owners
+            .get(&(SetRef::Static(set), key.to_vec()))
+            .and_then(|o| o.first())
+            .map(|(name, _)| name)
+    }
+
+    /// The spec of the ClientIP affinity map for timeout `secs` (to read it back).
+    pub fn affinity_map_spec(&self, secs: u64) -> SetSpec {
+        affinity_map_spec(self.f, secs)
+    }
+}
+
 fn dec<K: Ord>(m: &mut BTreeMap<K, usize>, k: &K) {
     if let Some(n) = m.get_mut(k) {
         *n -= 1;
@@ -685,6 +786,10 @@ fn skeleton_sets(f: Fam, config: &Config) -> Table {
         SetSpec::set(vec![f.addr, f.addr]),
         "endpoint . endpoint: hairpin",
     );
+    for (name, spec) in traffic_sets(f) {
+        let comment = spec.comment.clone().unwrap_or_default();
+        add(name, spec, &comment);
+    }
     if config.nodeport_cidrs.is_some() {
         let mut s = SetSpec::set(vec![f.addr]);
         s.flags.interval = true;
@@ -714,6 +819,10 @@ pub struct Fragment {
     counts: BTreeSet<(Dispatch, usize)>,
     timeouts: BTreeSet<u64>,
     endpoint_elements: usize,
+    /// ClientIP affinity: per timeout and destination, the endpoints (`ip . port`, sorted)
+    /// that destination dispatches to, so stale affinity entries can be found
+    /// ([`Compiler::affinity_targets`]).
+    affinity: Vec<(u64, AffinityDestination, Vec<Vec<Value>>)>,
 }
 
 /// Builds one service port's [`Fragment`].
@@ -769,6 +878,11 @@ impl Builder {
             &cluster
         };
         let key = vec![cip, proto, svc_port];
+        let counted = Element {
+            comment: comment.clone(),
+            ..Element::key_only()
+        };
+        self.elem(SERVICE_TRAFFIC, key.clone(), counted.clone());
         self.dispatch(
             Dispatch::Ips,
             SERVICE_IPS,
@@ -777,7 +891,7 @@ impl Builder {
             &no_endpoint,
             &comment,
         );
-        self.affinity(timeout, AffinityKey::Ip(key));
+        self.affinity(timeout, AffinityKey::Ip(key), &[internal.as_slice()]);
 
         // External addresses: external IPs and load-balancer IPs of this family.
         let externals: Vec<IpAddr> = port
@@ -790,8 +904,16 @@ impl Builder {
             .into_iter()
             .collect();
         let etp_local = port.external_policy_local();
+        // Where external destinations dispatch: with eTP Local, outside clients go to the
+        // local endpoints and pods and the node itself to all of them.
+        let external_sets: &[&[Vec<Value>]] = if etp_local {
+            &[cluster.as_slice(), local.as_slice()]
+        } else {
+            &[cluster.as_slice()]
+        };
         for ip in externals {
             let key = vec![ip_value(ip), proto, svc_port];
+            self.elem(SERVICE_TRAFFIC, key.clone(), counted.clone());
             self.external(
                 Dispatch::Ips,
                 &key,
@@ -801,7 +923,7 @@ impl Builder {
                 &no_endpoint,
                 &comment,
             );
-            self.affinity(timeout, AffinityKey::Ip(key.clone()));
+            self.affinity(timeout, AffinityKey::Ip(key.clone()), external_sets);
             if port.load_balancer_ips().contains(&ip) {
                 let ranges: Vec<IpNet> = port
                     .load_balancer_source_ranges()
@@ -824,6 +946,7 @@ impl Builder {
         // NodePort.
         if let Some(np) = port.node_port() {
             let key = vec![proto, Value::Port(np)];
+            self.elem(NODEPORT_TRAFFIC, key.clone(), counted.clone());
             self.external(
                 Dispatch::NodePorts,
                 &key,
@@ -833,7 +956,7 @@ impl Builder {
                 &no_endpoint,
                 &comment,
             );
-            self.affinity(timeout, AffinityKey::NodePort(key));
+            self.affinity(timeout, AffinityKey::NodePort(key), external_sets);
         }
     }
 
@@ -946,28 +1069,63 @@ impl Builder {
         }
     }
 
-    fn affinity(&mut self, timeout: Option<Duration>, key: AffinityKey) {
+    fn affinity(
+        &mut self,
+        timeout: Option<Duration>,
+        key: AffinityKey,
+        endpoints: &[&[Vec<Value>]],
+    ) {
         let Some(t) = timeout else { return };
         let secs = t.as_secs();
         self.frag.timeouts.insert(secs);
-        match key {
-            AffinityKey::Ip(k) => {
-                self.frag
-                    .elems
-                    .push((SetRef::AffinityKeys(secs), k, Element::key_only()))
-            }
-            AffinityKey::NodePort(k) => {
-                self.frag
-                    .elems
-                    .push((SetRef::AffinityNodePortKeys(secs), k, Element::key_only()))
-            }
-        }
+        let allowed: Vec<Vec<Value>> = endpoints
+            .iter()
+            .flat_map(|s| s.iter().cloned())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let (set, dest) = match key {
+            AffinityKey::Ip(k) => (SetRef::AffinityKeys(secs), AffinityDestination::Address(k)),
+            AffinityKey::NodePort(k) => (
+                SetRef::AffinityNodePortKeys(secs),
+                AffinityDestination::NodePort(k),
+            ),
+        };
+        self.frag
+            .elems
+            .push((set, dest.key().to_vec(), Element::key_only()));
+        self.frag.affinity.push((secs, dest, allowed));
     }
 }
 
-/// The affinity map and key sets for timeout `secs`.
-fn affinity_sets(f: Fam, table: &mut Table, secs: u64) {
-    let t = Duration::from_secs(secs);
+/// The traffic counting sets: service addresses and node ports, a counter per element.
+fn traffic_sets(f: Fam) -> [(&'static str, SetSpec); 2] {
+    let counted = |key: Vec<DataType>, comment: &str| {
+        let mut s = SetSpec::set(key);
+        s.flags.counter = true;
+        s.comment = Some(comment.into());
+        s
+    };
+    [
+        (
+            SERVICE_TRAFFIC,
+            counted(
+                vec![f.addr, DataType::InetProto, DataType::InetService],
+                "service addresses: packets and bytes of their connections",
+            ),
+        ),
+        (
+            NODEPORT_TRAFFIC,
+            counted(
+                vec![DataType::InetProto, DataType::InetService],
+                "node ports: packets and bytes of their connections",
+            ),
+        ),
+    ]
+}
+
+/// The affinity map for timeout `secs`: `saddr . vip . proto . port → endpoint`.
+fn affinity_map_spec(f: Fam, secs: u64) -> SetSpec {
     let mut spec = SetSpec::map(
         KeySpec::Typeof(vec![pl(f.saddr), pl(f.daddr), L4PROTO, DPORT]),
         MapData::Values(KeySpec::Typeof(vec![pl(f.daddr), DPORT])),
@@ -977,9 +1135,16 @@ fn affinity_sets(f: Fam, table: &mut Table, secs: u64) {
         timeout: true,
         ..SetFlags::default()
     };
-    spec.timeout = Some(t);
+    spec.timeout = Some(Duration::from_secs(secs));
     spec.comment = Some(format!("ClientIP affinity, timeout {secs}s"));
-    table.sets.insert(affinity_map(secs), Set::new(spec));
+    spec
+}
+
+/// The affinity map and key sets for timeout `secs`.
+fn affinity_sets(f: Fam, table: &mut Table, secs: u64) {
+    table
+        .sets
+        .insert(affinity_map(secs), Set::new(affinity_map_spec(f, secs)));
     let typeof_set = |key: Vec<Expr>, comment: String| SetSpec {
         key: KeySpec::Typeof(key),
         data: None,
@@ -1301,6 +1466,38 @@ fn skeleton(
             )],
         },
     );
+    // Counters: the original destination of every packet of a DNATed connection. nft 1.0.6
+    // parses `ct original proto-dst` in a concatenation only once the protocol is known,
+    // hence one rule per protocol.
+    let mut counting = Vec::new();
+    for proto in [Value::TCP, Value::UDP, Value::SCTP] {
+        let l4 = Stmt::Match {
+            left: L4PROTO,
+            op: CmpOp::Eq,
+            right: proto,
+        };
+        let orig_port = Expr::Ct(CtKey::OriginalProtoDst);
+        for (key, set) in [
+            (
+                vec![Expr::Ct(f.ct_daddr), L4PROTO, orig_port],
+                SERVICE_TRAFFIC,
+            ),
+            (vec![L4PROTO, orig_port], NODEPORT_TRAFFIC),
+        ] {
+            counting.push(Rule::new(vec![
+                l4.clone(),
+                lookup(key, set),
+                Stmt::Verdict(Verdict::Return),
+            ]));
+        }
+    }
+    chains.insert(
+        COUNT_SERVICE_TRAFFIC.into(),
+        Chain {
+            spec: regular("count the packets of connections to service addresses and node ports"),
+            rules: counting,
+        },
+    );
     chains.insert(
         REJECT_CHAIN.into(),
         Chain {
@@ -1310,6 +1507,7 @@ fn skeleton(
     );
 
     // Base chains, at kube-proxy's hooks and priorities.
+    let count = vec![Stmt::CtStatus(CtStatus::Dnat), jump(COUNT_SERVICE_TRAFFIC)];
     let base_rules = [
         (
             "filter-prerouting-pre-dnat",
@@ -1333,6 +1531,7 @@ fn skeleton(
             vec![
                 vec![new.clone(), jump(NODEPORT_ENDPOINTS_CHECK)],
                 vec![new.clone(), jump(SERVICE_ENDPOINTS_CHECK)],
+                count.clone(),
             ],
         ),
         (
@@ -1340,14 +1539,20 @@ fn skeleton(
             ChainType::Filter,
             Hook::Forward,
             0,
-            vec![vec![new.clone(), jump(SERVICE_ENDPOINTS_CHECK)]],
+            vec![
+                vec![new.clone(), jump(SERVICE_ENDPOINTS_CHECK)],
+                count.clone(),
+            ],
         ),
         (
             "filter-output",
             ChainType::Filter,
             Hook::Output,
             0,
-            vec![vec![new.clone(), jump(SERVICE_ENDPOINTS_CHECK)]],
+            vec![
+                vec![new.clone(), jump(SERVICE_ENDPOINTS_CHECK)],
+                count.clone(),
+            ],
         ),
         (
             "nat-prerouting",
@@ -1389,7 +1594,8 @@ enum AffinityKey {
     NodePort(Vec<Value>),
 }
 
-fn affinity_map(secs: u64) -> String {
+/// Name of the ClientIP affinity map for timeout `secs` (`affinity-10800`).
+pub fn affinity_map(secs: u64) -> String {
     format!("affinity-{secs}")
 }
 fn affinity_keys(secs: u64) -> String {

@@ -141,10 +141,16 @@ pub async fn run<B: Backend + Send + 'static>(
         }));
     }
     let (explain_tx, explain_rx) = mpsc::unbounded_channel();
+    let (traffic_tx, traffic_rx) = mpsc::unbounded_channel();
     if let Some(addr) = config.metrics_bind {
+        let traffic = crate::health::TrafficSource {
+            requests: traffic_tx,
+            collector: metrics.service_traffic.clone(),
+        };
         servers.push(tokio::spawn(async move {
             let l = bind_retrying(addr, "metrics").await;
-            let _ = crate::health::serve_metrics(l, registry, Some(explain_tx)).await;
+            let _ =
+                crate::health::serve_metrics(l, registry, Some(explain_tx), Some(traffic)).await;
         }));
     }
     let (tx, rx) = mpsc::unbounded_channel();
@@ -175,7 +181,7 @@ pub async fn run<B: Backend + Send + 'static>(
         )),
     ];
     let result = tokio::select! {
-        r = sync_loop(config, backend, rx, explain_rx, metrics, health) => r,
+        r = sync_loop(config, backend, rx, Queries { explain: explain_rx, traffic: traffic_rx }, metrics, health) => r,
         () = shutdown => {
             tracing::info!("shutting down; the dataplane stays in place");
             Ok(())
@@ -400,12 +406,18 @@ async fn watch_node(
     }
 }
 
+/// Questions the HTTP handlers ask the sync loop, which owns the store and the backend.
+struct Queries {
+    explain: mpsc::UnboundedReceiver<ExplainRequest>,
+    traffic: mpsc::UnboundedReceiver<crate::metrics::TrafficRequest>,
+}
+
 /// Applies store updates and syncs the dataplane. Returns only if every watch task ended.
 async fn sync_loop<B: Backend>(
     config: DaemonConfig,
     backend: B,
     mut rx: mpsc::UnboundedReceiver<(Instant, Update)>,
-    mut explain_rx: mpsc::UnboundedReceiver<ExplainRequest>,
+    mut queries: Queries,
     metrics: Arc<Metrics>,
     health: Arc<ProxyHealth>,
 ) -> anyhow::Result<()> {
@@ -437,9 +449,18 @@ async fn sync_loop<B: Backend>(
         let full_due = last_full + config.full_sync_period;
         let wake = due.map_or(full_due, |d| d.min(full_due));
         tokio::select! {
-            Some((q, reply)) = explain_rx.recv() => {
+            Some((q, reply)) = queries.explain.recv() => {
                 if let Some(snap) = store.snapshot() {
                     let _ = reply.send(crate::explain::explain(&snap, &config.compile, &q));
+                }
+                continue;
+            }
+            Some(reply) = queries.traffic.recv() => {
+                match dataplane.service_traffic() {
+                    Ok(t) => {
+                        let _ = reply.send(t);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading the service traffic counters failed"),
                 }
                 continue;
             }
@@ -517,6 +538,12 @@ async fn sync_loop<B: Backend>(
                         &report.changed_services,
                         &mut conntrack_seen,
                         &metrics,
+                    );
+                }
+                if report.affinity_purged > 0 {
+                    tracing::debug!(
+                        purged = report.affinity_purged,
+                        "deleted ClientIP affinity entries of endpoints that left"
                     );
                 }
                 if report.full {

@@ -5,8 +5,9 @@
 //!   waiting to be programmed for more than twice the sync period; `/healthz` is also unhealthy
 //!   while the node is being deleted (deletion timestamp, or the cluster autoscaler's
 //!   `ToBeDeletedByClusterAutoscaler` taint), so load balancers drain it.
-//! * `/metrics` (default `127.0.0.1:10249`): Prometheus text format; `/explain?to=…&from=…`
-//!   answers `lb-proxy explain --live` from the running daemon's state.
+//! * `/metrics` (default `127.0.0.1:10249`): Prometheus text format, with the per-Service-port
+//!   traffic counters read from the kernel at each scrape; `/explain?to=…&from=…` answers
+//!   `lb-proxy explain --live` from the running daemon's state.
 //! * One HTTP server per `healthCheckNodePort` of a LoadBalancer Service with
 //!   `externalTrafficPolicy: Local`: 200 with the number of local ready endpoints when there is
 //!   at least one and the proxy is healthy, 503 otherwise; header
@@ -309,12 +310,40 @@ impl ServiceHealthServers {
     }
 }
 
-/// Serves `/metrics` (Prometheus text) and `/explain` (through `explain`, which asks the sync
-/// loop).
+/// Where `/metrics` gets the per-Service-port traffic counters: the sync loop, which owns
+/// the backend, reads them on request, and the collector encodes the answer.
+#[derive(Debug, Clone)]
+pub struct TrafficSource {
+    /// Requests to the sync loop.
+    pub requests: tokio::sync::mpsc::UnboundedSender<crate::metrics::TrafficRequest>,
+    /// The collector registered in the registry.
+    pub collector: crate::metrics::ServiceTraffic,
+}
+
+impl TrafficSource {
+    /// Asks the sync loop for the counters (waiting at most 5 s, e.g. behind a long sync) and
+    /// hands them to the collector; without an answer the scrape has no traffic series.
+    async fn refresh(&self) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let answer = if self.requests.send(reply).is_ok() {
+            tokio::time::timeout(Duration::from_secs(5), rx)
+                .await
+                .ok()
+                .and_then(Result::ok)
+        } else {
+            None
+        };
+        self.collector.set(answer.unwrap_or_default());
+    }
+}
+
+/// Serves `/metrics` (Prometheus text; the traffic counters refreshed from `traffic` first)
+/// and `/explain` (through `explain`, which asks the sync loop).
 pub fn serve_metrics(
     listener: TcpListener,
     registry: Arc<prometheus_client::registry::Registry>,
     explain: Option<tokio::sync::mpsc::UnboundedSender<ExplainRequest>>,
+    traffic: Option<TrafficSource>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
@@ -323,11 +352,15 @@ pub fn serve_metrics(
             };
             let registry = registry.clone();
             let explain = explain.clone();
+            let traffic = traffic.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let registry = registry.clone();
                     let explain = explain.clone();
-                    async move { Ok::<_, Infallible>(metrics_route(req, &registry, explain).await) }
+                    let traffic = traffic.clone();
+                    async move {
+                        Ok::<_, Infallible>(metrics_route(req, &registry, explain, traffic).await)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .title_case_headers(true)
@@ -348,6 +381,7 @@ async fn metrics_route(
     req: Request<Incoming>,
     registry: &prometheus_client::registry::Registry,
     explain: Option<tokio::sync::mpsc::UnboundedSender<ExplainRequest>>,
+    traffic: Option<TrafficSource>,
 ) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, ct: &str, body: String| {
         Response::builder()
@@ -358,6 +392,9 @@ async fn metrics_route(
     };
     match req.uri().path() {
         "/metrics" => {
+            if let Some(t) = &traffic {
+                t.refresh().await;
+            }
             let mut out = String::new();
             match prometheus_client::encoding::text::encode(&mut out, registry) {
                 Ok(()) => text(

@@ -1,13 +1,16 @@
 //! Prometheus metrics, with kube-proxy's names where they have a counterpart.
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::sync::SyncReport;
+use crate::sync::{ServicePortTraffic, SyncReport};
 
 /// Label naming an object kind.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -41,10 +44,90 @@ pub struct Metrics {
     pub watch_errors: Family<KindLabel, Counter>,
     /// `kubeproxy_conntrack_reconciler_deleted_entries_total`.
     pub conntrack_deleted: Counter,
+    /// `lb_proxy_affinity_entries_purged_total`: ClientIP affinity entries deleted because
+    /// their endpoint left.
+    pub affinity_purged: Counter,
     /// `kubeproxy_proxy_healthz_total{code}`.
     pub healthz: Family<CodeLabel, Counter>,
     /// `kubeproxy_proxy_livez_total{code}`.
     pub livez: Family<CodeLabel, Counter>,
+    /// `lb_proxy_service_port_packets_total` and `lb_proxy_service_port_bytes_total`.
+    pub service_traffic: ServiceTraffic,
+}
+
+/// A request for the current per-Service-port traffic, answered by the sync loop (which
+/// owns the backend).
+pub type TrafficRequest = tokio::sync::oneshot::Sender<Vec<ServicePortTraffic>>;
+
+/// `lb_proxy_service_port_packets_total{service_port, family}` and
+/// `lb_proxy_service_port_bytes_total{…}`: the kernel's per-Service-port counters
+/// ([`crate::sync::Dataplane::service_traffic`]). The `/metrics` handler refreshes them from
+/// the sync loop right before it encodes a scrape; the collector only encodes the last
+/// reading.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceTraffic {
+    last: Arc<Mutex<Vec<ServicePortTraffic>>>,
+}
+
+/// Labels of the traffic counters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TrafficLabels {
+    /// `ns/name:port` (`/PROTO` appended for non-TCP ports).
+    service_port: String,
+    /// `IPv4` or `IPv6`.
+    family: &'static str,
+}
+
+impl ServiceTraffic {
+    /// Replaces the reading.
+    pub fn set(&self, traffic: Vec<ServicePortTraffic>) {
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = traffic;
+    }
+}
+
+impl Collector for ServiceTraffic {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if last.is_empty() {
+            return Ok(());
+        }
+        let labels = |t: &ServicePortTraffic| TrafficLabels {
+            service_port: t.service_port.to_string(),
+            family: match t.family {
+                lb_core::IpFamily::V4 => "IPv4",
+                lb_core::IpFamily::V6 => "IPv6",
+            },
+        };
+        type Value = fn(&ServicePortTraffic) -> u64;
+        let families: [(&str, &str, Value); 2] = [
+            (
+                "service_port_packets",
+                "Packets of connections to the service port's addresses and node port, both directions, since its counters were created (new Service, full sync)",
+                |t| t.packets,
+            ),
+            (
+                "service_port_bytes",
+                "Bytes of connections to the service port's addresses and node port, both directions, since its counters were created (new Service, full sync)",
+                |t| t.bytes,
+            ),
+        ];
+        for (name, help, value) in families {
+            let counter = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            for t in &last {
+                let l = labels(t);
+                ConstCounter::new(value(t)).encode(family.encode_family(&l)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Label with an HTTP status code.
@@ -70,6 +153,8 @@ impl Metrics {
             invalid_objects: Family::default(),
             watch_errors: Family::default(),
             conntrack_deleted: Counter::default(),
+            affinity_purged: Counter::default(),
+            service_traffic: ServiceTraffic::default(),
             healthz: Family::default(),
             livez: Family::default(),
         };
@@ -131,6 +216,12 @@ impl Metrics {
             "Watch errors (retried)",
             m.watch_errors.clone(),
         );
+        ours.register(
+            "affinity_entries_purged",
+            "ClientIP affinity entries deleted because their endpoint no longer serves their destination",
+            m.affinity_purged.clone(),
+        );
+        ours.register_collector(Box::new(m.service_traffic.clone()));
         m
     }
 
@@ -146,6 +237,7 @@ impl Metrics {
 
     /// Records a successful sync.
     pub fn observe_sync(&self, report: &SyncReport, took: std::time::Duration) {
+        self.affinity_purged.inc_by(report.affinity_purged as u64);
         if report.commands == 0 {
             return;
         }
@@ -161,5 +253,50 @@ impl Metrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         self.last_sync_timestamp.set(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_port_traffic_is_encoded_as_two_counters_per_service_port_and_family() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        let name = lb_core::ServicePort::builder("t", "web", "http", lb_core::Protocol::Tcp, 80)
+            .cluster_ips(["10.96.0.10"])
+            .build()
+            .expect("valid")
+            .name()
+            .clone();
+        m.service_traffic.set(vec![ServicePortTraffic {
+            service_port: name,
+            family: lb_core::IpFamily::V4,
+            packets: 12,
+            bytes: 3400,
+        }]);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
+        assert!(
+            out.contains("# TYPE lb_proxy_service_port_packets counter"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "lb_proxy_service_port_packets_total{service_port=\"t/web:http\",family=\"IPv4\"} 12"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "lb_proxy_service_port_bytes_total{service_port=\"t/web:http\",family=\"IPv4\"} 3400"
+            ),
+            "{out}"
+        );
+        m.service_traffic.set(Vec::new());
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
+        assert!(!out.contains("service_port_packets"), "{out}");
     }
 }

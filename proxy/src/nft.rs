@@ -75,9 +75,23 @@ pub enum ApplyError {
         /// The error.
         source: std::io::Error,
     },
+    /// The backend cannot do this (e.g. read elements back).
+    #[error("{0} is not supported by this backend")]
+    Unsupported(&'static str),
 }
 
 impl ApplyError {
+    /// Whether the kernel answered `ENOENT`: the table, set or element does not exist (an
+    /// element may have expired between reading and deleting it).
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            ApplyError::Kernel { source, .. }
+            | ApplyError::Batch(source)
+            | ApplyError::Netlink { source, .. } => source.raw_os_error() == Some(libc::ENOENT),
+            ApplyError::Invalid { .. } | ApplyError::Unsupported(_) => false,
+        }
+    }
+
     pub(crate) fn invalid(index: usize, cmd: &Command, reason: impl Into<String>) -> Self {
         ApplyError::Invalid {
             index,
@@ -101,9 +115,42 @@ pub(crate) fn short(cmd: &Command) -> String {
     s
 }
 
+/// One element of a set or map as read back from the backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedElement {
+    /// The key.
+    pub key: ir::Key,
+    /// A data map's values (`None` in a set; verdicts are not read back).
+    pub data: Option<Vec<ir::Value>>,
+    /// The element's counter, in a set with the `counter` flag.
+    pub counter: Option<ElementCounter>,
+}
+
+/// What an element's counter has counted since the element was added.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ElementCounter {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes (of whole packets at the hook that counted them).
+    pub bytes: u64,
+}
+
 /// Applies transactions. Contract: `apply` is atomic (all commands or none) and, on success,
 /// the target holds the previous state with the transaction applied.
 pub trait Backend {
     /// Applies `tx` atomically.
     fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError>;
+
+    /// The elements `set` (declared as `spec`) holds now, including those the data path added
+    /// (dynamic sets). Interval sets are not supported. A missing table or set is an error
+    /// for which [`ApplyError::is_not_found`] holds.
+    fn list_elements(
+        &mut self,
+        table: &ir::TableId,
+        set: &str,
+        spec: &ir::SetSpec,
+    ) -> Result<Vec<ListedElement>, ApplyError> {
+        let _ = (table, set, spec);
+        Err(ApplyError::Unsupported("listing set elements"))
+    }
 }

@@ -51,6 +51,20 @@ pub struct SyncReport {
     pub affinity_purge_error: Option<String>,
 }
 
+/// One service port's traffic in one IP family, as the kernel counted it: every packet, in
+/// both directions, of the connections DNATed from its service addresses and node port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePortTraffic {
+    /// The service port.
+    pub service_port: ServicePortName,
+    /// The family.
+    pub family: IpFamily,
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
 /// Compiles and applies. Owns the backend.
 #[derive(Debug)]
 pub struct Dataplane<B> {
@@ -181,6 +195,42 @@ impl<B: Backend> Dataplane<B> {
         }
         self.purge_affinity(&mut report);
         Ok(report)
+    }
+
+    /// Packets and bytes per service port and family, read from the counters of the
+    /// `service-traffic` and `nodeport-traffic` sets and summed over each service port's
+    /// addresses and node port (sorted by service port, then family). A counter starts from
+    /// zero when its element is added: a new Service, and every full sync, which replaces the
+    /// tables.
+    pub fn service_traffic(&mut self) -> Result<Vec<ServicePortTraffic>, ApplyError> {
+        let mut totals: BTreeMap<(ServicePortName, IpFamily), (u64, u64)> = BTreeMap::new();
+        for (c, family) in self.compilers.iter().zip([IpFamily::V4, IpFamily::V6]) {
+            if !c.is_installed() {
+                continue;
+            }
+            let table = c.table_id();
+            for (set, spec) in c.traffic_sets() {
+                for e in self.backend.list_elements(&table, set, &spec)? {
+                    let (Some(name), Some(n)) = (c.traffic_owner(set, &e.key), e.counter) else {
+                        continue;
+                    };
+                    let t = totals.entry((name.clone(), family)).or_default();
+                    t.0 += n.packets;
+                    t.1 += n.bytes;
+                }
+            }
+        }
+        Ok(totals
+            .into_iter()
+            .map(
+                |((service_port, family), (packets, bytes))| ServicePortTraffic {
+                    service_port,
+                    family,
+                    packets,
+                    bytes,
+                },
+            )
+            .collect())
     }
 
     /// Deletes the pending stale affinity entries of both families in one transaction, and

@@ -590,3 +590,128 @@ fn netlink_ip6_table_lists_back_with_ip6_daddr_in_typeof_map_data() {
     }
     assert!(!text.contains(": ip6 saddr"), "{text}");
 }
+
+/// A set with per-element counters (`counter`) and a data map, read back element by element
+/// with `Backend::list_elements`: keys, data and counters, as packets of the namespace's own
+/// traffic counted them.
+#[test]
+fn netlink_counter_set_counts_each_element_and_list_elements_reads_keys_data_and_counters() {
+    use lb_proxy::nft::ElementCounter;
+    let ns = NetNs::new();
+    let up = Proc::new("ip")
+        .args(["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"])
+        .status();
+    assert!(matches!(up, Ok(s) if s.success()), "lo up: {up:?}");
+    let id = TableId::new(Family::Ip, "lbt");
+    let lo = Value::Ipv4("127.0.0.1".parse().expect("address"));
+    let mut counted = SetSpec::set(vec![
+        DataType::Ipv4Addr,
+        DataType::InetProto,
+        DataType::InetService,
+    ]);
+    counted.flags.counter = true;
+    counted.comment = Some("counted".into());
+    let mut traffic = Set::new(counted.clone());
+    traffic.elements.insert(
+        vec![lo, Value::UDP, Value::Port(9)],
+        Element {
+            comment: Some("t/discard:udp/UDP".into()),
+            ..Element::key_only()
+        },
+    );
+    traffic
+        .elements
+        .insert(vec![lo, Value::UDP, Value::Port(10)], Element::key_only());
+    let map_spec = SetSpec::map(
+        KeySpec::Types(vec![
+            DataType::Ipv4Addr,
+            DataType::InetProto,
+            DataType::InetService,
+        ]),
+        MapData::Values(KeySpec::Types(vec![
+            DataType::Ipv4Addr,
+            DataType::InetService,
+        ])),
+    );
+    let mut map = Set::new(map_spec.clone());
+    let endpoint = vec![
+        Value::Ipv4("10.244.1.10".parse().expect("address")),
+        Value::Port(8080),
+    ];
+    map.elements.insert(
+        vec![lo, Value::TCP, Value::Port(80)],
+        Element::values(endpoint.clone()),
+    );
+    let mut rs = Ruleset::default();
+    let t = rs.tables.entry(id.clone()).or_default();
+    t.sets.insert("traffic".into(), traffic);
+    t.sets.insert("aff".into(), map);
+    t.chains.insert(
+        "out".into(),
+        Chain {
+            spec: ChainSpec {
+                base: Some(BaseChain {
+                    kind: ChainType::Filter,
+                    hook: Hook::Output,
+                    priority: 0,
+                    policy: Policy::Accept,
+                }),
+                comment: None,
+            },
+            rules: vec![Rule::new(vec![Stmt::Lookup {
+                key: vec![
+                    Expr::Payload(Payload::IpDaddr),
+                    Expr::Meta(MetaKey::L4Proto),
+                    Expr::Payload(Payload::ThDport),
+                ],
+                set: "traffic".into(),
+                negate: false,
+            }])],
+        },
+    );
+    ns.apply(&Transaction::create(&rs)).expect("apply");
+    let text = ns
+        .nft(&["list", "set", "ip", "lbt", "traffic"], None)
+        .expect("list");
+    assert!(text.contains("\t\tcounter\n"), "{text}");
+    assert_same(&ns.listing(), &json_view(&rs), &text);
+    // The render loads with nft and means the same.
+    let ns2 = NetNs::new();
+    ns2.nft(&["-f", "-"], Some(&rs.to_nft()))
+        .expect("nft -f of the render");
+    assert_same(&ns2.listing(), &json_view(&rs), "nft -f of the render");
+
+    let listed = ns
+        .run(|| {
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            for _ in 0..5 {
+                sock.send_to(b"x", "127.0.0.1:9").expect("send");
+            }
+            let mut nl = Netlink::new()?;
+            Ok::<_, ApplyError>((
+                nl.list_elements(&id, "traffic", &counted)?,
+                nl.list_elements(&id, "aff", &map_spec)?,
+            ))
+        })
+        .expect("list elements");
+    let (traffic, aff) = listed;
+    let counter = |port: u16| {
+        traffic
+            .iter()
+            .find(|e| e.key == vec![lo, Value::UDP, Value::Port(port)])
+            .and_then(|e| e.counter)
+    };
+    // 5 packets of 20 (IP) + 8 (UDP) + 1 bytes.
+    assert_eq!(
+        counter(9),
+        Some(ElementCounter {
+            packets: 5,
+            bytes: 5 * 29
+        })
+    );
+    assert_eq!(counter(10), Some(ElementCounter::default()));
+    assert_eq!(aff.len(), 1);
+    assert_eq!(aff[0].key, vec![lo, Value::TCP, Value::Port(80)]);
+    assert_eq!(aff[0].data.as_ref(), Some(&endpoint));
+    assert_eq!(aff[0].counter, None);
+}

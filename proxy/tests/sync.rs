@@ -8,7 +8,7 @@ use lb_core::{
 use lb_proxy::compile::{Config, compile};
 use lb_proxy::convert::{ServiceKey, Slice, SlicePort};
 use lb_proxy::nft::fake::Fake;
-use lb_proxy::nft::ir::Ruleset;
+use lb_proxy::nft::ir::{Element, ElementData, Family, Ruleset, TableId, Value};
 use lb_proxy::store::Store;
 use lb_proxy::sync::Dataplane;
 use proptest::prelude::*;
@@ -189,4 +189,275 @@ fn a_rejected_transaction_leaves_the_previous_ruleset_and_the_next_sync_is_full(
     let report = dp.sync(&mut store).expect("retry");
     assert!(report.full, "after a failure the next sync is a full one");
     assert_eq!(dp.backend().fake.ruleset, expected(&store, &config));
+}
+
+/// Puts ClientIP affinity entries into the fake kernel's `affinity-<secs>` map, as the data
+/// path does: `(client, vip . tcp . 80) → endpoint`.
+fn record_affinity(dp: &mut Dataplane<Fake>, secs: u64, entries: &[(&str, &str, &[Value])]) {
+    let entries: Vec<_> = entries.iter().map(|&(c, v, e)| (c, v, 80, e)).collect();
+    record_affinity_on(dp, secs, &entries);
+}
+
+/// As [`record_affinity`], with the service port: `(client, vip . tcp . port) → endpoint`.
+fn record_affinity_on(
+    dp: &mut Dataplane<Fake>,
+    secs: u64,
+    entries: &[(&str, &str, u16, &[Value])],
+) {
+    let id = TableId::new(Family::Ip, lb_proxy::compile::TABLE);
+    let map = dp
+        .backend_mut()
+        .ruleset
+        .tables
+        .get_mut(&id)
+        .and_then(|t| t.sets.get_mut(&format!("affinity-{secs}")))
+        .expect("the affinity map exists");
+    for (client, vip, port, endpoint) in entries {
+        let ip = |s: &str| Value::Ipv4(s.parse().expect("address"));
+        map.elements.insert(
+            vec![ip(client), ip(vip), Value::TCP, Value::Port(*port)],
+            Element::values(endpoint.to_vec()),
+        );
+    }
+}
+
+/// The endpoints (`ip . port`) the fake kernel's `endpoints` map holds for `vip`.
+fn endpoint_values(dp: &Dataplane<Fake>, vip: &str) -> Vec<Vec<Value>> {
+    let id = TableId::new(Family::Ip, lb_proxy::compile::TABLE);
+    let vip = Value::Ipv4(vip.parse().expect("address"));
+    dp.backend().ruleset.tables[&id].sets["endpoints"]
+        .elements
+        .iter()
+        .filter(|(k, _)| k.first() == Some(&vip))
+        .filter_map(|(_, e)| match &e.data {
+            Some(ElementData::Values(v)) => Some(v.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn affinity_keys(dp: &Dataplane<Fake>, secs: u64) -> Vec<Vec<Value>> {
+    let id = TableId::new(Family::Ip, lb_proxy::compile::TABLE);
+    dp.backend().ruleset.tables[&id].sets[&format!("affinity-{secs}")]
+        .elements
+        .keys()
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn affinity_entries_of_an_endpoint_that_left_are_purged_and_the_others_kept() {
+    let mut store = Store::new();
+    store.set_node(Node::new("n1", None).expect("node"));
+    store.apply_service(key(3), Some(ports(3, 3)));
+    let eps = |v: &[u8]| slice(3, &v.iter().map(|&e| (e, true, true)).collect::<Vec<_>>());
+    store.apply_slice(("ns".into(), "s3".into()), Some(eps(&[1, 2, 3])));
+    let mut dp = Dataplane::new(Fake::default(), Config::default());
+    dp.sync(&mut store).expect("first sync");
+    let before = endpoint_values(&dp, "10.96.0.3");
+    assert_eq!(before.len(), 3);
+    let gone = before
+        .iter()
+        .find(|e| e[0] == Value::Ipv4("10.244.3.1".parse().expect("address")))
+        .expect("endpoint 1")
+        .clone();
+    let stays = before
+        .iter()
+        .find(|e| e[0] == Value::Ipv4("10.244.3.2".parse().expect("address")))
+        .expect("endpoint 2")
+        .clone();
+    // Timeout 60 + variant 3.
+    record_affinity(
+        &mut dp,
+        63,
+        &[
+            ("10.100.0.2", "10.96.0.3", &gone),
+            ("10.100.0.3", "10.96.0.3", &stays),
+            ("10.100.0.4", "10.96.0.3", &gone),
+        ],
+    );
+
+    store.apply_slice(("ns".into(), "s3".into()), Some(eps(&[2, 3])));
+    let report = dp.sync(&mut store).expect("sync");
+    assert_eq!(report.affinity_purged, 2, "{report:?}");
+    assert_eq!(report.affinity_purge_error, None);
+    let ip = |s: &str| Value::Ipv4(s.parse().expect("address"));
+    assert_eq!(
+        affinity_keys(&dp, 63),
+        vec![vec![
+            ip("10.100.0.3"),
+            ip("10.96.0.3"),
+            Value::TCP,
+            Value::Port(80)
+        ]],
+        "only the entry of the remaining endpoint is left"
+    );
+
+    // A change that leaves every endpoint in place purges nothing.
+    store.apply_slice(("ns".into(), "s3".into()), Some(eps(&[2, 3, 4])));
+    let report = dp.sync(&mut store).expect("sync");
+    assert_eq!(report.affinity_purged, 0);
+    assert_eq!(affinity_keys(&dp, 63).len(), 1);
+
+    // The Service goes away: its remaining entries go too (the map lingers until a full sync).
+    store.apply_service(key(3), None);
+    let report = dp.sync(&mut store).expect("sync");
+    assert_eq!(report.affinity_purged, 1, "{report:?}");
+    assert!(affinity_keys(&dp, 63).is_empty());
+}
+
+#[test]
+fn a_backend_that_cannot_list_elements_still_syncs_and_reports_the_purge_failure() {
+    let mut store = Store::new();
+    store.set_node(Node::new("n1", None).expect("node"));
+    store.apply_service(key(3), Some(ports(3, 3)));
+    store.apply_slice(
+        ("ns".into(), "s3".into()),
+        Some(slice(3, &[(1, true, true), (2, true, true)])),
+    );
+    let mut dp = Dataplane::new(Flaky::default(), Config::default());
+    dp.sync(&mut store).expect("first sync");
+    store.apply_slice(
+        ("ns".into(), "s3".into()),
+        Some(slice(3, &[(1, true, true)])),
+    );
+    let report = dp.sync(&mut store).expect("the ruleset is applied");
+    assert!(
+        report
+            .affinity_purge_error
+            .as_deref()
+            .is_some_and(|e| e.contains("not supported")),
+        "{report:?}"
+    );
+    // Not retried: the backend cannot do it.
+    let report = dp.sync(&mut store).expect("nothing to do");
+    assert_eq!(report.affinity_purge_error, None);
+}
+
+#[test]
+fn service_traffic_sums_the_counters_of_a_service_ports_addresses_and_node_port() {
+    use lb_proxy::nft::ElementCounter;
+    let mut store = Store::new();
+    store.set_node(Node::new("n1", None).expect("node"));
+    // Variant 2: cluster IPs 10.96.0.2 and fd00::2, load-balancer IP 192.0.2.2, node port 31002.
+    store.apply_service(key(2), Some(ports(2, 2)));
+    store.apply_service(key(4), Some(ports(4, 0)));
+    let mut dp = Dataplane::new(Fake::default(), Config::default());
+    dp.sync(&mut store).expect("first sync");
+    let v4 = TableId::new(Family::Ip, lb_proxy::compile::TABLE);
+    let ip = |s: &str| Value::Ipv4(s.parse().expect("address"));
+    let counted = [
+        (
+            "service-traffic",
+            vec![ip("10.96.0.2"), Value::TCP, Value::Port(80)],
+            10,
+            1000,
+        ),
+        (
+            "service-traffic",
+            vec![ip("192.0.2.2"), Value::TCP, Value::Port(80)],
+            5,
+            500,
+        ),
+        (
+            "nodeport-traffic",
+            vec![Value::TCP, Value::Port(31002)],
+            1,
+            60,
+        ),
+        (
+            "service-traffic",
+            vec![ip("10.96.0.4"), Value::TCP, Value::Port(80)],
+            7,
+            700,
+        ),
+    ];
+    for (set, key, packets, bytes) in counted {
+        dp.backend_mut().counters.insert(
+            (v4.clone(), set.to_string(), key),
+            ElementCounter { packets, bytes },
+        );
+    }
+    let traffic = dp.service_traffic().expect("the fake lists elements");
+    let seen: Vec<(String, IpFamily, u64, u64)> = traffic
+        .iter()
+        .map(|t| (t.service_port.to_string(), t.family, t.packets, t.bytes))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("ns/svc2:p".to_string(), IpFamily::V4, 16, 1560),
+            ("ns/svc2:p".to_string(), IpFamily::V6, 0, 0),
+            ("ns/svc4:p".to_string(), IpFamily::V4, 7, 700),
+            ("ns/svc4:p".to_string(), IpFamily::V6, 0, 0),
+        ]
+    );
+}
+
+#[test]
+fn affinity_entries_of_external_addresses_and_node_ports_follow_the_endpoints_they_may_use() {
+    // eTP Local: outside clients go to local endpoints, pods and the node to all of them, so
+    // entries to a remote endpoint stay valid while it serves the Service.
+    let mut store = Store::new();
+    store.set_node(Node::new("n1", None).expect("node"));
+    let port = ServicePort::builder("ns", "svc7", "p", Protocol::Tcp, 80)
+        .cluster_ips(["10.96.0.7"])
+        .service_type(ServiceType::LoadBalancer)
+        .node_port(31007)
+        .load_balancer_ips(["192.0.2.7"])
+        .external_traffic_policy(TrafficPolicy::Local)
+        .client_ip_affinity(Some(100))
+        .build()
+        .expect("valid");
+    store.apply_service(key(7), Some(vec![port]));
+    // 10.244.7.1 local, 10.244.7.2 and 10.244.7.3 remote.
+    let eps = |v: &[(u8, bool)]| {
+        let v: Vec<_> = v.iter().map(|&(e, local)| (e, true, local)).collect();
+        slice(7, &v)
+    };
+    store.apply_slice(
+        ("ns".into(), "s7".into()),
+        Some(eps(&[(1, true), (2, false), (3, false)])),
+    );
+    let mut dp = Dataplane::new(Fake::default(), Config::default());
+    dp.sync(&mut store).expect("first sync");
+    let all = endpoint_values(&dp, "10.96.0.7");
+    let ep = |n: &str| {
+        all.iter()
+            .find(|e| e[0] == Value::Ipv4(n.parse().expect("address")))
+            .expect("endpoint")
+            .clone()
+    };
+    let (e1, e2, e3) = (ep("10.244.7.1"), ep("10.244.7.2"), ep("10.244.7.3"));
+    record_affinity_on(
+        &mut dp,
+        100,
+        &[
+            ("10.100.0.2", "192.0.2.7", 80, &e1),
+            ("10.244.9.9", "192.0.2.7", 80, &e2),
+            ("10.244.9.9", "192.0.2.7", 80 + 1, &e2),
+            ("10.100.0.3", "10.100.0.1", 31007, &e1),
+            ("10.100.0.4", "10.100.0.1", 31007, &e3),
+            ("10.100.0.5", "10.200.0.1", 31007, &e3),
+        ],
+    );
+    // Endpoint 3 leaves.
+    store.apply_slice(
+        ("ns".into(), "s7".into()),
+        Some(eps(&[(1, true), (2, false)])),
+    );
+    let report = dp.sync(&mut store).expect("sync");
+    assert_eq!(report.affinity_purged, 2, "{report:?}");
+    let ip = |s: &str| Value::Ipv4(s.parse().expect("address"));
+    let k = |c: &str, v: &str, p: u16| vec![ip(c), ip(v), Value::TCP, Value::Port(p)];
+    assert_eq!(
+        affinity_keys(&dp, 100),
+        vec![
+            k("10.100.0.2", "192.0.2.7", 80),
+            k("10.100.0.3", "10.100.0.1", 31007),
+            k("10.244.9.9", "192.0.2.7", 80),
+            k("10.244.9.9", "192.0.2.7", 81),
+        ],
+        "node port entries of the endpoint that left are gone, whatever node address"
+    );
 }

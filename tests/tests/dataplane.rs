@@ -429,3 +429,61 @@ fn node_ports_are_served_only_on_the_configured_node_addresses_and_overlapping_r
     // Overlapping source ranges were merged, so the sync succeeded and they apply.
     assert_eq!(t.tcp(&t.client, "192.0.2.80:80").expect("admitted").0, "b0");
 }
+
+#[test]
+fn a_sticky_client_moves_at_once_when_its_endpoint_leaves_the_service() {
+    let svc = service(
+        "sticky",
+        "  clusterIP: 10.96.0.62\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 600\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n",
+    );
+    let eps = |v: &[usize]| {
+        let v: Vec<(usize, &str, bool)> = v.iter().map(|&i| (i, "node-a", true)).collect();
+        slice_yaml("sticky", "IPv4", "http", "TCP", 8080, &v)
+    };
+    let mut t = setup(3, &[("svc.yaml", svc), ("eps.yaml", eps(&[0, 1, 2]))]);
+    let affinity_map = |t: &Topology| {
+        lb_e2e::must(std::process::Command::new("ip").args([
+            "netns",
+            "exec",
+            &t.node,
+            "nft",
+            "list",
+            "map",
+            "ip",
+            "lb-proxy",
+            "affinity-600",
+        ]))
+    };
+    let first = t.tcp(&t.client, "10.96.0.62:80").expect("reply").0;
+    for _ in 0..10 {
+        assert_eq!(
+            t.tcp(&t.client, "10.96.0.62:80").expect("reply").0,
+            first,
+            "sticks"
+        );
+    }
+    let x: usize = first
+        .strip_prefix('b')
+        .and_then(|i| i.parse().ok())
+        .expect("backend name bN");
+    let x_ip = format!(": {} . 8080", Topology::backend_ip(x));
+    assert!(affinity_map(&t).contains(&x_ip), "{}", affinity_map(&t));
+
+    let rest: Vec<usize> = (0..3).filter(|&i| i != x).collect();
+    t.write_manifest("eps.yaml", &eps(&rest));
+    t.wait_applied();
+    let map = affinity_map(&t);
+    assert!(
+        !map.contains(&x_ip),
+        "the entry pointing to the removed endpoint is gone: {map}"
+    );
+    let next = t.tcp(&t.client, "10.96.0.62:80").expect("reply").0;
+    assert_ne!(next, first, "the client moved off the removed endpoint");
+    for _ in 0..10 {
+        assert_eq!(
+            t.tcp(&t.client, "10.96.0.62:80").expect("reply").0,
+            next,
+            "and sticks to its new endpoint"
+        );
+    }
+}

@@ -259,3 +259,42 @@ fn an_invalid_configuration_is_rejected_at_start_naming_the_field() {
         "the flag overrode the file, then the kubeconfig was missing: {err}"
     );
 }
+
+/// `lb_proxy_service_port_{packets,bytes}_total` for `t/shop:http` (IPv4) in a scrape.
+fn shop_traffic(t: &Topology) -> (u64, u64) {
+    let (status, m) = get(t, &t.node, "127.0.0.1:10249", "/metrics");
+    assert_eq!(status, 200, "{m}");
+    let value = |metric: &str| {
+        let prefix = format!("{metric}{{service_port=\"t/shop:http\",family=\"IPv4\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{metric} for t/shop:http missing from /metrics:\n{m}"))
+    };
+    (
+        value("lb_proxy_service_port_packets_total"),
+        value("lb_proxy_service_port_bytes_total"),
+    )
+}
+
+#[test]
+fn service_port_traffic_counters_grow_with_every_path_into_the_service() {
+    let (t, _api, _) = setup();
+    const N: u64 = 8;
+    let mut last = shop_traffic(&t);
+    // The cluster IP, the load-balancer IP and the node port all count for the service port.
+    for target in ["10.96.0.20:80", "192.0.2.20:80", "10.100.0.1:30081"] {
+        for _ in 0..N {
+            t.tcp(&t.client, target).expect("reply");
+        }
+        let now = shop_traffic(&t);
+        assert!(
+            now.0 >= last.0 + N,
+            "{target}: {N} requests, packets {} -> {}",
+            last.0,
+            now.0
+        );
+        assert!(now.1 > last.1, "{target}: bytes {} -> {}", last.1, now.1);
+        last = now;
+    }
+}

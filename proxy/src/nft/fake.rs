@@ -1,11 +1,11 @@
 //! An in-memory backend that applies transactions to a [`Ruleset`] and validates them like
 //! the kernel would where that is cheap. Atomic: on error, nothing changes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::ir::{Chain, ElementData, Ruleset, Set, Table, TableId};
+use super::ir::{Chain, ElementData, Key, Ruleset, Set, Table, TableId};
 use super::transaction::{Command, Transaction};
-use super::{ApplyError, Backend, render, validate};
+use super::{ApplyError, Backend, ListedElement, render, validate};
 
 /// The fake backend: its `ruleset` is what the "kernel" holds.
 #[derive(Debug, Clone, Default)]
@@ -14,6 +14,9 @@ pub struct Fake {
     pub ruleset: Ruleset,
     /// Number of successful `apply` calls (for tests asserting that nothing was sent).
     pub applies: usize,
+    /// What the "data path" counted, by table, set and key, for sets with the `counter` flag
+    /// (tests set it; elements without an entry read back as zero).
+    pub counters: BTreeMap<(TableId, String, Key), super::ElementCounter>,
 }
 
 impl Backend for Fake {
@@ -26,6 +29,40 @@ impl Backend for Fake {
         self.ruleset = next;
         self.applies += 1;
         Ok(())
+    }
+
+    fn list_elements(
+        &mut self,
+        table: &TableId,
+        set: &str,
+        spec: &super::ir::SetSpec,
+    ) -> Result<Vec<ListedElement>, ApplyError> {
+        let Some(s) = self.ruleset.tables.get(table).and_then(|t| t.sets.get(set)) else {
+            // As the kernel answers.
+            return Err(ApplyError::Netlink {
+                step: "dump",
+                source: std::io::Error::from_raw_os_error(libc::ENOENT),
+            });
+        };
+        if spec.flags.interval {
+            return Err(ApplyError::Unsupported("listing interval sets"));
+        }
+        Ok(s.elements
+            .iter()
+            .map(|(key, e)| ListedElement {
+                key: key.clone(),
+                data: match &e.data {
+                    Some(ElementData::Values(v)) => Some(v.clone()),
+                    _ => None,
+                },
+                counter: s.spec.flags.counter.then(|| {
+                    self.counters
+                        .get(&(table.clone(), set.to_string(), key.clone()))
+                        .copied()
+                        .unwrap_or_default()
+                }),
+            })
+            .collect())
     }
 }
 

@@ -286,6 +286,10 @@ pub struct SetFlags {
     pub timeout: bool,
     /// `dynamic`: the data path may add elements (`update @set { … }`).
     pub dynamic: bool,
+    /// `counter`: every element carries a packet and byte counter that a lookup matching it
+    /// increments (not a kernel flag: a counter expression on the set, `NFTA_SET_EXPR`, that
+    /// the kernel copies into each element). Counters are read back, not modelled.
+    pub counter: bool,
 }
 
 /// A named set's or map's properties without its elements (what `add set|map` creates).

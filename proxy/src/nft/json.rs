@@ -172,6 +172,15 @@ fn set(o: &J, is_map: bool) -> Result<Set, JsonError> {
             _ => return err(format!("unsupported set flag {f}")),
         }
     }
+    for st in o.get("stmt").and_then(J::as_array).into_iter().flatten() {
+        match st
+            .as_object()
+            .map(|m| m.keys().map(String::as_str).collect::<Vec<_>>())
+        {
+            Some(k) if k == ["counter"] => flags.counter = true,
+            _ => return err(format!("unsupported set statement {st}")),
+        }
+    }
     let timeout = o
         .get("timeout")
         .and_then(J::as_u64)

@@ -36,9 +36,9 @@ use std::io;
 use std::path::Path;
 
 use self::encode::{ElemDesc, nfproto};
-use super::ir::{Family, Key, TableId};
+use super::ir::{Family, Key, MapData, SetSpec, TableId};
 use super::transaction::{Command, Transaction};
-use super::{ApplyError, Backend, short};
+use super::{ApplyError, Backend, ElementCounter, ListedElement, short};
 
 /// Estimated bytes of elements per message (the attribute nest limit is 64 KiB).
 pub const ELEMS_PER_MSG_BYTES: usize = 32 * 1024;
@@ -411,6 +411,48 @@ impl Backend for Netlink {
         }
         Ok(())
     }
+
+    /// A consistent dump ([`Netlink::dump_elements`]) decoded with the set's types.
+    fn list_elements(
+        &mut self,
+        table: &TableId,
+        set: &str,
+        spec: &SetSpec,
+    ) -> Result<Vec<ListedElement>, ApplyError> {
+        if spec.flags.interval {
+            return Err(ApplyError::Unsupported("listing interval sets"));
+        }
+        let key_types = spec.key.types();
+        let data_types = match &spec.data {
+            Some(MapData::Values(d)) => Some(d.types()),
+            Some(MapData::Verdict) | None => None,
+        };
+        let undecodable = |what: &str| ApplyError::Netlink {
+            step: "decode element",
+            source: io::Error::other(format!(
+                "an element's {what} in {table} {set} does not match the set's types"
+            )),
+        };
+        self.dump_elements(table, set)?
+            .into_iter()
+            .map(|d| {
+                let key = encode::tuple_from_bytes(&key_types, &d.key)
+                    .ok_or_else(|| undecodable("key"))?;
+                let data = match (&data_types, &d.data) {
+                    (Some(types), Some(bytes)) => Some(
+                        encode::tuple_from_bytes(types, bytes)
+                            .ok_or_else(|| undecodable("data"))?,
+                    ),
+                    _ => None,
+                };
+                Ok(ListedElement {
+                    key,
+                    data,
+                    counter: d.counter,
+                })
+            })
+            .collect()
+    }
 }
 
 /// The family's netfilter number (re-exported for tests of raw encodings).
@@ -428,6 +470,11 @@ pub struct DumpedElement {
     pub key_end: Option<Vec<u8>>,
     /// `NFTA_SET_ELEM_FLAGS`.
     pub flags: u32,
+    /// `NFTA_SET_ELEM_DATA`'s value (a data map's element).
+    pub data: Option<Vec<u8>>,
+    /// The element's `counter` expression (`NFTA_SET_ELEM_EXPR` or one of
+    /// `NFTA_SET_ELEM_EXPRESSIONS`).
+    pub counter: Option<ElementCounter>,
 }
 
 /// The elements of one set as one netlink dump returned them.
@@ -506,12 +553,38 @@ fn dumped_elements(payload: &[u8], out: &mut Vec<DumpedElement>) {
         let flags = attr(e, 3)
             .and_then(|f| <[u8; 4]>::try_from(f).ok())
             .map_or(0, u32::from_be_bytes);
+        // NFTA_SET_ELEM_EXPR (one expression), or NFTA_SET_ELEM_EXPRESSIONS (a list).
+        let exprs = attr(e, 7).into_iter().chain(
+            attr(e, 11)
+                .into_iter()
+                .flat_map(|l| attrs(l).map(|(_, x)| x)),
+        );
         out.push(DumpedElement {
             key: value(attr(e, 1)).unwrap_or_default(),
             key_end: value(attr(e, 10)),
             flags,
+            data: value(attr(e, 2)),
+            counter: exprs.filter_map(counter_of).next(),
         });
     }
+}
+
+/// The values of a `counter` expression (`NFTA_EXPR_NAME` "counter", `NFTA_EXPR_DATA` with
+/// `NFTA_COUNTER_BYTES` and `NFTA_COUNTER_PACKETS`, big endian); `None` for other expressions.
+fn counter_of(expr: &[u8]) -> Option<ElementCounter> {
+    if attr(expr, 1)? != b"counter\0" {
+        return None;
+    }
+    let data = attr(expr, 2)?;
+    let u64_of = |ty| {
+        attr(data, ty)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes)
+    };
+    Some(ElementCounter {
+        packets: u64_of(2)?,
+        bytes: u64_of(1)?,
+    })
 }
 
 impl Netlink {

@@ -227,6 +227,9 @@ fn set_lines(spec: &SetSpec) -> Vec<String> {
     if let Some(t) = spec.timeout {
         lines.push(format!("timeout {}", duration(t)));
     }
+    if f.counter {
+        lines.push("counter".into());
+    }
     if let Some(c) = &spec.comment {
         lines.push(format!("comment \"{c}\""));
     }

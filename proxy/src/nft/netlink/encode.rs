@@ -145,6 +145,36 @@ pub fn tuple_bytes(vals: &[Value]) -> Vec<u8> {
     out
 }
 
+/// One value of type `t` from its bytes as the kernel holds them (the inverse of
+/// [`value_bytes`]); `None` when the length is wrong.
+pub fn value_from_bytes(t: DataType, b: &[u8]) -> Option<Value> {
+    Some(match t {
+        DataType::Ipv4Addr => Value::Ipv4(Ipv4Addr::from(<[u8; 4]>::try_from(b).ok()?)),
+        DataType::Ipv6Addr => Value::Ipv6(Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?)),
+        DataType::InetProto => Value::Proto(u8::from_ne_bytes(b.try_into().ok()?)),
+        DataType::InetService => Value::Port(u16::from_be_bytes(b.try_into().ok()?)),
+        DataType::Mark => Value::Mark(u32::from_ne_bytes(b.try_into().ok()?)),
+        DataType::Integer => Value::Integer(u32::from_ne_bytes(b.try_into().ok()?)),
+    })
+}
+
+/// A key or data tuple of `types` from its bytes (the inverse of [`tuple_bytes`]: a single
+/// value unpadded, a concatenation padded to 4 bytes per field); `None` when the length does
+/// not match.
+pub fn tuple_from_bytes(types: &[DataType], b: &[u8]) -> Option<Vec<Value>> {
+    if let [t] = types {
+        return Some(vec![value_from_bytes(*t, b)?]);
+    }
+    let mut out = Vec::with_capacity(types.len());
+    let mut off = 0;
+    for t in types {
+        let field = b.get(off..off + t.byte_len())?;
+        out.push(value_from_bytes(*t, field)?);
+        off += t.regs() * 4;
+    }
+    (off == b.len()).then_some(out)
+}
+
 // ---------------------------------------------------------------------------------------
 // nftnl userdata (TLV: u8 type, u8 len, value; u32 in host order)
 
@@ -254,6 +284,9 @@ pub struct SetDesc {
     pub concat: Vec<u8>,
     /// Userdata (byteorder, typeof, comment) for nft's listing.
     pub udata: Vec<u8>,
+    /// A counter expression on the set (`NFTA_SET_EXPR`), which the kernel gives every
+    /// element, as nft does for `counter` in a set declaration.
+    pub counter: bool,
 }
 
 /// `NFT_SET_CONCAT` (not in the libc crate): the key is a concatenation whose fields are
@@ -318,6 +351,7 @@ pub fn set_desc(spec: &SetSpec) -> SetDesc {
         timeout_ms: spec.timeout.map(|t| t.as_millis() as u64),
         concat,
         udata,
+        counter: f.counter,
     }
 }
 
@@ -905,6 +939,36 @@ mod tests {
         );
         assert_eq!(d.udata.len(), 6 + 6 + 98 + 54 + 6);
         assert_eq!(&d.udata[12..20], &[3, 96, 0, 4, 13, 0, 0, 0]);
+    }
+
+    #[test]
+    fn tuples_read_back_from_their_bytes() {
+        let key = vec![
+            v4("10.100.0.2"),
+            v4("10.96.0.1"),
+            Value::TCP,
+            Value::Port(80),
+        ];
+        let types = [
+            DataType::Ipv4Addr,
+            DataType::Ipv4Addr,
+            DataType::InetProto,
+            DataType::InetService,
+        ];
+        assert_eq!(tuple_from_bytes(&types, &tuple_bytes(&key)), Some(key));
+        let six = vec![
+            Value::Ipv6("fd00::1".parse().expect("v6")),
+            Value::Port(8080),
+        ];
+        let types6 = [DataType::Ipv6Addr, DataType::InetService];
+        assert_eq!(tuple_from_bytes(&types6, &tuple_bytes(&six)), Some(six));
+        let one = vec![Value::Port(443)];
+        assert_eq!(
+            tuple_from_bytes(&[DataType::InetService], &tuple_bytes(&one)),
+            Some(one)
+        );
+        assert_eq!(tuple_from_bytes(&types, &[0; 15]), None, "too short");
+        assert_eq!(tuple_from_bytes(&types, &[0; 20]), None, "too long");
     }
 
     #[test]

@@ -231,6 +231,14 @@ pub fn set_msg(
             d.udata.len() as u32,
         );
     }
+    if d.counter {
+        let mut e = Expr::new("counter")?;
+        // SAFETY: the set takes ownership of the expression (freed with the set, and encoded
+        // as NFTA_SET_EXPR when it is the only one); we null our pointer so Drop does not
+        // free it again.
+        unsafe { sys::nftnl_set_add_expr(s.0, e.0) };
+        e.0 = std::ptr::null_mut();
+    }
     let msg = libc::NFT_MSG_NEWSET as u16;
     // SAFETY: nlh points into a scratch buffer large enough for a set message.
     with_msg(out, msg, family, flags, seq, |nlh| unsafe {
