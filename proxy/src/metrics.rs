@@ -195,6 +195,11 @@ impl Metrics {
             m.healthz.clone(),
         );
         kp.register("proxy_livez", "/livez responses by code", m.livez.clone());
+        kp.register(
+            "conntrack_reconciler_deleted_entries",
+            "Stale conntrack entries deleted",
+            m.conntrack_deleted.clone(),
+        );
         let ours = registry.sub_registry_with_prefix("lb_proxy");
         ours.register(
             "network_programming_latency_seconds",

@@ -157,6 +157,7 @@ fn metrics_and_live_explain_are_served_from_the_running_daemon() {
         "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
         "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
         "lb_proxy_nftables_elements_programmed_total",
+        "kubeproxy_conntrack_reconciler_deleted_entries_total",
     ] {
         assert!(m.contains(name), "{name} missing from /metrics:\n{m}");
     }
