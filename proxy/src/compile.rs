@@ -621,6 +621,23 @@ impl Compiler {
 
     /// Whether `vip . proto . port` is a service address (cluster, external or load-balancer
     /// IP) as committed: such traffic dispatches through `service-ips` before any node port.
+    /// Every affinity destination of every committed service port, by timeout (what a full
+    /// sync checks carried-over entries against).
+    pub fn all_affinity(&self) -> Touched {
+        let mut all = Touched::new();
+        for frag in self.fragments.values() {
+            for (secs, dest, _) in &frag.affinity {
+                all.entry(*secs).or_default().insert(dest.clone());
+            }
+        }
+        all
+    }
+
+    /// The affinity timeouts a plan leaves in use.
+    pub fn plan_timeouts(plan: &Plan) -> BTreeSet<u64> {
+        plan.installed_timeouts.clone()
+    }
+
     pub fn is_service_address(&self, key: &[Value]) -> bool {
         [SERVICE_IPS, NO_ENDPOINT_SERVICES].iter().any(|set| {
             self.owners

@@ -271,6 +271,61 @@ impl<B: Backend> Dataplane<B> {
         }
     }
 
+    /// Puts back, after a full sync replaced the tables, the affinity entries read before it
+    /// that still point to an endpoint their destination may use. Best effort: a client that
+    /// connected in between already has a fresh entry, and the batch then fails as a whole
+    /// (logged); stickiness is lost, never correctness. Entries come back with the map's full
+    /// timeout, as if the client had just connected.
+    fn restore_affinity(
+        &mut self,
+        carried: Vec<(crate::nft::ir::TableId, u64, Vec<crate::nft::ListedElement>)>,
+    ) {
+        let mut tx = Transaction::new();
+        for (table, secs, listed) in carried {
+            let Some(c) = self.compilers.iter().find(|c| c.table_id() == table) else {
+                continue;
+            };
+            let all = c.all_affinity();
+            let Some(dests) = all.get(&secs) else {
+                continue;
+            };
+            let mut touched = Touched::new();
+            touched.insert(secs, dests.clone());
+            let Some(targets) = c.affinity_targets(&touched).remove(&secs) else {
+                continue;
+            };
+            let stale: std::collections::BTreeSet<_> = affinity::stale_entries(
+                &targets,
+                listed.iter().map(|e| (&e.key, e.data.as_ref())),
+                |k| c.is_service_address(k),
+            )
+            .into_iter()
+            .collect();
+            let elements: Vec<_> = listed
+                .into_iter()
+                .filter(|e| !stale.contains(&e.key))
+                .filter_map(|e| e.data.map(|d| (e.key, crate::nft::ir::Element::values(d))))
+                .filter(|(k, _)| {
+                    // Only entries for a destination that still has affinity with this timeout.
+                    affinity::belongs_to(k, dests, |v| c.is_service_address(v))
+                })
+                .collect();
+            if !elements.is_empty() {
+                tx.push(Command::AddElements {
+                    table,
+                    set: crate::compile::affinity_map(secs),
+                    elements,
+                });
+            }
+        }
+        if tx.is_empty() {
+            return;
+        }
+        if let Err(e) = self.backend.apply(&tx) {
+            tracing::warn!(error = %e, "could not carry ClientIP affinity over a full sync; clients choose anew");
+        }
+    }
+
     /// The transaction deleting the pending stale affinity entries, read back from the
     /// backend.
     fn stale_affinity(&mut self) -> Result<Transaction, ApplyError> {
@@ -354,6 +409,20 @@ impl<B: Backend> Dataplane<B> {
             tx.commands.append(&mut p.tx.commands);
             plans.push(p);
         }
+        // Replacing the tables would empty the ClientIP affinity maps: read what they hold
+        // now, to put back the entries that are still valid right after.
+        let mut carried = Vec::new();
+        for (c, p) in compilers.iter().zip(&plans) {
+            for secs in Compiler::plan_timeouts(p) {
+                let map = crate::compile::affinity_map(secs);
+                if let Ok(listed) =
+                    self.backend
+                        .list_elements(&c.table_id(), &map, &c.affinity_map_spec(secs))
+                {
+                    carried.push((c.table_id(), secs, listed));
+                }
+            }
+        }
         let compute = started.elapsed();
         let t = Instant::now();
         if let Err(e) = self.backend.apply(&tx) {
@@ -366,6 +435,7 @@ impl<B: Backend> Dataplane<B> {
             c.commit(p);
         }
         self.compilers = compilers;
+        self.restore_affinity(carried);
         self.ports.clear();
         for name in snapshot.services.keys() {
             let key = ServiceKey {

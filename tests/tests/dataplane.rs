@@ -487,3 +487,63 @@ fn a_sticky_client_moves_at_once_when_its_endpoint_leaves_the_service() {
         );
     }
 }
+
+#[test]
+fn client_ip_affinity_survives_a_full_sync() {
+    let svc = service(
+        "keep",
+        "  clusterIP: 10.96.0.90\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 600\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n",
+    );
+    let eps = slice_yaml(
+        "keep",
+        "IPv4",
+        "http",
+        "TCP",
+        8080,
+        &[
+            (0, "node-a", true),
+            (1, "node-a", true),
+            (2, "node-a", true),
+        ],
+    );
+    let mut t = setup(3, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    let first = t.tcp(&t.client, "10.96.0.90:80").expect("reply").0;
+    let node = t.node.clone();
+    let map = || {
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node,
+                "nft",
+                "list",
+                "map",
+                "ip",
+                "lb-proxy",
+                "affinity-600",
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    assert!(
+        map().contains("10.100.0.2 . 10.96.0.90"),
+        "the kernel remembers the client: {}",
+        map()
+    );
+    // A new zone label on the node forces a full sync, which replaces the tables.
+    t.write_manifest("node.yaml", &NODE_YAML.replace("zone-a", "zone-b"));
+    t.wait_applied();
+    assert!(
+        map().contains("10.100.0.2 . 10.96.0.90"),
+        "the entry was carried over: {}",
+        map()
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            t.tcp(&t.client, "10.96.0.90:80").expect("reply").0,
+            first,
+            "still sticky"
+        );
+    }
+}

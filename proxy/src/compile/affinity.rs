@@ -49,6 +49,22 @@ pub type Touched = BTreeMap<u64, BTreeSet<AffinityDestination>>;
 /// still point to (empty: none).
 pub type AffinityTargets = BTreeMap<AffinityDestination, BTreeSet<Key>>;
 
+/// Whether the affinity entry `key` (`saddr . vip . proto . port`) belongs to one of `dests`,
+/// by the same rule as [`stale_entries`]: its address if that is a destination, else its node
+/// port unless the address is a service address.
+pub fn belongs_to(
+    key: &[Value],
+    dests: &BTreeSet<AffinityDestination>,
+    is_service_address: impl Fn(&[Value]) -> bool,
+) -> bool {
+    let [_, vip, proto, port] = key else {
+        return false;
+    };
+    dests.contains(&AffinityDestination::Address(vec![*vip, *proto, *port]))
+        || (!is_service_address(&[*vip, *proto, *port])
+            && dests.contains(&AffinityDestination::NodePort(vec![*proto, *port])))
+}
+
 /// Adds `more` to `into`.
 pub fn merge(into: &mut Touched, more: Touched) {
     for (secs, dests) in more {
