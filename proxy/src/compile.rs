@@ -1162,26 +1162,13 @@ fn affinity_sets(f: Fam, table: &mut Table, secs: u64) {
     table
         .sets
         .insert(affinity_map(secs), Set::new(affinity_map_spec(f, secs)));
-    let typeof_set = |key: Vec<Expr>, comment: String| SetSpec {
-        key: KeySpec::Typeof(key),
-        data: None,
-        flags: SetFlags::default(),
-        timeout: None,
-        comment: Some(comment),
-    };
-    let keys = typeof_set(
-        vec![
-            Expr::Ct(f.ct_daddr),
-            L4PROTO,
-            Expr::Ct(CtKey::OriginalProtoDst),
-        ],
-        format!("service addresses with affinity timeout {secs}s"),
-    );
+    // Plain `type` keys (not `typeof … ct original proto-dst`): nft 1.0.6 can then load the
+    // rendered elements, and the rules give `ct original proto-dst` its protocol context.
+    let mut keys = SetSpec::set(vec![f.addr, DataType::InetProto, DataType::InetService]);
+    keys.comment = Some(format!("service addresses with affinity timeout {secs}s"));
     table.sets.insert(affinity_keys(secs), Set::new(keys));
-    let np = typeof_set(
-        vec![L4PROTO, Expr::Ct(CtKey::OriginalProtoDst)],
-        format!("node ports with affinity timeout {secs}s"),
-    );
+    let mut np = SetSpec::set(vec![DataType::InetProto, DataType::InetService]);
+    np.comment = Some(format!("node ports with affinity timeout {secs}s"));
     table
         .sets
         .insert(affinity_nodeport_keys(secs), Set::new(np));
@@ -1418,28 +1405,39 @@ fn skeleton(
                 key,
                 data,
             };
-            rules.push(Rule::new(vec![
-                new.clone(),
-                Stmt::CtStatus(CtStatus::Dnat),
-                lookup(
-                    vec![
-                        Expr::Ct(f.ct_daddr),
-                        L4PROTO,
-                        Expr::Ct(CtKey::OriginalProtoDst),
-                    ],
-                    &affinity_keys(secs),
-                ),
-                update.clone(),
-            ]));
-            rules.push(Rule::new(vec![
-                new.clone(),
-                Stmt::CtStatus(CtStatus::Dnat),
-                lookup(
-                    vec![L4PROTO, Expr::Ct(CtKey::OriginalProtoDst)],
-                    &affinity_nodeport_keys(secs),
-                ),
-                update,
-            ]));
+            // One rule per protocol: nft 1.0.6 only parses `ct original proto-dst` in a
+            // concatenation once the rule has fixed the protocol.
+            for proto in [Value::TCP, Value::UDP, Value::SCTP] {
+                let l4 = Stmt::Match {
+                    left: L4PROTO,
+                    op: CmpOp::Eq,
+                    right: proto,
+                };
+                rules.push(Rule::new(vec![
+                    l4.clone(),
+                    new.clone(),
+                    Stmt::CtStatus(CtStatus::Dnat),
+                    lookup(
+                        vec![
+                            Expr::Ct(f.ct_daddr),
+                            L4PROTO,
+                            Expr::Ct(CtKey::OriginalProtoDst),
+                        ],
+                        &affinity_keys(secs),
+                    ),
+                    update.clone(),
+                ]));
+                rules.push(Rule::new(vec![
+                    l4,
+                    new.clone(),
+                    Stmt::CtStatus(CtStatus::Dnat),
+                    lookup(
+                        vec![L4PROTO, Expr::Ct(CtKey::OriginalProtoDst)],
+                        &affinity_nodeport_keys(secs),
+                    ),
+                    update.clone(),
+                ]));
+            }
         }
         chains.insert(
             AFFINITY_RECORD.into(),

@@ -547,3 +547,58 @@ fn client_ip_affinity_survives_a_full_sync() {
         );
     }
 }
+
+#[test]
+fn lb_proxy_render_output_loads_with_nft_including_affinity_and_source_ranges() {
+    let t = Topology::up(0);
+    let example = lb_e2e::repo().join("examples/cluster");
+    let out = std::process::Command::new(lb_e2e::binary("lb-proxy"))
+        .args([
+            "render",
+            "--node",
+            "node-a",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "-f",
+        ])
+        .arg(&example)
+        .output()
+        .expect("run lb-proxy render");
+    assert!(out.status.success());
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("add table ip lb-proxy"));
+    // And a ruleset with ClientIP affinity and source ranges.
+    t.write_manifest("node.yaml", NODE_YAML);
+    t.write_manifest(
+        "svc.yaml",
+        &service(
+            "sticky",
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.70\n  sessionAffinity: ClientIP\n  loadBalancerSourceRanges: [\"10.100.0.0/24\"]\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30070\n  - name: dns\n    port: 53\n    protocol: UDP\n    nodePort: 30053\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.70\n",
+        ),
+    );
+    let out = std::process::Command::new(lb_e2e::binary("lb-proxy"))
+        .args(["render", "--node", "node-a", "--table", "lb-proxy-2", "-f"])
+        .arg(&t.dir)
+        .output()
+        .expect("run lb-proxy render");
+    text.push_str(&String::from_utf8_lossy(&out.stdout));
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.node, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nft");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed nft");
+    let out = child.wait_with_output().expect("nft finished");
+    assert!(
+        out.status.success(),
+        "nft -f refused the render: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

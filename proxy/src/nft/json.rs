@@ -641,9 +641,15 @@ fn dynset_text(t: &str) -> Result<Stmt, JsonError> {
         Some((k, d)) => (k, Some(d)),
         None => (body, None),
     };
+    // Once a rule has fixed the protocol (`meta l4proto tcp`), nft prints the transport
+    // header's `th dport` as `tcp dport` (`udp`, `sctp`): the same field.
     let parse = |s: &str| {
         s.split(" . ")
-            .map(expr_text)
+            .map(|t| match t.trim() {
+                "tcp dport" | "udp dport" | "sctp dport" => Some(Expr::Payload(Payload::ThDport)),
+                "tcp sport" | "udp sport" | "sctp sport" => Some(Expr::Payload(Payload::ThSport)),
+                other => expr_text(other),
+            })
             .collect::<Option<Vec<_>>>()
             .ok_or_else(bad)
     };
@@ -672,6 +678,26 @@ pub fn json_view(rs: &Ruleset) -> Ruleset {
         t.comment = None;
         for c in t.chains.values_mut() {
             c.spec.comment = None;
+            // nft drops a `meta l4proto tcp` match that a later transport-header field of
+            // the rule depends on (it prints `th dport` as `tcp dport` instead).
+            for r in &mut c.rules {
+                let implied = r.stmts.iter().any(|s| {
+                    matches!(s, Stmt::Dynset { data, .. }
+                        if data.iter().any(|e| matches!(e, Expr::Payload(Payload::ThDport | Payload::ThSport))))
+                });
+                if implied {
+                    r.stmts.retain(|s| {
+                        !matches!(
+                            s,
+                            Stmt::Match {
+                                left: Expr::Meta(MetaKey::L4Proto),
+                                op: CmpOp::Eq,
+                                ..
+                            }
+                        )
+                    });
+                }
+            }
         }
         for set in t.sets.values_mut() {
             let key_kept = listed_fields(&set.spec.key);
