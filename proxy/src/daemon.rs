@@ -214,37 +214,35 @@ fn invalid(metrics: &Metrics, kind: &'static str, e: &convert::ConvertError) {
         .inc();
 }
 
-async fn watch_services(
-    api: Api<Service>,
-    selector: String,
-    filter: Filter,
+/// Namespace and name of an object (`default` when the namespace is unset).
+fn object_key<K: kube::Resource>(o: &K) -> (String, String) {
+    let m = o.meta();
+    (
+        m.namespace.clone().unwrap_or_else(|| "default".into()),
+        m.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Watches one kind and turns its events into store updates: a re-list (`Init` … `InitDone`)
+/// becomes one `relisted` update holding every object; `Apply`/`Delete` become `one`.
+/// `convert` gives `Some(Some(v))` for an object of ours, `Some(None)` for one that is not ours
+/// (it is removed), and `None` for an invalid one (reported; its last good version stays).
+#[allow(clippy::too_many_arguments)]
+async fn watch_kind<K, Key, V>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    kind: &'static str,
+    key: impl Fn(&K) -> Key,
+    convert: impl Fn(&K) -> Option<Option<V>>,
+    relisted: impl Fn(Vec<(Key, V)>) -> Update,
+    one: impl Fn(Key, Option<V>) -> Update,
     tx: mpsc::UnboundedSender<(Instant, Update)>,
     metrics: Arc<Metrics>,
-) {
-    let cfg = watcher::Config::default().labels(&selector);
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
     let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
     let mut buffer = Vec::new();
-    let convert = |s: &Service| -> Option<(ServiceKey, Option<Vec<lb_core::ServicePort>>)> {
-        let key = ServiceKey {
-            namespace: s
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            name: s.metadata.name.clone().unwrap_or_default(),
-        };
-        match convert::service(s, &filter) {
-            Ok(Converted::Accepted(ports)) => Some((key, Some(ports))),
-            Ok(Converted::Skipped(why)) => {
-                tracing::debug!(service = %key, why, "service skipped");
-                Some((key, None))
-            }
-            Err(e) => {
-                invalid(&metrics, "Service", &e);
-                None
-            }
-        }
-    };
     while let Some(event) = stream.next().await {
         let now = Instant::now();
         let update = match event {
@@ -252,33 +250,23 @@ async fn watch_services(
                 buffer.clear();
                 continue;
             }
-            Ok(Event::InitApply(s)) => {
-                if let Some((k, Some(p))) = convert(&s) {
-                    buffer.push((k, p));
+            Ok(Event::InitApply(o)) => {
+                if let Some(Some(v)) = convert(&o) {
+                    buffer.push((key(&o), v));
                 }
                 continue;
             }
-            Ok(Event::InitDone) => Update::Services(std::mem::take(&mut buffer)),
-            Ok(Event::Apply(s)) => match convert(&s) {
-                Some((k, p)) => Update::Service(k, p),
+            Ok(Event::InitDone) => relisted(std::mem::take(&mut buffer)),
+            Ok(Event::Apply(o)) => match convert(&o) {
+                Some(v) => one(key(&o), v),
                 None => continue,
             },
-            Ok(Event::Delete(s)) => Update::Service(
-                ServiceKey {
-                    namespace: s
-                        .metadata
-                        .namespace
-                        .clone()
-                        .unwrap_or_else(|| "default".into()),
-                    name: s.metadata.name.clone().unwrap_or_default(),
-                },
-                None,
-            ),
+            Ok(Event::Delete(o)) => one(key(&o), None),
             Err(e) => {
-                tracing::warn!(error = %e, "Service watch failed; retrying with backoff");
+                tracing::warn!(error = %e, kind, "watch failed; retrying with backoff");
                 metrics
                     .watch_errors
-                    .get_or_create(&crate::metrics::KindLabel { kind: "Service" })
+                    .get_or_create(&crate::metrics::KindLabel { kind })
                     .inc();
                 continue;
             }
@@ -289,6 +277,44 @@ async fn watch_services(
     }
 }
 
+async fn watch_services(
+    api: Api<Service>,
+    selector: String,
+    filter: Filter,
+    tx: mpsc::UnboundedSender<(Instant, Update)>,
+    metrics: Arc<Metrics>,
+) {
+    let m = metrics.clone();
+    let convert = move |s: &Service| match convert::service(s, &filter) {
+        Ok(Converted::Accepted(ports)) => Some(Some(ports)),
+        Ok(Converted::Skipped(why)) => {
+            tracing::debug!(service = ?object_key(s), why, "service skipped");
+            Some(None)
+        }
+        Err(e) => {
+            invalid(&m, "Service", &e);
+            None
+        }
+    };
+    let key = |s: &Service| {
+        let (namespace, name) = object_key(s);
+        ServiceKey { namespace, name }
+    };
+    let cfg = watcher::Config::default().labels(&selector);
+    watch_kind(
+        api,
+        cfg,
+        "Service",
+        key,
+        convert,
+        Update::Services,
+        Update::Service,
+        tx,
+        metrics,
+    )
+    .await;
+}
+
 async fn watch_slices(
     api: Api<EndpointSlice>,
     selector: String,
@@ -296,67 +322,33 @@ async fn watch_slices(
     tx: mpsc::UnboundedSender<(Instant, Update)>,
     metrics: Arc<Metrics>,
 ) {
+    let m = metrics.clone();
+    let convert = move |s: &EndpointSlice| match convert::endpoint_slice(s, &filter) {
+        Ok((Converted::Accepted(slice), errors)) => {
+            for e in &errors {
+                invalid(&m, "EndpointSlice", e);
+            }
+            Some(Some(slice))
+        }
+        Ok((Converted::Skipped(_), _)) => Some(None),
+        Err(e) => {
+            invalid(&m, "EndpointSlice", &e);
+            None
+        }
+    };
     let cfg = watcher::Config::default().labels(&selector);
-    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
-    let mut buffer = Vec::new();
-    let key = |s: &EndpointSlice| -> SliceKey {
-        (
-            s.metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            s.metadata.name.clone().unwrap_or_default(),
-        )
-    };
-    let convert = |s: &EndpointSlice| -> Option<Option<convert::Slice>> {
-        match convert::endpoint_slice(s, &filter) {
-            Ok((Converted::Accepted(slice), errors)) => {
-                for e in &errors {
-                    invalid(&metrics, "EndpointSlice", e);
-                }
-                Some(Some(slice))
-            }
-            Ok((Converted::Skipped(_), _)) => Some(None),
-            Err(e) => {
-                invalid(&metrics, "EndpointSlice", &e);
-                None
-            }
-        }
-    };
-    while let Some(event) = stream.next().await {
-        let now = Instant::now();
-        let update = match event {
-            Ok(Event::Init) => {
-                buffer.clear();
-                continue;
-            }
-            Ok(Event::InitApply(s)) => {
-                if let Some(Some(slice)) = convert(&s) {
-                    buffer.push((key(&s), slice));
-                }
-                continue;
-            }
-            Ok(Event::InitDone) => Update::Slices(std::mem::take(&mut buffer)),
-            Ok(Event::Apply(s)) => match convert(&s) {
-                Some(slice) => Update::Slice(key(&s), slice),
-                None => continue,
-            },
-            Ok(Event::Delete(s)) => Update::Slice(key(&s), None),
-            Err(e) => {
-                tracing::warn!(error = %e, "EndpointSlice watch failed; retrying with backoff");
-                metrics
-                    .watch_errors
-                    .get_or_create(&crate::metrics::KindLabel {
-                        kind: "EndpointSlice",
-                    })
-                    .inc();
-                continue;
-            }
-        };
-        if tx.send((now, update)).is_err() {
-            return;
-        }
-    }
+    watch_kind(
+        api,
+        cfg,
+        "EndpointSlice",
+        object_key,
+        convert,
+        Update::Slices,
+        Update::Slice,
+        tx,
+        metrics,
+    )
+    .await;
 }
 
 async fn watch_node(
