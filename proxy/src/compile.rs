@@ -1468,7 +1468,13 @@ fn skeleton(
         SERVICE_ENDPOINTS_CHECK.into(),
         Chain {
             spec: regular("service addresses without usable endpoints"),
-            rules: vec![Rule::new(vec![vmap(k3(), NO_ENDPOINT_SERVICES)])],
+            rules: vec![
+                Rule::new(vec![vmap(k3(), NO_ENDPOINT_SERVICES)]),
+                // Still addressed to a cluster IP after DNAT: a port the Service does not have.
+                // Reject it, as kube-proxy does, rather than route it off the node.
+                Rule::new(vec![lookup(vec![pl(f.daddr)], CLUSTER_IPS), Stmt::Reject])
+                    .with_comment("reject traffic to invalid ports of cluster IPs"),
+            ],
         },
     );
     chains.insert(

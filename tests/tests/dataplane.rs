@@ -602,3 +602,25 @@ fn lb_proxy_render_output_loads_with_nft_including_affinity_and_source_ranges() 
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_cluster_ip_port_the_service_does_not_have_is_rejected_not_routed_away() {
+    let eps = [(0, "node-a", true)];
+    let t = setup(
+        1,
+        &[
+            ("svc.yaml", service("web", WEB)),
+            ("eps.yaml", web_slices(&eps)),
+        ],
+    );
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.10:80")
+            .expect("the real port serves")
+            .0,
+        "b0"
+    );
+    let started = std::time::Instant::now();
+    let err = t.tcp(&t.client, "10.96.0.10:81").expect_err("no such port");
+    assert!(err.contains("refused"), "rejected: {err}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
