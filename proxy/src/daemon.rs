@@ -38,7 +38,7 @@ use crate::convert::{
 use crate::health::{ExplainRequest, ProxyHealth, ServiceHealthServers};
 use crate::metrics::Metrics;
 use crate::nft::Backend;
-use crate::store::{SliceKey, Store};
+use crate::store::{ServiceEntry, SliceKey, Store};
 use crate::sync::Dataplane;
 
 /// How the daemon runs.
@@ -515,7 +515,16 @@ async fn sync_loop<B: Backend>(
                 }
                 metrics.changes_pending.set(0);
                 health.updated();
-                update_health_checks(&store, &report.changed_services, &mut health_checks);
+                // The merged entries of every recompiled Service, read once for the health
+                // checks and the conntrack cleanup.
+                let changed: Vec<(ServiceKey, Vec<ServiceEntry>)> = report
+                    .changed_services
+                    .iter()
+                    .map(|k| (k.clone(), store.entries(k)))
+                    .collect();
+                if let Some(node) = store.node() {
+                    update_health_checks(node, &changed, &mut health_checks);
+                }
                 let wanted = health_checks
                     .iter()
                     .flat_map(|(k, v)| {
@@ -525,12 +534,7 @@ async fn sync_loop<B: Backend>(
                     .collect();
                 responders.sync(&wanted).await;
                 if config.conntrack_cleanup {
-                    clean_conntrack(
-                        &store,
-                        &report.changed_services,
-                        &mut conntrack_seen,
-                        &metrics,
-                    );
+                    clean_conntrack(&changed, &mut conntrack_seen, &metrics);
                 }
                 if report.affinity_purged > 0 {
                     tracing::debug!(
@@ -575,28 +579,27 @@ async fn sync_loop<B: Backend>(
 /// Refreshes the healthCheckNodePort table for `changed` Services: port and number of distinct
 /// local ready endpoints, for LoadBalancer Services with `externalTrafficPolicy: Local`.
 fn update_health_checks(
-    store: &Store,
-    changed: &[ServiceKey],
+    node: &lb_core::Node,
+    changed: &[(ServiceKey, Vec<ServiceEntry>)],
     table: &mut BTreeMap<ServiceKey, Vec<(u16, usize)>>,
 ) {
-    let Some(node) = store.node() else { return };
-    for key in changed {
-        let entries = store.entries(key);
+    for (key, entries) in changed {
+        // Distinct local ready endpoints of the Service, whatever the port.
+        let local = entries
+            .iter()
+            .flat_map(|e| &e.endpoints)
+            .filter(|ep| ep.is_ready() && ep.is_local_to(node))
+            .map(lb_core::Endpoint::ip)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
         let mut ports = Vec::new();
-        for e in &entries {
+        for e in entries {
             let Some(port) = e.port.health_check_node_port() else {
                 continue;
             };
-            if !e.port.external_policy_local() || ports.iter().any(|(p, _)| *p == port) {
-                continue;
+            if e.port.external_policy_local() && !ports.iter().any(|(p, _)| *p == port) {
+                ports.push((port, local));
             }
-            let local: std::collections::BTreeSet<_> = entries
-                .iter()
-                .flat_map(|e| &e.endpoints)
-                .filter(|ep| ep.is_ready() && ep.is_local_to(node))
-                .map(lb_core::Endpoint::ip)
-                .collect();
-            ports.push((port, local.len()));
         }
         if ports.is_empty() {
             table.remove(key);
@@ -609,8 +612,7 @@ fn update_health_checks(
 /// Deletes conntrack entries that the changes to `changed` Services left stale (UDP and SCTP
 /// flows to endpoints that left; un-DNATed flows to service ports that gained endpoints).
 fn clean_conntrack(
-    store: &Store,
-    changed: &[ServiceKey],
+    changed: &[(ServiceKey, Vec<ServiceEntry>)],
     seen: &mut BTreeMap<
         ServiceKey,
         Vec<(lb_core::ServicePortName, crate::conntrack::ServicePortState)>,
@@ -621,12 +623,11 @@ fn clean_conntrack(
     let mut previous = ServicePorts::new();
     let mut next = ServicePorts::new();
     let mut fresh = Vec::new();
-    for key in changed {
+    for (key, entries) in changed {
         for (name, state) in seen.get(key).into_iter().flatten() {
             previous.insert(name.clone(), state.clone());
         }
-        let now: Vec<_> = store
-            .entries(key)
+        let now: Vec<_> = entries
             .iter()
             .filter_map(|e| ServicePortState::from_entry(e).map(|s| (e.port.name().clone(), s)))
             .collect();
