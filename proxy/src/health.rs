@@ -457,16 +457,9 @@ pub fn parse_explain_query(query: &str) -> Result<crate::explain::Query, String>
     let mut to = None;
     let mut from = None;
     let mut from_node = false;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = v
-            .replace("%3A", ":")
-            .replace("%3a", ":")
-            .replace("%2F", "/")
-            .replace("%2f", "/")
-            .replace("%5B", "[")
-            .replace("%5D", "]");
-        match k {
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        let v = v.into_owned();
+        match k.as_ref() {
             "to" => to = Some(v),
             "from" => {
                 from = Some(
