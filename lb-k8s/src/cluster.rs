@@ -335,7 +335,7 @@ impl ServiceIndex {
                 )
             }))
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by_key(|&(f, _)| f);
         out
     }
 
