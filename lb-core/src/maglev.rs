@@ -32,8 +32,9 @@
 //!
 //! [`Maglev::weighted`] takes a weight per backend: in each round of population a backend gains
 //! `weight` credit and claims one slot per `max_weight` of credit, so its share of the table is
-//! `weight / Σ weight` (to within `max_weight / mean_weight + 1` slots). With equal weights every backend claims one
-//! slot per round and the table is exactly the one [`Maglev::new`] builds.
+//! `weight / Σ weight` (to within `max_weight / mean_weight + 1` slots). With equal weights
+//! every backend claims one slot per round and the table is exactly the one [`Maglev::new`]
+//! builds.
 //!
 //! # The disruption bound, and [`Maglev::successor`]
 //!
@@ -411,11 +412,10 @@ fn populate<B: AsRef<[u8]>>(backends: &[(B, u32)], table_size: u32) -> Vec<u32> 
     // `offset < M` and `skip ∈ 1..M`, so `cur + skip < 2M < 2^33`: no u64 overflow.
     let mut cur: Vec<u64> = Vec::with_capacity(n);
     let mut skip: Vec<u64> = Vec::with_capacity(n);
-    let max_weight = backends
-        .iter()
-        .map(|&(_, w)| u64::from(w))
-        .max()
-        .unwrap_or(1);
+    let weight: Vec<u64> = backends.iter().map(|&(_, w)| u64::from(w)).collect();
+    let max_weight = weight.iter().copied().max().unwrap_or(1);
+    // Equal weights: every backend claims a slot every round, no credit to keep.
+    let uniform = weight.iter().all(|&w| w == max_weight);
     let mut credit = vec![0u64; n];
     for (b, _) in backends {
         let bytes = b.as_ref();
@@ -429,15 +429,18 @@ fn populate<B: AsRef<[u8]>>(backends: &[(B, u32)], table_size: u32) -> Vec<u32> 
     let mut owned = vec![0u64; len.div_ceil(64)];
     let mut filled = 0usize;
     // Each round gives every backend of the largest weight exactly one more slot (lighter ones
-    // proportionally fewer), until the table is full. A backend's preferences are a permutation of all M slots and fewer than M are owned when it
-    // takes its turn, so its inner loop always finds a free slot.
+    // proportionally fewer), until the table is full. A backend's preferences are a permutation
+    // of all M slots and fewer than M are owned when it takes its turn, so its inner loop always
+    // finds a free slot.
     'rounds: loop {
         for i in 0..n {
-            credit[i] += u64::from(backends[i].1);
-            if credit[i] < max_weight {
-                continue;
+            if !uniform {
+                credit[i] += weight[i];
+                if credit[i] < max_weight {
+                    continue;
+                }
+                credit[i] -= max_weight;
             }
-            credit[i] -= max_weight;
             let mut c = cur[i];
             loop {
                 let word = (c / 64) as usize;

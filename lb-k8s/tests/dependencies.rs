@@ -49,7 +49,10 @@ fn lb_k8s_normal_dependencies_have_no_kube_tokio_nftnl_or_mnl() {
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     // The tree is real: it names what lb-k8s does depend on.
-    assert!(names.contains(&"lb-core") && names.contains(&"k8s-openapi"), "{tree}");
+    assert!(
+        names.contains(&"lb-core") && names.contains(&"k8s-openapi"),
+        "{tree}"
+    );
     let bad: Vec<&&str> = FORBIDDEN.iter().filter(|f| names.contains(f)).collect();
     assert!(bad.is_empty(), "lb-k8s depends on {bad:?}:\n{tree}");
 }
