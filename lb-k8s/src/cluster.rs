@@ -21,7 +21,7 @@
 //! An empty set means the connection must be refused (kube-proxy rejects, or drops under a
 //! Local policy with only remote endpoints).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -210,6 +210,8 @@ pub struct ServiceIndex {
     node: Node,
     entries: Vec<Entry>,
     by_address: HashMap<(IpAddr, Protocol, u16), (Via, usize)>,
+    /// Every Service address, so a node-port lookup can tell them from node addresses.
+    service_addresses: HashSet<IpAddr>,
     by_node_port: HashMap<(Protocol, u16), usize>,
     node_port_addresses: Vec<IpNet>,
 }
@@ -262,10 +264,12 @@ impl ServiceIndex {
                 external,
             });
         }
+        let service_addresses = by_address.keys().map(|&(ip, _, _)| ip).collect();
         Self {
             node,
             entries,
             by_address,
+            service_addresses,
             by_node_port,
             node_port_addresses,
         }
@@ -285,17 +289,13 @@ impl ServiceIndex {
         let sp = &self.entries[i].entry.port;
         let family_ok = sp.ip_families().contains(&IpFamily::of(&address));
         let address_ok = if self.node_port_addresses.is_empty() {
-            !self.is_service_address(address)
+            !self.service_addresses.contains(&address)
         } else {
             self.node_port_addresses
                 .iter()
                 .any(|n| n.contains(&address))
         };
         (family_ok && address_ok).then(|| self.hit(i, Via::NodePort))
-    }
-
-    fn is_service_address(&self, address: IpAddr) -> bool {
-        self.by_address.keys().any(|&(a, _, _)| a == address)
     }
 
     fn hit(&self, i: usize, via: Via) -> Lookup<'_> {
