@@ -13,9 +13,11 @@
 //! ```
 //!
 //! Pod addresses are usually not reachable from where you try this, and Kubernetes forbids
-//! loopback endpoints, so `--map POD:PORT=ADDR:PORT` dials a local stand-in instead. A real
-//! deployment would bind the Service addresses themselves (or take redirected traffic) and
-//! dial pods directly; everything between accept and connect stays the same.
+//! loopback endpoints, so `--map POD:PORT=ADDR:PORT` dials a local stand-in instead; with any
+//! `--map` given, endpoints without one are not dialled at all (the connection is closed), so
+//! a demo sends nothing off the machine. A real deployment would bind the Service addresses
+//! themselves (or take redirected traffic) and dial pods directly; everything between accept
+//! and connect stays the same.
 //!
 //! Not a production proxy: no UDP, no connection limits, no health checks.
 
@@ -102,9 +104,10 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, Str
 }
 
 /// Reads the manifests into a fresh [`Cluster`] and indexes it. Objects that do not parse or
-/// are invalid are reported on stderr and skipped, as `lb-proxy run` does.
-pub fn load(opts: &Options) -> Result<ServiceIndex, String> {
+/// are invalid are skipped, as `lb-proxy run` does, and returned as warnings.
+pub fn load(opts: &Options) -> Result<(ServiceIndex, Vec<String>), String> {
     let mut cluster = Cluster::new(Filter::default());
+    let mut warnings = Vec::new();
     let mut node_seen = false;
     for doc in read_documents(&opts.paths)? {
         let kind = doc
@@ -123,7 +126,7 @@ pub fn load(opts: &Options) -> Result<ServiceIndex, String> {
                         .apply_endpoint_slice(&s)
                         .map_err(|e| e.to_string())?;
                     for e in errors {
-                        eprintln!("tcp_proxy: skipped endpoint: {e}");
+                        warnings.push(format!("skipped endpoint: {e}"));
                     }
                     Ok(())
                 }),
@@ -139,7 +142,7 @@ pub fn load(opts: &Options) -> Result<ServiceIndex, String> {
             _ => Ok(()),
         };
         if let Err(e) = outcome {
-            eprintln!("tcp_proxy: skipped {kind}: {e}");
+            warnings.push(format!("skipped {kind}: {e}"));
         }
     }
     if !node_seen {
@@ -147,9 +150,16 @@ pub fn load(opts: &Options) -> Result<ServiceIndex, String> {
         let node = lb_core::Node::new(&opts.node, None).map_err(|e| e.to_string())?;
         cluster.set_node_model(node);
     }
-    cluster
+    let index = cluster
         .index()
-        .ok_or_else(|| "the node is unknown".to_string())
+        .ok_or_else(|| "the node is unknown".to_string())?;
+    Ok((index, warnings))
+}
+
+fn report(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("tcp_proxy: {w}");
+    }
 }
 
 fn read_documents(paths: &[PathBuf]) -> Result<Vec<Value>, String> {
@@ -227,7 +237,8 @@ struct Shared {
 
 /// Loads the manifests, opens the listeners and starts serving (on the current tokio runtime).
 pub async fn start(opts: Options) -> Result<Running, Box<dyn Error>> {
-    let index = load(&opts)?;
+    let (index, warnings) = load(&opts)?;
+    report(&warnings);
     let mut tasks = JoinSet::new();
     let mut listeners = Vec::new();
     let frontends: Vec<Frontend> = index
@@ -247,21 +258,28 @@ pub async fn start(opts: Options) -> Result<Running, Box<dyn Error>> {
         listeners.push((frontend, listener.local_addr()?));
         tasks.spawn(accept_loop(listener, frontend, shared.clone()));
     }
-    tasks.spawn(reload_loop(opts, shared));
+    tasks.spawn(reload_loop(opts, shared, warnings));
     Ok(Running {
         listeners,
         _tasks: tasks,
     })
 }
 
-async fn reload_loop(opts: Options, shared: Arc<Shared>) {
+async fn reload_loop(opts: Options, shared: Arc<Shared>, mut reported: Vec<String>) {
     loop {
         tokio::time::sleep(opts.reload).await;
         match load(&opts) {
-            Ok(index) => match shared.index.write() {
-                Ok(mut guard) => *guard = Arc::new(index),
-                Err(poisoned) => *poisoned.into_inner() = Arc::new(index),
-            },
+            Ok((index, warnings)) => {
+                // Report problems when they change, not on every reload.
+                if warnings != reported {
+                    report(&warnings);
+                    reported = warnings;
+                }
+                match shared.index.write() {
+                    Ok(mut guard) => *guard = Arc::new(index),
+                    Err(poisoned) => *poisoned.into_inner() = Arc::new(index),
+                }
+            }
             // The last good index keeps serving.
             Err(e) => eprintln!("tcp_proxy: reload failed, keeping the previous state: {e}"),
         }
@@ -324,7 +342,17 @@ async fn serve(
     let Some(endpoint) = choose(shared, frontend, peer.ip(), random) else {
         return Ok(());
     };
-    let dial = shared.map.get(&endpoint).copied().unwrap_or(endpoint);
+    // With `--map`, only mapped endpoints are dialled: a demo never sends traffic off the
+    // machine to pod addresses that are not reachable from here.
+    let dial = match shared.map.get(&endpoint) {
+        Some(&local) => local,
+        None if shared.map.is_empty() => endpoint,
+        None => {
+            return Err(std::io::Error::other(format!(
+                "endpoint {endpoint} has no --map entry; not dialled"
+            )));
+        }
+    };
     let mut upstream = TcpStream::connect(dial).await?;
     tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
     Ok(())

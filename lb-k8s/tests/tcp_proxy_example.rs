@@ -107,6 +107,21 @@ items:
   spec:
     clusterIP: 10.96.0.12
     ports: [{name: http, port: 80, protocol: TCP}]
+- apiVersion: v1
+  kind: Service
+  metadata: {name: unmapped, namespace: demo}
+  spec:
+    clusterIP: 10.96.0.13
+    ports: [{name: http, port: 80, protocol: TCP}]
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata:
+    name: unmapped-1
+    namespace: demo
+    labels: {kubernetes.io/service-name: unmapped}
+  addressType: IPv4
+  ports: [{name: http, port: 8080, protocol: TCP}]
+  endpoints: [{addresses: [10.244.9.9], nodeName: node-a}]
 "#;
 
 fn slice(service: &str, web3_ready: bool) -> String {
@@ -158,6 +173,9 @@ async fn the_tcp_proxy_example_balances_connections_and_follows_the_manifests() 
     let empty = running
         .listener_for(ip("10.96.0.12"), 80)
         .expect("empty listener");
+    let unmapped = running
+        .listener_for(ip("10.96.0.13"), 80)
+        .expect("unmapped listener");
 
     // Uniform over the three ready endpoints: each expects 100 of 300 (σ ≈ 8).
     let counts = tally(web, 300).await;
@@ -174,6 +192,15 @@ async fn the_tcp_proxy_example_balances_connections_and_follows_the_manifests() 
 
     // No endpoints: the connection is closed without reaching anything.
     assert_eq!(ask(empty).await, "");
+    // An endpoint without a --map entry is not dialled (nothing leaves the machine): the
+    // connection is closed at once rather than waiting on a connect to an unreachable pod.
+    let asked = Instant::now();
+    assert_eq!(ask(unmapped).await, "");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
 
     // b3 turns not ready in the manifests: within a few reloads it gets no new connections.
     write(dir.path(), "web.yaml", &slice("web", false));
