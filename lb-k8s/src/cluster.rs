@@ -109,6 +109,48 @@ impl Cluster {
         self.store.apply_slice(slice_key(slice), None);
     }
 
+    /// Replaces every Service (a watch's re-list, kube-runtime's `Init` … `InitDone`):
+    /// Services not listed are gone, so nothing deleted during a watch outage survives.
+    /// Invalid Services are left out, as in the daemon, and returned.
+    pub fn replace_services<'s>(
+        &mut self,
+        all: impl IntoIterator<Item = &'s Service>,
+    ) -> Vec<ConvertError> {
+        let mut errors = Vec::new();
+        let mut accepted = Vec::new();
+        for svc in all {
+            match convert::service(svc, &self.filter) {
+                Ok(Converted::Accepted(ports)) => accepted.push((service_key(svc), ports)),
+                Ok(Converted::Skipped(_)) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+        self.store.replace_services(accepted);
+        errors
+    }
+
+    /// Replaces every EndpointSlice (a re-list): slices not listed are gone. Invalid slices are
+    /// left out and invalid endpoints dropped; both are returned.
+    pub fn replace_endpoint_slices<'s>(
+        &mut self,
+        all: impl IntoIterator<Item = &'s EndpointSlice>,
+    ) -> Vec<ConvertError> {
+        let mut errors = Vec::new();
+        let mut accepted = Vec::new();
+        for slice in all {
+            match convert::endpoint_slice(slice, &self.filter) {
+                Ok((Converted::Accepted(s), errs)) => {
+                    errors.extend(errs);
+                    accepted.push((slice_key(slice), s));
+                }
+                Ok((Converted::Skipped(_), _)) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+        self.store.replace_slices(accepted);
+        errors
+    }
+
     /// Sets this node from its Node object (name and `topology.kubernetes.io/zone` label).
     ///
     /// # Errors

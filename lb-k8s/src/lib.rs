@@ -22,7 +22,8 @@
 //!
 //! ## Where to start
 //!
-//! * [`Cluster`]: apply and delete objects as a watch delivers them; [`Cluster::index`]
+//! * [`Cluster`]: apply and delete objects as a watch delivers them (and replace them all on a
+//!   re-list); [`Cluster::index`]
 //!   freezes the state into a [`ServiceIndex`].
 //! * [`ServiceIndex::lookup`]: cluster IPs, external IPs, load-balancer IPs and node ports.
 //! * [`convert`]: the conversion functions on their own (kube-proxy's filtering: headless,

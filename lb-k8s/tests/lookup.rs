@@ -314,3 +314,37 @@ fn frontends_list_every_entry_point_once_in_order() {
         ]
     );
 }
+
+#[test]
+fn a_relist_replaces_everything_so_objects_deleted_meanwhile_are_gone() {
+    let mut c = shop_cluster();
+    let other = service(json!({
+        "metadata": {"namespace": "demo", "name": "other"},
+        "spec": {"clusterIP": "10.96.0.30", "ports": [{"port": 53, "protocol": "UDP"}]},
+    }));
+    let mut broken = other.clone();
+    broken.metadata.name = Some("broken".into());
+    if let Some(spec) = broken.spec.as_mut() {
+        spec.session_affinity = Some("Sometimes".into());
+    }
+    // The re-list no longer has shop; it has other, and an invalid one that is reported.
+    let errors = c.replace_services([&other, &broken]);
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].field, "spec.sessionAffinity");
+    let errors = c.replace_endpoint_slices([&shop_slice(
+        "shop-b",
+        json!([{"addresses": ["10.244.1.99"], "nodeName": "node-a"}]),
+    )]);
+    assert!(errors.is_empty());
+    let index = c.index().expect("node known");
+    assert!(index.lookup(ip("10.96.0.20"), Protocol::Tcp, 80).is_none());
+    assert!(index.lookup(ip("10.96.0.30"), Protocol::Udp, 53).is_some());
+    assert_eq!(index.len(), 1);
+    // shop comes back: only the re-listed slice's endpoint, shop-a is gone.
+    c.apply_service(&shop()).expect("valid");
+    let index = c.index().expect("node known");
+    let hit = index
+        .lookup(ip("10.96.0.20"), Protocol::Tcp, 80)
+        .expect("hit");
+    assert_eq!(addrs(hit.all_endpoints()), ["10.244.1.99:8080"]);
+}
