@@ -23,8 +23,7 @@
 //! ## Where to start
 //!
 //! * [`Cluster`]: apply and delete objects as a watch delivers them (and replace them all on a
-//!   re-list); [`Cluster::index`]
-//!   freezes the state into a [`ServiceIndex`].
+//!   re-list); [`Cluster::index`] freezes the state into a [`ServiceIndex`].
 //! * [`ServiceIndex::lookup`]: cluster IPs, external IPs, load-balancer IPs and node ports.
 //! * [`convert`]: the conversion functions on their own (kube-proxy's filtering: headless,
 //!   `service-proxy-name`, ExternalName), and [`store`]: the merging store the `lb-proxy`
