@@ -244,3 +244,46 @@ fn external_policy_local_counts_only_for_externally_accessible_services() {
     assert!(local(port().service_type(ServiceType::LoadBalancer)));
     assert!(local(port().external_ips(["192.0.2.1"])));
 }
+
+#[test]
+fn builders_accept_typed_addresses_and_ports_and_build_the_same_value_as_from_text() {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let typed = ServicePort::builder("ns", "web", "http", Protocol::Tcp, 80_u16)
+        .cluster_ips([
+            IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)),
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
+        ])
+        .external_ips([Ipv4Addr::new(192, 0, 2, 1)])
+        .node_port(30080_u16)
+        .build()
+        .expect("valid");
+    let text = ServicePort::builder("ns", "web", "http", Protocol::Tcp, 80)
+        .cluster_ips(["10.96.0.1", "fd00::1"])
+        .external_ips(["192.0.2.1"])
+        .node_port(30080)
+        .build()
+        .expect("valid");
+    assert_eq!(typed, text);
+    let typed = Endpoint::builder(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 1, 5), 8080_u16)
+        .build()
+        .expect("valid");
+    assert_eq!(typed.addr().to_string(), "[fd00::1:5]:8080");
+}
+
+#[test]
+fn a_typed_address_is_still_validated_naming_the_field() {
+    use std::net::{IpAddr, Ipv4Addr};
+    let err = ServicePort::builder("ns", "web", "http", Protocol::Tcp, 80_u16)
+        .cluster_ips([IpAddr::V4(Ipv4Addr::UNSPECIFIED)])
+        .build()
+        .expect_err("0.0.0.0");
+    assert_eq!(err.field, "clusterIPs[0]");
+    let err = Endpoint::builder(Ipv4Addr::LOCALHOST, 80_u16)
+        .build()
+        .expect_err("loopback");
+    assert_eq!(err.field, "addresses[0]");
+    assert_eq!(
+        err.to_string(),
+        "endpoint 127.0.0.1:80: field addresses[0]: 127.0.0.1 cannot be an endpoint address"
+    );
+}

@@ -55,7 +55,7 @@ fn slice(i: u8, eps: &[(u8, bool, bool)]) -> Slice {
         endpoints: eps
             .iter()
             .map(|&(e, ready, local)| {
-                Endpoint::builder(&format!("10.244.{i}.{e}"), 1)
+                Endpoint::builder(format!("10.244.{i}.{e}"), 1)
                     .conditions(if ready {
                         Conditions::READY
                     } else {
