@@ -903,14 +903,9 @@ impl EndpointBuilder {
             ));
         }
         let port = port_value(self.port).map_err(|r| ModelError::new(&obj, "port", r))?;
-        if self.conditions.ready && !self.conditions.serving {
-            // The API defines serving as "ready, ignoring terminating": ready implies serving.
-            return Err(ModelError::new(
-                &obj,
-                "conditions.serving",
-                "is false while conditions.ready is true; a ready endpoint is serving by definition",
-            ));
-        }
+        // `ready: true` with `serving: false` is accepted as kube-proxy accepts it
+        // (`pkg/proxy/endpointslicecache.go` reads each condition on its own): the endpoint is
+        // ready, so it is used; `serving` only matters for terminating endpoints.
         let non_empty = |field: &str, v: Option<String>| match v {
             Some(s) if s.is_empty() => Err(ModelError::new(&obj, field, "must not be empty")),
             other => Ok(other.map(Arc::from)),

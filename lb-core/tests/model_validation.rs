@@ -187,12 +187,16 @@ fn an_endpoint_with_a_bad_address_or_port_is_rejected_naming_the_field() {
 }
 
 #[test]
-fn a_ready_endpoint_that_is_not_serving_is_a_contradiction() {
-    let r = Endpoint::builder("10.0.0.1", 80)
+fn a_ready_endpoint_that_is_not_serving_is_accepted_and_used_as_kube_proxy_does() {
+    // Issue 9, point 4: kube-proxy reads each condition on its own; a ready endpoint is used
+    // whatever `serving` says.
+    let e = Endpoint::builder("10.0.0.1", 80)
         .ready(true)
         .serving(false)
-        .build();
-    assert_eq!(field_of(r), "conditions.serving");
+        .build()
+        .expect("ready with serving false is valid");
+    assert!(e.is_ready());
+    assert!(e.conditions().usable());
 }
 
 #[test]
