@@ -427,6 +427,8 @@ async fn sync_loop<B: Backend>(
     // Arrival time of every change not yet programmed, for the latency histogram.
     let mut pending: Vec<Instant> = Vec::new();
     let mut last_sync: Option<Instant> = None;
+    // Whether a sync succeeded yet: until then `explain` cannot speak for the kernel.
+    let mut synced_once = false;
     let mut last_full = Instant::now();
     let mut retry_after: Option<Instant> = None;
     let mut failures = 0u32;
@@ -442,7 +444,9 @@ async fn sync_loop<B: Backend>(
         let wake = due.map_or(full_due, |d| d.min(full_due));
         tokio::select! {
             Some((q, reply)) = queries.explain.recv() => {
-                if let Some(snap) = store.snapshot() {
+                if !synced_once {
+                    let _ = reply.send(crate::explain::Explanation::not_synced());
+                } else if let Some(snap) = store.snapshot() {
                     let _ = reply.send(crate::explain::explain(&snap, &config.compile, &q));
                 }
                 continue;
@@ -502,6 +506,7 @@ async fn sync_loop<B: Backend>(
                 failures = 0;
                 retry_after = None;
                 last_sync = Some(acked);
+                synced_once = true;
                 metrics.observe_sync(&report, started.elapsed());
                 for arrived in pending.drain(..) {
                     let latency = acked.duration_since(arrived);

@@ -118,6 +118,22 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
             .map(|e| (&e.port, e.endpoints.as_slice(), Entry::NodePort));
     }
     let Some((port, all_endpoints, entry)) = found else {
+        // Still addressed to a cluster IP after the dispatch: the ruleset rejects it
+        // (`service-endpoints-check`), as kube-proxy does, rather than routing it off the node.
+        if let Some(owner) = snapshot
+            .services
+            .values()
+            .find(|e| e.port.cluster_ips().contains(&q.to))
+        {
+            let name = owner.port.name();
+            return Explanation {
+                outcome: format!(
+                    "reject: {} is the cluster IP of {}/{}, which has no port {}/{} (ICMP port unreachable)",
+                    q.to, name.namespace, name.name, q.port, q.protocol
+                ),
+                ..Explanation::nothing()
+            };
+        }
         return Explanation {
             service_port: None,
             entry: None,
@@ -274,6 +290,34 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
         masquerade,
         affinity,
         source_ranges: firewall,
+    }
+}
+
+impl Explanation {
+    /// No Service port, no endpoints: the base of the answers that name none.
+    fn nothing() -> Self {
+        Explanation {
+            service_port: None,
+            entry: None,
+            endpoint_set: None,
+            topology: None,
+            endpoints: vec![],
+            outcome: String::new(),
+            masquerade: "no".into(),
+            affinity: None,
+            source_ranges: None,
+        }
+    }
+
+    /// The answer of a daemon that has not programmed the node yet: what it knows so far may
+    /// not be what the kernel does.
+    pub fn not_synced() -> Self {
+        Explanation {
+            outcome: "not synced yet: lb-proxy has not programmed this node since it started \
+                      (still listing the cluster's objects); ask again after the first sync"
+                .into(),
+            ..Explanation::nothing()
+        }
     }
 }
 

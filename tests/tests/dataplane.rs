@@ -624,3 +624,30 @@ fn a_cluster_ip_port_the_service_does_not_have_is_rejected_not_routed_away() {
     assert!(err.contains("refused"), "rejected: {err}");
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+#[test]
+fn explain_reports_the_reject_of_a_port_a_cluster_ip_lacks_as_the_packets_see_it() {
+    // Issue 9, point 11: explain said "no-match, lb-proxy does not touch it".
+    let eps = [(0, "node-a", true)];
+    let t = setup(
+        1,
+        &[
+            ("svc.yaml", service("web", WEB)),
+            ("eps.yaml", web_slices(&eps)),
+        ],
+    );
+    let err = t.tcp(&t.client, "10.96.0.10:81").expect_err("no such port");
+    assert!(err.contains("refused"), "rejected: {err}");
+    let out = std::process::Command::new(lb_e2e::binary("lb-proxy"))
+        .args(["explain", "--to", "10.96.0.10:81", "--from", "10.100.0.2"])
+        .arg("-f")
+        .arg(&t.dir)
+        .output()
+        .expect("run lb-proxy explain");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.starts_with("reject: 10.96.0.10 is the cluster IP of t/web"),
+        "{text}"
+    );
+}

@@ -299,3 +299,64 @@ fn service_port_traffic_counters_grow_with_every_path_into_the_service() {
         last = now;
     }
 }
+
+#[test]
+fn live_explain_before_the_first_sync_says_not_synced_yet() {
+    // Issue 9, point 11: before its first sync the daemon answered from a half-listed store.
+    let t = Topology::up(1);
+    let api = ApiServer::start(t.bind_in(&t.node));
+    api.apply(Kind::Node, node(json!([])));
+    api.apply(Kind::Service, shop());
+    api.apply(Kind::EndpointSlice, shop_slice(&[(0, "node-a")]));
+    api.pause();
+    let kubeconfig = t.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).expect("write kubeconfig");
+    struct Daemon(std::process::Child);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _daemon = Daemon(
+        t.ns_command(&t.node, &binary("lb-proxy"))
+            .args([
+                "daemon",
+                "--node",
+                "node-a",
+                "--cluster-cidr",
+                "10.244.0.0/16",
+            ])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--healthz-bind-address", "127.0.0.1:10256"])
+            .args(["--metrics-bind-address", "127.0.0.1:10249"])
+            .args(["--min-sync-period", "0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn lb-proxy daemon"),
+    );
+    let explain = || {
+        let out = t
+            .ns_command(&t.node, &binary("lb-proxy"))
+            .args(["explain", "--live", "127.0.0.1:10249"])
+            .args(["--to", "192.0.2.20:80", "--from", "10.100.0.2"])
+            .output()
+            .expect("run lb-proxy explain");
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let mut answer = None;
+    eventually("the metrics server answers", || {
+        answer = explain();
+        answer.is_some()
+    });
+    let answer = answer.unwrap_or_default();
+    assert!(answer.starts_with("not synced yet"), "{answer}");
+    api.resume();
+    eventually("the daemon synced and explains the Service", || {
+        explain().is_some_and(|a| a.contains("service port: t/shop:http"))
+    });
+}
