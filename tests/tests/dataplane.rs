@@ -651,3 +651,166 @@ fn explain_reports_the_reject_of_a_port_a_cluster_ip_lacks_as_the_packets_see_it
         "{text}"
     );
 }
+
+/// `nft list map ip lb-proxy NAME` in the node namespace (empty when it does not exist).
+fn nft_map(t: &Topology, name: &str) -> String {
+    std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &t.node, "nft", "list", "map", "ip", "lb-proxy", name,
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_service_without_affinity_on_another_services_node_port_number_is_not_sticky_and_forgets_a_removed_backend()
+ {
+    // Issue 9, point 1: Service A has ClientIP affinity and nodePort 30080; Service B has no
+    // affinity and listens on port 30080 of its cluster IP. B's connections were recorded as
+    // A's node port affinity: B became sticky, and kept sending clients to a removed backend.
+    let a = service(
+        "a",
+        "  type: NodePort\n  clusterIP: 10.96.0.70\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 600\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30080\n",
+    );
+    let b = service(
+        "b",
+        "  clusterIP: 10.96.0.71\n  ports:\n  - name: http\n    port: 30080\n    protocol: TCP\n",
+    );
+    let b_slice = |eps: &[usize]| {
+        let v: Vec<(usize, &str, bool)> = eps.iter().map(|&i| (i, "node-a", true)).collect();
+        slice_yaml("b", "IPv4", "http", "TCP", 8080, &v)
+    };
+    let mut t = setup(
+        3,
+        &[
+            ("a.yaml", a),
+            ("b.yaml", b),
+            (
+                "a-eps.yaml",
+                slice_yaml("a", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]),
+            ),
+            ("b-eps.yaml", b_slice(&[1, 2])),
+        ],
+    );
+    assert_eq!(
+        t.tcp(&t.client, "10.100.0.1:30080")
+            .expect("A's node port")
+            .0,
+        "b0"
+    );
+    let spread = t.spread(&t.client, "10.96.0.71:30080", 20, false);
+    assert_eq!(
+        backends(&spread),
+        ["b1", "b2"],
+        "B is not sticky: {spread:?}"
+    );
+    let recorded = nft_map(&t, "affinity-nodeport-600") + &nft_map(&t, "affinity-600");
+    for b in [1, 2] {
+        assert!(
+            !recorded.contains(&Topology::backend_ip(b)),
+            "B's connections are not recorded: {recorded}"
+        );
+    }
+    t.write_manifest("b-eps.yaml", &b_slice(&[1]));
+    t.wait_applied();
+    let spread = t.spread(&t.client, "10.96.0.71:30080", 10, false);
+    assert_eq!(
+        backends(&spread),
+        ["b1"],
+        "no connection reaches the removed backend: {spread:?}"
+    );
+}
+
+#[test]
+fn node_port_affinity_holds_whatever_node_address_the_client_uses() {
+    // Issue 9, point 2 (node port part): entries were keyed by the node address used.
+    let svc = service(
+        "np",
+        "  type: NodePort\n  clusterIP: 10.96.0.72\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 600\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30090\n",
+    );
+    let eps = slice_yaml(
+        "np",
+        "IPv4",
+        "http",
+        "TCP",
+        8080,
+        &[
+            (0, "node-a", true),
+            (1, "node-a", true),
+            (2, "node-a", true),
+        ],
+    );
+    let t = setup(3, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    // Each round starts from empty maps, so a chance match of two independent choices
+    // (1 in 3) cannot pass five rounds (1 in 243).
+    for round in 0..5 {
+        for map in ["affinity-600", "affinity-nodeport-600"] {
+            let _ = std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &t.node, "nft", "flush", "map", "ip", "lb-proxy", map,
+                ])
+                .output();
+        }
+        let first = t.tcp(&t.client, "10.100.0.1:30090").expect("reply").0;
+        for target in ["10.200.0.1:30090", "10.100.0.1:30090", "10.200.0.1:30090"] {
+            assert_eq!(
+                t.tcp(&t.client, target).expect("reply").0,
+                first,
+                "round {round}: {target} sticks to the endpoint chosen through 10.100.0.1"
+            );
+        }
+    }
+}
+
+#[test]
+fn affinity_to_an_endpoint_on_the_node_itself_is_recorded_and_sticks() {
+    // Issue 9, point 3: a host-network endpoint (the node's own address) was never recorded,
+    // because locally delivered connections never reach postrouting.
+    let svc = service(
+        "host",
+        "  clusterIP: 10.96.0.73\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 600\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n",
+    );
+    let mut t = Topology::up(1);
+    t.serve_all();
+    let server = t.ns_command(&t.node.clone(), &lb_e2e::binary("lb-testsrv"));
+    let mut server = server;
+    server.args(["serve", "node", "10.200.0.1:8080"]);
+    t.spawn_ready(server, "READY");
+    t.write_manifest("node.yaml", NODE_YAML);
+    t.write_manifest("svc.yaml", &svc);
+    let mut eps = slice_yaml("host", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]);
+    eps.push_str(
+        "- addresses: [\"10.200.0.1\"]\n  nodeName: node-a\n  conditions: {ready: true}\n",
+    );
+    t.write_manifest("eps.yaml", &eps);
+    t.start_proxy(&[]);
+    // Reach the node's own endpoint once (each new client choice is 1 in 2).
+    let mut reached = false;
+    for _ in 0..40 {
+        for map in ["affinity-600", "affinity-nodeport-600"] {
+            let _ = std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &t.node, "nft", "flush", "map", "ip", "lb-proxy", map,
+                ])
+                .output();
+        }
+        if t.tcp(&t.client, "10.96.0.73:80").expect("reply").0 == "node" {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "the node's endpoint never answered");
+    let map = nft_map(&t, "affinity-600");
+    assert!(
+        map.contains(": 10.200.0.1 . 8080"),
+        "the choice of the node itself is recorded: {map}"
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            t.tcp(&t.client, "10.96.0.73:80").expect("reply").0,
+            "node",
+            "sticks"
+        );
+    }
+}
