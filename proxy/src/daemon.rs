@@ -641,8 +641,23 @@ fn clean_conntrack(
         }
         fresh.push((key.clone(), now));
     }
+    // Every UDP and SCTP service port as it is now, for the whole-table reconciliation.
+    let mut serving = ServicePorts::new();
+    for (key, states) in seen.iter() {
+        if fresh.iter().any(|(k, _)| k == key) {
+            continue;
+        }
+        for (name, state) in states {
+            serving.insert(name.clone(), state.clone());
+        }
+    }
+    for (_, now) in &fresh {
+        for (name, state) in now {
+            serving.insert(name.clone(), state.clone());
+        }
+    }
     let started = Instant::now();
-    match crate::conntrack::cleanup(&previous, &next) {
+    match crate::conntrack::cleanup(&previous, &next, &serving) {
         Ok(deleted) => {
             for (key, now) in fresh {
                 if now.is_empty() {
