@@ -360,3 +360,30 @@ fn live_explain_before_the_first_sync_says_not_synced_yet() {
         explain().is_some_and(|a| a.contains("service port: t/shop:http"))
     });
 }
+
+#[test]
+fn a_ready_endpoint_listed_again_as_terminating_in_another_slice_keeps_the_health_check_at_200() {
+    // Issue 9, point 4: the copy in the slice whose name sorts first won, so a ready local
+    // endpoint also listed as terminating (a slice move) made the node report 503.
+    let (t, api, _) = setup();
+    let mut moved = shop_slice(&[(0, "node-a")]);
+    moved["metadata"]["name"] = json!("shop-aaa");
+    moved["endpoints"][0]["conditions"] =
+        json!({"ready": false, "serving": true, "terminating": true});
+    api.apply(Kind::EndpointSlice, moved);
+    // A change after it, so the test knows the daemon has seen the terminating copy.
+    api.apply(Kind::EndpointSlice, shop_slice(&[(0, "node-a")]));
+    eventually("the change is synced", || {
+        let (_, m) = get(&t, &t.node, "127.0.0.1:10249", "/metrics");
+        m.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, answer) = get(&t, &t.client, "10.100.0.1:32000", "/");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(body(&answer)["localEndpoints"], 1, "{answer}");
+    assert_eq!(
+        t.tcp(&t.client, "192.0.2.20:80").expect("served").0,
+        "b0",
+        "and the endpoint still serves"
+    );
+}
