@@ -196,7 +196,7 @@ pub async fn run<B: Backend + Send + 'static>(
 /// Binds `addr`, retrying every 5 s (and logging) until it succeeds.
 async fn bind_retrying(addr: std::net::SocketAddr, what: &'static str) -> tokio::net::TcpListener {
     loop {
-        match tokio::net::TcpListener::bind(addr).await {
+        match crate::health::bind(addr) {
             Ok(l) => return l,
             Err(e) => {
                 tracing::error!(%addr, error = %e, "cannot bind the {what} server; retrying in 5 s");
@@ -414,7 +414,8 @@ async fn sync_loop<B: Backend>(
     health: Arc<ProxyHealth>,
 ) -> anyhow::Result<()> {
     let mut responders = ServiceHealthServers::new(health.clone(), config.health_check_bind);
-    let mut health_checks: BTreeMap<ServiceKey, Vec<(u16, usize)>> = BTreeMap::new();
+    let mut health_checks: BTreeMap<ServiceKey, Vec<(u16, crate::health::LocalEndpoints)>> =
+        BTreeMap::new();
     let mut conntrack_seen: BTreeMap<
         ServiceKey,
         Vec<(lb_core::ServicePortName, crate::conntrack::ServicePortState)>,
@@ -586,17 +587,18 @@ async fn sync_loop<B: Backend>(
 fn update_health_checks(
     node: &lb_core::Node,
     changed: &[(ServiceKey, Vec<ServiceEntry>)],
-    table: &mut BTreeMap<ServiceKey, Vec<(u16, usize)>>,
+    table: &mut BTreeMap<ServiceKey, Vec<(u16, crate::health::LocalEndpoints)>>,
 ) {
     for (key, entries) in changed {
-        // Distinct local ready endpoints of the Service, whatever the port.
-        let local = entries
+        // Distinct local ready endpoints of the Service, whatever the port, per family.
+        let addresses = entries
             .iter()
             .flat_map(|e| &e.endpoints)
             .filter(|ep| ep.is_ready() && ep.is_local_to(node))
             .map(lb_core::Endpoint::ip)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len();
+            .collect::<std::collections::BTreeSet<_>>();
+        let v4 = addresses.iter().filter(|ip| ip.is_ipv4()).count();
+        let local = [v4, addresses.len() - v4];
         let mut ports = Vec::new();
         for e in entries {
             let Some(port) = e.port.health_check_node_port() else {

@@ -387,3 +387,47 @@ fn a_ready_endpoint_listed_again_as_terminating_in_another_slice_keeps_the_healt
         "and the endpoint still serves"
     );
 }
+
+#[test]
+fn the_health_check_node_port_answers_ipv6_probes_and_counts_local_endpoints_per_family() {
+    // Issue 9, point 6: the responders listened on IPv4 only (an IPv6 load balancer's probe
+    // was refused), and a dual-stack pod counted as two local endpoints.
+    let mut t = Topology::up(2);
+    t.serve_all();
+    let api = ApiServer::start(t.bind_in(&t.node));
+    api.apply(Kind::Node, node(json!([])));
+    let mut svc = shop();
+    svc["spec"]["clusterIPs"] = json!(["10.96.0.20", "fd00:96::20"]);
+    svc["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    svc["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+    api.apply(Kind::Service, svc);
+    // b0 (local) is dual-stack; b1 (local) has an IPv4 address only.
+    api.apply(
+        Kind::EndpointSlice,
+        shop_slice(&[(0, "node-a"), (1, "node-a")]),
+    );
+    let mut v6 = shop_slice(&[(0, "node-a")]);
+    v6["metadata"]["name"] = json!("shop-v6");
+    v6["addressType"] = json!("IPv6");
+    v6["endpoints"][0]["addresses"] = json!(["fd00:244:1::10"]);
+    api.apply(Kind::EndpointSlice, v6);
+    let kubeconfig = t.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).expect("write kubeconfig");
+    t.start_daemon(&kubeconfig, &[]);
+    let mut v4 = (0, String::new());
+    eventually("the IPv4 probe sees both local IPv4 endpoints", || {
+        v4 = get(&t, &t.client, "10.100.0.1:32000", "/");
+        v4.0 == 200 && body(&v4.1)["localEndpoints"] == 2
+    });
+    let (status, answer) = get(&t, &t.client, "[fd00:100::1]:32000", "/");
+    assert_eq!(status, 200, "the IPv6 probe is answered: {answer}");
+    assert_eq!(
+        body(&answer)["localEndpoints"],
+        1,
+        "one local IPv6 endpoint: {answer}"
+    );
+    assert!(
+        answer.contains("X-Load-Balancing-Endpoint-Weight: 1"),
+        "{answer}"
+    );
+}
