@@ -942,6 +942,7 @@ impl EndpointBuilder {
 pub struct Node {
     name: Arc<str>,
     zone: Option<Arc<str>>,
+    addresses: Box<[IpAddr]>,
 }
 
 impl Node {
@@ -957,7 +958,24 @@ impl Node {
         Ok(Self {
             name: name.into(),
             zone: zone.filter(|z| !z.is_empty()).map(Arc::from),
+            addresses: Box::default(),
         })
+    }
+    /// The same node with its primary addresses: at most one per family, the first of each
+    /// family wins (kube-proxy's node IPs, from the Node's `status.addresses`).
+    pub fn with_addresses(mut self, addresses: impl IntoIterator<Item = IpAddr>) -> Self {
+        let mut primary: Vec<IpAddr> = Vec::new();
+        for ip in addresses {
+            if !primary.iter().any(|p| p.is_ipv4() == ip.is_ipv4()) {
+                primary.push(ip);
+            }
+        }
+        self.addresses = primary.into();
+        self
+    }
+    /// The node's primary addresses, at most one per family (empty when unknown).
+    pub fn addresses(&self) -> &[IpAddr] {
+        &self.addresses
     }
     /// `metadata.name`.
     pub fn name(&self) -> &str {

@@ -248,3 +248,14 @@ fn external_policy_local_counts_only_for_externally_accessible_services() {
     assert!(local(port().service_type(ServiceType::LoadBalancer)));
     assert!(local(port().external_ips(["192.0.2.1"])));
 }
+
+#[test]
+fn a_node_keeps_its_first_address_of_each_family_as_its_primary_addresses() {
+    let n = lb_core::Node::new("n1", None)
+        .expect("valid node")
+        .with_addresses(
+            ["10.0.0.1", "fd00::1", "10.0.0.2", "fd00::2"].map(|a| a.parse().expect("address")),
+        );
+    let got: Vec<String> = n.addresses().iter().map(|a| a.to_string()).collect();
+    assert_eq!(got, ["10.0.0.1", "fd00::1"]);
+}

@@ -986,8 +986,18 @@ impl Builder {
                     .collect();
                 if !ranges.is_empty() {
                     self.elem(FIREWALL_IPS, key.clone(), Element::key_only());
+                    // kube-proxy's allowFromNode: when a range holds the node's IP, the node
+                    // itself may reach a load-balancer IP assigned to it, whose connections
+                    // then come from the load-balancer IP itself.
+                    let mut allowed = ranges.clone();
+                    if ranges
+                        .iter()
+                        .any(|r| node.addresses().iter().any(|a| r.contains(a)))
+                    {
+                        allowed.push(IpNet::from(ip));
+                    }
                     // Overlapping intervals are refused by the kernel: merge them first.
-                    for r in IpNet::aggregate(&ranges) {
+                    for r in IpNet::aggregate(&allowed) {
                         let mut k = key.clone();
                         k.push(net_value(r));
                         self.elem(FIREWALL_ALLOW, k, Element::key_only());

@@ -225,7 +225,13 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
                     .map(|r| r.to_string())
                     .collect::<Vec<_>>()
                     .join(", ");
-                if ranges.iter().any(|r| r.contains(&q.from)) {
+                // kube-proxy's allowFromNode (see the compiler): the node reaching a
+                // load-balancer IP assigned to itself comes from that IP.
+                let from_node_vip = q.from == q.to
+                    && ranges
+                        .iter()
+                        .any(|r| snapshot.node.addresses().iter().any(|a| r.contains(a)));
+                if from_node_vip || ranges.iter().any(|r| r.contains(&q.from)) {
                     format!("allowed: {} is in [{list}]", q.from)
                 } else {
                     format!("blocked: {} is not in [{list}]", q.from)

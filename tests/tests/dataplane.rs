@@ -814,3 +814,64 @@ fn affinity_to_an_endpoint_on_the_node_itself_is_recorded_and_sticks() {
         );
     }
 }
+
+#[test]
+fn the_node_reaches_a_load_balancer_ip_assigned_to_itself_when_a_source_range_holds_its_ip() {
+    // Issue 9, point 7 (kube-proxy's allowFromNode): a load-balancer IP assigned to the node
+    // (MetalLB, kube-vip) is reached from the node with the load-balancer IP as source. When a
+    // source range contains the node's IP, kube-proxy admits that traffic; we dropped it.
+    let svc = service(
+        "fw",
+        "  type: LoadBalancer\n  clusterIP: 10.96.0.51\n  loadBalancerSourceRanges: [\"10.100.0.0/24\"]\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30051\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.51\n",
+    );
+    let eps = slice_yaml("fw", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]);
+    let mut t = setup(1, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    lb_e2e::must(std::process::Command::new("ip").args([
+        "-n",
+        &t.node,
+        "addr",
+        "add",
+        "192.0.2.51/32",
+        "dev",
+        "lo",
+    ]));
+    // The Node lists no address: nothing is known to be in the range, the node is blocked.
+    let err = t.tcp(&t.node, "192.0.2.51:80").expect_err("blocked");
+    assert!(err.contains("timed out"), "dropped: {err}");
+    // Its InternalIP is in the range: the node may reach its own load-balancer IP.
+    t.write_manifest(
+        "node.yaml",
+        &format!(
+            "{NODE_YAML}status:\n  addresses:\n  - type: InternalIP\n    address: 10.100.0.1\n"
+        ),
+    );
+    t.wait_applied();
+    assert_eq!(t.tcp(&t.node, "192.0.2.51:80").expect("admitted").0, "b0");
+    assert_eq!(
+        t.tcp(&t.client, "192.0.2.51:80")
+            .expect("client in range")
+            .0,
+        "b0"
+    );
+    // Sources outside the range are still blocked.
+    let up = t.node.replace("-node", "-up");
+    lb_e2e::must(std::process::Command::new("ip").args([
+        "-n",
+        &up,
+        "route",
+        "add",
+        "192.0.2.51/32",
+        "via",
+        "10.200.0.1",
+    ]));
+    let err = t.tcp(&up, "192.0.2.51:80").expect_err("blocked");
+    assert!(err.contains("timed out"), "dropped: {err}");
+    let out = std::process::Command::new(lb_e2e::binary("lb-proxy"))
+        .args(["explain", "--to", "192.0.2.51:80", "--from", "192.0.2.51"])
+        .arg("-f")
+        .arg(&t.dir)
+        .output()
+        .expect("run lb-proxy explain");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("source ranges: allowed"), "{text}");
+}
