@@ -110,7 +110,12 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
             break;
         }
     }
-    if found.is_none() && q.to_node {
+    // A cluster IP is never a node address: no node port there.
+    let cluster_ip_owner = snapshot
+        .services
+        .values()
+        .find(|e| e.port.cluster_ips().contains(&q.to));
+    if found.is_none() && q.to_node && cluster_ip_owner.is_none() {
         found = snapshot
             .services
             .values()
@@ -120,11 +125,7 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
     let Some((port, all_endpoints, entry)) = found else {
         // Still addressed to a cluster IP after the dispatch: the ruleset rejects it
         // (`service-endpoints-check`), as kube-proxy does, rather than routing it off the node.
-        if let Some(owner) = snapshot
-            .services
-            .values()
-            .find(|e| e.port.cluster_ips().contains(&q.to))
-        {
+        if let Some(owner) = cluster_ip_owner {
             let name = owner.port.name();
             return Explanation {
                 outcome: format!(

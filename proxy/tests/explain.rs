@@ -97,7 +97,8 @@ fn a_service_without_endpoints_is_rejected_and_an_unknown_destination_is_not_our
 fn a_port_a_cluster_ip_lacks_is_explained_as_the_reject_the_ruleset_applies() {
     // Issue 9, point 11: `service-endpoints-check` rejects it; explain must not say no-match.
     let (snap, config) = example();
-    for to in ["10.96.0.10:81", "10.96.0.10:80/udp"] {
+    // 30081 is a node port of another Service: not on a cluster IP.
+    for to in ["10.96.0.10:81", "10.96.0.10:80/udp", "10.96.0.10:30081"] {
         let e = explain(&snap, &config, &query(to, "10.244.1.10"));
         assert!(e.service_port.is_none(), "{to}: {e:?}");
         assert!(
