@@ -617,7 +617,9 @@ fn update_health_checks(
 }
 
 /// Deletes conntrack entries that the changes to `changed` Services left stale (UDP and SCTP
-/// flows to endpoints that left; un-DNATed flows to service ports that gained endpoints).
+/// flows to endpoints that left; un-DNATed flows to service ports that gained endpoints), and
+/// reconciles the whole table against every Service's serving endpoints
+/// ([`crate::conntrack::Reconciler`]), which also repairs what went stale before a restart.
 fn clean_conntrack(
     changed: &[(ServiceKey, Vec<ServiceEntry>)],
     seen: &mut BTreeMap<
