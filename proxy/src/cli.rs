@@ -525,7 +525,7 @@ fn clean_conntrack(store: &Store, previous: &mut ServicePorts) {
     };
     let next = ServicePorts::from_snapshot(&snapshot);
     let started = std::time::Instant::now();
-    match crate::conntrack::cleanup(previous, &next) {
+    match crate::conntrack::cleanup(previous, &next, &next) {
         Ok(0) => {}
         Ok(n) => eprintln!(
             "lb-proxy: conntrack: deleted {n} stale UDP/SCTP flows in {:?}",

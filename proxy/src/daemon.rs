@@ -196,7 +196,7 @@ pub async fn run<B: Backend + Send + 'static>(
 /// Binds `addr`, retrying every 5 s (and logging) until it succeeds.
 async fn bind_retrying(addr: std::net::SocketAddr, what: &'static str) -> tokio::net::TcpListener {
     loop {
-        match tokio::net::TcpListener::bind(addr).await {
+        match crate::health::bind(addr) {
             Ok(l) => return l,
             Err(e) => {
                 tracing::error!(%addr, error = %e, "cannot bind the {what} server; retrying in 5 s");
@@ -414,7 +414,8 @@ async fn sync_loop<B: Backend>(
     health: Arc<ProxyHealth>,
 ) -> anyhow::Result<()> {
     let mut responders = ServiceHealthServers::new(health.clone(), config.health_check_bind);
-    let mut health_checks: BTreeMap<ServiceKey, Vec<(u16, usize)>> = BTreeMap::new();
+    let mut health_checks: BTreeMap<ServiceKey, Vec<(u16, crate::health::LocalEndpoints)>> =
+        BTreeMap::new();
     let mut conntrack_seen: BTreeMap<
         ServiceKey,
         Vec<(lb_core::ServicePortName, crate::conntrack::ServicePortState)>,
@@ -427,6 +428,8 @@ async fn sync_loop<B: Backend>(
     // Arrival time of every change not yet programmed, for the latency histogram.
     let mut pending: Vec<Instant> = Vec::new();
     let mut last_sync: Option<Instant> = None;
+    // Whether a sync succeeded yet: until then `explain` cannot speak for the kernel.
+    let mut synced_once = false;
     let mut last_full = Instant::now();
     let mut retry_after: Option<Instant> = None;
     let mut failures = 0u32;
@@ -442,7 +445,9 @@ async fn sync_loop<B: Backend>(
         let wake = due.map_or(full_due, |d| d.min(full_due));
         tokio::select! {
             Some((q, reply)) = queries.explain.recv() => {
-                if let Some(snap) = store.snapshot() {
+                if !synced_once {
+                    let _ = reply.send(crate::explain::Explanation::not_synced());
+                } else if let Some(snap) = store.snapshot() {
                     let _ = reply.send(crate::explain::explain(&snap, &config.compile, &q));
                 }
                 continue;
@@ -502,6 +507,7 @@ async fn sync_loop<B: Backend>(
                 failures = 0;
                 retry_after = None;
                 last_sync = Some(acked);
+                synced_once = true;
                 metrics.observe_sync(&report, started.elapsed());
                 for arrived in pending.drain(..) {
                     let latency = acked.duration_since(arrived);
@@ -581,17 +587,18 @@ async fn sync_loop<B: Backend>(
 fn update_health_checks(
     node: &lb_core::Node,
     changed: &[(ServiceKey, Vec<ServiceEntry>)],
-    table: &mut BTreeMap<ServiceKey, Vec<(u16, usize)>>,
+    table: &mut BTreeMap<ServiceKey, Vec<(u16, crate::health::LocalEndpoints)>>,
 ) {
     for (key, entries) in changed {
-        // Distinct local ready endpoints of the Service, whatever the port.
-        let local = entries
+        // Distinct local ready endpoints of the Service, whatever the port, per family.
+        let addresses = entries
             .iter()
             .flat_map(|e| &e.endpoints)
             .filter(|ep| ep.is_ready() && ep.is_local_to(node))
             .map(lb_core::Endpoint::ip)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len();
+            .collect::<std::collections::BTreeSet<_>>();
+        let v4 = addresses.iter().filter(|ip| ip.is_ipv4()).count();
+        let local = [v4, addresses.len() - v4];
         let mut ports = Vec::new();
         for e in entries {
             let Some(port) = e.port.health_check_node_port() else {
@@ -610,7 +617,9 @@ fn update_health_checks(
 }
 
 /// Deletes conntrack entries that the changes to `changed` Services left stale (UDP and SCTP
-/// flows to endpoints that left; un-DNATed flows to service ports that gained endpoints).
+/// flows to endpoints that left; un-DNATed flows to service ports that gained endpoints), and
+/// reconciles the whole table against every Service's serving endpoints
+/// ([`crate::conntrack::Reconciler`]), which also repairs what went stale before a restart.
 fn clean_conntrack(
     changed: &[(ServiceKey, Vec<ServiceEntry>)],
     seen: &mut BTreeMap<
@@ -636,8 +645,23 @@ fn clean_conntrack(
         }
         fresh.push((key.clone(), now));
     }
+    // Every UDP and SCTP service port as it is now, for the whole-table reconciliation.
+    let mut serving = ServicePorts::new();
+    for (key, states) in seen.iter() {
+        if fresh.iter().any(|(k, _)| k == key) {
+            continue;
+        }
+        for (name, state) in states {
+            serving.insert(name.clone(), state.clone());
+        }
+    }
+    for (_, now) in &fresh {
+        for (name, state) in now {
+            serving.insert(name.clone(), state.clone());
+        }
+    }
     let started = Instant::now();
-    match crate::conntrack::cleanup(&previous, &next) {
+    match crate::conntrack::cleanup(&previous, &next, &serving) {
         Ok(deleted) => {
             for (key, now) in fresh {
                 if now.is_empty() {

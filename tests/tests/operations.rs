@@ -299,3 +299,135 @@ fn service_port_traffic_counters_grow_with_every_path_into_the_service() {
         last = now;
     }
 }
+
+#[test]
+fn live_explain_before_the_first_sync_says_not_synced_yet() {
+    // Issue 9, point 11: before its first sync the daemon answered from a half-listed store.
+    let t = Topology::up(1);
+    let api = ApiServer::start(t.bind_in(&t.node));
+    api.apply(Kind::Node, node(json!([])));
+    api.apply(Kind::Service, shop());
+    api.apply(Kind::EndpointSlice, shop_slice(&[(0, "node-a")]));
+    api.pause();
+    let kubeconfig = t.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).expect("write kubeconfig");
+    struct Daemon(std::process::Child);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _daemon = Daemon(
+        t.ns_command(&t.node, &binary("lb-proxy"))
+            .args([
+                "daemon",
+                "--node",
+                "node-a",
+                "--cluster-cidr",
+                "10.244.0.0/16",
+            ])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--healthz-bind-address", "127.0.0.1:10256"])
+            .args(["--metrics-bind-address", "127.0.0.1:10249"])
+            .args(["--min-sync-period", "0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn lb-proxy daemon"),
+    );
+    let explain = || {
+        let out = t
+            .ns_command(&t.node, &binary("lb-proxy"))
+            .args(["explain", "--live", "127.0.0.1:10249"])
+            .args(["--to", "192.0.2.20:80", "--from", "10.100.0.2"])
+            .output()
+            .expect("run lb-proxy explain");
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let mut answer = None;
+    eventually("the metrics server answers", || {
+        answer = explain();
+        answer.is_some()
+    });
+    let answer = answer.unwrap_or_default();
+    assert!(answer.starts_with("not synced yet"), "{answer}");
+    api.resume();
+    eventually("the daemon synced and explains the Service", || {
+        explain().is_some_and(|a| a.contains("service port: t/shop:http"))
+    });
+}
+
+#[test]
+fn a_ready_endpoint_listed_again_as_terminating_in_another_slice_keeps_the_health_check_at_200() {
+    // Issue 9, point 4: the copy in the slice whose name sorts first won, so a ready local
+    // endpoint also listed as terminating (a slice move) made the node report 503.
+    let (t, api, _) = setup();
+    let mut moved = shop_slice(&[(0, "node-a")]);
+    moved["metadata"]["name"] = json!("shop-aaa");
+    moved["endpoints"][0]["conditions"] =
+        json!({"ready": false, "serving": true, "terminating": true});
+    api.apply(Kind::EndpointSlice, moved);
+    // A change after it, so the test knows the daemon has seen the terminating copy.
+    api.apply(Kind::EndpointSlice, shop_slice(&[(0, "node-a")]));
+    eventually("the change is synced", || {
+        let (_, m) = get(&t, &t.node, "127.0.0.1:10249", "/metrics");
+        m.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, answer) = get(&t, &t.client, "10.100.0.1:32000", "/");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(body(&answer)["localEndpoints"], 1, "{answer}");
+    assert_eq!(
+        t.tcp(&t.client, "192.0.2.20:80").expect("served").0,
+        "b0",
+        "and the endpoint still serves"
+    );
+}
+
+#[test]
+fn the_health_check_node_port_answers_ipv6_probes_and_counts_local_endpoints_per_family() {
+    // Issue 9, point 6: the responders listened on IPv4 only (an IPv6 load balancer's probe
+    // was refused), and a dual-stack pod counted as two local endpoints.
+    let mut t = Topology::up(2);
+    t.serve_all();
+    let api = ApiServer::start(t.bind_in(&t.node));
+    api.apply(Kind::Node, node(json!([])));
+    let mut svc = shop();
+    svc["spec"]["clusterIPs"] = json!(["10.96.0.20", "fd00:96::20"]);
+    svc["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    svc["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+    api.apply(Kind::Service, svc);
+    // b0 (local) is dual-stack; b1 (local) has an IPv4 address only.
+    api.apply(
+        Kind::EndpointSlice,
+        shop_slice(&[(0, "node-a"), (1, "node-a")]),
+    );
+    let mut v6 = shop_slice(&[(0, "node-a")]);
+    v6["metadata"]["name"] = json!("shop-v6");
+    v6["addressType"] = json!("IPv6");
+    v6["endpoints"][0]["addresses"] = json!(["fd00:244:1::10"]);
+    api.apply(Kind::EndpointSlice, v6);
+    let kubeconfig = t.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).expect("write kubeconfig");
+    t.start_daemon(&kubeconfig, &[]);
+    let mut v4 = (0, String::new());
+    eventually("the IPv4 probe sees both local IPv4 endpoints", || {
+        v4 = get(&t, &t.client, "10.100.0.1:32000", "/");
+        v4.0 == 200 && body(&v4.1)["localEndpoints"] == 2
+    });
+    let (status, answer) = get(&t, &t.client, "[fd00:100::1]:32000", "/");
+    assert_eq!(status, 200, "the IPv6 probe is answered: {answer}");
+    assert_eq!(
+        body(&answer)["localEndpoints"],
+        1,
+        "one local IPv6 endpoint: {answer}"
+    );
+    assert!(
+        answer.contains("X-Load-Balancing-Endpoint-Weight: 1"),
+        "{answer}"
+    );
+}
