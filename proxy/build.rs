@@ -2,9 +2,9 @@
 //! 1.0.4) with pkg-config, and stops the build with a message saying what to install instead
 //! of a panic deep in a `-sys` crate's build script.
 //!
-//! The `nftnl-sys` and `mnl-sys` build scripts probe too (and panic when the library is
-//! missing); this crate reaches them only through `nftnl` and `mnl`, so this script does not
-//! wait for theirs and its error is printed as well.
+//! The workspace's `.cargo/config.toml` replaces the build scripts of `nftnl-sys` and
+//! `mnl-sys` (which panic when their library is missing) by plain link lines, so this probe
+//! is the one that runs; it also passes on the libraries' link paths from pkg-config.
 
 const INSTALL: &str = "install them with `apt-get install libnftnl-dev libmnl-dev pkg-config` \
      (Debian/Ubuntu) or `dnf install libnftnl-devel libmnl-devel pkgconf` (Fedora)";
@@ -13,18 +13,16 @@ fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-env-changed=PKG_CONFIG_PATH");
     println!("cargo::rerun-if-env-changed=PKG_CONFIG_LIBDIR");
-    let mut missing = Vec::new();
-    for (lib, version) in [("libnftnl", "1.2.4"), ("libmnl", "1.0.4")] {
-        let probe = pkg_config::Config::new()
-            .atleast_version(version)
-            .cargo_metadata(false)
-            .probe(lib);
-        if let Err(e) = probe {
-            let why = e.to_string();
-            let first = why.lines().next().unwrap_or("not found").to_string();
-            missing.push(format!("{lib} >= {version} ({first})"));
-        }
-    }
+    let missing: Vec<String> = [("libnftnl", "1.2.4"), ("libmnl", "1.0.4")]
+        .into_iter()
+        .filter(|(lib, version)| {
+            pkg_config::Config::new()
+                .atleast_version(version)
+                .probe(lib)
+                .is_err()
+        })
+        .map(|(lib, version)| format!("{lib} >= {version}"))
+        .collect();
     if !missing.is_empty() {
         println!(
             "cargo::error=lb-proxy links the system libraries libnftnl and libmnl, and pkg-config \
