@@ -662,3 +662,36 @@ impl Netlink {
         Ok(missing)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nft::ir::{Element, Value};
+
+    #[test]
+    fn packed_element_messages_stay_under_the_limit_and_keep_each_interval_whole() {
+        // Single-field prefixes: each is a start and an end element that must share a message.
+        let groups: Vec<Vec<ElemDesc>> = (0..5_000u32)
+            .map(|i| {
+                let net = ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(i << 8), 24)
+                    .expect("valid prefix");
+                encode::elem_descs(&[Value::Ipv4Net(net)], &Element::key_only())
+            })
+            .collect();
+        assert!(groups.iter().all(|g| g.len() == 2));
+        let mut chunks: Vec<Vec<ElemDesc>> = Vec::new();
+        pack_elems(groups.iter().cloned(), |c| {
+            chunks.push(c.to_vec());
+            Ok(())
+        })
+        .expect("packing");
+        assert!(chunks.len() > 1, "5,000 intervals need several messages");
+        for c in &chunks {
+            let bytes: usize = c.iter().map(ElemDesc::size_bound).sum();
+            assert!(bytes <= ELEMS_PER_MSG_BYTES, "{bytes} bytes in one message");
+            assert_eq!(c.len() % 2, 0, "an interval was split across messages");
+        }
+        let all: Vec<ElemDesc> = chunks.concat();
+        assert_eq!(all, groups.concat(), "every element, in order");
+    }
+}
