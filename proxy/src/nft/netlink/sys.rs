@@ -4,9 +4,12 @@
 //! - Our own [`nftnl::NlMsg`] objects for what `nftnl` cannot express: tables and chains with
 //!   a comment (userdata), sets of any shape (concatenations, intervals, timeouts, counters,
 //!   data and verdict maps), element lists (keys, range ends, data, verdicts, timeouts,
-//!   comments), and rule expressions `nftnl` has no type for (fib, numgen, dynset, reject, …)
-//!   as an [`nftnl::expr::Expression`]. Each libnftnl object is owned by a small RAII
-//!   wrapper and serialised by libnftnl straight into the batch's buffer.
+//!   comments), and rule expressions as [`nftnl::expr::Expression`]s built from
+//!   [`Insn`]s: `nftnl`'s own expression types always load into and compare register 1, so
+//!   they cannot build the concatenations our rules look up (several fields in consecutive
+//!   32-bit registers), and it has no fib, numgen, dynset or reject. The rules themselves are
+//!   `nftnl::Rule`s. Each libnftnl object is owned by a small RAII wrapper and serialised by
+//!   libnftnl straight into the batch's buffer.
 //! - Parsing dumped elements with libnftnl's own parser (`nftnl_set_elems_nlmsg_parse`).
 //! - What `mnl::Socket` lacks: socket options, waiting for a reply with a timeout, `Send`.
 //! - Entering a network namespace.
