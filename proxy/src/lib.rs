@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod compile;
 pub mod config;
+pub mod coexist;
 pub mod conntrack;
 pub mod convert;
 pub mod daemon;
@@ -14,5 +15,6 @@ pub mod health;
 pub mod manifests;
 pub mod metrics;
 pub mod nft;
+pub mod process;
 pub mod store;
 pub mod sync;

@@ -762,3 +762,68 @@ impl Netlink {
         Ok(missing)
     }
 }
+
+impl Netlink {
+    /// Every nftables table in this network namespace, of every family, as
+    /// `(family keyword, name)` (`("ip", "kube-proxy")`), from a `GETTABLE` dump (what
+    /// `nft list tables` reads). Families nft has no keyword for here are named by number.
+    pub fn list_tables(&mut self) -> Result<Vec<(String, String)>, ApplyError> {
+        let nl = |step| move |e| ApplyError::Netlink { step, source: e };
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let mut req = Vec::new();
+        // NFPROTO_UNSPEC: every family.
+        nft_msg(
+            &mut req,
+            libc::NFT_MSG_GETTABLE,
+            NLM_F_DUMP | libc::NLM_F_ACK as u16,
+            seq,
+            0,
+            &[],
+        );
+        self.sock.send(&req).map_err(nl("sendmsg"))?;
+        let mut tables = Vec::new();
+        let mut rbuf = vec![0u8; 64 * 1024];
+        loop {
+            let n = self.sock.recv_wait(&mut rbuf, 5000).map_err(nl("recv"))?;
+            if n == 0 {
+                return Err(ApplyError::Netlink {
+                    step: "dump",
+                    source: io::Error::new(io::ErrorKind::TimedOut, "no NLMSG_DONE"),
+                });
+            }
+            for (ty, _flags, msg) in messages(&rbuf[..n], seq) {
+                match ty {
+                    t if t == libc::NLMSG_DONE as u16 => return Ok(tables),
+                    t if t == libc::NLMSG_ERROR as u16 => {
+                        let errno = error_of(msg);
+                        if errno != 0 {
+                            return Err(ApplyError::Netlink {
+                                step: "dump",
+                                source: io::Error::from_raw_os_error(errno),
+                            });
+                        }
+                    }
+                    _ => {
+                        // nlmsghdr (16 bytes), then nfgenmsg: family, version, resource id.
+                        let family = match msg.get(16) {
+                            Some(1) => "inet".to_string(),
+                            Some(2) => "ip".to_string(),
+                            Some(3) => "arp".to_string(),
+                            Some(5) => "netdev".to_string(),
+                            Some(7) => "bridge".to_string(),
+                            Some(10) => "ip6".to_string(),
+                            Some(other) => other.to_string(),
+                            None => continue,
+                        };
+                        // NFTA_TABLE_NAME (1), NUL-terminated.
+                        if let Some(name) = attr(&msg[20.min(msg.len())..], 1) {
+                            let name = name.split(|b| *b == 0).next().unwrap_or_default();
+                            tables.push((family, String::from_utf8_lossy(name).into_owned()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
