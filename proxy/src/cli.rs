@@ -616,9 +616,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             "no cluster CIDR (--cluster-cidr, clusterCIDR): pod traffic cannot be told apart, so traffic to cluster IPs from outside the pod network is not masqueraded and pods reaching an externalTrafficPolicy: Local address are not short-circuited to every endpoint"
         );
     }
-    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", s.oom_score_adj.to_string()) {
-        tracing::warn!(value = s.oom_score_adj, error = %e, "could not set oom_score_adj");
-    }
+    set_oom_score_adj(s.oom_score_adj);
     for problem in crate::config::apply_conntrack_sysctls(&s.conntrack) {
         tracing::warn!(problem, "could not set a conntrack sysctl");
     }
@@ -667,6 +665,19 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         registry,
         shutdown_signal(),
     ))
+}
+
+/// Sets this process's `oom_score_adj` as kube-proxy does (lowering it needs
+/// CAP_SYS_RESOURCE: without it, a warning).
+fn set_oom_score_adj(value: i32) {
+    let path = "/proc/self/oom_score_adj";
+    let current = std::fs::read_to_string(path).ok();
+    if current.as_deref().map(str::trim) == Some(value.to_string().as_str()) {
+        return;
+    }
+    if let Err(e) = std::fs::write(path, value.to_string()) {
+        tracing::warn!(value, error = %e, "could not set oom_score_adj (oomScoreAdj, --oom-score-adj)");
+    }
 }
 
 /// A plain HTTP/1.0 GET on a local address: (status, body).

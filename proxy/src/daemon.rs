@@ -126,9 +126,7 @@ pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-
 /// The trigger time of `slice` (RFC 3339), if it has a valid one.
 pub fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
     let v = slice.metadata.annotations.as_ref()?.get(LAST_CHANGE_TRIGGER_TIME)?;
-    humantime::parse_rfc3339_weak(v.trim_end_matches('Z'))
-        .or_else(|_| humantime::parse_rfc3339(v))
-        .ok()
+    humantime::parse_rfc3339_weak(v).ok()
 }
 
 /// Builds the Kubernetes client: the given kubeconfig, or kube's standard inference; `master`
@@ -983,4 +981,28 @@ fn apply(store: &mut Store, listed: &mut Listed, update: Update) -> bool {
         }
     }
     store.has_changes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trigger_time_annotation_is_read_as_rfc3339() {
+        let mut slice = EndpointSlice::default();
+        assert_eq!(trigger_time(&slice), None);
+        slice.metadata.annotations = Some(BTreeMap::from([(
+            LAST_CHANGE_TRIGGER_TIME.to_string(),
+            "2024-05-06T07:08:09Z".to_string(),
+        )]));
+        assert_eq!(
+            trigger_time(&slice),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_714_979_289))
+        );
+        slice.metadata.annotations = Some(BTreeMap::from([(
+            LAST_CHANGE_TRIGGER_TIME.to_string(),
+            "yesterday".to_string(),
+        )]));
+        assert_eq!(trigger_time(&slice), None);
+    }
 }
