@@ -311,8 +311,14 @@ impl KubeProxyOnlyFlags {
             ("kube-api-burst", &self.kube_api_burst),
             ("kube-api-qps", &self.kube_api_qps),
             ("profiling", &self.profiling),
-            ("show-hidden-metrics-for-version", &self.show_hidden_metrics_for_version),
-            ("iptables-localhost-nodeports", &self.iptables_localhost_nodeports),
+            (
+                "show-hidden-metrics-for-version",
+                &self.show_hidden_metrics_for_version,
+            ),
+            (
+                "iptables-localhost-nodeports",
+                &self.iptables_localhost_nodeports,
+            ),
             ("ipvs-sync-period", &self.ipvs_sync_period),
             ("ipvs-min-sync-period", &self.ipvs_min_sync_period),
             ("ipvs-scheduler", &self.ipvs_scheduler),
@@ -336,7 +342,9 @@ impl KubeProxyOnlyFlags {
             .into_iter()
             .filter_map(|(name, v)| {
                 v.as_ref().map(|v| {
-                    format!("--{name}={v}: a kube-proxy flag that does not apply to lb-proxy; ignored")
+                    format!(
+                        "--{name}={v}: a kube-proxy flag that does not apply to lb-proxy; ignored"
+                    )
                 })
             })
             .collect()

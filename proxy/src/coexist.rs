@@ -96,6 +96,9 @@ mod tests {
                 "iptables-save: chain KUBE-SERVICES in table nat"
             ]
         );
-        assert!(kube_services_chains("iptables-save", "*nat\n:KUBE-SERVICES-OTHER - [0:0]\n").is_empty());
+        assert!(
+            kube_services_chains("iptables-save", "*nat\n:KUBE-SERVICES-OTHER - [0:0]\n")
+                .is_empty()
+        );
     }
 }

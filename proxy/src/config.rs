@@ -337,12 +337,11 @@ impl KubeProxyConfiguration {
             return Ok(Self::default());
         }
         let mut unknown = Vec::new();
-        let c: KubeProxyConfiguration =
-            serde_ignored::deserialize(value, |path| {
-                // `?` marks a step through an `Option`: not part of the field's name.
-                unknown.push(path.to_string().replace(".?", "").replace("?.", ""))
-            })
-                .map_err(|e| bad("--config", format!("{e}")))?;
+        let c: KubeProxyConfiguration = serde_ignored::deserialize(value, |path| {
+            // `?` marks a step through an `Option`: not part of the field's name.
+            unknown.push(path.to_string().replace(".?", "").replace("?.", ""))
+        })
+        .map_err(|e| bad("--config", format!("{e}")))?;
         if let Some(field) = unknown.into_iter().next() {
             return Err(bad(
                 &field,
@@ -379,7 +378,9 @@ fn check_mode(field: &str, mode: Option<&str>) -> Result<(), ConfigError> {
         None | Some("") | Some("nftables") => Ok(()),
         Some(m) => Err(bad(
             field,
-            format!("{m:?}: lb-proxy only implements the nftables mode (use nftables or leave it empty)"),
+            format!(
+                "{m:?}: lb-proxy only implements the nftables mode (use nftables or leave it empty)"
+            ),
         )),
     }
 }
@@ -414,7 +415,9 @@ impl DetectLocalMode {
             m => {
                 return Err(bad(
                     field,
-                    format!("{m:?} is not one of ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix"),
+                    format!(
+                        "{m:?} is not one of ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix"
+                    ),
                 ));
             }
         })
@@ -595,7 +598,11 @@ fn duration(
         None => Ok(default),
         Some((v, field, from_flag)) => {
             let d = parse_go_duration(field, v)?;
-            Ok(if d.is_zero() && !from_flag { default } else { d })
+            Ok(if d.is_zero() && !from_flag {
+                default
+            } else {
+                d
+            })
         }
     }
 }
@@ -870,7 +877,9 @@ pub fn resolve(
         warnings.push("enableProfiling: not supported by lb-proxy; ignored".into());
     }
     if f.feature_gates.as_ref().is_some_and(|g| !g.is_empty()) {
-        warnings.push("featureGates: kube-proxy feature gates do not apply to lb-proxy; ignored".into());
+        warnings.push(
+            "featureGates: kube-proxy feature gates do not apply to lb-proxy; ignored".into(),
+        );
     }
     if !matches!(detect_local, DetectLocalMode::ClusterCidr) {
         warnings.push(format!(
@@ -1056,7 +1065,8 @@ mod tests {
 
     /// kubeadm's `config.conf` (kubeadm's kube-proxy ConfigMap, v1alpha1 with kubeadm's
     /// defaults), as `kubectl -n kube-system get cm kube-proxy` shows it.
-    pub(crate) const KUBEADM_CONFIG_CONF: &str = include_str!("../../tests/data/kubeadm-config.conf");
+    pub(crate) const KUBEADM_CONFIG_CONF: &str =
+        include_str!("../../tests/data/kubeadm-config.conf");
 
     #[test]
     fn go_durations_parse_like_kube_proxy_writes_them() {
@@ -1101,23 +1111,36 @@ mod tests {
         let s = resolve(Some(&f), &node_flag()).expect("kubeadm's file is valid");
         assert_eq!(s.sync_period, Duration::from_secs(30));
         assert_eq!(s.min_sync_period, Duration::from_secs(1));
-        assert_eq!(s.healthz_bind, Some("0.0.0.0:10256".parse().expect("literal")));
-        assert_eq!(s.metrics_bind, Some("127.0.0.1:10249".parse().expect("literal")));
+        assert_eq!(
+            s.healthz_bind,
+            Some("0.0.0.0:10256".parse().expect("literal"))
+        );
+        assert_eq!(
+            s.metrics_bind,
+            Some("127.0.0.1:10249".parse().expect("literal"))
+        );
         assert_eq!(s.masquerade_bit, 14);
         assert_eq!(s.nodeport_cidrs, None);
         assert_eq!(s.detect_local, DetectLocalMode::ClusterCidr);
-        assert_eq!(s.cluster_cidrs, vec!["10.244.0.0/16".parse::<IpNet>().expect("literal")]);
+        assert_eq!(
+            s.cluster_cidrs,
+            vec!["10.244.0.0/16".parse::<IpNet>().expect("literal")]
+        );
         assert_eq!(
             s.kubeconfig,
             Some(PathBuf::from("/var/lib/kube-proxy/kubeconfig.conf"))
         );
         assert_eq!(s.oom_score_adj, -999);
-        assert_eq!(s.conntrack.max_per_core, None, "null leaves the kernel alone");
+        assert_eq!(
+            s.conntrack.max_per_core, None,
+            "null leaves the kernel alone"
+        );
     }
 
     #[test]
     fn zero_in_the_file_is_the_default_but_a_zero_flag_is_taken_as_given() {
-        let f = file("nftables:\n  minSyncPeriod: 0s\n  syncPeriod: 0s\nmetricsBindAddress: \"\"\n");
+        let f =
+            file("nftables:\n  minSyncPeriod: 0s\n  syncPeriod: 0s\nmetricsBindAddress: \"\"\n");
         let s = resolve(Some(&f), &node_flag()).expect("valid");
         assert_eq!(s.min_sync_period, Duration::from_secs(1));
         assert_eq!(s.sync_period, Duration::from_secs(30));
@@ -1136,16 +1159,24 @@ mod tests {
     fn an_address_without_port_gets_the_default_port_and_ipv6_bind_moves_the_defaults() {
         let f = file("healthzBindAddress: 10.0.0.1\n");
         let s = resolve(Some(&f), &node_flag()).expect("valid");
-        assert_eq!(s.healthz_bind, Some("10.0.0.1:10256".parse().expect("literal")));
+        assert_eq!(
+            s.healthz_bind,
+            Some("10.0.0.1:10256".parse().expect("literal"))
+        );
         let f = file("bindAddress: \"::\"\n");
         let s = resolve(Some(&f), &node_flag()).expect("valid");
         assert_eq!(s.healthz_bind, Some("[::]:10256".parse().expect("literal")));
-        assert_eq!(s.metrics_bind, Some("[::1]:10249".parse().expect("literal")));
+        assert_eq!(
+            s.metrics_bind,
+            Some("[::1]:10249".parse().expect("literal"))
+        );
     }
 
     #[test]
     fn an_empty_mode_takes_sync_periods_and_the_bit_from_the_iptables_section() {
-        let f = file("mode: \"\"\niptables:\n  minSyncPeriod: 5s\n  masqueradeBit: 12\nnftables:\n  minSyncPeriod: 0s\n");
+        let f = file(
+            "mode: \"\"\niptables:\n  minSyncPeriod: 5s\n  masqueradeBit: 12\nnftables:\n  minSyncPeriod: 0s\n",
+        );
         let s = resolve(Some(&f), &node_flag()).expect("valid");
         assert_eq!(s.min_sync_period, Duration::from_secs(5));
         assert_eq!(s.masquerade_bit, 12);
@@ -1156,8 +1187,8 @@ mod tests {
 
     #[test]
     fn a_misspelt_field_is_an_error_naming_its_path() {
-        let e = KubeProxyConfiguration::parse("nftables:\n  minSyncPerod: 0s\n")
-            .expect_err("strict");
+        let e =
+            KubeProxyConfiguration::parse("nftables:\n  minSyncPerod: 0s\n").expect_err("strict");
         assert_eq!(e.field, "nftables.minSyncPerod");
         assert!(e.reason.contains("unknown field"), "{e}");
         let e = KubeProxyConfiguration::parse("clusterCidr: 10.0.0.0/8\n").expect_err("strict");
@@ -1218,15 +1249,23 @@ mod tests {
 
     #[test]
     fn detect_local_modes_and_primary_are_accepted_and_others_refused() {
-        let s = resolve(Some(&file("detectLocalMode: NodeCIDR\nnodePortAddresses: [primary]\n")), &node_flag())
-            .expect("valid");
+        let s = resolve(
+            Some(&file(
+                "detectLocalMode: NodeCIDR\nnodePortAddresses: [primary]\n",
+            )),
+            &node_flag(),
+        )
+        .expect("valid");
         assert_eq!(s.detect_local, DetectLocalMode::NodeCidr);
         assert!(s.nodeport_primary);
         assert_eq!(s.nodeport_cidrs, None);
         let e = KubeProxyConfiguration::parse("detectLocalMode: Magic\n").expect_err("invalid");
         assert_eq!(e.field, "detectLocalMode");
-        let e = resolve(Some(&file("detectLocalMode: BridgeInterface\n")), &node_flag())
-            .expect_err("needs the bridge");
+        let e = resolve(
+            Some(&file("detectLocalMode: BridgeInterface\n")),
+            &node_flag(),
+        )
+        .expect_err("needs the bridge");
         assert_eq!(e.field, "detectLocal.bridgeInterface");
         let flags = Overrides {
             proxy_mode: Some("iptables".into()),
@@ -1234,7 +1273,10 @@ mod tests {
         };
         let e = resolve(None, &flags).expect_err("only nftables");
         assert_eq!(e.field, "--proxy-mode");
-        assert!(e.reason.contains("only implements the nftables mode"), "{e}");
+        assert!(
+            e.reason.contains("only implements the nftables mode"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1243,7 +1285,10 @@ mod tests {
         for (yaml, field) in [
             ("nftables:\n  masqueradeBit: 40\n", "nftables.masqueradeBit"),
             ("clusterCIDR: 10.0.0.0/33\n", "clusterCIDR"),
-            ("nftables:\n  minSyncPeriod: 1m\n  syncPeriod: 30s\n", "nftables.minSyncPeriod"),
+            (
+                "nftables:\n  minSyncPeriod: 1m\n  syncPeriod: 30s\n",
+                "nftables.minSyncPeriod",
+            ),
             ("healthzBindAddress: nowhere\n", "healthzBindAddress"),
             ("conntrack:\n  udpTimeout: soon\n", "conntrack.udpTimeout"),
             ("oomScoreAdj: 5000\n", "oomScoreAdj"),

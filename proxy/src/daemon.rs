@@ -125,7 +125,11 @@ pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-
 
 /// The trigger time of `slice` (RFC 3339), if it has a valid one.
 pub fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
-    let v = slice.metadata.annotations.as_ref()?.get(LAST_CHANGE_TRIGGER_TIME)?;
+    let v = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(LAST_CHANGE_TRIGGER_TIME)?;
     humantime::parse_rfc3339_weak(v).ok()
 }
 
@@ -178,7 +182,8 @@ pub async fn run<B: Backend + Send + 'static>(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (client, api_server) = client(config.kubeconfig.as_ref(), config.master.as_deref()).await?;
-    let show = |a: Option<std::net::SocketAddr>| a.map_or("disabled".to_string(), |a| a.to_string());
+    let show =
+        |a: Option<std::net::SocketAddr>| a.map_or("disabled".to_string(), |a| a.to_string());
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         node = %config.node,

@@ -4,9 +4,9 @@
 //!   transactions, and backends (in-memory fake, netlink).
 
 pub mod cli;
+pub mod coexist;
 pub mod compile;
 pub mod config;
-pub mod coexist;
 pub mod conntrack;
 pub mod convert;
 pub mod daemon;

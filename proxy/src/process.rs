@@ -106,7 +106,11 @@ impl Collector for ProcessCollector {
             )?)?;
         }
         let gauges = [
-            ("process_open_fds", "Number of open file descriptors", s.open_fds),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                s.open_fds,
+            ),
             (
                 "process_max_fds",
                 "Maximum number of open file descriptors",
@@ -155,7 +159,10 @@ mod tests {
             .expect("after 1970")
             .as_secs_f64();
         let start = s.start_time_seconds.expect("start time");
-        assert!(start <= now + 1.0 && start > now - 86_400.0 * 365.0, "{s:?}");
+        assert!(
+            start <= now + 1.0 && start > now - 86_400.0 * 365.0,
+            "{s:?}"
+        );
         assert!(s.open_fds.expect("fds") >= 3.0, "{s:?}");
         assert!(s.resident_memory_bytes.expect("rss") > 1e5, "{s:?}");
         assert!(s.virtual_memory_bytes.expect("vsz") >= s.resident_memory_bytes.expect("rss"));
