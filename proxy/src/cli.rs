@@ -52,7 +52,7 @@ pub enum Command {
     },
     /// Run as the node's service proxy: watch the cluster's Services, EndpointSlices and this
     /// node, and keep the dataplane in this network namespace in sync, until SIGTERM.
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Explain what happens to a connection: which Service port it hits, which endpoints may
     /// serve it on this node and why the others may not, masquerading, affinity.
     Explain {
@@ -560,7 +560,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Daemon(args) => daemon(args),
+        Command::Daemon(args) => daemon(*args),
     }
 }
 
