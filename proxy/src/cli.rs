@@ -116,7 +116,7 @@ pub struct DaemonArgs {
     #[arg(long)]
     pub master: Option<String>,
     /// This node's name, as the Node object is named (`hostnameOverride`).
-    #[arg(long = "node", alias = "hostname-override", env = "NODE_NAME")]
+    #[arg(long = "node", visible_alias = "hostname-override", env = "NODE_NAME")]
     pub node: Option<String>,
     /// Proxy mode: `nftables` or empty; other modes are refused (`mode`).
     #[arg(long)]
@@ -143,7 +143,7 @@ pub struct DaemonArgs {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub masquerade_all: Option<bool>,
     /// Mark bit that requests masquerading (`nftables.masqueradeBit`, default 14).
-    #[arg(long, alias = "iptables-masquerade-bit")]
+    #[arg(long, visible_alias = "iptables-masquerade-bit")]
     pub masquerade_bit: Option<i64>,
     /// Name of the nftables tables.
     #[arg(long, default_value = compile::TABLE)]
@@ -153,11 +153,11 @@ pub struct DaemonArgs {
     pub service_proxy_name: Option<String>,
     /// Minimum interval between syncs, Go syntax (`nftables.minSyncPeriod`, default 1s; 0
     /// syncs every change at once).
-    #[arg(long, alias = "iptables-min-sync-period")]
+    #[arg(long, visible_alias = "iptables-min-sync-period")]
     pub min_sync_period: Option<String>,
     /// Retry interval after a failed sync; health fails after twice this
     /// (`nftables.syncPeriod`, default 30s).
-    #[arg(long, alias = "iptables-sync-period")]
+    #[arg(long, visible_alias = "iptables-sync-period")]
     pub sync_period: Option<String>,
     /// Interval between full resyncs (which also repair rules changed by others), Go syntax.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
