@@ -306,12 +306,14 @@ fn kubeadm_config_conf() -> std::path::PathBuf {
 }
 
 /// A spawned process that is killed when dropped, so a failing test leaves nothing behind.
-struct KillOnDrop(std::process::Child);
+struct KillOnDrop(Option<std::process::Child>);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -526,7 +528,7 @@ fn daemon_log(t: &Topology, args: &[&std::ffi::OsStr], until: &str) -> Vec<Strin
         .stderr(file)
         .spawn()
         .expect("spawn lb-proxy");
-    let _guard = KillOnDrop(child);
+    let _guard = KillOnDrop(Some(child));
     Topology::eventually(Duration::from_secs(30), || {
         std::fs::read_to_string(&log).is_ok_and(|s| s.contains(until))
     });
@@ -590,6 +592,27 @@ fn json_logs_are_one_object_per_line_with_a_start_up_summary_and_text_logs_have_
     );
 }
 
+/// Runs `cmd` and returns its output if it exits within `limit`; otherwise kills it and
+/// returns `None` (so a daemon that should have refused to start cannot hang the test).
+fn exits_within(mut cmd: Command, limit: Duration) -> Option<std::process::Output> {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut guard = KillOnDrop(Some(child));
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if let Some(c) = guard.0.as_mut()
+            && let Ok(Some(_)) = c.try_wait()
+        {
+            return guard.0.take().and_then(|c| c.wait_with_output().ok());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 #[test]
 fn the_daemon_refuses_to_start_next_to_kube_proxys_nftables_table_unless_told_to_take_over() {
     let mut t = Topology::up(2);
@@ -606,12 +629,11 @@ fn the_daemon_refuses_to_start_next_to_kube_proxys_nftables_table_unless_told_to
             family,
             "kube-proxy",
         ]));
-        let out = t
-            .ns_command(&t.node, &binary("lb-proxy"))
-            .args(["daemon", "--node", "node-a", "--kubeconfig"])
-            .arg(&kubeconfig)
-            .output()
-            .expect("run lb-proxy");
+        let mut cmd = t.ns_command(&t.node, &binary("lb-proxy"));
+        cmd.args(["daemon", "--node", "node-a", "--kubeconfig"])
+            .arg(&kubeconfig);
+        let out = exits_within(cmd, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("lb-proxy kept running next to kube-proxy's {family} table"));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "started next to kube-proxy: {err}");
         assert!(
