@@ -737,9 +737,14 @@ async fn shutdown_signal() {
 /// `RUST_LOG` (tracing's `EnvFilter` syntax) overrides the mapping.
 pub fn init_logging(verbosity: u32, format: crate::config::LogFormat) {
     use std::io::IsTerminal as _;
+    // Below 4, the Kubernetes client's own request errors are off: every one of them also
+    // ends a watch, which lb-proxy logs once with the API server's address (the client would
+    // log each retry).
     let default = match verbosity {
-        0..=1 => "info,kube=warn,kube_runtime=error,tower=warn,hyper=warn",
-        2..=3 => "info,lb_proxy=debug,kube=warn,kube_runtime=error,tower=warn,hyper=warn",
+        0..=1 => "info,kube=warn,kube_client=off,kube_runtime=error,tower=warn,hyper=warn",
+        2..=3 => {
+            "info,lb_proxy=debug,kube=warn,kube_client=off,kube_runtime=error,tower=warn,hyper=warn"
+        }
         4 => "debug,tower=info,hyper=info,rustls=info",
         _ => "trace",
     };

@@ -392,7 +392,9 @@ async fn watch_kind<K, Key, V>(
 }
 
 /// Logs a watch's failures once per outage: the first error at warn level (with the API
-/// server), the retries' at debug level, and the recovery at info level.
+/// server), the retries' at debug level, and the recovery at info level — at the watch's next
+/// event, the first sign that it works again (kube-runtime does not surface a resumed watch
+/// that has nothing to report).
 #[derive(Debug, Default)]
 struct WatchFailure {
     since: Option<Instant>,

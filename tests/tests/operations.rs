@@ -883,3 +883,80 @@ fn a_misspelt_configuration_field_is_refused_naming_it() {
         "{err}"
     );
 }
+
+#[test]
+fn an_api_server_outage_is_logged_once_per_watch_naming_the_server_and_again_when_it_ends() {
+    let t = Topology::up(0);
+    let (api, kubeconfig) = cluster(&t);
+    let log = t.dir.join("outage.log");
+    let child = t
+        .ns_command(&t.node, &binary("lb-proxy"))
+        .args(["daemon", "--node", "node-a", "--logging-format=json"])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--healthz-bind-address=", "--metrics-bind-address="])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn lb-proxy");
+    let _guard = KillOnDrop(Some(child));
+    let lines = || -> Vec<Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let count =
+        |lines: &[Value], message: &str| lines.iter().filter(|o| o["message"] == message).count();
+    assert!(
+        Topology::eventually(Duration::from_secs(30), || count(&lines(), "full sync")
+            == 1),
+        "no first sync: {:#?}",
+        lines()
+    );
+    // Unreachable for long enough that every watch retries several times.
+    api.pause();
+    std::thread::sleep(Duration::from_secs(5));
+    api.resume();
+    // A watch is known to work again at its next event: change one object of each kind.
+    let mut service = shop();
+    service["metadata"]["labels"] = json!({"changed": "yes"});
+    api.apply(Kind::Service, service);
+    api.apply(Kind::EndpointSlice, shop_slice(&[(0, "node-a")]));
+    let mut n = node(json!([]));
+    n["metadata"]["labels"]["changed"] = json!("yes");
+    api.apply(Kind::Node, n);
+    assert!(
+        Topology::eventually(Duration::from_secs(40), || count(
+            &lines(),
+            "watch recovered"
+        ) == 3),
+        "the watches did not all recover: {:#?}",
+        lines()
+    );
+    let lines = lines();
+    for kind in ["Service", "EndpointSlice", "Node"] {
+        let failed: Vec<&Value> = lines
+            .iter()
+            .filter(|o| {
+                o["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("watch failed"))
+                    && o["kind"] == kind
+            })
+            .collect();
+        assert_eq!(failed.len(), 1, "{kind}: {lines:#?}");
+        assert_eq!(failed[0]["level"], "WARN");
+        assert_eq!(failed[0]["api_server"], format!("{}/", api.url()), "{kind}");
+        let recovered = lines
+            .iter()
+            .find(|o| o["message"] == "watch recovered" && o["kind"] == kind)
+            .unwrap_or_else(|| panic!("{kind} did not recover: {lines:#?}"));
+        assert!(
+            recovered["retries"].as_u64().is_some_and(|r| r >= 1),
+            "{recovered}"
+        );
+    }
+}
