@@ -960,3 +960,42 @@ fn an_api_server_outage_is_logged_once_per_watch_naming_the_server_and_again_whe
         );
     }
 }
+
+#[test]
+fn a_node_name_without_a_node_and_a_missing_cluster_cidr_are_warned_about() {
+    let t = Topology::up(0);
+    let (_api, kubeconfig) = cluster(&t);
+    let kc = kubeconfig.as_os_str();
+    let args = [
+        "--hostname-override=ghost".as_ref(),
+        "--kubeconfig".as_ref(),
+        kc,
+        "--healthz-bind-address=".as_ref(),
+        "--metrics-bind-address=".as_ref(),
+    ];
+    let lines = daemon_log(&t, &args, "full sync");
+    let warned = |needle: &str| {
+        lines
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains(needle))
+    };
+    assert!(warned("no Node named \"ghost\""), "{lines:#?}");
+    assert!(warned("no cluster CIDR"), "{lines:#?}");
+    // With the right name and a cluster CIDR, neither.
+    let args = [
+        "--hostname-override=node-a".as_ref(),
+        "--cluster-cidr=10.244.0.0/16".as_ref(),
+        "--kubeconfig".as_ref(),
+        kc,
+        "--healthz-bind-address=".as_ref(),
+        "--metrics-bind-address=".as_ref(),
+    ];
+    let lines = daemon_log(&t, &args, "full sync");
+    assert!(lines.iter().any(|l| l.contains("full sync")), "{lines:#?}");
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("no Node named") || l.contains("no cluster CIDR")),
+        "{lines:#?}"
+    );
+}
