@@ -999,3 +999,63 @@ fn a_node_name_without_a_node_and_a_missing_cluster_cidr_are_warned_about() {
         "{lines:#?}"
     );
 }
+
+#[test]
+fn master_replaces_the_kubeconfigs_api_server_and_bind_address_hard_fail_exits_on_a_taken_port() {
+    let (mut t, api, _) = setup();
+    // A kubeconfig naming a server where nothing listens: --master must win.
+    let wrong = t.dir.join("wrong-kubeconfig");
+    std::fs::write(
+        &wrong,
+        api.kubeconfig().replace(&api.url(), "http://127.0.0.1:1"),
+    )
+    .expect("write kubeconfig");
+    let master = format!("--master={}", api.url());
+    // The first daemon (from setup) holds 127.0.0.1:10256 and :10249.
+    let mut cmd = t.ns_command(&t.node, &binary("lb-proxy"));
+    cmd.args(["daemon", "--node", "node-a", "--table", "second"])
+        .arg("--kubeconfig")
+        .arg(&wrong)
+        .arg(&master)
+        .args([
+            "--healthz-bind-address=127.0.0.1:10256",
+            "--bind-address-hard-fail",
+        ]);
+    let out = exits_within(cmd, Duration::from_secs(30)).expect("exits on the taken port");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("binding the health server to 127.0.0.1:10256 (bindAddressHardFail)"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("api_server={}/", api.url())),
+        "the summary names --master's server: {err}"
+    );
+    // Without the hard failure, the same daemon syncs through --master (its own table).
+    t.start_daemon_with([
+        "--node",
+        "node-a",
+        "--table",
+        "second",
+        "--kubeconfig",
+        wrong.to_str().expect("utf-8 path"),
+        &master,
+        "--healthz-bind-address=",
+        "--metrics-bind-address=",
+    ]);
+    let tables =
+        lb_e2e::must(Command::new("ip").args(["netns", "exec", &t.node, "nft", "list", "tables"]));
+    assert!(tables.contains("table ip second"), "{tables}");
+    // --init-only applies the privileged settings and exits.
+    let out = t
+        .ns_command(&t.node, &binary("lb-proxy"))
+        .args(["daemon", "--node", "node-a", "--init-only"])
+        .output()
+        .expect("run lb-proxy");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
