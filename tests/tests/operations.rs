@@ -1019,6 +1019,7 @@ fn master_replaces_the_kubeconfigs_api_server_and_bind_address_hard_fail_exits_o
         .arg(&master)
         .args([
             "--healthz-bind-address=127.0.0.1:10256",
+            "--metrics-bind-address=",
             "--bind-address-hard-fail",
         ]);
     let out = exits_within(cmd, Duration::from_secs(30)).expect("exits on the taken port");
