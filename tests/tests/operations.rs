@@ -386,7 +386,7 @@ fn kube_proxys_metrics_have_upstream_names_labels_and_a_trigger_time_based_laten
     let (t, api, _) = setup();
     // Trigger times from before the daemon started are not observed (as kube-proxy): wait
     // until a trigger time 2 s in the past is after the start.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(4));
     let trigger = std::time::SystemTime::now() - Duration::from_secs(2);
     let stamp = humantime::format_rfc3339_seconds(trigger).to_string();
     let mut slice = shop_slice(&[(1, "node-b")]);
