@@ -451,6 +451,8 @@ const NLM_F_DUMP_INTR: u16 = libc::NLM_F_DUMP_INTR as u16;
 struct Parsed {
     /// Elements parsed (when asked for).
     elements: Vec<DumpedElement>,
+    /// Tables parsed, as (family number, name) (when asked for).
+    tables: Vec<(u32, String)>,
     /// Data messages seen.
     messages: usize,
     /// The first message libnftnl could not parse.
@@ -468,6 +470,18 @@ fn parse_elements(nlh: &libc::nlmsghdr, p: &mut Parsed) -> libc::c_int {
     p.messages += 1;
     if let Err(e) = sys::parse_elements(nlh, &mut p.elements) {
         p.error.get_or_insert(e);
+    }
+    mnl::mnl_sys::MNL_CB_OK
+}
+
+/// [`mnl::cb_run2`] callback: the table of a `NEWTABLE` message, parsed by libnftnl.
+fn parse_table(nlh: &libc::nlmsghdr, p: &mut Parsed) -> libc::c_int {
+    p.messages += 1;
+    match sys::parse_table(nlh) {
+        Ok(t) => p.tables.push(t),
+        Err(e) => {
+            p.error.get_or_insert(e);
+        }
     }
     mnl::mnl_sys::MNL_CB_OK
 }
@@ -605,6 +619,65 @@ impl Netlink {
                 }
             }
         }
+    }
+}
+
+impl Netlink {
+    /// Every nftables table in this network namespace, of every family, as
+    /// `(family keyword, name)` (`("ip", "kube-proxy")`), from a `GETTABLE` dump (what
+    /// `nft list tables` reads) parsed by libnftnl. Families nft has no keyword for are named
+    /// by number. A dump interrupted by a concurrent change is retried, as nft does.
+    pub fn list_tables(&mut self) -> Result<Vec<(String, String)>, ApplyError> {
+        const ATTEMPTS: u32 = 5;
+        for _ in 0..ATTEMPTS {
+            let seq = self.next_seq();
+            let req = nftnl::table::get_tables_nlmsg(seq);
+            // The buffer is libnftnl's maximum message size; send only the message.
+            let len = sys::header(&req).map_or(req.len(), |h| h.nlmsg_len as usize);
+            self.sock
+                .mnl()
+                .send(&req[..len.min(req.len())])
+                .map_err(nl("sendto"))?;
+            let mut parsed = Parsed::default();
+            let ended = self.replies(seq, "dump", parse_table, &mut parsed)?;
+            if let Some(errno) = ended.errno {
+                return Err(ApplyError::Netlink {
+                    step: "dump",
+                    source: io::Error::from_raw_os_error(errno),
+                });
+            }
+            if let Some(e) = parsed.error {
+                return Err(ApplyError::Netlink {
+                    step: "decode table",
+                    source: e,
+                });
+            }
+            if ended.interrupted {
+                continue;
+            }
+            return Ok(parsed
+                .tables
+                .into_iter()
+                .map(|(family, name)| (family_keyword(family), name))
+                .collect());
+        }
+        Err(ApplyError::Netlink {
+            step: "dump",
+            source: io::Error::other(format!("no consistent table dump in {ATTEMPTS} attempts")),
+        })
+    }
+}
+
+/// nft's keyword for an nftables family number (`NFPROTO_*`).
+fn family_keyword(family: u32) -> String {
+    match family {
+        1 => "inet".into(),
+        2 => "ip".into(),
+        3 => "arp".into(),
+        5 => "netdev".into(),
+        7 => "bridge".into(),
+        10 => "ip6".into(),
+        other => other.to_string(),
     }
 }
 

@@ -732,6 +732,39 @@ pub fn header(msg: &[u8]) -> Option<libc::nlmsghdr> {
     Some(unsafe { std::ptr::read_unaligned(msg.as_ptr().cast::<libc::nlmsghdr>()) })
 }
 
+/// The family number and name of the table in one `NEWTABLE` message of a dump, as libnftnl
+/// parses it (`nftnl_table_nlmsg_parse`).
+pub fn parse_table(nlh: &libc::nlmsghdr) -> io::Result<(u32, String)> {
+    // SAFETY: plain allocation; the result is checked for null before use.
+    let t = unsafe { sys::nftnl_table_alloc() };
+    if t.is_null() {
+        return Err(io::Error::other("nftnl_table_alloc failed"));
+    }
+    // SAFETY: nlh is a whole message inside the received buffer (mnl validated its length
+    // before calling us); t is a live table that receives the parsed attributes.
+    let parsed = if unsafe { sys::nftnl_table_nlmsg_parse(nlh, t) } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // SAFETY: t is live and parsed; nftnl_table_get_str returns null or a NUL-terminated
+        // string owned by t, copied here before t is freed below.
+        let name = unsafe { sys::nftnl_table_get_str(t, sys::NFTNL_TABLE_NAME as u16) };
+        // SAFETY: t is live; the family is a plain u32 attribute (0 when absent).
+        let family = unsafe { sys::nftnl_table_get_u32(t, sys::NFTNL_TABLE_FAMILY as u16) };
+        if name.is_null() {
+            Err(io::Error::other("a dumped table has no name"))
+        } else {
+            // SAFETY: name is non-null and NUL-terminated (see above), valid while t lives.
+            let name = unsafe { CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned();
+            Ok((family, name))
+        }
+    };
+    // SAFETY: t was allocated above and is not used after this.
+    unsafe { sys::nftnl_table_free(t) };
+    parsed
+}
+
 /// Appends the elements of one `NEWSETELEM` message of a dump to `out`, as libnftnl parses
 /// them (`nftnl_set_elems_nlmsg_parse`).
 pub fn parse_elements(nlh: &libc::nlmsghdr, out: &mut Vec<DumpedElement>) -> io::Result<()> {
