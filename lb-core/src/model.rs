@@ -1035,14 +1035,9 @@ impl EndpointBuilder {
             ));
         }
         let port = port_value(self.port).map_err(|r| ModelError::new(&obj, "port", r))?;
-        if self.conditions.ready && !self.conditions.serving {
-            // The API defines serving as "ready, ignoring terminating": ready implies serving.
-            return Err(ModelError::new(
-                &obj,
-                "conditions.serving",
-                "is false while conditions.ready is true; a ready endpoint is serving by definition",
-            ));
-        }
+        // `ready: true` with `serving: false` is accepted as kube-proxy accepts it
+        // (`pkg/proxy/endpointslicecache.go` reads each condition on its own): the endpoint is
+        // ready, so it is used; `serving` only matters for terminating endpoints.
         let non_empty = |field: &str, v: Option<String>| match v {
             Some(s) if s.is_empty() => Err(ModelError::new(&obj, field, "must not be empty")),
             other => Ok(other.map(Arc::from)),
@@ -1084,6 +1079,7 @@ impl EndpointBuilder {
 pub struct Node {
     name: Arc<str>,
     zone: Option<Arc<str>>,
+    addresses: Box<[IpAddr]>,
 }
 
 impl Node {
@@ -1099,7 +1095,24 @@ impl Node {
         Ok(Self {
             name: name.into(),
             zone: zone.filter(|z| !z.is_empty()).map(Arc::from),
+            addresses: Box::default(),
         })
+    }
+    /// The same node with its primary addresses: at most one per family, the first of each
+    /// family wins (kube-proxy's node IPs, from the Node's `status.addresses`).
+    pub fn with_addresses(mut self, addresses: impl IntoIterator<Item = IpAddr>) -> Self {
+        let mut primary: Vec<IpAddr> = Vec::new();
+        for ip in addresses {
+            if !primary.iter().any(|p| p.is_ipv4() == ip.is_ipv4()) {
+                primary.push(ip);
+            }
+        }
+        self.addresses = primary.into();
+        self
+    }
+    /// The node's primary addresses, at most one per family (empty when unknown).
+    pub fn addresses(&self) -> &[IpAddr] {
+        &self.addresses
     }
     /// `metadata.name`.
     pub fn name(&self) -> &str {

@@ -187,12 +187,16 @@ fn an_endpoint_with_a_bad_address_or_port_is_rejected_naming_the_field() {
 }
 
 #[test]
-fn a_ready_endpoint_that_is_not_serving_is_a_contradiction() {
-    let r = Endpoint::builder("10.0.0.1", 80)
+fn a_ready_endpoint_that_is_not_serving_is_accepted_and_used_as_kube_proxy_does() {
+    // Issue 9, point 4: kube-proxy reads each condition on its own; a ready endpoint is used
+    // whatever `serving` says.
+    let e = Endpoint::builder("10.0.0.1", 80)
         .ready(true)
         .serving(false)
-        .build();
-    assert_eq!(field_of(r), "conditions.serving");
+        .build()
+        .expect("ready with serving false is valid");
+    assert!(e.is_ready());
+    assert!(e.conditions().usable());
 }
 
 #[test]
@@ -286,4 +290,15 @@ fn a_typed_address_is_still_validated_naming_the_field() {
         err.to_string(),
         "endpoint 127.0.0.1:80: field addresses[0]: 127.0.0.1 cannot be an endpoint address"
     );
+}
+
+#[test]
+fn a_node_keeps_its_first_address_of_each_family_as_its_primary_addresses() {
+    let n = lb_core::Node::new("n1", None)
+        .expect("valid node")
+        .with_addresses(
+            ["10.0.0.1", "fd00::1", "10.0.0.2", "fd00::2"].map(|a| a.parse().expect("address")),
+        );
+    let got: Vec<String> = n.addresses().iter().map(|a| a.to_string()).collect();
+    assert_eq!(got, ["10.0.0.1", "fd00::1"]);
 }

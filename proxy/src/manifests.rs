@@ -159,8 +159,14 @@ impl Objects {
                 Ok(s) => self.services.push(s),
                 Err(e) => errors.push(bad(e.to_string())),
             },
-            "EndpointSlice" => match serde_json::from_value(doc) {
-                Ok(s) => self.endpoint_slices.push(s),
+            "EndpointSlice" => match serde_json::from_value::<EndpointSlice>(doc) {
+                Ok(mut s) => {
+                    // The API server defaults a port's protocol to TCP; files are not defaulted.
+                    for p in s.ports.iter_mut().flatten() {
+                        p.protocol.get_or_insert_with(|| "TCP".into());
+                    }
+                    self.endpoint_slices.push(s)
+                }
                 Err(e) => errors.push(bad(e.to_string())),
             },
             "Node" => match serde_json::from_value(doc) {
@@ -258,5 +264,29 @@ impl Objects {
             (None, None) => {}
         }
         (errors, skipped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slice_port_without_a_protocol_means_tcp_as_the_api_server_defaults_it() {
+        // Issue 9, point 12.
+        let yaml = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: t\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - name: http\n    port: 80\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: t\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n- name: http\n  port: 8080\nendpoints:\n- addresses: [\"10.244.1.10\"]\n";
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        objects.add_text("test.yaml", yaml, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let (store, errors, _) = objects.into_store(Some("node-a"), &Filter::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        let snap = store.snapshot().expect("node known");
+        let endpoints: Vec<String> = snap
+            .services
+            .values()
+            .flat_map(|e| e.endpoints.iter().map(|e| e.addr().to_string()))
+            .collect();
+        assert_eq!(endpoints, ["10.244.1.10:8080"]);
     }
 }
