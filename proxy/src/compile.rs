@@ -511,15 +511,21 @@ impl Compiler {
 
     /// Adopts a plan whose transaction the kernel accepted.
     pub fn commit(&mut self, mut plan: Plan) {
+        // Owner lists are built by `insert` (capacity 4) and almost always hold one owner:
+        // shrinking them is most of the memory a synced compiler holds (issue 13).
         if self.owners.is_empty() {
             // A first or full sync: the plan's view is the whole state; adopt it as is.
-            plan.touched.retain(|_, owners| !owners.is_empty());
+            plan.touched.retain(|_, owners| {
+                owners.shrink_to_fit();
+                !owners.is_empty()
+            });
             self.owners = std::mem::take(&mut plan.touched);
         }
-        for (k, owners) in plan.touched {
+        for (k, mut owners) in plan.touched {
             if owners.is_empty() {
                 self.owners.remove(&k);
             } else {
+                owners.shrink_to_fit();
                 self.owners.insert(k, owners);
             }
         }
@@ -532,7 +538,8 @@ impl Compiler {
                     dec(&mut self.timeouts, t);
                 }
             }
-            if let Some(new) = frag {
+            if let Some(mut new) = frag {
+                new.elems.shrink_to_fit();
                 for c in &new.counts {
                     *self.counts.entry(*c).or_default() += 1;
                 }
