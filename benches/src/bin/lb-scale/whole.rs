@@ -103,6 +103,12 @@ fn write_yaml_files(dir: &Path, n: u32, m: u32) -> usize {
 pub fn daemon(n: u32, m: u32, changes: u32) {
     println!("\n## lb-proxy daemon against the API server emulator, {n} Services x {m} endpoints");
     let ns = Netns::new("daemon");
+    // The emulator listens on the namespace's loopback, which starts down.
+    let lo_up = Command::new("ip")
+        .args(["-n", &ns.0, "link", "set", "lo", "up"])
+        .status()
+        .map(|s| s.success());
+    assert!(matches!(lo_up, Ok(true)), "cannot bring up lo in {}", ns.0);
     let path = ns.path();
     let listener = std::thread::spawn(move || {
         lb_proxy::nft::netlink::enter_netns(&path).expect("enter netns");
@@ -145,7 +151,12 @@ pub fn daemon(n: u32, m: u32, changes: u32) {
     let stderr = child.stderr.take().expect("piped stderr");
     let (tx, rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
+        let mut echoed = 0;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if echoed < 5 && (line.contains("ERROR") || line.contains("lb-proxy:")) {
+                eprintln!("[daemon] {line}");
+                echoed += 1;
+            }
             let _ = tx.send(line);
         }
     });
