@@ -1,13 +1,46 @@
 //! Reading Kubernetes objects from YAML (or JSON) files, in the shapes `kubectl get -o yaml`
 //! prints: single objects, multi-document streams and `List`s. Used by the no-cluster mode.
 //!
-//! Objects of other kinds are ignored; a document that does not parse as its kind is reported
-//! with its kind, name and the parser's message, and the rest are still read.
+//! Two entry points:
+//!
+//! * [`Objects::read_paths`] reads everything once, as it is (tests, `explain`).
+//! * [`Sources`] follows files and directories for `render` and `run`, and never loses a
+//!   working Service because of a bad input. Its rules:
+//!   - **Per-file last-good state.** A file that cannot be read, is not UTF-8, does not parse
+//!     as a whole, is empty (it was just truncated by a writer), or is not a regular file keeps
+//!     the objects it last produced; the error names the file. An object that does not match
+//!     its kind's schema (the error names the field path, `spec.ports[0].port`) or fails
+//!     validation keeps its last good version. Only a file that parses as a whole can delete:
+//!     an object missing from it is gone.
+//!   - **Explicit deletion versus a vanished path.** A file removed from a directory that is
+//!     still readable was removed on purpose: its objects go. A path given on the command line
+//!     that disappears or cannot be listed (a renamed directory, a failing mount) is reported
+//!     and everything read from it stays: read errors never empty the dataplane. To remove
+//!     everything, remove the files, or write an empty `List`.
+//!   - **Half-written files.** When following, a changed file is read only once its size,
+//!     modification time and inode have stayed the same for a settle time, and only if they
+//!     did not change while it was read; renames are atomic and fine.
+//!   - **Non-regular files** (FIFOs, sockets, devices) are reported and never opened, so they
+//!     cannot block; files are opened non-blocking anyway, in case one is swapped in.
+//!   - **Ignored objects** ([`Ignored`]): kinds lb-proxy does not use, the losing copy of a
+//!     duplicate (the last file in sort order wins), an EndpointSlice whose Service is missing
+//!     or does not serve its address family. kube-proxy ignores them too; we say so once.
+//!
+//! Parsing: JSON goes through `serde_json` directly; YAML through `serde-saphyr` with a
+//! budget that scales with the input's size (documents, nodes, events and scalar bytes are
+//! bounded by the byte count, so real dumps of any size read), while the protections against
+//! alias bombs (alias and anchor counts, the alias/anchor ratio, retained anchor events) and
+//! absurd nesting (depth 64) stay fixed.
 
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use lb_core::IpFamily;
 use serde_json::Value;
 
 use crate::convert::{self, ConvertError, Converted, Filter};
@@ -44,7 +77,7 @@ pub enum ManifestError {
         kind: String,
         /// Its `metadata.namespace/name`.
         name: String,
-        /// The parser's message.
+        /// The parser's message, after the field path (`field spec.ports[0].port: …`).
         reason: String,
     },
     /// An object was invalid for the proxy.
@@ -57,44 +90,233 @@ pub enum ManifestError {
     },
 }
 
+/// An object read and deliberately not used, as kube-proxy would not use it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ignored {
+    /// The file it came from.
+    pub file: String,
+    /// Its `kind`.
+    pub kind: String,
+    /// Its `namespace/name` (or name).
+    pub name: String,
+    /// Why it is not used.
+    pub reason: String,
+}
+
+impl fmt::Display for Ignored {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} {}: ignored: {}",
+            self.file, self.kind, self.name, self.reason
+        )
+    }
+}
+
+/// What [`Objects::replace_in`] loaded and left out.
+#[derive(Debug, Default, Clone)]
+pub struct Loaded {
+    /// Invalid objects (or invalid endpoints of a slice that is otherwise used).
+    pub invalid: Vec<ConvertError>,
+    /// Valid objects that are not ours (headless, another proxy's, ExternalName), with why.
+    pub skipped: Vec<String>,
+    /// EndpointSlices no Service uses here (missing Service, or an address family the
+    /// Service does not serve), with why.
+    pub ignored: Vec<Ignored>,
+}
+
+/// Identity of an object in the manifests: kind, namespace (empty for Nodes), name.
+type ObjectKey = (&'static str, String, String);
+
+/// One object of a kind we use.
+#[derive(Debug, Clone, PartialEq)]
+enum Object {
+    Service(Box<Service>),
+    Slice(Box<EndpointSlice>),
+    Node(Box<Node>),
+}
+
+/// The outcome of parsing one file that parsed as a whole.
+#[derive(Debug, Default)]
+struct Parsed {
+    /// Objects of our kinds, in document order, with their key.
+    objects: Vec<(ObjectKey, Object)>,
+    /// Keys of objects whose document did not match their kind's schema.
+    broken: Vec<ObjectKey>,
+    errors: Vec<ManifestError>,
+    ignored: Vec<Ignored>,
+    /// Documents seen (null documents and empty `List`s count: they say "nothing").
+    documents: usize,
+}
+
+/// Whether `text` looks like JSON (its first non-blank character opens an object or array).
+fn looks_like_json(text: &str) -> bool {
+    matches!(text.trim_start().as_bytes().first(), Some(b'{' | b'['))
+}
+
+/// A YAML budget for `len` bytes of input: everything that grows with real data is bounded by
+/// the size of the input itself; what only attacks need (aliases, deep nesting) stays fixed.
+fn yaml_budget(len: usize) -> serde_saphyr::Budget {
+    let mut b = serde_saphyr::Budget::default();
+    // A document takes at least a few bytes ("---\n"), a node at least one.
+    b.max_documents = b.max_documents.max(len / 2 + 16);
+    b.max_nodes = b.max_nodes.max(len + 1024);
+    b.max_events = b.max_events.max(2 * len + 4096);
+    b.max_total_scalar_bytes = b.max_total_scalar_bytes.max(len + 1024);
+    b
+}
+
+/// Parses `text` into documents: JSON (one value or a stream of them) through `serde_json`,
+/// anything else as a multi-document YAML stream.
+fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
+    if looks_like_json(text) {
+        let json: Result<Vec<Value>, _> = serde_json::Deserializer::from_str(text)
+            .into_iter::<Value>()
+            .collect();
+        match json {
+            Ok(docs) => return Ok(docs),
+            // YAML flow style also starts with `{` or `[`: try YAML before giving up, and
+            // report the JSON error if that fails too.
+            Err(e) => {
+                return parse_yaml(text).map_err(|_| format!("not valid JSON: {e}"));
+            }
+        }
+    }
+    parse_yaml(text)
+}
+
+fn parse_yaml(text: &str) -> Result<Vec<Value>, String> {
+    let options = serde_saphyr::options! { budget: Some(yaml_budget(text.len())) };
+    serde_saphyr::from_multiple_with_options(text, options).map_err(|e| e.to_string())
+}
+
+/// `namespace/name` (or `name` for cluster-scoped objects) from a document's metadata.
+fn display_name(namespace: &str, name: &str) -> String {
+    if namespace.is_empty() {
+        name.to_string()
+    } else {
+        format!("{namespace}/{name}")
+    }
+}
+
+impl Parsed {
+    /// Parses one whole file's text. `Err` when the file as a whole cannot be trusted: not
+    /// YAML/JSON, or a document without a `kind` or a name (it could be any object, so no
+    /// object of the file may be deleted because of it).
+    fn from_text(file: &str, text: &str) -> Result<Parsed, String> {
+        let mut parsed = Parsed::default();
+        for (i, doc) in parse_documents(text)?.into_iter().enumerate() {
+            parsed.documents += 1;
+            parsed.add_value(file, doc, &format!("document {}", i + 1))?;
+        }
+        Ok(parsed)
+    }
+
+    fn add_value(&mut self, file: &str, doc: Value, at: &str) -> Result<(), String> {
+        if doc.is_null() {
+            return Ok(());
+        }
+        let Some(kind) = doc.get("kind").and_then(Value::as_str).map(str::to_string) else {
+            return Err(format!("{at}: no kind"));
+        };
+        if kind == "List" || kind.ends_with("List") {
+            let Value::Object(mut map) = doc else {
+                return Err(format!("{at}: {kind} is not a mapping"));
+            };
+            return match map.remove("items") {
+                Some(Value::Array(items)) => {
+                    for (i, item) in items.into_iter().enumerate() {
+                        self.add_value(file, item, &format!("{at}, items[{i}]"))?;
+                    }
+                    Ok(())
+                }
+                None | Some(Value::Null) => Ok(()),
+                Some(_) => Err(format!("{at}: field items: not a list")),
+            };
+        }
+        let meta = doc.get("metadata");
+        let text = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str);
+        let Some(name) = text("name").filter(|n| !n.is_empty()) else {
+            return Err(format!("{at}: {kind} without metadata.name"));
+        };
+        let name = name.to_string();
+        let kind_key: &'static str = match kind.as_str() {
+            "Service" => "Service",
+            "EndpointSlice" => "EndpointSlice",
+            "Node" => "Node",
+            _ => {
+                let namespace = text("namespace").unwrap_or("");
+                self.ignored.push(Ignored {
+                    file: file.into(),
+                    kind: kind.clone(),
+                    name: display_name(namespace, &name),
+                    reason: format!("lb-proxy does not use {kind} objects"),
+                });
+                return Ok(());
+            }
+        };
+        let namespace = if kind_key == "Node" {
+            String::new()
+        } else {
+            text("namespace").unwrap_or("default").to_string()
+        };
+        let key = (kind_key, namespace, name);
+        let typed = match kind_key {
+            "Service" => typed(doc).map(|s| Object::Service(Box::new(s))),
+            "EndpointSlice" => typed(doc).map(|s| Object::Slice(Box::new(s))),
+            _ => typed(doc).map(|n| Object::Node(Box::new(n))),
+        };
+        match typed {
+            Ok(o) => self.objects.push((key, o)),
+            Err(reason) => {
+                self.errors.push(ManifestError::Object {
+                    file: file.into(),
+                    kind,
+                    name: display_name(&key.1, &key.2),
+                    reason,
+                });
+                self.broken.push(key);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deserialises a document as its kind; the error names the field path.
+fn typed<T: serde::de::DeserializeOwned>(doc: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(doc).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." || path.is_empty() {
+            e.into_inner().to_string()
+        } else {
+            format!("field {path}: {}", e.into_inner())
+        }
+    })
+}
+
 impl Objects {
-    /// Reads every file (or every `.yaml`, `.yml` and `.json` file in a directory, sorted).
+    /// Reads every file (or every `.yaml`, `.yml` and `.json` file in a directory, sorted), as
+    /// it is now, without validating the objects. See [`Sources`] for reading that keeps the
+    /// last good state.
     pub fn read_paths(paths: &[impl AsRef<Path>]) -> (Objects, Vec<ManifestError>) {
         let mut objects = Objects::default();
         let mut errors = Vec::new();
         for p in paths {
             let p = p.as_ref();
-            let files = if p.is_dir() {
-                match std::fs::read_dir(p) {
-                    Ok(rd) => {
-                        let mut v: Vec<_> = rd
-                            .filter_map(Result::ok)
-                            .map(|e| e.path())
-                            .filter(|f| {
-                                matches!(
-                                    f.extension().and_then(|e| e.to_str()),
-                                    Some("yaml" | "yml" | "json")
-                                )
-                            })
-                            .collect();
-                        v.sort();
-                        v
-                    }
-                    Err(e) => {
-                        errors.push(ManifestError::File {
-                            file: p.display().to_string(),
-                            reason: e.to_string(),
-                        });
-                        continue;
-                    }
+            let files = match list_path(p) {
+                Ok(files) => files,
+                Err(reason) => {
+                    errors.push(ManifestError::File {
+                        file: p.display().to_string(),
+                        reason,
+                    });
+                    continue;
                 }
-            } else {
-                vec![p.to_path_buf()]
             };
             for f in files {
                 let name = f.display().to_string();
-                match std::fs::read_to_string(&f) {
-                    Ok(text) => objects.add_text(&name, &text, &mut errors),
+                match read_file(&f) {
+                    Ok((bytes, _)) => objects.add_bytes(&name, &bytes, &mut errors),
                     Err(e) => errors.push(ManifestError::File {
                         file: name,
                         reason: e.to_string(),
@@ -107,67 +329,35 @@ impl Objects {
 
     /// Parses one multi-document YAML (or JSON) text named `file`.
     pub fn add_text(&mut self, file: &str, text: &str, errors: &mut Vec<ManifestError>) {
-        let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
-            Ok(d) => d,
-            Err(e) => {
-                errors.push(ManifestError::File {
-                    file: file.into(),
-                    reason: e.to_string(),
-                });
-                return;
+        match Parsed::from_text(file, text) {
+            Ok(parsed) => {
+                errors.extend(parsed.errors);
+                for (_, o) in parsed.objects {
+                    self.push(o);
+                }
             }
-        };
-        for doc in docs {
-            self.add_value(file, doc, errors);
+            Err(reason) => errors.push(ManifestError::File {
+                file: file.into(),
+                reason,
+            }),
         }
     }
 
-    fn add_value(&mut self, file: &str, doc: Value, errors: &mut Vec<ManifestError>) {
-        if doc.is_null() {
-            return;
+    fn add_bytes(&mut self, file: &str, bytes: &[u8], errors: &mut Vec<ManifestError>) {
+        match utf8(bytes) {
+            Ok(text) => self.add_text(file, text, errors),
+            Err(reason) => errors.push(ManifestError::File {
+                file: file.into(),
+                reason,
+            }),
         }
-        let kind = doc
-            .get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        if kind == "List" || kind.ends_with("List") {
-            if let Some(Value::Array(items)) = doc.get("items") {
-                for item in items.clone() {
-                    self.add_value(file, item, errors);
-                }
-            }
-            return;
-        }
-        let name = {
-            let m = doc.get("metadata");
-            let ns = m.and_then(|m| m.get("namespace")).and_then(Value::as_str);
-            let n = m
-                .and_then(|m| m.get("name"))
-                .and_then(Value::as_str)
-                .unwrap_or("<unnamed>");
-            ns.map_or_else(|| n.to_string(), |ns| format!("{ns}/{n}"))
-        };
-        let bad = |reason: String| ManifestError::Object {
-            file: file.into(),
-            kind: kind.clone(),
-            name: name.clone(),
-            reason,
-        };
-        match kind.as_str() {
-            "Service" => match serde_json::from_value(doc) {
-                Ok(s) => self.services.push(s),
-                Err(e) => errors.push(bad(e.to_string())),
-            },
-            "EndpointSlice" => match serde_json::from_value(doc) {
-                Ok(s) => self.endpoint_slices.push(s),
-                Err(e) => errors.push(bad(e.to_string())),
-            },
-            "Node" => match serde_json::from_value(doc) {
-                Ok(n) => self.nodes.push(n),
-                Err(e) => errors.push(bad(e.to_string())),
-            },
-            _ => {}
+    }
+
+    fn push(&mut self, o: Object) {
+        match o {
+            Object::Service(s) => self.services.push(*s),
+            Object::Slice(s) => self.endpoint_slices.push(*s),
+            Object::Node(n) => self.nodes.push(*n),
         }
     }
 
@@ -179,21 +369,15 @@ impl Objects {
         filter: &Filter,
     ) -> (Store, Vec<ConvertError>, Vec<String>) {
         let mut store = Store::new();
-        let (errors, skipped) = self.replace_in(&mut store, node_name, filter);
-        (store, errors, skipped)
+        let loaded = self.replace_in(&mut store, node_name, filter);
+        (store, loaded.invalid, loaded.skipped)
     }
 
     /// Replaces everything in `store` with these objects (as a re-list would), so the store
-    /// records exactly which Services changed. Returns the invalid objects and the skipped
-    /// ones (with the reason).
-    pub fn replace_in(
-        self,
-        store: &mut Store,
-        node_name: Option<&str>,
-        filter: &Filter,
-    ) -> (Vec<ConvertError>, Vec<String>) {
-        let mut errors = Vec::new();
-        let mut skipped = Vec::new();
+    /// records exactly which Services changed. Returns the invalid objects, the skipped ones
+    /// and the ignored EndpointSlices (with the reason).
+    pub fn replace_in(self, store: &mut Store, node_name: Option<&str>, filter: &Filter) -> Loaded {
+        let mut loaded = Loaded::default();
         let mut services = Vec::new();
         for s in &self.services {
             match convert::service(s, filter) {
@@ -206,14 +390,26 @@ impl Objects {
                         services.push((key, ports));
                     }
                 }
-                Ok(Converted::Skipped(why)) => skipped.push(format!(
+                Ok(Converted::Skipped(why)) => loaded.skipped.push(format!(
                     "Service {}/{}: {why}",
                     s.metadata.namespace.as_deref().unwrap_or("default"),
                     s.metadata.name.as_deref().unwrap_or("")
                 )),
-                Err(e) => errors.push(e),
+                Err(e) => loaded.invalid.push(e),
             }
         }
+        // Which families each Service serves: those of its cluster IPs (kube-proxy programs a
+        // Service only in the families it has a cluster IP in).
+        let families: BTreeMap<convert::ServiceKey, BTreeSet<IpFamily>> = services
+            .iter()
+            .map(|(k, ports)| {
+                let fams = ports
+                    .iter()
+                    .flat_map(|p| p.cluster_ips().iter().map(IpFamily::of))
+                    .collect();
+                (k.clone(), fams)
+            })
+            .collect();
         store.replace_services(services);
         let mut slices = Vec::new();
         for s in &self.endpoint_slices {
@@ -226,13 +422,32 @@ impl Objects {
             );
             match convert::endpoint_slice(s, filter) {
                 Ok((Converted::Accepted(slice), errs)) => {
-                    errors.extend(errs);
+                    loaded.invalid.extend(errs);
+                    let why = match families.get(&slice.service) {
+                        None => Some(format!(
+                            "its Service {} is not in the manifests (or not proxied)",
+                            slice.service
+                        )),
+                        Some(f) if !f.contains(&slice.family) => Some(format!(
+                            "addressType {} but Service {} has no {} cluster IP",
+                            slice.family, slice.service, slice.family
+                        )),
+                        Some(_) => None,
+                    };
+                    if let Some(reason) = why {
+                        loaded.ignored.push(Ignored {
+                            file: String::new(),
+                            kind: "EndpointSlice".into(),
+                            name: format!("{}/{}", key.0, key.1),
+                            reason,
+                        });
+                    }
                     slices.push((key, slice));
                 }
-                Ok((Converted::Skipped(why), _)) => {
-                    skipped.push(format!("EndpointSlice {}/{}: {why}", key.0, key.1))
-                }
-                Err(e) => errors.push(e),
+                Ok((Converted::Skipped(why), _)) => loaded
+                    .skipped
+                    .push(format!("EndpointSlice {}/{}: {why}", key.0, key.1)),
+                Err(e) => loaded.invalid.push(e),
             }
         }
         store.replace_slices(slices);
@@ -247,7 +462,7 @@ impl Objects {
         match (node, node_name) {
             (Some(k), _) => match convert::node(k) {
                 Ok(n) => store.set_node(n),
-                Err(e) => errors.push(e),
+                Err(e) => loaded.invalid.push(e),
             },
             (None, Some(n)) => {
                 // A node without a Node object: no zone label, so no topology filtering.
@@ -257,6 +472,431 @@ impl Objects {
             }
             (None, None) => {}
         }
-        (errors, skipped)
+        loaded
     }
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str, String> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        format!(
+            "not UTF-8 text (invalid byte at offset {})",
+            e.valid_up_to()
+        )
+    })
+}
+
+/// What identifies a file's content without reading it: if none of these changed, neither did
+/// the content (as far as a poller can tell).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    changed: (i64, i64),
+    inode: (u64, u64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt as _;
+        Stamp {
+            len: m.len(),
+            modified: m.modified().ok(),
+            changed: (m.ctime(), m.ctime_nsec()),
+            inode: (m.dev(), m.ino()),
+        }
+    }
+}
+
+/// Why a file could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum ReadError {
+    /// Not there, not readable, or a dangling symlink.
+    #[error("{0}")]
+    Io(String),
+    /// A FIFO, socket, device or directory.
+    #[error("not a regular file ({0}); skipped without opening it")]
+    NotRegular(&'static str),
+    /// It changed while it was read: try again later.
+    #[error("changed while being read")]
+    Changed,
+}
+
+fn file_type_name(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "not a file"
+    }
+}
+
+/// Reads a regular file whole, making sure it did not change while it was read. Never opens
+/// anything else, and opens non-blocking, so a FIFO swapped in cannot hang the reader.
+fn read_file(path: &Path) -> Result<(Vec<u8>, Stamp), ReadError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let before = std::fs::metadata(path).map_err(|e| io_error(path, &e))?;
+    if !before.is_file() {
+        return Err(ReadError::NotRegular(file_type_name(before.file_type())));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| io_error(path, &e))?;
+    let opened = f.metadata().map_err(|e| io_error(path, &e))?;
+    if !opened.is_file() {
+        return Err(ReadError::NotRegular(file_type_name(opened.file_type())));
+    }
+    let stamp = Stamp::of(&before);
+    let mut bytes = Vec::with_capacity(usize::try_from(before.len()).unwrap_or(0));
+    f.read_to_end(&mut bytes).map_err(|e| io_error(path, &e))?;
+    let after = std::fs::metadata(path).map_err(|e| io_error(path, &e))?;
+    if Stamp::of(&opened) != stamp || Stamp::of(&after) != stamp {
+        return Err(ReadError::Changed);
+    }
+    Ok((bytes, stamp))
+}
+
+fn io_error(path: &Path, e: &std::io::Error) -> ReadError {
+    if e.kind() == std::io::ErrorKind::NotFound && std::fs::symlink_metadata(path).is_ok() {
+        return ReadError::Io("a symlink to a missing file".into());
+    }
+    ReadError::Io(e.to_string())
+}
+
+/// The manifest files of one command-line path: itself, or the `.yaml`, `.yml` and `.json`
+/// entries of a directory (whatever their type, so bad ones are reported), sorted.
+fn list_path(p: &Path) -> Result<Vec<PathBuf>, String> {
+    let meta = std::fs::metadata(p).map_err(|e| e.to_string())?;
+    if !meta.is_dir() {
+        return Ok(vec![p.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(p).map_err(|e| e.to_string())? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let f = entry.path();
+        if matches!(
+            f.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
+            files.push(f);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// What is known about one file.
+#[derive(Debug, Default)]
+struct FileState {
+    /// Index of the command-line path it was found under.
+    root: usize,
+    /// The content last acted on (applied, or reported as bad).
+    acted: Option<Stamp>,
+    /// A changed content seen, and since when: read once it has settled.
+    pending: Option<(Stamp, Instant)>,
+    /// The objects it last produced: each one's last good version.
+    objects: BTreeMap<ObjectKey, Object>,
+    /// Why it is currently not read, if it is not.
+    failing: Option<String>,
+    /// Objects of its last good read that are not used (kinds lb-proxy does not use).
+    ignored: Vec<Ignored>,
+}
+
+/// Manifest files and directories followed with per-file last-good state (see the module
+/// documentation for the rules).
+#[derive(Debug)]
+pub struct Sources {
+    roots: Vec<PathBuf>,
+    files: BTreeMap<PathBuf, FileState>,
+    /// Command-line paths that currently cannot be listed, with why.
+    failing_roots: BTreeMap<usize, String>,
+    /// Ignored objects already reported.
+    reported: BTreeSet<Ignored>,
+}
+
+/// The outcome of one [`Sources::refresh`].
+#[derive(Debug, Default)]
+pub struct Refresh {
+    /// Whether the objects changed.
+    pub changed: bool,
+    /// Problems found by this refresh. A file's problems are reported when it is read (so
+    /// once per change of it); a path's when it starts failing.
+    pub errors: Vec<ManifestError>,
+    /// Files removed on purpose (their objects are gone), with how many objects they had.
+    pub removed: Vec<(String, usize)>,
+    /// Whether a changed file is waiting to settle.
+    pub pending: bool,
+}
+
+impl Sources {
+    /// Follows these files and directories; nothing is read until [`Sources::refresh`].
+    pub fn new(paths: &[impl AsRef<Path>]) -> Sources {
+        Sources {
+            roots: paths.iter().map(|p| p.as_ref().to_path_buf()).collect(),
+            files: BTreeMap::new(),
+            failing_roots: BTreeMap::new(),
+            reported: BTreeSet::new(),
+        }
+    }
+
+    /// Checks that every path exists, for the start: a mistyped path is an error, not an
+    /// empty cluster.
+    pub fn check_paths(&self) -> Result<(), String> {
+        if self.roots.is_empty() {
+            return Err("-f/--manifests: give at least one file or directory".into());
+        }
+        for p in &self.roots {
+            if let Err(e) = std::fs::metadata(p) {
+                return Err(format!("-f {}: {e}", p.display()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks at every file and reads those that changed. With `settle`, a changed file is
+    /// read only once it has stayed unchanged for that long (following); without, at once
+    /// (`render`, `run --once`, the first read).
+    pub fn refresh(&mut self, filter: &Filter, settle: Option<Duration>) -> Refresh {
+        let mut out = Refresh::default();
+        for (i, root) in self.roots.clone().iter().enumerate() {
+            let listed = match list_path(root) {
+                Ok(files) => files,
+                Err(reason) => {
+                    let kept: usize = self
+                        .files
+                        .values()
+                        .filter(|f| f.root == i)
+                        .map(|f| f.objects.len())
+                        .sum();
+                    let reason = format!(
+                        "{reason}; keeping the {kept} objects read from it (remove its files to delete them)"
+                    );
+                    if self.failing_roots.get(&i) != Some(&reason) {
+                        out.errors.push(ManifestError::File {
+                            file: root.display().to_string(),
+                            reason: reason.clone(),
+                        });
+                        self.failing_roots.insert(i, reason);
+                    }
+                    continue;
+                }
+            };
+            self.failing_roots.remove(&i);
+            let gone: Vec<PathBuf> = self
+                .files
+                .iter()
+                .filter(|(p, f)| f.root == i && !listed.contains(p))
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in gone {
+                if let Some(f) = self.files.remove(&p) {
+                    if !f.objects.is_empty() {
+                        out.changed = true;
+                        out.removed.push((p.display().to_string(), f.objects.len()));
+                    }
+                }
+            }
+            for f in listed {
+                self.files.entry(f.clone()).or_insert_with(|| FileState {
+                    root: i,
+                    ..FileState::default()
+                });
+                self.look_at(&f, filter, settle, &mut out);
+            }
+        }
+        out
+    }
+
+    fn look_at(
+        &mut self,
+        path: &Path,
+        filter: &Filter,
+        settle: Option<Duration>,
+        out: &mut Refresh,
+    ) {
+        let Some(state) = self.files.get_mut(path) else {
+            return;
+        };
+        let file = path.display().to_string();
+        let fail = |state: &mut FileState, reason: String, out: &mut Refresh| {
+            let kept = state.objects.len();
+            let reason = if kept > 0 {
+                format!("{reason}; keeping the {kept} objects it last produced")
+            } else {
+                reason
+            };
+            out.errors.push(ManifestError::File {
+                file: file.clone(),
+                reason: reason.clone(),
+            });
+            state.failing = Some(reason);
+        };
+        let stamp = match std::fs::metadata(path) {
+            Ok(m) => Stamp::of(&m),
+            Err(e) => {
+                // Reported once, when it starts failing.
+                let reason = io_error(path, &e).to_string();
+                if state
+                    .failing
+                    .as_ref()
+                    .is_none_or(|f| !f.starts_with(&reason))
+                {
+                    state.acted = None;
+                    fail(state, reason, out);
+                }
+                return;
+            }
+        };
+        if state.acted == Some(stamp) {
+            return;
+        }
+        if let Some(settle) = settle {
+            match state.pending {
+                Some((s, since)) if s == stamp && since.elapsed() >= settle => {}
+                Some((s, _)) if s == stamp => {
+                    out.pending = true;
+                    return;
+                }
+                _ => {
+                    state.pending = Some((stamp, Instant::now()));
+                    out.pending = true;
+                    return;
+                }
+            }
+        }
+        state.pending = None;
+        let parsed = match read_file(path) {
+            Err(ReadError::Changed) => {
+                out.pending = true;
+                return;
+            }
+            Err(e) => Err(e.to_string()),
+            Ok((bytes, _)) => utf8(&bytes).and_then(|text| Parsed::from_text(&file, text)),
+        };
+        state.acted = Some(stamp);
+        let mut parsed = match parsed {
+            Ok(p) if p.documents == 0 && !state.objects.is_empty() => {
+                fail(
+                    state,
+                    "empty (being rewritten?); remove the file, or write an empty List, to delete its objects".into(),
+                    out,
+                );
+                return;
+            }
+            Ok(p) => p,
+            Err(reason) => {
+                fail(state, reason, out);
+                return;
+            }
+        };
+        state.failing = None;
+        state.ignored = std::mem::take(&mut parsed.ignored);
+        let (objects, errors) = validate(&file, parsed, &state.objects, filter);
+        out.errors.extend(errors);
+        if objects != state.objects {
+            state.objects = objects;
+            out.changed = true;
+        }
+    }
+
+    /// Every object, merged across files; for a duplicate, the last file in sort order wins
+    /// and the others are returned as ignored.
+    pub fn objects(&self) -> (Objects, Vec<Ignored>) {
+        let mut merged: BTreeMap<&ObjectKey, (&Path, &Object)> = BTreeMap::new();
+        let mut ignored = Vec::new();
+        for (path, state) in &self.files {
+            ignored.extend(state.ignored.iter().cloned());
+            for (key, o) in &state.objects {
+                if let Some((loser, _)) = merged.insert(key, (path, o)) {
+                    ignored.push(Ignored {
+                        file: loser.display().to_string(),
+                        kind: key.0.into(),
+                        name: display_name(&key.1, &key.2),
+                        reason: format!(
+                            "also defined in {}, which wins (the last file in sort order)",
+                            path.display()
+                        ),
+                    });
+                }
+            }
+        }
+        let mut objects = Objects::default();
+        for (_, (_, o)) in merged {
+            objects.push(o.clone());
+        }
+        (objects, ignored)
+    }
+
+    /// The file an object (kind, `namespace/name`) was read from, if any.
+    pub fn file_of(&self, kind: &str, name: &str) -> Option<String> {
+        self.files.iter().find_map(|(p, s)| {
+            s.objects
+                .keys()
+                .any(|k| k.0 == kind && display_name(&k.1, &k.2) == name)
+                .then(|| p.display().to_string())
+        })
+    }
+
+    /// Files and paths currently failing (each keeps what it last produced).
+    pub fn failing(&self) -> usize {
+        self.failing_roots.len() + self.files.values().filter(|f| f.failing.is_some()).count()
+    }
+
+    /// Of the objects ignored now, those not reported before (each is reported once while it
+    /// stays ignored).
+    pub fn newly_ignored(&mut self, now: Vec<Ignored>) -> Vec<Ignored> {
+        let now: BTreeSet<Ignored> = now.into_iter().collect();
+        let new = now.difference(&self.reported).cloned().collect();
+        self.reported = now;
+        new
+    }
+}
+
+/// Validates a file's objects as the store will convert them. An object that is invalid, or
+/// whose document did not match its schema, keeps its last good version from `old` (if any);
+/// everything else is taken as read. Returns the objects and the problems.
+fn validate(
+    file: &str,
+    parsed: Parsed,
+    old: &BTreeMap<ObjectKey, Object>,
+    filter: &Filter,
+) -> (BTreeMap<ObjectKey, Object>, Vec<ManifestError>) {
+    let mut errors = parsed.errors;
+    let mut objects = BTreeMap::new();
+    let invalid = |e: ConvertError| ManifestError::Invalid {
+        file: file.into(),
+        source: e,
+    };
+    let mut keep_old = Vec::new();
+    for (key, o) in parsed.objects {
+        let valid = match &o {
+            Object::Service(s) => convert::service(s, filter).map(|_| ()),
+            Object::Slice(s) => convert::endpoint_slice(s, filter).map(|(_, endpoint_errors)| {
+                errors.extend(endpoint_errors.into_iter().map(invalid))
+            }),
+            Object::Node(n) => convert::node(n).map(|_| ()),
+        };
+        match valid {
+            Ok(()) => {
+                objects.insert(key, o);
+            }
+            Err(e) => {
+                errors.push(invalid(e));
+                keep_old.push(key);
+            }
+        }
+    }
+    for key in keep_old.into_iter().chain(parsed.broken) {
+        if let Some(o) = old.get(&key) {
+            objects.entry(key).or_insert_with(|| o.clone());
+        }
+    }
+    (objects, errors)
 }
