@@ -900,3 +900,304 @@ fn validate(
     }
     (objects, errors)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: t\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n";
+    const SVC2: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: api\n  namespace: t\nspec:\n  clusterIP: 10.96.0.11\n  ports:\n  - name: http\n    port: 80\n";
+
+    /// A scratch directory removed on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Dir {
+            let p = std::env::temp_dir().join(format!("lb-manifests-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).expect("scratch directory");
+            Dir(p)
+        }
+        fn write(&self, name: &str, text: impl AsRef<[u8]>) {
+            std::fs::write(self.0.join(name), text).expect("write");
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn names(s: &Sources) -> Vec<String> {
+        let (o, _) = s.objects();
+        o.services
+            .iter()
+            .map(|s| s.metadata.name.clone().unwrap_or_default())
+            .collect()
+    }
+
+    fn refresh(s: &mut Sources) -> Refresh {
+        s.refresh(&Filter::default(), None)
+    }
+
+    #[test]
+    fn issue_10_a_type_error_names_the_field_path() {
+        let mut o = Objects::default();
+        let mut errors = Vec::new();
+        o.add_text("f.yaml", &SVC.replace("port: 80", "port: eighty"), &mut errors);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let text = errors[0].to_string();
+        assert!(
+            text.contains(r#"Service t/web: field spec.ports[0].port: invalid type: string "eighty", expected i32"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn issue_10_more_than_1024_documents_and_250000_nodes_are_read_whole() {
+        let mut text = String::new();
+        for i in 0..3000 {
+            text.push_str(&SVC.replace("name: web", &format!("name: web-{i}")));
+            text.push_str("---\n");
+        }
+        let mut o = Objects::default();
+        let mut errors = Vec::new();
+        o.add_text("big.yaml", &text, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(o.services.len(), 3000);
+        // One List of 30,000 endpoints: far more than 250,000 parser nodes.
+        let mut list = String::from("apiVersion: v1\nkind: List\nitems:\n");
+        for i in 0..30 {
+            list.push_str(&format!("- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: s{i}\n    namespace: t\n    labels: {{kubernetes.io/service-name: web}}\n  addressType: IPv4\n  endpoints:\n"));
+            for j in 0..1000 {
+                list.push_str(&format!(
+                    "  - addresses: [\"10.1.{}.{}\"]\n    conditions: {{ready: true, serving: true, terminating: false}}\n    nodeName: node-a\n",
+                    j / 250,
+                    j % 250
+                ));
+            }
+        }
+        let mut errors = Vec::new();
+        o.add_text("list.yaml", &list, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(o.endpoint_slices.len(), 30);
+    }
+
+    #[test]
+    fn yaml_alias_bombs_and_absurd_nesting_are_still_refused() {
+        let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..12 {
+            let p = i - 1;
+            bomb.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        let started = Instant::now();
+        assert!(parse_documents(&bomb).is_err(), "an alias bomb is refused");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(parse_documents(&deep).is_err(), "absurd JSON nesting");
+        let deep_yaml = format!("a: {}1{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(parse_documents(&deep_yaml).is_err(), "absurd YAML nesting");
+    }
+
+    #[test]
+    fn json_is_read_as_one_value_a_stream_or_a_list() {
+        let svc = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web","namespace":"t"},"spec":{"clusterIP":"10.96.0.10","ports":[{"port":80}]}}"#;
+        for text in [
+            svc.to_string(),
+            format!("{svc}\n{}", svc.replace("\"web\"", "\"api\"")),
+            format!(r#"{{"apiVersion":"v1","kind":"List","items":[{svc}]}}"#),
+        ] {
+            let mut o = Objects::default();
+            let mut errors = Vec::new();
+            o.add_text("f.json", &text, &mut errors);
+            assert!(errors.is_empty(), "{errors:?}");
+            assert!(!o.services.is_empty());
+        }
+        let mut errors = Vec::new();
+        Objects::default().add_text("f.json", r#"{"kind": "Service", "metadata": {"name": "x"}, "spec": {"ports": [{"port": "eighty"}]}}"#, &mut errors);
+        assert!(errors[0].to_string().contains("field spec.ports[0].port: invalid type"), "{errors:?}");
+    }
+
+    #[test]
+    fn issue_10_a_file_that_stops_parsing_keeps_its_objects_until_it_parses_again() {
+        let d = Dir::new("parse");
+        d.write("a.yaml", format!("{SVC}---\n{SVC2}"));
+        let mut s = Sources::new(&[&d.0]);
+        assert!(refresh(&mut s).changed);
+        assert_eq!(names(&s), ["api", "web"]);
+        for bad in [
+            format!("{SVC}---\n{SVC2}---\nkind: Service\n  bad: [indent\n").into_bytes(),
+            [format!("{SVC}---\n{SVC2}").as_bytes(), b"\xff\n"].concat(),
+            Vec::new(),
+            b"# nothing yet\n".to_vec(),
+            format!("{SVC}---\n{SVC2}---\nmetadata:\n  name: no-kind\n").into_bytes(),
+        ] {
+            d.write("a.yaml", &bad);
+            let r = refresh(&mut s);
+            assert!(!r.changed, "{}", String::from_utf8_lossy(&bad));
+            assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+            assert!(
+                r.errors[0].to_string().contains("a.yaml") && r.errors[0].to_string().contains("keeping the 2 objects"),
+                "{}",
+                r.errors[0]
+            );
+            assert_eq!(names(&s), ["api", "web"]);
+            assert_eq!(s.failing(), 1);
+        }
+        // An object deleted from a file that parses is gone.
+        d.write("a.yaml", SVC);
+        assert!(refresh(&mut s).changed);
+        assert_eq!(names(&s), ["web"]);
+        assert_eq!(s.failing(), 0);
+    }
+
+    #[test]
+    fn issue_10_an_invalid_object_keeps_its_last_good_version() {
+        let d = Dir::new("object");
+        d.write("a.yaml", format!("{SVC}---\n{SVC2}"));
+        let mut s = Sources::new(&[&d.0]);
+        refresh(&mut s);
+        // A schema error and a validation error: both keep the last good version, while
+        // the other object's change is taken.
+        for bad in ["port: eighty", "port: 0"] {
+            d.write(
+                "a.yaml",
+                format!("{}---\n{}", SVC.replace("port: 80", bad), SVC2.replace("10.96.0.11", "10.96.0.12")),
+            );
+            let r = refresh(&mut s);
+            assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+            assert!(r.errors[0].to_string().contains("spec.ports[0].port"), "{}", r.errors[0]);
+            let (o, _) = s.objects();
+            let port = |n: &str| {
+                o.services
+                    .iter()
+                    .find(|s| s.metadata.name.as_deref() == Some(n))
+                    .and_then(|s| s.spec.as_ref())
+                    .map(|s| (s.cluster_ip.clone(), s.ports.as_ref().map(|p| p[0].port)))
+            };
+            assert_eq!(port("web"), Some((Some("10.96.0.10".into()), Some(80))));
+            assert_eq!(port("api").and_then(|p| p.0), Some("10.96.0.12".into()));
+        }
+        // A new object that is invalid from the start is simply left out.
+        d.write("b.yaml", SVC2.replace("name: api", "name: new").replace("port: 80", "port: 0"));
+        assert_eq!(refresh(&mut s).errors.len(), 1);
+        assert_eq!(names(&s), ["api", "web"]);
+    }
+
+    #[test]
+    fn issue_10_a_removed_file_deletes_its_objects_but_a_vanished_directory_keeps_them() {
+        let d = Dir::new("vanish");
+        let sub = d.0.join("cluster");
+        std::fs::create_dir_all(&sub).expect("dir");
+        std::fs::write(sub.join("a.yaml"), SVC).expect("write");
+        std::fs::write(sub.join("b.yaml"), SVC2).expect("write");
+        let mut s = Sources::new(&[&sub]);
+        refresh(&mut s);
+        assert_eq!(names(&s), ["api", "web"]);
+        // Removed on purpose from a directory that is still there: gone.
+        std::fs::remove_file(sub.join("b.yaml")).expect("rm");
+        let r = refresh(&mut s);
+        assert!(r.changed);
+        assert_eq!(r.removed.len(), 1);
+        assert_eq!(names(&s), ["web"]);
+        // The directory itself disappears: reported once, everything stays.
+        std::fs::rename(&sub, d.0.join("elsewhere")).expect("rename");
+        let r = refresh(&mut s);
+        assert!(!r.changed);
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        assert!(r.errors[0].to_string().contains("keeping the 1 objects"), "{}", r.errors[0]);
+        assert!(refresh(&mut s).errors.is_empty(), "reported once");
+        assert_eq!(names(&s), ["web"]);
+        // A followed file that disappears: the same.
+        let f = d.0.join("elsewhere/a.yaml");
+        let mut s = Sources::new(&[&f]);
+        refresh(&mut s);
+        std::fs::remove_file(&f).expect("rm");
+        assert_eq!(refresh(&mut s).errors.len(), 1);
+        assert_eq!(names(&s), ["web"]);
+    }
+
+    #[test]
+    fn issue_10_dangling_symlinks_and_fifos_are_reported_and_never_block() {
+        let d = Dir::new("special");
+        d.write("a.yaml", SVC);
+        std::os::unix::fs::symlink(d.0.join("a.yaml"), d.0.join("link.yaml")).expect("symlink");
+        let fifo = d.0.join("pipe.yaml");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+        assert!(made.success(), "mkfifo");
+        let mut s = Sources::new(&[&d.0]);
+        let r = refresh(&mut s);
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        assert!(r.errors[0].to_string().contains("FIFO"), "{}", r.errors[0]);
+        // The symlinked copy is a duplicate of a.yaml: the last in sort order wins.
+        let (_, ignored) = s.objects();
+        assert_eq!(ignored.len(), 1, "{ignored:?}");
+        assert!(ignored[0].reason.contains("link.yaml, which wins"), "{}", ignored[0]);
+        // The symlink's target goes: link.yaml keeps its objects, reported.
+        std::fs::rename(d.0.join("a.yaml"), d.0.join("a.yml.bak")).expect("rename");
+        let r = refresh(&mut s);
+        assert!(
+            r.errors.iter().any(|e| e.to_string().contains("link.yaml: a symlink to a missing file; keeping the 1 objects")),
+            "{:?}",
+            r.errors
+        );
+        assert_eq!(names(&s), ["web"]);
+        assert!(refresh(&mut s).errors.is_empty(), "reported once");
+    }
+
+    #[test]
+    fn issue_10_a_changed_file_is_read_only_once_it_has_settled() {
+        let d = Dir::new("settle");
+        d.write("a.yaml", SVC);
+        let mut s = Sources::new(&[&d.0]);
+        refresh(&mut s);
+        let settle = Some(Duration::from_millis(300));
+        d.write("a.yaml", SVC2);
+        let r = s.refresh(&Filter::default(), settle);
+        assert!(!r.changed && r.pending);
+        std::thread::sleep(Duration::from_millis(100));
+        // Written again before it settled: the clock restarts.
+        d.write("a.yaml", format!("{SVC2}---\n{SVC}"));
+        assert!(!s.refresh(&Filter::default(), settle).changed);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!s.refresh(&Filter::default(), settle).changed);
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(s.refresh(&Filter::default(), settle).changed);
+        assert_eq!(names(&s), ["api", "web"]);
+    }
+
+    #[test]
+    fn issue_10_ignored_objects_are_reported_once_each() {
+        let d = Dir::new("ignored");
+        let slice = |name: &str, svc: &str, family: &str, ip: &str| {
+            format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: t\n  labels:\n    kubernetes.io/service-name: {svc}\naddressType: {family}\nendpoints:\n- addresses: [\"{ip}\"]\n")
+        };
+        d.write(
+            "a.yaml",
+            format!(
+                "{SVC}---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: t\n---\n{}---\n{}",
+                slice("web-v6", "web", "IPv6", "fd00::1"),
+                slice("gone-1", "gone", "IPv4", "10.0.0.1"),
+            ),
+        );
+        d.write("b.yaml", SVC);
+        let mut s = Sources::new(&[&d.0]);
+        refresh(&mut s);
+        let (objects, mut ignored) = s.objects();
+        let mut store = Store::new();
+        let loaded = objects.replace_in(&mut store, Some("node-a"), &Filter::default());
+        ignored.extend(loaded.ignored);
+        let reported = s.newly_ignored(ignored.clone());
+        let text: Vec<String> = reported.iter().map(|i| i.to_string()).collect();
+        assert_eq!(text.len(), 4, "{text:#?}");
+        let has = |s: &str| text.iter().any(|t| t.contains(s));
+        assert!(has("Pod t/p: ignored: lb-proxy does not use Pod objects"), "{text:#?}");
+        assert!(has("Service t/web: ignored: also defined in"), "{text:#?}");
+        assert!(has("EndpointSlice t/web-v6: ignored: addressType IPv6 but Service t/web has no IPv6 cluster IP"), "{text:#?}");
+        assert!(has("EndpointSlice t/gone-1: ignored: its Service t/gone is not in the manifests"), "{text:#?}");
+        assert!(s.newly_ignored(ignored).is_empty(), "once");
+    }
+}
