@@ -166,28 +166,184 @@ fn yaml_budget(len: usize) -> serde_saphyr::Budget {
     b
 }
 
-/// Parses `text` into documents: JSON (one value or a stream of them) through `serde_json`,
-/// anything else as a multi-document YAML stream.
-fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
-    if looks_like_json(text) {
-        let json: Result<Vec<Value>, _> = serde_json::Deserializer::from_str(text)
-            .into_iter::<Value>()
-            .collect();
-        match json {
-            Ok(docs) => return Ok(docs),
-            // YAML flow style also starts with `{` or `[`: try YAML before giving up, and
-            // report the JSON error if that fails too.
-            Err(e) => {
-                return parse_yaml(text).map_err(|_| format!("not valid JSON: {e}"));
+/// One document: a YAML value, or the raw text of a JSON one (deserialised straight into
+/// its kind, without an intermediate tree).
+#[derive(Debug)]
+enum Doc<'a> {
+    Value(Value),
+    Raw(&'a serde_json::value::RawValue),
+}
+
+/// Just enough of a JSON document to know what it is.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct Head<'a> {
+    #[serde(borrow)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    metadata: Option<HeadMeta<'a>>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct HeadMeta<'a> {
+    #[serde(borrow)]
+    name: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    namespace: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ListItems<'a> {
+    #[serde(borrow, default)]
+    items: Option<Vec<&'a serde_json::value::RawValue>>,
+}
+
+impl<'a> Doc<'a> {
+    fn is_null(&self) -> bool {
+        match self {
+            Doc::Value(v) => v.is_null(),
+            Doc::Raw(r) => r.get().trim() == "null",
+        }
+    }
+
+    /// `kind`, `metadata.name` and `metadata.namespace`, where they are strings.
+    fn head(&self) -> (Option<String>, Option<String>, Option<String>) {
+        match self {
+            Doc::Value(v) => {
+                let s = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+                let meta = v.get("metadata");
+                (
+                    s(v.get("kind")),
+                    s(meta.and_then(|m| m.get("name"))),
+                    s(meta.and_then(|m| m.get("namespace"))),
+                )
+            }
+            Doc::Raw(r) => {
+                let h: Head<'_> = serde_json::from_str(r.get()).unwrap_or_default();
+                let m = h.metadata.unwrap_or_default();
+                (
+                    h.kind.map(Into::into),
+                    m.name.map(Into::into),
+                    m.namespace.map(Into::into),
+                )
             }
         }
     }
-    parse_yaml(text)
+
+    /// The `items` of a `List` (`None` when absent or null).
+    fn items(self) -> Result<Option<Vec<Doc<'a>>>, String> {
+        match self {
+            Doc::Value(Value::Object(mut map)) => match map.remove("items") {
+                Some(Value::Array(items)) => Ok(Some(items.into_iter().map(Doc::Value).collect())),
+                None | Some(Value::Null) => Ok(None),
+                Some(_) => Err("field items: not a list".into()),
+            },
+            Doc::Value(_) => Err("not a mapping".into()),
+            Doc::Raw(r) => serde_json::from_str::<ListItems<'a>>(r.get())
+                .map(|l| {
+                    l.items
+                        .map(|items| items.into_iter().map(Doc::Raw).collect())
+                })
+                .map_err(|e| format!("field items: {e}")),
+        }
+    }
+
+    /// Deserialises the document as its kind; the error names the field path.
+    fn typed<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
+        fn message<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> String {
+            let path = e.path().to_string();
+            if path == "." || path.is_empty() {
+                e.into_inner().to_string()
+            } else {
+                format!("field {path}: {}", e.into_inner())
+            }
+        }
+        match self {
+            Doc::Value(v) => serde_path_to_error::deserialize(v).map_err(message),
+            Doc::Raw(r) => {
+                let mut de = serde_json::Deserializer::from_str(r.get());
+                serde_path_to_error::deserialize(&mut de).map_err(message)
+            }
+        }
+    }
 }
 
+/// Parses `text` into documents: JSON (one value or a stream of them) through `serde_json`,
+/// anything else as a multi-document YAML stream.
+fn parse_documents(text: &str) -> Result<Vec<Doc<'_>>, String> {
+    if looks_like_json(text) {
+        let json: Result<Vec<&serde_json::value::RawValue>, _> =
+            serde_json::Deserializer::from_str(text)
+                .into_iter()
+                .collect();
+        return match json {
+            Ok(docs) => Ok(docs.into_iter().map(Doc::Raw).collect()),
+            // YAML flow style also starts with `{` or `[`: try YAML before giving up, and
+            // report the JSON error if that fails too.
+            Err(e) => parse_yaml(text)
+                .map(|docs| docs.into_iter().map(Doc::Value).collect())
+                .map_err(|_| format!("not valid JSON: {e}")),
+        };
+    }
+    parse_yaml(text).map(|docs| docs.into_iter().map(Doc::Value).collect())
+}
+
+/// Parses a YAML stream; a big one is cut at document markers and parsed on every core.
 fn parse_yaml(text: &str) -> Result<Vec<Value>, String> {
-    let options = serde_saphyr::options! { budget: Some(yaml_budget(text.len())) };
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let chunks = split_stream(text, threads);
+    if chunks.len() < 2 {
+        return parse_yaml_chunk(text);
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = chunks
+            .iter()
+            .map(|c| s.spawn(move || parse_yaml_chunk(c)))
+            .collect();
+        let mut docs = Vec::new();
+        for h in handles {
+            docs.extend(
+                h.join()
+                    .map_err(|_| "the YAML parser panicked".to_string())??,
+            );
+        }
+        Ok(docs)
+    })
+}
+
+fn parse_yaml_chunk(text: &str) -> Result<Vec<Value>, String> {
+    let options = serde_saphyr::options! {
+        budget: Some(yaml_budget(text.len())),
+        emit_comments: false,
+    };
     serde_saphyr::from_multiple_with_options(text, options).map_err(|e| e.to_string())
+}
+
+/// Cuts a multi-document YAML stream of at least 1 MiB into about `n` pieces, each starting at
+/// a document marker (`---` at the start of a line, which YAML forbids inside content). A
+/// stream with directives (`%YAML`, `%TAG`) is left whole.
+fn split_stream(text: &str, n: usize) -> Vec<&str> {
+    if n < 2 || text.len() < 1 << 20 || text.starts_with('%') || text.contains("\n%") {
+        return vec![text];
+    }
+    let mut pieces = Vec::with_capacity(n);
+    let mut start = 0;
+    for k in 1..n {
+        let from = (text.len() * k / n).max(start);
+        let Some(at) = text.get(from..).and_then(|rest| {
+            rest.match_indices("\n---").find_map(|(i, _)| {
+                let after = rest.as_bytes().get(i + 4).copied();
+                matches!(after, None | Some(b'\n' | b'\r' | b' ' | b'\t')).then_some(from + i + 1)
+            })
+        }) else {
+            break;
+        };
+        pieces.push(&text[start..at]);
+        start = at;
+    }
+    pieces.push(&text[start..]);
+    pieces
 }
 
 /// `namespace/name` (or `name` for cluster-scoped objects) from a document's metadata.
@@ -212,44 +368,38 @@ impl Parsed {
         Ok(parsed)
     }
 
-    fn add_value(&mut self, file: &str, doc: Value, at: &str) -> Result<(), String> {
+    fn add_value(&mut self, file: &str, doc: Doc<'_>, at: &str) -> Result<(), String> {
         if doc.is_null() {
             return Ok(());
         }
-        let Some(kind) = doc.get("kind").and_then(Value::as_str).map(str::to_string) else {
+        let (kind, name, namespace) = doc.head();
+        let Some(kind) = kind else {
             return Err(format!("{at}: no kind"));
         };
         if kind == "List" || kind.ends_with("List") {
-            let Value::Object(mut map) = doc else {
-                return Err(format!("{at}: {kind} is not a mapping"));
-            };
-            return match map.remove("items") {
-                Some(Value::Array(items)) => {
-                    for (i, item) in items.into_iter().enumerate() {
-                        self.add_value(file, item, &format!("{at}, items[{i}]"))?;
-                    }
-                    Ok(())
-                }
-                None | Some(Value::Null) => Ok(()),
-                Some(_) => Err(format!("{at}: field items: not a list")),
-            };
+            for (i, item) in doc
+                .items()
+                .map_err(|e| format!("{at}: {kind}: {e}"))?
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+            {
+                self.add_value(file, item, &format!("{at}, items[{i}]"))?;
+            }
+            return Ok(());
         }
-        let meta = doc.get("metadata");
-        let text = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str);
-        let Some(name) = text("name").filter(|n| !n.is_empty()) else {
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
             return Err(format!("{at}: {kind} without metadata.name"));
         };
-        let name = name.to_string();
         let kind_key: &'static str = match kind.as_str() {
             "Service" => "Service",
             "EndpointSlice" => "EndpointSlice",
             "Node" => "Node",
             _ => {
-                let namespace = text("namespace").unwrap_or("");
                 self.ignored.push(Ignored {
                     file: file.into(),
                     kind: kind.clone(),
-                    name: display_name(namespace, &name),
+                    name: display_name(namespace.as_deref().unwrap_or(""), &name),
                     reason: format!("lb-proxy does not use {kind} objects"),
                 });
                 return Ok(());
@@ -258,13 +408,13 @@ impl Parsed {
         let namespace = if kind_key == "Node" {
             String::new()
         } else {
-            text("namespace").unwrap_or("default").to_string()
+            namespace.unwrap_or_else(|| "default".into())
         };
         let key = (kind_key, namespace, name);
         let typed = match kind_key {
-            "Service" => typed(doc).map(|s| Object::Service(Box::new(s))),
-            "EndpointSlice" => typed(doc).map(|s| Object::Slice(Box::new(s))),
-            _ => typed(doc).map(|n| Object::Node(Box::new(n))),
+            "Service" => doc.typed().map(|s| Object::Service(Box::new(s))),
+            "EndpointSlice" => doc.typed().map(|s| Object::Slice(Box::new(s))),
+            _ => doc.typed().map(|n| Object::Node(Box::new(n))),
         };
         match typed {
             Ok(o) => self.objects.push((key, o)),
@@ -280,18 +430,6 @@ impl Parsed {
         }
         Ok(())
     }
-}
-
-/// Deserialises a document as its kind; the error names the field path.
-fn typed<T: serde::de::DeserializeOwned>(doc: Value) -> Result<T, String> {
-    serde_path_to_error::deserialize(doc).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." || path.is_empty() {
-            e.into_inner().to_string()
-        } else {
-            format!("field {path}: {}", e.into_inner())
-        }
-    })
 }
 
 impl Objects {
@@ -913,7 +1051,8 @@ mod tests {
 
     impl Dir {
         fn new(name: &str) -> Dir {
-            let p = std::env::temp_dir().join(format!("lb-manifests-{}-{name}", std::process::id()));
+            let p =
+                std::env::temp_dir().join(format!("lb-manifests-{}-{name}", std::process::id()));
             let _ = std::fs::remove_dir_all(&p);
             std::fs::create_dir_all(&p).expect("scratch directory");
             Dir(p)
@@ -945,7 +1084,11 @@ mod tests {
     fn issue_10_a_type_error_names_the_field_path() {
         let mut o = Objects::default();
         let mut errors = Vec::new();
-        o.add_text("f.yaml", &SVC.replace("port: 80", "port: eighty"), &mut errors);
+        o.add_text(
+            "f.yaml",
+            &SVC.replace("port: 80", "port: eighty"),
+            &mut errors,
+        );
         assert_eq!(errors.len(), 1, "{errors:?}");
         let text = errors[0].to_string();
         assert!(
@@ -997,7 +1140,17 @@ mod tests {
         assert!(parse_documents(&bomb).is_err(), "an alias bomb is refused");
         assert!(started.elapsed() < Duration::from_secs(5));
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        assert!(parse_documents(&deep).is_err(), "absurd JSON nesting");
+        assert!(
+            Parsed::from_text("f", &deep).is_err(),
+            "absurd JSON nesting"
+        );
+        // Deep nesting inside an object: refused or skipped, never a stack overflow.
+        let svc = format!(
+            r#"{{"kind":"Service","metadata":{{"name":"x"}},"spec":{{"ports":[{{"port":80}}],"x":{}1{}}}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let _ = Parsed::from_text("f", &svc);
         let deep_yaml = format!("a: {}1{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(parse_documents(&deep_yaml).is_err(), "absurd YAML nesting");
     }
@@ -1018,7 +1171,12 @@ mod tests {
         }
         let mut errors = Vec::new();
         Objects::default().add_text("f.json", r#"{"kind": "Service", "metadata": {"name": "x"}, "spec": {"ports": [{"port": "eighty"}]}}"#, &mut errors);
-        assert!(errors[0].to_string().contains("field spec.ports[0].port: invalid type"), "{errors:?}");
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("field spec.ports[0].port: invalid type"),
+            "{errors:?}"
+        );
     }
 
     #[test]
@@ -1040,7 +1198,8 @@ mod tests {
             assert!(!r.changed, "{}", String::from_utf8_lossy(&bad));
             assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
             assert!(
-                r.errors[0].to_string().contains("a.yaml") && r.errors[0].to_string().contains("keeping the 2 objects"),
+                r.errors[0].to_string().contains("a.yaml")
+                    && r.errors[0].to_string().contains("keeping the 2 objects"),
                 "{}",
                 r.errors[0]
             );
@@ -1065,11 +1224,19 @@ mod tests {
         for bad in ["port: eighty", "port: 0"] {
             d.write(
                 "a.yaml",
-                format!("{}---\n{}", SVC.replace("port: 80", bad), SVC2.replace("10.96.0.11", "10.96.0.12")),
+                format!(
+                    "{}---\n{}",
+                    SVC.replace("port: 80", bad),
+                    SVC2.replace("10.96.0.11", "10.96.0.12")
+                ),
             );
             let r = refresh(&mut s);
             assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
-            assert!(r.errors[0].to_string().contains("spec.ports[0].port"), "{}", r.errors[0]);
+            assert!(
+                r.errors[0].to_string().contains("spec.ports[0].port"),
+                "{}",
+                r.errors[0]
+            );
             let (o, _) = s.objects();
             let port = |n: &str| {
                 o.services
@@ -1082,7 +1249,11 @@ mod tests {
             assert_eq!(port("api").and_then(|p| p.0), Some("10.96.0.12".into()));
         }
         // A new object that is invalid from the start is simply left out.
-        d.write("b.yaml", SVC2.replace("name: api", "name: new").replace("port: 80", "port: 0"));
+        d.write(
+            "b.yaml",
+            SVC2.replace("name: api", "name: new")
+                .replace("port: 80", "port: 0"),
+        );
         assert_eq!(refresh(&mut s).errors.len(), 1);
         assert_eq!(names(&s), ["api", "web"]);
     }
@@ -1108,7 +1279,11 @@ mod tests {
         let r = refresh(&mut s);
         assert!(!r.changed);
         assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
-        assert!(r.errors[0].to_string().contains("keeping the 1 objects"), "{}", r.errors[0]);
+        assert!(
+            r.errors[0].to_string().contains("keeping the 1 objects"),
+            "{}",
+            r.errors[0]
+        );
         assert!(refresh(&mut s).errors.is_empty(), "reported once");
         assert_eq!(names(&s), ["web"]);
         // A followed file that disappears: the same.
@@ -1126,7 +1301,10 @@ mod tests {
         d.write("a.yaml", SVC);
         std::os::unix::fs::symlink(d.0.join("a.yaml"), d.0.join("link.yaml")).expect("symlink");
         let fifo = d.0.join("pipe.yaml");
-        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
         assert!(made.success(), "mkfifo");
         let mut s = Sources::new(&[&d.0]);
         let r = refresh(&mut s);
@@ -1135,12 +1313,18 @@ mod tests {
         // The symlinked copy is a duplicate of a.yaml: the last in sort order wins.
         let (_, ignored) = s.objects();
         assert_eq!(ignored.len(), 1, "{ignored:?}");
-        assert!(ignored[0].reason.contains("link.yaml, which wins"), "{}", ignored[0]);
+        assert!(
+            ignored[0].reason.contains("link.yaml, which wins"),
+            "{}",
+            ignored[0]
+        );
         // The symlink's target goes: link.yaml keeps its objects, reported.
         std::fs::rename(d.0.join("a.yaml"), d.0.join("a.yml.bak")).expect("rename");
         let r = refresh(&mut s);
         assert!(
-            r.errors.iter().any(|e| e.to_string().contains("link.yaml: a symlink to a missing file; keeping the 1 objects")),
+            r.errors.iter().any(|e| e
+                .to_string()
+                .contains("link.yaml: a symlink to a missing file; keeping the 1 objects")),
             "{:?}",
             r.errors
         );
@@ -1173,7 +1357,9 @@ mod tests {
     fn issue_10_ignored_objects_are_reported_once_each() {
         let d = Dir::new("ignored");
         let slice = |name: &str, svc: &str, family: &str, ip: &str| {
-            format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: t\n  labels:\n    kubernetes.io/service-name: {svc}\naddressType: {family}\nendpoints:\n- addresses: [\"{ip}\"]\n")
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: t\n  labels:\n    kubernetes.io/service-name: {svc}\naddressType: {family}\nendpoints:\n- addresses: [\"{ip}\"]\n"
+            )
         };
         d.write(
             "a.yaml",
@@ -1194,10 +1380,43 @@ mod tests {
         let text: Vec<String> = reported.iter().map(|i| i.to_string()).collect();
         assert_eq!(text.len(), 4, "{text:#?}");
         let has = |s: &str| text.iter().any(|t| t.contains(s));
-        assert!(has("Pod t/p: ignored: lb-proxy does not use Pod objects"), "{text:#?}");
+        assert!(
+            has("Pod t/p: ignored: lb-proxy does not use Pod objects"),
+            "{text:#?}"
+        );
         assert!(has("Service t/web: ignored: also defined in"), "{text:#?}");
-        assert!(has("EndpointSlice t/web-v6: ignored: addressType IPv6 but Service t/web has no IPv6 cluster IP"), "{text:#?}");
-        assert!(has("EndpointSlice t/gone-1: ignored: its Service t/gone is not in the manifests"), "{text:#?}");
+        assert!(
+            has(
+                "EndpointSlice t/web-v6: ignored: addressType IPv6 but Service t/web has no IPv6 cluster IP"
+            ),
+            "{text:#?}"
+        );
+        assert!(
+            has("EndpointSlice t/gone-1: ignored: its Service t/gone is not in the manifests"),
+            "{text:#?}"
+        );
         assert!(s.newly_ignored(ignored).is_empty(), "once");
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    #[test]
+    fn a_big_stream_is_cut_only_at_document_markers_and_reads_the_same() {
+        let doc = "kind: Service\nmetadata:\n  name: x\ntext: |\n  ---not a marker\n  --- neither, indented\n";
+        let mut text = String::new();
+        while text.len() < 3 << 20 {
+            text.push_str("---\n");
+            text.push_str(doc);
+        }
+        let pieces = split_stream(&text, 3);
+        assert_eq!(pieces.len(), 3);
+        assert_eq!(pieces.concat(), text);
+        assert!(pieces.iter().all(|p| p.starts_with("---\n")));
+        let whole = parse_yaml_chunk(&text).expect("YAML");
+        assert_eq!(parse_yaml(&text).expect("YAML"), whole);
+        assert_eq!(split_stream(&format!("%YAML 1.2\n{text}"), 3).len(), 1);
     }
 }

@@ -51,7 +51,11 @@ fn read(name: &str, text: &str) -> Objects {
     let mut errors = Vec::new();
     o.add_text(name, text, &mut errors);
     let took = started.elapsed();
-    assert!(errors.is_empty(), "{name}: {:?}", &errors[..errors.len().min(3)]);
+    assert!(
+        errors.is_empty(),
+        "{name}: {:?}",
+        &errors[..errors.len().min(3)]
+    );
     eprintln!(
         "{name}: {:.1} MB in {took:.2?}: {:.0} MB/s",
         text.len() as f64 / 1e6,
@@ -61,7 +65,11 @@ fn read(name: &str, text: &str) -> Objects {
 }
 
 fn count() -> usize {
-    if cfg!(debug_assertions) { 5_000 } else { 50_000 }
+    if cfg!(debug_assertions) {
+        5_000
+    } else {
+        50_000
+    }
 }
 
 #[test]

@@ -177,9 +177,13 @@ fn issue_10_churn_soak_fails_no_connection_and_reaches_no_removed_endpoint() {
     );
     assert!(changes.len() > 8, "enough churn");
     assert!(
-        by_backend.get("b2").is_some_and(|n| *n > 0) && by_backend.get("b3").is_some_and(|n| *n > 0),
+        by_backend.get("b2").is_some_and(|n| *n > 0)
+            && by_backend.get("b3").is_some_and(|n| *n > 0),
         "churned endpoints served while present: {by_backend:?}"
     );
     assert!(failed.is_empty(), "failed connections: {failed:?}");
-    assert!(misrouted.is_empty(), "connections to removed endpoints: {misrouted:?}");
+    assert!(
+        misrouted.is_empty(),
+        "connections to removed endpoints: {misrouted:?}"
+    );
 }

@@ -95,17 +95,25 @@ fn issue_10_a_file_that_cannot_be_read_or_parsed_keeps_serving_its_services() {
         (
             "a malformed document appended",
             Box::new(|p: &Path| {
-                std::fs::write(p, format!("{good}---\nkind: Service\n  bad: [indent\n")).expect("write")
+                std::fs::write(p, format!("{good}---\nkind: Service\n  bad: [indent\n"))
+                    .expect("write")
             }),
         ),
         (
             "an invalid UTF-8 byte appended",
-            Box::new(|p: &Path| std::fs::write(p, [good.as_bytes(), b"\xff\n"].concat()).expect("write")),
+            Box::new(|p: &Path| {
+                std::fs::write(p, [good.as_bytes(), b"\xff\n"].concat()).expect("write")
+            }),
         ),
-        ("a 0-byte truncation", Box::new(|p: &Path| std::fs::write(p, "").expect("write"))),
+        (
+            "a 0-byte truncation",
+            Box::new(|p: &Path| std::fs::write(p, "").expect("write")),
+        ),
         (
             "a dangling symlink",
-            Box::new(|p: &Path| std::os::unix::fs::symlink("/nonexistent/web.yaml", p).expect("symlink")),
+            Box::new(|p: &Path| {
+                std::os::unix::fs::symlink("/nonexistent/web.yaml", p).expect("symlink")
+            }),
         ),
         ("a FIFO", Box::new(|p: &Path| mkfifo(p))),
     ];
@@ -114,14 +122,21 @@ fn issue_10_a_file_that_cannot_be_read_or_parsed_keeps_serving_its_services() {
         wait_for_proxy();
         assert_served(&t, what);
         // The file comes back with a change, which is applied: the loop never froze.
-        replace_with(&t, "web.yaml", |p| std::fs::write(p, web_file(&[(0, "node-a", true)])).expect("write"));
+        replace_with(&t, "web.yaml", |p| {
+            std::fs::write(p, web_file(&[(0, "node-a", true)])).expect("write")
+        });
         t.drain_applied();
         assert!(
-            Topology::eventually(Duration::from_secs(5), || t.spread(&t.client, "10.96.0.10:80", 6, false).keys().all(|b| b == "b0")),
+            Topology::eventually(Duration::from_secs(5), || t
+                .spread(&t.client, "10.96.0.10:80", 6, false)
+                .keys()
+                .all(|b| b == "b0")),
             "after {what}: the restored file is applied"
         );
         replace_with(&t, "web.yaml", |p| std::fs::write(p, &good).expect("write"));
-        assert!(Topology::eventually(Duration::from_secs(5), || t.spread(&t.client, "10.96.0.10:80", 8, false).contains_key("b1")));
+        assert!(Topology::eventually(Duration::from_secs(5), || t
+            .spread(&t.client, "10.96.0.10:80", 8, false)
+            .contains_key("b1")));
     }
     // An object that turns invalid keeps its last good version (both endpoints), while the
     // rest of the file is applied (api loses its only endpoint, so it is rejected).
@@ -134,15 +149,23 @@ fn issue_10_a_file_that_cannot_be_read_or_parsed_keeps_serving_its_services() {
     );
     t.write_manifest("web.yaml", &invalid);
     assert!(
-        Topology::eventually(Duration::from_secs(5), || t.tcp(&t.client, "10.96.0.11:80").is_err()),
+        Topology::eventually(Duration::from_secs(5), || t
+            .tcp(&t.client, "10.96.0.11:80")
+            .is_err()),
         "the valid part of the file is applied"
     );
     let spread = t.spread(&t.client, "10.96.0.10:80", 20, false);
-    assert_eq!(spread.keys().cloned().collect::<Vec<_>>(), ["b0", "b1"], "web's last good slice stays: {spread:?}");
+    assert_eq!(
+        spread.keys().cloned().collect::<Vec<_>>(),
+        ["b0", "b1"],
+        "web's last good slice stays: {spread:?}"
+    );
     // An explicit deletion still removes.
     std::fs::remove_file(t.dir.join("web.yaml")).expect("remove");
     assert!(
-        Topology::eventually(Duration::from_secs(5), || t.tcp(&t.client, "10.96.0.10:80").is_err()),
+        Topology::eventually(Duration::from_secs(5), || t
+            .tcp(&t.client, "10.96.0.10:80")
+            .is_err()),
         "a removed file's Services are gone"
     );
 }
@@ -189,7 +212,9 @@ fn issue_10_a_file_written_in_slow_pieces_is_never_read_half_way() {
     for round in 0..4 {
         // As a shell redirection does: truncate, then write in pieces (the first ends at a
         // document boundary, so a reader would see a valid file without api).
-        let cut = good.find("---\napiVersion: v1\nkind: Service\nmetadata:\n  name: api").expect("api document");
+        let cut = good
+            .find("---\napiVersion: v1\nkind: Service\nmetadata:\n  name: api")
+            .expect("api document");
         let mut f = std::fs::File::create(t.dir.join("web.yaml")).expect("truncate");
         std::thread::sleep(Duration::from_millis(120));
         f.write_all(good[..cut / 2].as_bytes()).expect("piece");
@@ -205,7 +230,12 @@ fn issue_10_a_file_written_in_slow_pieces_is_never_read_half_way() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (ok, failed) = prober.join().expect("prober");
     assert!(ok > 20, "{ok} connections");
-    assert!(failed.is_empty(), "{} of {} connections failed: {failed:?}", failed.len(), ok + failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
 }
 
 #[test]
@@ -216,7 +246,10 @@ fn issue_10_streams_beyond_the_old_parser_budget_are_programmed_whole() {
     // 2,000 documents before web's: more than the old 1,024-document budget.
     let mut big = String::new();
     for i in 0..2000 {
-        big.push_str(&service(&format!("filler-{i}"), &format!("10.97.{}.{}", i / 250, i % 250 + 1)));
+        big.push_str(&service(
+            &format!("filler-{i}"),
+            &format!("10.97.{}.{}", i / 250, i % 250 + 1),
+        ));
         big.push_str("---\n");
     }
     big.push_str(&web_file(BOTH));
@@ -230,7 +263,10 @@ fn issue_10_render_and_run_once_exit_non_zero_on_skipped_inputs_and_never_hang_o
     let t = Topology::up(0);
     t.write_manifest("node.yaml", NODE_YAML);
     t.write_manifest("web.yaml", &web_file(BOTH));
-    t.write_manifest("bad.yaml", &service("bad", "10.96.0.12").replace("port: 80", "port: eighty"));
+    t.write_manifest(
+        "bad.yaml",
+        &service("bad", "10.96.0.12").replace("port: 80", "port: eighty"),
+    );
     let out = lb_proxy(&t, &["render"], &t.dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "render fails on a skipped input");
@@ -244,12 +280,18 @@ fn issue_10_render_and_run_once_exit_non_zero_on_skipped_inputs_and_never_hang_o
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("10.96.0.10"));
     // run --once programs nothing on skipped inputs, the rest with --keep-going.
-    let tables = || lb_e2e::must(Command::new("ip").args(["netns", "exec", &t.node, "nft", "list", "tables"]));
+    let tables = || {
+        lb_e2e::must(Command::new("ip").args(["netns", "exec", &t.node, "nft", "list", "tables"]))
+    };
     let out = lb_proxy(&t, &["run", "--once"], &t.dir);
     assert!(!out.status.success());
     assert!(!tables().contains("lb-proxy"), "nothing programmed");
     let out = lb_proxy(&t, &["run", "--once", "--keep-going"], &t.dir);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(tables().contains("lb-proxy"));
     // A FIFO named *.yaml: reported, never opened, so nothing hangs.
     std::fs::remove_file(t.dir.join("bad.yaml")).expect("rm");
@@ -257,7 +299,10 @@ fn issue_10_render_and_run_once_exit_non_zero_on_skipped_inputs_and_never_hang_o
     let out = lb_proxy(&t, &["render"], &t.dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("pipe.yaml: not a regular file (a FIFO)"), "{err}");
+    assert!(
+        err.contains("pipe.yaml: not a regular file (a FIFO)"),
+        "{err}"
+    );
     // Only unreadable input: never an empty ruleset, even with --keep-going.
     let fifo_only = t.dir.join("only");
     std::fs::create_dir_all(&fifo_only).expect("dir");
@@ -310,7 +355,10 @@ fn issue_10_ignored_and_invalid_inputs_are_logged_once_and_counted_in_metrics() 
     );
     // Another change: the same objects are still ignored, and not counted again. A bad
     // file and an invalid object are counted.
-    t.write_manifest("c.yaml", &service("api", "10.96.0.11").replace("port: 80", "port: eighty"));
+    t.write_manifest(
+        "c.yaml",
+        &service("api", "10.96.0.11").replace("port: 80", "port: eighty"),
+    );
     t.write_manifest("d.yaml", "kind: Service\n  bad: [indent\n");
     wait_for_proxy();
     let m = metrics();
