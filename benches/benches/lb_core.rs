@@ -233,7 +233,7 @@ fn zoned_endpoints(n: usize, hints: bool) -> Vec<Endpoint> {
         .map(|i| {
             let zone = format!("zone-{}", i % 3);
             let mut b = Endpoint::builder(
-                &format!("10.{}.{}.{}", 1 + i / 65536, (i / 256) % 256, i % 256),
+                format!("10.{}.{}.{}", 1 + i / 65536, (i / 256) % 256, i % 256),
                 8080,
             )
             .node_name(&format!("node-{}", i % 50))

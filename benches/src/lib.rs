@@ -25,7 +25,7 @@ pub fn service_entry(i: u32, endpoints: u32, generation: u32) -> ServiceEntry {
                 Ipv4Addr::new(10, 128, 0, 0),
                 i * endpoints + j + generation * 7_000_000,
             );
-            Endpoint::builder(&ip.to_string(), 8080)
+            Endpoint::builder(ip.to_string(), 8080)
                 .node_name(&format!("node-{}", (i + j) % 100))
                 .build()
                 .expect("synthetic endpoint is valid")

@@ -56,7 +56,7 @@ pub use categorize::{
     Categorized, EndpointSet, Exclusion, Topology, TopologyMode, TopologyReason, categorize,
 };
 pub use model::{
-    Conditions, Endpoint, EndpointBuilder, IpFamily, ModelError, Node, Protocol, ServicePort,
-    ServicePortBuilder, ServicePortName, ServiceType, SessionAffinity, TrafficDistribution,
-    TrafficPolicy,
+    Conditions, Endpoint, EndpointBuilder, IpFamily, IpInput, ModelError, Node, Protocol,
+    ServicePort, ServicePortBuilder, ServicePortName, ServiceType, SessionAffinity,
+    TrafficDistribution, TrafficPolicy,
 };

@@ -27,6 +27,35 @@
 //! keeps disruption on a change close to the ideal `1 / N`. Use [`DEFAULT_TABLE_SIZE`]
 //! (65,537, 256 KiB) for up to a few hundred backends and [`LARGE_TABLE_SIZE`] (655,373,
 //! 2.5 MiB) for thousands.
+//!
+//! # Weights
+//!
+//! [`Maglev::weighted`] takes a weight per backend: in each round of population a backend gains
+//! `weight` credit and claims one slot per `max_weight` of credit, so its share of the table is
+//! `weight / Σ weight` (to within `max_weight / mean_weight + 1` slots). With equal weights
+//! every backend claims one slot per round and the table is exactly the one [`Maglev::new`]
+//! builds.
+//!
+//! # The disruption bound, and [`Maglev::successor`]
+//!
+//! A table built from scratch is a pure function of the backend set, so every process agrees
+//! on it, but plain Maglev's disruption is only *about* ideal: on top of the slots of the
+//! backend that changed, measured rebuilds move a mean 0.3–0.9 % of the table for N ≤ 300 at
+//! M = 65,537, with a heavy tail (5 % has been seen at N = 3). To *guarantee* a bound, rebuild
+//! with [`Maglev::successor`], which takes the previous table into account:
+//!
+//! > After one endpoint change (one backend added, removed, or re-weighted), at most
+//! > `1 % of M + ⌈share · M⌉` slots change backend, where `share` is the larger of the changed
+//! > backend's old and new share of the table — `1 % + 1/N` with equal weights.
+//!
+//! `successor` returns the canonical table for the new backend set (the one
+//! [`Maglev::weighted`] builds) whenever it moves no more than that, which is nearly always, so
+//! independent processes keep agreeing; otherwise it returns a minimal-disruption table derived
+//! from the previous one (every remaining backend keeps its slots up to its new quota, and only
+//! the slots of removed backends and over-quota slots are handed out). A later `successor` that
+//! is within the bound again returns to the canonical table. The bound needs `M ≥ 200 · N`
+//! (rounding costs up to a slot or two per backend); `lb-core/tests/pickers_props.rs` checks it
+//! as a property.
 
 use std::collections::HashMap;
 
@@ -75,6 +104,12 @@ pub enum MaglevError {
         /// Index of the repeated identity.
         second: usize,
     },
+    /// A weight of 0: leave the backend out instead.
+    #[error("backends[{index}].weight: must be at least 1 (leave a drained backend out)")]
+    ZeroWeight {
+        /// Index of the backend.
+        index: usize,
+    },
 }
 
 /// A built Maglev lookup table: `M` slots, each holding the index of the backend that owns it.
@@ -88,7 +123,9 @@ pub struct Maglev {
     slots: Vec<u32>,
     /// `M`, kept even when `slots` is empty so it can be reported.
     table_size: u32,
-    backends: usize,
+    /// Each backend's identity bytes and weight, in the order given; [`Maglev::successor`]
+    /// matches backends across tables by identity.
+    backends: Vec<(Box<[u8]>, u32)>,
 }
 
 impl Maglev {
@@ -123,6 +160,31 @@ impl Maglev {
     /// # Ok::<(), MaglevError>(())
     /// ```
     pub fn new<B: AsRef<[u8]>>(backends: &[B], table_size: u32) -> Result<Self, MaglevError> {
+        let weighted: Vec<(&[u8], u32)> = backends.iter().map(|b| (b.as_ref(), 1)).collect();
+        Self::weighted(&weighted, table_size)
+    }
+
+    /// Builds the table for weighted backends: `(identity, weight)` pairs, each backend owning
+    /// about `weight / Σ weight` of the slots. Equal weights build the same table as
+    /// [`Maglev::new`]. Building costs O(M · max weight / mean weight), so keep weights within a
+    /// few orders of magnitude of each other.
+    ///
+    /// # Errors
+    ///
+    /// As [`Maglev::new`], and [`MaglevError::ZeroWeight`] for a weight of 0.
+    ///
+    /// ```
+    /// use lb_core::maglev::{Maglev, DEFAULT_TABLE_SIZE};
+    ///
+    /// let table = Maglev::weighted(&[("10.0.0.1:80", 3), ("10.0.0.2:80", 1)], DEFAULT_TABLE_SIZE)?;
+    /// let heavy = table.slots().iter().filter(|&&b| b == 0).count();
+    /// assert!(heavy.abs_diff(DEFAULT_TABLE_SIZE as usize * 3 / 4) <= 2);
+    /// # Ok::<(), lb_core::maglev::MaglevError>(())
+    /// ```
+    pub fn weighted<B: AsRef<[u8]>>(
+        backends: &[(B, u32)],
+        table_size: u32,
+    ) -> Result<Self, MaglevError> {
         if !is_prime(table_size) {
             return Err(MaglevError::TableSizeNotPrime { table_size });
         }
@@ -134,7 +196,10 @@ impl Maglev {
             });
         }
         let mut seen: HashMap<&[u8], usize> = HashMap::with_capacity(n);
-        for (second, b) in backends.iter().enumerate() {
+        for (second, (b, w)) in backends.iter().enumerate() {
+            if *w == 0 {
+                return Err(MaglevError::ZeroWeight { index: second });
+            }
             if let Some(&first) = seen.get(b.as_ref()) {
                 return Err(MaglevError::DuplicateBackend { first, second });
             }
@@ -143,8 +208,126 @@ impl Maglev {
         Ok(Maglev {
             slots: populate(backends, table_size),
             table_size,
-            backends: n,
+            backends: backends
+                .iter()
+                .map(|(b, w)| (Box::from(b.as_ref()), *w))
+                .collect(),
         })
+    }
+
+    /// The table for a new backend list, given that this table was serving until now: the
+    /// canonical table ([`Maglev::weighted`]) when it moves no more slots than the documented
+    /// bound (see the [module documentation](self)), otherwise a minimal-disruption table
+    /// derived from this one. Backends are matched across the two lists by identity; the table
+    /// size stays the same.
+    ///
+    /// # Errors
+    ///
+    /// As [`Maglev::weighted`].
+    ///
+    /// ```
+    /// use lb_core::maglev::{Maglev, DEFAULT_TABLE_SIZE};
+    ///
+    /// let names: Vec<String> = (0..10).map(|i| format!("10.0.0.{i}:80")).collect();
+    /// let before = Maglev::weighted(&names.iter().map(|n| (n, 1)).collect::<Vec<_>>(), DEFAULT_TABLE_SIZE)?;
+    /// let after_list: Vec<(&String, u32)> = names[1..].iter().map(|n| (n, 1)).collect();
+    /// let after = before.successor(&after_list)?;
+    /// let moved = before.slots().iter().zip(after.slots())
+    ///     .filter(|&(&b, &a)| names[b as usize] != *after_list[a as usize].0)
+    ///     .count();
+    /// assert!(moved <= DEFAULT_TABLE_SIZE as usize / 100 + DEFAULT_TABLE_SIZE as usize / 10 + 1);
+    /// # Ok::<(), lb_core::maglev::MaglevError>(())
+    /// ```
+    pub fn successor<B: AsRef<[u8]>>(&self, backends: &[(B, u32)]) -> Result<Self, MaglevError> {
+        let canonical = Self::weighted(backends, self.table_size)?;
+        if self.slots.is_empty() || canonical.slots.is_empty() {
+            return Ok(canonical);
+        }
+        // Old backend index → new backend index, by identity.
+        let new_index: HashMap<&[u8], usize> = canonical
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| (&**id, i))
+            .collect();
+        let old_to_new: Vec<Option<u32>> = self
+            .backends
+            .iter()
+            .map(|(id, _)| new_index.get(&**id).map(|&i| i as u32))
+            .collect();
+        let moved = |table: &[u32]| {
+            self.slots
+                .iter()
+                .zip(table)
+                .filter(|&(&old, &new)| old_to_new[old as usize] != Some(new))
+                .count()
+        };
+        if moved(&canonical.slots) <= self.disruption_bound(&canonical) {
+            return Ok(canonical);
+        }
+        let quotas = quotas(&canonical.backends, self.table_size);
+        let mut kept = vec![0u32; quotas.len()];
+        let mut slots = Vec::with_capacity(self.slots.len());
+        let mut free = Vec::new();
+        for (j, &old) in self.slots.iter().enumerate() {
+            match old_to_new[old as usize] {
+                Some(b) if kept[b as usize] < quotas[b as usize] => {
+                    kept[b as usize] += 1;
+                    slots.push(b);
+                }
+                _ => {
+                    slots.push(EMPTY);
+                    free.push(j);
+                }
+            }
+        }
+        let mut free = free.into_iter();
+        for (b, (&quota, &have)) in quotas.iter().zip(&kept).enumerate() {
+            for j in free.by_ref().take((quota - have) as usize) {
+                slots[j] = b as u32;
+            }
+        }
+        Ok(Maglev { slots, ..canonical })
+    }
+
+    /// The most slots one change may move from `self` to `next`: 1 % of M, plus for every
+    /// backend added, removed or re-weighted the larger of its old slot count and its new quota.
+    fn disruption_bound(&self, next: &Maglev) -> usize {
+        let m = self.table_size as usize;
+        let mut old_count = vec![0usize; self.backends.len()];
+        for &b in &self.slots {
+            old_count[b as usize] += 1;
+        }
+        let old: HashMap<&[u8], (u32, usize)> = self
+            .backends
+            .iter()
+            .zip(&old_count)
+            .map(|((id, w), &c)| (&**id, (*w, c)))
+            .collect();
+        let new_quota = quotas(&next.backends, next.table_size);
+        let mut bound = m.div_ceil(100);
+        let mut present = 0usize;
+        for ((id, w), &q) in next.backends.iter().zip(&new_quota) {
+            match old.get(&**id) {
+                Some(&(old_w, c)) => {
+                    present += 1;
+                    if old_w != *w {
+                        bound += c.max(q as usize);
+                    }
+                }
+                None => bound += q as usize,
+            }
+        }
+        if present < self.backends.len() {
+            let next_ids: std::collections::HashSet<&[u8]> =
+                next.backends.iter().map(|(id, _)| &**id).collect();
+            for ((id, _), &c) in self.backends.iter().zip(&old_count) {
+                if !next_ids.contains(&**id) {
+                    bound += c;
+                }
+            }
+        }
+        bound
     }
 
     /// The backend index (into the list given to [`Maglev::new`]) for a flow; `None` when the
@@ -179,14 +362,48 @@ impl Maglev {
     /// N, the number of backends the table was built for.
     #[must_use]
     pub fn backend_count(&self) -> usize {
-        self.backends
+        self.backends.len()
     }
+
+    /// The weight of backend `index` (1 for tables built by [`Maglev::new`]).
+    #[must_use]
+    pub fn weight(&self, index: usize) -> Option<u32> {
+        self.backends.get(index).map(|&(_, w)| w)
+    }
+}
+
+/// Each backend's exact share of `m` slots by weight (largest remainder; ties to the earlier
+/// backend), summing to `m`.
+fn quotas(backends: &[(Box<[u8]>, u32)], m: u32) -> Vec<u32> {
+    let total: u64 = backends.iter().map(|&(_, w)| u64::from(w)).sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    let m = u64::from(m);
+    let mut q: Vec<u32> = Vec::with_capacity(backends.len());
+    let mut rest: Vec<(u64, usize)> = Vec::with_capacity(backends.len());
+    let mut given = 0u64;
+    for (i, &(_, w)) in backends.iter().enumerate() {
+        let exact = m * u64::from(w);
+        // `exact / total ≤ m < 2^32`.
+        q.push((exact / total) as u32);
+        given += exact / total;
+        rest.push((exact % total, i));
+    }
+    rest.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for &(_, i) in rest.iter().take((m - given) as usize) {
+        q[i] += 1;
+    }
+    q
 }
 
 /// The paper's population loop, tuned: a bitset of owned slots (8 KiB for `M` = 65,537, so it
 /// stays in L1) answers "is this slot free?", the table itself is only written `M` times, and
 /// the next preference is `cur + skip` minus `M` when it overflows, with no division per step.
-fn populate<B: AsRef<[u8]>>(backends: &[B], table_size: u32) -> Vec<u32> {
+///
+/// Weights: each round a backend gains `weight` credit and claims one slot per `max_weight` of
+/// credit; with equal weights that is one slot per backend per round, the paper's loop.
+fn populate<B: AsRef<[u8]>>(backends: &[(B, u32)], table_size: u32) -> Vec<u32> {
     let n = backends.len();
     if n == 0 {
         return Vec::new();
@@ -195,7 +412,12 @@ fn populate<B: AsRef<[u8]>>(backends: &[B], table_size: u32) -> Vec<u32> {
     // `offset < M` and `skip ∈ 1..M`, so `cur + skip < 2M < 2^33`: no u64 overflow.
     let mut cur: Vec<u64> = Vec::with_capacity(n);
     let mut skip: Vec<u64> = Vec::with_capacity(n);
-    for b in backends {
+    let weight: Vec<u64> = backends.iter().map(|&(_, w)| u64::from(w)).collect();
+    let max_weight = weight.iter().copied().max().unwrap_or(1);
+    // Equal weights: every backend claims a slot every round, no credit to keep.
+    let uniform = weight.iter().all(|&w| w == max_weight);
+    let mut credit = vec![0u64; n];
+    for (b, _) in backends {
         let bytes = b.as_ref();
         cur.push(xxh3_64_with_seed(bytes, OFFSET_SEED) % m);
         // M is prime, so M ≥ 2 and M − 1 ≥ 1.
@@ -206,11 +428,19 @@ fn populate<B: AsRef<[u8]>>(backends: &[B], table_size: u32) -> Vec<u32> {
     let mut slots = vec![EMPTY; len];
     let mut owned = vec![0u64; len.div_ceil(64)];
     let mut filled = 0usize;
-    // Each round gives every backend exactly one more slot, until the table is full. A
-    // backend's preferences are a permutation of all M slots and fewer than M are owned when it
-    // takes its turn, so its inner loop always finds a free slot.
+    // Each round gives every backend of the largest weight exactly one more slot (lighter ones
+    // proportionally fewer), until the table is full. A backend's preferences are a permutation
+    // of all M slots and fewer than M are owned when it takes its turn, so its inner loop always
+    // finds a free slot.
     'rounds: loop {
         for i in 0..n {
+            if !uniform {
+                credit[i] += weight[i];
+                if credit[i] < max_weight {
+                    continue;
+                }
+                credit[i] -= max_weight;
+            }
             let mut c = cur[i];
             loop {
                 let word = (c / 64) as usize;
@@ -405,6 +635,106 @@ mod tests {
                 "n={n} m={m}"
             );
         }
+    }
+
+    #[test]
+    fn equal_weights_build_exactly_the_unweighted_table() {
+        let names = names(40);
+        let weighted: Vec<(&String, u32)> = names.iter().map(|n| (n, 7)).collect();
+        let a = Maglev::new(&names, 251).expect("valid");
+        let b = Maglev::weighted(&weighted, 251).expect("valid");
+        assert_eq!(a.slots(), b.slots());
+        assert_eq!(
+            Maglev::new(&["a", "b", "c"], 13).expect("valid").slots(),
+            GOLDEN_ABC_13
+        );
+    }
+
+    #[test]
+    fn a_zero_weight_is_rejected_naming_the_backend() {
+        let err = Maglev::weighted(&[("a", 1), ("b", 0)], 13).expect_err("zero weight");
+        assert_eq!(err, MaglevError::ZeroWeight { index: 1 });
+        assert!(err.to_string().starts_with("backends[1].weight"));
+    }
+
+    #[test]
+    fn quotas_split_the_table_by_weight_and_sum_to_its_size() {
+        let b = |w: &[u32]| -> Vec<(Box<[u8]>, u32)> {
+            w.iter().map(|&w| (Box::from(&b"x"[..]), w)).collect()
+        };
+        assert_eq!(quotas(&b(&[1, 1, 1]), 13), [5, 4, 4]);
+        assert_eq!(quotas(&b(&[3, 1]), 13), [10, 3]);
+        assert_eq!(
+            quotas(&b(&[1, 2, 3, 4]), 65_537).iter().sum::<u32>(),
+            65_537
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the previous table (here an arbitrary balanced assignment, far from any
+        /// canonical table, so the fallback runs every time), one removal moves exactly the
+        /// removed backend's slots and leaves the others balanced.
+        #[test]
+        fn successor_from_any_previous_table_moves_only_the_removed_backends_slots(
+            n in 2usize..=12,
+            stride in 1u32..=1008,
+            removed in 0usize..12,
+        ) {
+            let removed = removed % n;
+            let names = names(n);
+            let m = 1009u32;
+            let previous = Maglev {
+                slots: (0..m).map(|j| (j * stride % m) % n as u32).collect(),
+                table_size: m,
+                backends: names.iter().map(|x| (Box::from(x.as_bytes()), 1)).collect(),
+            };
+            let rest: Vec<(&String, u32)> =
+                names.iter().enumerate().filter(|&(i, _)| i != removed).map(|(_, x)| (x, 1)).collect();
+            let next = previous.successor(&rest).expect("valid");
+            let removed_slots = previous.slots().iter().filter(|&&b| b as usize == removed).count();
+            let moved = previous
+                .slots()
+                .iter()
+                .zip(next.slots())
+                .filter(|&(&b, &a)| names[b as usize] != *rest[a as usize].0)
+                .count();
+            // The removed backend's slots, plus at most one per survivor for rounding.
+            proptest::prop_assert!(moved >= removed_slots);
+            proptest::prop_assert!(moved <= removed_slots + n, "moved {moved}, removed owned {removed_slots}");
+            let c = counts(&next);
+            let (lo, hi) = (m as usize / (n - 1), (m as usize).div_ceil(n - 1));
+            proptest::prop_assert!(c.iter().all(|&c| c == lo || c == hi), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn successor_falls_back_to_minimal_disruption_when_the_canonical_table_moves_too_much() {
+        // A previous table unlike any canonical one: five backends in contiguous blocks.
+        let names = names(5);
+        let m = 1009u32;
+        let block = m.div_ceil(5);
+        let previous = Maglev {
+            slots: (0..m).map(|j| j / block).collect(),
+            table_size: m,
+            backends: names.iter().map(|n| (Box::from(n.as_bytes()), 1)).collect(),
+        };
+        let rest: Vec<(&String, u32)> = names[1..].iter().map(|n| (n, 1)).collect();
+        let next = previous.successor(&rest).expect("valid");
+        let canonical = Maglev::weighted(&rest, m).expect("valid");
+        assert_ne!(next, canonical);
+        // Exactly the removed backend's slots moved, and the new table is balanced.
+        let moved = previous
+            .slots()
+            .iter()
+            .zip(next.slots())
+            .filter(|&(&b, &a)| names[b as usize] != *rest[a as usize].0)
+            .count();
+        assert_eq!(moved, block as usize);
+        let c = counts(&next);
+        assert!(c.iter().all(|&c| c == 252 || c == 253), "{c:?}");
+        // Within the bound again, the next successor returns to the canonical table.
+        let again = canonical.successor(&rest).expect("valid");
+        assert_eq!(again, canonical);
     }
 
     #[test]

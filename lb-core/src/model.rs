@@ -8,13 +8,16 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU16;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
+
+#[cfg(feature = "serde")]
+mod wire;
 
 /// A value was rejected while building a model object.
 ///
@@ -41,14 +44,71 @@ impl ModelError {
     }
 }
 
+/// An IP address as the builders accept it: already parsed ([`IpAddr`], [`Ipv4Addr`],
+/// [`Ipv6Addr`]) or as text (`&str`, `String`, as the Kubernetes API spells it). Text is
+/// parsed, and every address checked, by `build`, which names the field of a bad one.
+pub trait IpInput {
+    /// The address, or the text that is not one (reported by `build`).
+    fn into_ip(self) -> Result<IpAddr, String>;
+}
+
+impl IpInput for IpAddr {
+    fn into_ip(self) -> Result<IpAddr, String> {
+        Ok(self)
+    }
+}
+impl IpInput for &IpAddr {
+    fn into_ip(self) -> Result<IpAddr, String> {
+        Ok(*self)
+    }
+}
+impl IpInput for Ipv4Addr {
+    fn into_ip(self) -> Result<IpAddr, String> {
+        Ok(IpAddr::V4(self))
+    }
+}
+impl IpInput for Ipv6Addr {
+    fn into_ip(self) -> Result<IpAddr, String> {
+        Ok(IpAddr::V6(self))
+    }
+}
+impl IpInput for &str {
+    fn into_ip(self) -> Result<IpAddr, String> {
+        self.parse().map_err(|_| self.to_string())
+    }
+}
+impl IpInput for &&str {
+    fn into_ip(self) -> Result<IpAddr, String> {
+        (*self).into_ip()
+    }
+}
+impl IpInput for String {
+    fn into_ip(self) -> Result<IpAddr, String> {
+        self.as_str().into_ip()
+    }
+}
+impl IpInput for &String {
+    fn into_ip(self) -> Result<IpAddr, String> {
+        self.as_str().into_ip()
+    }
+}
+
+fn ips<I: IntoIterator<Item = A>, A: IpInput>(items: I) -> Vec<Result<IpAddr, String>> {
+    items.into_iter().map(IpInput::into_ip).collect()
+}
+
 /// Transport protocol of a service port (Kubernetes `protocol`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Protocol {
     /// `TCP` (the Kubernetes default).
+    #[cfg_attr(feature = "serde", serde(rename = "TCP"))]
     Tcp,
     /// `UDP`.
+    #[cfg_attr(feature = "serde", serde(rename = "UDP"))]
     Udp,
     /// `SCTP`.
+    #[cfg_attr(feature = "serde", serde(rename = "SCTP"))]
     Sctp,
 }
 
@@ -94,10 +154,13 @@ impl FromStr for Protocol {
 
 /// IP family of an address or service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum IpFamily {
     /// IPv4.
+    #[cfg_attr(feature = "serde", serde(rename = "IPv4"))]
     V4,
     /// IPv6.
+    #[cfg_attr(feature = "serde", serde(rename = "IPv6"))]
     V6,
 }
 
@@ -133,9 +196,11 @@ impl FromStr for IpFamily {
 
 /// Service `type`. `ExternalName` services have no proxy behaviour and are not representable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum ServiceType {
     /// `ClusterIP` (the default).
     #[default]
+    #[cfg_attr(feature = "serde", serde(rename = "ClusterIP"))]
     ClusterIp,
     /// `NodePort`.
     NodePort,
@@ -158,6 +223,7 @@ impl FromStr for ServiceType {
 
 /// `externalTrafficPolicy` / `internalTrafficPolicy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum TrafficPolicy {
     /// Any ready endpoint in the cluster may serve (the default).
     #[default]
@@ -186,6 +252,11 @@ pub const MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86_400;
 
 /// `sessionAffinity` with its `sessionAffinityConfig`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(into = "wire::AffinityRepr", try_from = "wire::AffinityRepr")
+)]
 pub enum SessionAffinity {
     /// No affinity: every new connection picks independently.
     #[default]
@@ -229,6 +300,11 @@ impl SessionAffinity {
 /// endpoint hints, and categorisation follows the hints. It is carried so that `explain` can show
 /// it next to the hints it produced.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(into = "String", from = "String")
+)]
 pub enum TrafficDistribution {
     /// `PreferSameZone`, or its older alias `PreferClose`.
     PreferSameZone,
@@ -237,6 +313,32 @@ pub enum TrafficDistribution {
     /// A value this version does not know; kept verbatim and otherwise ignored, as the API says
     /// unknown values are.
     Other(String),
+}
+
+impl TrafficDistribution {
+    /// The API spelling (`PreferSameZone`, `PreferSameNode`, or an unknown value verbatim).
+    pub fn as_str(&self) -> &str {
+        match self {
+            TrafficDistribution::PreferSameZone => "PreferSameZone",
+            TrafficDistribution::PreferSameNode => "PreferSameNode",
+            TrafficDistribution::Other(s) => s,
+        }
+    }
+}
+
+impl From<String> for TrafficDistribution {
+    fn from(s: String) -> Self {
+        match s.parse() {
+            Ok(d) => d,
+            Err(never) => match never {},
+        }
+    }
+}
+
+impl From<TrafficDistribution> for String {
+    fn from(d: TrafficDistribution) -> Self {
+        d.as_str().to_string()
+    }
 }
 
 impl FromStr for TrafficDistribution {
@@ -253,6 +355,8 @@ impl FromStr for TrafficDistribution {
 /// Identity of one port of one Service: `namespace/name:portName` plus the protocol, the key
 /// kube-proxy uses (`ServicePortName`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "camelCase"))]
 pub struct ServicePortName {
     /// Service namespace.
     pub namespace: Arc<str>,
@@ -292,6 +396,11 @@ impl fmt::Display for ServicePortName {
 
 /// One validated Service port with everything that decides how traffic to it is handled.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(into = "wire::ServicePortRepr", try_from = "wire::ServicePortRepr")
+)]
 pub struct ServicePort {
     name: ServicePortName,
     port: NonZeroU16,
@@ -311,16 +420,18 @@ pub struct ServicePort {
 
 impl ServicePort {
     /// Starts a builder for port `port` (`spec.ports[].port`) of Service `namespace/name`.
+    ///
+    /// `port` is any integer (`u16`, or the API's `i32`); `build` checks its range.
     pub fn builder(
         namespace: &str,
         name: &str,
         port_name: &str,
         protocol: Protocol,
-        port: i64,
+        port: impl Into<i64>,
     ) -> ServicePortBuilder {
         ServicePortBuilder {
             name: ServicePortName::new(namespace, name, port_name, protocol),
-            port,
+            port: port.into(),
             node_port: 0,
             cluster_ips: Vec::new(),
             external_ips: Vec::new(),
@@ -450,9 +561,9 @@ pub struct ServicePortBuilder {
     name: ServicePortName,
     port: i64,
     node_port: i64,
-    cluster_ips: Vec<String>,
-    external_ips: Vec<String>,
-    load_balancer_ips: Vec<String>,
+    cluster_ips: Vec<Result<IpAddr, String>>,
+    external_ips: Vec<Result<IpAddr, String>>,
+    load_balancer_ips: Vec<Result<IpAddr, String>>,
     load_balancer_source_ranges: Vec<String>,
     ip_families: Vec<String>,
     service_type: ServiceType,
@@ -480,23 +591,26 @@ where
 
 impl ServicePortBuilder {
     /// `spec.ports[].nodePort`; 0 means none.
-    pub fn node_port(mut self, node_port: i64) -> Self {
-        self.node_port = node_port;
+    pub fn node_port(mut self, node_port: impl Into<i64>) -> Self {
+        self.node_port = node_port.into();
         self
     }
     /// `spec.clusterIPs`.
-    pub fn cluster_ips<I: IntoIterator<Item = S>, S: AsRef<str>>(mut self, ips: I) -> Self {
-        self.cluster_ips = strings(ips);
+    pub fn cluster_ips<I: IntoIterator<Item = A>, A: IpInput>(mut self, addresses: I) -> Self {
+        self.cluster_ips = ips(addresses);
         self
     }
     /// `spec.externalIPs`.
-    pub fn external_ips<I: IntoIterator<Item = S>, S: AsRef<str>>(mut self, ips: I) -> Self {
-        self.external_ips = strings(ips);
+    pub fn external_ips<I: IntoIterator<Item = A>, A: IpInput>(mut self, addresses: I) -> Self {
+        self.external_ips = ips(addresses);
         self
     }
     /// VIP-mode `status.loadBalancer.ingress[].ip`.
-    pub fn load_balancer_ips<I: IntoIterator<Item = S>, S: AsRef<str>>(mut self, ips: I) -> Self {
-        self.load_balancer_ips = strings(ips);
+    pub fn load_balancer_ips<I: IntoIterator<Item = A>, A: IpInput>(
+        mut self,
+        addresses: I,
+    ) -> Self {
+        self.load_balancer_ips = ips(addresses);
         self
     }
     /// `spec.loadBalancerSourceRanges` (CIDRs; surrounding whitespace is ignored, as upstream).
@@ -528,8 +642,8 @@ impl ServicePortBuilder {
         self
     }
     /// `spec.healthCheckNodePort`; 0 means none.
-    pub fn health_check_node_port(mut self, port: i64) -> Self {
-        self.health_check_node_port = port;
+    pub fn health_check_node_port(mut self, port: impl Into<i64>) -> Self {
+        self.health_check_node_port = port.into();
         self
     }
     /// `spec.sessionAffinity` (see [`SessionAffinity::client_ip`] to validate a timeout).
@@ -663,12 +777,12 @@ fn optional_port(raw: i64) -> Result<Option<NonZeroU16>, String> {
     }
 }
 
-fn parse_ips(raw: &[String], field: &str) -> Result<Vec<IpAddr>, (String, String)> {
+fn parse_ips(raw: &[Result<IpAddr, String>], field: &str) -> Result<Vec<IpAddr>, (String, String)> {
     let mut out = Vec::with_capacity(raw.len());
     for (i, s) in raw.iter().enumerate() {
         let ip: IpAddr = s
-            .parse()
-            .map_err(|_| (format!("{field}[{i}]"), format!("invalid IP address {s:?}")))?;
+            .clone()
+            .map_err(|s| (format!("{field}[{i}]"), format!("invalid IP address {s:?}")))?;
         if ip.is_unspecified() || ip.is_multicast() {
             return Err((
                 format!("{field}[{i}]"),
@@ -684,6 +798,7 @@ fn parse_ips(raw: &[String], field: &str) -> Result<Vec<IpAddr>, (String, String
 
 /// The state of an endpoint, from its EndpointSlice `conditions`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Conditions {
     /// `ready`: the endpoint may receive new traffic.
     pub ready: bool,
@@ -737,6 +852,11 @@ impl Conditions {
 
 /// One backend of a service port: an address, port, conditions, location and hints.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(into = "wire::EndpointRepr", try_from = "wire::EndpointRepr")
+)]
 pub struct Endpoint {
     addr: SocketAddr,
     conditions: Conditions,
@@ -748,10 +868,23 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Starts a builder for endpoint `ip`:`port` with ready conditions.
-    pub fn builder(ip: &str, port: i64) -> EndpointBuilder {
+    ///
+    /// `ip` is an [`IpAddr`] or its text; `port` any integer (`u16`, or the API's `i32`).
+    /// `build` validates both:
+    ///
+    /// ```
+    /// use std::net::{IpAddr, Ipv4Addr};
+    /// use lb_core::Endpoint;
+    ///
+    /// let typed = Endpoint::builder(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 8080_u16).build()?;
+    /// let text = Endpoint::builder("10.0.0.1", 8080).build()?;
+    /// assert_eq!(typed, text);
+    /// # Ok::<(), lb_core::ModelError>(())
+    /// ```
+    pub fn builder(ip: impl IpInput, port: impl Into<i64>) -> EndpointBuilder {
         EndpointBuilder {
-            ip: ip.to_string(),
-            port,
+            ip: ip.into_ip(),
+            port: port.into(),
             conditions: Conditions::READY,
             node_name: None,
             zone: None,
@@ -834,7 +967,7 @@ impl fmt::Display for Endpoint {
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct EndpointBuilder {
-    ip: String,
+    ip: Result<IpAddr, String>,
     port: i64,
     conditions: Conditions,
     node_name: Option<String>,
@@ -887,13 +1020,12 @@ impl EndpointBuilder {
 
     /// Validates every field.
     pub fn build(self) -> Result<Endpoint, ModelError> {
-        let obj = format!("endpoint {}:{}", self.ip, self.port);
-        let ip: IpAddr = self.ip.parse().map_err(|_| {
-            ModelError::new(
-                &obj,
-                "addresses[0]",
-                format!("invalid IP address {:?}", self.ip),
-            )
+        let obj = match &self.ip {
+            Ok(ip) => format!("endpoint {ip}:{}", self.port),
+            Err(text) => format!("endpoint {text}:{}", self.port),
+        };
+        let ip: IpAddr = self.ip.map_err(|text| {
+            ModelError::new(&obj, "addresses[0]", format!("invalid IP address {text:?}"))
         })?;
         if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
             return Err(ModelError::new(
@@ -903,14 +1035,9 @@ impl EndpointBuilder {
             ));
         }
         let port = port_value(self.port).map_err(|r| ModelError::new(&obj, "port", r))?;
-        if self.conditions.ready && !self.conditions.serving {
-            // The API defines serving as "ready, ignoring terminating": ready implies serving.
-            return Err(ModelError::new(
-                &obj,
-                "conditions.serving",
-                "is false while conditions.ready is true; a ready endpoint is serving by definition",
-            ));
-        }
+        // `ready: true` with `serving: false` is accepted as kube-proxy accepts it
+        // (`pkg/proxy/endpointslicecache.go` reads each condition on its own): the endpoint is
+        // ready, so it is used; `serving` only matters for terminating endpoints.
         let non_empty = |field: &str, v: Option<String>| match v {
             Some(s) if s.is_empty() => Err(ModelError::new(&obj, field, "must not be empty")),
             other => Ok(other.map(Arc::from)),
@@ -944,9 +1071,15 @@ impl EndpointBuilder {
 
 /// The node the decisions are made for: its name and its `topology.kubernetes.io/zone` label.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(into = "wire::NodeRepr", try_from = "wire::NodeRepr")
+)]
 pub struct Node {
     name: Arc<str>,
     zone: Option<Arc<str>>,
+    addresses: Box<[IpAddr]>,
 }
 
 impl Node {
@@ -962,7 +1095,24 @@ impl Node {
         Ok(Self {
             name: name.into(),
             zone: zone.filter(|z| !z.is_empty()).map(Arc::from),
+            addresses: Box::default(),
         })
+    }
+    /// The same node with its primary addresses: at most one per family, the first of each
+    /// family wins (kube-proxy's node IPs, from the Node's `status.addresses`).
+    pub fn with_addresses(mut self, addresses: impl IntoIterator<Item = IpAddr>) -> Self {
+        let mut primary: Vec<IpAddr> = Vec::new();
+        for ip in addresses {
+            if !primary.iter().any(|p| p.is_ipv4() == ip.is_ipv4()) {
+                primary.push(ip);
+            }
+        }
+        self.addresses = primary.into();
+        self
+    }
+    /// The node's primary addresses, at most one per family (empty when unknown).
+    pub fn addresses(&self) -> &[IpAddr] {
+        &self.addresses
     }
     /// `metadata.name`.
     pub fn name(&self) -> &str {

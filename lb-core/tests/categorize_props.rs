@@ -28,7 +28,7 @@ fn endpoint(i: usize) -> impl Strategy<Value = Endpoint> {
         proptest::sample::subsequence(NODES.to_vec(), 0..=1),
     )
         .prop_map(move |(c, node, zones, nodes)| {
-            let mut b = Endpoint::builder(&format!("10.0.{}.{}", i / 250, i % 250 + 1), 8080)
+            let mut b = Endpoint::builder(format!("10.0.{}.{}", i / 250, i % 250 + 1), 8080)
                 .conditions(c)
                 .hints_for_zones(zones)
                 .hints_for_nodes(nodes);

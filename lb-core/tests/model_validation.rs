@@ -187,12 +187,16 @@ fn an_endpoint_with_a_bad_address_or_port_is_rejected_naming_the_field() {
 }
 
 #[test]
-fn a_ready_endpoint_that_is_not_serving_is_a_contradiction() {
-    let r = Endpoint::builder("10.0.0.1", 80)
+fn a_ready_endpoint_that_is_not_serving_is_accepted_and_used_as_kube_proxy_does() {
+    // Issue 9, point 4: kube-proxy reads each condition on its own; a ready endpoint is used
+    // whatever `serving` says.
+    let e = Endpoint::builder("10.0.0.1", 80)
         .ready(true)
         .serving(false)
-        .build();
-    assert_eq!(field_of(r), "conditions.serving");
+        .build()
+        .expect("ready with serving false is valid");
+    assert!(e.is_ready());
+    assert!(e.conditions().usable());
 }
 
 #[test]
@@ -243,4 +247,58 @@ fn external_policy_local_counts_only_for_externally_accessible_services() {
     assert!(local(port().service_type(ServiceType::NodePort)));
     assert!(local(port().service_type(ServiceType::LoadBalancer)));
     assert!(local(port().external_ips(["192.0.2.1"])));
+}
+
+#[test]
+fn builders_accept_typed_addresses_and_ports_and_build_the_same_value_as_from_text() {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let typed = ServicePort::builder("ns", "web", "http", Protocol::Tcp, 80_u16)
+        .cluster_ips([
+            IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)),
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
+        ])
+        .external_ips([Ipv4Addr::new(192, 0, 2, 1)])
+        .node_port(30080_u16)
+        .build()
+        .expect("valid");
+    let text = ServicePort::builder("ns", "web", "http", Protocol::Tcp, 80)
+        .cluster_ips(["10.96.0.1", "fd00::1"])
+        .external_ips(["192.0.2.1"])
+        .node_port(30080)
+        .build()
+        .expect("valid");
+    assert_eq!(typed, text);
+    let typed = Endpoint::builder(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 1, 5), 8080_u16)
+        .build()
+        .expect("valid");
+    assert_eq!(typed.addr().to_string(), "[fd00::1:5]:8080");
+}
+
+#[test]
+fn a_typed_address_is_still_validated_naming_the_field() {
+    use std::net::{IpAddr, Ipv4Addr};
+    let err = ServicePort::builder("ns", "web", "http", Protocol::Tcp, 80_u16)
+        .cluster_ips([IpAddr::V4(Ipv4Addr::UNSPECIFIED)])
+        .build()
+        .expect_err("0.0.0.0");
+    assert_eq!(err.field, "clusterIPs[0]");
+    let err = Endpoint::builder(Ipv4Addr::LOCALHOST, 80_u16)
+        .build()
+        .expect_err("loopback");
+    assert_eq!(err.field, "addresses[0]");
+    assert_eq!(
+        err.to_string(),
+        "endpoint 127.0.0.1:80: field addresses[0]: 127.0.0.1 cannot be an endpoint address"
+    );
+}
+
+#[test]
+fn a_node_keeps_its_first_address_of_each_family_as_its_primary_addresses() {
+    let n = lb_core::Node::new("n1", None)
+        .expect("valid node")
+        .with_addresses(
+            ["10.0.0.1", "fd00::1", "10.0.0.2", "fd00::2"].map(|a| a.parse().expect("address")),
+        );
+    let got: Vec<String> = n.addresses().iter().map(|a| a.to_string()).collect();
+    assert_eq!(got, ["10.0.0.1", "fd00::1"]);
 }

@@ -381,3 +381,167 @@ fn maglev_removal_disturbs_other_backends_little_on_average() {
     let mean = collateral_sum / f64::from(trials);
     assert!(mean <= 0.01, "mean collateral movement {mean:.4}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Weighted Maglev and the disruption bound of `Maglev::successor`
+// ---------------------------------------------------------------------------------------------
+
+/// One endpoint change.
+#[derive(Debug, Clone)]
+enum Change {
+    Add { weight: u32 },
+    Remove(prop::sample::Index),
+    Reweight(prop::sample::Index, u32),
+}
+
+fn change(max_weight: u32) -> impl Strategy<Value = Change> {
+    prop_oneof![
+        (1..=max_weight).prop_map(|weight| Change::Add { weight }),
+        any::<prop::sample::Index>().prop_map(Change::Remove),
+        (any::<prop::sample::Index>(), 1..=max_weight).prop_map(|(i, w)| Change::Reweight(i, w)),
+    ]
+}
+
+/// Slots whose backend (by identity) differs between two tables.
+fn moved_slots(
+    before: &Maglev,
+    old: &[(String, u32)],
+    after: &Maglev,
+    new: &[(String, u32)],
+) -> usize {
+    before
+        .slots()
+        .iter()
+        .zip(after.slots())
+        .filter(|&(&b, &a)| old[b as usize].0 != new[a as usize].0)
+        .count()
+}
+
+/// Applies `change` to `old`; returns the new list and the changed backend's larger share.
+fn apply(old: &[(String, u32)], change: &Change) -> (Vec<(String, u32)>, f64) {
+    let total = |l: &[(String, u32)]| l.iter().map(|&(_, w)| f64::from(w)).sum::<f64>();
+    let mut new = old.to_vec();
+    let share = match *change {
+        Change::Add { weight } => {
+            new.push(("added-backend".to_string(), weight));
+            f64::from(weight) / total(&new)
+        }
+        Change::Remove(i) => {
+            let (_, w) = new.remove(i.index(old.len()));
+            f64::from(w) / total(old)
+        }
+        Change::Reweight(i, w) => {
+            let i = i.index(old.len());
+            new[i].1 = w;
+            (f64::from(old[i].1) / total(old)).max(f64::from(w) / total(&new))
+        }
+    };
+    (new, share)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn weighted_maglev_shares_follow_the_weights(
+        names in backend_names(1..=40),
+        weights in prop::collection::vec(1u32..=8, 40),
+    ) {
+        let list: Vec<(&String, u32)> = names.iter().zip(&weights).map(|(n, &w)| (n, w)).collect();
+        let table = Maglev::weighted(&list, DEFAULT_TABLE_SIZE).expect("valid input");
+        let total: u32 = list.iter().map(|&(_, w)| w).sum();
+        let max = list.iter().map(|&(_, w)| w).max().expect("non-empty");
+        let slack = f64::from(max) * list.len() as f64 / f64::from(total) + 1.0;
+        for (i, &c) in slot_counts(&table).iter().enumerate() {
+            let ideal = f64::from(DEFAULT_TABLE_SIZE) * f64::from(list[i].1) / f64::from(total);
+            prop_assert!((c as f64 - ideal).abs() <= slack, "backend {i}: {c} slots, ideal {ideal:.1}");
+        }
+    }
+
+    /// The documented bound: after one change, at most 1 % of the table plus the changed
+    /// backend's larger share moves — `1 % + 1/N` with equal weights.
+    #[test]
+    fn maglev_successor_moves_at_most_one_percent_plus_the_changed_share(
+        names in backend_names(1..=64),
+        weighted in any::<bool>(),
+        weights in prop::collection::vec(1u32..=4, 64),
+        change in change(4),
+    ) {
+        let old: Vec<(String, u32)> = names
+            .iter()
+            .zip(&weights)
+            .map(|(n, &w)| (n.clone(), if weighted { w } else { 1 }))
+            .collect();
+        let change = match change {
+            Change::Add { .. } | Change::Reweight(..) if !weighted => Change::Add { weight: 1 },
+            Change::Remove(_) if old.len() == 1 => Change::Add { weight: 1 },
+            c => c,
+        };
+        let (new, share) = apply(&old, &change);
+        let m = DEFAULT_TABLE_SIZE as usize;
+        let before = Maglev::weighted(&old, DEFAULT_TABLE_SIZE).expect("valid input");
+        let after = before.successor(&new).expect("valid input");
+        let moved = moved_slots(&before, &old, &after, &new);
+        let bound = m.div_ceil(100) + (share * m as f64).ceil() as usize + 2;
+        prop_assert!(moved <= bound, "{change:?}: moved {moved} of {m}, bound {bound}");
+        if !weighted {
+            let n = old.len() as f64;
+            prop_assert!(moved as f64 / m as f64 <= 0.01 + 1.0 / n + 2.0 / m as f64);
+        }
+        // And a chain of changes keeps the bound at every step.
+        let again = after.successor(&old).expect("valid input");
+        let back = moved_slots(&after, &new, &again, &old);
+        prop_assert!(back <= bound, "undoing {change:?}: moved {back} of {m}, bound {bound}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// A walk of changes, each applied with `successor` to the table the previous step
+    /// produced: the bound holds at every step and the table stays a function of the backends
+    /// (every slot names a current backend, every backend owns about its share).
+    #[test]
+    fn maglev_successor_keeps_the_bound_over_a_walk_of_changes(
+        names in backend_names(2..=24),
+        changes in prop::collection::vec(change(5), 1..=12),
+    ) {
+        let m = DEFAULT_TABLE_SIZE as usize;
+        let mut list: Vec<(String, u32)> = names.into_iter().map(|n| (n, 1)).collect();
+        let mut table = Maglev::weighted(&list, DEFAULT_TABLE_SIZE).expect("valid input");
+        for (step, change) in changes.iter().enumerate() {
+            let change = match change {
+                Change::Remove(_) if list.len() == 1 => Change::Add { weight: 1 },
+                Change::Add { weight } => {
+                    // A fresh identity per step.
+                    let mut l = list.clone();
+                    l.push((format!("added-{step}"), *weight));
+                    let total: u32 = l.iter().map(|&(_, w)| w).sum();
+                    let next = table.successor(&l).expect("valid input");
+                    let moved = moved_slots(&table, &list, &next, &l);
+                    let share = f64::from(*weight) / f64::from(total);
+                    let bound = m.div_ceil(100) + (share * m as f64).ceil() as usize + 2;
+                    prop_assert!(moved <= bound, "step {step} add: moved {moved}, bound {bound}");
+                    list = l;
+                    table = next;
+                    continue;
+                }
+                c => c.clone(),
+            };
+            let (next_list, share) = apply(&list, &change);
+            let next = table.successor(&next_list).expect("valid input");
+            let moved = moved_slots(&table, &list, &next, &next_list);
+            let bound = m.div_ceil(100) + (share * m as f64).ceil() as usize + 2;
+            prop_assert!(moved <= bound, "step {step} {change:?}: moved {moved}, bound {bound}");
+            let total: u32 = next_list.iter().map(|&(_, w)| w).sum();
+            let max = next_list.iter().map(|&(_, w)| w).max().expect("non-empty");
+            let slack = f64::from(max) * next_list.len() as f64 / f64::from(total) + 1.0;
+            for (i, &c) in slot_counts(&next).iter().enumerate() {
+                let ideal = m as f64 * f64::from(next_list[i].1) / f64::from(total);
+                prop_assert!((c as f64 - ideal).abs() <= slack, "step {step}: backend {i} owns {c}, ideal {ideal:.1}");
+            }
+            list = next_list;
+            table = next;
+        }
+    }
+}

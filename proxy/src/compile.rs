@@ -25,10 +25,16 @@
 //!   endpoints but none usable under a Local policy.
 //! * `loadBalancerSourceRanges`: `firewall-check`, before DNAT, drops connections to a
 //!   load-balancer IP whose source is not in `firewall-allow` (`vip . proto . port . cidr`).
-//! * ClientIP affinity: one dynamic map `affinity-T` per timeout `T` in use,
-//!   `saddr . vip . proto . port → endpoint`, consulted before dispatch and refreshed by every
-//!   new connection in `affinity-record` (postrouting, before masquerading). The kernel expires
-//!   entries `T` after the client's last new connection, as kube-proxy's affinity sets do.
+//! * ClientIP affinity: per timeout `T` in use, the dynamic maps `affinity-T`
+//!   (`saddr . vip . proto . port → endpoint`, service addresses) and `affinity-nodeport-T`
+//!   (`saddr . proto . port → endpoint`, node ports on any node address), consulted before
+//!   dispatch and refreshed by every new connection in `affinity-record`, which runs right
+//!   after the nat hooks of prerouting and output (so connections to the node itself are
+//!   recorded too) and only for connections dispatched for a service address or node port with
+//!   affinity. The kernel expires entries `T` after the client's last new connection, as
+//!   kube-proxy's affinity sets do. Unlike kube-proxy, the cluster IP, each external or
+//!   load-balancer IP and the node port of one service port keep separate entries: see
+//!   [`affinity`].
 //! * Masquerade: a mark bit (`0x4000` by default) set before DNAT and turned into
 //!   `masquerade fully-random` in `masquerading`; hairpin connections (a pod reaching itself
 //!   through a Service) are found with the `hairpin` set.
@@ -108,6 +114,8 @@ const FIREWALL_CHECK: &str = "firewall-check";
 const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
 const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
 const AFFINITY_RECORD: &str = "affinity-record";
+const AFFINITY_RECORD_PREROUTING: &str = "affinity-record-prerouting";
+const AFFINITY_RECORD_OUTPUT: &str = "affinity-record-output";
 
 const CLUSTER_IPS: &str = "cluster-ips";
 const SERVICE_IPS: &str = "service-ips";
@@ -594,6 +602,39 @@ impl Compiler {
     /// destination with that timeout (none: every entry is stale, e.g. the Service or its
     /// affinity is gone, or its timeout changed).
     pub fn affinity_targets(&self, touched: &Touched) -> BTreeMap<u64, AffinityTargets> {
+        self.targets_with(
+            touched,
+            |k| self.owners.get(k),
+            |name| self.fragments.get(name),
+        )
+    }
+
+    /// As [`Compiler::affinity_targets`], in the state `plan` leads to, before it is
+    /// committed: so the transaction that takes endpoints away also deletes the affinity
+    /// entries pointing to them.
+    pub fn affinity_targets_after(
+        &self,
+        plan: &Plan,
+        touched: &Touched,
+    ) -> BTreeMap<u64, AffinityTargets> {
+        let changed: HashMap<&ServicePortName, Option<&Fragment>> =
+            plan.changes.iter().map(|(n, f)| (n, f.as_ref())).collect();
+        self.targets_with(
+            touched,
+            |k| plan.touched.get(k).or_else(|| self.owners.get(k)),
+            |name| match changed.get(name) {
+                Some(f) => *f,
+                None => self.fragments.get(name),
+            },
+        )
+    }
+
+    fn targets_with<'s>(
+        &self,
+        touched: &Touched,
+        owners_of: impl Fn(&ElemKey) -> Option<&'s Vec<(ServicePortName, Element)>>,
+        fragment_of: impl Fn(&ServicePortName) -> Option<&'s Fragment>,
+    ) -> BTreeMap<u64, AffinityTargets> {
         let mut out: BTreeMap<u64, AffinityTargets> = BTreeMap::new();
         for (&secs, dests) in touched {
             let targets = out.entry(secs).or_default();
@@ -603,9 +644,8 @@ impl Compiler {
                     AffinityDestination::NodePort(_) => SetRef::AffinityNodePortKeys(secs),
                 };
                 let allowed = targets.entry(dest.clone()).or_default();
-                let owners = self.owners.get(&(set, dest.key().to_vec()));
-                for (name, _) in owners.into_iter().flatten() {
-                    let Some(frag) = self.fragments.get(name) else {
+                for (name, _) in owners_of(&(set, dest.key().to_vec())).into_iter().flatten() {
+                    let Some(frag) = fragment_of(name) else {
                         continue;
                     };
                     for (s, d, eps) in &frag.affinity {
@@ -619,8 +659,6 @@ impl Compiler {
         out
     }
 
-    /// Whether `vip . proto . port` is a service address (cluster, external or load-balancer
-    /// IP) as committed: such traffic dispatches through `service-ips` before any node port.
     /// Every affinity destination of every committed service port, by timeout (what a full
     /// sync checks carried-over entries against).
     pub fn all_affinity(&self) -> Touched {
@@ -636,13 +674,6 @@ impl Compiler {
     /// The affinity timeouts a plan leaves in use.
     pub fn plan_timeouts(plan: &Plan) -> BTreeSet<u64> {
         plan.installed_timeouts.clone()
-    }
-
-    pub fn is_service_address(&self, key: &[Value]) -> bool {
-        [SERVICE_IPS, NO_ENDPOINT_SERVICES].iter().any(|set| {
-            self.owners
-                .contains_key(&(SetRef::Static(set), key.to_vec()))
-        })
     }
 
     /// The traffic counting sets (`service-traffic`, `nodeport-traffic`) and their specs,
@@ -663,6 +694,11 @@ impl Compiler {
     /// The spec of the ClientIP affinity map for timeout `secs` (to read it back).
     pub fn affinity_map_spec(&self, secs: u64) -> SetSpec {
         affinity_map_spec(self.f, secs)
+    }
+
+    /// The spec of the node-port ClientIP affinity map for timeout `secs`.
+    pub fn affinity_nodeport_map_spec(&self, secs: u64) -> SetSpec {
+        affinity_nodeport_map_spec(self.f, secs)
     }
 }
 
@@ -950,8 +986,18 @@ impl Builder {
                     .collect();
                 if !ranges.is_empty() {
                     self.elem(FIREWALL_IPS, key.clone(), Element::key_only());
+                    // kube-proxy's allowFromNode: when a range holds the node's IP, the node
+                    // itself may reach a load-balancer IP assigned to it, whose connections
+                    // then come from the load-balancer IP itself.
+                    let mut allowed = ranges.clone();
+                    if ranges
+                        .iter()
+                        .any(|r| node.addresses().iter().any(|a| r.contains(a)))
+                    {
+                        allowed.push(IpNet::from(ip));
+                    }
                     // Overlapping intervals are refused by the kernel: merge them first.
-                    for r in IpNet::aggregate(&ranges) {
+                    for r in IpNet::aggregate(&allowed) {
                         let mut k = key.clone();
                         k.push(net_value(r));
                         self.elem(FIREWALL_ALLOW, k, Element::key_only());
@@ -1157,11 +1203,32 @@ fn affinity_map_spec(f: Fam, secs: u64) -> SetSpec {
     spec
 }
 
-/// The affinity map and key sets for timeout `secs`.
+/// The node-port affinity map for timeout `secs`: `saddr . proto . port → endpoint`, whatever
+/// node address the client used (a Service port's affinity does not depend on the address).
+fn affinity_nodeport_map_spec(f: Fam, secs: u64) -> SetSpec {
+    let mut spec = SetSpec::map(
+        KeySpec::Typeof(vec![pl(f.saddr), L4PROTO, DPORT]),
+        MapData::Values(KeySpec::Typeof(vec![pl(f.daddr), DPORT])),
+    );
+    spec.flags = SetFlags {
+        dynamic: true,
+        timeout: true,
+        ..SetFlags::default()
+    };
+    spec.timeout = Some(Duration::from_secs(secs));
+    spec.comment = Some(format!("ClientIP affinity on node ports, timeout {secs}s"));
+    spec
+}
+
+/// The affinity maps and key sets for timeout `secs`.
 fn affinity_sets(f: Fam, table: &mut Table, secs: u64) {
     table
         .sets
         .insert(affinity_map(secs), Set::new(affinity_map_spec(f, secs)));
+    table.sets.insert(
+        affinity_nodeport_map(secs),
+        Set::new(affinity_nodeport_map_spec(f, secs)),
+    );
     // Plain `type` keys (not `typeof … ct original proto-dst`): nft 1.0.6 can then load the
     // rendered elements, and the rules give `ct original proto-dst` its protocol context.
     let mut keys = SetSpec::set(vec![f.addr, DataType::InetProto, DataType::InetService]);
@@ -1298,6 +1365,28 @@ fn skeleton(
             .with_comment("ClientIP affinity"),
         );
     }
+    // Node ports after every service address, as dispatch does: a service address (e.g. an
+    // external IP that is also a node address) never takes a node port's affinity.
+    for &secs in timeouts {
+        services.push(
+            with(
+                &nodeport_dest,
+                vec![
+                    Stmt::Lookup {
+                        key: k3(),
+                        set: SERVICE_TRAFFIC.into(),
+                        negate: true,
+                    },
+                    Stmt::DnatMap {
+                        family: f.nat,
+                        key: vec![pl(f.saddr), L4PROTO, DPORT],
+                        map: affinity_nodeport_map(secs),
+                    },
+                ],
+            )
+            .with_comment("ClientIP affinity on node ports"),
+        );
+    }
     // Dispatch. Pods and the node itself are short-circuited to all endpoints before the
     // eTP Local maps are consulted for everything else.
     services.push(Rule::new(vec![
@@ -1388,21 +1477,35 @@ fn skeleton(
         },
     );
 
-    // Affinity: remember the endpoint every new connection was sent to.
+    // Affinity: remember the endpoint every new connection was sent to, right where it was
+    // chosen: just after the nat hooks of prerouting and output, which every connection
+    // traverses (postrouting is never reached by connections delivered to the node itself, e.g.
+    // to a host-network endpoint). Only connections dispatched for a service address or node
+    // port with affinity are recorded: a node port entry needs an original destination that is
+    // no service address (another Service's cluster IP on the same port number is not it).
     if !timeouts.is_empty() {
         let mut rules = Vec::new();
-        for &secs in timeouts {
-            let data = vec![pl(f.daddr), DPORT];
-            let key = vec![
-                pl(f.saddr),
+        let orig3 = || {
+            vec![
                 Expr::Ct(f.ct_daddr),
                 L4PROTO,
                 Expr::Ct(CtKey::OriginalProtoDst),
-            ];
+            ]
+        };
+        for &secs in timeouts {
+            let data = vec![pl(f.daddr), DPORT];
+            let mut key = vec![pl(f.saddr)];
+            key.extend(orig3());
             let update = Stmt::Dynset {
                 op: DynsetOp::Update,
                 set: affinity_map(secs),
                 key,
+                data: data.clone(),
+            };
+            let update_nodeport = Stmt::Dynset {
+                op: DynsetOp::Update,
+                set: affinity_nodeport_map(secs),
+                key: vec![pl(f.saddr), L4PROTO, Expr::Ct(CtKey::OriginalProtoDst)],
                 data,
             };
             // One rule per protocol: nft 1.0.6 only parses `ct original proto-dst` in a
@@ -1417,35 +1520,45 @@ fn skeleton(
                     l4.clone(),
                     new.clone(),
                     Stmt::CtStatus(CtStatus::Dnat),
-                    lookup(
-                        vec![
-                            Expr::Ct(f.ct_daddr),
-                            L4PROTO,
-                            Expr::Ct(CtKey::OriginalProtoDst),
-                        ],
-                        &affinity_keys(secs),
-                    ),
+                    lookup(orig3(), &affinity_keys(secs)),
                     update.clone(),
                 ]));
                 rules.push(Rule::new(vec![
                     l4,
                     new.clone(),
                     Stmt::CtStatus(CtStatus::Dnat),
+                    Stmt::Lookup {
+                        key: orig3(),
+                        set: SERVICE_TRAFFIC.into(),
+                        negate: true,
+                    },
                     lookup(
                         vec![L4PROTO, Expr::Ct(CtKey::OriginalProtoDst)],
                         &affinity_nodeport_keys(secs),
                     ),
-                    update.clone(),
+                    update_nodeport.clone(),
                 ]));
             }
         }
         chains.insert(
             AFFINITY_RECORD.into(),
             Chain {
-                spec: base(ChainType::Filter, Hook::Postrouting, 99),
+                spec: regular("remember the endpoint chosen for a ClientIP affinity service"),
                 rules,
             },
         );
+        for (name, hook) in [
+            (AFFINITY_RECORD_PREROUTING, Hook::Prerouting),
+            (AFFINITY_RECORD_OUTPUT, Hook::Output),
+        ] {
+            chains.insert(
+                name.into(),
+                Chain {
+                    spec: base(ChainType::Filter, hook, -99),
+                    rules: vec![Rule::new(vec![jump(AFFINITY_RECORD)])],
+                },
+            );
+        }
     }
 
     // filter: source ranges before DNAT, no-endpoint verdicts after.
@@ -1618,6 +1731,10 @@ enum AffinityKey {
 /// Name of the ClientIP affinity map for timeout `secs` (`affinity-10800`).
 pub fn affinity_map(secs: u64) -> String {
     format!("affinity-{secs}")
+}
+/// Name of the node-port ClientIP affinity map for timeout `secs` (`affinity-nodeport-10800`).
+pub fn affinity_nodeport_map(secs: u64) -> String {
+    format!("affinity-nodeport-{secs}")
 }
 fn affinity_keys(secs: u64) -> String {
     format!("affinity-keys-{secs}")

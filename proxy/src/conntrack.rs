@@ -20,7 +20,9 @@
 //! [`cleanup`] joins them; a sync loop calls it after every successful sync, with the service
 //! ports it had at the previous successful cleanup and the ones it has now (see
 //! `cli::run_manifests`). The rules are kube-proxy's diff-based ones (v1.28–v1.31,
-//! `CleanStaleEntries`), with two deliberate differences: **SCTP is cleaned as well as UDP**
+//! `CleanStaleEntries`), and in the same dump the whole table is reconciled against the
+//! serving endpoints, as kube-proxy does since v1.32 ([`Reconciler`]): that also cleans flows
+//! that went stale while lb-proxy was not running. Two deliberate differences: **SCTP is cleaned as well as UDP**
 //! (upstream cleans UDP only; an SCTP association to a removed endpoint is just as stuck, since
 //! SCTP heartbeats keep the entry alive), and filters carry the service port as well as the
 //! address, so a change to one port of a multi-port Service leaves the other ports' flows alone.
@@ -315,18 +317,101 @@ pub fn plan(previous: &ServicePorts, next: &ServicePorts) -> BTreeSet<Filter> {
     filters
 }
 
-/// Plans the deletions for a change from `previous` to `next` and carries them out in the
-/// caller's network namespace; returns the number of entries deleted. Opens no socket when
-/// there is nothing to delete (the common case: most syncs touch no UDP or SCTP endpoint).
+/// Deletes, in the caller's network namespace, the flows the change from `previous` to `next`
+/// made stale ([`plan`]) and every flow the whole table holds that `serving` shows stale
+/// ([`Reconciler`]), in one dump per family; returns the number of entries deleted. Opens no
+/// socket when there is no UDP or SCTP service port and nothing to delete.
+///
+/// `serving` is every UDP and SCTP service port now (for `lb-proxy run`, `next` itself). The
+/// reconciliation repairs what a diff cannot see: flows that went stale while lb-proxy was not
+/// running (an endpoint removed during a restart), or whose deletion raced with new packets.
 ///
 /// Call it after a successful sync, so the ruleset already sends new flows where they belong.
 /// On error, keep `previous`: the next call then retries these deletions.
-pub fn cleanup(previous: &ServicePorts, next: &ServicePorts) -> Result<usize, ConntrackError> {
+pub fn cleanup(
+    previous: &ServicePorts,
+    next: &ServicePorts,
+    serving: &ServicePorts,
+) -> Result<usize, ConntrackError> {
     let filters = plan(previous, next);
-    if filters.is_empty() {
+    let reconciler = Reconciler::new(serving);
+    if filters.is_empty() && reconciler.is_empty() {
         return Ok(0);
     }
-    Conntrack::open()?.delete_matching(&filters)
+    Conntrack::open()?.delete_stale(&filters, &reconciler)
+}
+
+/// The whole-table rule of kube-proxy's `CleanStaleEntries` (`pkg/proxy/conntrack/cleanup.go`,
+/// v1.32+), for UDP and SCTP: a flow whose original destination is a service address and
+/// port, or a node port, is stale when
+///
+/// * it was DNATed (reply source ≠ original destination) to an address that is no serving
+///   endpoint of that destination now, or
+/// * it was not DNATed, and the destination has serving endpoints now (new packets of it would
+///   be DNATed; the entry keeps them un-DNATed).
+///
+/// Everything else is kept, unlike upstream, which also deletes un-DNATed flows to
+/// destinations without endpoints: those are harmless (the ruleset rejects new ones) and
+/// deleting them on every sync would only churn. Flows to destinations lb-proxy does not serve
+/// are never touched.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    services: HashMap<(u8, IpAddr, u16), HashSet<IpAddr>>,
+    node_ports: HashMap<(u8, u16), HashSet<IpAddr>>,
+}
+
+impl Reconciler {
+    /// The rule for the UDP and SCTP service ports `serving`.
+    pub fn new(serving: &ServicePorts) -> Self {
+        let mut r = Reconciler::default();
+        for ((protocol, destination), endpoints) in serving.destinations() {
+            let proto = ip_protocol(protocol);
+            let set = match destination {
+                Destination::Service { ip, port } => {
+                    r.services.entry((proto, ip, port)).or_default()
+                }
+                Destination::NodePort(port) => r.node_ports.entry((proto, port)).or_default(),
+            };
+            set.extend(endpoints);
+        }
+        r
+    }
+
+    /// Whether there is no destination to reconcile.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.node_ports.is_empty()
+    }
+
+    /// Whether `flow` is stale (see the type's documentation). A service address wins over a
+    /// node port of the same number, as in the ruleset.
+    pub fn is_stale(&self, flow: &Flow) -> bool {
+        let Some(port) = flow.orig_dst_port else {
+            return false;
+        };
+        let endpoints = match self.services.get(&(flow.protocol, flow.orig_dst, port)) {
+            Some(e) => e,
+            None => match self.node_ports.get(&(flow.protocol, port)) {
+                Some(e) => e,
+                None => return false,
+            },
+        };
+        if flow.reply_src == flow.orig_dst {
+            !endpoints.is_empty()
+        } else {
+            !endpoints.contains(&flow.reply_src)
+        }
+    }
+
+    /// The address families whose tables may hold flows it deletes.
+    fn families(&self) -> BTreeSet<IpFamily> {
+        if !self.node_ports.is_empty() {
+            return [IpFamily::V4, IpFamily::V6].into();
+        }
+        self.services
+            .keys()
+            .map(|(_, ip, _)| IpFamily::of(ip))
+            .collect()
+    }
 }
 
 /// The IP protocol number of a service protocol.
@@ -802,5 +887,63 @@ mod tests {
             s.endpoints,
             BTreeSet::from([ip("10.244.1.10"), ip("10.244.1.11")])
         );
+    }
+
+    #[test]
+    fn reconciling_deletes_flows_to_endpoints_that_no_longer_serve_and_unmapped_flows_to_served_destinations()
+     {
+        // Issue 9, point 9: what the whole table shows stale, whatever happened before.
+        let r = Reconciler::new(&ports(&[
+            (
+                "dns",
+                state(
+                    Protocol::Udp,
+                    &["10.96.0.10"],
+                    Some(30053),
+                    &["10.244.1.11"],
+                ),
+            ),
+            ("empty", state(Protocol::Udp, &["10.96.0.11"], None, &[])),
+        ]));
+        // DNATed to an endpoint that left (the service address and the node port).
+        assert!(r.is_stale(&flow(17, "10.96.0.10", 53, "10.244.1.10")));
+        assert!(r.is_stale(&flow(17, "10.100.0.1", 30053, "10.244.1.10")));
+        // Not DNATed, but the destination has a serving endpoint now.
+        assert!(r.is_stale(&flow(17, "10.96.0.10", 53, "10.96.0.10")));
+        assert!(r.is_stale(&flow(17, "10.100.0.1", 30053, "10.100.0.1")));
+        // Kept: DNATed to a serving endpoint.
+        assert!(!r.is_stale(&flow(17, "10.96.0.10", 53, "10.244.1.11")));
+        assert!(!r.is_stale(&flow(17, "10.200.0.1", 30053, "10.244.1.11")));
+        // Kept: not DNATed to a destination without endpoints (rejected anew anyway).
+        assert!(!r.is_stale(&flow(17, "10.96.0.11", 53, "10.96.0.11")));
+        // But DNATed to an endpoint of a destination that has none left: stale.
+        assert!(r.is_stale(&flow(17, "10.96.0.11", 53, "10.244.1.10")));
+        // Kept: other destinations, other ports, other protocols.
+        assert!(!r.is_stale(&flow(17, "10.96.0.12", 53, "10.244.1.10")));
+        assert!(!r.is_stale(&flow(17, "10.96.0.10", 54, "10.244.1.10")));
+        assert!(!r.is_stale(&flow(6, "10.96.0.10", 53, "10.244.1.10")));
+        assert!(!r.is_stale(&flow(132, "10.96.0.10", 53, "10.244.1.10")));
+    }
+
+    #[test]
+    fn reconciling_judges_a_service_address_before_a_node_port_of_the_same_number() {
+        let mut other = state(Protocol::Udp, &["10.96.0.20"], None, &["10.244.1.20"]);
+        other.port = 30053;
+        let r = Reconciler::new(&ports(&[
+            (
+                "dns",
+                state(
+                    Protocol::Udp,
+                    &["10.96.0.10"],
+                    Some(30053),
+                    &["10.244.1.11"],
+                ),
+            ),
+            ("other", other),
+        ]));
+        assert!(!r.is_stale(&flow(17, "10.96.0.20", 30053, "10.244.1.20")));
+        assert!(r.is_stale(&flow(17, "10.96.0.20", 30053, "10.244.1.11")));
+        assert_eq!(r.families(), [IpFamily::V4, IpFamily::V6].into());
+        assert!(Reconciler::new(&ServicePorts::new()).is_empty());
     }
 }

@@ -110,7 +110,12 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
             break;
         }
     }
-    if found.is_none() && q.to_node {
+    // A cluster IP is never a node address: no node port there.
+    let cluster_ip_owner = snapshot
+        .services
+        .values()
+        .find(|e| e.port.cluster_ips().contains(&q.to));
+    if found.is_none() && q.to_node && cluster_ip_owner.is_none() {
         found = snapshot
             .services
             .values()
@@ -118,6 +123,18 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
             .map(|e| (&e.port, e.endpoints.as_slice(), Entry::NodePort));
     }
     let Some((port, all_endpoints, entry)) = found else {
+        // Still addressed to a cluster IP after the dispatch: the ruleset rejects it
+        // (`service-endpoints-check`), as kube-proxy does, rather than routing it off the node.
+        if let Some(owner) = cluster_ip_owner {
+            let name = owner.port.name();
+            return Explanation {
+                outcome: format!(
+                    "reject: {} is the cluster IP of {}/{}, which has no port {}/{} (ICMP port unreachable)",
+                    q.to, name.namespace, name.name, q.port, q.protocol
+                ),
+                ..Explanation::nothing()
+            };
+        }
         return Explanation {
             service_port: None,
             entry: None,
@@ -209,7 +226,13 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
                     .map(|r| r.to_string())
                     .collect::<Vec<_>>()
                     .join(", ");
-                if ranges.iter().any(|r| r.contains(&q.from)) {
+                // kube-proxy's allowFromNode (see the compiler): the node reaching a
+                // load-balancer IP assigned to itself comes from that IP.
+                let from_node_vip = q.from == q.to
+                    && ranges
+                        .iter()
+                        .any(|r| snapshot.node.addresses().iter().any(|a| r.contains(a)));
+                if from_node_vip || ranges.iter().any(|r| r.contains(&q.from)) {
                     format!("allowed: {} is in [{list}]", q.from)
                 } else {
                     format!("blocked: {} is not in [{list}]", q.from)
@@ -274,6 +297,34 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
         masquerade,
         affinity,
         source_ranges: firewall,
+    }
+}
+
+impl Explanation {
+    /// No Service port, no endpoints: the base of the answers that name none.
+    fn nothing() -> Self {
+        Explanation {
+            service_port: None,
+            entry: None,
+            endpoint_set: None,
+            topology: None,
+            endpoints: vec![],
+            outcome: String::new(),
+            masquerade: "no".into(),
+            affinity: None,
+            source_ranges: None,
+        }
+    }
+
+    /// The answer of a daemon that has not programmed the node yet: what it knows so far may
+    /// not be what the kernel does.
+    pub fn not_synced() -> Self {
+        Explanation {
+            outcome: "not synced yet: lb-proxy has not programmed this node since it started \
+                      (still listing the cluster's objects); ask again after the first sync"
+                .into(),
+            ..Explanation::nothing()
+        }
     }
 }
 

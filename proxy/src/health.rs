@@ -7,7 +7,9 @@
 //!   `ToBeDeletedByClusterAutoscaler` taint), so load balancers drain it.
 //! * `/metrics` (default `127.0.0.1:10249`): Prometheus text format, with the per-Service-port
 //!   traffic counters read from the kernel at each scrape; `/explain?to=…&from=…` answers
-//!   `lb-proxy explain --live` from the running daemon's state.
+//!   `lb-proxy explain --live` from the running daemon's state; `/configz` (the effective
+//!   configuration as JSON, `{"kubeproxy.config.k8s.io": {…}}`) and `/flagz` (every flag and
+//!   its value, as text) as kube-proxy serves them on its metrics port.
 //! * One HTTP server per `healthCheckNodePort` of a LoadBalancer Service with
 //!   `externalTrafficPolicy: Local`: 200 with the number of local ready endpoints when there is
 //!   at least one and the proxy is healthy, 503 otherwise; header
@@ -142,6 +144,53 @@ fn json_response(
         .unwrap_or_else(|_| Response::new(Full::default()))
 }
 
+/// Binds a listener on `addr`. The IPv4 wildcard (`0.0.0.0`, kube-proxy's default for the
+/// health servers) means both families, as it does for Go's listeners: a dual-stack `[::]`
+/// socket with `IPV6_V6ONLY` off, so IPv6 load balancers and kubelets can probe too. On a
+/// node without IPv6 it falls back to `0.0.0.0`.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    if addr.ip() == std::net::IpAddr::from([0, 0, 0, 0]) {
+        let any6 = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), addr.port());
+        if let Ok(l) = bind_dual_stack(any6) {
+            return Ok(l);
+        }
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    listen(socket, addr)
+}
+
+fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    socket.set_only_v6(false)?;
+    listen(socket, addr)
+}
+
+fn listen(socket: socket2::Socket, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The local address a request came in on (in the request's extensions, set by [`serve`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddr(pub SocketAddr);
+
+impl LocalAddr {
+    /// The address family the client used (an IPv4-mapped IPv6 address is IPv4).
+    pub fn family(&self) -> lb_core::IpFamily {
+        match self.0.ip() {
+            std::net::IpAddr::V6(a) if a.to_ipv4_mapped().is_none() => lb_core::IpFamily::V6,
+            _ => lb_core::IpFamily::V4,
+        }
+    }
+}
+
 /// Serves HTTP/1 on `listener`, answering every request with `handler`.
 pub fn serve<F>(listener: TcpListener, handler: F) -> JoinHandle<()>
 where
@@ -153,9 +202,13 @@ where
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            let local = stream.local_addr().ok().map(LocalAddr);
             let handler = handler.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
+                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    if let Some(l) = local {
+                        req.extensions_mut().insert(l);
+                    }
                     let r = handler(req);
                     async move { Ok::<_, Infallible>(r) }
                 });
@@ -224,14 +277,20 @@ pub struct ServiceHealthServers {
     servers: BTreeMap<u16, Responder>,
 }
 
-/// One healthCheckNodePort server: its Service, its local endpoint count, its task.
+/// One healthCheckNodePort server: its Service, its local endpoint counts (IPv4, IPv6), its
+/// task.
 #[derive(Debug)]
 struct Responder {
     namespace: String,
     name: String,
-    local_endpoints: Arc<Mutex<usize>>,
+    local_endpoints: Arc<Mutex<LocalEndpoints>>,
     task: JoinHandle<()>,
 }
+
+/// A Service's ready local endpoints per family: IPv4, IPv6. Each family's probes see their
+/// own family's count, as with kube-proxy's per-family proxiers (a dual-stack pod is one
+/// endpoint of each family, not two).
+pub type LocalEndpoints = [usize; 2];
 
 impl ServiceHealthServers {
     /// Responders bound to `bind` (e.g. `0.0.0.0`).
@@ -244,8 +303,9 @@ impl ServiceHealthServers {
     }
 
     /// Makes the set of responders match `wanted`: port → (namespace, name, local ready
-    /// endpoints). Ports that fail to bind are reported and retried on the next call.
-    pub async fn sync(&mut self, wanted: &BTreeMap<u16, (String, String, usize)>) {
+    /// endpoints per family). Ports that fail to bind are reported and retried on the next
+    /// call.
+    pub async fn sync(&mut self, wanted: &BTreeMap<u16, (String, String, LocalEndpoints)>) {
         self.servers.retain(|port, r| {
             let keep = wanted
                 .get(port)
@@ -262,7 +322,7 @@ impl ServiceHealthServers {
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = *count;
                 continue;
             }
-            let listener = match TcpListener::bind(SocketAddr::new(self.bind, port)).await {
+            let listener = match bind(SocketAddr::new(self.bind, port)) {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(port, service = %format!("{ns}/{name}"), error = %e, "cannot start healthCheckNodePort responder");
@@ -272,8 +332,13 @@ impl ServiceHealthServers {
             let counter = Arc::new(Mutex::new(*count));
             let (c, h) = (counter.clone(), self.health.clone());
             let (n, m) = (ns.clone(), name.clone());
-            let task = serve(listener, move |_req| {
-                let local = *c.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let task = serve(listener, move |req| {
+                let counts = *c.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let family = req
+                    .extensions()
+                    .get::<LocalAddr>()
+                    .map_or(lb_core::IpFamily::V4, LocalAddr::family);
+                let local = counts[usize::from(family == lb_core::IpFamily::V6)];
                 let healthy = h.healthy();
                 let body = ServiceHealthBody {
                     service: NamespacedName {
@@ -337,13 +402,38 @@ impl TrafficSource {
     }
 }
 
-/// Serves `/metrics` (Prometheus text; the traffic counters refreshed from `traffic` first)
-/// and `/explain` (through `explain`, which asks the sync loop).
+/// The bodies of `/configz` and `/flagz`, fixed at start.
+#[derive(Debug, Clone, Default)]
+pub struct StatusPages {
+    /// `/configz`: JSON.
+    pub configz: String,
+    /// `/flagz`: text.
+    pub flagz: String,
+}
+
+impl StatusPages {
+    /// `/configz` from the effective `KubeProxyConfiguration` (JSON), `/flagz` from every
+    /// flag and its value.
+    pub fn new(config: &serde_json::Value, flags: &[(String, String)]) -> Self {
+        let configz = serde_json::json!({ "kubeproxy.config.k8s.io": config }).to_string();
+        let mut flagz = String::from(
+            "lb-proxy flags\nWarning: This endpoint is not meant to be machine parseable, has no formatting compatibility guarantees and is for debugging purposes only.\n\n",
+        );
+        for (name, value) in flags {
+            flagz.push_str(&format!("{name}={value}\n"));
+        }
+        Self { configz, flagz }
+    }
+}
+
+/// Serves `/metrics` (Prometheus text; the traffic counters refreshed from `traffic` first),
+/// `/explain` (through `explain`, which asks the sync loop), `/configz` and `/flagz`.
 pub fn serve_metrics(
     listener: TcpListener,
     registry: Arc<prometheus_client::registry::Registry>,
     explain: Option<tokio::sync::mpsc::UnboundedSender<ExplainRequest>>,
     traffic: Option<TrafficSource>,
+    pages: Arc<StatusPages>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
@@ -353,13 +443,17 @@ pub fn serve_metrics(
             let registry = registry.clone();
             let explain = explain.clone();
             let traffic = traffic.clone();
+            let pages = pages.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let registry = registry.clone();
                     let explain = explain.clone();
                     let traffic = traffic.clone();
+                    let pages = pages.clone();
                     async move {
-                        Ok::<_, Infallible>(metrics_route(req, &registry, explain, traffic).await)
+                        Ok::<_, Infallible>(
+                            metrics_route(req, &registry, explain, traffic, &pages).await,
+                        )
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -382,6 +476,7 @@ async fn metrics_route(
     registry: &prometheus_client::registry::Registry,
     explain: Option<tokio::sync::mpsc::UnboundedSender<ExplainRequest>>,
     traffic: Option<TrafficSource>,
+    pages: &StatusPages,
 ) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, ct: &str, body: String| {
         Response::builder()
@@ -410,6 +505,12 @@ async fn metrics_route(
             }
         }
         "/proxyMode" => text(StatusCode::OK, "text/plain", "nftables".into()),
+        "/configz" => json_response(StatusCode::OK, pages.configz.clone(), &[]),
+        "/flagz" => text(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            pages.flagz.clone(),
+        ),
         "/explain" => {
             let Some(tx) = explain else {
                 return text(

@@ -413,7 +413,13 @@ impl Parsed {
         let key = (kind_key, namespace, name);
         let typed = match kind_key {
             "Service" => doc.typed().map(|s| Object::Service(Box::new(s))),
-            "EndpointSlice" => doc.typed().map(|s| Object::Slice(Box::new(s))),
+            "EndpointSlice" => doc.typed().map(|mut s: EndpointSlice| {
+                // The API server defaults a port's protocol to TCP; files are not defaulted.
+                for p in s.ports.iter_mut().flatten() {
+                    p.protocol.get_or_insert_with(|| "TCP".into());
+                }
+                Object::Slice(Box::new(s))
+            }),
             _ => doc.typed().map(|n| Object::Node(Box::new(n))),
         };
         match typed {
@@ -1418,5 +1424,29 @@ mod split_tests {
         let whole = parse_yaml_chunk(&text).expect("YAML");
         assert_eq!(parse_yaml(&text).expect("YAML"), whole);
         assert_eq!(split_stream(&format!("%YAML 1.2\n{text}"), 3).len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod default_tests {
+    use super::*;
+
+    #[test]
+    fn a_slice_port_without_a_protocol_means_tcp_as_the_api_server_defaults_it() {
+        // Issue 9, point 12.
+        let yaml = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: t\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - name: http\n    port: 80\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: t\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n- name: http\n  port: 8080\nendpoints:\n- addresses: [\"10.244.1.10\"]\n";
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        objects.add_text("test.yaml", yaml, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let (store, errors, _) = objects.into_store(Some("node-a"), &Filter::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        let snap = store.snapshot().expect("node known");
+        let endpoints: Vec<String> = snap
+            .services
+            .values()
+            .flat_map(|e| e.endpoints.iter().map(|e| e.addr().to_string()))
+            .collect();
+        assert_eq!(endpoints, ["10.244.1.10:8080"]);
     }
 }

@@ -7,11 +7,13 @@
 //! rejects a transaction nothing is committed, the previous ruleset keeps serving, and the
 //! next sync is a full one.
 //!
-//! After an incremental sync that changed Services with ClientIP affinity, the affinity
-//! entries that now point to an endpoint their destination no longer dispatches to are read
-//! back and deleted in one more transaction ([`crate::compile::affinity`]), so sticky clients
-//! move at once instead of when their entry times out. A failed purge is retried by the next
-//! sync; a full sync replaces the tables, affinity maps included, so nothing is left to purge.
+//! When an incremental sync takes endpoints away from Services with ClientIP affinity, the
+//! affinity entries that point to an endpoint their destination no longer dispatches to are
+//! read back and deleted in the same transaction as the endpoint change
+//! ([`crate::compile::affinity`]), so sticky clients move at once instead of when their entry
+//! times out; a second look right after the transaction deletes entries recorded while it was
+//! being prepared. A failed purge is retried by the next sync; a full sync replaces the
+//! tables and carries over only the entries that are still valid.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -166,6 +168,22 @@ impl<B: Backend> Dataplane<B> {
             .zip(&plans)
             .map(|(c, p)| c.affinity_touched(p))
             .collect();
+        // The affinity entries the change makes stale go in the same transaction. An entry
+        // that expires between the read and the apply fails the batch with ENOENT: the batch
+        // is then applied without them, and the look after the commit deletes what is left.
+        let mut purge = Vec::new();
+        for ((c, p), t) in self.compilers.iter().zip(&plans).zip(&touched) {
+            if t.is_empty() || !c.is_installed() {
+                continue;
+            }
+            let targets = c.affinity_targets_after(p, t);
+            match stale_deletes(&mut self.backend, c, targets) {
+                Ok(cmds) => purge.extend(cmds),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading ClientIP affinity entries failed; deleting them after the sync")
+                }
+            }
+        }
         let compute = started.elapsed();
         let mut report = SyncReport {
             full: false,
@@ -181,7 +199,23 @@ impl<B: Backend> Dataplane<B> {
         };
         if !tx.is_empty() {
             let t = Instant::now();
-            if let Err(e) = self.backend.apply(&tx) {
+            let purged: usize = purge
+                .iter()
+                .map(|c| match c {
+                    Command::DeleteElements { keys, .. } => keys.len(),
+                    _ => 0,
+                })
+                .sum();
+            let without = tx.commands.len();
+            tx.commands.extend(purge);
+            let mut result = self.backend.apply(&tx);
+            if tx.commands.len() > without && result.as_ref().is_err_and(ApplyError::is_not_found) {
+                tx.commands.truncate(without);
+                result = self.backend.apply(&tx);
+            } else if result.is_ok() {
+                report.affinity_purged += purged;
+            }
+            if let Err(e) = result {
                 self.needs_full = true;
                 return Err(e);
             }
@@ -278,10 +312,15 @@ impl<B: Backend> Dataplane<B> {
     /// timeout, as if the client had just connected.
     fn restore_affinity(
         &mut self,
-        carried: Vec<(crate::nft::ir::TableId, u64, Vec<crate::nft::ListedElement>)>,
+        carried: Vec<(
+            crate::nft::ir::TableId,
+            u64,
+            String,
+            Vec<crate::nft::ListedElement>,
+        )>,
     ) {
         let mut tx = Transaction::new();
-        for (table, secs, listed) in carried {
+        for (table, secs, map, listed) in carried {
             let Some(c) = self.compilers.iter().find(|c| c.table_id() == table) else {
                 continue;
             };
@@ -294,26 +333,21 @@ impl<B: Backend> Dataplane<B> {
             let Some(targets) = c.affinity_targets(&touched).remove(&secs) else {
                 continue;
             };
-            let stale: std::collections::BTreeSet<_> = affinity::stale_entries(
-                &targets,
-                listed.iter().map(|e| (&e.key, e.data.as_ref())),
-                |k| c.is_service_address(k),
-            )
-            .into_iter()
-            .collect();
+            let stale: BTreeSet<_> =
+                affinity::stale_entries(&targets, listed.iter().map(|e| (&e.key, e.data.as_ref())))
+                    .into_iter()
+                    .collect();
             let elements: Vec<_> = listed
                 .into_iter()
                 .filter(|e| !stale.contains(&e.key))
                 .filter_map(|e| e.data.map(|d| (e.key, crate::nft::ir::Element::values(d))))
-                .filter(|(k, _)| {
-                    // Only entries for a destination that still has affinity with this timeout.
-                    affinity::belongs_to(k, dests, |v| c.is_service_address(v))
-                })
+                // Only entries for a destination that still has affinity with this timeout.
+                .filter(|(k, _)| affinity::belongs_to(k, dests))
                 .collect();
             if !elements.is_empty() {
                 tx.push(Command::AddElements {
                     table,
-                    set: crate::compile::affinity_map(secs),
+                    set: map,
                     elements,
                 });
             }
@@ -334,32 +368,11 @@ impl<B: Backend> Dataplane<B> {
             if pending.is_empty() || !c.is_installed() {
                 continue;
             }
-            let table = c.table_id();
-            for (secs, targets) in c.affinity_targets(pending) {
-                let map = crate::compile::affinity_map(secs);
-                let listed =
-                    match self
-                        .backend
-                        .list_elements(&table, &map, &c.affinity_map_spec(secs))
-                    {
-                        Ok(l) => l,
-                        // No map, no entries.
-                        Err(e) if e.is_not_found() => continue,
-                        Err(e) => return Err(e),
-                    };
-                let keys = affinity::stale_entries(
-                    &targets,
-                    listed.iter().map(|e| (&e.key, e.data.as_ref())),
-                    |k| c.is_service_address(k),
-                );
-                if !keys.is_empty() {
-                    tx.push(Command::DeleteElements {
-                        table: table.clone(),
-                        set: map,
-                        keys,
-                    });
-                }
-            }
+            tx.commands.extend(stale_deletes(
+                &mut self.backend,
+                c,
+                c.affinity_targets(pending),
+            )?);
         }
         Ok(tx)
     }
@@ -414,12 +427,10 @@ impl<B: Backend> Dataplane<B> {
         let mut carried = Vec::new();
         for (c, p) in compilers.iter().zip(&plans) {
             for secs in Compiler::plan_timeouts(p) {
-                let map = crate::compile::affinity_map(secs);
-                if let Ok(listed) =
-                    self.backend
-                        .list_elements(&c.table_id(), &map, &c.affinity_map_spec(secs))
-                {
-                    carried.push((c.table_id(), secs, listed));
+                for (map, spec) in affinity_maps(c, secs) {
+                    if let Ok(listed) = self.backend.list_elements(&c.table_id(), &map, &spec) {
+                        carried.push((c.table_id(), secs, map, listed));
+                    }
                 }
             }
         }
@@ -460,4 +471,49 @@ impl<B: Backend> Dataplane<B> {
             affinity_purge_error: None,
         })
     }
+}
+
+/// The two affinity maps of timeout `secs`: service addresses and node ports.
+fn affinity_maps(c: &Compiler, secs: u64) -> [(String, crate::nft::ir::SetSpec); 2] {
+    [
+        (
+            crate::compile::affinity_map(secs),
+            c.affinity_map_spec(secs),
+        ),
+        (
+            crate::compile::affinity_nodeport_map(secs),
+            c.affinity_nodeport_map_spec(secs),
+        ),
+    ]
+}
+
+/// Reads the affinity maps of `targets`' timeouts back and returns the commands deleting the
+/// entries that point to an endpoint their destination may no longer use.
+fn stale_deletes<B: Backend>(
+    backend: &mut B,
+    c: &Compiler,
+    targets: BTreeMap<u64, affinity::AffinityTargets>,
+) -> Result<Vec<Command>, ApplyError> {
+    let table = c.table_id();
+    let mut out = Vec::new();
+    for (secs, targets) in targets {
+        for (map, spec) in affinity_maps(c, secs) {
+            let listed = match backend.list_elements(&table, &map, &spec) {
+                Ok(l) => l,
+                // No map, no entries.
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            let keys =
+                affinity::stale_entries(&targets, listed.iter().map(|e| (&e.key, e.data.as_ref())));
+            if !keys.is_empty() {
+                out.push(Command::DeleteElements {
+                    table: table.clone(),
+                    set: map,
+                    keys,
+                });
+            }
+        }
+    }
+    Ok(out)
 }

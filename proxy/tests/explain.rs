@@ -92,3 +92,23 @@ fn a_service_without_endpoints_is_rejected_and_an_unknown_destination_is_not_our
         Ok(Protocol::Sctp)
     );
 }
+
+#[test]
+fn a_port_a_cluster_ip_lacks_is_explained_as_the_reject_the_ruleset_applies() {
+    // Issue 9, point 11: `service-endpoints-check` rejects it; explain must not say no-match.
+    let (snap, config) = example();
+    // 30081 is a node port of another Service: not on a cluster IP.
+    for to in ["10.96.0.10:81", "10.96.0.10:80/udp", "10.96.0.10:30081"] {
+        let e = explain(&snap, &config, &query(to, "10.244.1.10"));
+        assert!(e.service_port.is_none(), "{to}: {e:?}");
+        assert!(
+            e.outcome
+                .starts_with("reject: 10.96.0.10 is the cluster IP of demo/web"),
+            "{to}: {}",
+            e.outcome
+        );
+    }
+    // An address that is no cluster IP is still not ours.
+    let none = explain(&snap, &config, &query("10.96.9.9:81", "10.244.1.10"));
+    assert!(none.outcome.starts_with("no-match"), "{}", none.outcome);
+}

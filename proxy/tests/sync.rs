@@ -55,7 +55,7 @@ fn slice(i: u8, eps: &[(u8, bool, bool)]) -> Slice {
         endpoints: eps
             .iter()
             .map(|&(e, ready, local)| {
-                Endpoint::builder(&format!("10.244.{i}.{e}"), 1)
+                Endpoint::builder(format!("10.244.{i}.{e}"), 1)
                     .conditions(if ready {
                         Conditions::READY
                     } else {
@@ -221,6 +221,33 @@ fn record_affinity_on(
     }
 }
 
+/// Puts node port affinity entries into the fake kernel's `affinity-nodeport-<secs>` map:
+/// `(client . tcp . node port) → endpoint`.
+fn record_nodeport_affinity(
+    dp: &mut Dataplane<Fake>,
+    secs: u64,
+    entries: &[(&str, u16, &[Value])],
+) {
+    let id = TableId::new(Family::Ip, lb_proxy::compile::TABLE);
+    let map = dp
+        .backend_mut()
+        .ruleset
+        .tables
+        .get_mut(&id)
+        .and_then(|t| t.sets.get_mut(&format!("affinity-nodeport-{secs}")))
+        .expect("the node port affinity map exists");
+    for (client, port, endpoint) in entries {
+        map.elements.insert(
+            vec![
+                Value::Ipv4(client.parse().expect("address")),
+                Value::TCP,
+                Value::Port(*port),
+            ],
+            Element::values(endpoint.to_vec()),
+        );
+    }
+}
+
 /// The endpoints (`ip . port`) the fake kernel's `endpoints` map holds for `vip`.
 fn endpoint_values(dp: &Dataplane<Fake>, vip: &str) -> Vec<Vec<Value>> {
     let id = TableId::new(Family::Ip, lb_proxy::compile::TABLE);
@@ -278,9 +305,15 @@ fn affinity_entries_of_an_endpoint_that_left_are_purged_and_the_others_kept() {
     );
 
     store.apply_slice(("ns".into(), "s3".into()), Some(eps(&[2, 3])));
+    let applies = dp.backend().applies;
     let report = dp.sync(&mut store).expect("sync");
     assert_eq!(report.affinity_purged, 2, "{report:?}");
     assert_eq!(report.affinity_purge_error, None);
+    assert_eq!(
+        dp.backend().applies,
+        applies + 1,
+        "the endpoint change and the purge of its affinity entries are one transaction"
+    );
     let ip = |s: &str| Value::Ipv4(s.parse().expect("address"));
     assert_eq!(
         affinity_keys(&dp, 63),
@@ -436,9 +469,15 @@ fn affinity_entries_of_external_addresses_and_node_ports_follow_the_endpoints_th
             ("10.100.0.2", "192.0.2.7", 80, &e1),
             ("10.244.9.9", "192.0.2.7", 80, &e2),
             ("10.244.9.9", "192.0.2.7", 80 + 1, &e2),
-            ("10.100.0.3", "10.100.0.1", 31007, &e1),
-            ("10.100.0.4", "10.100.0.1", 31007, &e3),
-            ("10.100.0.5", "10.200.0.1", 31007, &e3),
+        ],
+    );
+    record_nodeport_affinity(
+        &mut dp,
+        100,
+        &[
+            ("10.100.0.3", 31007, &e1),
+            ("10.100.0.4", 31007, &e3),
+            ("10.100.0.5", 31008, &e3),
         ],
     );
     // Endpoint 3 leaves.
@@ -447,17 +486,132 @@ fn affinity_entries_of_external_addresses_and_node_ports_follow_the_endpoints_th
         Some(eps(&[(1, true), (2, false)])),
     );
     let report = dp.sync(&mut store).expect("sync");
-    assert_eq!(report.affinity_purged, 2, "{report:?}");
+    assert_eq!(report.affinity_purged, 1, "{report:?}");
     let ip = |s: &str| Value::Ipv4(s.parse().expect("address"));
     let k = |c: &str, v: &str, p: u16| vec![ip(c), ip(v), Value::TCP, Value::Port(p)];
     assert_eq!(
         affinity_keys(&dp, 100),
         vec![
             k("10.100.0.2", "192.0.2.7", 80),
-            k("10.100.0.3", "10.100.0.1", 31007),
             k("10.244.9.9", "192.0.2.7", 80),
             k("10.244.9.9", "192.0.2.7", 81),
         ],
-        "node port entries of the endpoint that left are gone, whatever node address"
+        "address entries of endpoints that still serve stay"
+    );
+    let id = TableId::new(Family::Ip, lb_proxy::compile::TABLE);
+    let np: Vec<_> = dp.backend().ruleset.tables[&id].sets["affinity-nodeport-100"]
+        .elements
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(
+        np,
+        vec![
+            vec![ip("10.100.0.3"), Value::TCP, Value::Port(31007)],
+            vec![ip("10.100.0.5"), Value::TCP, Value::Port(31008)],
+        ],
+        "the node port entry of the endpoint that left is gone, another node port's stays"
+    );
+}
+
+/// A fake kernel in which the affinity entries a transaction deletes expire just before it
+/// is applied (once): the batch fails with `ENOENT`, as the kernel's would.
+#[derive(Debug, Default)]
+struct Expiring {
+    fake: Fake,
+    expire_next: bool,
+}
+
+impl lb_proxy::nft::Backend for Expiring {
+    fn apply(&mut self, tx: &lb_proxy::nft::Transaction) -> Result<(), lb_proxy::nft::ApplyError> {
+        if self.expire_next {
+            let mut expired = false;
+            for c in &tx.commands {
+                if let lb_proxy::nft::Command::DeleteElements { table, set, keys } = c
+                    && set.starts_with("affinity-")
+                    && let Some(s) = self
+                        .fake
+                        .ruleset
+                        .tables
+                        .get_mut(table)
+                        .and_then(|t| t.sets.get_mut(set))
+                {
+                    for k in keys {
+                        s.elements.remove(k);
+                    }
+                    expired = true;
+                }
+            }
+            if expired {
+                self.expire_next = false;
+                return Err(lb_proxy::nft::ApplyError::Batch(
+                    std::io::Error::from_raw_os_error(libc::ENOENT),
+                ));
+            }
+        }
+        self.fake.apply(tx)
+    }
+
+    fn list_elements(
+        &mut self,
+        table: &TableId,
+        set: &str,
+        spec: &lb_proxy::nft::ir::SetSpec,
+    ) -> Result<Vec<lb_proxy::nft::ListedElement>, lb_proxy::nft::ApplyError> {
+        self.fake.list_elements(table, set, spec)
+    }
+}
+
+#[test]
+fn an_affinity_entry_expiring_before_the_transaction_does_not_fail_the_endpoint_change() {
+    let mut store = Store::new();
+    store.set_node(Node::new("n1", None).expect("node"));
+    store.apply_service(key(3), Some(ports(3, 3)));
+    let eps = |v: &[u8]| slice(3, &v.iter().map(|&e| (e, true, true)).collect::<Vec<_>>());
+    store.apply_slice(("ns".into(), "s3".into()), Some(eps(&[1, 2])));
+    let mut dp = Dataplane::new(Expiring::default(), Config::default());
+    dp.sync(&mut store).expect("first sync");
+    let id = TableId::new(Family::Ip, lb_proxy::compile::TABLE);
+    let ip = |s: &str| Value::Ipv4(s.parse().expect("address"));
+    let entry = |client: &str, to: &str| {
+        (
+            vec![ip(client), ip("10.96.0.3"), Value::TCP, Value::Port(80)],
+            Element::values(vec![ip(to), Value::Port(8080)]),
+        )
+    };
+    let map = dp
+        .backend_mut()
+        .fake
+        .ruleset
+        .tables
+        .get_mut(&id)
+        .and_then(|t| t.sets.get_mut("affinity-63"))
+        .expect("the affinity map exists");
+    for (k, e) in [
+        entry("10.100.0.2", "10.244.3.1"),
+        entry("10.100.0.3", "10.244.3.2"),
+    ] {
+        map.elements.insert(k, e);
+    }
+    dp.backend_mut().expire_next = true;
+    store.apply_slice(("ns".into(), "s3".into()), Some(eps(&[2])));
+    let report = dp.sync(&mut store).expect("the endpoint change is applied");
+    assert!(!report.full, "{report:?}");
+    let rs = &dp.backend().fake.ruleset.tables[&id];
+    assert!(
+        rs.sets["endpoints"].elements.values().all(|e| e.data
+            != Some(ElementData::Values(vec![
+                ip("10.244.3.1"),
+                Value::Port(8080)
+            ]))),
+        "the endpoint is gone"
+    );
+    assert_eq!(
+        rs.sets["affinity-63"]
+            .elements
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        vec![entry("10.100.0.3", "10.244.3.2").0]
     );
 }

@@ -163,8 +163,8 @@ impl Topology {
 
     /// Runs `lb-proxy run` in the node namespace on the scratch directory, with the cluster
     /// CIDR 10.244.0.0/16 and node `node-a`, plus `extra` arguments, and waits for the first
-    /// sync.
-    pub fn start_proxy(&mut self, extra: &[&str]) {
+    /// sync. Returns the index of the process, for [`Topology::stop`].
+    pub fn start_proxy(&mut self, extra: &[&str]) -> usize {
         let mut cmd = self.ns_command(&self.node.clone(), &binary("lb-proxy"));
         cmd.args([
             "run",
@@ -183,7 +183,7 @@ impl Topology {
             "lb-proxy",
             &["programmed", "applied"],
             Duration::from_secs(20),
-        );
+        )
     }
 
     /// Spawns `cmd` (an lb-proxy), echoes its stderr prefixed with `name`, and waits until a
@@ -256,6 +256,23 @@ impl Topology {
         cmd.args(extra)
             .env("RUST_LOG", "info,lb_proxy=debug")
             .env("NO_COLOR", "1");
+        self.start_logged(
+            cmd,
+            "lb-proxy daemon",
+            &["full sync", " synced"],
+            Duration::from_secs(30),
+        )
+    }
+
+    /// Runs `lb-proxy daemon` in the node namespace with exactly `args` (no defaults added),
+    /// and waits for the first (full) sync. Returns the index of the process.
+    pub fn start_daemon_with<I, S>(&mut self, args: I) -> usize
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = self.ns_command(&self.node.clone(), &binary("lb-proxy"));
+        cmd.arg("daemon").args(args);
         self.start_logged(
             cmd,
             "lb-proxy daemon",

@@ -400,3 +400,42 @@ fn cleanup_deletes_ten_thousand_stale_flows_and_keeps_every_other_flow() {
     assert_eq!(count(&t, &["-p", "tcp", "--reply-src", b0.as_str()]), 500);
     assert_eq!(count(&t, &["-p", "udp", "-d", "10.96.0.54"]), 500);
 }
+
+#[test]
+fn a_udp_flow_whose_backend_left_while_lb_proxy_was_down_moves_after_the_restart() {
+    // Issue 9, point 9: the diff-based cleanup knew nothing of what changed while it was not
+    // running, so the flow stayed on the removed backend forever.
+    let mut t = Topology::up(2);
+    t.serve_all();
+    t.write_manifest("node.yaml", NODE_YAML);
+    t.write_manifest("svc.yaml", &service(DNS));
+    t.write_manifest("eps.yaml", &dns_slice(&[0, 1]));
+    let proxy = t.start_proxy(&[]);
+    let s = Stream::start(&t, "10.96.0.53:53");
+    let first = s.next();
+    let gone: usize = match first.as_str() {
+        "b0" => 0,
+        "b1" => 1,
+        other => panic!("first datagram not served: {other}"),
+    };
+    let kept_name = format!("b{}", 1 - gone);
+    t.stop(proxy);
+    // The endpoint leaves while lb-proxy is down: the ruleset (left in place) and the flow
+    // still send the client to it.
+    t.write_manifest("eps.yaml", &dns_slice(&[1 - gone]));
+    s.skip_queued();
+    assert_eq!(s.take(3), [first.as_str(); 3]);
+    t.start_proxy(&[]);
+    s.skip_queued();
+    let seen = s.until(PATIENCE, &kept_name);
+    assert_eq!(
+        seen.last(),
+        Some(&kept_name),
+        "the client stayed on removed backend {first}: {seen:?}"
+    );
+    assert_eq!(s.take(5), [kept_name.as_str(); 5], "and stays there");
+    assert_eq!(
+        flows(&t, s.port),
+        flow("10.96.0.53", &Topology::backend_ip(1 - gone))
+    );
+}

@@ -626,3 +626,254 @@ fn a_cluster_ip_port_the_service_does_not_have_is_rejected_not_routed_away() {
     assert!(err.contains("refused"), "rejected: {err}");
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+#[test]
+fn explain_reports_the_reject_of_a_port_a_cluster_ip_lacks_as_the_packets_see_it() {
+    // Issue 9, point 11: explain said "no-match, lb-proxy does not touch it".
+    let eps = [(0, "node-a", true)];
+    let t = setup(
+        1,
+        &[
+            ("svc.yaml", service("web", WEB)),
+            ("eps.yaml", web_slices(&eps)),
+        ],
+    );
+    let err = t.tcp(&t.client, "10.96.0.10:81").expect_err("no such port");
+    assert!(err.contains("refused"), "rejected: {err}");
+    let out = std::process::Command::new(lb_e2e::binary("lb-proxy"))
+        .args(["explain", "--to", "10.96.0.10:81", "--from", "10.100.0.2"])
+        .arg("-f")
+        .arg(&t.dir)
+        .output()
+        .expect("run lb-proxy explain");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.starts_with("reject: 10.96.0.10 is the cluster IP of t/web"),
+        "{text}"
+    );
+}
+
+/// `nft list map ip lb-proxy NAME` in the node namespace (empty when it does not exist).
+fn nft_map(t: &Topology, name: &str) -> String {
+    std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &t.node, "nft", "list", "map", "ip", "lb-proxy", name,
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_service_without_affinity_on_another_services_node_port_number_is_not_sticky_and_forgets_a_removed_backend()
+ {
+    // Issue 9, point 1: Service A has ClientIP affinity and nodePort 30080; Service B has no
+    // affinity and listens on port 30080 of its cluster IP. B's connections were recorded as
+    // A's node port affinity: B became sticky, and kept sending clients to a removed backend.
+    let a = service(
+        "a",
+        "  type: NodePort\n  clusterIP: 10.96.0.70\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 600\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30080\n",
+    );
+    let b = service(
+        "b",
+        "  clusterIP: 10.96.0.71\n  ports:\n  - name: http\n    port: 30080\n    protocol: TCP\n",
+    );
+    let b_slice = |eps: &[usize]| {
+        let v: Vec<(usize, &str, bool)> = eps.iter().map(|&i| (i, "node-a", true)).collect();
+        slice_yaml("b", "IPv4", "http", "TCP", 8080, &v)
+    };
+    let mut t = setup(
+        3,
+        &[
+            ("a.yaml", a),
+            ("b.yaml", b),
+            (
+                "a-eps.yaml",
+                slice_yaml("a", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]),
+            ),
+            ("b-eps.yaml", b_slice(&[1, 2])),
+        ],
+    );
+    assert_eq!(
+        t.tcp(&t.client, "10.100.0.1:30080")
+            .expect("A's node port")
+            .0,
+        "b0"
+    );
+    let spread = t.spread(&t.client, "10.96.0.71:30080", 20, false);
+    assert_eq!(
+        backends(&spread),
+        ["b1", "b2"],
+        "B is not sticky: {spread:?}"
+    );
+    let recorded = nft_map(&t, "affinity-nodeport-600") + &nft_map(&t, "affinity-600");
+    for b in [1, 2] {
+        assert!(
+            !recorded.contains(&Topology::backend_ip(b)),
+            "B's connections are not recorded: {recorded}"
+        );
+    }
+    t.write_manifest("b-eps.yaml", &b_slice(&[1]));
+    t.wait_applied();
+    let spread = t.spread(&t.client, "10.96.0.71:30080", 10, false);
+    assert_eq!(
+        backends(&spread),
+        ["b1"],
+        "no connection reaches the removed backend: {spread:?}"
+    );
+}
+
+#[test]
+fn node_port_affinity_holds_whatever_node_address_the_client_uses() {
+    // Issue 9, point 2 (node port part): entries were keyed by the node address used.
+    let svc = service(
+        "np",
+        "  type: NodePort\n  clusterIP: 10.96.0.72\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 600\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30090\n",
+    );
+    let eps = slice_yaml(
+        "np",
+        "IPv4",
+        "http",
+        "TCP",
+        8080,
+        &[
+            (0, "node-a", true),
+            (1, "node-a", true),
+            (2, "node-a", true),
+        ],
+    );
+    let t = setup(3, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    // Each round starts from empty maps, so a chance match of two independent choices
+    // (1 in 3) cannot pass five rounds (1 in 243).
+    for round in 0..5 {
+        for map in ["affinity-600", "affinity-nodeport-600"] {
+            let _ = std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &t.node, "nft", "flush", "map", "ip", "lb-proxy", map,
+                ])
+                .output();
+        }
+        let first = t.tcp(&t.client, "10.100.0.1:30090").expect("reply").0;
+        for target in ["10.200.0.1:30090", "10.100.0.1:30090", "10.200.0.1:30090"] {
+            assert_eq!(
+                t.tcp(&t.client, target).expect("reply").0,
+                first,
+                "round {round}: {target} sticks to the endpoint chosen through 10.100.0.1"
+            );
+        }
+    }
+}
+
+#[test]
+fn affinity_to_an_endpoint_on_the_node_itself_is_recorded_and_sticks() {
+    // Issue 9, point 3: a host-network endpoint (the node's own address) was never recorded,
+    // because locally delivered connections never reach postrouting.
+    let svc = service(
+        "host",
+        "  clusterIP: 10.96.0.73\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 600\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n",
+    );
+    let mut t = Topology::up(1);
+    t.serve_all();
+    let server = t.ns_command(&t.node.clone(), &lb_e2e::binary("lb-testsrv"));
+    let mut server = server;
+    server.args(["serve", "node", "10.200.0.1:8080"]);
+    t.spawn_ready(server, "READY");
+    t.write_manifest("node.yaml", NODE_YAML);
+    t.write_manifest("svc.yaml", &svc);
+    let mut eps = slice_yaml("host", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]);
+    eps.push_str(
+        "- addresses: [\"10.200.0.1\"]\n  nodeName: node-a\n  conditions: {ready: true}\n",
+    );
+    t.write_manifest("eps.yaml", &eps);
+    t.start_proxy(&[]);
+    // Reach the node's own endpoint once (each new client choice is 1 in 2).
+    let mut reached = false;
+    for _ in 0..40 {
+        for map in ["affinity-600", "affinity-nodeport-600"] {
+            let _ = std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &t.node, "nft", "flush", "map", "ip", "lb-proxy", map,
+                ])
+                .output();
+        }
+        if t.tcp(&t.client, "10.96.0.73:80").expect("reply").0 == "node" {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "the node's endpoint never answered");
+    let map = nft_map(&t, "affinity-600");
+    assert!(
+        map.contains(": 10.200.0.1 . 8080"),
+        "the choice of the node itself is recorded: {map}"
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            t.tcp(&t.client, "10.96.0.73:80").expect("reply").0,
+            "node",
+            "sticks"
+        );
+    }
+}
+
+#[test]
+fn the_node_reaches_a_load_balancer_ip_assigned_to_itself_when_a_source_range_holds_its_ip() {
+    // Issue 9, point 7 (kube-proxy's allowFromNode): a load-balancer IP assigned to the node
+    // (MetalLB, kube-vip) is reached from the node with the load-balancer IP as source. When a
+    // source range contains the node's IP, kube-proxy admits that traffic; we dropped it.
+    let svc = service(
+        "fw",
+        "  type: LoadBalancer\n  clusterIP: 10.96.0.51\n  loadBalancerSourceRanges: [\"10.100.0.0/24\"]\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30051\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.51\n",
+    );
+    let eps = slice_yaml("fw", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]);
+    let mut t = setup(1, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    lb_e2e::must(std::process::Command::new("ip").args([
+        "-n",
+        &t.node,
+        "addr",
+        "add",
+        "192.0.2.51/32",
+        "dev",
+        "lo",
+    ]));
+    // The Node lists no address: nothing is known to be in the range, the node is blocked.
+    let err = t.tcp(&t.node, "192.0.2.51:80").expect_err("blocked");
+    assert!(err.contains("timed out"), "dropped: {err}");
+    // Its InternalIP is in the range: the node may reach its own load-balancer IP.
+    t.write_manifest(
+        "node.yaml",
+        &format!(
+            "{NODE_YAML}status:\n  addresses:\n  - type: InternalIP\n    address: 10.100.0.1\n"
+        ),
+    );
+    t.wait_applied();
+    assert_eq!(t.tcp(&t.node, "192.0.2.51:80").expect("admitted").0, "b0");
+    assert_eq!(
+        t.tcp(&t.client, "192.0.2.51:80")
+            .expect("client in range")
+            .0,
+        "b0"
+    );
+    // Sources outside the range are still blocked.
+    let up = t.node.replace("-node", "-up");
+    lb_e2e::must(std::process::Command::new("ip").args([
+        "-n",
+        &up,
+        "route",
+        "add",
+        "192.0.2.51/32",
+        "via",
+        "10.200.0.1",
+    ]));
+    let err = t.tcp(&up, "192.0.2.51:80").expect_err("blocked");
+    assert!(err.contains("timed out"), "dropped: {err}");
+    let out = std::process::Command::new(lb_e2e::binary("lb-proxy"))
+        .args(["explain", "--to", "192.0.2.51:80", "--from", "192.0.2.51"])
+        .arg("-f")
+        .arg(&t.dir)
+        .output()
+        .expect("run lb-proxy explain");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("source ranges: allowed"), "{text}");
+}

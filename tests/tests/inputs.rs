@@ -84,6 +84,7 @@ fn lb_proxy(t: &Topology, args: &[&str], dir: &Path) -> Output {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("lb-proxy {args:?} hangs");
 }
 
@@ -91,7 +92,8 @@ fn lb_proxy(t: &Topology, args: &[&str], dir: &Path) -> Output {
 fn issue_10_a_file_that_cannot_be_read_or_parsed_keeps_serving_its_services() {
     let mut t = setup(&[]);
     let good = web_file(BOTH);
-    let bad: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    type Make<'a> = Box<dyn Fn(&Path) + 'a>;
+    let bad: Vec<(&str, Make<'_>)> = vec![
         (
             "a malformed document appended",
             Box::new(|p: &Path| {
@@ -217,12 +219,12 @@ fn issue_10_a_file_written_in_slow_pieces_is_never_read_half_way() {
             .expect("api document");
         let mut f = std::fs::File::create(t.dir.join("web.yaml")).expect("truncate");
         std::thread::sleep(Duration::from_millis(120));
-        f.write_all(good[..cut / 2].as_bytes()).expect("piece");
+        f.write_all(&good.as_bytes()[..cut / 2]).expect("piece");
         f.flush().expect("flush");
         std::thread::sleep(Duration::from_millis(120));
-        f.write_all(good[cut / 2..cut].as_bytes()).expect("piece");
+        f.write_all(&good.as_bytes()[cut / 2..cut]).expect("piece");
         std::thread::sleep(Duration::from_millis(120));
-        f.write_all(good[cut..].as_bytes()).expect("piece");
+        f.write_all(&good.as_bytes()[cut..]).expect("piece");
         drop(f);
         std::thread::sleep(Duration::from_millis(400 + 100 * round));
     }

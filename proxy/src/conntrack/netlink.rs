@@ -23,7 +23,7 @@ use netlink_packet_netfilter::conntrack::{
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
-use super::{Filter, Flow, Matcher, families};
+use super::{Filter, Flow, Matcher, Reconciler, families};
 
 /// `NFNL_SUBSYS_CTNETLINK`: the high byte of a conntrack message type.
 const SUBSYS_CTNETLINK: u16 = 1;
@@ -170,11 +170,25 @@ impl Conntrack {
     /// kernel refuses some deletion, the others are still attempted and the first refusal is
     /// returned.
     pub fn delete_matching(&mut self, filters: &BTreeSet<Filter>) -> Result<usize, ConntrackError> {
+        self.delete_stale(filters, &Reconciler::default())
+    }
+
+    /// Deletes every entry that one of `filters` matches or that `reconciler` finds stale, in
+    /// one dump per family either may touch; returns how many were deleted. Otherwise as
+    /// [`Conntrack::delete_matching`].
+    pub fn delete_stale(
+        &mut self,
+        filters: &BTreeSet<Filter>,
+        reconciler: &Reconciler,
+    ) -> Result<usize, ConntrackError> {
         let matcher = Matcher::new(filters);
+        let selects = |f: &Flow| matcher.matches(f) || reconciler.is_stale(f);
         let mut deleted = 0;
         let mut refused = None;
-        for family in families(filters) {
-            let doomed = self.dump(family, &matcher)?;
+        let mut all = families(filters);
+        all.extend(reconciler.families());
+        for family in all {
+            let doomed = self.dump(family, &selects)?;
             for batch in doomed.chunks(DELETE_BATCH) {
                 let (n, err) = self.delete_batch(family, batch)?;
                 deleted += n;
@@ -224,7 +238,11 @@ impl Conntrack {
     }
 
     /// Dumps the `family` table and returns the entries `matcher` selects.
-    fn dump(&mut self, family: IpFamily, matcher: &Matcher) -> Result<Vec<Doomed>, ConntrackError> {
+    fn dump(
+        &mut self,
+        family: IpFamily,
+        selects: &dyn Fn(&Flow) -> bool,
+    ) -> Result<Vec<Doomed>, ConntrackError> {
         let seq = self.next_seq();
         let mut req = Vec::new();
         Self::push_request(
@@ -259,7 +277,7 @@ impl Conntrack {
                     }
                     t if t == (SUBSYS_CTNETLINK << 8) | MSG_CT_NEW => {
                         let d = entry(msg.payload()).map_err(decode)?;
-                        doomed.extend(d.filter(|d| matcher.matches(&d.flow)));
+                        doomed.extend(d.filter(|d| selects(&d.flow)));
                     }
                     _ => {}
                 }

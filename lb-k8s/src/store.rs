@@ -5,7 +5,7 @@
 //! ([`Store::replace_services`], [`Store::replace_slices`]), so nothing stale survives a watch
 //! restart. Every update records which Services changed, so a sync can be incremental.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 
 use lb_core::{Endpoint, Node, ServicePort, ServicePortName};
@@ -33,7 +33,9 @@ pub struct Store {
 pub struct ServiceEntry {
     /// The port.
     pub port: ServicePort,
-    /// Its endpoints, de-duplicated by address and port, in slice-name order.
+    /// Its endpoints, de-duplicated by address and port, in slice-name order. Of duplicate
+    /// copies (an endpoint listed in several slices, e.g. while it moves between slices) the
+    /// first non-terminating one wins, as in kube-proxy's `endpointslicecache.go`.
     pub endpoints: Vec<Endpoint>,
 }
 
@@ -161,16 +163,26 @@ impl Store {
         ports
             .iter()
             .map(|port| {
-                let mut seen = HashSet::<SocketAddr>::new();
-                let mut endpoints = Vec::new();
+                let mut seen = HashMap::<SocketAddr, usize>::new();
+                let mut endpoints: Vec<Endpoint> = Vec::new();
                 for s in &slices {
                     for sp in &s.ports {
                         if sp.name != *port.name().port_name || sp.protocol != port.protocol() {
                             continue;
                         }
                         for ep in s.endpoints_for(sp.port) {
-                            if seen.insert(ep.addr()) {
-                                endpoints.push(ep);
+                            match seen.get(&ep.addr()) {
+                                None => {
+                                    seen.insert(ep.addr(), endpoints.len());
+                                    endpoints.push(ep);
+                                }
+                                // Prefer the non-terminating copy of a duplicate.
+                                Some(&i)
+                                    if endpoints[i].is_terminating() && !ep.is_terminating() =>
+                                {
+                                    endpoints[i] = ep;
+                                }
+                                Some(_) => {}
                             }
                         }
                     }
@@ -193,5 +205,100 @@ impl Store {
             }
         }
         Some(Snapshot { node, services })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::SlicePort;
+    use lb_core::{Conditions, IpFamily, Protocol};
+    use std::num::NonZeroU16;
+
+    fn key() -> ServiceKey {
+        ServiceKey {
+            namespace: "ns".into(),
+            name: "web".into(),
+        }
+    }
+
+    fn slice(eps: &[(&str, Conditions)]) -> Slice {
+        Slice {
+            service: key(),
+            family: IpFamily::V4,
+            ports: vec![SlicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: NonZeroU16::new(8080).expect("non-zero"),
+            }],
+            endpoints: eps
+                .iter()
+                .map(|(ip, c)| {
+                    Endpoint::builder(ip, 1)
+                        .conditions(*c)
+                        .build()
+                        .expect("valid endpoint")
+                })
+                .collect(),
+        }
+    }
+
+    fn merged(slices: &[(&str, Slice)]) -> Vec<(String, Conditions)> {
+        let mut store = Store::new();
+        let port = ServicePort::builder("ns", "web", "http", Protocol::Tcp, 80)
+            .cluster_ips(["10.96.0.1"])
+            .build()
+            .expect("valid port");
+        store.apply_service(key(), Some(vec![port]));
+        for (name, s) in slices {
+            store.apply_slice(("ns".into(), (*name).into()), Some(s.clone()));
+        }
+        let entries = store.entries(&key());
+        entries[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.addr().to_string(), e.conditions()))
+            .collect()
+    }
+
+    #[test]
+    fn a_duplicate_endpoint_keeps_its_non_terminating_copy_whatever_the_slice_order() {
+        // Issue 9, point 4 (kube-proxy `endpointslicecache.go`): a ready endpoint listed again
+        // as terminating in another slice stays ready, whichever slice sorts first.
+        let ready = slice(&[("10.244.0.1", Conditions::READY)]);
+        let terminating = slice(&[("10.244.0.1", Conditions::SERVING_TERMINATING)]);
+        for order in [
+            [("a", terminating.clone()), ("b", ready.clone())],
+            [("a", ready.clone()), ("b", terminating.clone())],
+        ] {
+            assert_eq!(
+                merged(&order),
+                vec![("10.244.0.1:8080".to_string(), Conditions::READY)],
+                "{order:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicates_that_are_all_terminating_keep_the_first_copy_and_others_keep_their_order() {
+        let a = slice(&[
+            ("10.244.0.2", Conditions::SERVING_TERMINATING),
+            ("10.244.0.1", Conditions::READY),
+        ]);
+        let b = slice(&[
+            ("10.244.0.2", Conditions::TERMINATING),
+            ("10.244.0.3", Conditions::READY),
+        ]);
+        assert_eq!(
+            merged(&[("a", a), ("b", b)]),
+            vec![
+                (
+                    "10.244.0.2:8080".to_string(),
+                    Conditions::SERVING_TERMINATING
+                ),
+                ("10.244.0.1:8080".to_string(), Conditions::READY),
+                ("10.244.0.3:8080".to_string(), Conditions::READY),
+            ]
+        );
     }
 }

@@ -403,11 +403,26 @@ pub fn node(n: &K8sNode) -> Result<Node, ConvertError> {
         .as_ref()
         .and_then(|l| l.get(LABEL_ZONE))
         .map(String::as_str);
-    Node::new(&name, zone).map_err(|e| ConvertError {
-        kind: "Node",
-        namespace: String::new(),
-        name: name.clone(),
-        field: e.field,
-        reason: e.reason,
-    })
+    // The primary address per family, as kube-proxy's node IPs: InternalIP first, then
+    // ExternalIP. Unparsable addresses are ignored.
+    let listed = n
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default();
+    let addresses = ["InternalIP", "ExternalIP"].into_iter().flat_map(|kind| {
+        listed
+            .iter()
+            .filter(move |a| a.type_ == kind)
+            .filter_map(|a| a.address.parse::<std::net::IpAddr>().ok())
+    });
+    Node::new(&name, zone)
+        .map(|n| n.with_addresses(addresses))
+        .map_err(|e| ConvertError {
+            kind: "Node",
+            namespace: String::new(),
+            name: name.clone(),
+            field: e.field,
+            reason: e.reason,
+        })
 }
