@@ -1,0 +1,1453 @@
+//! Upstream kube-proxy's own packet-flow tables, run with real packets against lb-proxy.
+//!
+//! Upstream's `pkg/proxy/nftables/proxier_test.go` (kubernetes/kubernetes, v1.33–v1.35) checks
+//! its rulesets with `runPacketFlowTests`: a source IP, a destination IP and port, and the
+//! expected outcome (the endpoints that may be reached, `DROP` or `REJECT`, and whether the
+//! packet is masqueraded). Those tables are transcribed here, group by group, each flow with
+//! its provenance (upstream test, sub-test and flow name), and run as real TCP and UDP
+//! connections through a node namespace that `lb-proxy run` programs.
+//!
+//! # Topology (`scripts/netns-upstream-flows`)
+//!
+//! Upstream's own addresses, used only inside the test's namespaces and never routed out of
+//! them: pods in 10.0.0.0/8 (the cluster CIDR, as upstream's `podCIDR`), one namespace per pod
+//! address; the node 192.168.0.2 (plus 192.168.1.2 and 192.168.99.11, as upstream's fake
+//! network); external clients 203.0.113.2 and 203.0.113.130 (inside and outside upstream's
+//! source range 203.0.113.0/25). NodePorts are served on 192.168.0.2/32 only, as upstream's
+//! fake proxier (`--nodeport-addresses`).
+//!
+//! How an outcome is observed:
+//! * an endpoint answers with the address and port it serves (`lb-testsrv serve @`), and the
+//!   client address it saw: the node's pod-side address 10.0.0.1 when the connection was
+//!   masqueraded, the client's own address when not;
+//! * `REJECT` is an immediate "connection refused" (TCP) or ICMP port unreachable (UDP);
+//! * `DROP` is a timeout;
+//! * a packet lb-proxy leaves alone is answered by the node itself (a listener named `node` on
+//!   the node's addresses) or, for service addresses routed off the node, by the namespace
+//!   `up` (named `up`), so "not handled" never looks like a drop or a reject.
+//!
+//! # Re-mapping
+//!
+//! Upstream runs every sub-test on a fresh fake proxier. Here one lb-proxy serves every group:
+//! each group's manifests replace the previous group's (`flows.yaml`), and the flows run once
+//! lb-proxy reports the change applied. Addresses are upstream's, unchanged. Upstream's "same
+//! node to LB, SNATted to LB" flows need the load-balancer IP on the node (that is the
+//! situation they model), so `TestLoadBalancer` adds 1.2.3.4 and 5.6.7.8 to the node's
+//! loopback for its own flows only.
+//!
+//! # Left out (see the README of this crate)
+//!
+//! * `TestClusterIPGeneral` "packet to unallocated cluster ip" (needs ServiceCIDRs).
+//! * `TestClusterIPGeneral` "clusterIP with TCP, UDP, and SCTP on same port (SCTP)": the test
+//!   peer has no SCTP (the SCTP port is still programmed).
+//! * IPv6 sub-tests of `TestNodePorts`, and `TestInternalExternalMasquerade`'s "no
+//!   LocalTrafficDetector" variants (lb-proxy always has a cluster CIDR in these tests).
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use lb_e2e::{Topology, binary};
+
+/// Every pod address of every group, one namespace each (`p<index>`).
+const POD_IPS: &[&str] = &[
+    "10.0.0.2",
+    "10.180.0.1",
+    "10.180.0.2",
+    "10.180.0.3",
+    "10.180.0.4",
+    "10.180.0.5",
+    "10.180.1.1",
+    "10.180.1.2",
+    "10.180.1.3",
+    "10.180.2.1",
+    "10.0.1.1",
+    "10.0.1.2",
+    "10.0.1.3",
+    "10.0.1.4",
+    "10.0.1.5",
+];
+/// The ports every pod serves (TCP and UDP): every target port of every group.
+const POD_PORTS: &[u16] = &[53, 80, 5353, 8443];
+/// The ports the node and `up` answer on when lb-proxy leaves a packet alone.
+const OTHER_PORTS: &[u16] = &[53, 80, 443, 3001, 3002, 3003];
+
+/// Upstream's `testNodeIP`.
+const NODE_IP: &str = "192.168.0.2";
+/// Upstream's `testNodeIPAlt`.
+const NODE_IP_ALT: &str = "192.168.1.2";
+/// Upstream's `testExternalClient` (inside the source range 203.0.113.0/25).
+const EXTERNAL_CLIENT: &str = "203.0.113.2";
+/// Upstream's `testExternalClientBlocked` (outside it).
+const EXTERNAL_CLIENT_BLOCKED: &str = "203.0.113.130";
+/// The node's address on its pod links: a masqueraded connection reaches a pod from it.
+const MASQUERADED: &str = "10.0.0.1";
+
+/// How long one attempt waits; a `DROP` is an attempt that times out.
+const ATTEMPT_MS: &str = "1500";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Output {
+    /// Upstream's `output: "ip:port, ip:port"`: each listed endpoint is reached, no other.
+    Endpoints(&'static str),
+    Drop,
+    Reject,
+    /// Upstream's `output: ""`: lb-proxy does not touch the packet; the named peer (`node`
+    /// or `up`) answers it.
+    NotHandled(&'static str),
+}
+
+/// One row of an upstream `packetFlowTest` table.
+#[derive(Debug, Clone, Copy)]
+struct Flow {
+    /// Upstream's flow name.
+    name: &'static str,
+    source: &'static str,
+    proto: Proto,
+    dest: &'static str,
+    port: u16,
+    output: Output,
+    masq: bool,
+}
+
+const fn tcp(
+    name: &'static str,
+    source: &'static str,
+    dest: &'static str,
+    port: u16,
+    output: Output,
+    masq: bool,
+) -> Flow {
+    Flow {
+        name,
+        source,
+        proto: Proto::Tcp,
+        dest,
+        port,
+        output,
+        masq,
+    }
+}
+
+const fn udp(
+    name: &'static str,
+    source: &'static str,
+    dest: &'static str,
+    port: u16,
+    output: Output,
+    masq: bool,
+) -> Flow {
+    Flow {
+        proto: Proto::Udp,
+        ..tcp(name, source, dest, port, output, masq)
+    }
+}
+
+use Output::{Drop, Endpoints, NotHandled, Reject};
+
+/// The manifests of one upstream (sub-)test and its flows.
+struct Group {
+    /// Upstream test and sub-test, e.g. `TestInternalTrafficPolicy/internalTrafficPolicy is local…`.
+    upstream: String,
+    manifests: String,
+    flows: Vec<Flow>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manifests: the shapes `kubectl get -o yaml` prints, transcribed from upstream's Go values.
+
+/// A Service `ns/name` with `spec` (YAML lines indented by two) and optional load-balancer
+/// ingress IPs.
+fn service(ns: &str, name: &str, spec: &str, ingress: &[&str]) -> String {
+    let mut s = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{spec}"
+    );
+    if !ingress.is_empty() {
+        s.push_str("status:\n  loadBalancer:\n    ingress:\n");
+        for ip in ingress {
+            s.push_str(&format!("    - ip: {ip}\n"));
+        }
+    }
+    s
+}
+
+/// An endpoint: address, node name, and conditions `(ready, serving, terminating)` when
+/// upstream sets them (absent conditions mean ready, as in the API).
+type Ep = (
+    &'static str,
+    Option<&'static str>,
+    Option<(bool, bool, bool)>,
+);
+
+/// An EndpointSlice `<svc>-<n>` of Service `ns/svc` with `ports` (`name, protocol, port`).
+fn slice(ns: &str, svc: &str, n: u32, ports: &[(&str, &str, u16)], eps: &[Ep]) -> String {
+    let mut s = format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-{n}\n  namespace: {ns}\n  labels:\n    kubernetes.io/service-name: {svc}\naddressType: IPv4\nports:\n"
+    );
+    for (name, proto, port) in ports {
+        s.push_str(&format!(
+            "- name: \"{name}\"\n  port: {port}\n  protocol: {proto}\n"
+        ));
+    }
+    s.push_str("endpoints:\n");
+    for (ip, node, cond) in eps {
+        s.push_str(&format!("- addresses: [\"{ip}\"]\n"));
+        if let Some(node) = node {
+            s.push_str(&format!("  nodeName: {node}\n"));
+        }
+        if let Some((r, sv, t)) = cond {
+            s.push_str(&format!(
+                "  conditions: {{ready: {r}, serving: {sv}, terminating: {t}}}\n"
+            ));
+        }
+    }
+    s
+}
+
+const P80: &[(&str, &str, u16)] = &[("p80", "TCP", 80)];
+const UNNAMED_80: &[(&str, &str, u16)] = &[("", "TCP", 80)];
+const LOCAL: Option<&str> = Some("test-node");
+const READY: Option<(bool, bool, bool)> = Some((true, true, false));
+const SERVING_TERMINATING: Option<(bool, bool, bool)> = Some((false, true, true));
+const NOT_SERVING: Option<(bool, bool, bool)> = Some((false, false, true));
+
+// ---------------------------------------------------------------------------------------------
+// The groups, in upstream's order.
+
+fn no_endpoints_reject() -> Group {
+    let manifests = service(
+        "ns1",
+        "svc1",
+        "  type: LoadBalancer\n  clusterIP: 172.30.0.41\n  externalIPs: [192.168.99.11]\n  ports:\n  - name: p80\n    protocol: TCP\n    port: 80\n    nodePort: 3001\n",
+        &["1.2.3.4"],
+    );
+    Group {
+        upstream: "TestNoEndpointsReject".into(),
+        manifests,
+        flows: vec![
+            tcp(
+                "pod to cluster IP with no endpoints",
+                "10.0.0.2",
+                "172.30.0.41",
+                80,
+                Reject,
+                false,
+            ),
+            tcp(
+                "external to external IP with no endpoints",
+                EXTERNAL_CLIENT,
+                "192.168.99.11",
+                80,
+                Reject,
+                false,
+            ),
+            tcp(
+                "pod to NodePort with no endpoints",
+                "10.0.0.2",
+                NODE_IP,
+                3001,
+                Reject,
+                false,
+            ),
+            tcp(
+                "external to NodePort with no endpoints",
+                EXTERNAL_CLIENT,
+                NODE_IP,
+                3001,
+                Reject,
+                false,
+            ),
+            tcp(
+                "pod to LoadBalancer IP with no endpoints",
+                "10.0.0.2",
+                "1.2.3.4",
+                80,
+                Reject,
+                false,
+            ),
+            tcp(
+                "external to LoadBalancer IP with no endpoints",
+                EXTERNAL_CLIENT,
+                "1.2.3.4",
+                80,
+                Reject,
+                false,
+            ),
+        ],
+    }
+}
+
+fn cluster_ip_general() -> Group {
+    let mut manifests = service(
+        "ns1",
+        "svc1",
+        "  clusterIP: 172.30.0.41\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n",
+        &[],
+    );
+    manifests += &service(
+        "ns2",
+        "svc2",
+        "  clusterIP: 172.30.0.42\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n  - name: https\n    port: 443\n    protocol: TCP\n    targetPort: 8443\n  - name: dns-udp\n    port: 53\n    protocol: UDP\n  - name: dns-tcp\n    port: 53\n    protocol: TCP\n    targetPort: 5353\n  - name: dns-sctp\n    port: 53\n    protocol: SCTP\n",
+        &[],
+    );
+    manifests += &slice(
+        "ns1",
+        "svc1",
+        1,
+        &[("http", "TCP", 80)],
+        &[("10.180.0.1", LOCAL, None)],
+    );
+    manifests += &slice(
+        "ns2",
+        "svc2",
+        1,
+        &[
+            ("http", "TCP", 80),
+            ("https", "TCP", 8443),
+            ("dns-udp", "UDP", 53),
+            ("dns-tcp", "TCP", 5353),
+            ("dns-sctp", "SCTP", 53),
+        ],
+        &[
+            ("10.180.0.1", LOCAL, None),
+            ("10.180.2.1", Some("node2"), None),
+        ],
+    );
+    let both = |p: &'static str| Endpoints(p);
+    Group {
+        upstream: "TestClusterIPGeneral".into(),
+        manifests,
+        flows: vec![
+            tcp(
+                "simple clusterIP",
+                "10.180.0.2",
+                "172.30.0.41",
+                80,
+                Endpoints("10.180.0.1:80"),
+                false,
+            ),
+            tcp(
+                "hairpin to cluster IP",
+                "10.180.0.1",
+                "172.30.0.41",
+                80,
+                Endpoints("10.180.0.1:80"),
+                true,
+            ),
+            tcp(
+                "clusterIP with multiple endpoints",
+                "10.180.0.2",
+                "172.30.0.42",
+                80,
+                both("10.180.0.1:80, 10.180.2.1:80"),
+                false,
+            ),
+            tcp(
+                "clusterIP with TargetPort",
+                "10.180.0.2",
+                "172.30.0.42",
+                443,
+                both("10.180.0.1:8443, 10.180.2.1:8443"),
+                false,
+            ),
+            tcp(
+                "clusterIP with TCP, UDP, and SCTP on same port (TCP)",
+                "10.180.0.2",
+                "172.30.0.42",
+                53,
+                both("10.180.0.1:5353, 10.180.2.1:5353"),
+                false,
+            ),
+            // Upstream names this UDP flow "(TCP)" too.
+            udp(
+                "clusterIP with TCP, UDP, and SCTP on same port (TCP)",
+                "10.180.0.2",
+                "172.30.0.42",
+                53,
+                both("10.180.0.1:53, 10.180.2.1:53"),
+                false,
+            ),
+            udp(
+                "TCP-only port does not match UDP traffic",
+                "10.180.0.2",
+                "172.30.0.42",
+                80,
+                Reject,
+                false,
+            ),
+            tcp(
+                "svc1 does not accept svc2's ports",
+                "10.180.0.2",
+                "172.30.0.41",
+                443,
+                Reject,
+                false,
+            ),
+        ],
+    }
+}
+
+fn load_balancer() -> Group {
+    let ep = Endpoints("10.180.0.1:80");
+    let mut manifests = service(
+        "ns1",
+        "svc1",
+        "  type: LoadBalancer\n  clusterIP: 172.30.0.41\n  ports:\n  - name: p80\n    port: 80\n    protocol: TCP\n    nodePort: 3001\n  loadBalancerSourceRanges: [\"192.168.0.0/24\", \" 203.0.113.0/25\"]\n",
+        &["1.2.3.4", "5.6.7.8"],
+    );
+    manifests += &slice("ns1", "svc1", 1, P80, &[("10.180.0.1", None, None)]);
+    Group {
+        upstream: "TestLoadBalancer".into(),
+        manifests,
+        flows: vec![
+            tcp(
+                "pod to cluster IP",
+                "10.0.0.2",
+                "172.30.0.41",
+                80,
+                ep,
+                false,
+            ),
+            tcp(
+                "external to nodePort",
+                EXTERNAL_CLIENT,
+                NODE_IP,
+                3001,
+                ep,
+                true,
+            ),
+            tcp(
+                "nodePort bypasses LoadBalancerSourceRanges",
+                EXTERNAL_CLIENT_BLOCKED,
+                NODE_IP,
+                3001,
+                ep,
+                true,
+            ),
+            tcp(
+                "accepted external to LB1",
+                EXTERNAL_CLIENT,
+                "1.2.3.4",
+                80,
+                ep,
+                true,
+            ),
+            tcp(
+                "accepted external to LB2",
+                EXTERNAL_CLIENT,
+                "5.6.7.8",
+                80,
+                ep,
+                true,
+            ),
+            tcp(
+                "blocked external to LB1",
+                EXTERNAL_CLIENT_BLOCKED,
+                "1.2.3.4",
+                80,
+                Drop,
+                false,
+            ),
+            tcp(
+                "blocked external to LB2",
+                EXTERNAL_CLIENT_BLOCKED,
+                "5.6.7.8",
+                80,
+                Drop,
+                false,
+            ),
+            tcp(
+                "pod to LB1 (blocked by LoadBalancerSourceRanges)",
+                "10.0.0.2",
+                "1.2.3.4",
+                80,
+                Drop,
+                false,
+            ),
+            tcp(
+                "pod to LB2 (blocked by LoadBalancerSourceRanges)",
+                "10.0.0.2",
+                "5.6.7.8",
+                80,
+                Drop,
+                false,
+            ),
+            tcp(
+                "node to LB1 (allowed by LoadBalancerSourceRanges)",
+                NODE_IP,
+                "1.2.3.4",
+                80,
+                ep,
+                true,
+            ),
+            tcp(
+                "node to LB2 (allowed by LoadBalancerSourceRanges)",
+                NODE_IP,
+                "5.6.7.8",
+                80,
+                ep,
+                true,
+            ),
+            tcp(
+                "same node to LB1, SNATted to LB1 (implicitly allowed)",
+                "1.2.3.4",
+                "1.2.3.4",
+                80,
+                ep,
+                true,
+            ),
+            tcp(
+                "same node to LB2, SNATted to LB2 (implicitly allowed)",
+                "5.6.7.8",
+                "5.6.7.8",
+                80,
+                ep,
+                true,
+            ),
+        ],
+    }
+}
+
+fn node_ports_ipv4() -> Group {
+    let both = Endpoints("10.180.0.1:80, 10.180.2.1:80");
+    let mut manifests = service(
+        "ns1",
+        "svc1",
+        "  type: NodePort\n  clusterIP: 172.30.0.41\n  ports:\n  - name: p80\n    port: 80\n    protocol: TCP\n    nodePort: 3001\n",
+        &[],
+    );
+    manifests += &slice(
+        "ns1",
+        "svc1",
+        1,
+        P80,
+        &[("10.180.0.1", None, None), ("10.180.2.1", LOCAL, None)],
+    );
+    Group {
+        upstream: "TestNodePorts/ipv4".into(),
+        manifests,
+        flows: vec![
+            tcp(
+                "pod to cluster IP",
+                "10.0.0.2",
+                "172.30.0.41",
+                80,
+                both,
+                false,
+            ),
+            tcp(
+                "external to nodePort",
+                EXTERNAL_CLIENT,
+                NODE_IP,
+                3001,
+                both,
+                true,
+            ),
+            tcp("node to nodePort", NODE_IP, NODE_IP, 3001, both, true),
+            tcp(
+                "secondary nodeIP ignores NodePorts",
+                EXTERNAL_CLIENT,
+                NODE_IP_ALT,
+                3001,
+                NotHandled("node"),
+                false,
+            ),
+        ],
+    }
+}
+
+/// The Service and endpoints of `TestExternalTrafficPolicyLocal` and `…Cluster`.
+fn etp_manifests(policy: &str) -> String {
+    let mut m = service(
+        "ns1",
+        "svc1",
+        &format!(
+            "  type: LoadBalancer\n  externalTrafficPolicy: {policy}\n  clusterIP: 172.30.0.41\n  externalIPs: [192.168.99.11]\n  healthCheckNodePort: 30000\n  ports:\n  - name: p80\n    port: 80\n    protocol: TCP\n    nodePort: 3001\n    targetPort: 80\n"
+        ),
+        &["1.2.3.4"],
+    );
+    if policy == "Cluster" {
+        m = m.replace("  healthCheckNodePort: 30000\n", "");
+    }
+    m + &slice(
+        "ns1",
+        "svc1",
+        1,
+        P80,
+        &[("10.180.0.1", None, None), ("10.180.2.1", LOCAL, None)],
+    )
+}
+
+fn external_traffic_policy_local() -> Group {
+    let both = Endpoints("10.180.0.1:80, 10.180.2.1:80");
+    let local = Endpoints("10.180.2.1:80");
+    Group {
+        upstream: "TestExternalTrafficPolicyLocal".into(),
+        manifests: etp_manifests("Local"),
+        flows: vec![
+            tcp(
+                "pod to cluster IP hits both endpoints, unmasqueraded",
+                "10.0.0.2",
+                "172.30.0.41",
+                80,
+                both,
+                false,
+            ),
+            tcp(
+                "pod to external IP hits both endpoints, unmasqueraded",
+                "10.0.0.2",
+                "192.168.99.11",
+                80,
+                both,
+                false,
+            ),
+            tcp(
+                "external to external IP hits only local endpoint, unmasqueraded",
+                EXTERNAL_CLIENT,
+                "192.168.99.11",
+                80,
+                local,
+                false,
+            ),
+            tcp(
+                "pod to LB IP hits only both endpoints, unmasqueraded",
+                "10.0.0.2",
+                "1.2.3.4",
+                80,
+                both,
+                false,
+            ),
+            tcp(
+                "external to LB IP hits only local endpoint, unmasqueraded",
+                EXTERNAL_CLIENT,
+                "1.2.3.4",
+                80,
+                local,
+                false,
+            ),
+            tcp(
+                "pod to NodePort hits both endpoints, unmasqueraded",
+                "10.0.0.2",
+                NODE_IP,
+                3001,
+                both,
+                false,
+            ),
+            tcp(
+                "external to NodePort hits only local endpoint, unmasqueraded",
+                EXTERNAL_CLIENT,
+                NODE_IP,
+                3001,
+                local,
+                false,
+            ),
+        ],
+    }
+}
+
+fn external_traffic_policy_cluster() -> Group {
+    let both = Endpoints("10.180.0.1:80, 10.180.2.1:80");
+    Group {
+        upstream: "TestExternalTrafficPolicyCluster".into(),
+        manifests: etp_manifests("Cluster"),
+        flows: vec![
+            tcp(
+                "pod to cluster IP hits both endpoints, unmasqueraded",
+                "10.0.0.2",
+                "172.30.0.41",
+                80,
+                both,
+                false,
+            ),
+            tcp(
+                "pod to external IP hits both endpoints, masqueraded",
+                "10.0.0.2",
+                "192.168.99.11",
+                80,
+                both,
+                true,
+            ),
+            tcp(
+                "external to external IP hits both endpoints, masqueraded",
+                EXTERNAL_CLIENT,
+                "192.168.99.11",
+                80,
+                both,
+                true,
+            ),
+            tcp(
+                "pod to LB IP hits both endpoints, masqueraded",
+                "10.0.0.2",
+                "1.2.3.4",
+                80,
+                both,
+                true,
+            ),
+            tcp(
+                "external to LB IP hits both endpoints, masqueraded",
+                EXTERNAL_CLIENT,
+                "1.2.3.4",
+                80,
+                both,
+                true,
+            ),
+            tcp(
+                "pod to NodePort hits both endpoints, masqueraded",
+                "10.0.0.2",
+                NODE_IP,
+                3001,
+                both,
+                true,
+            ),
+            tcp(
+                "external to NodePort hits both endpoints, masqueraded",
+                EXTERNAL_CLIENT,
+                NODE_IP,
+                3001,
+                both,
+                true,
+            ),
+        ],
+    }
+}
+
+/// `TestInternalTrafficPolicy`: each case, then the same Service with its slice deleted.
+fn internal_traffic_policy() -> Vec<Group> {
+    let cases: [(&str, &str, [(&'static str, &'static str); 3], Flow); 4] = [
+        (
+            "internalTrafficPolicy is cluster",
+            "Cluster",
+            [
+                ("10.0.1.1", "test-node"),
+                ("10.0.1.2", "node1"),
+                ("10.0.1.3", "node2"),
+            ],
+            tcp(
+                "pod to ClusterIP hits all endpoints",
+                "10.0.0.2",
+                "172.30.1.1",
+                80,
+                Endpoints("10.0.1.1:80, 10.0.1.2:80, 10.0.1.3:80"),
+                false,
+            ),
+        ),
+        (
+            "internalTrafficPolicy is local and there is one local endpoint",
+            "Local",
+            [
+                ("10.0.1.1", "test-node"),
+                ("10.0.1.2", "node1"),
+                ("10.0.1.3", "node2"),
+            ],
+            tcp(
+                "pod to ClusterIP hits only local endpoint",
+                "10.0.0.2",
+                "172.30.1.1",
+                80,
+                Endpoints("10.0.1.1:80"),
+                false,
+            ),
+        ),
+        (
+            "internalTrafficPolicy is local and there are multiple local endpoints",
+            "Local",
+            [
+                ("10.0.1.1", "test-node"),
+                ("10.0.1.2", "test-node"),
+                ("10.0.1.3", "node2"),
+            ],
+            tcp(
+                "pod to ClusterIP hits all local endpoints",
+                "10.0.0.2",
+                "172.30.1.1",
+                80,
+                Endpoints("10.0.1.1:80, 10.0.1.2:80"),
+                false,
+            ),
+        ),
+        (
+            "internalTrafficPolicy is local and there are no local endpoints",
+            "Local",
+            [
+                ("10.0.1.1", "node0"),
+                ("10.0.1.2", "node1"),
+                ("10.0.1.3", "node2"),
+            ],
+            tcp("no endpoints", "10.0.0.2", "172.30.1.1", 80, Drop, false),
+        ),
+    ];
+    let mut groups = Vec::new();
+    for (case, policy, eps, flow) in cases {
+        let svc = service(
+            "ns1",
+            "svc1",
+            &format!(
+                "  clusterIP: 172.30.1.1\n  internalTrafficPolicy: {policy}\n  selector: {{foo: bar}}\n  ports:\n  - port: 80\n    protocol: TCP\n"
+            ),
+            &[],
+        );
+        let eps: Vec<Ep> = eps
+            .iter()
+            .map(|(ip, node)| (*ip, Some(*node), Some((true, true, false))))
+            .collect();
+        groups.push(Group {
+            upstream: format!("TestInternalTrafficPolicy/{case}"),
+            manifests: svc.clone() + &slice("ns1", "svc1", 1, UNNAMED_80, &eps),
+            flows: vec![flow],
+        });
+        groups.push(Group {
+            upstream: format!("TestInternalTrafficPolicy/{case} (endpoints deleted)"),
+            manifests: svc,
+            flows: vec![tcp(
+                "endpoints deleted",
+                "10.0.0.2",
+                "172.30.1.1",
+                80,
+                Reject,
+                false,
+            )],
+        });
+    }
+    groups
+}
+
+/// `TestTerminatingEndpointsTrafficPolicyLocal` and `…Cluster`: each case, then the same
+/// Service with its slice deleted.
+fn terminating_endpoints(policy: &str) -> Vec<Group> {
+    let local = policy == "Local";
+    let svc = service(
+        "ns1",
+        "svc1",
+        &format!(
+            "  type: LoadBalancer\n  externalTrafficPolicy: {policy}\n  clusterIP: 172.30.1.1\n  healthCheckNodePort: 30000\n  ports:\n  - port: 80\n    targetPort: 80\n    protocol: TCP\n"
+        ),
+        &["1.2.3.4"],
+    );
+    let svc = if local {
+        svc
+    } else {
+        svc.replace("  healthCheckNodePort: 30000\n", "")
+    };
+    let other = if local { "node-1" } else { "another-node" };
+    let test = format!("TestTerminatingEndpointsTrafficPolicy{policy}");
+    let pod = |name, output| tcp(name, "10.0.0.2", "172.30.1.1", 80, output, false);
+    let ext = |name, output, masq| tcp(name, EXTERNAL_CLIENT, "1.2.3.4", 80, output, masq);
+    let cases: Vec<(&str, Vec<Ep>, Vec<Flow>)> = vec![
+        (
+            "ready endpoints exist",
+            vec![
+                ("10.0.1.1", LOCAL, READY),
+                ("10.0.1.2", LOCAL, READY),
+                (
+                    "10.0.1.3",
+                    if local { LOCAL } else { Some(other) },
+                    SERVING_TERMINATING,
+                ),
+                (
+                    "10.0.1.4",
+                    if local { LOCAL } else { Some(other) },
+                    NOT_SERVING,
+                ),
+                ("10.0.1.5", Some(other), READY),
+            ],
+            vec![
+                pod(
+                    "pod to clusterIP",
+                    Endpoints("10.0.1.1:80, 10.0.1.2:80, 10.0.1.5:80"),
+                ),
+                if local {
+                    ext(
+                        "external to LB",
+                        Endpoints("10.0.1.1:80, 10.0.1.2:80"),
+                        false,
+                    )
+                } else {
+                    ext(
+                        "external to LB",
+                        Endpoints("10.0.1.1:80, 10.0.1.2:80, 10.0.1.5:80"),
+                        true,
+                    )
+                },
+            ],
+        ),
+        (
+            "only terminating endpoints exist",
+            vec![
+                ("10.0.1.2", LOCAL, SERVING_TERMINATING),
+                ("10.0.1.3", LOCAL, SERVING_TERMINATING),
+                (
+                    "10.0.1.4",
+                    if local { LOCAL } else { Some(other) },
+                    NOT_SERVING,
+                ),
+                (
+                    "10.0.1.5",
+                    Some(other),
+                    if local { READY } else { SERVING_TERMINATING },
+                ),
+            ],
+            if local {
+                vec![
+                    pod("pod to clusterIP", Endpoints("10.0.1.5:80")),
+                    ext(
+                        "external to LB",
+                        Endpoints("10.0.1.2:80, 10.0.1.3:80"),
+                        false,
+                    ),
+                ]
+            } else {
+                vec![
+                    pod(
+                        "pod to clusterIP",
+                        Endpoints("10.0.1.2:80, 10.0.1.3:80, 10.0.1.5:80"),
+                    ),
+                    ext(
+                        "external to LB",
+                        Endpoints("10.0.1.2:80, 10.0.1.3:80, 10.0.1.5:80"),
+                        true,
+                    ),
+                ]
+            },
+        ),
+        (
+            "terminating endpoints on remote node",
+            vec![("10.0.1.5", Some("node-1"), SERVING_TERMINATING)],
+            if local {
+                vec![
+                    pod("pod to clusterIP", Endpoints("10.0.1.5:80")),
+                    ext("external to LB, no locally-usable endpoints", Drop, false),
+                ]
+            } else {
+                vec![
+                    pod("pod to clusterIP", Endpoints("10.0.1.5:80")),
+                    ext("external to LB", Endpoints("10.0.1.5:80"), true),
+                ]
+            },
+        ),
+        (
+            "no usable endpoints on any node",
+            vec![
+                ("10.0.1.5", LOCAL, NOT_SERVING),
+                ("10.0.1.5", Some("node-1"), NOT_SERVING),
+            ],
+            if local {
+                vec![
+                    pod("pod to clusterIP, no usable endpoints", Reject),
+                    ext("external to LB, no usable endpoints", Reject, false),
+                ]
+            } else {
+                vec![
+                    pod("pod to clusterIP", Reject),
+                    ext("external to LB", Reject, false),
+                ]
+            },
+        ),
+    ];
+    let mut groups = Vec::new();
+    for (case, eps, flows) in cases {
+        groups.push(Group {
+            upstream: format!("{test}/{case}"),
+            manifests: svc.clone() + &slice("ns1", "svc1", 1, UNNAMED_80, &eps),
+            flows,
+        });
+        groups.push(Group {
+            upstream: format!("{test}/{case} (endpoints deleted)"),
+            manifests: svc.clone(),
+            flows: vec![
+                pod("pod to clusterIP after endpoints deleted", Reject),
+                ext("external to LB after endpoints deleted", Reject, false),
+            ],
+        });
+    }
+    groups
+}
+
+fn internal_external_masquerade_manifests() -> String {
+    let mut m = String::new();
+    for (n, extra, lb) in [
+        (1, "", "1.2.3.4"),
+        (2, "  externalTrafficPolicy: Local\n", "5.6.7.8"),
+        (3, "  internalTrafficPolicy: Local\n", "9.10.11.12"),
+    ] {
+        m += &service(
+            &format!("ns{n}"),
+            &format!("svc{n}"),
+            &format!(
+                "  type: LoadBalancer\n  clusterIP: 172.30.0.4{n}\n  healthCheckNodePort: 3000{n}\n{extra}  ports:\n  - name: p80\n    port: 80\n    protocol: TCP\n    nodePort: 300{n}\n"
+            ),
+            &[lb],
+        );
+        m += &slice(
+            &format!("ns{n}"),
+            &format!("svc{n}"),
+            1,
+            P80,
+            &[
+                (
+                    ["10.180.0.1", "10.180.0.2", "10.180.0.3"][n - 1],
+                    LOCAL,
+                    None,
+                ),
+                (
+                    ["10.180.1.1", "10.180.1.2", "10.180.1.3"][n - 1],
+                    Some("remote"),
+                    None,
+                ),
+            ],
+        );
+    }
+    m
+}
+
+/// `TestInternalExternalMasquerade`'s flows for its sub-test "base" (a working local-traffic
+/// detector, no masqueradeAll).
+fn internal_external_masquerade_base() -> Group {
+    const S1: Output = Endpoints("10.180.0.1:80, 10.180.1.1:80");
+    const S2: Output = Endpoints("10.180.0.2:80, 10.180.1.2:80");
+    const S3: Output = Endpoints("10.180.0.3:80, 10.180.1.3:80");
+    const POD: &str = "10.0.0.2";
+    Group {
+        upstream: "TestInternalExternalMasquerade/base".into(),
+        manifests: internal_external_masquerade_manifests(),
+        flows: vec![
+            tcp("pod to ClusterIP", POD, "172.30.0.41", 80, S1, false),
+            tcp("pod to NodePort", POD, NODE_IP, 3001, S1, true),
+            tcp("pod to LB", POD, "1.2.3.4", 80, S1, true),
+            tcp("node to ClusterIP", NODE_IP, "172.30.0.41", 80, S1, true),
+            tcp("node to NodePort", NODE_IP, NODE_IP, 3001, S1, true),
+            tcp("node to LB", NODE_IP, "1.2.3.4", 80, S1, true),
+            tcp(
+                "external to ClusterIP",
+                EXTERNAL_CLIENT,
+                "172.30.0.41",
+                80,
+                S1,
+                true,
+            ),
+            tcp(
+                "external to NodePort",
+                EXTERNAL_CLIENT,
+                NODE_IP,
+                3001,
+                S1,
+                true,
+            ),
+            tcp("external to LB", EXTERNAL_CLIENT, "1.2.3.4", 80, S1, true),
+            tcp(
+                "pod to ClusterIP with eTP:Local",
+                POD,
+                "172.30.0.42",
+                80,
+                S2,
+                false,
+            ),
+            tcp(
+                "pod to NodePort with eTP:Local",
+                POD,
+                NODE_IP,
+                3002,
+                S2,
+                false,
+            ),
+            tcp("pod to LB with eTP:Local", POD, "5.6.7.8", 80, S2, false),
+            tcp(
+                "node to ClusterIP with eTP:Local",
+                NODE_IP,
+                "172.30.0.42",
+                80,
+                S2,
+                true,
+            ),
+            // Upstream's flow targets port 3001 (svc1's NodePort), hence svc1's endpoints.
+            tcp(
+                "node to NodePort with eTP:Local",
+                NODE_IP,
+                NODE_IP,
+                3001,
+                S1,
+                true,
+            ),
+            tcp(
+                "node to LB with eTP:Local",
+                NODE_IP,
+                "5.6.7.8",
+                80,
+                S2,
+                true,
+            ),
+            tcp(
+                "external to ClusterIP with eTP:Local",
+                EXTERNAL_CLIENT,
+                "172.30.0.42",
+                80,
+                S2,
+                true,
+            ),
+            tcp(
+                "external to NodePort with eTP:Local",
+                EXTERNAL_CLIENT,
+                NODE_IP,
+                3002,
+                Endpoints("10.180.0.2:80"),
+                false,
+            ),
+            tcp(
+                "external to LB with eTP:Local",
+                EXTERNAL_CLIENT,
+                "5.6.7.8",
+                80,
+                Endpoints("10.180.0.2:80"),
+                false,
+            ),
+            tcp(
+                "pod to ClusterIP with iTP:Local",
+                POD,
+                "172.30.0.43",
+                80,
+                Endpoints("10.180.0.3:80"),
+                false,
+            ),
+            tcp(
+                "pod to NodePort with iTP:Local",
+                POD,
+                NODE_IP,
+                3003,
+                S3,
+                true,
+            ),
+            tcp("pod to LB with iTP:Local", POD, "9.10.11.12", 80, S3, true),
+            tcp(
+                "node to ClusterIP with iTP:Local",
+                NODE_IP,
+                "172.30.0.43",
+                80,
+                Endpoints("10.180.0.3:80"),
+                true,
+            ),
+            tcp(
+                "node to NodePort with iTP:Local",
+                NODE_IP,
+                NODE_IP,
+                3003,
+                S3,
+                true,
+            ),
+            tcp(
+                "node to LB with iTP:Local",
+                NODE_IP,
+                "9.10.11.12",
+                80,
+                S3,
+                true,
+            ),
+            tcp(
+                "external to ClusterIP with iTP:Local",
+                EXTERNAL_CLIENT,
+                "172.30.0.43",
+                80,
+                Endpoints("10.180.0.3:80"),
+                true,
+            ),
+            tcp(
+                "external to NodePort with iTP:Local",
+                EXTERNAL_CLIENT,
+                NODE_IP,
+                3003,
+                S3,
+                true,
+            ),
+            tcp(
+                "external to LB with iTP:Local",
+                EXTERNAL_CLIENT,
+                "9.10.11.12",
+                80,
+                S3,
+                true,
+            ),
+        ],
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running flows with real packets.
+
+/// What one attempt saw.
+#[derive(Debug)]
+enum Seen {
+    /// `server` (`ip:port` of an endpoint, or `node` / `up`) answered and saw `client`.
+    Reply {
+        server: String,
+        client: String,
+    },
+    Refused,
+    TimedOut,
+    Other(String),
+}
+
+/// The topology and lb-proxy, plus the namespaces flows start from.
+struct Lab {
+    t: Topology,
+    clients: Clients,
+    /// Manifest swaps so far.
+    swaps: u8,
+}
+
+/// Where each source address lives.
+struct Clients {
+    external: String,
+    node: String,
+    /// The namespace of each of [`POD_IPS`].
+    pods: Vec<String>,
+}
+
+impl Clients {
+    /// The namespace a flow's source address lives in.
+    fn namespace_of(&self, source: &str) -> &str {
+        if source.starts_with("203.0.113.") {
+            &self.external
+        } else if let Some(i) = POD_IPS.iter().position(|p| *p == source) {
+            &self.pods[i]
+        } else {
+            // The node's own addresses (and the load-balancer IPs it holds in TestLoadBalancer).
+            &self.node
+        }
+    }
+
+    fn attempt(&self, f: &Flow) -> Seen {
+        let target = format!("{}:{}", f.dest, f.port);
+        let mode = match f.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.namespace_of(f.source)])
+            .arg(binary("lb-testsrv"))
+            .args([mode, &target, ATTEMPT_MS, f.source])
+            .output()
+            .expect("run lb-testsrv");
+        let line = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if let Some(e) = line.strip_prefix("ERROR ") {
+            return if e.contains("refused") {
+                Seen::Refused
+            } else if e.contains("timed out") || e.contains("os error 11") {
+                Seen::TimedOut
+            } else {
+                Seen::Other(e.to_string())
+            };
+        }
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some(server), Some(peer)) => Seen::Reply {
+                server: server.to_string(),
+                client: peer.rsplit_once(':').map_or(peer, |(ip, _)| ip).to_string(),
+            },
+            _ => Seen::Other(format!("no reply: {line:?}")),
+        }
+    }
+
+    /// Runs one flow; `Err` says what differed from upstream's expectation.
+    fn run(&self, f: &Flow) -> Result<(), String> {
+        match f.output {
+            Drop | Reject => {
+                let seen = self.attempt(f);
+                let ok = matches!(
+                    (&f.output, &seen),
+                    (Drop, Seen::TimedOut) | (Reject, Seen::Refused)
+                );
+                if ok {
+                    Ok(())
+                } else {
+                    Err(format!("expected {:?}, got {seen:?}", f.output))
+                }
+            }
+            NotHandled(peer) => match self.attempt(f) {
+                Seen::Reply { server, .. } if server == peer => Ok(()),
+                seen => Err(format!(
+                    "expected no DNAT (answered by {peer}), got {seen:?}"
+                )),
+            },
+            Endpoints(list) => {
+                let want: BTreeSet<&str> = list.split(", ").collect();
+                let client = if f.masq { MASQUERADED } else { f.source };
+                let mut reached = BTreeSet::new();
+                // Random choice among N endpoints: try until each was reached (at least 2N
+                // attempts, so an endpoint that should not be reachable has its chances too).
+                for i in 0..60 {
+                    match self.attempt(f) {
+                        Seen::Reply { server, client: c } => {
+                            if !want.contains(server.as_str()) {
+                                return Err(format!(
+                                    "expected only {list}, reached {server} (attempt {i})"
+                                ));
+                            }
+                            if c != client {
+                                return Err(format!(
+                                    "expected the endpoint to see {client} (masq {}), it saw {c}",
+                                    f.masq
+                                ));
+                            }
+                            reached.insert(server);
+                        }
+                        seen => return Err(format!("expected {list}, got {seen:?} (attempt {i})")),
+                    }
+                    if reached.len() == want.len() && i + 1 >= 2 * want.len() {
+                        return Ok(());
+                    }
+                }
+                Err(format!(
+                    "expected {list}, reached only {reached:?} in 60 attempts"
+                ))
+            }
+        }
+    }
+}
+
+/// Starts the topology, the test peers and lb-proxy with upstream's fake-proxier settings.
+fn lab() -> Lab {
+    let mut t = Topology::up_with("netns-upstream-flows", POD_IPS);
+    for (i, ip) in POD_IPS.iter().enumerate() {
+        let ns = t.ns(&format!("p{i}"));
+        let mut cmd = t.ns_command(&ns, &binary("lb-testsrv"));
+        cmd.args(["serve", "@"])
+            .args(POD_PORTS.iter().map(|p| format!("{ip}:{p}")));
+        t.spawn_ready(cmd, "READY");
+    }
+    for (ns, name) in [(t.node.clone(), "node"), (t.ns("up"), "up")] {
+        let mut cmd = t.ns_command(&ns, &binary("lb-testsrv"));
+        cmd.args(["serve", name])
+            .args(OTHER_PORTS.iter().map(|p| format!("0.0.0.0:{p}")));
+        t.spawn_ready(cmd, "READY");
+    }
+    // Upstream's node: its name, and its IP in the Node object (allowFromNode).
+    t.write_manifest(
+        "node.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: test-node\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 192.168.0.2\n",
+    );
+    let dir = t.dir.to_string_lossy().into_owned();
+    t.start_proxy_with(&[
+        "run",
+        "--node",
+        "test-node",
+        "--cluster-cidr",
+        "10.0.0.0/8",
+        "--nodeport-addresses",
+        "192.168.0.2/32",
+        "--poll",
+        "100ms",
+        "-f",
+        &dir,
+    ]);
+    let clients = Clients {
+        external: t.client.clone(),
+        node: t.node.clone(),
+        pods: (0..POD_IPS.len()).map(|i| t.ns(&format!("p{i}"))).collect(),
+    };
+    Lab {
+        t,
+        clients,
+        swaps: 0,
+    }
+}
+
+/// Replaces the manifests with `g`'s, waits until lb-proxy applied them, and runs its flows
+/// in parallel; returns the failures, each with its provenance.
+fn run_group(lab: &mut Lab, g: &Group) -> Vec<String> {
+    // Consecutive groups can compile to the same ruleset (a case without usable endpoints,
+    // then its "endpoints deleted" step): a marker Service, a new one per group, makes every
+    // swap a change lb-proxy reports. No flow goes near 172.30.255.0/24.
+    lab.swaps += 1;
+    let marker = service(
+        "flows",
+        "marker",
+        &format!(
+            "  clusterIP: 172.30.255.{}\n  ports:\n  - port: 9\n    protocol: TCP\n",
+            lab.swaps
+        ),
+        &[],
+    );
+    lab.t.drain_applied();
+    lab.t.write_manifest("flows.yaml", &(marker + &g.manifests));
+    lab.t.wait_applied();
+    let clients = &lab.clients;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = g
+            .flows
+            .iter()
+            .map(|f| s.spawn(move || (f, clients.run(f))))
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| match h.join().expect("flow thread") {
+                (_, Ok(())) => None,
+                (f, Err(e)) => Some(format!(
+                    "{} / {:?} ({:?} {} -> {}:{}): {e}",
+                    g.upstream, f.name, f.proto, f.source, f.dest, f.port
+                )),
+            })
+            .collect()
+    })
+}
+
+fn node_ip(lab: &Lab, verb: &str, ip: &str) {
+    lb_e2e::must(Command::new("ip").args([
+        "-n",
+        &lab.t.node,
+        "addr",
+        verb,
+        &format!("{ip}/32"),
+        "dev",
+        "lo",
+    ]));
+}
+
+#[test]
+fn upstream_packet_flow_tables_hold_with_real_packets() {
+    let started = std::time::Instant::now();
+    let mut lab = lab();
+    let mut groups = vec![
+        no_endpoints_reject(),
+        cluster_ip_general(),
+        node_ports_ipv4(),
+        external_traffic_policy_local(),
+        external_traffic_policy_cluster(),
+    ];
+    groups.extend(internal_traffic_policy());
+    groups.extend(terminating_endpoints("Local"));
+    groups.extend(terminating_endpoints("Cluster"));
+    groups.push(internal_external_masquerade_base());
+    let mut failures = Vec::new();
+    let mut flows = 0;
+    for g in &groups {
+        failures.extend(run_group(&mut lab, g));
+        flows += g.flows.len();
+    }
+    // TestLoadBalancer models a node that holds its load-balancer IPs.
+    let lb = load_balancer();
+    node_ip(&lab, "add", "1.2.3.4");
+    node_ip(&lab, "add", "5.6.7.8");
+    failures.extend(run_group(&mut lab, &lb));
+    flows += lb.flows.len();
+    node_ip(&lab, "del", "1.2.3.4");
+    node_ip(&lab, "del", "5.6.7.8");
+    eprintln!(
+        "{flows} upstream flows in {} groups, {} failed, in {:?}",
+        groups.len() + 1,
+        failures.len(),
+        started.elapsed()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {flows} upstream flows differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
