@@ -794,6 +794,8 @@ fn run_manifests(
 ) -> anyhow::Result<()> {
     let mut dataplane = Dataplane::new(netlink()?, args.config());
     let mut store = Store::new();
+    // Before reading, so a change made while the first sync runs is not taken for seen.
+    let mut seen = args.newest_mtime();
     args.reload(&mut store)?;
     let report = dataplane
         .sync(&mut store)
@@ -809,7 +811,6 @@ fn run_manifests(
     if once {
         return Ok(());
     }
-    let mut seen = args.newest_mtime();
     loop {
         std::thread::sleep(poll);
         let now = args.newest_mtime();

@@ -561,6 +561,24 @@ fn node_ports_ipv4() -> Group {
     }
 }
 
+/// `TestNodePorts/ipv4, multiple nodeport-addresses`: lb-proxy runs with upstream's
+/// `--nodeport-addresses 192.168.0.0/24,192.168.1.0/24,2001:db8::/64`.
+fn node_ports_ipv4_multiple_addresses() -> Group {
+    let mut g = node_ports_ipv4();
+    g.upstream = "TestNodePorts/ipv4, multiple nodeport-addresses".into();
+    let both = Endpoints("10.180.0.1:80, 10.180.2.1:80");
+    g.flows.pop();
+    g.flows.push(tcp(
+        "external to nodePort on secondary IP",
+        EXTERNAL_CLIENT,
+        NODE_IP_ALT,
+        3001,
+        both,
+        true,
+    ));
+    g
+}
+
 /// The Service and endpoints of `TestExternalTrafficPolicyLocal` and `…Cluster`.
 fn etp_manifests(policy: &str) -> String {
     let mut m = service(
@@ -967,6 +985,180 @@ fn terminating_endpoints(policy: &str) -> Vec<Group> {
     groups
 }
 
+/// `TestOverallNFTablesRules` compares its whole ruleset as text and has no flow table in
+/// v1.33–v1.35. Its six Services are transcribed, and the flows below are *derived* from its
+/// expected ruleset (each names the rule it follows), not upstream's own flows.
+fn overall_nftables_rules_derived() -> Group {
+    let mut m = service(
+        "ns1",
+        "svc1",
+        "  clusterIP: 172.30.0.41\n  ports:\n  - name: p80\n    port: 80\n    protocol: TCP\n",
+        &[],
+    );
+    m += &service(
+        "ns2",
+        "svc2",
+        "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  clusterIP: 172.30.0.42\n  externalIPs: [192.168.99.22]\n  healthCheckNodePort: 30000\n  ports:\n  - name: p80\n    port: 80\n    protocol: TCP\n    nodePort: 3001\n",
+        &["1.2.3.4"],
+    );
+    m += &service(
+        "ns3",
+        "svc3",
+        "  type: NodePort\n  clusterIP: 172.30.0.43\n  ports:\n  - name: p80\n    port: 80\n    protocol: TCP\n    nodePort: 3003\n",
+        &[],
+    );
+    m += &service(
+        "ns4",
+        "svc4",
+        "  type: NodePort\n  clusterIP: 172.30.0.44\n  externalIPs: [192.168.99.33]\n  ports:\n  - name: p80\n    port: 80\n    protocol: TCP\n    targetPort: 80\n",
+        &[],
+    );
+    m += &service(
+        "ns5",
+        "svc5",
+        "  type: LoadBalancer\n  externalTrafficPolicy: Cluster\n  clusterIP: 172.30.0.45\n  healthCheckNodePort: 30000\n  loadBalancerSourceRanges: [\" 203.0.113.0/25\"]\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 10800\n  ports:\n  - name: p80\n    port: 80\n    protocol: TCP\n    nodePort: 3002\n",
+        &["5.6.7.8"],
+    );
+    m += &service(
+        "ns6",
+        "svc6",
+        "  type: ClusterIP\n  clusterIP: 172.30.0.46\n  ports:\n  - name: p80\n    port: 80\n    protocol: TCP\n    targetPort: 80\n",
+        &[],
+    );
+    m += &slice("ns1", "svc1", 1, P80, &[("10.180.0.1", None, None)]);
+    // Not local (no node name), so svc2 has no local endpoint.
+    m += &slice("ns2", "svc2", 1, P80, &[("10.180.0.2", None, None)]);
+    m += &slice("ns3", "svc3", 1, P80, &[("10.180.0.3", None, None)]);
+    m += &slice(
+        "ns4",
+        "svc4",
+        1,
+        P80,
+        &[("10.180.0.4", None, None), ("10.180.0.5", LOCAL, None)],
+    );
+    m += &slice("ns5", "svc5", 1, P80, &[("10.180.0.3", None, None)]);
+    let (pod, ext, blocked) = ("10.0.0.2", EXTERNAL_CLIENT, EXTERNAL_CLIENT_BLOCKED);
+    let svc4 = Endpoints("10.180.0.4:80, 10.180.0.5:80");
+    Group {
+        upstream: "TestOverallNFTablesRules (flows derived from its expected ruleset)".into(),
+        manifests: m,
+        flows: vec![
+            tcp(
+                "svc1 service-ips: pod to cluster IP",
+                pod,
+                "172.30.0.41",
+                80,
+                Endpoints("10.180.0.1:80"),
+                false,
+            ),
+            tcp(
+                "svc1 `ip saddr != 10.0.0.0/8 jump mark-for-masquerade`: external to cluster IP",
+                ext,
+                "172.30.0.41",
+                80,
+                Endpoints("10.180.0.1:80"),
+                true,
+            ),
+            tcp(
+                "svc2 external chain `short-circuit pod traffic`: pod to LB IP",
+                pod,
+                "1.2.3.4",
+                80,
+                Endpoints("10.180.0.2:80"),
+                false,
+            ),
+            tcp(
+                "svc2 no-endpoint-services `1.2.3.4 . tcp . 80 : drop`: external to LB IP",
+                ext,
+                "1.2.3.4",
+                80,
+                Drop,
+                false,
+            ),
+            tcp(
+                "svc2 no-endpoint-services `192.168.99.22 . tcp . 80 : drop`: external to external IP",
+                ext,
+                "192.168.99.22",
+                80,
+                Drop,
+                false,
+            ),
+            tcp(
+                "svc2 no-endpoint-nodeports `tcp . 3001 : drop`: external to NodePort",
+                ext,
+                NODE_IP,
+                3001,
+                Drop,
+                false,
+            ),
+            tcp(
+                "svc2 external chain `short-circuit local traffic`, masqueraded: node to NodePort",
+                NODE_IP,
+                NODE_IP,
+                3001,
+                Endpoints("10.180.0.2:80"),
+                true,
+            ),
+            tcp(
+                "svc3 service-nodeports `tcp . 3003`: external to NodePort",
+                ext,
+                NODE_IP,
+                3003,
+                Endpoints("10.180.0.3:80"),
+                true,
+            ),
+            tcp(
+                "svc4 service-ips `192.168.99.33 . tcp . 80`: external to external IP",
+                ext,
+                "192.168.99.33",
+                80,
+                svc4,
+                true,
+            ),
+            tcp(
+                "svc4 service-ips: pod to cluster IP",
+                pod,
+                "172.30.0.44",
+                80,
+                svc4,
+                false,
+            ),
+            tcp(
+                "svc5 firewall `ip saddr != { 203.0.113.0/25 } drop`: allowed external to LB IP",
+                ext,
+                "5.6.7.8",
+                80,
+                Endpoints("10.180.0.3:80"),
+                true,
+            ),
+            tcp(
+                "svc5 firewall `ip saddr != { 203.0.113.0/25 } drop`: blocked external to LB IP",
+                blocked,
+                "5.6.7.8",
+                80,
+                Drop,
+                false,
+            ),
+            tcp(
+                "svc5 service-nodeports `tcp . 3002` (no firewall on NodePorts): blocked external to NodePort",
+                blocked,
+                NODE_IP,
+                3002,
+                Endpoints("10.180.0.3:80"),
+                true,
+            ),
+            tcp(
+                "svc6 no-endpoint-services `goto reject-chain`: pod to cluster IP",
+                pod,
+                "172.30.0.46",
+                80,
+                Reject,
+                false,
+            ),
+        ],
+    }
+}
+
 fn internal_external_masquerade_manifests() -> String {
     let mut m = String::new();
     for (n, extra, lb) in [
@@ -1004,8 +1196,63 @@ fn internal_external_masquerade_manifests() -> String {
     m
 }
 
-/// `TestInternalExternalMasquerade`'s flows for its sub-test "base" (a working local-traffic
-/// detector, no masqueradeAll).
+/// `TestInternalExternalMasquerade`: one flow table for four sub-tests, each with upstream's
+/// overrides of the base expectations (`output` for eTP:Local short-circuits, `masq`).
+/// lb-proxy runs with `--masquerade-all` for `masqueradeAll`, and without `--cluster-cidr`
+/// (no local-traffic detector) for `no LocalTrafficDetector`.
+fn internal_external_masquerade(sub_test: &str) -> Group {
+    let mut g = internal_external_masquerade_base();
+    let no_detector = sub_test.contains("no LocalTrafficDetector");
+    let masquerade_all = sub_test.starts_with("masqueradeAll");
+    let only_local = Endpoints("10.180.0.2:80");
+    let mut overrides: Vec<(&str, Option<Output>, Option<bool>)> = Vec::new();
+    if no_detector {
+        // With no local-traffic detector, all traffic to a ClusterIP is assumed to come from
+        // a pod (no masquerading unless masqueradeAll), and there is no eTP:Local
+        // short-circuit for pods.
+        if !masquerade_all {
+            for name in [
+                "node to ClusterIP",
+                "node to ClusterIP with eTP:Local",
+                "node to ClusterIP with iTP:Local",
+                "external to ClusterIP",
+                "external to ClusterIP with eTP:Local",
+                "external to ClusterIP with iTP:Local",
+            ] {
+                overrides.push((name, None, Some(false)));
+            }
+        }
+        overrides.push(("pod to NodePort with eTP:Local", Some(only_local), None));
+        overrides.push(("pod to LB with eTP:Local", Some(only_local), None));
+    }
+    if masquerade_all {
+        for name in [
+            "pod to ClusterIP",
+            "pod to ClusterIP with eTP:Local",
+            "pod to ClusterIP with iTP:Local",
+        ] {
+            overrides.push((name, None, Some(true)));
+        }
+    }
+    for (name, output, masq) in overrides {
+        let f = g
+            .flows
+            .iter_mut()
+            .find(|f| f.name == name)
+            .expect("an override names a flow of the table");
+        if let Some(o) = output {
+            f.output = o;
+        }
+        if let Some(m) = masq {
+            f.masq = m;
+        }
+    }
+    g.upstream = format!("TestInternalExternalMasquerade/{sub_test}");
+    g
+}
+
+/// `TestInternalExternalMasquerade`'s base flow table (a working local-traffic detector, no
+/// masqueradeAll).
 fn internal_external_masquerade_base() -> Group {
     const S1: Output = Endpoints("10.180.0.1:80, 10.180.1.1:80");
     const S2: Output = Endpoints("10.180.0.2:80, 10.180.1.2:80");
@@ -1195,6 +1442,8 @@ struct Lab {
     clients: Clients,
     /// Manifest swaps so far.
     swaps: u8,
+    /// The running lb-proxy.
+    proxy: Option<usize>,
 }
 
 /// Where each source address lives.
@@ -1311,7 +1560,7 @@ impl Clients {
     }
 }
 
-/// Starts the topology, the test peers and lb-proxy with upstream's fake-proxier settings.
+/// Starts the topology and the test peers.
 fn lab() -> Lab {
     let mut t = Topology::up_with("netns-upstream-flows", POD_IPS);
     for (i, ip) in POD_IPS.iter().enumerate() {
@@ -1332,20 +1581,6 @@ fn lab() -> Lab {
         "node.yaml",
         "apiVersion: v1\nkind: Node\nmetadata:\n  name: test-node\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 192.168.0.2\n",
     );
-    let dir = t.dir.to_string_lossy().into_owned();
-    t.start_proxy_with(&[
-        "run",
-        "--node",
-        "test-node",
-        "--cluster-cidr",
-        "10.0.0.0/8",
-        "--nodeport-addresses",
-        "192.168.0.2/32",
-        "--poll",
-        "100ms",
-        "-f",
-        &dir,
-    ]);
     let clients = Clients {
         external: t.client.clone(),
         node: t.node.clone(),
@@ -1355,6 +1590,7 @@ fn lab() -> Lab {
         t,
         clients,
         swaps: 0,
+        proxy: None,
     }
 }
 
@@ -1409,38 +1645,83 @@ fn node_ip(lab: &Lab, verb: &str, ip: &str) {
     ]));
 }
 
+/// Restarts lb-proxy with upstream's fake-proxier settings changed by `flags` (e.g.
+/// `--masquerade-all`); `cluster_cidr: false` runs it without a local-traffic detector.
+fn restart(lab: &mut Lab, cluster_cidr: bool, nodeport_addresses: &str, flags: &[&str]) {
+    if let Some(i) = lab.proxy.take() {
+        lab.t.stop(i);
+    }
+    let dir = lab.t.dir.to_string_lossy().into_owned();
+    let mut args = vec!["run", "--node", "test-node"];
+    if cluster_cidr {
+        args.extend(["--cluster-cidr", "10.0.0.0/8"]);
+    }
+    args.extend(["--nodeport-addresses", nodeport_addresses]);
+    args.extend(flags);
+    args.extend(["--poll", "100ms", "-f", &dir]);
+    lab.proxy = Some(lab.t.start_proxy_with(&args));
+}
+
 #[test]
 fn upstream_packet_flow_tables_hold_with_real_packets() {
     let started = std::time::Instant::now();
     let mut lab = lab();
-    let mut groups = vec![
-        no_endpoints_reject(),
-        cluster_ip_general(),
-        node_ports_ipv4(),
-        external_traffic_policy_local(),
-        external_traffic_policy_cluster(),
-    ];
-    groups.extend(internal_traffic_policy());
-    groups.extend(terminating_endpoints("Local"));
-    groups.extend(terminating_endpoints("Cluster"));
-    groups.push(internal_external_masquerade_base());
     let mut failures = Vec::new();
-    let mut flows = 0;
-    for g in &groups {
-        failures.extend(run_group(&mut lab, g));
+    let (mut flows, mut groups) = (0, 0);
+    let mut run = |lab: &mut Lab, g: Group| {
+        failures.extend(run_group(lab, &g));
         flows += g.flows.len();
+        groups += 1;
+    };
+
+    // Upstream's NewFakeProxier: pod CIDR 10.0.0.0/8, NodePorts on 192.168.0.2/32.
+    restart(&mut lab, true, "192.168.0.2/32", &[]);
+    run(&mut lab, overall_nftables_rules_derived());
+    run(&mut lab, no_endpoints_reject());
+    run(&mut lab, cluster_ip_general());
+    run(&mut lab, node_ports_ipv4());
+    run(&mut lab, external_traffic_policy_local());
+    run(&mut lab, external_traffic_policy_cluster());
+    for g in internal_traffic_policy() {
+        run(&mut lab, g);
     }
+    for g in terminating_endpoints("Local") {
+        run(&mut lab, g);
+    }
+    for g in terminating_endpoints("Cluster") {
+        run(&mut lab, g);
+    }
+    run(&mut lab, internal_external_masquerade("base"));
     // TestLoadBalancer models a node that holds its load-balancer IPs.
-    let lb = load_balancer();
     node_ip(&lab, "add", "1.2.3.4");
     node_ip(&lab, "add", "5.6.7.8");
-    failures.extend(run_group(&mut lab, &lb));
-    flows += lb.flows.len();
+    run(&mut lab, load_balancer());
     node_ip(&lab, "del", "1.2.3.4");
     node_ip(&lab, "del", "5.6.7.8");
+
+    // Sub-tests that change the fake proxier's settings: one lb-proxy run each.
+    restart(
+        &mut lab,
+        true,
+        "192.168.0.0/24,192.168.1.0/24,2001:db8::/64",
+        &[],
+    );
+    run(&mut lab, node_ports_ipv4_multiple_addresses());
+    restart(&mut lab, true, "192.168.0.2/32", &["--masquerade-all"]);
+    run(&mut lab, internal_external_masquerade("masqueradeAll"));
+    restart(&mut lab, false, "192.168.0.2/32", &[]);
+    run(
+        &mut lab,
+        internal_external_masquerade("no LocalTrafficDetector"),
+    );
+    restart(&mut lab, false, "192.168.0.2/32", &["--masquerade-all"]);
+    run(
+        &mut lab,
+        internal_external_masquerade("masqueradeAll, no LocalTrafficDetector"),
+    );
+
     eprintln!(
-        "{flows} upstream flows in {} groups, {} failed, in {:?}",
-        groups.len() + 1,
+        "{flows} upstream flows in {groups} groups, {} failed, in {:?}",
         failures.len(),
         started.elapsed()
     );
