@@ -794,7 +794,8 @@ fn run_manifests(
 ) -> anyhow::Result<()> {
     let mut dataplane = Dataplane::new(netlink()?, args.config());
     let mut store = Store::new();
-    // Before reading, so a change made while the first sync runs is not taken for seen.
+    // Read before the manifests are: a file changed while they are read and programmed is
+    // then seen as a change (after, it would be missed until the next one).
     let mut seen = args.newest_mtime();
     args.reload(&mut store)?;
     let report = dataplane

@@ -5,7 +5,7 @@
 //! lb-testsrv serve NAME ADDR:PORT...         TCP and UDP on every address, until killed; the
 //!                                           NAME `@` answers with the address:port served
 //! lb-testsrv tcp ADDR:PORT [TIMEOUT_MS [FROM]]
-//!                                           one connection (from source address FROM, if
+//!                                           one connection (from source address FROM, when
 //!                                           given): print the answer or the error
 //! lb-testsrv udp ADDR:PORT [TIMEOUT_MS [FROM]]
 //!                                           one datagram: print the answer or the error
@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         Some("tcp-hold") if args.len() == 3 => hold(&args[1], &args[2]),
         Some("http") if args.len() == 3 => http(&args[1], &args[2]),
         Some("udp-stream") if args.len() == 4 => udp_stream(&args[1], &args[2], &args[3]),
-        _ => Err("usage: lb-testsrv serve NAME ADDR... | tcp ADDR [MS [FROM]] | udp ADDR [MS [FROM]] | tcp-hold ADDR SECS | udp-stream ADDR COUNT MS".into()),
+        _ => Err("usage: lb-testsrv serve NAME ADDR... | tcp ADDR [MS] | udp ADDR [MS] | tcp-hold ADDR SECS | udp-stream ADDR COUNT MS".into()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -126,17 +126,16 @@ fn http(target: &str, path: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The source address `from` (an IP), as a socket address with any port.
+/// The source address `from` (an IP), port 0.
 fn source(from: &str) -> Result<SocketAddr, String> {
-    let ip: std::net::IpAddr = from
-        .parse()
-        .map_err(|e| format!("bad source address {from}: {e}"))?;
-    Ok(SocketAddr::new(ip, 0))
+    from.parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 0))
+        .map_err(|_| format!("{from:?} is not an IP address"))
 }
 
 fn tcp(target: &str, t: Duration, from: Option<&String>) -> Result<(), String> {
     let a = addr(target)?;
-    let mut s = match from {
+    let mut s: TcpStream = match from {
         None => TcpStream::connect_timeout(&a, t).map_err(|e| format!("connect: {e}"))?,
         Some(from) => {
             let sock = socket2::Socket::new(
@@ -144,7 +143,7 @@ fn tcp(target: &str, t: Duration, from: Option<&String>) -> Result<(), String> {
                 socket2::Type::STREAM,
                 Some(socket2::Protocol::TCP),
             )
-            .map_err(|e| format!("socket: {e}"))?;
+            .map_err(|e| e.to_string())?;
             sock.bind(&source(from)?.into())
                 .map_err(|e| format!("bind {from}: {e}"))?;
             sock.connect_timeout(&a.into(), t)
