@@ -66,6 +66,14 @@ const POD_IPS: &[&str] = &[
     "10.0.1.4",
     "10.0.1.5",
 ];
+/// The pods that also have an IPv6 address (index in [`POD_IPS`], address), as upstream's
+/// IPv6 `TestNodePorts` maps them: the pod 10.0.0.2 / fd00:10::2, the endpoints
+/// 10.180.0.1 / fd00:10:180::1 and 10.180.2.1 / fd00:10:180::2:1.
+const POD_IPV6: &[(usize, &str)] = &[
+    (0, "fd00:10::2"),
+    (1, "fd00:10:180::1"),
+    (9, "fd00:10:180::2:1"),
+];
 /// The ports every pod serves (TCP and UDP): every target port of every group.
 const POD_PORTS: &[u16] = &[53, 80, 5353, 8443];
 /// The ports the node and `up` answer on when lb-proxy leaves a packet alone.
@@ -79,8 +87,16 @@ const NODE_IP_ALT: &str = "192.168.1.2";
 const EXTERNAL_CLIENT: &str = "203.0.113.2";
 /// Upstream's `testExternalClientBlocked` (outside it).
 const EXTERNAL_CLIENT_BLOCKED: &str = "203.0.113.130";
+/// Upstream's `testNodeIPv6`.
+const NODE_IPV6: &str = "2001:db8::1";
+/// Upstream's `testNodeIPv6Alt`.
+const NODE_IPV6_ALT: &str = "2001:db8:1::2";
+/// Upstream's IPv6 external client.
+const EXTERNAL_CLIENT_V6: &str = "2600:5200::1";
 /// The node's address on its pod links: a masqueraded connection reaches a pod from it.
 const MASQUERADED: &str = "10.0.0.1";
+/// The same for IPv6.
+const MASQUERADED_V6: &str = "fd00:10::1";
 
 /// How long one attempt waits; a `DROP` is an attempt that times out.
 const ATTEMPT_MS: &str = "1500";
@@ -572,6 +588,77 @@ fn node_ports_ipv4_multiple_addresses() -> Group {
         "external to nodePort on secondary IP",
         EXTERNAL_CLIENT,
         NODE_IP_ALT,
+        3001,
+        both,
+        true,
+    ));
+    g
+}
+
+/// `TestNodePorts/ipv6`: upstream's IPv6 addresses, NodePorts on 2001:db8::1/128.
+fn node_ports_ipv6() -> Group {
+    let both = Endpoints("[fd00:10:180::1]:80, [fd00:10:180::2:1]:80");
+    let mut manifests = service(
+        "ns1",
+        "svc1",
+        "  type: NodePort\n  clusterIP: fd00:172:30::41\n  clusterIPs: [\"fd00:172:30::41\"]\n  ipFamilies: [IPv6]\n  ports:\n  - name: p80\n    port: 80\n    protocol: TCP\n    nodePort: 3001\n",
+        &[],
+    );
+    manifests += &slice(
+        "ns1",
+        "svc1",
+        1,
+        P80,
+        &[
+            ("fd00:10:180::1", None, None),
+            ("fd00:10:180::2:1", LOCAL, None),
+        ],
+    )
+    .replace("addressType: IPv4", "addressType: IPv6");
+    Group {
+        upstream: "TestNodePorts/ipv6".into(),
+        manifests,
+        flows: vec![
+            tcp(
+                "pod to cluster IP",
+                "fd00:10::2",
+                "fd00:172:30::41",
+                80,
+                both,
+                false,
+            ),
+            tcp(
+                "external to nodePort",
+                EXTERNAL_CLIENT_V6,
+                NODE_IPV6,
+                3001,
+                both,
+                true,
+            ),
+            tcp("node to nodePort", NODE_IPV6, NODE_IPV6, 3001, both, true),
+            tcp(
+                "secondary nodeIP ignores NodePorts",
+                EXTERNAL_CLIENT_V6,
+                NODE_IPV6_ALT,
+                3001,
+                NotHandled("node"),
+                false,
+            ),
+        ],
+    }
+}
+
+/// `TestNodePorts/ipv6, multiple nodeport-addresses`: lb-proxy runs with upstream's
+/// `--nodeport-addresses 192.168.0.0/24,192.168.1.0/24,2001:db8::/64,2001:db8:1::2/128`.
+fn node_ports_ipv6_multiple_addresses() -> Group {
+    let mut g = node_ports_ipv6();
+    g.upstream = "TestNodePorts/ipv6, multiple nodeport-addresses".into();
+    let both = Endpoints("[fd00:10:180::1]:80, [fd00:10:180::2:1]:80");
+    g.flows.pop();
+    g.flows.push(tcp(
+        "external to nodePort on secondary IP",
+        EXTERNAL_CLIENT_V6,
+        NODE_IPV6_ALT,
         3001,
         both,
         true,
@@ -1477,10 +1564,12 @@ struct Clients {
 impl Clients {
     /// The namespace a flow's source address lives in.
     fn namespace_of(&self, source: &str) -> &str {
-        if source.starts_with("203.0.113.") {
+        if source.starts_with("203.0.113.") || source == EXTERNAL_CLIENT_V6 {
             &self.external
         } else if let Some(i) = POD_IPS.iter().position(|p| *p == source) {
             &self.pods[i]
+        } else if let Some((i, _)) = POD_IPV6.iter().find(|(_, p)| *p == source) {
+            &self.pods[*i]
         } else {
             // The node's own addresses (and the load-balancer IPs it holds in TestLoadBalancer).
             &self.node
@@ -1488,7 +1577,11 @@ impl Clients {
     }
 
     fn attempt(&self, f: &Flow) -> Seen {
-        let target = format!("{}:{}", f.dest, f.port);
+        let target = if f.dest.contains(':') {
+            format!("[{}]:{}", f.dest, f.port)
+        } else {
+            format!("{}:{}", f.dest, f.port)
+        };
         let mode = match f.proto {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
@@ -1517,7 +1610,11 @@ impl Clients {
         match (words.next(), words.next()) {
             (Some(server), Some(peer)) => Seen::Reply {
                 server: server.to_string(),
-                client: peer.rsplit_once(':').map_or(peer, |(ip, _)| ip).to_string(),
+                client: peer
+                    .rsplit_once(':')
+                    .map_or(peer, |(ip, _)| ip)
+                    .trim_matches(['[', ']'])
+                    .to_string(),
             },
             _ => Seen::Other(format!("no reply: {line:?}")),
         }
@@ -1544,7 +1641,11 @@ impl Clients {
             },
             Endpoints(list) => {
                 let want: BTreeSet<&str> = list.split(", ").collect();
-                let client = if f.masq { MASQUERADED } else { f.source };
+                let client = match (f.masq, f.dest.contains(':')) {
+                    (false, _) => f.source,
+                    (true, false) => MASQUERADED,
+                    (true, true) => MASQUERADED_V6,
+                };
                 let mut reached = BTreeSet::new();
                 // Random choice among N endpoints: try until each was reached, and at least
                 // max(8, 3N) times, so an endpoint that must not be reached has its chances
@@ -1581,18 +1682,32 @@ impl Clients {
 
 /// Starts the topology and the test peers.
 fn lab() -> Lab {
-    let mut t = Topology::up_with("netns-upstream-flows", POD_IPS);
+    let v6 = |i: usize| POD_IPV6.iter().find(|(j, _)| *j == i).map(|(_, ip)| *ip);
+    let pods: Vec<String> = POD_IPS
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| match v6(i) {
+            Some(ip6) => format!("{ip},{ip6}"),
+            None => ip.to_string(),
+        })
+        .collect();
+    let pods: Vec<&str> = pods.iter().map(String::as_str).collect();
+    let mut t = Topology::up_with("netns-upstream-flows", &pods);
     for (i, ip) in POD_IPS.iter().enumerate() {
         let ns = t.ns(&format!("p{i}"));
         let mut cmd = t.ns_command(&ns, &binary("lb-testsrv"));
         cmd.args(["serve", "@"])
             .args(POD_PORTS.iter().map(|p| format!("{ip}:{p}")));
+        if let Some(ip6) = v6(i) {
+            cmd.args(POD_PORTS.iter().map(|p| format!("[{ip6}]:{p}")));
+        }
         t.spawn_ready(cmd, "READY");
     }
+    // `[::]` takes IPv4 too (the namespaces keep net.ipv6.bindv6only at 0).
     for (ns, name) in [(t.node.clone(), "node"), (t.ns("up"), "up")] {
         let mut cmd = t.ns_command(&ns, &binary("lb-testsrv"));
         cmd.args(["serve", name])
-            .args(OTHER_PORTS.iter().map(|p| format!("0.0.0.0:{p}")));
+            .args(OTHER_PORTS.iter().map(|p| format!("[::]:{p}")));
         t.spawn_ready(cmd, "READY");
     }
     // Upstream's node: its name, and its IP in the Node object (allowFromNode).
@@ -1673,7 +1788,7 @@ fn restart(lab: &mut Lab, cluster_cidr: bool, nodeport_addresses: &str, flags: &
     let dir = lab.t.dir.to_string_lossy().into_owned();
     let mut args = vec!["run", "--node", "test-node"];
     if cluster_cidr {
-        args.extend(["--cluster-cidr", "10.0.0.0/8"]);
+        args.extend(["--cluster-cidr", "10.0.0.0/8,fd00:10::/64"]);
     }
     args.extend(["--nodeport-addresses", nodeport_addresses]);
     args.extend(flags);
@@ -1693,12 +1808,15 @@ fn upstream_packet_flow_tables_hold_with_real_packets() {
         groups += 1;
     };
 
-    // Upstream's NewFakeProxier: pod CIDR 10.0.0.0/8, NodePorts on 192.168.0.2/32.
-    restart(&mut lab, true, "192.168.0.2/32", &[]);
+    // Upstream's NewFakeProxier: pod CIDRs 10.0.0.0/8 and fd00:10::/64, NodePorts on
+    // 192.168.0.2/32 and 2001:db8::1/128.
+    let fake_nodeports = "192.168.0.2/32,2001:db8::1/128";
+    restart(&mut lab, true, fake_nodeports, &[]);
     run(&mut lab, overall_nftables_rules_derived());
     run(&mut lab, no_endpoints_reject());
     run(&mut lab, cluster_ip_general());
     run(&mut lab, node_ports_ipv4());
+    run(&mut lab, node_ports_ipv6());
     run(&mut lab, external_traffic_policy_local());
     run(&mut lab, external_traffic_policy_cluster());
     for g in internal_traffic_policy() {
@@ -1726,14 +1844,21 @@ fn upstream_packet_flow_tables_hold_with_real_packets() {
         &[],
     );
     run(&mut lab, node_ports_ipv4_multiple_addresses());
-    restart(&mut lab, true, "192.168.0.2/32", &["--masquerade-all"]);
+    restart(
+        &mut lab,
+        true,
+        "192.168.0.0/24,192.168.1.0/24,2001:db8::/64,2001:db8:1::2/128",
+        &[],
+    );
+    run(&mut lab, node_ports_ipv6_multiple_addresses());
+    restart(&mut lab, true, fake_nodeports, &["--masquerade-all"]);
     run(&mut lab, internal_external_masquerade("masqueradeAll"));
-    restart(&mut lab, false, "192.168.0.2/32", &[]);
+    restart(&mut lab, false, fake_nodeports, &[]);
     run(
         &mut lab,
         internal_external_masquerade("no LocalTrafficDetector"),
     );
-    restart(&mut lab, false, "192.168.0.2/32", &["--masquerade-all"]);
+    restart(&mut lab, false, fake_nodeports, &["--masquerade-all"]);
     run(
         &mut lab,
         internal_external_masquerade("masqueradeAll, no LocalTrafficDetector"),
