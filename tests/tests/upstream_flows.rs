@@ -1746,6 +1746,62 @@ fn lab() -> Lab {
         node: t.node.clone(),
         pods: (0..POD_IPS.len()).map(|i| t.ns(&format!("p{i}"))).collect(),
     };
+    // The observation itself works: before lb-proxy runs, a service address is answered by
+    // `up` and a node port by the node, from every kind of client.
+    for f in [
+        tcp(
+            "harness: nothing handled yet",
+            "10.0.0.2",
+            "172.30.0.41",
+            80,
+            NotHandled("up"),
+            false,
+        ),
+        tcp(
+            "harness: nothing handled yet",
+            EXTERNAL_CLIENT,
+            "1.2.3.4",
+            80,
+            NotHandled("up"),
+            false,
+        ),
+        tcp(
+            "harness: nothing handled yet",
+            EXTERNAL_CLIENT,
+            NODE_IP,
+            3001,
+            NotHandled("node"),
+            false,
+        ),
+        tcp(
+            "harness: nothing handled yet",
+            NODE_IP,
+            "172.30.0.41",
+            80,
+            NotHandled("up"),
+            false,
+        ),
+        tcp(
+            "harness: nothing handled yet",
+            "fd00:10::2",
+            "fd00:172:30::41",
+            80,
+            NotHandled("up"),
+            false,
+        ),
+        tcp(
+            "harness: nothing handled yet",
+            EXTERNAL_CLIENT_V6,
+            NODE_IPV6,
+            3001,
+            NotHandled("node"),
+            false,
+        ),
+    ] {
+        if let Err(e) = clients.run(&f) {
+            panic!("{} -> {}:{}: {e}", f.source, f.dest, f.port);
+        }
+    }
     Lab {
         t,
         clients,
