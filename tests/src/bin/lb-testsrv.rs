@@ -2,8 +2,7 @@
 //! name and the client address they saw, and clients that print the answer.
 //!
 //! ```text
-//! lb-testsrv serve NAME ADDR:PORT...         TCP and UDP on every address, until killed; the
-//!                                           NAME `@` answers with the address:port served
+//! lb-testsrv serve NAME ADDR:PORT...         TCP and UDP on every address, until killed
 //! lb-testsrv tcp ADDR:PORT [TIMEOUT_MS [FROM]]
 //!                                           one connection (from source address FROM, when
 //!                                           given): print the answer or the error
@@ -15,6 +14,9 @@
 //!                                           `PORT <port>`, then `<i> <server>`, `<i> TIMEOUT`
 //!                                           or `<i> REFUSED` per datagram, then `DONE`
 //! ```
+//!
+//! A server named `@` answers with the address and port it serves instead of a name, so a
+//! client sees which endpoint, and which target port, its connection reached.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
