@@ -1798,7 +1798,17 @@ fn lab() -> Lab {
             false,
         ),
     ] {
-        if let Err(e) = clients.run(&f) {
+        // Retried for a while: the first packets of a new topology may wait for neighbour
+        // resolution.
+        let mut outcome = clients.run(&f);
+        for _ in 0..5 {
+            if outcome.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            outcome = clients.run(&f);
+        }
+        if let Err(e) = outcome {
             panic!("{} -> {}:{}: {e}", f.source, f.dest, f.port);
         }
     }
