@@ -125,7 +125,7 @@ const MASQUERADED: &str = "10.0.0.1";
 const MASQUERADED_V6: &str = "fd00:10::1";
 
 /// How long one attempt waits; a `DROP` is an attempt that times out.
-const ATTEMPT_MS: &str = "1500";
+const ATTEMPT_MS: &str = "2000";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Proto {
