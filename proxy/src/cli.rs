@@ -103,6 +103,18 @@ pub struct DaemonArgs {
     /// Pod CIDRs, comma-separated (`clusterCIDR`).
     #[arg(long)]
     pub cluster_cidr: Option<String>,
+    /// How pod traffic is recognised: ClusterCIDR (default), NodeCIDR, BridgeInterface or
+    /// InterfaceNamePrefix (`detectLocalMode`).
+    #[arg(long)]
+    pub detect_local_mode: Option<String>,
+    /// The pods' bridge, with `--detect-local-mode BridgeInterface`
+    /// (`detectLocal.bridgeInterface`).
+    #[arg(long)]
+    pub pod_bridge_interface: Option<String>,
+    /// The prefix of the pods' interface names, with `--detect-local-mode
+    /// InterfaceNamePrefix` (`detectLocal.interfaceNamePrefix`).
+    #[arg(long)]
+    pub pod_interface_name_prefix: Option<String>,
     /// CIDRs of the addresses that accept NodePort traffic, comma-separated
     /// (`nodePortAddresses`; default: every local address but loopback).
     #[arg(long)]
@@ -159,6 +171,17 @@ pub struct ManifestArgs {
     /// Pod CIDRs, comma-separated (kube-proxy's `--cluster-cidr`).
     #[arg(long, value_delimiter = ',')]
     pub cluster_cidr: Vec<IpNet>,
+    /// How pod traffic is recognised: ClusterCIDR (default), NodeCIDR (the Node's
+    /// `spec.podCIDRs`), BridgeInterface or InterfaceNamePrefix (kube-proxy's
+    /// `--detect-local-mode`).
+    #[arg(long)]
+    pub detect_local_mode: Option<String>,
+    /// The pods' bridge, with `--detect-local-mode BridgeInterface`.
+    #[arg(long)]
+    pub pod_bridge_interface: Option<String>,
+    /// The prefix of the pods' interface names, with `--detect-local-mode InterfaceNamePrefix`.
+    #[arg(long)]
+    pub pod_interface_name_prefix: Option<String>,
     /// CIDRs of the addresses that accept NodePort traffic (default: every local address but
     /// loopback).
     #[arg(long, value_delimiter = ',')]
@@ -189,15 +212,29 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl ManifestArgs {
-    fn config(&self) -> Config {
-        Config {
+    fn config(&self) -> anyhow::Result<Config> {
+        let detect_local = crate::config::detect_local(
+            self.detect_local_mode
+                .as_deref()
+                .map(|v| (v, "--detect-local-mode")),
+            (
+                self.pod_bridge_interface.as_deref(),
+                "--pod-bridge-interface",
+            ),
+            (
+                self.pod_interface_name_prefix.as_deref(),
+                "--pod-interface-name-prefix",
+            ),
+        )?;
+        Ok(Config {
             cluster_cidrs: self.cluster_cidr.clone(),
             masquerade_all: self.masquerade_all,
             masquerade_bit: self.masquerade_bit,
             nodeport_cidrs: (!self.nodeport_addresses.is_empty())
                 .then(|| self.nodeport_addresses.clone()),
             table: self.table.clone(),
-        }
+            detect_local,
+        })
     }
 
     /// Re-reads the manifests into `store` (replacing what it held, as a re-list would),
@@ -228,7 +265,7 @@ impl ManifestArgs {
         let mut store = Store::new();
         self.reload(&mut store)?;
         let snap = store.snapshot().context("node unknown")?;
-        let config = self.config();
+        let config = self.config()?;
         let mut rs = Ruleset::default();
         for family in [IpFamily::V4, IpFamily::V6] {
             let (id, table, _stats) = compile::compile(&snap, &config, family);
@@ -311,7 +348,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 from_node,
                 to_node: true,
             };
-            let e = crate::explain::explain(&snap, &manifests.config(), &q);
+            let e = crate::explain::explain(&snap, &manifests.config()?, &q);
             if json {
                 println!(
                     "{}",
@@ -341,6 +378,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         kubeconfig: args.kubeconfig.clone(),
         node: args.node.clone(),
         cluster_cidr: args.cluster_cidr.clone(),
+        detect_local_mode: args.detect_local_mode.clone(),
+        pod_bridge_interface: args.pod_bridge_interface.clone(),
+        pod_interface_name_prefix: args.pod_interface_name_prefix.clone(),
         nodeport_addresses: args.nodeport_addresses.clone(),
         masquerade_all: args.masquerade_all.then_some(true),
         masquerade_bit: args.masquerade_bit,
@@ -363,6 +403,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             masquerade_bit: s.masquerade_bit,
             nodeport_cidrs: s.nodeport_cidrs,
             table: args.table.clone(),
+            detect_local: s.detect_local,
         },
         service_proxy_name: args.service_proxy_name.clone(),
         min_sync_period: s.min_sync_period,
@@ -464,7 +505,7 @@ fn run_manifests(
     poll: Duration,
     conntrack_cleanup: bool,
 ) -> anyhow::Result<()> {
-    let mut dataplane = Dataplane::new(netlink()?, args.config());
+    let mut dataplane = Dataplane::new(netlink()?, args.config()?);
     let mut store = Store::new();
     args.reload(&mut store)?;
     let report = dataplane

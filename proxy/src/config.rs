@@ -30,8 +30,11 @@ pub struct KubeProxyConfiguration {
     /// `clusterCIDR`, comma-separated.
     #[serde(rename = "clusterCIDR")]
     pub cluster_cidr: Option<String>,
-    /// `detectLocalMode`: only `ClusterCIDR` (or empty) is supported.
+    /// `detectLocalMode`: `ClusterCIDR` (default), `NodeCIDR`, `BridgeInterface`,
+    /// `InterfaceNamePrefix`.
     pub detect_local_mode: Option<String>,
+    /// `detectLocal.*`.
+    pub detect_local: Option<DetectLocal>,
     /// `nodePortAddresses`: CIDRs.
     pub node_port_addresses: Option<Vec<String>>,
     /// `hostnameOverride`: the node name.
@@ -79,6 +82,57 @@ pub struct ConntrackConfiguration {
     pub udp_timeout: Option<String>,
     /// `udpStreamTimeout`.
     pub udp_stream_timeout: Option<String>,
+}
+
+/// `detectLocal` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DetectLocal {
+    /// `bridgeInterface` (for `BridgeInterface`).
+    pub bridge_interface: Option<String>,
+    /// `interfaceNamePrefix` (for `InterfaceNamePrefix`).
+    pub interface_name_prefix: Option<String>,
+}
+
+/// Validates `detectLocalMode` and its parameter into the compiler's setting. The mode is
+/// `(value, field name)`; each parameter is `(value if given, field name)`, so an error names
+/// where the value came from, or where it should have (flag or file).
+pub fn detect_local(
+    mode: Option<(&str, &str)>,
+    bridge: (Option<&str>, &str),
+    prefix: (Option<&str>, &str),
+) -> Result<crate::compile::DetectLocal, ConfigError> {
+    use crate::compile::DetectLocal as D;
+    use crate::nft::ir::IfName;
+    let interface =
+        |(v, field): (Option<&str>, &str), mode: &str, make: fn(&str) -> Option<IfName>| {
+            let v = v.unwrap_or_default();
+            if v.is_empty() {
+                return Err(bad(field, format!("required with detectLocalMode {mode}")));
+            }
+            make(v).ok_or_else(|| {
+                bad(
+                    field,
+                    format!("{v:?} is not an interface name (1 to 15 bytes, no '\"' or '*')"),
+                )
+            })
+        };
+    match mode {
+        None | Some(("", _)) | Some(("ClusterCIDR", _)) => Ok(D::ClusterCidr),
+        Some(("NodeCIDR", _)) => Ok(D::NodeCidr(Vec::new())),
+        Some(("BridgeInterface", _)) => {
+            interface(bridge, "BridgeInterface", IfName::new).map(D::BridgeInterface)
+        }
+        Some(("InterfaceNamePrefix", _)) => {
+            interface(prefix, "InterfaceNamePrefix", IfName::prefix).map(D::InterfaceNamePrefix)
+        }
+        Some((m, field)) => Err(bad(
+            field,
+            format!(
+                "{m:?} is not one of ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix"
+            ),
+        )),
+    }
 }
 
 /// `clientConnection` section.
@@ -184,13 +238,7 @@ impl KubeProxyConfiguration {
                 ));
             }
         }
-        match self.detect_local_mode.as_deref() {
-            None | Some("") | Some("ClusterCIDR") => Ok(()),
-            Some(m) => Err(bad(
-                "detectLocalMode",
-                format!("{m:?} is not supported (use ClusterCIDR)"),
-            )),
-        }
+        Ok(())
     }
 }
 
@@ -203,6 +251,8 @@ pub struct Settings {
     pub node: String,
     /// Pod CIDRs.
     pub cluster_cidrs: Vec<IpNet>,
+    /// `detectLocalMode` with its parameter.
+    pub detect_local: crate::compile::DetectLocal,
     /// NodePort CIDRs (`None`: every local address).
     pub nodeport_cidrs: Option<Vec<IpNet>>,
     /// `masqueradeAll`.
@@ -232,6 +282,12 @@ pub struct Overrides {
     pub node: Option<String>,
     /// `--cluster-cidr`.
     pub cluster_cidr: Option<String>,
+    /// `--detect-local-mode`.
+    pub detect_local_mode: Option<String>,
+    /// `--pod-bridge-interface`.
+    pub pod_bridge_interface: Option<String>,
+    /// `--pod-interface-name-prefix`.
+    pub pod_interface_name_prefix: Option<String>,
     /// `--nodeport-addresses`.
     pub nodeport_addresses: Option<String>,
     /// `--masquerade-all`.
@@ -307,6 +363,54 @@ pub fn resolve(
         Some((v, field)) => cidrs(field, &v.split(',').map(str::to_string).collect::<Vec<_>>())?,
         None => Vec::new(),
     };
+    let section = f.detect_local.clone().unwrap_or_default();
+    let detect_local_mode = pick(
+        &flags.detect_local_mode,
+        "--detect-local-mode",
+        f.detect_local_mode.clone(),
+        "detectLocalMode",
+    );
+    let bridge = pick(
+        &flags.pod_bridge_interface,
+        "--pod-bridge-interface",
+        section.bridge_interface,
+        "detectLocal.bridgeInterface",
+    );
+    let prefix = pick(
+        &flags.pod_interface_name_prefix,
+        "--pod-interface-name-prefix",
+        section.interface_name_prefix,
+        "detectLocal.interfaceNamePrefix",
+    );
+    // A missing parameter is named as the mode was given: flag or file.
+    let mode_from_flag = flags.detect_local_mode.is_some();
+    fn param<'a>(
+        v: &'a Option<(String, &'static str)>,
+        mode_from_flag: bool,
+        flag: &'static str,
+        file: &'static str,
+    ) -> (Option<&'a str>, &'static str) {
+        match v {
+            Some((v, field)) => (Some(v.as_str()), *field),
+            None if mode_from_flag => (None, flag),
+            None => (None, file),
+        }
+    }
+    let detect_local = detect_local(
+        detect_local_mode.as_ref().map(|(v, f)| (v.as_str(), *f)),
+        param(
+            &bridge,
+            mode_from_flag,
+            "--pod-bridge-interface",
+            "detectLocal.bridgeInterface",
+        ),
+        param(
+            &prefix,
+            mode_from_flag,
+            "--pod-interface-name-prefix",
+            "detectLocal.interfaceNamePrefix",
+        ),
+    )?;
     let nodeport_cidrs = match (&flags.nodeport_addresses, &f.node_port_addresses) {
         (Some(v), _) => Some(cidrs(
             "--nodeport-addresses",
@@ -418,6 +522,7 @@ pub fn resolve(
         }),
         node,
         cluster_cidrs,
+        detect_local,
         nodeport_cidrs,
         masquerade_all: flags.masquerade_all.or(nft.masquerade_all).unwrap_or(false),
         masquerade_bit,
@@ -559,5 +664,91 @@ mod tests {
         );
         let c: KubeProxyConfiguration = serde_saphyr::from_str("mode: ipvs\n").expect("yaml");
         assert_eq!(c.check_header().map_err(|e| e.field), Err("mode".into()));
+    }
+
+    #[test]
+    fn every_detect_local_mode_of_kube_proxy_is_accepted_with_its_parameter() {
+        use crate::compile::DetectLocal;
+        use crate::nft::ir::IfName;
+        let flags = Overrides {
+            node: Some("n".into()),
+            ..Overrides::default()
+        };
+        let mode = |yaml: &str| resolve(Some(&file(yaml)), &flags).map(|s| s.detect_local);
+        assert_eq!(
+            mode("kind: KubeProxyConfiguration\n"),
+            Ok(DetectLocal::ClusterCidr)
+        );
+        assert_eq!(
+            mode("detectLocalMode: ClusterCIDR\n"),
+            Ok(DetectLocal::ClusterCidr)
+        );
+        assert_eq!(
+            mode("detectLocalMode: NodeCIDR\n"),
+            Ok(DetectLocal::NodeCidr(Vec::new()))
+        );
+        assert_eq!(
+            mode("detectLocalMode: BridgeInterface\ndetectLocal:\n  bridgeInterface: cbr0\n"),
+            Ok(DetectLocal::BridgeInterface(
+                IfName::new("cbr0").expect("name")
+            ))
+        );
+        assert_eq!(
+            mode(
+                "detectLocalMode: InterfaceNamePrefix\ndetectLocal:\n  interfaceNamePrefix: veth\n"
+            ),
+            Ok(DetectLocal::InterfaceNamePrefix(
+                IfName::prefix("veth").expect("prefix")
+            ))
+        );
+        // The flags win over the file.
+        let over = Overrides {
+            detect_local_mode: Some("InterfaceNamePrefix".into()),
+            pod_interface_name_prefix: Some("cali".into()),
+            ..flags.clone()
+        };
+        assert_eq!(
+            resolve(Some(&file("detectLocalMode: NodeCIDR\n")), &over).map(|s| s.detect_local),
+            Ok(DetectLocal::InterfaceNamePrefix(
+                IfName::prefix("cali").expect("prefix")
+            ))
+        );
+    }
+
+    #[test]
+    fn a_detect_local_mode_without_its_interface_or_unknown_is_an_error_naming_the_field() {
+        let flags = Overrides {
+            node: Some("n".into()),
+            ..Overrides::default()
+        };
+        let field = |yaml: &str| resolve(Some(&file(yaml)), &flags).map_err(|e| e.field);
+        assert_eq!(
+            field("detectLocalMode: BridgeInterface\n"),
+            Err("detectLocal.bridgeInterface".into())
+        );
+        assert_eq!(
+            field(
+                "detectLocalMode: InterfaceNamePrefix\ndetectLocal:\n  interfaceNamePrefix: \"\"\n"
+            ),
+            Err("detectLocal.interfaceNamePrefix".into())
+        );
+        assert_eq!(
+            field(
+                "detectLocalMode: BridgeInterface\ndetectLocal:\n  bridgeInterface: a-name-longer-than-15\n"
+            ),
+            Err("detectLocal.bridgeInterface".into())
+        );
+        assert_eq!(
+            field("detectLocalMode: PodCIDR\n"),
+            Err("detectLocalMode".into())
+        );
+        let over = Overrides {
+            detect_local_mode: Some("nonsense".into()),
+            ..flags.clone()
+        };
+        assert_eq!(
+            resolve(None, &over).map_err(|e| e.field),
+            Err("--detect-local-mode".into())
+        );
     }
 }
