@@ -1376,7 +1376,7 @@ fn skeleton(
                 Rule::new(vec![
                     lookup(vec![pl(f.daddr)], CLUSTER_IPS),
                     Stmt::Match {
-                        left: left.clone(),
+                        left: *left,
                         op: CmpOp::Ne,
                         right: *right,
                     },
@@ -1445,7 +1445,7 @@ fn skeleton(
     for (left, right) in &local {
         services.push(Rule::new(vec![
             Stmt::Match {
-                left: left.clone(),
+                left: *left,
                 op: CmpOp::Eq,
                 right: *right,
             },
@@ -1463,7 +1463,7 @@ fn skeleton(
             &nodeport_dest,
             vec![
                 Stmt::Match {
-                    left: left.clone(),
+                    left: *left,
                     op: CmpOp::Eq,
                     right: *right,
                 },

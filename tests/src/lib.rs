@@ -264,6 +264,23 @@ impl Topology {
         )
     }
 
+    /// Runs `lb-proxy daemon` in the node namespace with exactly `args` (no defaults added),
+    /// and waits for the first (full) sync. Returns the index of the process.
+    pub fn start_daemon_with<I, S>(&mut self, args: I) -> usize
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = self.ns_command(&self.node.clone(), &binary("lb-proxy"));
+        cmd.arg("daemon").args(args);
+        self.start_logged(
+            cmd,
+            "lb-proxy daemon",
+            &["full sync", " synced"],
+            Duration::from_secs(30),
+        )
+    }
+
     /// Stops process `index` (from [`Topology::start_daemon`]) with SIGTERM and waits for it.
     pub fn stop(&mut self, index: usize) {
         let c = &mut self.children[index];
