@@ -387,6 +387,17 @@ pub struct ManifestArgs {
     /// Pod CIDRs, comma-separated (kube-proxy's `--cluster-cidr`).
     #[arg(long, value_delimiter = ',')]
     pub cluster_cidr: Vec<IpNet>,
+    /// How pod traffic is recognised: ClusterCIDR (default), NodeCIDR (the Node's
+    /// `spec.podCIDRs`), BridgeInterface or InterfaceNamePrefix (kube-proxy's
+    /// `--detect-local-mode`).
+    #[arg(long)]
+    pub detect_local_mode: Option<String>,
+    /// The pods' bridge, with `--detect-local-mode BridgeInterface`.
+    #[arg(long)]
+    pub pod_bridge_interface: Option<String>,
+    /// The prefix of the pods' interface names, with `--detect-local-mode InterfaceNamePrefix`.
+    #[arg(long)]
+    pub pod_interface_name_prefix: Option<String>,
     /// CIDRs of the addresses that accept NodePort traffic (default: every local address but
     /// loopback).
     #[arg(long, value_delimiter = ',')]
@@ -450,15 +461,25 @@ fn flagz(command: &clap::Command, matches: &clap::ArgMatches) -> Vec<(String, St
 }
 
 impl ManifestArgs {
-    fn config(&self) -> Config {
-        Config {
+    fn config(&self) -> anyhow::Result<Config> {
+        let detect_local = crate::config::DetectLocalMode::parse(
+            "--detect-local-mode",
+            self.detect_local_mode.as_deref(),
+            self.pod_bridge_interface.as_deref().unwrap_or_default(),
+            self.pod_interface_name_prefix
+                .as_deref()
+                .unwrap_or_default(),
+        )?
+        .to_compile("--pod-bridge-interface", "--pod-interface-name-prefix")?;
+        Ok(Config {
             cluster_cidrs: self.cluster_cidr.clone(),
             masquerade_all: self.masquerade_all,
             masquerade_bit: self.masquerade_bit,
             nodeport_cidrs: (!self.nodeport_addresses.is_empty())
                 .then(|| self.nodeport_addresses.clone()),
             table: self.table.clone(),
-        }
+            detect_local,
+        })
     }
 
     fn filter(&self) -> Filter {
@@ -566,7 +587,7 @@ impl ManifestArgs {
     fn desired_checked(&self, keep_going: bool) -> anyhow::Result<Ruleset> {
         let store = self.load_once(keep_going)?;
         let snap = store.snapshot().context("node unknown")?;
-        let config = self.config();
+        let config = self.config()?;
         let mut rs = Ruleset::default();
         for family in [IpFamily::V4, IpFamily::V6] {
             let (id, table, _stats) = compile::compile(&snap, &config, family);
@@ -657,7 +678,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 from_node,
                 to_node: true,
             };
-            let e = crate::explain::explain(&snap, &manifests.config(), &q);
+            let e = crate::explain::explain(&snap, &manifests.config()?, &q);
             if json {
                 println!(
                     "{}",
@@ -751,6 +772,13 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             masquerade_bit: s.masquerade_bit,
             nodeport_cidrs: s.nodeport_cidrs,
             table: args.table.clone(),
+            detect_local: s
+                .detect_local
+                .to_compile(
+                    "detectLocal.bridgeInterface",
+                    "detectLocal.interfaceNamePrefix",
+                )
+                .context("invalid configuration")?,
         },
         service_proxy_name: args.service_proxy_name.clone(),
         min_sync_period: s.min_sync_period,
@@ -916,7 +944,7 @@ fn run_manifests(args: &ManifestArgs, opts: &RunOptions) -> anyhow::Result<()> {
         .map(serve_run_metrics)
         .transpose()?;
     let metrics = metrics.as_deref();
-    let mut dataplane = Dataplane::new(netlink()?, args.config());
+    let mut dataplane = Dataplane::new(netlink()?, args.config()?);
     let mut store = Store::new();
     let load = args.load(&mut sources, &mut store, None, metrics)?;
     if opts.once && load.problems > 0 && !opts.keep_going {
