@@ -385,8 +385,8 @@ fn check_mode(field: &str, mode: Option<&str>) -> Result<(), ConfigError> {
     }
 }
 
-/// How traffic from local pods is recognised (`detectLocalMode`). lb-proxy's compiler uses
-/// the cluster CIDRs; the other modes are accepted and passed on.
+/// How traffic from local pods is recognised (`detectLocalMode`), as configured; the compiler
+/// takes it as [`crate::compile::DetectLocal`] ([`DetectLocalMode::to_compile`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum DetectLocalMode {
     /// `ClusterCIDR` (the default): sources in `clusterCIDR` are local pods.
@@ -401,7 +401,46 @@ pub enum DetectLocalMode {
 }
 
 impl DetectLocalMode {
-    fn parse(
+    /// The compiler's setting, with the interface name validated: an empty or invalid name is
+    /// an error naming `bridge_field` or `prefix_field`.
+    pub fn to_compile(
+        &self,
+        bridge_field: &str,
+        prefix_field: &str,
+    ) -> Result<crate::compile::DetectLocal, ConfigError> {
+        use crate::compile::DetectLocal as D;
+        use crate::nft::ir::IfName;
+        let name = |v: &str, field: &str, mode: &str, make: fn(&str) -> Option<IfName>| {
+            if v.is_empty() {
+                return Err(bad(
+                    field,
+                    format!("must be set with detectLocalMode {mode}"),
+                ));
+            }
+            make(v).ok_or_else(|| {
+                bad(
+                    field,
+                    format!("{v:?} is not an interface name (1 to 15 bytes, no '\"' or '*')"),
+                )
+            })
+        };
+        Ok(match self {
+            Self::ClusterCidr => D::ClusterCidr,
+            Self::NodeCidr => D::NodeCidr(Vec::new()),
+            Self::BridgeInterface(b) => {
+                D::BridgeInterface(name(b, bridge_field, "BridgeInterface", IfName::new)?)
+            }
+            Self::InterfaceNamePrefix(p) => D::InterfaceNamePrefix(name(
+                p,
+                prefix_field,
+                "InterfaceNamePrefix",
+                IfName::prefix,
+            )?),
+        })
+    }
+
+    /// Parses the mode (`field` names it in errors) with its parameter.
+    pub fn parse(
         field: &str,
         mode: Option<&str>,
         bridge: &str,
@@ -674,6 +713,10 @@ pub fn resolve(
         }
         _ => {}
     }
+    detect_local.to_compile(
+        "detectLocal.bridgeInterface",
+        "detectLocal.interfaceNamePrefix",
+    )?;
     let nodeport_items: Option<(Vec<String>, &str)> =
         match (&flags.nodeport_addresses, &f.node_port_addresses) {
             (Some(v), _) => Some((
@@ -880,12 +923,6 @@ pub fn resolve(
         warnings.push(
             "featureGates: kube-proxy feature gates do not apply to lb-proxy; ignored".into(),
         );
-    }
-    if !matches!(detect_local, DetectLocalMode::ClusterCidr) {
-        warnings.push(format!(
-            "detectLocalMode {}: accepted; local traffic is still recognised by clusterCIDR in this build",
-            detect_local.as_str()
-        ));
     }
     if nodeport_primary {
         warnings.push(
@@ -1277,6 +1314,73 @@ mod tests {
             e.reason.contains("only implements the nftables mode"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn every_detect_local_mode_becomes_the_compilers_setting_with_its_interface() {
+        use crate::compile::DetectLocal;
+        use crate::nft::ir::IfName;
+        let mode = |yaml: &str| {
+            resolve(Some(&file(yaml)), &node_flag())
+                .and_then(|s| s.detect_local.to_compile("bridge", "prefix"))
+        };
+        assert_eq!(
+            mode("clusterCIDR: 10.0.0.0/8\n"),
+            Ok(DetectLocal::ClusterCidr)
+        );
+        assert_eq!(
+            mode("detectLocalMode: NodeCIDR\n"),
+            Ok(DetectLocal::NodeCidr(Vec::new()))
+        );
+        assert_eq!(
+            mode("detectLocalMode: BridgeInterface\ndetectLocal:\n  bridgeInterface: cbr0\n"),
+            Ok(DetectLocal::BridgeInterface(
+                IfName::new("cbr0").expect("name")
+            ))
+        );
+        assert_eq!(
+            mode(
+                "detectLocalMode: InterfaceNamePrefix\ndetectLocal:\n  interfaceNamePrefix: veth\n"
+            ),
+            Ok(DetectLocal::InterfaceNamePrefix(
+                IfName::prefix("veth").expect("prefix")
+            ))
+        );
+        // The flags win over the file.
+        let over = Overrides {
+            detect_local_mode: Some("InterfaceNamePrefix".into()),
+            pod_interface_name_prefix: Some("cali".into()),
+            ..node_flag()
+        };
+        assert_eq!(
+            resolve(Some(&file("detectLocalMode: NodeCIDR\n")), &over)
+                .and_then(|s| s.detect_local.to_compile("bridge", "prefix")),
+            Ok(DetectLocal::InterfaceNamePrefix(
+                IfName::prefix("cali").expect("prefix")
+            ))
+        );
+    }
+
+    #[test]
+    fn an_interface_name_the_kernel_cannot_hold_is_an_error_naming_the_field() {
+        for yaml in [
+            "detectLocalMode: BridgeInterface\ndetectLocal:\n  bridgeInterface: a-name-longer-than-15\n",
+            "detectLocalMode: BridgeInterface\ndetectLocal:\n  bridgeInterface: \"br*\"\n",
+        ] {
+            assert_eq!(
+                resolve(Some(&file(yaml)), &node_flag()).map_err(|e| e.field),
+                Err("detectLocal.bridgeInterface".into()),
+                "{yaml}"
+            );
+        }
+        let e = resolve(
+            Some(&file(
+                "detectLocalMode: InterfaceNamePrefix\ndetectLocal:\n  interfaceNamePrefix: \"ve\\\"th\"\n",
+            )),
+            &node_flag(),
+        )
+        .expect_err("invalid prefix");
+        assert_eq!(e.field, "detectLocal.interfaceNamePrefix");
     }
 
     #[test]

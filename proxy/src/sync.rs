@@ -399,9 +399,19 @@ impl<B: Backend> Dataplane<B> {
         let Some(snapshot) = store.snapshot() else {
             return Ok(SyncReport::default());
         };
+        // Node-dependent settings (detectLocalMode NodeCIDR) follow the Node: a change of the
+        // Node always brings a full sync.
+        let config = self.config.for_node(&snapshot.node);
+        if matches!(&config.detect_local, crate::compile::DetectLocal::NodeCidr(c) if c.is_empty())
+        {
+            tracing::warn!(
+                node = snapshot.node.name(),
+                "detectLocalMode NodeCIDR: the Node has no spec.podCIDRs yet, so no traffic is recognised as coming from a pod"
+            );
+        }
         let mut compilers = [
-            Compiler::new(self.config.clone(), IpFamily::V4),
-            Compiler::new(self.config.clone(), IpFamily::V6),
+            Compiler::new(config.clone(), IpFamily::V4),
+            Compiler::new(config, IpFamily::V6),
         ];
         let mut tx = Transaction::new();
         let mut plans = Vec::new();

@@ -171,6 +171,7 @@ fn netlink_apply_lists_back_as_the_same_ruleset() {
         "10.96.0.10 . tcp . 80 : goto svc-dnat",
         "ip saddr != 10.244.0.0/16 meta mark set meta mark | 0x00004000 comment \"masquerade clusterIP traffic from outside cluster\"",
         "iifname \"eth0\" udp dport 53 counter packets 0 bytes 0 drop",
+        "iifname != \"veth*\" udp dport 54 drop",
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }

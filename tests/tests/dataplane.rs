@@ -380,6 +380,9 @@ fn the_ruleset_read_back_with_nft_json_matches_the_ir() {
             "10.244.0.0/16".parse().expect("cidr"),
             "fd00:244::/32".parse().expect("cidr"),
         ],
+        detect_local_mode: None,
+        pod_bridge_interface: None,
+        pod_interface_name_prefix: None,
         nodeport_addresses: vec![],
         masquerade_all: false,
         masquerade_bit: 14,
@@ -555,6 +558,8 @@ fn lb_proxy_render_output_loads_with_nft_including_affinity_and_source_ranges() 
     let out = std::process::Command::new(lb_e2e::binary("lb-proxy"))
         .args([
             "render",
+            // The example holds a broken Service and a bad endpoint on purpose.
+            "--keep-going",
             "--node",
             "node-a",
             "--cluster-cidr",
