@@ -20,7 +20,7 @@ pub fn service(i: u32) -> Value {
         "clusterIP": nth(Ipv4Addr::new(10, 96, 0, 0), i).to_string(),
         "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
     });
-    if i % 20 == 0 {
+    if i.is_multiple_of(20) {
         spec["type"] = json!("NodePort");
         spec["externalTrafficPolicy"] = json!("Local");
         spec["ports"][0]["nodePort"] = json!(30000 + (i / 20) % 2768);

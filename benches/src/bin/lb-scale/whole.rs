@@ -86,16 +86,18 @@ fn node_args() -> [&'static str; 4] {
 }
 
 /// Writes the cluster as multi-document YAML files of at most 1,000 documents each; returns
-/// the total size in bytes.
-fn write_yaml_files(dir: &Path, n: u32, m: u32) -> usize {
+/// how many files and their total size in bytes.
+fn write_yaml_files(dir: &Path, n: u32, m: u32) -> (usize, usize) {
     let objects: Vec<_> = cluster::objects(n, m).collect();
     let mut total = 0;
+    let mut files = 0;
     for (i, chunk) in objects.chunks(1000).enumerate() {
         let text = cluster::yaml_stream(chunk.iter().cloned());
         total += text.len();
+        files += 1;
         std::fs::write(dir.join(format!("part-{i:03}.yaml")), text).expect("write manifest");
     }
-    total
+    (files, total)
 }
 
 /// `lb-proxy daemon` against the emulator holding `n` × `m`: start → all Services programmed,
@@ -196,12 +198,6 @@ pub fn daemon(n: u32, m: u32, changes: u32) {
     );
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     let _ = child.wait();
-    // jemalloc's summary line: allocated (live heap) against resident.
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(2)) {
-        if line.starts_with("Allocated:") {
-            println!("DAEMON jemalloc at exit: {line}");
-        }
-    }
 }
 
 /// `run --once` (whole process) against `nft -f` of the very same ruleset, alternating, in
@@ -211,7 +207,7 @@ pub fn run_once_vs_nft(n: u32, m: u32, rounds: usize) {
     let scratch = Scratch::new("once");
     let yaml_dir = scratch.0.join("yaml");
     std::fs::create_dir_all(&yaml_dir).expect("yaml dir");
-    let yaml_bytes = write_yaml_files(&yaml_dir, n, m);
+    let (yaml_files, yaml_bytes) = write_yaml_files(&yaml_dir, n, m);
     let json_file = scratch.0.join("cluster.json");
     let json = cluster::json_list(n, m);
     std::fs::write(&json_file, &json).expect("write JSON list");
@@ -240,6 +236,11 @@ pub fn run_once_vs_nft(n: u32, m: u32, rounds: usize) {
         args.extend(["-f", &yaml_arg]);
         let (t, rss, ok, last) = timed(&ns, &lb_proxy(), &args);
         assert!(ok, "run --once failed: {last}");
+        let programmed = service_ip_elements(&ns);
+        assert_eq!(
+            programmed, n as usize,
+            "run --once programmed {programmed} of {n} Service IPs"
+        );
         once_t.push(t.as_secs_f64());
         once_rss.push(rss);
         drop(ns);
@@ -252,7 +253,7 @@ pub fn run_once_vs_nft(n: u32, m: u32, rounds: usize) {
     let (once, nft) = (median(once_t), median(nft_t));
     println!(
         "RUN --ONCE whole process (YAML, {} files, {:.1} MB): median {:.2} s, peak RSS {:.0} MiB",
-        yaml_bytes.div_ceil(1000),
+        yaml_files,
         yaml_bytes as f64 / 1e6,
         once,
         median(once_rss)
@@ -464,7 +465,7 @@ pub fn affinity_hits() {
                         x ^= x << 25;
                         x ^= x >> 27;
                         let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
-                        let client = ((r >> 32) * u64::from(CLIENTS) >> 32) as u32;
+                        let client = (((r >> 32) * u64::from(CLIENTS)) >> 32) as u32;
                         if let Some(p) = table.pick(conn(client, r), eps) {
                             hits += u64::from(p.outcome == lb_core::affinity::Outcome::Hit);
                         }
