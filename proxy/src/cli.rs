@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use lb_core::IpFamily;
 
-use crate::compile::{self, Config};
+use crate::compile::{self, Config, NodePortAddresses};
 use crate::conntrack::ServicePorts;
 use crate::convert::Filter;
 use crate::manifests::Objects;
@@ -103,8 +103,8 @@ pub struct DaemonArgs {
     /// Pod CIDRs, comma-separated (`clusterCIDR`).
     #[arg(long)]
     pub cluster_cidr: Option<String>,
-    /// CIDRs of the addresses that accept NodePort traffic, comma-separated
-    /// (`nodePortAddresses`; default: every local address but loopback).
+    /// Addresses that accept NodePort traffic (`nodePortAddresses`): `primary` (the default:
+    /// the node's primary addresses from its Node object) or comma-separated CIDRs.
     #[arg(long)]
     pub nodeport_addresses: Option<String>,
     /// Masquerade all traffic to cluster IPs (`nftables.masqueradeAll`).
@@ -159,10 +159,11 @@ pub struct ManifestArgs {
     /// Pod CIDRs, comma-separated (kube-proxy's `--cluster-cidr`).
     #[arg(long, value_delimiter = ',')]
     pub cluster_cidr: Vec<IpNet>,
-    /// CIDRs of the addresses that accept NodePort traffic (default: every local address but
-    /// loopback).
-    #[arg(long, value_delimiter = ',')]
-    pub nodeport_addresses: Vec<IpNet>,
+    /// Addresses that accept NodePort traffic: `primary` (the default: the Node's primary
+    /// addresses, or every local address when the Node lists none) or comma-separated CIDRs
+    /// (`0.0.0.0/0,::/0`: every local address).
+    #[arg(long, default_value = "primary")]
+    pub nodeport_addresses: NodePortAddresses,
     /// Masquerade all traffic to cluster IPs.
     #[arg(long)]
     pub masquerade_all: bool,
@@ -194,8 +195,7 @@ impl ManifestArgs {
             cluster_cidrs: self.cluster_cidr.clone(),
             masquerade_all: self.masquerade_all,
             masquerade_bit: self.masquerade_bit,
-            nodeport_cidrs: (!self.nodeport_addresses.is_empty())
-                .then(|| self.nodeport_addresses.clone()),
+            nodeport_addresses: self.nodeport_addresses.clone(),
             table: self.table.clone(),
         }
     }
@@ -361,7 +361,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             cluster_cidrs: s.cluster_cidrs,
             masquerade_all: s.masquerade_all,
             masquerade_bit: s.masquerade_bit,
-            nodeport_cidrs: s.nodeport_cidrs,
+            nodeport_addresses: s.nodeport_addresses,
             table: args.table.clone(),
         },
         service_proxy_name: args.service_proxy_name.clone(),

@@ -82,8 +82,9 @@ pub struct Config {
     pub masquerade_all: bool,
     /// The mark bit that requests masquerading (kube-proxy's `masqueradeBit`, default 14).
     pub masquerade_bit: u8,
-    /// Where NodePorts are served: `None` for every local address but loopback, or these CIDRs.
-    pub nodeport_cidrs: Option<Vec<IpNet>>,
+    /// Where NodePorts are served (kube-proxy's `nodePortAddresses`). [`NodePortAddresses::Primary`]
+    /// must be resolved against the Node with [`Config::for_node`] before compiling.
+    pub nodeport_addresses: NodePortAddresses,
     /// Name of the nftables tables.
     pub table: String,
 }
@@ -94,7 +95,7 @@ impl Default for Config {
             cluster_cidrs: Vec::new(),
             masquerade_all: false,
             masquerade_bit: 14,
-            nodeport_cidrs: None,
+            nodeport_addresses: NodePortAddresses::Primary,
             table: TABLE.to_string(),
         }
     }
@@ -103,6 +104,98 @@ impl Default for Config {
 impl Config {
     fn mark(&self) -> u32 {
         1u32 << self.masquerade_bit.min(31)
+    }
+
+    /// This configuration with [`NodePortAddresses::Primary`] resolved for `node`: its
+    /// primary addresses (one per family, from the Node's `status.addresses`), as kube-proxy
+    /// resolves `primary`. A node whose addresses are not known (no Node object, or one
+    /// without InternalIP/ExternalIP) serves NodePorts on every local address, as before
+    /// `primary` existed, and the caller should say so ([`Config::node_port_fallback`]).
+    /// Node address changes reach the dataplane because a Node change is a full sync.
+    pub fn for_node(&self, node: &Node) -> Config {
+        let mut c = self.clone();
+        if c.nodeport_addresses == NodePortAddresses::Primary {
+            c.nodeport_addresses = if node.addresses().is_empty() {
+                NodePortAddresses::All
+            } else {
+                NodePortAddresses::Cidrs(node.addresses().iter().map(|&a| IpNet::from(a)).collect())
+            };
+        }
+        c
+    }
+
+    /// Whether `primary` cannot be resolved for `node` (its addresses are unknown), so
+    /// NodePorts are served on every local address.
+    pub fn node_port_fallback(&self, node: &Node) -> bool {
+        self.nodeport_addresses == NodePortAddresses::Primary && node.addresses().is_empty()
+    }
+
+    /// The CIDRs NodePorts are limited to, `None` for every local address but loopback.
+    fn nodeport_cidrs(&self) -> Option<&[IpNet]> {
+        match &self.nodeport_addresses {
+            NodePortAddresses::All | NodePortAddresses::Primary => None,
+            NodePortAddresses::Cidrs(c) => Some(c),
+        }
+    }
+}
+
+/// Where NodePorts are served: kube-proxy's `nodePortAddresses` (`--nodeport-addresses`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum NodePortAddresses {
+    /// Every local address but loopback (`fib daddr type local`).
+    All,
+    /// The node's primary address of each family, from its Node object: kube-proxy's
+    /// `primary`, the default of its nftables mode.
+    #[default]
+    Primary,
+    /// Local addresses within these CIDRs; a family without a CIDR serves no NodePort.
+    Cidrs(Vec<IpNet>),
+}
+
+impl std::str::FromStr for NodePortAddresses {
+    type Err = String;
+
+    /// `primary`, or comma-separated CIDRs ([`NodePortAddresses::from_items`]).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let items: Vec<&str> = s.split(',').map(str::trim).collect();
+        Self::from_items(&items)
+    }
+}
+
+impl NodePortAddresses {
+    /// From the items of `nodePortAddresses`, as kube-proxy's nftables mode reads them:
+    /// nothing or `["primary"]` is [`NodePortAddresses::Primary`]; `0.0.0.0/0` together with
+    /// `::/0` is every local address; otherwise CIDRs. `primary` mixed with CIDRs is refused,
+    /// as kube-proxy's validation does.
+    pub fn from_items(items: &[&str]) -> Result<Self, String> {
+        let items: Vec<&str> = items.iter().copied().filter(|i| !i.is_empty()).collect();
+        if items.contains(&"primary") {
+            return if items.len() == 1 {
+                Ok(Self::Primary)
+            } else {
+                Err("\"primary\" must be the only value".into())
+            };
+        }
+        if items.is_empty() {
+            return Ok(Self::Primary);
+        }
+        let cidrs = items
+            .iter()
+            .map(|s| {
+                s.parse::<IpNet>()
+                    .map(|n| n.trunc())
+                    .map_err(|_| format!("{s:?} is neither a CIDR nor \"primary\""))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let everything = |v4: bool| {
+            cidrs
+                .iter()
+                .any(|n| n.prefix_len() == 0 && n.addr().is_ipv4() == v4)
+        };
+        if everything(true) && everything(false) {
+            return Ok(Self::All);
+        }
+        Ok(Self::Cidrs(cidrs))
     }
 }
 
@@ -265,7 +358,7 @@ pub struct Stats {
 
 /// Builds the table for `family` from a whole snapshot (a full sync, `render`, tests).
 pub fn compile(snapshot: &Snapshot, config: &Config, family: IpFamily) -> (TableId, Table, Stats) {
-    let mut c = Compiler::new(config.clone(), family);
+    let mut c = Compiler::new(config.for_node(&snapshot.node), family);
     let changes: Vec<_> = snapshot
         .services
         .iter()
@@ -843,14 +936,14 @@ fn skeleton_sets(f: Fam, config: &Config) -> Table {
         let comment = spec.comment.clone().unwrap_or_default();
         add(name, spec, &comment);
     }
-    if config.nodeport_cidrs.is_some() {
+    if config.nodeport_cidrs().is_some() {
         let mut s = SetSpec::set(vec![f.addr]);
         s.flags.interval = true;
         add(NODEPORT_IPS, s, "addresses that accept NodePort traffic");
         // Overlapping intervals are refused by the kernel: merge them first.
         let cidrs: Vec<IpNet> = config
-            .nodeport_cidrs
-            .iter()
+            .nodeport_cidrs()
+            .into_iter()
             .flatten()
             .filter(|n| f.is(&n.addr()))
             .copied()
@@ -1284,7 +1377,7 @@ fn skeleton(
     };
     let fib_saddr_local = Stmt::FibLocal(FibAddr::Saddr);
     // Destination is a NodePort address of this node.
-    let nodeport_dest: Vec<Stmt> = match &cfg.nodeport_cidrs {
+    let nodeport_dest: Vec<Stmt> = match cfg.nodeport_cidrs() {
         None => vec![
             Stmt::FibLocal(FibAddr::Daddr),
             Stmt::Match {

@@ -10,6 +10,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::compile::NodePortAddresses;
+
 /// `KubeProxyConfiguration`, the fields lb-proxy reads. Others (iptables, ipvs, …) are
 /// accepted and ignored, so an existing kube-proxy file can be reused.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -32,7 +34,7 @@ pub struct KubeProxyConfiguration {
     pub cluster_cidr: Option<String>,
     /// `detectLocalMode`: only `ClusterCIDR` (or empty) is supported.
     pub detect_local_mode: Option<String>,
-    /// `nodePortAddresses`: CIDRs.
+    /// `nodePortAddresses`: `["primary"]` or CIDRs.
     pub node_port_addresses: Option<Vec<String>>,
     /// `hostnameOverride`: the node name.
     pub hostname_override: Option<String>,
@@ -203,8 +205,8 @@ pub struct Settings {
     pub node: String,
     /// Pod CIDRs.
     pub cluster_cidrs: Vec<IpNet>,
-    /// NodePort CIDRs (`None`: every local address).
-    pub nodeport_cidrs: Option<Vec<IpNet>>,
+    /// Where NodePorts are served (default `primary`, as kube-proxy's nftables mode).
+    pub nodeport_addresses: NodePortAddresses,
     /// `masqueradeAll`.
     pub masquerade_all: bool,
     /// `masqueradeBit`.
@@ -263,6 +265,10 @@ fn cidrs(field: &str, items: &[String]) -> Result<Vec<IpNet>, ConfigError> {
         .collect()
 }
 
+fn node_port_addresses(field: &str, items: &[&str]) -> Result<NodePortAddresses, ConfigError> {
+    NodePortAddresses::from_items(items).map_err(|reason| bad(field, reason))
+}
+
 fn addr(field: &str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
     if s.is_empty() {
         return Ok(None);
@@ -307,15 +313,18 @@ pub fn resolve(
         Some((v, field)) => cidrs(field, &v.split(',').map(str::to_string).collect::<Vec<_>>())?,
         None => Vec::new(),
     };
-    let nodeport_cidrs = match (&flags.nodeport_addresses, &f.node_port_addresses) {
-        (Some(v), _) => Some(cidrs(
+    // kube-proxy's nftables mode treats an absent or empty list as `primary`.
+    let nodeport_addresses = match (&flags.nodeport_addresses, &f.node_port_addresses) {
+        (Some(v), _) => node_port_addresses(
             "--nodeport-addresses",
-            &v.split(',').map(str::to_string).collect::<Vec<_>>(),
-        )?),
-        (None, Some(list)) => Some(cidrs("nodePortAddresses", list)?),
-        (None, None) => None,
-    }
-    .filter(|v| !v.is_empty());
+            &v.split(',').map(str::trim).collect::<Vec<_>>(),
+        )?,
+        (None, Some(list)) => node_port_addresses(
+            "nodePortAddresses",
+            &list.iter().map(|s| s.trim()).collect::<Vec<_>>(),
+        )?,
+        (None, None) => NodePortAddresses::Primary,
+    };
     let bit = flags.masquerade_bit.or(nft.masquerade_bit).unwrap_or(14);
     let field = if flags.masquerade_bit.is_some() {
         "--masquerade-bit"
@@ -418,7 +427,7 @@ pub fn resolve(
         }),
         node,
         cluster_cidrs,
-        nodeport_cidrs,
+        nodeport_addresses,
         masquerade_all: flags.masquerade_all.or(nft.masquerade_all).unwrap_or(false),
         masquerade_bit,
         min_sync_period,
@@ -520,6 +529,51 @@ mod tests {
         };
         let s = resolve(Some(&f), &flags).expect("valid");
         assert_eq!((s.node.as_str(), s.masquerade_bit), ("n2", 3));
+    }
+
+    #[test]
+    fn node_port_addresses_default_to_primary_and_accept_primary_from_the_file_and_the_flag() {
+        let flags = Overrides {
+            node: Some("n".into()),
+            ..Overrides::default()
+        };
+        let primary = |f: Option<&KubeProxyConfiguration>, flags: &Overrides| {
+            resolve(f, flags).map(|s| s.nodeport_addresses)
+        };
+        assert_eq!(primary(None, &flags), Ok(NodePortAddresses::Primary));
+        let f = file("nodePortAddresses: [primary]\n");
+        assert_eq!(primary(Some(&f), &flags), Ok(NodePortAddresses::Primary));
+        let f = file("nodePortAddresses: []\n");
+        assert_eq!(primary(Some(&f), &flags), Ok(NodePortAddresses::Primary));
+        let f = file("nodePortAddresses: [10.0.0.0/8]\n");
+        assert_eq!(
+            primary(Some(&f), &flags),
+            Ok(NodePortAddresses::Cidrs(vec![
+                "10.0.0.0/8".parse().expect("cidr")
+            ]))
+        );
+        let f = file("nodePortAddresses: [0.0.0.0/0, \"::/0\"]\n");
+        assert_eq!(primary(Some(&f), &flags), Ok(NodePortAddresses::All));
+        let with_flag = |v: &str| Overrides {
+            nodeport_addresses: Some(v.into()),
+            ..flags.clone()
+        };
+        assert_eq!(
+            primary(Some(&f), &with_flag("primary")),
+            Ok(NodePortAddresses::Primary)
+        );
+        for bad in ["primary,10.0.0.0/8", "eth0"] {
+            assert_eq!(
+                primary(None, &with_flag(bad)).map_err(|e| e.field),
+                Err("--nodeport-addresses".into()),
+                "{bad}"
+            );
+        }
+        let f = file("nodePortAddresses: [primary, 10.0.0.0/8]\n");
+        assert_eq!(
+            primary(Some(&f), &flags).map_err(|e| e.field),
+            Err("nodePortAddresses".into())
+        );
     }
 
     #[test]

@@ -399,9 +399,17 @@ impl<B: Backend> Dataplane<B> {
         let Some(snapshot) = store.snapshot() else {
             return Ok(SyncReport::default());
         };
+        // `nodePortAddresses: primary` follows the Node's addresses: a Node change is a full sync.
+        if self.config.node_port_fallback(&snapshot.node) {
+            tracing::warn!(
+                node = snapshot.node.name(),
+                "nodePortAddresses primary: the Node has no InternalIP or ExternalIP; serving NodePorts on every local address"
+            );
+        }
+        let config = self.config.for_node(&snapshot.node);
         let mut compilers = [
-            Compiler::new(self.config.clone(), IpFamily::V4),
-            Compiler::new(self.config.clone(), IpFamily::V6),
+            Compiler::new(config.clone(), IpFamily::V4),
+            Compiler::new(config, IpFamily::V6),
         ];
         let mut tx = Transaction::new();
         let mut plans = Vec::new();

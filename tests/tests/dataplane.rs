@@ -380,7 +380,7 @@ fn the_ruleset_read_back_with_nft_json_matches_the_ir() {
             "10.244.0.0/16".parse().expect("cidr"),
             "fd00:244::/32".parse().expect("cidr"),
         ],
-        nodeport_addresses: vec![],
+        nodeport_addresses: lb_proxy::compile::NodePortAddresses::Primary,
         masquerade_all: false,
         masquerade_bit: 14,
         table: lb_proxy::compile::TABLE.into(),
@@ -874,4 +874,75 @@ fn the_node_reaches_a_load_balancer_ip_assigned_to_itself_when_a_source_range_ho
         .expect("run lb-proxy explain");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("source ranges: allowed"), "{text}");
+}
+
+#[test]
+fn node_ports_are_served_only_on_the_nodes_primary_address_by_default_and_follow_its_changes() {
+    // Issue 9, point 5: kube-proxy's nftables mode defaults to `nodePortAddresses: primary`,
+    // the node's primary IP of each family from its Node object, not every local address.
+    let node = |ip: &str| {
+        format!(
+            "{NODE_YAML}status:\n  addresses:\n  - type: Hostname\n    address: node-a\n  - type: InternalIP\n    address: {ip}\n"
+        )
+    };
+    let svc = service(
+        "np",
+        "  type: NodePort\n  clusterIP: 10.96.0.85\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30085\n",
+    );
+    let eps = slice_yaml("np", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]);
+    let mut t = Topology::up(1);
+    t.serve_all();
+    t.write_manifest("node.yaml", &node("10.100.0.1"));
+    t.write_manifest("svc.yaml", &svc);
+    t.write_manifest("eps.yaml", &eps);
+    t.start_proxy(&[]);
+    assert_eq!(
+        t.tcp(&t.client, "10.100.0.1:30085")
+            .expect("served on the primary address")
+            .0,
+        "b0"
+    );
+    // 10.200.0.1 is the node's too, but not its primary address.
+    assert!(t.tcp(&t.client, "10.200.0.1:30085").is_err());
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.85:80").expect("cluster IP").0,
+        "b0"
+    );
+
+    // The Node's address changes: NodePorts move with it.
+    t.write_manifest("node.yaml", &node("10.200.0.1"));
+    t.wait_applied();
+    assert_eq!(
+        t.tcp(&t.client, "10.200.0.1:30085")
+            .expect("served on the new primary address")
+            .0,
+        "b0"
+    );
+    assert!(t.tcp(&t.client, "10.100.0.1:30085").is_err());
+}
+
+#[test]
+fn node_ports_are_served_on_every_node_address_when_the_node_lists_none_or_all_is_asked() {
+    // `primary` cannot be resolved without the Node's addresses: every local address, as
+    // before; and `0.0.0.0/0,::/0` asks for every local address explicitly.
+    let svc = service(
+        "np",
+        "  type: NodePort\n  clusterIP: 10.96.0.86\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30086\n",
+    );
+    let eps = slice_yaml("np", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]);
+    for extra in [&[][..], &["--nodeport-addresses", "0.0.0.0/0,::/0"][..]] {
+        let mut t = Topology::up(1);
+        t.serve_all();
+        t.write_manifest("node.yaml", NODE_YAML);
+        t.write_manifest("svc.yaml", &svc);
+        t.write_manifest("eps.yaml", &eps);
+        t.start_proxy(extra);
+        for addr in ["10.100.0.1:30086", "10.200.0.1:30086"] {
+            assert_eq!(
+                t.tcp(&t.client, addr).expect("served").0,
+                "b0",
+                "{addr} with {extra:?}"
+            );
+        }
+    }
 }
