@@ -110,6 +110,10 @@ pub struct DaemonArgs {
     /// Masquerade all traffic to cluster IPs (`nftables.masqueradeAll`).
     #[arg(long)]
     pub masquerade_all: bool,
+    /// Cluster IP ranges, comma-separated, used while the cluster has no `networking.k8s.io/v1`
+    /// ServiceCIDR objects: traffic to an address inside them that no Service holds is dropped.
+    #[arg(long, value_delimiter = ',')]
+    pub service_cidr: Vec<IpNet>,
     /// Mark bit that requests masquerading (`nftables.masqueradeBit`, default 14).
     #[arg(long)]
     pub masquerade_bit: Option<i64>,
@@ -167,6 +171,10 @@ pub struct ManifestArgs {
     /// Masquerade all traffic to cluster IPs.
     #[arg(long)]
     pub masquerade_all: bool,
+    /// Cluster IP ranges, comma-separated, used when the manifests hold no ServiceCIDR object:
+    /// traffic to an address inside them that no Service holds is dropped.
+    #[arg(long, value_delimiter = ',')]
+    pub service_cidr: Vec<IpNet>,
     /// Mark bit that requests masquerading.
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..=31))]
     pub masquerade_bit: u8,
@@ -196,13 +204,14 @@ impl ManifestArgs {
             masquerade_all: self.masquerade_all,
             masquerade_bit: self.masquerade_bit,
             nodeport_addresses: self.nodeport_addresses.clone(),
+            service_cidrs: self.service_cidr.clone(),
             table: self.table.clone(),
         }
     }
 
     /// Re-reads the manifests into `store` (replacing what it held, as a re-list would),
-    /// reporting bad objects on stderr.
-    fn reload(&self, store: &mut Store) -> anyhow::Result<()> {
+    /// reporting bad objects on stderr. Returns the CIDRs of the ServiceCIDR objects.
+    fn reload(&self, store: &mut Store) -> anyhow::Result<Vec<IpNet>> {
         if self.paths.is_empty() {
             bail!("-f/--manifests: give at least one file or directory");
         }
@@ -213,6 +222,8 @@ impl ManifestArgs {
         let filter = Filter {
             service_proxy_name: self.service_proxy_name.clone(),
         };
+        let service_cidrs =
+            objects.service_cidrs(&mut |e| eprintln!("lb-proxy: invalid, skipped: {e}"));
         let (invalid, _skipped) = objects.replace_in(store, self.node.as_deref(), &filter);
         for e in &invalid {
             eprintln!("lb-proxy: invalid, skipped: {e}");
@@ -220,15 +231,18 @@ impl ManifestArgs {
         if store.node().is_none() {
             bail!("no node: pass --node NAME (or NODE_NAME), or give exactly one Node object");
         }
-        Ok(())
+        Ok(service_cidrs)
     }
 
     /// The desired ruleset for the manifests as they are now.
     pub fn desired(&self) -> anyhow::Result<Ruleset> {
         let mut store = Store::new();
-        self.reload(&mut store)?;
+        let service_cidrs = self.reload(&mut store)?;
         let snap = store.snapshot().context("node unknown")?;
-        let config = self.config();
+        let mut config = self.config();
+        if !service_cidrs.is_empty() {
+            config.service_cidrs = service_cidrs;
+        }
         let mut rs = Ruleset::default();
         for family in [IpFamily::V4, IpFamily::V6] {
             let (id, table, _stats) = compile::compile(&snap, &config, family);
@@ -362,6 +376,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             masquerade_all: s.masquerade_all,
             masquerade_bit: s.masquerade_bit,
             nodeport_addresses: s.nodeport_addresses,
+            service_cidrs: args.service_cidr.clone(),
             table: args.table.clone(),
         },
         service_proxy_name: args.service_proxy_name.clone(),
@@ -466,7 +481,7 @@ fn run_manifests(
 ) -> anyhow::Result<()> {
     let mut dataplane = Dataplane::new(netlink()?, args.config());
     let mut store = Store::new();
-    args.reload(&mut store)?;
+    dataplane.set_service_cidrs(args.reload(&mut store)?);
     let report = dataplane
         .sync(&mut store)
         .context("programming the ruleset")?;
@@ -489,9 +504,12 @@ fn run_manifests(
             continue;
         }
         seen = now;
-        if let Err(e) = args.reload(&mut store) {
-            eprintln!("lb-proxy: keeping the current ruleset: {e:#}");
-            continue;
+        match args.reload(&mut store) {
+            Ok(cidrs) => dataplane.set_service_cidrs(cidrs),
+            Err(e) => {
+                eprintln!("lb-proxy: keeping the current ruleset: {e:#}");
+                continue;
+            }
         }
         let synced = dataplane.sync(&mut store);
         match &synced {

@@ -85,6 +85,10 @@ pub struct Config {
     /// Where NodePorts are served (kube-proxy's `nodePortAddresses`). [`NodePortAddresses::Primary`]
     /// must be resolved against the Node with [`Config::for_node`] before compiling.
     pub nodeport_addresses: NodePortAddresses,
+    /// The ranges cluster IPs are allocated from (the `networking.k8s.io/v1` ServiceCIDRs, or
+    /// `--service-cidr`): traffic to an address inside them that no Service holds is dropped,
+    /// as kube-proxy does, instead of being routed off the node. Empty: nothing dropped.
+    pub service_cidrs: Vec<IpNet>,
     /// Name of the nftables tables.
     pub table: String,
 }
@@ -96,6 +100,7 @@ impl Default for Config {
             masquerade_all: false,
             masquerade_bit: 14,
             nodeport_addresses: NodePortAddresses::Primary,
+            service_cidrs: Vec::new(),
             table: TABLE.to_string(),
         }
     }
@@ -228,6 +233,7 @@ const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 const FIREWALL_IPS: &str = "firewall-ips";
 const FIREWALL_ALLOW: &str = "firewall-allow";
 const HAIRPIN: &str = "hairpin";
+const SERVICE_CIDRS: &str = "service-cidrs";
 const NODEPORT_IPS: &str = "nodeport-ips";
 const SERVICE_TRAFFIC: &str = "service-traffic";
 const NODEPORT_TRAFFIC: &str = "nodeport-traffic";
@@ -936,6 +942,9 @@ fn skeleton_sets(f: Fam, config: &Config) -> Table {
         let comment = spec.comment.clone().unwrap_or_default();
         add(name, spec, &comment);
     }
+    let mut cidrs = SetSpec::set(vec![f.addr]);
+    cidrs.flags.interval = true;
+    add(SERVICE_CIDRS, cidrs, "ServiceCIDRs: cluster IP ranges");
     if config.nodeport_cidrs().is_some() {
         let mut s = SetSpec::set(vec![f.addr]);
         s.flags.interval = true;
@@ -952,6 +961,18 @@ fn skeleton_sets(f: Fam, config: &Config) -> Table {
             for n in IpNet::aggregate(&cidrs) {
                 set.elements.insert(vec![net_value(n)], Element::key_only());
             }
+        }
+    }
+    let in_family: Vec<IpNet> = config
+        .service_cidrs
+        .iter()
+        .filter(|n| f.is(&n.addr()))
+        .copied()
+        .collect();
+    if let Some(set) = table.sets.get_mut(SERVICE_CIDRS) {
+        // Overlapping intervals are refused by the kernel: merge them first.
+        for n in IpNet::aggregate(&in_family) {
+            set.elements.insert(vec![net_value(n)], Element::key_only());
         }
     }
     table
@@ -1680,6 +1701,13 @@ fn skeleton(
                 // Reject it, as kube-proxy does, rather than route it off the node.
                 Rule::new(vec![lookup(vec![pl(f.daddr)], CLUSTER_IPS), Stmt::Reject])
                     .with_comment("reject traffic to invalid ports of cluster IPs"),
+                // An address of a ServiceCIDR that no Service holds: dropped, as kube-proxy's
+                // "Drop traffic to unallocated ClusterIPs".
+                Rule::new(vec![
+                    lookup(vec![pl(f.daddr)], SERVICE_CIDRS),
+                    Stmt::Verdict(Verdict::Drop),
+                ])
+                .with_comment("drop traffic to unallocated cluster IPs"),
             ],
         },
     );

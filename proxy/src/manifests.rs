@@ -8,6 +8,7 @@ use std::path::Path;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde_json::Value;
 
 use crate::convert::{self, ConvertError, Converted, Filter};
@@ -22,6 +23,8 @@ pub struct Objects {
     pub endpoint_slices: Vec<EndpointSlice>,
     /// Nodes.
     pub nodes: Vec<Node>,
+    /// ServiceCIDRs (`networking.k8s.io/v1`).
+    pub service_cidrs: Vec<ServiceCIDR>,
 }
 
 /// A problem with one document or object; reading goes on.
@@ -173,8 +176,25 @@ impl Objects {
                 Ok(n) => self.nodes.push(n),
                 Err(e) => errors.push(bad(e.to_string())),
             },
+            "ServiceCIDR" => match serde_json::from_value(doc) {
+                Ok(c) => self.service_cidrs.push(c),
+                Err(e) => errors.push(bad(e.to_string())),
+            },
             _ => {}
         }
+    }
+
+    /// The CIDRs of every ServiceCIDR object (sorted, without duplicates); an invalid one is
+    /// reported through `invalid` and left out.
+    pub fn service_cidrs(&self, invalid: &mut dyn FnMut(ConvertError)) -> Vec<ipnet::IpNet> {
+        let mut all = std::collections::BTreeSet::new();
+        for c in &self.service_cidrs {
+            match convert::service_cidr(c) {
+                Ok(cidrs) => all.extend(cidrs),
+                Err(e) => invalid(e),
+            }
+        }
+        all.into_iter().collect()
     }
 
     /// Converts the objects into a store for node `node_name` (or the only Node given, when
@@ -270,6 +290,27 @@ impl Objects {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_cidrs_are_read_from_the_manifests_and_a_bad_one_is_reported_by_field() {
+        // Issue 9, point 8.
+        let yaml = "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\nspec:\n  cidrs: [10.96.0.0/16, \"fd00:96::/108\"]\n---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: extra\nspec:\n  cidrs: [10.97.0.1/16]\n---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: broken\nspec:\n  cidrs: [10.98.0.0/40]\n";
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        objects.add_text("test.yaml", yaml, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut invalid = Vec::new();
+        let cidrs: Vec<String> = objects
+            .service_cidrs(&mut |e| invalid.push(e.to_string()))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(cidrs, ["10.96.0.0/16", "10.97.0.0/16", "fd00:96::/108"]);
+        assert_eq!(
+            invalid,
+            ["ServiceCIDR /broken: field spec.cidrs[0]: \"10.98.0.0/40\" is not a CIDR"]
+        );
+    }
 
     #[test]
     fn a_slice_port_without_a_protocol_means_tcp_as_the_api_server_defaults_it() {

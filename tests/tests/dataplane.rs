@@ -381,6 +381,7 @@ fn the_ruleset_read_back_with_nft_json_matches_the_ir() {
             "fd00:244::/32".parse().expect("cidr"),
         ],
         nodeport_addresses: lb_proxy::compile::NodePortAddresses::Primary,
+        service_cidr: vec![],
         masquerade_all: false,
         masquerade_bit: 14,
         table: lb_proxy::compile::TABLE.into(),
@@ -945,4 +946,144 @@ fn node_ports_are_served_on_every_node_address_when_the_node_lists_none_or_all_i
             );
         }
     }
+}
+
+/// Serves `10.96.0.99:80` from the topology's upstream namespace (where the node routes what
+/// it does not DNAT), answering `up`: a packet to that address that leaves the node is seen.
+fn serve_upstream(t: &mut Topology, addr: &str) {
+    let up = t.node.replace("-node", "-up");
+    lb_e2e::must(std::process::Command::new("ip").args([
+        "-n",
+        &up,
+        "addr",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        "lo",
+    ]));
+    lb_e2e::must(std::process::Command::new("ip").args([
+        "-n",
+        &up,
+        "route",
+        "add",
+        "10.100.0.0/24",
+        "via",
+        "10.200.0.1",
+    ]));
+    let mut cmd = t.ns_command(&up, &lb_e2e::binary("lb-testsrv"));
+    cmd.args(["serve", "up", &format!("{addr}:80")]);
+    t.spawn_ready(cmd, "READY");
+}
+
+const SERVICE_CIDR_YAML: &str = "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\nspec:\n  cidrs:\n  - 10.96.0.0/16\n  - fd00:96::/108\n";
+
+#[test]
+fn traffic_to_an_unallocated_cluster_ip_of_a_service_cidr_is_dropped_not_routed_off_the_node() {
+    // Issue 9, point 8: kube-proxy drops traffic to an address of a ServiceCIDR that no
+    // Service holds ("Drop traffic to unallocated ClusterIPs").
+    let svc = service(
+        "web",
+        "  clusterIP: 10.96.0.90\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n",
+    );
+    let eps = slice_yaml("web", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]);
+    let mut t = setup(1, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    serve_upstream(&mut t, "10.96.0.99");
+    // No ServiceCIDR known yet: the packet is routed upstream, as before.
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.99:80")
+            .expect("routed upstream")
+            .0,
+        "up"
+    );
+
+    t.write_manifest("servicecidr.yaml", SERVICE_CIDR_YAML);
+    t.wait_applied();
+    let err = t
+        .tcp(&t.client, "10.96.0.99:80")
+        .expect_err("dropped on the node");
+    assert!(err.contains("timed out"), "dropped, not rejected: {err}");
+    // From the node itself too.
+    let err = t
+        .tcp(&t.node, "10.96.0.99:80")
+        .expect_err("dropped on the node");
+    assert!(err.contains("timed out"), "dropped, not rejected: {err}");
+    // An allocated cluster IP still works, and its missing ports are still rejected.
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.90:80").expect("allocated").0,
+        "b0"
+    );
+    let err = t.tcp(&t.client, "10.96.0.90:81").expect_err("rejected");
+    assert!(
+        err.contains("refused"),
+        "a port the Service lacks is rejected: {err}"
+    );
+
+    // The ServiceCIDR goes away: nothing is dropped any more.
+    std::fs::remove_file(t.dir.join("servicecidr.yaml")).expect("remove the ServiceCIDR");
+    t.wait_applied();
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.99:80")
+            .expect("routed upstream")
+            .0,
+        "up"
+    );
+}
+
+#[test]
+fn the_service_cidr_flag_drops_unallocated_cluster_ips_while_the_cluster_has_no_service_cidr() {
+    let svc = service(
+        "web",
+        "  clusterIP: 10.96.0.91\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n",
+    );
+    let eps = slice_yaml("web", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]);
+    let mut t = Topology::up(1);
+    t.serve_all();
+    t.write_manifest("node.yaml", NODE_YAML);
+    t.write_manifest("svc.yaml", &svc);
+    t.write_manifest("eps.yaml", &eps);
+    serve_upstream(&mut t, "10.96.0.99");
+    serve_upstream_extra(&mut t, "10.97.0.99");
+    t.start_proxy(&["--service-cidr", "10.96.0.0/16"]);
+    assert!(
+        t.tcp(&t.client, "10.96.0.99:80").is_err(),
+        "dropped on the node"
+    );
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.91:80").expect("allocated").0,
+        "b0"
+    );
+    assert_eq!(t.tcp(&t.client, "10.97.0.99:80").expect("outside").0, "up");
+    // A ServiceCIDR object replaces the flag.
+    t.write_manifest(
+        "servicecidr.yaml",
+        &SERVICE_CIDR_YAML.replace("10.96.0.0/16", "10.97.0.0/16"),
+    );
+    t.wait_applied();
+    assert!(
+        t.tcp(&t.client, "10.97.0.99:80").is_err(),
+        "dropped on the node"
+    );
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.99:80")
+            .expect("routed upstream")
+            .0,
+        "up"
+    );
+}
+
+/// One more upstream address, once [`serve_upstream`] set the route.
+fn serve_upstream_extra(t: &mut Topology, addr: &str) {
+    let up = t.node.replace("-node", "-up");
+    lb_e2e::must(std::process::Command::new("ip").args([
+        "-n",
+        &up,
+        "addr",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        "lo",
+    ]));
+    let mut cmd = t.ns_command(&up, &lb_e2e::binary("lb-testsrv"));
+    cmd.args(["serve", "up", &format!("{addr}:80")]);
+    t.spawn_ready(cmd, "READY");
 }
