@@ -481,6 +481,9 @@ fn run_manifests(
 ) -> anyhow::Result<()> {
     let mut dataplane = Dataplane::new(netlink()?, args.config());
     let mut store = Store::new();
+    // Read before the manifests are: a file changed while they are read and programmed is
+    // then seen as a change (after, it would be missed until the next one).
+    let mut seen = args.newest_mtime();
     dataplane.set_service_cidrs(args.reload(&mut store)?);
     let report = dataplane
         .sync(&mut store)
@@ -496,7 +499,6 @@ fn run_manifests(
     if once {
         return Ok(());
     }
-    let mut seen = args.newest_mtime();
     loop {
         std::thread::sleep(poll);
         let now = args.newest_mtime();

@@ -3,8 +3,11 @@
 //!
 //! ```text
 //! lb-testsrv serve NAME ADDR:PORT...         TCP and UDP on every address, until killed
-//! lb-testsrv tcp ADDR:PORT [TIMEOUT_MS]     one connection: print the answer or the error
-//! lb-testsrv udp ADDR:PORT [TIMEOUT_MS]     one datagram: print the answer or the error
+//! lb-testsrv tcp ADDR:PORT [TIMEOUT_MS [FROM]]
+//!                                           one connection (from source address FROM, when
+//!                                           given): print the answer or the error
+//! lb-testsrv udp ADDR:PORT [TIMEOUT_MS [FROM]]
+//!                                           one datagram: print the answer or the error
 //! lb-testsrv tcp-hold ADDR:PORT SECONDS     connect, then send a line every 100 ms
 //! lb-testsrv udp-stream ADDR:PORT COUNT INTERVAL_MS
 //!                                           COUNT datagrams from ONE source port: prints
@@ -21,8 +24,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let res = match args.first().map(String::as_str) {
         Some("serve") if args.len() >= 3 => serve(&args[1], &args[2..]),
-        Some("tcp") if args.len() >= 2 => tcp(&args[1], timeout(args.get(2))),
-        Some("udp") if args.len() >= 2 => udp(&args[1], timeout(args.get(2))),
+        Some("tcp") if args.len() >= 2 => tcp(&args[1], timeout(args.get(2)), args.get(3)),
+        Some("udp") if args.len() >= 2 => udp(&args[1], timeout(args.get(2)), args.get(3)),
         Some("tcp-hold") if args.len() == 3 => hold(&args[1], &args[2]),
         Some("http") if args.len() == 3 => http(&args[1], &args[2]),
         Some("udp-stream") if args.len() == 4 => udp_stream(&args[1], &args[2], &args[3]),
@@ -112,9 +115,31 @@ fn http(target: &str, path: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn tcp(target: &str, t: Duration) -> Result<(), String> {
+/// The source address `from` (an IP), port 0.
+fn source(from: &str) -> Result<SocketAddr, String> {
+    from.parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 0))
+        .map_err(|_| format!("{from:?} is not an IP address"))
+}
+
+fn tcp(target: &str, t: Duration, from: Option<&String>) -> Result<(), String> {
     let a = addr(target)?;
-    let mut s = TcpStream::connect_timeout(&a, t).map_err(|e| format!("connect: {e}"))?;
+    let mut s: TcpStream = match from {
+        None => TcpStream::connect_timeout(&a, t).map_err(|e| format!("connect: {e}"))?,
+        Some(from) => {
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(a),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+            .map_err(|e| e.to_string())?;
+            sock.bind(&source(from)?.into())
+                .map_err(|e| format!("bind {from}: {e}"))?;
+            sock.connect_timeout(&a.into(), t)
+                .map_err(|e| format!("connect: {e}"))?;
+            sock.into()
+        }
+    };
     s.set_read_timeout(Some(t)).map_err(|e| e.to_string())?;
     let mut line = String::new();
     let mut buf = [0u8; 256];
@@ -124,11 +149,14 @@ fn tcp(target: &str, t: Duration) -> Result<(), String> {
     Ok(())
 }
 
-fn udp(target: &str, t: Duration) -> Result<(), String> {
+fn udp(target: &str, t: Duration, from: Option<&String>) -> Result<(), String> {
     let a = addr(target)?;
-    let bind: SocketAddr = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-        .parse()
-        .expect("literal");
+    let bind: SocketAddr = match from {
+        Some(from) => source(from)?,
+        None => if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+            .parse()
+            .expect("literal"),
+    };
     let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(t)).map_err(|e| e.to_string())?;
     // Connected, so ICMP errors (port unreachable) are reported to us.
