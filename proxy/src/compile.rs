@@ -32,9 +32,11 @@
 //!   after the nat hooks of prerouting and output (so connections to the node itself are
 //!   recorded too) and only for connections dispatched for a service address or node port with
 //!   affinity. The kernel expires entries `T` after the client's last new connection, as
-//!   kube-proxy's affinity sets do. Unlike kube-proxy, the cluster IP, each external or
-//!   load-balancer IP and the node port of one service port keep separate entries: see
-//!   [`affinity`].
+//!   kube-proxy's affinity sets do. A client without an entry is dispatched through
+//!   `pick-sticky-N`, which chooses by `jhash` of its address instead of `numgen random`: every
+//!   address of the service port lists the same endpoints in the same order, so the client
+//!   lands on one endpoint whichever address it uses, as kube-proxy's per-service-port
+//!   affinity does; see [`affinity`] for what differs.
 //! * Masquerade: a mark bit (`0x4000` by default) set before DNAT and turned into
 //!   `masquerade fully-random` in `masquerading`; hairpin connections (a pod reaching itself
 //!   through a Service) are found with the `hairpin` set.
@@ -239,7 +241,8 @@ const SERVICE_TRAFFIC: &str = "service-traffic";
 const NODEPORT_TRAFFIC: &str = "nodeport-traffic";
 const COUNT_SERVICE_TRAFFIC: &str = "count-service-traffic";
 
-/// The four endpoint maps and their dispatch chains.
+/// The four endpoint maps and their dispatch chains; each with a uniform random choice, or
+/// (`Sticky…`, for Services with ClientIP affinity) a choice by a hash of the client address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Dispatch {
     /// `daddr . proto . port . bucket`, the set used by `service-ips`.
@@ -250,15 +253,23 @@ enum Dispatch {
     NodePorts,
     /// The same for eTP Local external traffic.
     NodePortsLocal,
+    /// As `Ips`, the bucket a hash of the client address.
+    StickyIps,
+    /// As `IpsLocal`, the bucket a hash of the client address.
+    StickyIpsLocal,
+    /// As `NodePorts`, the bucket a hash of the client address.
+    StickyNodePorts,
+    /// As `NodePortsLocal`, the bucket a hash of the client address.
+    StickyNodePortsLocal,
 }
 
 impl Dispatch {
     fn map(self) -> &'static str {
         match self {
-            Dispatch::Ips => ENDPOINTS,
-            Dispatch::IpsLocal => ENDPOINTS_LOCAL,
-            Dispatch::NodePorts => NODEPORT_ENDPOINTS,
-            Dispatch::NodePortsLocal => NODEPORT_ENDPOINTS_LOCAL,
+            Dispatch::Ips | Dispatch::StickyIps => ENDPOINTS,
+            Dispatch::IpsLocal | Dispatch::StickyIpsLocal => ENDPOINTS_LOCAL,
+            Dispatch::NodePorts | Dispatch::StickyNodePorts => NODEPORT_ENDPOINTS,
+            Dispatch::NodePortsLocal | Dispatch::StickyNodePortsLocal => NODEPORT_ENDPOINTS_LOCAL,
         }
     }
     fn chain(self, n: usize) -> String {
@@ -267,11 +278,37 @@ impl Dispatch {
             Dispatch::IpsLocal => "pick-local",
             Dispatch::NodePorts => "nodeport-pick",
             Dispatch::NodePortsLocal => "nodeport-pick-local",
+            Dispatch::StickyIps => "pick-sticky",
+            Dispatch::StickyIpsLocal => "pick-sticky-local",
+            Dispatch::StickyNodePorts => "nodeport-pick-sticky",
+            Dispatch::StickyNodePortsLocal => "nodeport-pick-sticky-local",
         };
         format!("{prefix}-{n}")
     }
     fn has_daddr(self) -> bool {
-        matches!(self, Dispatch::Ips | Dispatch::IpsLocal)
+        matches!(
+            self,
+            Dispatch::Ips | Dispatch::IpsLocal | Dispatch::StickyIps | Dispatch::StickyIpsLocal
+        )
+    }
+    fn is_sticky(self) -> bool {
+        matches!(
+            self,
+            Dispatch::StickyIps
+                | Dispatch::StickyIpsLocal
+                | Dispatch::StickyNodePorts
+                | Dispatch::StickyNodePortsLocal
+        )
+    }
+    /// The sticky variant (a hash of the client address chooses).
+    fn sticky(self) -> Self {
+        match self {
+            Dispatch::Ips => Dispatch::StickyIps,
+            Dispatch::IpsLocal => Dispatch::StickyIpsLocal,
+            Dispatch::NodePorts => Dispatch::StickyNodePorts,
+            Dispatch::NodePortsLocal => Dispatch::StickyNodePortsLocal,
+            other => other,
+        }
     }
 }
 
@@ -480,6 +517,7 @@ impl Compiler {
         let mut b = Builder {
             f: self.f,
             frag: Fragment::default(),
+            sticky: entry.port.session_affinity().timeout().is_some(),
         };
         let endpoints: Vec<_> = entry
             .endpoints
@@ -996,6 +1034,9 @@ pub struct Fragment {
 struct Builder {
     f: Fam,
     frag: Fragment,
+    /// The service port has ClientIP affinity: its first connections choose by a hash of the
+    /// client address ([`Dispatch::sticky`]).
+    sticky: bool,
 }
 
 impl Builder {
@@ -1232,6 +1273,13 @@ impl Builder {
         comment: &Option<String>,
     ) {
         let n = endpoints.len();
+        // ClientIP affinity: a client without an affinity entry (its first connection, or one
+        // after the timeout) gets the endpoint a hash of its address picks, the same through
+        // every address of the service port (the endpoint lists are the same, in the same
+        // order), so it lands on one endpoint whether it comes by the cluster IP, an external
+        // or load-balancer IP or the node port; each address's affinity entry then keeps it
+        // there for the timeout, also across endpoint changes.
+        let d = if self.sticky { d.sticky() } else { d };
         self.frag.counts.insert((d, n));
         let verdict = Element {
             comment: comment.clone(),
@@ -1554,11 +1602,22 @@ fn skeleton(
         if d.has_daddr() {
             key.push(pl(f.daddr));
         }
-        key.extend([L4PROTO, DPORT, Expr::NumgenRandom { modulus: n as u32 }]);
+        let (bucket, what) = if d.is_sticky() {
+            (
+                Expr::Jhash {
+                    of: f.saddr,
+                    modulus: n as u32,
+                },
+                "choice by client address",
+            )
+        } else {
+            (Expr::NumgenRandom { modulus: n as u32 }, "uniform choice")
+        };
+        key.extend([L4PROTO, DPORT, bucket]);
         chains.insert(
             d.chain(n),
             Chain {
-                spec: regular(&format!("uniform choice among {n} endpoints")),
+                spec: regular(&format!("{what} among {n} endpoints")),
                 rules: vec![Rule::new(vec![Stmt::DnatMap {
                     family: f.nat,
                     key,

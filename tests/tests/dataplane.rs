@@ -261,7 +261,7 @@ fn load_balancer_source_ranges_admit_and_block() {
 }
 
 #[test]
-fn client_ip_affinity_sticks_and_lets_go_after_its_timeout() {
+fn client_ip_affinity_sticks_and_its_entry_expires_after_its_timeout() {
     let svc = service(
         "sticky",
         "  clusterIP: 10.96.0.60\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 2\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n",
@@ -287,16 +287,30 @@ fn client_ip_affinity_sticks_and_lets_go_after_its_timeout() {
             "sticks"
         );
     }
-    // After the timeout without new connections, the choice is free again.
-    let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..12 {
-        std::thread::sleep(Duration::from_millis(2300));
-        seen.insert(t.tcp(&t.client, "10.96.0.60:80").expect("reply").0);
-        if seen.len() > 1 {
-            break;
-        }
-    }
-    assert!(seen.len() > 1, "affinity never expired: always {seen:?}");
+    // After the timeout without new connections, the kernel has dropped the client's entry.
+    // (Its next first connection is again chosen by a hash of its address, so that every
+    // address of the service port agrees: with the same endpoints, the same one.)
+    let entries = || {
+        lb_e2e::must(std::process::Command::new("ip").args([
+            "netns",
+            "exec",
+            &t.node,
+            "nft",
+            "list",
+            "map",
+            "ip",
+            "lb-proxy",
+            "affinity-2",
+        ]))
+    };
+    assert!(
+        entries().contains("10.100.0.2 . 10.96.0.60"),
+        "{}",
+        entries()
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(!entries().contains("10.100.0.2"), "{}", entries());
+    assert_eq!(t.tcp(&t.client, "10.96.0.60:80").expect("reply").0, first);
 }
 
 #[test]
@@ -1086,4 +1100,61 @@ fn serve_upstream_extra(t: &mut Topology, addr: &str) {
     let mut cmd = t.ns_command(&up, &lb_e2e::binary("lb-testsrv"));
     cmd.args(["serve", "up", &format!("{addr}:80")]);
     t.spawn_ready(cmd, "READY");
+}
+
+#[test]
+fn a_sticky_client_lands_on_one_endpoint_through_every_address_of_the_service_port() {
+    // Issue 9, point 2: ClientIP affinity is per service port: the same client through the
+    // cluster IP, an external IP, a load-balancer IP and the node port (on either node
+    // address) reaches the same endpoint.
+    let svc = service(
+        "sticky",
+        "  type: LoadBalancer\n  clusterIP: 10.96.0.77\n  externalIPs: [192.0.2.177]\n  sessionAffinity: ClientIP\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30077\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.77\n",
+    );
+    let eps = slice_yaml(
+        "sticky",
+        "IPv4",
+        "http",
+        "TCP",
+        8080,
+        &[
+            (0, "node-a", true),
+            (1, "node-a", true),
+            (2, "node-a", true),
+        ],
+    );
+    let t = setup(3, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    lb_e2e::must(std::process::Command::new("ip").args([
+        "-n",
+        &t.client,
+        "addr",
+        "add",
+        "10.100.0.5/24",
+        "dev",
+        "eth0",
+    ]));
+    let targets = [
+        "10.96.0.77:80",
+        "192.0.2.177:80",
+        "192.0.2.77:80",
+        "10.100.0.1:30077",
+        "10.200.0.1:30077",
+    ];
+    for source in ["10.100.0.2", "10.100.0.5"] {
+        let reached: BTreeMap<String, Vec<&str>> =
+            targets.iter().fold(BTreeMap::new(), |mut m, target| {
+                for _ in 0..3 {
+                    let line = t.peer(&t.client, &["tcp", target, "3000", source]);
+                    let backend = line.split_whitespace().next().unwrap_or("").to_string();
+                    m.entry(backend).or_default().push(target);
+                }
+                m
+            });
+        assert_eq!(
+            reached.len(),
+            1,
+            "client {source} reached several endpoints: {reached:?}"
+        );
+        assert!(reached.keys().all(|b| b.starts_with('b')), "{reached:?}");
+    }
 }
