@@ -1158,3 +1158,39 @@ fn a_sticky_client_lands_on_one_endpoint_through_every_address_of_the_service_po
         assert!(reached.keys().all(|b| b.starts_with('b')), "{reached:?}");
     }
 }
+
+#[test]
+fn a_sticky_ipv6_client_lands_on_one_endpoint_through_the_cluster_ip_and_the_node_port() {
+    // Issue 9, point 2, IPv6: the hash reads the 16-byte source address.
+    let svc = service(
+        "sticky6",
+        "  type: NodePort\n  clusterIP: fd00:96::77\n  ipFamilies: [IPv6]\n  sessionAffinity: ClientIP\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30078\n",
+    );
+    let eps = slice_yaml(
+        "sticky6",
+        "IPv6",
+        "http",
+        "TCP",
+        8080,
+        &[
+            (0, "node-a", true),
+            (1, "node-a", true),
+            (2, "node-a", true),
+        ],
+    );
+    let t = setup(3, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    let mut reached = BTreeMap::new();
+    for target in [
+        "[fd00:96::77]:80",
+        "[fd00:100::1]:30078",
+        "[fd00:200::1]:30078",
+    ] {
+        for _ in 0..3 {
+            let line = t.peer(&t.client, &["tcp", target, "6000"]);
+            let backend = line.split_whitespace().next().unwrap_or("").to_string();
+            reached.entry(backend).or_insert_with(Vec::new).push(target);
+        }
+    }
+    assert_eq!(reached.len(), 1, "several endpoints: {reached:?}");
+    assert!(reached.keys().all(|b| b.starts_with('b')), "{reached:?}");
+}
