@@ -315,7 +315,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let to = to_ip;
             let mut store = Store::new();
-            manifests.reload(&mut store)?;
+            let service_cidrs = manifests.reload(&mut store)?;
             let snap = store.snapshot().context("node unknown")?;
             let q = crate::explain::Query {
                 to,
@@ -325,7 +325,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 from_node,
                 to_node: true,
             };
-            let e = crate::explain::explain(&snap, &manifests.config(), &q);
+            let mut config = manifests.config();
+            if !service_cidrs.is_empty() {
+                config.service_cidrs = service_cidrs;
+            }
+            let e = crate::explain::explain(&snap, &config, &q);
             if json {
                 println!(
                     "{}",

@@ -521,7 +521,11 @@ async fn sync_loop<B: Backend>(
                 if !synced_once {
                     let _ = reply.send(crate::explain::Explanation::not_synced());
                 } else if let Some(snap) = store.snapshot() {
-                    let _ = reply.send(crate::explain::explain(&snap, &config.compile, &q));
+                    let mut compile = config.compile.clone();
+                    if !dataplane.service_cidrs().is_empty() {
+                        compile.service_cidrs = dataplane.service_cidrs().to_vec();
+                    }
+                    let _ = reply.send(crate::explain::explain(&snap, &compile, &q));
                 }
                 continue;
             }

@@ -115,6 +115,11 @@ impl<B: Backend> Dataplane<B> {
         self.needs_full = true;
     }
 
+    /// The CIDRs of the ServiceCIDR objects last given (empty: the configured ones apply).
+    pub fn service_cidrs(&self) -> &[ipnet::IpNet] {
+        &self.service_cidrs
+    }
+
     /// The CIDRs of the cluster's ServiceCIDR objects. While there are none, the configured
     /// ones (`--service-cidr`) apply. A change is programmed by a full sync, as kube-proxy's
     /// `OnServiceCIDRsChanged` (they change about never).
