@@ -1080,6 +1080,7 @@ pub struct Node {
     name: Arc<str>,
     zone: Option<Arc<str>>,
     addresses: Box<[IpAddr]>,
+    pod_cidrs: Box<[IpNet]>,
 }
 
 impl Node {
@@ -1096,6 +1097,7 @@ impl Node {
             name: name.into(),
             zone: zone.filter(|z| !z.is_empty()).map(Arc::from),
             addresses: Box::default(),
+            pod_cidrs: Box::default(),
         })
     }
     /// The same node with its primary addresses: at most one per family, the first of each
@@ -1113,6 +1115,26 @@ impl Node {
     /// The node's primary addresses, at most one per family (empty when unknown).
     pub fn addresses(&self) -> &[IpAddr] {
         &self.addresses
+    }
+    /// The same node with the pod CIDRs allocated to it (the Node's `spec.podCIDRs`, at most
+    /// one per family: the first of each family wins, as the API server allows no more). They
+    /// tell this node's pods apart with kube-proxy's `detectLocalMode: NodeCIDR`.
+    pub fn with_pod_cidrs(mut self, cidrs: impl IntoIterator<Item = IpNet>) -> Self {
+        let mut kept: Vec<IpNet> = Vec::new();
+        for net in cidrs {
+            if !kept
+                .iter()
+                .any(|k| k.addr().is_ipv4() == net.addr().is_ipv4())
+            {
+                kept.push(net.trunc());
+            }
+        }
+        self.pod_cidrs = kept.into();
+        self
+    }
+    /// The pod CIDRs allocated to this node, at most one per family (empty when unknown).
+    pub fn pod_cidrs(&self) -> &[IpNet] {
+        &self.pod_cidrs
     }
     /// `metadata.name`.
     pub fn name(&self) -> &str {

@@ -302,3 +302,14 @@ fn a_node_keeps_its_first_address_of_each_family_as_its_primary_addresses() {
     let got: Vec<String> = n.addresses().iter().map(|a| a.to_string()).collect();
     assert_eq!(got, ["10.0.0.1", "fd00::1"]);
 }
+
+#[test]
+fn a_node_keeps_its_first_pod_cidr_of_each_family_truncated_to_the_network() {
+    let n = lb_core::Node::new("n1", None)
+        .expect("valid node")
+        .with_pod_cidrs(
+            ["10.244.1.7/24", "fd00:244:1::/64", "10.244.9.0/24"].map(|c| c.parse().expect("CIDR")),
+        );
+    let got: Vec<String> = n.pod_cidrs().iter().map(|c| c.to_string()).collect();
+    assert_eq!(got, ["10.244.1.0/24", "fd00:244:1::/64"]);
+}

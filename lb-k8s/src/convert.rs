@@ -416,15 +416,40 @@ pub fn node(n: &K8sNode) -> Result<Node, ConvertError> {
             .filter(move |a| a.type_ == kind)
             .filter_map(|a| a.address.parse::<std::net::IpAddr>().ok())
     });
-    Node::new(&name, zone)
-        .map(|n| n.with_addresses(addresses))
-        .map_err(|e| ConvertError {
-            kind: "Node",
-            namespace: String::new(),
-            name: name.clone(),
-            field: e.field,
-            reason: e.reason,
+    let error = |field: String, reason: String| ConvertError {
+        kind: "Node",
+        namespace: String::new(),
+        name: name.clone(),
+        field,
+        reason,
+    };
+    // `spec.podCIDRs` (the older `spec.podCIDR` when it is absent): kube-proxy's NodeCIDR
+    // local-traffic detection. The API server validates them, so a bad one is a broken manifest.
+    let spec = n.spec.as_ref();
+    let (pod_cidrs, field): (Vec<&String>, &str) = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
+        Some(list) if !list.is_empty() => (list.iter().collect(), "spec.podCIDRs"),
+        _ => (
+            spec.and_then(|s| s.pod_cidr.as_ref()).into_iter().collect(),
+            "spec.podCIDR",
+        ),
+    };
+    let pod_cidrs = pod_cidrs
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.parse::<ipnet::IpNet>().map_err(|_| {
+                let field = if field == "spec.podCIDRs" {
+                    format!("{field}[{i}]")
+                } else {
+                    field.to_string()
+                };
+                error(field, format!("{c:?} is not a CIDR"))
+            })
         })
+        .collect::<Result<Vec<_>, _>>()?;
+    Node::new(&name, zone)
+        .map(|n| n.with_addresses(addresses).with_pod_cidrs(pod_cidrs))
+        .map_err(|e| error(e.field, e.reason))
 }
 
 /// The ranges of a `networking.k8s.io/v1` ServiceCIDR (`spec.cidrs`, at most one per family),
@@ -453,4 +478,43 @@ pub fn service_cidr(
                 })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod node_tests {
+    use super::*;
+
+    fn k8s_node(json: &str) -> K8sNode {
+        serde_json::from_str(json).expect("a Node in JSON")
+    }
+
+    #[test]
+    fn a_node_carries_its_pod_cidrs_from_pod_cidrs_or_else_pod_cidr() {
+        let n = node(&k8s_node(
+            r#"{"metadata":{"name":"n1"},"spec":{"podCIDR":"10.1.0.0/24","podCIDRs":["10.244.1.0/24","fd00:244:1::/64"]}}"#,
+        ))
+        .expect("valid");
+        let got: Vec<String> = n.pod_cidrs().iter().map(|c| c.to_string()).collect();
+        assert_eq!(got, ["10.244.1.0/24", "fd00:244:1::/64"]);
+        let n = node(&k8s_node(
+            r#"{"metadata":{"name":"n1"},"spec":{"podCIDR":"10.1.0.0/24"}}"#,
+        ))
+        .expect("valid");
+        assert_eq!(
+            n.pod_cidrs(),
+            ["10.1.0.0/24".parse::<ipnet::IpNet>().expect("CIDR")]
+        );
+        let n = node(&k8s_node(r#"{"metadata":{"name":"n1"}}"#)).expect("valid");
+        assert!(n.pod_cidrs().is_empty());
+    }
+
+    #[test]
+    fn a_node_with_a_bad_pod_cidr_is_an_error_naming_the_field() {
+        let e = node(&k8s_node(
+            r#"{"metadata":{"name":"n1"},"spec":{"podCIDRs":["10.244.1.0/24","nonsense"]}}"#,
+        ))
+        .expect_err("invalid");
+        assert_eq!((e.kind, e.name.as_str()), ("Node", "n1"));
+        assert_eq!(e.field, "spec.podCIDRs[1]");
+    }
 }

@@ -52,7 +52,7 @@ pub enum Command {
     },
     /// Run as the node's service proxy: watch the cluster's Services, EndpointSlices and this
     /// node, and keep the dataplane in this network namespace in sync, until SIGTERM.
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Explain what happens to a connection: which Service port it hits, which endpoints may
     /// serve it on this node and why the others may not, masquerading, affinity.
     Explain {
@@ -85,37 +85,69 @@ pub enum Command {
 }
 
 /// Settings of the daemon. Flags override the `--config` file; unset flags fall back to the
-/// file, then to kube-proxy's defaults.
+/// file, then to kube-proxy's defaults. kube-proxy's own flags are accepted under their
+/// names; those that do not apply to lb-proxy are accepted with a one-line warning
+/// ([`KubeProxyOnlyFlags`]). `docs/configuration.md` lists every flag.
 #[derive(Debug, Args, Clone)]
 pub struct DaemonArgs {
     /// A `KubeProxyConfiguration` file (kubeproxy.config.k8s.io/v1alpha1).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Write the effective configuration (file, flags and defaults merged) to this file as a
+    /// `KubeProxyConfiguration` and exit.
+    #[arg(long)]
+    pub write_config_to: Option<PathBuf>,
     /// Remove everything lb-proxy installed and exit (like `kube-proxy --cleanup`).
     #[arg(long)]
     pub cleanup: bool,
+    /// Apply the settings that need privileges (conntrack sysctls, oom-score-adj) and exit.
+    #[arg(long)]
+    pub init_only: bool,
+    /// Start even though kube-proxy's rules are present on this node (an nftables table
+    /// `kube-proxy`, or iptables `KUBE-SERVICES` chains); without it lb-proxy refuses, so two
+    /// proxies never program one node. Remove kube-proxy's rules afterwards with
+    /// `kube-proxy --cleanup`.
+    #[arg(long)]
+    pub take_over: bool,
     /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, or the in-cluster service account).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// The API server's URL, overriding the kubeconfig's (kube-proxy's `--master`).
+    #[arg(long)]
+    pub master: Option<String>,
     /// This node's name, as the Node object is named (`hostnameOverride`).
-    #[arg(long = "node", alias = "hostname-override", env = "NODE_NAME")]
+    #[arg(long = "node", visible_alias = "hostname-override", env = "NODE_NAME")]
     pub node: Option<String>,
+    /// Proxy mode: `nftables` or empty; other modes are refused (`mode`).
+    #[arg(long)]
+    pub proxy_mode: Option<String>,
     /// Pod CIDRs, comma-separated (`clusterCIDR`).
     #[arg(long)]
     pub cluster_cidr: Option<String>,
+    /// How local traffic is recognised: ClusterCIDR (default), NodeCIDR, BridgeInterface,
+    /// InterfaceNamePrefix (`detectLocalMode`).
+    #[arg(long)]
+    pub detect_local_mode: Option<String>,
+    /// The bridge for `--detect-local-mode BridgeInterface` (`detectLocal.bridgeInterface`).
+    #[arg(long)]
+    pub pod_bridge_interface: Option<String>,
+    /// The interface name prefix for `--detect-local-mode InterfaceNamePrefix`
+    /// (`detectLocal.interfaceNamePrefix`).
+    #[arg(long)]
+    pub pod_interface_name_prefix: Option<String>,
     /// Addresses that accept NodePort traffic (`nodePortAddresses`): `primary` (the default:
     /// the node's primary addresses from its Node object) or comma-separated CIDRs.
     #[arg(long)]
     pub nodeport_addresses: Option<String>,
     /// Masquerade all traffic to cluster IPs (`nftables.masqueradeAll`).
-    #[arg(long)]
-    pub masquerade_all: bool,
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub masquerade_all: Option<bool>,
     /// Cluster IP ranges, comma-separated, used while the cluster has no `networking.k8s.io/v1`
     /// ServiceCIDR objects: traffic to an address inside them that no Service holds is dropped.
     #[arg(long, value_delimiter = ',')]
     pub service_cidr: Vec<IpNet>,
     /// Mark bit that requests masquerading (`nftables.masqueradeBit`, default 14).
-    #[arg(long)]
+    #[arg(long, visible_alias = "iptables-masquerade-bit")]
     pub masquerade_bit: Option<i64>,
     /// Name of the nftables tables.
     #[arg(long, default_value = compile::TABLE)]
@@ -125,29 +157,202 @@ pub struct DaemonArgs {
     pub service_proxy_name: Option<String>,
     /// Minimum interval between syncs, Go syntax (`nftables.minSyncPeriod`, default 1s; 0
     /// syncs every change at once).
-    #[arg(long)]
+    #[arg(long, visible_alias = "iptables-min-sync-period")]
     pub min_sync_period: Option<String>,
     /// Retry interval after a failed sync; health fails after twice this
     /// (`nftables.syncPeriod`, default 30s).
-    #[arg(long)]
+    #[arg(long, visible_alias = "iptables-sync-period")]
     pub sync_period: Option<String>,
-    /// Interval between full resyncs (which also repair rules changed by others).
-    #[arg(long, default_value = "60m", value_parser = parse_duration)]
+    /// Interval between full resyncs (which also repair rules changed by others), Go syntax.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub full_sync_period: Duration,
     /// Address of `/healthz` and `/livez` (`healthzBindAddress`, default 0.0.0.0:10256; empty
     /// disables).
     #[arg(long)]
     pub healthz_bind_address: Option<String>,
-    /// Address of `/metrics` and `/explain` (`metricsBindAddress`, default 127.0.0.1:10249;
-    /// empty disables).
+    /// Address of `/metrics`, `/configz`, `/flagz` and `/explain` (`metricsBindAddress`,
+    /// default 127.0.0.1:10249; empty disables).
     #[arg(long)]
     pub metrics_bind_address: Option<String>,
     /// Address the healthCheckNodePort responders listen on (`bindAddress`, default 0.0.0.0).
     #[arg(long)]
     pub bind_address: Option<String>,
+    /// Exit when the health or metrics port cannot be bound, instead of retrying
+    /// (`bindAddressHardFail`).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub bind_address_hard_fail: Option<bool>,
+    /// The process's OOM score adjustment, -1000..=1000 (`oomScoreAdj`, default -999).
+    #[arg(long, allow_negative_numbers = true)]
+    pub oom_score_adj: Option<i64>,
+    /// `conntrack.maxPerCore`: nf_conntrack_max = this × CPUs (at least --conntrack-min); 0
+    /// leaves it alone.
+    #[arg(long)]
+    pub conntrack_max_per_core: Option<i64>,
+    /// `conntrack.min`.
+    #[arg(long)]
+    pub conntrack_min: Option<i64>,
+    /// `conntrack.tcpEstablishedTimeout` (0 leaves it alone).
+    #[arg(long)]
+    pub conntrack_tcp_timeout_established: Option<String>,
+    /// `conntrack.tcpCloseWaitTimeout` (0 leaves it alone).
+    #[arg(long)]
+    pub conntrack_tcp_timeout_close_wait: Option<String>,
+    /// `conntrack.tcpBeLiberal`: set nf_conntrack_tcp_be_liberal.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub conntrack_tcp_be_liberal: Option<bool>,
+    /// `conntrack.udpTimeout` (0 leaves it alone).
+    #[arg(long)]
+    pub conntrack_udp_timeout: Option<String>,
+    /// `conntrack.udpStreamTimeout` (0 leaves it alone).
+    #[arg(long)]
+    pub conntrack_udp_timeout_stream: Option<String>,
+    /// Log verbosity, klog style (`logging.verbosity`): 0–1 info, 2–3 debug for lb-proxy
+    /// (every sync), 4 also the Kubernetes client, 5+ trace. `RUST_LOG` overrides.
+    #[arg(short = 'v', long = "v")]
+    pub verbosity: Option<u32>,
+    /// Log format: text (default; colours only on a terminal) or json (`logging.format`).
+    #[arg(long)]
+    pub logging_format: Option<String>,
     /// Do not delete stale UDP/SCTP conntrack entries after endpoint changes.
     #[arg(long)]
     pub no_conntrack_cleanup: bool,
+    /// kube-proxy's flags that do not apply to lb-proxy.
+    #[command(flatten)]
+    pub kube_proxy_only: KubeProxyOnlyFlags,
+    /// Every flag and its value, as `/flagz` shows them (filled by [`parse`]).
+    #[arg(skip)]
+    pub flagz: Vec<(String, String)>,
+}
+
+/// kube-proxy's flags that have no meaning for lb-proxy: accepted, so an existing unit file
+/// or manifest works, and each reported with a one-line warning.
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "kube-proxy flags accepted and ignored")]
+pub struct KubeProxyOnlyFlags {
+    /// Ignored: kube-proxy feature gates.
+    #[arg(long)]
+    pub feature_gates: Option<String>,
+    /// Ignored: the client speaks JSON.
+    #[arg(long)]
+    pub kube_api_content_type: Option<String>,
+    /// Ignored: watches need no request rate limit.
+    #[arg(long)]
+    pub kube_api_burst: Option<String>,
+    /// Ignored: watches need no request rate limit.
+    #[arg(long)]
+    pub kube_api_qps: Option<String>,
+    /// Ignored: no pprof.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub profiling: Option<String>,
+    /// Ignored.
+    #[arg(long)]
+    pub show_hidden_metrics_for_version: Option<String>,
+    /// Ignored: iptables mode only.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub iptables_localhost_nodeports: Option<String>,
+    /// Ignored: IPVS mode only.
+    #[arg(long)]
+    pub ipvs_sync_period: Option<String>,
+    /// Ignored: IPVS mode only.
+    #[arg(long)]
+    pub ipvs_min_sync_period: Option<String>,
+    /// Ignored: IPVS mode only.
+    #[arg(long)]
+    pub ipvs_scheduler: Option<String>,
+    /// Ignored: IPVS mode only.
+    #[arg(long)]
+    pub ipvs_exclude_cidrs: Option<String>,
+    /// Ignored: IPVS mode only.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub ipvs_strict_arp: Option<String>,
+    /// Ignored: IPVS mode only.
+    #[arg(long)]
+    pub ipvs_tcp_timeout: Option<String>,
+    /// Ignored: IPVS mode only.
+    #[arg(long)]
+    pub ipvs_tcpfin_timeout: Option<String>,
+    /// Ignored: IPVS mode only.
+    #[arg(long)]
+    pub ipvs_udp_timeout: Option<String>,
+    /// Ignored: watches need no periodic re-list.
+    #[arg(long)]
+    pub config_sync_period: Option<String>,
+    /// Ignored (deprecated in kube-proxy): use --healthz-bind-address.
+    #[arg(long)]
+    pub healthz_port: Option<String>,
+    /// Ignored (deprecated in kube-proxy): use --metrics-bind-address.
+    #[arg(long)]
+    pub metrics_port: Option<String>,
+    /// Ignored: logs are written as they happen.
+    #[arg(long)]
+    pub log_flush_frequency: Option<String>,
+    /// Ignored.
+    #[arg(long)]
+    pub log_json_info_buffer_size: Option<String>,
+    /// Ignored.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub log_json_split_stream: Option<String>,
+    /// Ignored.
+    #[arg(long)]
+    pub log_text_info_buffer_size: Option<String>,
+    /// Ignored.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub log_text_split_stream: Option<String>,
+    /// Ignored: use RUST_LOG for per-module levels.
+    #[arg(long)]
+    pub vmodule: Option<String>,
+    /// Ignored: Windows only.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub windows_service: Option<String>,
+}
+
+impl KubeProxyOnlyFlags {
+    /// One warning per flag given.
+    pub fn warnings(&self) -> Vec<String> {
+        let given = [
+            ("feature-gates", &self.feature_gates),
+            ("kube-api-content-type", &self.kube_api_content_type),
+            ("kube-api-burst", &self.kube_api_burst),
+            ("kube-api-qps", &self.kube_api_qps),
+            ("profiling", &self.profiling),
+            (
+                "show-hidden-metrics-for-version",
+                &self.show_hidden_metrics_for_version,
+            ),
+            (
+                "iptables-localhost-nodeports",
+                &self.iptables_localhost_nodeports,
+            ),
+            ("ipvs-sync-period", &self.ipvs_sync_period),
+            ("ipvs-min-sync-period", &self.ipvs_min_sync_period),
+            ("ipvs-scheduler", &self.ipvs_scheduler),
+            ("ipvs-exclude-cidrs", &self.ipvs_exclude_cidrs),
+            ("ipvs-strict-arp", &self.ipvs_strict_arp),
+            ("ipvs-tcp-timeout", &self.ipvs_tcp_timeout),
+            ("ipvs-tcpfin-timeout", &self.ipvs_tcpfin_timeout),
+            ("ipvs-udp-timeout", &self.ipvs_udp_timeout),
+            ("config-sync-period", &self.config_sync_period),
+            ("healthz-port", &self.healthz_port),
+            ("metrics-port", &self.metrics_port),
+            ("log-flush-frequency", &self.log_flush_frequency),
+            ("log-json-info-buffer-size", &self.log_json_info_buffer_size),
+            ("log-json-split-stream", &self.log_json_split_stream),
+            ("log-text-info-buffer-size", &self.log_text_info_buffer_size),
+            ("log-text-split-stream", &self.log_text_split_stream),
+            ("vmodule", &self.vmodule),
+            ("windows-service", &self.windows_service),
+        ];
+        given
+            .into_iter()
+            .filter_map(|(name, v)| {
+                v.as_ref().map(|v| {
+                    format!(
+                        "--{name}={v}: a kube-proxy flag that does not apply to lb-proxy; ignored"
+                    )
+                })
+            })
+            .collect()
+    }
 }
 
 /// Where the objects come from and how this node is set up.
@@ -163,6 +368,17 @@ pub struct ManifestArgs {
     /// Pod CIDRs, comma-separated (kube-proxy's `--cluster-cidr`).
     #[arg(long, value_delimiter = ',')]
     pub cluster_cidr: Vec<IpNet>,
+    /// How pod traffic is recognised: ClusterCIDR (default), NodeCIDR (the Node's
+    /// `spec.podCIDRs`), BridgeInterface or InterfaceNamePrefix (kube-proxy's
+    /// `--detect-local-mode`).
+    #[arg(long)]
+    pub detect_local_mode: Option<String>,
+    /// The pods' bridge, with `--detect-local-mode BridgeInterface`.
+    #[arg(long)]
+    pub pod_bridge_interface: Option<String>,
+    /// The prefix of the pods' interface names, with `--detect-local-mode InterfaceNamePrefix`.
+    #[arg(long)]
+    pub pod_interface_name_prefix: Option<String>,
     /// Addresses that accept NodePort traffic: `primary` (the default: the Node's primary
     /// addresses, or every local address when the Node lists none) or comma-separated CIDRs
     /// (`0.0.0.0/0,::/0`: every local address).
@@ -186,27 +402,70 @@ pub struct ManifestArgs {
     pub service_proxy_name: Option<String>,
 }
 
+/// Go duration syntax (`500ms`, `1m30s`, `1h`), the same parser as the configuration file's.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
-    })
+    crate::config::parse_go_duration("duration", s).map_err(|e| e.reason)
+}
+
+/// Parses the command line, and records every daemon flag with its value for `/flagz`.
+pub fn parse() -> Cli {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let command = Cli::command();
+    let matches = command.clone().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let (Command::Daemon(args), Some(sub), Some(daemon)) = (
+        &mut cli.command,
+        matches.subcommand_matches("daemon"),
+        command.find_subcommand("daemon"),
+    ) {
+        args.flagz = flagz(daemon, sub);
+    }
+    cli
+}
+
+/// `name=value` for every flag of `command` that has a value (given or default), by name.
+fn flagz(command: &clap::Command, matches: &clap::ArgMatches) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = command
+        .get_arguments()
+        .filter_map(|arg| {
+            let long = arg.get_long()?;
+            let raw = matches.try_get_raw(arg.get_id().as_str()).ok().flatten()?;
+            let values: Vec<String> = raw.map(|v| v.to_string_lossy().into_owned()).collect();
+            let value = if values.is_empty() {
+                "true".to_string()
+            } else {
+                values.join(",")
+            };
+            Some((long.to_string(), value))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 impl ManifestArgs {
-    fn config(&self) -> Config {
-        Config {
+    fn config(&self) -> anyhow::Result<Config> {
+        let detect_local = crate::config::DetectLocalMode::parse(
+            "--detect-local-mode",
+            self.detect_local_mode.as_deref(),
+            self.pod_bridge_interface.as_deref().unwrap_or_default(),
+            self.pod_interface_name_prefix
+                .as_deref()
+                .unwrap_or_default(),
+        )?
+        .to_compile("--pod-bridge-interface", "--pod-interface-name-prefix")?;
+        Ok(Config {
             cluster_cidrs: self.cluster_cidr.clone(),
             masquerade_all: self.masquerade_all,
             masquerade_bit: self.masquerade_bit,
             nodeport_addresses: self.nodeport_addresses.clone(),
             service_cidrs: self.service_cidr.clone(),
             table: self.table.clone(),
-        }
+            detect_local,
+        })
     }
 
     /// Re-reads the manifests into `store` (replacing what it held, as a re-list would),
@@ -239,7 +498,7 @@ impl ManifestArgs {
         let mut store = Store::new();
         let service_cidrs = self.reload(&mut store)?;
         let snap = store.snapshot().context("node unknown")?;
-        let mut config = self.config();
+        let mut config = self.config()?;
         if !service_cidrs.is_empty() {
             config.service_cidrs = service_cidrs;
         }
@@ -325,7 +584,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 from_node,
                 to_node: true,
             };
-            let mut config = manifests.config();
+            let mut config = manifests.config()?;
             if !service_cidrs.is_empty() {
                 config.service_cidrs = service_cidrs;
             }
@@ -340,13 +599,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Daemon(args) => daemon(args),
+        Command::Daemon(args) => daemon(*args),
     }
 }
 
 fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
-    init_logging();
     if args.cleanup {
+        init_logging(0, crate::config::LogFormat::Text);
         return cleanup(&args.table);
     }
     let file = args
@@ -356,32 +615,82 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .transpose()
         .context("invalid configuration")?;
     let overrides = crate::config::Overrides {
+        config: args.config.clone(),
         kubeconfig: args.kubeconfig.clone(),
+        master: args.master.clone(),
         node: args.node.clone(),
+        proxy_mode: args.proxy_mode.clone(),
         cluster_cidr: args.cluster_cidr.clone(),
+        detect_local_mode: args.detect_local_mode.clone(),
+        pod_bridge_interface: args.pod_bridge_interface.clone(),
+        pod_interface_name_prefix: args.pod_interface_name_prefix.clone(),
         nodeport_addresses: args.nodeport_addresses.clone(),
-        masquerade_all: args.masquerade_all.then_some(true),
+        masquerade_all: args.masquerade_all,
         masquerade_bit: args.masquerade_bit,
         min_sync_period: args.min_sync_period.clone(),
         sync_period: args.sync_period.clone(),
         healthz_bind_address: args.healthz_bind_address.clone(),
         metrics_bind_address: args.metrics_bind_address.clone(),
         bind_address: args.bind_address.clone(),
+        bind_address_hard_fail: args.bind_address_hard_fail,
+        oom_score_adj: args.oom_score_adj,
+        conntrack: crate::config::ConntrackConfiguration {
+            max_per_core: args.conntrack_max_per_core,
+            min: args.conntrack_min,
+            tcp_established_timeout: args.conntrack_tcp_timeout_established.clone(),
+            tcp_close_wait_timeout: args.conntrack_tcp_timeout_close_wait.clone(),
+            tcp_be_liberal: args.conntrack_tcp_be_liberal,
+            udp_timeout: args.conntrack_udp_timeout.clone(),
+            udp_stream_timeout: args.conntrack_udp_timeout_stream.clone(),
+        },
+        verbosity: args.verbosity,
+        logging_format: args.logging_format.clone(),
     };
     let s = crate::config::resolve(file.as_ref(), &overrides).context("invalid configuration")?;
+    init_logging(s.verbosity, s.log_format);
+    for warning in s.warnings.iter().chain(&args.kube_proxy_only.warnings()) {
+        tracing::warn!("{warning}");
+    }
+    let configz = s.to_kube_proxy_configuration();
+    if let Some(path) = &args.write_config_to {
+        let text = serde_saphyr::to_string(&configz).context("encoding the configuration")?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        tracing::info!(file = %path.display(), "wrote the effective configuration");
+        return Ok(());
+    }
+    if s.cluster_cidrs.is_empty() {
+        tracing::warn!(
+            "no cluster CIDR (--cluster-cidr, clusterCIDR): pod traffic cannot be told apart, so traffic to cluster IPs from outside the pod network is not masqueraded and pods reaching an externalTrafficPolicy: Local address are not short-circuited to every endpoint"
+        );
+    }
+    set_oom_score_adj(s.oom_score_adj);
     for problem in crate::config::apply_conntrack_sysctls(&s.conntrack) {
         tracing::warn!(problem, "could not set a conntrack sysctl");
     }
+    if args.init_only {
+        tracing::info!("initialisation done (--init-only)");
+        return Ok(());
+    }
+    crate::coexist::check(args.take_over)?;
+    let nodeport_addresses = s.nodeport_addresses();
     let config = crate::daemon::DaemonConfig {
         kubeconfig: s.kubeconfig,
+        master: s.master,
         node: s.node,
         compile: Config {
             cluster_cidrs: s.cluster_cidrs,
             masquerade_all: s.masquerade_all,
             masquerade_bit: s.masquerade_bit,
-            nodeport_addresses: s.nodeport_addresses,
+            nodeport_addresses,
             service_cidrs: args.service_cidr.clone(),
             table: args.table.clone(),
+            detect_local: s
+                .detect_local
+                .to_compile(
+                    "detectLocal.bridgeInterface",
+                    "detectLocal.interfaceNamePrefix",
+                )
+                .context("invalid configuration")?,
         },
         service_proxy_name: args.service_proxy_name.clone(),
         min_sync_period: s.min_sync_period,
@@ -390,7 +699,11 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         healthz_bind: s.healthz_bind,
         metrics_bind: s.metrics_bind,
         health_check_bind: s.health_check_bind,
+        bind_address_hard_fail: s.bind_address_hard_fail,
         conntrack_cleanup: !args.no_conntrack_cleanup,
+        source: s.source,
+        configz,
+        flagz: args.flagz.clone(),
     };
     let backend = netlink()?;
     let mut registry = prometheus_client::registry::Registry::default();
@@ -408,6 +721,19 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         registry,
         shutdown_signal(),
     ))
+}
+
+/// Sets this process's `oom_score_adj` as kube-proxy does (lowering it needs
+/// CAP_SYS_RESOURCE: without it, a warning).
+fn set_oom_score_adj(value: i32) {
+    let path = "/proc/self/oom_score_adj";
+    let current = std::fs::read_to_string(path).ok();
+    if current.as_deref().map(str::trim) == Some(value.to_string().as_str()) {
+        return;
+    }
+    if let Err(e) = std::fs::write(path, value.to_string()) {
+        tracing::warn!(value, error = %e, "could not set oom_score_adj (oomScoreAdj, --oom-score-adj)");
+    }
 }
 
 /// A plain HTTP/1.0 GET on a local address: (status, body).
@@ -446,16 +772,47 @@ async fn shutdown_signal() {
     }
 }
 
-/// Structured logs on stderr; `RUST_LOG` overrides the default level (`info`: start-up, full
-/// syncs, warnings).
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn,hyper=warn")
-    });
-    let _ = tracing_subscriber::fmt()
+/// Logs on stderr: text (ANSI colours only when stderr is a terminal and `NO_COLOR` is
+/// unset) or JSON lines. `verbosity` is klog's `--v`, mapped onto tracing levels:
+///
+/// | `--v` | lb-proxy | Kubernetes client and HTTP libraries |
+/// | --- | --- | --- |
+/// | 0–1 | info: start-up, full syncs, warnings | warn |
+/// | 2–3 | debug: every sync, programming latency, conntrack cleanup | warn |
+/// | 4 | debug | debug (requests, watch restarts) |
+/// | 5+ | trace | trace |
+///
+/// `RUST_LOG` (tracing's `EnvFilter` syntax) overrides the mapping.
+pub fn init_logging(verbosity: u32, format: crate::config::LogFormat) {
+    use std::io::IsTerminal as _;
+    // Below 4, the Kubernetes client's own request errors are off: every one of them also
+    // ends a watch, which lb-proxy logs once with the API server's address (the client would
+    // log each retry).
+    let default = match verbosity {
+        0..=1 => "info,kube=warn,kube_client=off,kube_runtime=error,tower=warn,hyper=warn",
+        2..=3 => {
+            "info,lb_proxy=debug,kube=warn,kube_client=off,kube_runtime=error,tower=warn,hyper=warn"
+        }
+        4 => "debug,tower=info,hyper=info,rustls=info",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        crate::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        crate::config::LogFormat::Text => {
+            let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(ansi).try_init()
+        }
+    };
 }
 
 fn netlink() -> anyhow::Result<crate::nft::netlink::Netlink> {
@@ -483,7 +840,7 @@ fn run_manifests(
     poll: Duration,
     conntrack_cleanup: bool,
 ) -> anyhow::Result<()> {
-    let mut dataplane = Dataplane::new(netlink()?, args.config());
+    let mut dataplane = Dataplane::new(netlink()?, args.config()?);
     let mut store = Store::new();
     // Read before the manifests are: a file changed while they are read and programmed is
     // then seen as a change (after, it would be missed until the next one).

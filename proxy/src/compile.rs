@@ -60,8 +60,8 @@ use lb_core::{EndpointSet, IpFamily, Node, Protocol, ServicePort, ServicePortNam
 
 use crate::nft::ir::{
     BaseChain, Chain, ChainSpec, ChainType, CmpOp, CtKey, CtState, CtStatus, DataType, DynsetOp,
-    Element, Expr, FibAddr, Hook, KeySpec, MapData, MarkOp, MetaKey, NatFamily, Payload, Policy,
-    Rule, Set, SetFlags, SetSpec, Stmt, Table, TableId, Value, Verdict,
+    Element, Expr, FibAddr, Hook, IfName, KeySpec, MapData, MarkOp, MetaKey, NatFamily, Payload,
+    Policy, Rule, Set, SetFlags, SetSpec, Stmt, Table, TableId, Value, Verdict,
 };
 use crate::nft::{Command, Transaction};
 use crate::store::{ServiceEntry, Snapshot};
@@ -93,6 +93,8 @@ pub struct Config {
     pub service_cidrs: Vec<IpNet>,
     /// Name of the nftables tables.
     pub table: String,
+    /// How traffic from pods is told apart (kube-proxy's `detectLocalMode`).
+    pub detect_local: DetectLocal,
 }
 
 impl Default for Config {
@@ -104,8 +106,30 @@ impl Default for Config {
             nodeport_addresses: NodePortAddresses::Primary,
             service_cidrs: Vec::new(),
             table: TABLE.to_string(),
+            detect_local: DetectLocal::ClusterCidr,
         }
     }
+}
+
+/// How traffic from pods ("local traffic") is recognised: kube-proxy's `detectLocalMode`
+/// (`pkg/proxy/util/localdetector.go`). Pod traffic to a cluster IP is not masqueraded, and
+/// pod traffic to an external address of an `externalTrafficPolicy: Local` Service is
+/// short-circuited to every endpoint; everything else counts as coming from outside.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DetectLocal {
+    /// `ClusterCIDR` (the default): sources in [`Config::cluster_cidrs`] (the first of each
+    /// family). No cluster CIDR: nothing is local.
+    #[default]
+    ClusterCidr,
+    /// `NodeCIDR`: sources in this node's pod CIDRs (the Node's `spec.podCIDRs`), which
+    /// [`Config::for_node`] fills in from the Node, so a change of the Node follows at the
+    /// next sync. A Node without pod CIDRs: nothing is local.
+    NodeCidr(Vec<IpNet>),
+    /// `BridgeInterface`: packets that arrive on this bridge (`iifname "cbr0"`).
+    BridgeInterface(IfName),
+    /// `InterfaceNamePrefix`: packets that arrive on an interface whose name starts with this
+    /// prefix (`iifname "veth*"`).
+    InterfaceNamePrefix(IfName),
 }
 
 impl Config {
@@ -119,6 +143,7 @@ impl Config {
     /// without InternalIP/ExternalIP) serves NodePorts on every local address, as before
     /// `primary` existed, and the caller should say so ([`Config::node_port_fallback`]).
     /// Node address changes reach the dataplane because a Node change is a full sync.
+    /// With `detectLocalMode: NodeCIDR`, the node's pod CIDRs are filled in too.
     pub fn for_node(&self, node: &Node) -> Config {
         let mut c = self.clone();
         if c.nodeport_addresses == NodePortAddresses::Primary {
@@ -128,7 +153,32 @@ impl Config {
                 NodePortAddresses::Cidrs(node.addresses().iter().map(|&a| IpNet::from(a)).collect())
             };
         }
+        if let DetectLocal::NodeCidr(cidrs) = &mut c.detect_local {
+            *cidrs = node.pod_cidrs().to_vec();
+        }
         c
+    }
+
+    /// How pod traffic of family `f` is matched: `(what, value)` pairs compared with `==`
+    /// (pod traffic) or `!=` (everything else). Empty: nothing is recognised as pod traffic.
+    fn local_matches(&self, f: Fam) -> Vec<(Expr, Value)> {
+        let first_cidr = |cidrs: &[IpNet]| -> Vec<(Expr, Value)> {
+            // kube-proxy takes one CIDR per family; a source outside one may be inside
+            // another, so only the first is used (as the masquerade rule must be one match).
+            cidrs
+                .iter()
+                .find(|n| f.is(&n.addr()))
+                .map(|n| (pl(f.saddr), net_value(*n)))
+                .into_iter()
+                .collect()
+        };
+        match &self.detect_local {
+            DetectLocal::ClusterCidr => first_cidr(&self.cluster_cidrs),
+            DetectLocal::NodeCidr(cidrs) => first_cidr(cidrs),
+            DetectLocal::BridgeInterface(name) | DetectLocal::InterfaceNamePrefix(name) => {
+                vec![(Expr::Meta(MetaKey::IifName), Value::IfName(*name))]
+            }
+        }
     }
 
     /// Whether `primary` cannot be resolved for `node` (its addresses are unknown), so
@@ -1465,12 +1515,7 @@ fn skeleton(
         v.extend(more);
         Rule::new(v)
     };
-    let cidrs: Vec<IpNet> = cfg
-        .cluster_cidrs
-        .iter()
-        .filter(|n| f.is(&n.addr()))
-        .copied()
-        .collect();
+    let local = cfg.local_matches(f);
 
     // nat: masquerade marks, affinity, dispatch.
     let mut services = Vec::new();
@@ -1482,22 +1527,21 @@ fn skeleton(
             ])
             .with_comment("masquerade all cluster IP traffic"),
         );
-    } else if !cidrs.is_empty() {
-        // Traffic from outside every cluster CIDR: one rule per CIDR would be wrong
-        // (a source outside one is maybe inside another), so use the first (per family
-        // kube-proxy accepts one CIDR per family).
-        services.push(
-            Rule::new(vec![
-                lookup(vec![pl(f.daddr)], CLUSTER_IPS),
-                Stmt::Match {
-                    left: pl(f.saddr),
-                    op: CmpOp::Ne,
-                    right: net_value(cidrs[0]),
-                },
-                set_mark.clone(),
-            ])
-            .with_comment("masquerade cluster IP traffic from outside the cluster"),
-        );
+    } else {
+        for (left, right) in &local {
+            services.push(
+                Rule::new(vec![
+                    lookup(vec![pl(f.daddr)], CLUSTER_IPS),
+                    Stmt::Match {
+                        left: *left,
+                        op: CmpOp::Ne,
+                        right: *right,
+                    },
+                    set_mark.clone(),
+                ])
+                .with_comment("masquerade cluster IP traffic from outside the cluster"),
+            );
+        }
     }
     services.push(Rule::new(vec![lookup(k3(), MASQ_IPS), set_mark.clone()]));
     services.push(Rule::new(vec![
@@ -1555,12 +1599,12 @@ fn skeleton(
         fib_saddr_local.clone(),
         vmap(k3(), SERVICE_IPS),
     ]));
-    for n in &cidrs {
+    for (left, right) in &local {
         services.push(Rule::new(vec![
             Stmt::Match {
-                left: pl(f.saddr),
+                left: *left,
                 op: CmpOp::Eq,
-                right: net_value(*n),
+                right: *right,
             },
             vmap(k3(), SERVICE_IPS),
         ]));
@@ -1571,14 +1615,14 @@ fn skeleton(
         &nodeport_dest,
         vec![fib_saddr_local.clone(), vmap(k2(), SERVICE_NODEPORTS)],
     ));
-    for n in &cidrs {
+    for (left, right) in &local {
         services.push(with(
             &nodeport_dest,
             vec![
                 Stmt::Match {
-                    left: pl(f.saddr),
+                    left: *left,
                     op: CmpOp::Eq,
-                    right: net_value(*n),
+                    right: *right,
                 },
                 vmap(k2(), SERVICE_NODEPORTS),
             ],

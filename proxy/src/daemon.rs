@@ -15,12 +15,18 @@
 //!   server is unreachable nothing changes in the store, so the dataplane stays exactly as it
 //!   is.
 //! * **Network programming latency** — from the moment a change arrives to the moment the
-//!   kernel acknowledged its rules — is observed in a histogram and logged at debug level.
+//!   kernel acknowledged its rules — is observed in a histogram and logged at debug level;
+//!   kube-proxy's `kubeproxy_network_programming_duration_seconds` is measured from an
+//!   EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time` instead.
+//! * **Logs**: one start-up summary line; a watch that fails is logged once (naming the API
+//!   server) and again when it recovers, not at every retry; a `--node` that names no Node is
+//!   warned about once the Nodes are listed.
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
@@ -47,6 +53,8 @@ use crate::sync::Dataplane;
 pub struct DaemonConfig {
     /// Kubeconfig file; `None` infers (`KUBECONFIG`, `~/.kube/config`, in-cluster).
     pub kubeconfig: Option<PathBuf>,
+    /// The API server URL, overriding the kubeconfig's (`--master`).
+    pub master: Option<String>,
     /// This node's name.
     pub node: String,
     /// What to compile.
@@ -66,8 +74,16 @@ pub struct DaemonConfig {
     pub metrics_bind: Option<std::net::SocketAddr>,
     /// Address the healthCheckNodePort responders listen on.
     pub health_check_bind: std::net::IpAddr,
+    /// Exit when the health or metrics port cannot be bound (`bindAddressHardFail`).
+    pub bind_address_hard_fail: bool,
     /// Delete stale UDP/SCTP conntrack entries after endpoint changes.
     pub conntrack_cleanup: bool,
+    /// Where the configuration came from, for the start-up summary.
+    pub source: String,
+    /// The effective `KubeProxyConfiguration`, for `/configz`.
+    pub configz: serde_json::Value,
+    /// Every flag and its value, for `/flagz`.
+    pub flagz: Vec<(String, String)>,
 }
 
 /// Which kinds have listed at least once.
@@ -90,7 +106,8 @@ enum Update {
     Services(Vec<(ServiceKey, Vec<lb_core::ServicePort>)>),
     Service(ServiceKey, Option<Vec<lb_core::ServicePort>>),
     Slices(Vec<(SliceKey, convert::Slice)>),
-    Slice(SliceKey, Option<convert::Slice>),
+    /// One slice, with its `endpoints.kubernetes.io/last-change-trigger-time`.
+    Slice(SliceKey, Option<convert::Slice>, Option<SystemTime>),
     Node(lb_core::Node, bool),
     NodeListed,
     /// The CIDRs of every ServiceCIDR object, after any change to them.
@@ -105,21 +122,57 @@ pub fn label_selector(service_proxy_name: Option<&str>) -> String {
     }
 }
 
-/// Builds the Kubernetes client: the given kubeconfig, or kube's standard inference.
-pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
+/// The annotation the EndpointSlice controller sets to the time of the change that caused an
+/// update; kube-proxy's network programming latency is measured from it.
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The trigger time of `slice` (RFC 3339), if it has a valid one.
+pub fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
+    let v = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(LAST_CHANGE_TRIGGER_TIME)?;
+    humantime::parse_rfc3339_weak(v).ok()
+}
+
+/// Builds the Kubernetes client: the given kubeconfig, or kube's standard inference; `master`
+/// replaces the API server URL (kube-proxy's `--master`). Returns the client and the API
+/// server's URL.
+pub async fn client(
+    kubeconfig: Option<&PathBuf>,
+    master: Option<&str>,
+) -> anyhow::Result<(Client, String)> {
+    let master = master
+        .map(|m| {
+            m.parse::<hyper::Uri>()
+                .with_context(|| format!("--master: {m:?} is not a URL"))
+        })
+        .transpose()?;
+    let mut config = match (kubeconfig, &master) {
+        (Some(path), _) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kc, &Default::default())
                 .await
                 .with_context(|| format!("using kubeconfig {}", path.display()))?
         }
-        None => kube::Config::infer().await.context(
-            "no Kubernetes configuration: pass --kubeconfig, set KUBECONFIG, or run in a pod with a service account",
+        // Like kube-proxy: --master alone is enough (no credentials).
+        (None, Some(url)) => match kube::Config::infer().await {
+            Ok(c) => c,
+            Err(_) => kube::Config::new(url.clone()),
+        },
+        (None, None) => kube::Config::infer().await.context(
+            "no Kubernetes configuration: pass --kubeconfig or --master, set KUBECONFIG, or run in a pod with a service account",
         )?,
     };
-    Client::try_from(config).context("building the Kubernetes client")
+    if let Some(url) = master {
+        config.cluster_url = url;
+    }
+    let url = config.cluster_url.to_string();
+    let client = Client::try_from(config)
+        .with_context(|| format!("building the Kubernetes client for {url}"))?;
+    Ok((client, url))
 }
 
 /// Runs the daemon until `shutdown` resolves. The dataplane is left in place on return, so
@@ -131,16 +184,40 @@ pub async fn run<B: Backend + Send + 'static>(
     registry: Arc<prometheus_client::registry::Registry>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let client = client(config.kubeconfig.as_ref()).await?;
+    let (client, api_server) = client(config.kubeconfig.as_ref(), config.master.as_deref()).await?;
+    let show =
+        |a: Option<std::net::SocketAddr>| a.map_or("disabled".to_string(), |a| a.to_string());
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        node = %config.node,
+        api_server = %api_server,
+        mode = "nftables",
+        healthz = %show(config.healthz_bind),
+        metrics = %show(config.metrics_bind),
+        cluster_cidrs = %config.compile.cluster_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        config = %config.source,
+        "lb-proxy starting"
+    );
+    let api_server: Arc<str> = api_server.into();
     let health = Arc::new(ProxyHealth::new(config.sync_period * 2));
-    // As kube-proxy (bindAddressHardFail false): a port that cannot be bound yet (say, the old
-    // proxy still holds it) is retried in the background; the dataplane does not wait for it.
+    // As kube-proxy with bindAddressHardFail false: a port that cannot be bound yet (say, the
+    // old proxy still holds it) is retried in the background; the dataplane does not wait for
+    // it. With bindAddressHardFail the daemon exits instead.
     let mut servers = Vec::new();
+    let (bind_failed_tx, mut bind_failed) = mpsc::unbounded_channel::<anyhow::Error>();
+    let hard_fail = config.bind_address_hard_fail;
     if let Some(addr) = config.healthz_bind {
         let (health, metrics) = (health.clone(), metrics.clone());
+        let failed = bind_failed_tx.clone();
         servers.push(tokio::spawn(async move {
-            let l = bind_retrying(addr, "health").await;
-            let _ = crate::health::serve_health(l, health, metrics).await;
+            match bind_retrying(addr, "health", hard_fail).await {
+                Ok(l) => {
+                    let _ = crate::health::serve_health(l, health, metrics).await;
+                }
+                Err(e) => {
+                    let _ = failed.send(e);
+                }
+            }
         }));
     }
     let (explain_tx, explain_rx) = mpsc::unbounded_channel();
@@ -150,12 +227,30 @@ pub async fn run<B: Backend + Send + 'static>(
             requests: traffic_tx,
             collector: metrics.service_traffic.clone(),
         };
+        let pages = Arc::new(crate::health::StatusPages::new(
+            &config.configz,
+            &config.flagz,
+        ));
+        let failed = bind_failed_tx.clone();
         servers.push(tokio::spawn(async move {
-            let l = bind_retrying(addr, "metrics").await;
-            let _ =
-                crate::health::serve_metrics(l, registry, Some(explain_tx), Some(traffic)).await;
+            match bind_retrying(addr, "metrics", hard_fail).await {
+                Ok(l) => {
+                    let _ = crate::health::serve_metrics(
+                        l,
+                        registry,
+                        Some(explain_tx),
+                        Some(traffic),
+                        pages,
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    let _ = failed.send(e);
+                }
+            }
         }));
     }
+    drop(bind_failed_tx);
     let (tx, rx) = mpsc::unbounded_channel();
     let filter = Filter {
         service_proxy_name: config.service_proxy_name.clone(),
@@ -168,6 +263,7 @@ pub async fn run<B: Backend + Send + 'static>(
             filter.clone(),
             tx.clone(),
             metrics.clone(),
+            api_server.clone(),
         )),
         tokio::spawn(watch_slices(
             Api::all(client.clone()),
@@ -175,17 +271,20 @@ pub async fn run<B: Backend + Send + 'static>(
             filter,
             tx.clone(),
             metrics.clone(),
+            api_server.clone(),
         )),
         tokio::spawn(watch_node(
             Api::all(client.clone()),
             config.node.clone(),
             tx.clone(),
             metrics.clone(),
+            api_server,
         )),
         tokio::spawn(watch_service_cidrs(Api::all(client), tx, metrics.clone())),
     ];
     let result = tokio::select! {
         r = sync_loop(config, backend, rx, Queries { explain: explain_rx, traffic: traffic_rx }, metrics, health) => r,
+        Some(e) = bind_failed.recv() => Err(e),
         () = shutdown => {
             tracing::info!("shutting down; the dataplane stays in place");
             Ok(())
@@ -197,11 +296,21 @@ pub async fn run<B: Backend + Send + 'static>(
     result
 }
 
-/// Binds `addr`, retrying every 5 s (and logging) until it succeeds.
-async fn bind_retrying(addr: std::net::SocketAddr, what: &'static str) -> tokio::net::TcpListener {
+/// Binds `addr`, retrying every 5 s (and logging) until it succeeds; with `hard_fail` the
+/// first failure is an error.
+async fn bind_retrying(
+    addr: std::net::SocketAddr,
+    what: &'static str,
+    hard_fail: bool,
+) -> anyhow::Result<tokio::net::TcpListener> {
     loop {
         match crate::health::bind(addr) {
-            Ok(l) => return l,
+            Ok(l) => return Ok(l),
+            Err(e) if hard_fail => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "binding the {what} server to {addr} (bindAddressHardFail)"
+                )));
+            }
             Err(e) => {
                 tracing::error!(%addr, error = %e, "cannot bind the {what} server; retrying in 5 s");
                 tokio::time::sleep(Duration::from_secs(5)).await;
@@ -242,13 +351,18 @@ async fn watch_kind<K, Key, V>(
     one: impl Fn(Key, Option<V>) -> Update,
     tx: mpsc::UnboundedSender<(Instant, Update)>,
     metrics: Arc<Metrics>,
+    api_server: Arc<str>,
 ) where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
     let mut buffer = Vec::new();
+    let mut failing = WatchFailure::default();
     while let Some(event) = stream.next().await {
         let now = Instant::now();
+        if event.is_ok() {
+            failing.recovered(kind, &api_server);
+        }
         let update = match event {
             Ok(Event::Init) => {
                 buffer.clear();
@@ -267,7 +381,7 @@ async fn watch_kind<K, Key, V>(
             },
             Ok(Event::Delete(o)) => one(key(&o), None),
             Err(e) => {
-                tracing::warn!(error = %e, kind, "watch failed; retrying with backoff");
+                failing.failed(kind, &api_server, &e);
                 metrics
                     .watch_errors
                     .get_or_create(&crate::metrics::KindLabel { kind })
@@ -281,12 +395,47 @@ async fn watch_kind<K, Key, V>(
     }
 }
 
+/// Logs a watch's failures once per outage: the first error at warn level (with the API
+/// server), the retries' at debug level, and the recovery at info level — at the watch's next
+/// event, the first sign that it works again (kube-runtime does not surface a resumed watch
+/// that has nothing to report).
+#[derive(Debug, Default)]
+struct WatchFailure {
+    since: Option<Instant>,
+    retries: u64,
+}
+
+impl WatchFailure {
+    fn failed(&mut self, kind: &str, api_server: &str, e: &watcher::Error) {
+        if self.since.is_none() {
+            self.since = Some(Instant::now());
+            tracing::warn!(kind, api_server, error = %e, "watch failed; retrying with backoff (logged again when it recovers)");
+        } else {
+            self.retries += 1;
+            tracing::debug!(kind, api_server, error = %e, "watch still failing");
+        }
+    }
+
+    fn recovered(&mut self, kind: &str, api_server: &str) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(
+                kind,
+                api_server,
+                down_s = since.elapsed().as_secs_f64(),
+                retries = std::mem::take(&mut self.retries),
+                "watch recovered"
+            );
+        }
+    }
+}
+
 async fn watch_services(
     api: Api<Service>,
     selector: String,
     filter: Filter,
     tx: mpsc::UnboundedSender<(Instant, Update)>,
     metrics: Arc<Metrics>,
+    api_server: Arc<str>,
 ) {
     let m = metrics.clone();
     let convert = move |s: &Service| match convert::service(s, &filter) {
@@ -315,6 +464,7 @@ async fn watch_services(
         Update::Service,
         tx,
         metrics,
+        api_server,
     )
     .await;
 }
@@ -325,6 +475,7 @@ async fn watch_slices(
     filter: Filter,
     tx: mpsc::UnboundedSender<(Instant, Update)>,
     metrics: Arc<Metrics>,
+    api_server: Arc<str>,
 ) {
     let m = metrics.clone();
     let convert = move |s: &EndpointSlice| match convert::endpoint_slice(s, &filter) {
@@ -332,7 +483,7 @@ async fn watch_slices(
             for e in &errors {
                 invalid(&m, "EndpointSlice", e);
             }
-            Some(Some(slice))
+            Some(Some((slice, trigger_time(s))))
         }
         Ok((Converted::Skipped(_), _)) => Some(None),
         Err(e) => {
@@ -347,10 +498,16 @@ async fn watch_slices(
         "EndpointSlice",
         object_key,
         convert,
-        Update::Slices,
-        Update::Slice,
+        |all: Vec<(SliceKey, (convert::Slice, Option<SystemTime>))>| {
+            Update::Slices(all.into_iter().map(|(k, (s, _))| (k, s)).collect())
+        },
+        |k, v| match v {
+            Some((s, t)) => Update::Slice(k, Some(s), t),
+            None => Update::Slice(k, None, None),
+        },
         tx,
         metrics,
+        api_server,
     )
     .await;
 }
@@ -360,22 +517,44 @@ async fn watch_node(
     name: String,
     tx: mpsc::UnboundedSender<(Instant, Update)>,
     metrics: Arc<Metrics>,
+    api_server: Arc<str>,
 ) {
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    let mut failing = WatchFailure::default();
+    // Whether the current list found the Node, and whether its absence was reported.
+    let (mut found, mut warned) = (false, false);
     while let Some(event) = stream.next().await {
         let now = Instant::now();
+        if event.is_ok() {
+            failing.recovered("Node", &api_server);
+        }
         let node = match event {
-            Ok(Event::Apply(n) | Event::InitApply(n)) => n,
+            Ok(Event::Apply(n) | Event::InitApply(n)) => {
+                found = true;
+                n
+            }
             Ok(Event::InitDone) => {
+                if !found && !warned {
+                    warned = true;
+                    tracing::warn!(
+                        node = %name,
+                        api_server = %api_server,
+                        "no Node named {name:?}: check --hostname-override/--node (NODE_NAME, hostnameOverride); until it exists, topology hints cannot be followed and the node's deletion is not seen"
+                    );
+                }
                 if tx.send((now, Update::NodeListed)).is_err() {
                     return;
                 }
                 continue;
             }
-            Ok(Event::Init | Event::Delete(_)) => continue,
+            Ok(Event::Init) => {
+                found = false;
+                continue;
+            }
+            Ok(Event::Delete(_)) => continue,
             Err(e) => {
-                tracing::warn!(error = %e, "Node watch failed; retrying with backoff");
+                failing.failed("Node", &api_server, &e);
                 metrics
                     .watch_errors
                     .get_or_create(&crate::metrics::KindLabel { kind: "Node" })
@@ -500,6 +679,8 @@ async fn sync_loop<B: Backend>(
     let mut listed = Listed::default();
     // Arrival time of every change not yet programmed, for the latency histogram.
     let mut pending: Vec<Instant> = Vec::new();
+    let mut changes = ChangeLog::new(SystemTime::now());
+    let mut no_local: BTreeMap<ServiceKey, [i64; 4]> = BTreeMap::new();
     let mut last_sync: Option<Instant> = None;
     // Whether a sync succeeded yet: until then `explain` cannot speak for the kernel.
     let mut synced_once = false;
@@ -545,24 +726,26 @@ async fn sync_loop<B: Backend>(
                 if let Update::Node(_, eligible) = &update {
                     health.set_node_eligible(*eligible);
                 }
-                if let Update::ServiceCidrs(cidrs) = update {
-                    dataplane.set_service_cidrs(cidrs);
-                    pending.push(arrived);
-                    metrics.changes_pending.set(pending.len() as i64);
-                    continue;
-                }
-                let counts_as_change = apply(&mut store, &mut listed, update);
+                changes.note(&update, &metrics);
+                // ServiceCIDRs go to the dataplane (a change is a full sync), the rest to the store.
+                let mut apply = |update: Update| match update {
+                    Update::ServiceCidrs(cidrs) => {
+                        dataplane.set_service_cidrs(cidrs);
+                        true
+                    }
+                    update => apply(&mut store, &mut listed, update),
+                };
+                let counts_as_change = apply(update);
                 if counts_as_change {
                     pending.push(arrived);
-                    metrics.changes_pending.set(pending.len() as i64);
                 }
                 // Drain what else is queued, so a burst is one sync.
                 while let Ok((arrived, update)) = rx.try_recv() {
-                    if apply(&mut store, &mut listed, update) {
+                    changes.note(&update, &metrics);
+                    if apply(update) {
                         pending.push(arrived);
                     }
                 }
-                metrics.changes_pending.set(pending.len() as i64);
                 if !pending.is_empty() {
                     health.queued();
                 }
@@ -602,7 +785,7 @@ async fn sync_loop<B: Backend>(
                         "network programming latency"
                     );
                 }
-                metrics.changes_pending.set(0);
+                changes.programmed(&metrics, SystemTime::now());
                 health.updated();
                 // The merged entries of every recompiled Service, read once for the health
                 // checks and the conntrack cleanup.
@@ -613,6 +796,7 @@ async fn sync_loop<B: Backend>(
                     .collect();
                 if let Some(node) = store.node() {
                     update_health_checks(node, &changed, &mut health_checks);
+                    update_no_local_endpoints(node, &changed, &mut no_local, &metrics);
                 }
                 let wanted = health_checks
                     .iter()
@@ -661,6 +845,128 @@ async fn sync_loop<B: Backend>(
                 retry_after = Some(Instant::now() + backoff);
                 last_sync = Some(Instant::now());
             }
+        }
+    }
+}
+
+/// Changes received and not yet programmed, for kube-proxy's change metrics.
+#[derive(Debug)]
+struct ChangeLog {
+    /// Trigger times before this are from before the daemon started: not observed (as
+    /// kube-proxy ignores them).
+    started: SystemTime,
+    services: BTreeSet<ServiceKey>,
+    slices: BTreeSet<SliceKey>,
+    triggers: Vec<(SystemTime, lb_core::IpFamily)>,
+}
+
+impl ChangeLog {
+    fn new(started: SystemTime) -> Self {
+        Self {
+            started,
+            services: BTreeSet::new(),
+            slices: BTreeSet::new(),
+            triggers: Vec::new(),
+        }
+    }
+
+    /// Counts a Service or EndpointSlice change (re-lists and Node updates are not counted).
+    fn note(&mut self, update: &Update, metrics: &Metrics) {
+        match update {
+            Update::Service(k, _) => {
+                self.services.insert(k.clone());
+                metrics.queued(true);
+            }
+            Update::Slice(k, slice, trigger) => {
+                self.slices.insert(k.clone());
+                metrics.queued(false);
+                if let (Some(s), Some(t)) = (slice, trigger)
+                    && *t >= self.started
+                {
+                    self.triggers.push((*t, s.family));
+                }
+            }
+            _ => return,
+        }
+        metrics
+            .service_changes_pending
+            .set(self.services.len() as i64);
+        metrics.changes_pending.set(self.slices.len() as i64);
+    }
+
+    /// Everything noted was programmed at `acked`: observes the trigger-time latencies.
+    fn programmed(&mut self, metrics: &Metrics, acked: SystemTime) {
+        for (t, family) in self.triggers.drain(..) {
+            let latency = acked.duration_since(t).unwrap_or_default();
+            metrics
+                .network_programming_duration
+                .get_or_create(&crate::metrics::FamilyLabel::of(family))
+                .observe(latency.as_secs_f64());
+        }
+        self.services.clear();
+        self.slices.clear();
+        metrics.service_changes_pending.set(0);
+        metrics.changes_pending.set(0);
+    }
+}
+
+/// Refreshes `kubeproxy_sync_proxy_rules_no_local_endpoints_total` for `changed` Services:
+/// per family, the service ports with an internal (resp. external) Local policy that have
+/// usable endpoints but none on this node — traffic to them is dropped here (kube-proxy's
+/// count, kept per Service so a sync costs what changed).
+fn update_no_local_endpoints(
+    node: &lb_core::Node,
+    changed: &[(ServiceKey, Vec<ServiceEntry>)],
+    table: &mut BTreeMap<ServiceKey, [i64; 4]>,
+    metrics: &Metrics,
+) {
+    use lb_core::IpFamily;
+    const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+    for (key, entries) in changed {
+        // [v4 internal, v4 external, v6 internal, v6 external]
+        let mut counts = [0i64; 4];
+        for e in entries {
+            for (i, family) in FAMILIES.iter().enumerate() {
+                let endpoints: Vec<lb_core::Endpoint> = e
+                    .endpoints
+                    .iter()
+                    .filter(|ep| IpFamily::of(&ep.ip()) == *family)
+                    .cloned()
+                    .collect();
+                let c = lb_core::categorize(&e.port, &endpoints, node);
+                if !c.has_any_endpoints() || c.local().len() > 0 {
+                    continue;
+                }
+                if e.port.internal_policy_local() {
+                    counts[2 * i] += 1;
+                }
+                if e.port.external_policy_local() {
+                    counts[2 * i + 1] += 1;
+                }
+            }
+        }
+        if counts == [0; 4] {
+            table.remove(key);
+        } else {
+            table.insert(key.clone(), counts);
+        }
+    }
+    let mut totals = [0i64; 4];
+    for counts in table.values() {
+        for (t, c) in totals.iter_mut().zip(counts) {
+            *t += c;
+        }
+    }
+    for (i, family) in FAMILIES.iter().enumerate() {
+        let ip_family = crate::metrics::FamilyLabel::of(*family).ip_family;
+        for (j, traffic_policy) in ["internal", "external"].into_iter().enumerate() {
+            metrics
+                .no_local_endpoints
+                .get_or_create(&crate::metrics::NoLocalLabels {
+                    ip_family,
+                    traffic_policy,
+                })
+                .set(totals[2 * i + j]);
         }
     }
 }
@@ -784,7 +1090,7 @@ fn apply(store: &mut Store, listed: &mut Listed, update: Update) -> bool {
             }
             store.replace_slices(by_key);
         }
-        Update::Slice(k, s) => store.apply_slice(k, s),
+        Update::Slice(k, s, _) => store.apply_slice(k, s),
         Update::Node(n, _) => store.set_node(n),
         Update::NodeListed => {
             listed.node = true;
@@ -792,4 +1098,28 @@ fn apply(store: &mut Store, listed: &mut Listed, update: Update) -> bool {
         Update::ServiceCidrs(_) => {}
     }
     store.has_changes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trigger_time_annotation_is_read_as_rfc3339() {
+        let mut slice = EndpointSlice::default();
+        assert_eq!(trigger_time(&slice), None);
+        slice.metadata.annotations = Some(BTreeMap::from([(
+            LAST_CHANGE_TRIGGER_TIME.to_string(),
+            "2024-05-06T07:08:09Z".to_string(),
+        )]));
+        assert_eq!(
+            trigger_time(&slice),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_714_979_289))
+        );
+        slice.metadata.annotations = Some(BTreeMap::from([(
+            LAST_CHANGE_TRIGGER_TIME.to_string(),
+            "yesterday".to_string(),
+        )]));
+        assert_eq!(trigger_time(&slice), None);
+    }
 }

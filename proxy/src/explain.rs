@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use lb_core::{EndpointSet, IpFamily, Protocol, ServicePort, categorize};
 use serde::{Deserialize, Serialize};
 
-use crate::compile::Config;
+use crate::compile::{Config, DetectLocal};
 use crate::store::Snapshot;
 
 /// What is being asked.
@@ -165,13 +165,22 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
         .cloned()
         .collect();
     let c = categorize(port, &endpoints, &snapshot.node);
-    let cidrs: Vec<IpNet> = config
-        .cluster_cidrs
-        .iter()
-        .filter(|n| family_match(&n.addr(), &q.to))
-        .copied()
-        .collect();
-    let from_pod = cidrs.iter().any(|n| n.contains(&q.from));
+    // Pod traffic as the ruleset recognises it (detectLocalMode): by source CIDR, or by the
+    // interface a packet arrives on, which an address alone cannot tell.
+    let detect = config.for_node(&snapshot.node).detect_local;
+    let first_of_family = |cidrs: &[IpNet]| {
+        cidrs
+            .iter()
+            .find(|n| family_match(&n.addr(), &q.to))
+            .copied()
+    };
+    let (pod_cidr, pod_interface) = match &detect {
+        DetectLocal::ClusterCidr => (first_of_family(&config.cluster_cidrs), None),
+        DetectLocal::NodeCidr(cidrs) => (first_of_family(cidrs), None),
+        DetectLocal::BridgeInterface(n) => (None, Some(n.as_str().to_string())),
+        DetectLocal::InterfaceNamePrefix(n) => (None, Some(format!("{}*", n.as_str()))),
+    };
+    let from_pod = pod_cidr.is_some_and(|n| n.contains(&q.from));
     let external = entry != Entry::ClusterIp;
     // The endpoint set, as the compiler's traffic classes choose it.
     let (set, set_why) = if !external {
@@ -276,8 +285,15 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
         "yes: traffic from the node itself to an eTP Local address is masqueraded".into()
     } else if !external && config.masquerade_all {
         "yes: masqueradeAll".into()
-    } else if !external && !cidrs.is_empty() && !from_pod {
-        format!("yes: the source is outside the cluster CIDR ({})", cidrs[0])
+    } else if !external && let Some(cidr) = pod_cidr.filter(|_| !from_pod) {
+        let which = if matches!(detect, DetectLocal::NodeCidr(_)) {
+            "node's pod CIDR"
+        } else {
+            "cluster CIDR"
+        };
+        format!("yes: the source is outside the {which} ({cidr})")
+    } else if !external && let Some(interface) = &pod_interface {
+        format!("yes, unless the connection arrives on interface {interface} (a pod's)")
     } else if hairpin {
         "only if the endpoint chosen is the client itself (hairpin)".into()
     } else {

@@ -7,7 +7,9 @@
 //!   `ToBeDeletedByClusterAutoscaler` taint), so load balancers drain it.
 //! * `/metrics` (default `127.0.0.1:10249`): Prometheus text format, with the per-Service-port
 //!   traffic counters read from the kernel at each scrape; `/explain?to=…&from=…` answers
-//!   `lb-proxy explain --live` from the running daemon's state.
+//!   `lb-proxy explain --live` from the running daemon's state; `/configz` (the effective
+//!   configuration as JSON, `{"kubeproxy.config.k8s.io": {…}}`) and `/flagz` (every flag and
+//!   its value, as text) as kube-proxy serves them on its metrics port.
 //! * One HTTP server per `healthCheckNodePort` of a LoadBalancer Service with
 //!   `externalTrafficPolicy: Local`: 200 with the number of local ready endpoints when there is
 //!   at least one and the proxy is healthy, 503 otherwise; header
@@ -400,13 +402,38 @@ impl TrafficSource {
     }
 }
 
-/// Serves `/metrics` (Prometheus text; the traffic counters refreshed from `traffic` first)
-/// and `/explain` (through `explain`, which asks the sync loop).
+/// The bodies of `/configz` and `/flagz`, fixed at start.
+#[derive(Debug, Clone, Default)]
+pub struct StatusPages {
+    /// `/configz`: JSON.
+    pub configz: String,
+    /// `/flagz`: text.
+    pub flagz: String,
+}
+
+impl StatusPages {
+    /// `/configz` from the effective `KubeProxyConfiguration` (JSON), `/flagz` from every
+    /// flag and its value.
+    pub fn new(config: &serde_json::Value, flags: &[(String, String)]) -> Self {
+        let configz = serde_json::json!({ "kubeproxy.config.k8s.io": config }).to_string();
+        let mut flagz = String::from(
+            "lb-proxy flags\nWarning: This endpoint is not meant to be machine parseable, has no formatting compatibility guarantees and is for debugging purposes only.\n\n",
+        );
+        for (name, value) in flags {
+            flagz.push_str(&format!("{name}={value}\n"));
+        }
+        Self { configz, flagz }
+    }
+}
+
+/// Serves `/metrics` (Prometheus text; the traffic counters refreshed from `traffic` first),
+/// `/explain` (through `explain`, which asks the sync loop), `/configz` and `/flagz`.
 pub fn serve_metrics(
     listener: TcpListener,
     registry: Arc<prometheus_client::registry::Registry>,
     explain: Option<tokio::sync::mpsc::UnboundedSender<ExplainRequest>>,
     traffic: Option<TrafficSource>,
+    pages: Arc<StatusPages>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
@@ -416,13 +443,17 @@ pub fn serve_metrics(
             let registry = registry.clone();
             let explain = explain.clone();
             let traffic = traffic.clone();
+            let pages = pages.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let registry = registry.clone();
                     let explain = explain.clone();
                     let traffic = traffic.clone();
+                    let pages = pages.clone();
                     async move {
-                        Ok::<_, Infallible>(metrics_route(req, &registry, explain, traffic).await)
+                        Ok::<_, Infallible>(
+                            metrics_route(req, &registry, explain, traffic, &pages).await,
+                        )
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -445,6 +476,7 @@ async fn metrics_route(
     registry: &prometheus_client::registry::Registry,
     explain: Option<tokio::sync::mpsc::UnboundedSender<ExplainRequest>>,
     traffic: Option<TrafficSource>,
+    pages: &StatusPages,
 ) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, ct: &str, body: String| {
         Response::builder()
@@ -473,6 +505,12 @@ async fn metrics_route(
             }
         }
         "/proxyMode" => text(StatusCode::OK, "text/plain", "nftables".into()),
+        "/configz" => json_response(StatusCode::OK, pages.configz.clone(), &[]),
+        "/flagz" => text(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            pages.flagz.clone(),
+        ),
         "/explain" => {
             let Some(tx) = explain else {
                 return text(

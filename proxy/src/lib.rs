@@ -4,6 +4,7 @@
 //!   transactions, and backends (in-memory fake, netlink).
 
 pub mod cli;
+pub mod coexist;
 pub mod compile;
 pub mod config;
 pub mod conntrack;
@@ -13,6 +14,7 @@ pub mod health;
 pub mod manifests;
 pub mod metrics;
 pub mod nft;
+pub mod process;
 pub mod sync;
 
 // Conversion and the store live in the Apache-2.0 crate `lb-k8s` (no netlink, no tokio), so

@@ -1,12 +1,10 @@
 //! `lb-proxy`: parse the command line, run, print any error chain once, exit non-zero on error.
 
-use clap::Parser;
-
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> std::process::ExitCode {
-    let cli = lb_proxy::cli::Cli::parse();
+    let cli = lb_proxy::cli::parse();
     match lb_proxy::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

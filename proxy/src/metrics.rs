@@ -1,4 +1,6 @@
-//! Prometheus metrics, with kube-proxy's names where they have a counterpart.
+//! Prometheus metrics, with kube-proxy's names, labels and buckets where they have a
+//! counterpart (`pkg/proxy/metrics` upstream), the standard `process_*` metrics, and ours
+//! (`lb_proxy_*`) as extras. `docs/metrics.md` is the reference.
 
 use std::sync::{Arc, Mutex};
 
@@ -19,9 +21,72 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// Label with an IP family, as kube-proxy's per-family metrics carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FamilyLabel {
+    /// `IPv4` or `IPv6`.
+    pub ip_family: &'static str,
+}
+
+impl FamilyLabel {
+    /// The label of `family`.
+    pub fn of(family: lb_core::IpFamily) -> Self {
+        Self {
+            ip_family: match family {
+                lb_core::IpFamily::V4 => "IPv4",
+                lb_core::IpFamily::V6 => "IPv6",
+            },
+        }
+    }
+
+    /// Both families.
+    pub fn both() -> [Self; 2] {
+        [
+            Self::of(lb_core::IpFamily::V4),
+            Self::of(lb_core::IpFamily::V6),
+        ]
+    }
+}
+
+/// Labels of `kubeproxy_sync_proxy_rules_no_local_endpoints_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct NoLocalLabels {
+    /// `IPv4` or `IPv6`.
+    pub ip_family: &'static str,
+    /// `internal` (internalTrafficPolicy Local) or `external` (externalTrafficPolicy Local).
+    pub traffic_policy: &'static str,
+}
+
+/// kube-proxy's buckets of `kubeproxy_network_programming_duration_seconds`: 0, 0.25 s,
+/// 0.5 s, every second to 59 s, every 5 s to 115 s, every 30 s to 5 min.
+pub fn network_programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.0, 0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    b.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    b
+}
+
 /// Every metric the daemon exports.
 #[derive(Debug)]
 pub struct Metrics {
+    /// `kubeproxy_network_programming_duration_seconds{ip_family}`: from the
+    /// `endpoints.kubernetes.io/last-change-trigger-time` of a changed EndpointSlice to the
+    /// kernel's acknowledgement of its rules.
+    pub network_programming_duration: Family<FamilyLabel, Histogram>,
+    /// `kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family}`.
+    pub last_queued_timestamp: Family<FamilyLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// `kubeproxy_sync_proxy_rules_endpoint_changes_total`.
+    pub endpoint_changes: Counter,
+    /// `kubeproxy_sync_proxy_rules_service_changes_total`.
+    pub service_changes: Counter,
+    /// `kubeproxy_sync_proxy_rules_service_changes_pending`: Services changed and not yet
+    /// programmed.
+    pub service_changes_pending: Gauge,
+    /// `kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family,traffic_policy}` (a
+    /// gauge, as upstream): service ports with a Local policy, endpoints, and none of them
+    /// local.
+    pub no_local_endpoints: Family<NoLocalLabels, Gauge>,
     /// `kubeproxy_sync_proxy_rules_duration_seconds`.
     pub sync_duration: Histogram,
     /// `kubeproxy_sync_full_proxy_rules_duration_seconds`.
@@ -34,7 +99,8 @@ pub struct Metrics {
     pub network_programming_latency: Histogram,
     /// `kubeproxy_sync_proxy_rules_nftables_sync_failures_total`.
     pub sync_failures: Counter,
-    /// `kubeproxy_sync_proxy_rules_endpoint_changes_pending` (all kinds).
+    /// `kubeproxy_sync_proxy_rules_endpoint_changes_pending`: Services whose endpoints
+    /// changed and are not yet programmed.
     pub changes_pending: Gauge,
     /// `lb_proxy_nftables_elements_programmed_total`.
     pub elements_programmed: Counter,
@@ -141,10 +207,20 @@ impl Metrics {
     /// Creates the metrics and registers them.
     pub fn new(registry: &mut Registry) -> Self {
         let buckets = || Histogram::new(exponential_buckets(0.000_1, 2.0, 20));
+        // kube-proxy's sync duration buckets: 1 ms doubling to about 16 s.
+        let kube_proxy_buckets = || Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let m = Metrics {
-            sync_duration: buckets(),
-            full_sync_duration: buckets(),
-            partial_sync_duration: buckets(),
+            network_programming_duration: Family::new_with_constructor(|| {
+                Histogram::new(network_programming_buckets())
+            }),
+            last_queued_timestamp: Family::default(),
+            endpoint_changes: Counter::default(),
+            service_changes: Counter::default(),
+            service_changes_pending: Gauge::default(),
+            no_local_endpoints: Family::default(),
+            sync_duration: kube_proxy_buckets(),
+            full_sync_duration: kube_proxy_buckets(),
+            partial_sync_duration: kube_proxy_buckets(),
             last_sync_timestamp: Gauge::default(),
             network_programming_latency: buckets(),
             sync_failures: Counter::default(),
@@ -190,6 +266,47 @@ impl Metrics {
             m.changes_pending.clone(),
         );
         kp.register(
+            "network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            m.network_programming_duration.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            m.last_queued_timestamp.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            m.endpoint_changes.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            m.service_changes.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
+            m.service_changes_pending.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            m.no_local_endpoints.clone(),
+        );
+        for f in FamilyLabel::both() {
+            for traffic_policy in ["internal", "external"] {
+                // Every series exists from the start, at 0, as upstream's.
+                m.no_local_endpoints
+                    .get_or_create(&NoLocalLabels {
+                        ip_family: f.ip_family,
+                        traffic_policy,
+                    })
+                    .set(0);
+            }
+        }
+        kp.register(
             "proxy_healthz",
             "/healthz responses by code",
             m.healthz.clone(),
@@ -227,7 +344,22 @@ impl Metrics {
             m.affinity_purged.clone(),
         );
         ours.register_collector(Box::new(m.service_traffic.clone()));
+        registry.register_collector(Box::new(crate::process::ProcessCollector::new()));
         m
+    }
+
+    /// A change was queued for the next sync (a Service when `service`, else an
+    /// EndpointSlice).
+    pub fn queued(&self, service: bool) {
+        if service {
+            self.service_changes.inc();
+        } else {
+            self.endpoint_changes.inc();
+        }
+        let now = unix_now();
+        for f in FamilyLabel::both() {
+            self.last_queued_timestamp.get_or_create(&f).set(now);
+        }
     }
 
     /// Counts a `/healthz` (`with_node`) or `/livez` response.
@@ -254,16 +386,29 @@ impl Metrics {
             self.partial_sync_duration.observe(secs);
         }
         self.elements_programmed.inc_by(report.elements as u64);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        self.last_sync_timestamp.set(now);
+        self.last_sync_timestamp.set(unix_now());
     }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_programming_buckets_are_kube_proxys() {
+        let b = network_programming_buckets();
+        assert_eq!(b.len(), 3 + 59 + 12 + 7);
+        assert_eq!(&b[..5], &[0.0, 0.25, 0.5, 1.0, 2.0]);
+        assert!(b.contains(&59.0) && b.contains(&115.0) && b.contains(&300.0));
+        assert!(b.windows(2).all(|w| w[0] < w[1]));
+    }
 
     #[test]
     fn service_port_traffic_is_encoded_as_two_counters_per_service_port_and_family() {
@@ -299,6 +444,7 @@ mod tests {
             ),
             "{out}"
         );
+        assert!(out.contains("process_start_time_seconds"), "{out}");
         m.service_traffic.set(Vec::new());
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");

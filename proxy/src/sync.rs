@@ -419,7 +419,8 @@ impl<B: Backend> Dataplane<B> {
         let Some(snapshot) = store.snapshot() else {
             return Ok(SyncReport::default());
         };
-        // `nodePortAddresses: primary` follows the Node's addresses: a Node change is a full sync.
+        // Node-dependent settings (`nodePortAddresses: primary`, detectLocalMode NodeCIDR)
+        // follow the Node: a change of the Node always brings a full sync.
         if self.config.node_port_fallback(&snapshot.node) {
             tracing::warn!(
                 node = snapshot.node.name(),
@@ -429,6 +430,13 @@ impl<B: Backend> Dataplane<B> {
         let mut config = self.config.for_node(&snapshot.node);
         if !self.service_cidrs.is_empty() {
             config.service_cidrs = self.service_cidrs.clone();
+        }
+        if matches!(&config.detect_local, crate::compile::DetectLocal::NodeCidr(c) if c.is_empty())
+        {
+            tracing::warn!(
+                node = snapshot.node.name(),
+                "detectLocalMode NodeCIDR: the Node has no spec.podCIDRs yet, so no traffic is recognised as coming from a pod"
+            );
         }
         let mut compilers = [
             Compiler::new(config.clone(), IpFamily::V4),

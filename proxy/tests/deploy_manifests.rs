@@ -2,7 +2,9 @@
 //! are: every document parses into its Kubernetes type with no field Kubernetes would ignore,
 //! and the DaemonSet, RBAC and configuration hold the properties a node's service proxy needs
 //! (host network, node name from the downward API, probes on kube-proxy's health port, list and
-//! watch only, a configuration the daemon accepts).
+//! watch only, kube-proxy's command line on kubeadm's `kube-proxy` ConfigMap, a configuration
+//! the daemon accepts, the image as the kustomization's variable). The binary itself runs the
+//! DaemonSet's command line in `tests/tests/operations.rs`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -15,9 +17,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// Where the configuration is mounted, and the file the daemon is told to read.
-const CONFIG_DIR: &str = "/etc/lb-proxy";
-const CONFIG_KEY: &str = "config.yaml";
+/// Where kubeadm's DaemonSet mounts the `kube-proxy` ConfigMap, and the file it reads.
+const CONFIG_DIR: &str = "/var/lib/kube-proxy";
+const CONFIG_KEY: &str = "config.conf";
+/// The ConfigMap kubeadm creates (`deploy/kube-proxy-configmap.example.yaml` for others).
+const CONFIG_MAP: &str = "kube-proxy";
 /// kube-proxy's health port, which probes and cloud load balancers use.
 const HEALTHZ_PORT: i32 = 10256;
 
@@ -29,6 +33,7 @@ struct Manifests {
     cluster_role_bindings: Vec<ClusterRoleBinding>,
     config_maps: Vec<ConfigMap>,
     daemon_sets: Vec<DaemonSet>,
+    kustomizations: Vec<Value>,
 }
 
 fn deploy_dir() -> PathBuf {
@@ -106,6 +111,9 @@ fn load() -> Manifests {
                 }
                 ("v1", "ConfigMap") => m.config_maps.push(typed(doc, &origin)),
                 ("apps/v1", "DaemonSet") => m.daemon_sets.push(typed(doc, &origin)),
+                ("kustomize.config.k8s.io/v1beta1", "Kustomization") => {
+                    m.kustomizations.push(doc.clone())
+                }
                 _ => panic!("{origin}: unexpected apiVersion {api_version:?} kind {kind:?}"),
             }
         }
@@ -136,7 +144,7 @@ impl Manifests {
         only(&self.pod().containers, "container in the DaemonSet's pod")
     }
 
-    /// The text of `config.yaml` in the ConfigMap.
+    /// The text of `config.conf` in the example `kube-proxy` ConfigMap.
     fn config_text(&self) -> &str {
         only(&self.config_maps, "ConfigMap")
             .data
@@ -156,16 +164,47 @@ fn every_document_in_deploy_is_a_known_kind_with_only_fields_kubernetes_knows() 
     assert_eq!(m.service_accounts.len(), 1, "one ServiceAccount");
     assert_eq!(m.cluster_roles.len(), 1, "one ClusterRole");
     assert_eq!(m.cluster_role_bindings.len(), 1, "one ClusterRoleBinding");
-    assert_eq!(m.config_maps.len(), 1, "one ConfigMap");
+    assert_eq!(m.config_maps.len(), 1, "one (example) ConfigMap");
     assert_eq!(m.daemon_sets.len(), 1, "one DaemonSet");
+    assert_eq!(m.kustomizations.len(), 1, "one Kustomization");
     let namespaced = [
-        ("ServiceAccount", &m.service_accounts[0].metadata),
-        ("ConfigMap", &m.config_maps[0].metadata),
-        ("DaemonSet", &m.daemon_sets[0].metadata),
+        (
+            "ServiceAccount",
+            &m.service_accounts[0].metadata,
+            "lb-proxy",
+        ),
+        ("ConfigMap", &m.config_maps[0].metadata, CONFIG_MAP),
+        ("DaemonSet", &m.daemon_sets[0].metadata, "lb-proxy"),
     ];
-    for (kind, meta) in namespaced {
+    for (kind, meta, name) in namespaced {
         assert_eq!(meta.namespace.as_deref(), Some("kube-system"), "{kind}");
-        assert_eq!(meta.name.as_deref(), Some("lb-proxy"), "{kind}");
+        assert_eq!(meta.name.as_deref(), Some(name), "{kind}");
+    }
+}
+
+#[test]
+fn the_image_is_the_kustomizations_variable_and_nothing_is_a_placeholder() {
+    let m = load();
+    let k = only(&m.kustomizations, "Kustomization");
+    let image = m.container().image.as_deref().expect("an image");
+    let entry = k["images"]
+        .as_array()
+        .and_then(|i| i.iter().find(|e| e["name"] == image))
+        .unwrap_or_else(|| panic!("no images: entry for {image:?} in {k}"));
+    assert!(entry["newTag"].is_string(), "{entry}");
+    assert_eq!(k["namespace"], "kube-system");
+    assert!(
+        k["resources"]
+            .as_array()
+            .is_some_and(|r| r.contains(&Value::from("lb-proxy.yaml"))),
+        "{k}"
+    );
+    let text = std::fs::read_to_string(deploy_dir().join("lb-proxy.yaml")).expect("manifest");
+    for placeholder in ["ghcr.io/example", ".invalid", "EDIT", "placeholder"] {
+        assert!(
+            !text.contains(placeholder),
+            "deploy/lb-proxy.yaml contains {placeholder:?}"
+        );
     }
 }
 
@@ -225,17 +264,42 @@ fn the_node_name_comes_from_the_downward_api() {
 #[test]
 fn the_api_server_is_reached_directly_not_through_the_kubernetes_service() {
     let m = load();
+    // No in-cluster override in the DaemonSet: the kubeconfig of the mounted ConfigMap names
+    // the API server (kubeadm's controlPlaneEndpoint), with the pod's own token.
     let env = m.container().env.as_deref().unwrap_or_default();
-    for name in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
-        let var = env
-            .iter()
-            .find(|e| e.name == name)
-            .unwrap_or_else(|| panic!("{name} is set in the DaemonSet"));
-        assert!(
-            var.value.as_deref().is_some_and(|v| !v.is_empty()),
-            "{name} has a literal value"
-        );
-    }
+    assert!(
+        !env.iter()
+            .any(|e| e.name.starts_with("KUBERNETES_SERVICE_")),
+        "no placeholder API server address"
+    );
+    let config: Value = serde_saphyr::from_str(m.config_text()).expect("config.conf is YAML");
+    assert_eq!(
+        config["clientConnection"]["kubeconfig"],
+        format!("{CONFIG_DIR}/kubeconfig.conf")
+    );
+    let kubeconfig: Value = serde_saphyr::from_str(
+        only(&m.config_maps, "ConfigMap")
+            .data
+            .as_ref()
+            .and_then(|d| d.get("kubeconfig.conf"))
+            .expect("kubeconfig.conf"),
+    )
+    .expect("kubeconfig.conf is YAML");
+    let cluster = &kubeconfig["clusters"][0]["cluster"];
+    let server = cluster["server"].as_str().expect("a server");
+    assert!(server.starts_with("https://"), "{server}");
+    assert!(
+        !server.contains("kubernetes.default") && !server.contains("10.96.0.1"),
+        "{server}"
+    );
+    assert_eq!(
+        kubeconfig["users"][0]["user"]["tokenFile"],
+        "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    );
+    assert_eq!(
+        cluster["certificate-authority"],
+        "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    );
 }
 
 #[test]
@@ -255,19 +319,24 @@ fn liveness_probes_livez_and_readiness_probes_healthz_on_port_10256() {
 }
 
 #[test]
-fn the_daemon_reads_the_config_map_mounted_at_etc_lb_proxy() {
+fn the_daemon_runs_kube_proxys_command_line_on_the_config_map_mounted_where_kubeadm_mounts_it() {
     let m = load();
     let c = m.container();
     assert_eq!(
         strings(&c.args),
-        ["daemon", "--config", &format!("{CONFIG_DIR}/{CONFIG_KEY}")]
+        [
+            "daemon",
+            &format!("--config={CONFIG_DIR}/{CONFIG_KEY}"),
+            "--hostname-override=$(NODE_NAME)"
+        ]
     );
     let mount = c
         .volume_mounts
         .iter()
         .flatten()
         .find(|v| v.mount_path == CONFIG_DIR)
-        .expect("a volume mounted at /etc/lb-proxy");
+        .expect("a volume mounted at /var/lib/kube-proxy");
+    assert_eq!(mount.read_only, Some(true));
     let volume = m
         .pod()
         .volumes
@@ -276,6 +345,7 @@ fn the_daemon_reads_the_config_map_mounted_at_etc_lb_proxy() {
         .find(|v| v.name == mount.name)
         .expect("the mounted volume is declared");
     let source = volume.config_map.as_ref().expect("a ConfigMap volume");
+    assert_eq!(source.name, CONFIG_MAP);
     let config_map = only(&m.config_maps, "ConfigMap");
     assert_eq!(Some(&source.name), config_map.metadata.name.as_ref());
     let modules = c
@@ -362,7 +432,7 @@ fn the_cluster_role_grants_only_list_and_watch_on_services_endpointslices_nodes_
 #[test]
 fn the_config_map_holds_a_kube_proxy_configuration_in_nftables_mode() {
     let m = load();
-    let config: Value = serde_saphyr::from_str(m.config_text()).expect("config.yaml is YAML");
+    let config: Value = serde_saphyr::from_str(m.config_text()).expect("config.conf is YAML");
     assert_eq!(
         config["apiVersion"].as_str(),
         Some("kubeproxy.config.k8s.io/v1alpha1")
@@ -375,29 +445,36 @@ fn the_config_map_holds_a_kube_proxy_configuration_in_nftables_mode() {
 fn the_daemon_accepts_the_configuration_and_serves_health_where_the_probes_look() {
     use lb_proxy::config::{KubeProxyConfiguration, Overrides, resolve};
     let m = load();
-    let file: KubeProxyConfiguration =
-        serde_saphyr::from_str(m.config_text()).expect("config.yaml is a KubeProxyConfiguration");
-    // The DaemonSet gives the node name through NODE_NAME, i.e. `--node`.
-    let flags = Overrides {
-        node: Some("node-a".into()),
-        ..Overrides::default()
-    };
-    let settings = resolve(Some(&file), &flags).expect("the daemon accepts the configuration");
-    let healthz = settings.healthz_bind.expect("health endpoints enabled");
-    assert_eq!(i32::from(healthz.port()), HEALTHZ_PORT);
-    assert!(healthz.ip().is_unspecified(), "kubelet probes the node IP");
-    assert!(
-        !settings.cluster_cidrs.is_empty(),
-        "clusterCIDR is set, so traffic from outside the pod network is masqueraded"
-    );
+    // The example ConfigMap's and kubeadm's own config.conf, strictly decoded.
+    let kubeadm = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/kubeadm-config.conf"),
+    )
+    .expect("kubeadm's config.conf");
+    for (origin, text) in [("the example", m.config_text()), ("kubeadm's", &kubeadm)] {
+        let file = KubeProxyConfiguration::parse(text)
+            .unwrap_or_else(|e| panic!("{origin} config.conf: {e}"));
+        // The DaemonSet gives the node name through --hostname-override=$(NODE_NAME).
+        let flags = Overrides {
+            node: Some("node-a".into()),
+            ..Overrides::default()
+        };
+        let settings = resolve(Some(&file), &flags).expect("the daemon accepts the configuration");
+        let healthz = settings.healthz_bind.expect("health endpoints enabled");
+        assert_eq!(i32::from(healthz.port()), HEALTHZ_PORT, "{origin}");
+        assert!(healthz.ip().is_unspecified(), "kubelet probes the node IP");
+        assert!(
+            !settings.cluster_cidrs.is_empty(),
+            "{origin}: clusterCIDR is set, so traffic from outside the pod network is masqueraded"
+        );
+    }
 }
 
 #[test]
 fn the_configuration_sets_no_conntrack_sysctls_because_the_container_is_unprivileged() {
     use lb_proxy::config::KubeProxyConfiguration;
     let m = load();
-    let file: KubeProxyConfiguration =
-        serde_saphyr::from_str(m.config_text()).expect("config.yaml is a KubeProxyConfiguration");
+    let file = KubeProxyConfiguration::parse(m.config_text())
+        .expect("config.conf is a KubeProxyConfiguration");
     let ct = file.conntrack.unwrap_or_default();
     for (field, v) in [("maxPerCore", ct.max_per_core), ("min", ct.min)] {
         assert!(

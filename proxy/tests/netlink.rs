@@ -171,6 +171,7 @@ fn netlink_apply_lists_back_as_the_same_ruleset() {
         "10.96.0.10 . tcp . 80 : goto svc-dnat",
         "ip saddr != 10.244.0.0/16 meta mark set meta mark | 0x00004000 comment \"masquerade clusterIP traffic from outside cluster\"",
         "iifname \"eth0\" udp dport 53 counter packets 0 bytes 0 drop",
+        "iifname != \"veth*\" udp dport 54 drop",
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
@@ -714,4 +715,71 @@ fn netlink_counter_set_counts_each_element_and_list_elements_reads_keys_data_and
     assert_eq!(aff[0].key, vec![lo, Value::TCP, Value::Port(80)]);
     assert_eq!(aff[0].data.as_ref(), Some(&endpoint));
     assert_eq!(aff[0].counter, None);
+}
+
+/// A transaction whose batch spans many `nftnl` batch pages still reaches the kernel as one
+/// batch: with a failing last command (on the last page) nothing of the first pages is
+/// applied, and without it every element is.
+#[test]
+fn netlink_batch_spanning_many_pages_is_sent_whole_and_applied_atomically() {
+    let ns = NetNs::new();
+    let id = TableId::new(Family::Ip, "pages");
+    let mut rs = Ruleset::default();
+    let t = rs.tables.entry(id.clone()).or_default();
+    let mut s = Set::new(SetSpec::set(vec![
+        DataType::Ipv4Addr,
+        DataType::InetService,
+    ]));
+    for i in 0..20_000u32 {
+        s.elements.insert(
+            vec![
+                Value::Ipv4(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
+                Value::Port(80),
+            ],
+            Element::key_only(),
+        );
+    }
+    t.sets.insert("many".into(), s);
+    let good = Transaction::create(&rs);
+    let mut bad = good.clone();
+    // A duplicate of an element added earlier in the batch: the kernel refuses it (EEXIST).
+    bad.push(Command::AddElements {
+        table: id.clone(),
+        set: "many".into(),
+        elements: vec![(
+            vec![
+                Value::Ipv4("10.0.0.0".parse().expect("literal")),
+                Value::Port(80),
+            ],
+            Element::key_only(),
+        )],
+    });
+    let page = 16 * 1024;
+    match ns.run(|| Netlink::new()?.with_batch_page_size(page).apply(&bad)) {
+        Err(ApplyError::Kernel { index, source, .. }) => {
+            assert_eq!(
+                index,
+                bad.commands.len() - 1,
+                "the failing command is named"
+            );
+            assert_eq!(source.raw_os_error(), Some(libc_eexist()));
+        }
+        other => panic!("expected the kernel to refuse the duplicate, got {other:?}"),
+    }
+    let listed = ns
+        .nft(&["list", "ruleset"], None)
+        .expect("nft list ruleset");
+    assert!(
+        listed.trim().is_empty(),
+        "nothing of a refused batch may be applied:\n{listed}"
+    );
+
+    let dumped = ns
+        .run(|| {
+            let mut nl = Netlink::new()?.with_batch_page_size(page);
+            nl.apply(&good)?;
+            nl.dump_elements(&id, "many")
+        })
+        .expect("apply over many pages and dump");
+    assert_eq!(dumped.len(), 20_000);
 }

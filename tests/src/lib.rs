@@ -105,6 +105,55 @@ impl Topology {
         t
     }
 
+    /// Creates namespaces with `scripts/<script> up <id> <args>…` instead of the standard
+    /// topology. The script must name every namespace `lbt-<id>-…` (all are removed on drop),
+    /// the node `lbt-<id>-node` and the client `lbt-<id>-client`; [`Topology::ns`] names the
+    /// others. No backends are started.
+    pub fn up_with(script: &str, args: &[&str]) -> Topology {
+        let id = format!(
+            "{}{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let dir = std::env::temp_dir().join(format!("lbt-{id}"));
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        let t = Topology {
+            node: format!("lbt-{id}-node"),
+            client: format!("lbt-{id}-client"),
+            backends: Vec::new(),
+            id,
+            children: Vec::new(),
+            dir,
+            proxy_events: None,
+        };
+        must(
+            Command::new("bash")
+                .arg(repo().join("scripts").join(script))
+                .args(["up", &t.id])
+                .args(args),
+        );
+        t
+    }
+
+    /// The namespace `lbt-<id>-<suffix>` of this topology.
+    pub fn ns(&self, suffix: &str) -> String {
+        format!("lbt-{}-{suffix}", self.id)
+    }
+
+    /// Runs `lb-proxy` in the node namespace with exactly `args` (a `run` command line; the
+    /// caller names the manifests) and waits for the first sync. Returns the index of the
+    /// process, for [`Topology::stop`].
+    pub fn start_proxy_with(&mut self, args: &[&str]) -> usize {
+        let mut cmd = self.ns_command(&self.node.clone(), &binary("lb-proxy"));
+        cmd.args(args);
+        self.start_logged(
+            cmd,
+            "lb-proxy",
+            &["programmed", "applied"],
+            Duration::from_secs(20),
+        )
+    }
+
     /// The address of backend `i`.
     pub fn backend_ip(i: usize) -> String {
         format!("10.244.1.1{i}")
@@ -154,9 +203,13 @@ impl Topology {
             .unwrap_or_else(|_| panic!("{cmd:?} never got ready"));
     }
 
-    /// Writes `yaml` as manifest file `name` in the scratch directory.
+    /// Writes `yaml` as manifest file `name` in the scratch directory, atomically. The
+    /// temporary file lives outside the directory: lb-proxy watches the directory's newest
+    /// modification time, and a poll between creating a temporary file inside it and the
+    /// rename (both in one clock tick) would take the rename for already seen, so the change
+    /// would never be loaded.
     pub fn write_manifest(&self, name: &str, yaml: &str) {
-        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let tmp = self.dir.with_extension(format!("{name}.tmp"));
         std::fs::write(&tmp, yaml).expect("write manifest");
         std::fs::rename(&tmp, self.dir.join(name)).expect("rename manifest");
     }
@@ -256,6 +309,23 @@ impl Topology {
         cmd.args(extra)
             .env("RUST_LOG", "info,lb_proxy=debug")
             .env("NO_COLOR", "1");
+        self.start_logged(
+            cmd,
+            "lb-proxy daemon",
+            &["full sync", " synced"],
+            Duration::from_secs(30),
+        )
+    }
+
+    /// Runs `lb-proxy daemon` in the node namespace with exactly `args` (no defaults added),
+    /// and waits for the first (full) sync. Returns the index of the process.
+    pub fn start_daemon_with<I, S>(&mut self, args: I) -> usize
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = self.ns_command(&self.node.clone(), &binary("lb-proxy"));
+        cmd.arg("daemon").args(args);
         self.start_logged(
             cmd,
             "lb-proxy daemon",

@@ -185,6 +185,18 @@ fn main() {
         full(1_000, 10);
         return;
     }
+    if let Some(i) = args.iter().position(|a| a == "--sync-only") {
+        // One full sync of N x M and one-endpoint changes, without the `nft -f` comparison
+        // (for before/after comparisons of the netlink backend).
+        let n: u32 = args
+            .get(i + 1)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(10_000);
+        let m: u32 = args.get(i + 2).and_then(|a| a.parse().ok()).unwrap_or(10);
+        println!("\n## {n} Services x {m} endpoints");
+        one_change_at(n, m, false);
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--compute-only") {
         // Compute of a full sync without the kernel (for profiling): store → transaction.
         let n: u32 = args

@@ -386,33 +386,62 @@ impl Value {
     }
 }
 
-/// An interface name (at most 15 bytes, no NUL), as matched by `iifname`.
+/// An interface name (at most 15 bytes, no NUL), as matched by `iifname`, or a name prefix
+/// (`"veth*"`, nft's wildcard: every interface whose name starts with it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct IfName {
     bytes: [u8; 16],
+    prefix: bool,
 }
 
 impl IfName {
     /// Validates an interface name.
     pub fn new(name: &str) -> Option<Self> {
         let b = name.as_bytes();
-        if b.is_empty() || b.len() > 15 || b.contains(&0) || b.contains(&b'"') {
+        if b.is_empty() || b.len() > 15 || b.contains(&0) || b.contains(&b'"') || b.contains(&b'*')
+        {
             return None;
         }
         let mut bytes = [0u8; 16];
         bytes[..b.len()].copy_from_slice(b);
-        Some(Self { bytes })
+        Some(Self {
+            bytes,
+            prefix: false,
+        })
     }
 
-    /// The name.
+    /// Validates an interface name prefix: it matches every name that starts with it.
+    pub fn prefix(prefix: &str) -> Option<Self> {
+        Self::new(prefix).map(|n| Self { prefix: true, ..n })
+    }
+
+    /// Reads nft's spelling: `"eth0"`, or `"veth*"` for a prefix.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.strip_suffix('*') {
+            Some(p) => Self::prefix(p),
+            None => Self::new(s),
+        }
+    }
+
+    /// The name (without the `*` of a prefix).
     pub fn as_str(&self) -> &str {
         let end = self.bytes.iter().position(|&c| c == 0).unwrap_or(16);
         std::str::from_utf8(&self.bytes[..end]).unwrap_or("")
     }
 
-    /// The 16 NUL-padded bytes the kernel compares.
-    pub fn bytes(&self) -> [u8; 16] {
-        self.bytes
+    /// Whether this is a prefix.
+    pub fn is_prefix(&self) -> bool {
+        self.prefix
+    }
+
+    /// The bytes the kernel compares: the 16 NUL-padded bytes of a name, or only the bytes of
+    /// a prefix (so the comparison ignores the rest of the name).
+    pub fn bytes(&self) -> Vec<u8> {
+        if self.prefix {
+            self.as_str().as_bytes().to_vec()
+        } else {
+            self.bytes.to_vec()
+        }
     }
 }
 

@@ -511,7 +511,7 @@ fn matcher(m: &J) -> Result<Stmt, JsonError> {
         Value::IfName(
             right
                 .as_str()
-                .and_then(IfName::new)
+                .and_then(IfName::parse)
                 .ok_or_else(|| JsonError("bad ifname".into()))?,
         )
     } else {

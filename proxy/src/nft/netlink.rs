@@ -1,13 +1,21 @@
 //! The netlink backend: every transaction is ONE nfnetlink batch (begin … end) sent with one
-//! `sendmsg`, so the kernel applies it atomically or not at all.
+//! `sendto`, so the kernel applies it atomically or not at all.
+//!
+//! Built on the `nftnl` crate (the batch, tables and chains to delete, rules) and the `mnl`
+//! crate (the socket, and [`mnl::cb_run`] to tell acknowledgements from errors); what they
+//! lack (sets of every shape, elements, expressions without a type in `nftnl`, comments on
+//! tables and chains, parsing dumped elements) is in [`sys`], on `nftnl-sys`.
 //!
 //! - Elements are packed many per `NEWSETELEM` message (never zero), each message kept well
 //!   under the 64 KiB netlink attribute limit.
+//! - The batch is written into one buffer sized for it (an `nftnl` batch page as large as the
+//!   estimate; a batch that outgrows it is joined into one buffer), and sent in one piece: a
+//!   batch split over several sends would be aborted by the kernel at the first one's end.
 //! - The socket buffers are sized for the batch (`SO_SNDBUFFORCE`, falling back to
-//!   `SO_SNDBUF`; `SO_RCVBUFFORCE` for the replies).
-//! - Only the last message asks for an ACK; the kernel reports every failing message with an
-//!   error carrying its sequence number, which maps back to the command. Any error means the
-//!   kernel rolled the whole batch back.
+//!   `SO_SNDBUF`; `SO_RCVBUFFORCE` for the replies, one per message in the worst case).
+//! - Every message asks for an acknowledgement (as `nftnl`'s own objects do); the kernel
+//!   answers each with an ACK or an error carrying its sequence number, which maps back to
+//!   the command. Any error means the kernel rolled the whole batch back.
 //!
 //! Expressions supported: payload (ip/ip6 saddr/daddr, th/tcp/udp sport/dport), meta
 //! (l4proto, mark, iifname, oifname; mark set), ct (state, status, original ip/ip6
@@ -35,7 +43,10 @@ mod sys;
 use std::io;
 use std::path::Path;
 
+use nftnl::{MsgType, NlMsg, ProtoFamily};
+
 use self::encode::{ElemDesc, nfproto};
+use self::sys::{AlignedBuf, ChainMsg, ElemsMsg, SetMsg, TableMsg};
 use super::ir::{Family, Key, MapData, SetSpec, TableId};
 use super::transaction::{Command, Transaction};
 use super::{ApplyError, Backend, ElementCounter, ListedElement, short};
@@ -43,7 +54,8 @@ use super::{ApplyError, Backend, ElementCounter, ListedElement, short};
 /// Estimated bytes of elements per message (the attribute nest limit is 64 KiB).
 pub const ELEMS_PER_MSG_BYTES: usize = 32 * 1024;
 
-const NFNL_SUBSYS_NFTABLES: u16 = libc::NFNL_SUBSYS_NFTABLES as u16;
+/// The receive buffer: larger than any datagram the kernel sends us.
+const RECV_BYTES: usize = 256 * 1024;
 
 /// Moves the calling thread into a network namespace given by path (e.g.
 /// `/run/netns/NAME`). Open the [`Netlink`] backend afterwards, from the same thread.
@@ -56,7 +68,13 @@ pub fn enter_netns(path: &Path) -> io::Result<()> {
 #[derive(Debug)]
 pub struct Netlink {
     sock: sys::Socket,
+    /// Sequence numbers of requests outside batches (dumps, lookups). Batches number their
+    /// messages from 1 (`nftnl::Batch`); these start in the upper half, so that a late reply
+    /// to one can never pass for the other.
     seq: u32,
+    rbuf: AlignedBuf,
+    /// The batch's page size, if not estimated from the transaction.
+    page_size: Option<u32>,
 }
 
 impl Netlink {
@@ -69,104 +87,79 @@ impl Netlink {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs() as u32);
-        Ok(Self { sock, seq: seed })
+        Ok(Self {
+            sock,
+            seq: seed | 0x8000_0000,
+            rbuf: AlignedBuf::with_len(RECV_BYTES),
+            page_size: None,
+        })
+    }
+
+    /// Builds batches in pages of `bytes` instead of one page as large as the transaction's
+    /// estimate (for tests: a batch that spans pages is still sent whole).
+    pub fn with_batch_page_size(mut self, bytes: u32) -> Self {
+        self.page_size = Some(bytes.max(4096));
+        self
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1) | 0x8000_0000;
+        self.seq
+    }
+
+    /// Discards replies left over from an earlier request that failed half-way.
+    fn drain(&mut self) -> Result<(), ApplyError> {
+        while self.sock.recv(&mut self.rbuf, 0).map_err(nl("recv"))? > 0 {}
+        Ok(())
     }
 }
 
-fn put_attr(out: &mut Vec<u8>, ty: u16, payload: &[u8]) {
-    out.extend(((4 + payload.len()) as u16).to_ne_bytes());
-    out.extend(ty.to_ne_bytes());
-    out.extend(payload);
-    out.resize(out.len().div_ceil(4) * 4, 0);
+fn nl(step: &'static str) -> impl Fn(io::Error) -> ApplyError {
+    move |source| ApplyError::Netlink { step, source }
 }
 
-fn str_attr(out: &mut Vec<u8>, ty: u16, s: &str) {
-    let mut b = s.as_bytes().to_vec();
-    b.push(0);
-    put_attr(out, ty, &b);
-}
-
-/// A message built without libnftnl: header, nfgenmsg, attributes.
-fn raw_msg(
-    out: &mut Vec<u8>,
-    ty: u16,
-    flags: u16,
-    seq: u32,
-    family: u8,
-    res_id: u16,
-    attrs: &[u8],
-) {
-    let len = 16 + 4 + attrs.len();
-    out.extend((len as u32).to_ne_bytes());
-    out.extend(ty.to_ne_bytes());
-    out.extend(flags.to_ne_bytes());
-    out.extend(seq.to_ne_bytes());
-    out.extend(0u32.to_ne_bytes());
-    out.extend([family, 0]); // nfgen_family, version NFNETLINK_V0
-    out.extend(res_id.to_be_bytes());
-    out.extend(attrs);
-}
-
-fn nft_msg(out: &mut Vec<u8>, msg: i32, flags: u16, seq: u32, family: u16, names: &[(u16, &str)]) {
-    let mut attrs = Vec::new();
-    for (ty, s) in names {
-        str_attr(&mut attrs, *ty, s);
+fn proto_family(f: Family) -> ProtoFamily {
+    match f {
+        Family::Ip => ProtoFamily::Ipv4,
+        Family::Ip6 => ProtoFamily::Ipv6,
+        Family::Inet => ProtoFamily::Inet,
     }
-    let ty = (NFNL_SUBSYS_NFTABLES << 8) | msg as u16;
-    raw_msg(
-        out,
-        ty,
-        flags | libc::NLM_F_REQUEST as u16,
-        seq,
-        family as u8,
-        0,
-        &attrs,
-    );
 }
 
-/// The batch being built: bytes, and which command each sequence number belongs to.
+fn cname(s: &str) -> Result<std::ffi::CString, String> {
+    std::ffi::CString::new(s).map_err(|_| format!("NUL byte in {s:?}"))
+}
+
+/// The batch being built, and which command each sequence number belongs to.
 struct Batch {
-    buf: Vec<u8>,
-    seq: u32,
+    batch: nftnl::Batch,
+    /// `(sequence number, command index)`, ascending.
     owners: Vec<(u32, usize)>,
-    last_msg: Option<usize>,
     set_ids: u32,
 }
 
 impl Batch {
-    fn next(&mut self, cmd: usize) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        self.owners.push((self.seq, cmd));
-        self.last_msg = Some(self.buf.len());
-        self.seq
+    /// Adds one message for command `cmd`, noting its sequence number.
+    fn add(&mut self, cmd: usize, msg: &impl NlMsg, ty: MsgType) {
+        let seq = std::cell::Cell::new(0);
+        self.batch.add(&sys::Noted { msg, seq: &seq }, ty);
+        self.owners.push((seq.get(), cmd));
     }
 }
 
-const REQ: u16 = libc::NLM_F_REQUEST as u16;
-const CREATE: u16 = libc::NLM_F_CREATE as u16;
-
 fn encode_command(b: &mut Batch, i: usize, c: &Command) -> Result<(), String> {
-    let fam = nfproto(c.table().family);
-    let tname = c.table().name.as_str();
+    let id = c.table();
+    let fam = nfproto(id.family);
+    let tname = id.name.as_str();
+    // nftnl's objects, for the commands they express fully.
+    let table = || cname(tname).map(|n| nftnl::Table::new(n, proto_family(id.family)));
     match c {
         Command::AddTable { comment, .. } => {
-            let seq = b.next(i);
             let ud = encode::comment_udata(comment);
-            sys::table_msg(&mut b.buf, seq, REQ | CREATE, fam, tname, ud.as_deref())?;
+            b.add(i, &TableMsg::new(fam, tname, ud.as_deref())?, MsgType::Add);
         }
-        Command::DeleteTable { .. } => {
-            let seq = b.next(i);
-            nft_msg(
-                &mut b.buf,
-                libc::NFT_MSG_DELTABLE,
-                0,
-                seq,
-                fam,
-                &[(1, tname)],
-            );
-        }
+        Command::DeleteTable { .. } => b.add(i, &table()?, MsgType::Del),
         Command::AddChain { chain, spec, .. } => {
-            let seq = b.next(i);
             let base = spec.base.map(|x| {
                 (
                     encode::hooknum(x.hook),
@@ -176,123 +169,76 @@ fn encode_command(b: &mut Batch, i: usize, c: &Command) -> Result<(), String> {
                 )
             });
             let ud = encode::comment_udata(&spec.comment);
-            sys::chain_msg(
-                &mut b.buf,
-                seq,
-                REQ | CREATE,
-                fam,
-                tname,
-                chain,
-                base,
-                ud.as_deref(),
-            )?;
+            let msg = ChainMsg::new(fam, tname, chain, base, ud.as_deref())?;
+            b.add(i, &msg, MsgType::Add);
         }
         Command::FlushChain { chain, .. } => {
-            let seq = b.next(i);
-            let names = [(1, tname), (2, chain.as_str())];
-            nft_msg(&mut b.buf, libc::NFT_MSG_DELRULE, 0, seq, fam, &names);
+            // DELRULE naming only the chain: every rule of it.
+            let t = table()?;
+            let ch = nftnl::Chain::new(cname(chain)?, &t);
+            b.add(i, &nftnl::Rule::new(&ch), MsgType::Del);
         }
         Command::DeleteChain { chain, .. } => {
-            let seq = b.next(i);
-            let names = [(1, tname), (3, chain.as_str())];
-            nft_msg(&mut b.buf, libc::NFT_MSG_DELCHAIN, 0, seq, fam, &names);
+            let t = table()?;
+            b.add(i, &nftnl::Chain::new(cname(chain)?, &t), MsgType::Del);
         }
         Command::AddSet { set, spec, .. } => {
-            let seq = b.next(i);
             b.set_ids += 1;
             let d = encode::set_desc(spec);
-            sys::set_msg(
-                &mut b.buf,
-                seq,
-                REQ | CREATE,
-                fam,
-                tname,
-                set,
-                b.set_ids,
-                &d,
-            )?;
+            let msg = SetMsg::new(fam, tname, set, b.set_ids, &d)?;
+            b.add(i, &msg, MsgType::Add);
         }
         Command::FlushSet { set, .. } => {
-            let seq = b.next(i);
-            let names = [(1, tname), (2, set.as_str())];
-            nft_msg(&mut b.buf, libc::NFT_MSG_DELSETELEM, 0, seq, fam, &names);
+            // DELSETELEM without elements: every element.
+            b.add(i, &ElemsMsg::new(fam, tname, set, &[])?, MsgType::Del);
         }
         Command::DeleteSet { set, .. } => {
-            let seq = b.next(i);
-            let names = [(1, tname), (2, set.as_str())];
-            nft_msg(&mut b.buf, libc::NFT_MSG_DELSET, 0, seq, fam, &names);
+            b.add(i, &SetMsg::delete(fam, tname, set)?, MsgType::Del);
         }
         Command::AddElements { set, elements, .. } => {
             if elements.is_empty() {
                 return Err("empty element list".into());
             }
             let groups = elements.iter().map(|(k, e)| encode::elem_descs(k, e));
-            let flags = REQ | CREATE | libc::NLM_F_EXCL as u16;
-            pack_elems(
-                b,
-                i,
-                libc::NFT_MSG_NEWSETELEM as u16,
-                flags,
-                fam,
-                tname,
-                set,
-                groups,
-            )?;
+            pack_elems(groups, |chunk| {
+                b.add(i, &ElemsMsg::new(fam, tname, set, chunk)?, MsgType::Add);
+                Ok(())
+            })?;
         }
         Command::DeleteElements { set, keys, .. } => {
             if keys.is_empty() {
                 return Err("empty element list".into());
             }
             let groups = keys.iter().map(|k| encode::elem_key_descs(k));
-            pack_elems(
-                b,
-                i,
-                libc::NFT_MSG_DELSETELEM as u16,
-                REQ,
-                fam,
-                tname,
-                set,
-                groups,
-            )?;
+            pack_elems(groups, |chunk| {
+                b.add(i, &ElemsMsg::new(fam, tname, set, chunk)?, MsgType::Del);
+                Ok(())
+            })?;
         }
         Command::AddRule { chain, rule, .. } => {
-            let seq = b.next(i);
-            let insns = encode::rule_insns(c.table().family, rule);
-            let ud = encode::comment_udata(&rule.comment);
-            let flags = REQ | CREATE | libc::NLM_F_APPEND as u16;
-            sys::rule_msg(
-                &mut b.buf,
-                seq,
-                flags,
-                fam,
-                tname,
-                chain,
-                &insns,
-                ud.as_deref(),
-            )?;
+            let insns = encode::rule_insns(id.family, rule);
+            let t = table()?;
+            let ch = nftnl::Chain::new(cname(chain)?, &t);
+            let r = sys::rule(&ch, &insns, rule.comment.as_deref())?;
+            b.add(i, &r, MsgType::Add);
         }
     }
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Packs element groups (an element and, for an interval, its end) into chunks of about
+/// [`ELEMS_PER_MSG_BYTES`], never splitting a group, and hands each non-empty chunk to
+/// `emit`.
 fn pack_elems(
-    b: &mut Batch,
-    i: usize,
-    msg: u16,
-    flags: u16,
-    fam: u16,
-    table: &str,
-    set: &str,
     groups: impl Iterator<Item = Vec<ElemDesc>>,
+    mut emit: impl FnMut(&[ElemDesc]) -> Result<(), String>,
 ) -> Result<(), String> {
     let mut chunk: Vec<ElemDesc> = Vec::new();
     let mut size = 0;
     for g in groups {
         let gsize: usize = g.iter().map(ElemDesc::size_bound).sum();
         if !chunk.is_empty() && size + gsize > ELEMS_PER_MSG_BYTES {
-            let seq = b.next(i);
-            sys::elems_msg(&mut b.buf, msg, seq, flags, fam, table, set, &chunk)?;
+            emit(&chunk)?;
             chunk.clear();
             size = 0;
         }
@@ -300,40 +246,22 @@ fn pack_elems(
         chunk.extend(g);
     }
     if !chunk.is_empty() {
-        let seq = b.next(i);
-        sys::elems_msg(&mut b.buf, msg, seq, flags, fam, table, set, &chunk)?;
+        emit(&chunk)?;
     }
     Ok(())
 }
 
-fn batch_marker(out: &mut Vec<u8>, ty: i32, seq: u32) {
-    raw_msg(
-        out,
-        ty as u16,
-        REQ,
-        seq,
-        libc::AF_UNSPEC as u8,
-        NFNL_SUBSYS_NFTABLES,
-        &[],
-    );
-}
-
-/// Replies parsed from the socket: `(seq, errno)`, errno 0 for an ACK.
-fn parse_replies(buf: &[u8], out: &mut Vec<(u32, i32)>) {
-    let mut off = 0;
-    while off + 16 <= buf.len() {
-        let u32_at = |o: usize| u32::from_ne_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
-        let len = u32_at(off) as usize;
-        let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-        let seq = u32_at(off + 8);
-        if len < 16 || off + len > buf.len() {
-            break;
-        }
-        if ty == libc::NLMSG_ERROR as u16 && len >= 20 {
-            out.push((seq, -(u32_at(off + 16) as i32)));
-        }
-        off += len.div_ceil(4) * 4;
-    }
+/// A generous estimate of the batch's size, for its buffer (only what is written is touched,
+/// so too much costs address space, not memory).
+fn estimated_bytes(tx: &Transaction) -> usize {
+    tx.commands
+        .iter()
+        .map(|c| match c {
+            Command::AddElements { elements, .. } => 2048 + elements.len() * 256,
+            Command::DeleteElements { keys, .. } => 2048 + keys.len() * 256,
+            _ => 2048,
+        })
+        .sum()
 }
 
 impl Backend for Netlink {
@@ -341,60 +269,89 @@ impl Backend for Netlink {
         if tx.is_empty() {
             return Ok(());
         }
-        let begin = self.seq.wrapping_add(1);
+        let page = self.page_size.unwrap_or_else(|| {
+            let bytes = estimated_bytes(tx).clamp(
+                nftnl::default_batch_page_size() as usize,
+                1 << 30, // nftnl's page size is a u32 (with a page of room on top)
+            );
+            bytes as u32
+        });
         let mut b = Batch {
-            buf: Vec::new(),
-            seq: begin,
-            owners: vec![],
-            last_msg: None,
+            batch: nftnl::Batch::with_page_size(page),
+            owners: Vec::new(),
             set_ids: 0,
         };
-        batch_marker(&mut b.buf, libc::NFNL_MSG_BATCH_BEGIN, begin);
         for (i, c) in tx.commands.iter().enumerate() {
             encode_command(&mut b, i, c).map_err(|r| ApplyError::invalid(i, c, r))?;
         }
-        // Ask for an ACK on the last message only: errors are reported regardless.
-        let last = b
-            .last_msg
-            .expect("a non-empty transaction encodes at least one message");
-        let fl = u16::from_ne_bytes([b.buf[last + 6], b.buf[last + 7]]) | libc::NLM_F_ACK as u16;
-        b.buf[last + 6..last + 8].copy_from_slice(&fl.to_ne_bytes());
-        let last_seq = b.seq;
-        let end = b.seq.wrapping_add(1);
-        batch_marker(&mut b.buf, libc::NFNL_MSG_BATCH_END, end);
-        self.seq = end;
+        let Batch { batch, owners, .. } = b;
+        let batch = batch.finalize();
+        let seqs = batch.sequence_numbers();
+        let pages: Vec<&[u8]> = batch.iter().collect();
+        let joined;
+        let bytes: &[u8] = match pages.as_slice() {
+            [one] => one,
+            more => {
+                joined = more.concat();
+                &joined
+            }
+        };
 
-        let nl = |step| move |e| ApplyError::Netlink { step, source: e };
+        self.drain()?;
         self.sock
-            .set_sndbuf(b.buf.len() + 64 * 1024)
+            .set_sndbuf(bytes.len() + 64 * 1024)
             .map_err(nl("setsockopt(SO_SNDBUF)"))?;
-        // Worst case every message fails: room for one small error skb per message.
-        let rcv = (b.owners.len() * 1024).clamp(1 << 20, 256 << 20);
+        // Worst case every message fails: room for one small reply skb per message.
+        let rcv = ((owners.len() + 2) * 1024).clamp(1 << 20, 256 << 20);
         self.sock
             .set_rcvbuf(rcv)
             .map_err(nl("setsockopt(SO_RCVBUF)"))?;
-        self.sock.send(&b.buf).map_err(nl("sendmsg"))?;
+        let sent = self.sock.mnl().send(bytes).map_err(nl("sendto"))?;
+        if sent != bytes.len() {
+            return Err(ApplyError::Netlink {
+                step: "sendto",
+                source: io::Error::other(format!("short send: {sent} of {} bytes", bytes.len())),
+            });
+        }
 
-        let mut replies = Vec::new();
-        let mut rbuf = vec![0u8; 256 * 1024];
+        // The kernel handles the batch inside the send, so every reply is queued by now.
+        let portid = self.sock.mnl().portid();
+        let mut first_err: Option<(u32, i32)> = None;
+        let mut acked = std::collections::HashSet::new();
         loop {
-            let n = self.sock.recv_nonblocking(&mut rbuf).map_err(nl("recv"))?;
+            let n = self.sock.recv(&mut self.rbuf, 0).map_err(nl("recv"))?;
             if n == 0 {
                 break;
             }
-            parse_replies(&rbuf[..n], &mut replies);
-        }
-        let cmd_of = |seq: u32| b.owners.iter().find(|(s, _)| *s == seq).map(|(_, i)| *i);
-        let mut first_err: Option<(u32, i32)> = None;
-        for &(seq, errno) in &replies {
-            let in_batch = seq.wrapping_sub(begin) <= end.wrapping_sub(begin);
-            if errno != 0 && in_batch && first_err.is_none_or(|(s, _)| seq < s) {
-                first_err = Some((seq, errno));
+            for msg in mnl::NlMessages::new(&self.rbuf.bytes_mut()[..n]) {
+                let msg = msg.map_err(nl("recv"))?;
+                let Some(seq) = sys::header(msg).map(|h| h.nlmsg_seq) else {
+                    continue;
+                };
+                if !seqs.contains(&seq) {
+                    continue; // not ours (a late reply to an earlier request)
+                }
+                match mnl::cb_run(msg, seq, portid) {
+                    Ok(mnl::CbResult::Stop) => {
+                        acked.insert(seq);
+                    }
+                    Ok(mnl::CbResult::Ok) => {}
+                    Err(e) => {
+                        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                        if first_err.is_none_or(|(s, _)| seq < s) {
+                            first_err = Some((seq, errno));
+                        }
+                    }
+                }
             }
         }
         if let Some((seq, errno)) = first_err {
             let source = io::Error::from_raw_os_error(errno);
-            return Err(match cmd_of(seq) {
+            let owner = owners
+                .binary_search_by_key(&seq, |&(s, _)| s)
+                .ok()
+                .map(|k| owners[k].1);
+            return Err(match owner {
                 Some(i) => ApplyError::Kernel {
                     index: i,
                     command: short(&tx.commands[i]),
@@ -403,7 +360,8 @@ impl Backend for Netlink {
                 None => ApplyError::Batch(source),
             });
         }
-        if !replies.iter().any(|&(s, e)| s == last_seq && e == 0) {
+        let last = owners.last().map(|&(s, _)| s);
+        if !last.is_some_and(|s| acked.contains(&s)) {
             return Err(ApplyError::Netlink {
                 step: "ack",
                 source: io::Error::other("no acknowledgement for the batch's last message"),
@@ -486,105 +444,55 @@ struct ElementDump {
     interrupted: bool,
 }
 
-const NLM_F_DUMP: u16 = 0x300;
-const NLM_F_DUMP_INTR: u16 = 0x10;
-const NLA_TYPE_MASK: u16 = 0x3fff;
+const NLM_F_DUMP_INTR: u16 = libc::NLM_F_DUMP_INTR as u16;
 
-/// Netlink attributes in `buf`: `(type without flags, payload)`.
-fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut off = 0;
-    std::iter::from_fn(move || {
-        if off + 4 > buf.len() {
-            return None;
-        }
-        let len = u16::from_ne_bytes([buf[off], buf[off + 1]]) as usize;
-        let ty = u16::from_ne_bytes([buf[off + 2], buf[off + 3]]) & NLA_TYPE_MASK;
-        if len < 4 || off + len > buf.len() {
-            return None;
-        }
-        let payload = &buf[off + 4..off + len];
-        off += len.div_ceil(4) * 4;
-        Some((ty, payload))
-    })
+/// Data messages of a reply, as [`Netlink::replies`] hands them over.
+#[derive(Debug, Default)]
+struct Parsed {
+    /// Elements parsed (when asked for).
+    elements: Vec<DumpedElement>,
+    /// Tables parsed, as (family number, name) (when asked for).
+    tables: Vec<(u32, String)>,
+    /// Data messages seen.
+    messages: usize,
+    /// The first message libnftnl could not parse.
+    error: Option<io::Error>,
 }
 
-fn attr(buf: &[u8], ty: u16) -> Option<&[u8]> {
-    attrs(buf).find(|(t, _)| *t == ty).map(|(_, p)| p)
+/// [`mnl::cb_run2`] callback: counts a data message.
+fn count_message(_: &libc::nlmsghdr, p: &mut Parsed) -> libc::c_int {
+    p.messages += 1;
+    mnl::mnl_sys::MNL_CB_OK
 }
 
-/// The messages of one received datagram that answer `seq`: `(type, flags, message)`.
-fn messages(buf: &[u8], seq: u32) -> impl Iterator<Item = (u16, u16, &[u8])> {
-    let mut off = 0;
-    std::iter::from_fn(move || {
-        loop {
-            if off + 16 > buf.len() {
-                return None;
-            }
-            let u32_at =
-                |o: usize| u32::from_ne_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
-            let len = u32_at(off) as usize;
-            if len < 16 || off + len > buf.len() {
-                return None;
-            }
-            let msg = &buf[off..off + len];
-            off += len.div_ceil(4) * 4;
-            if u32_at(off - len.div_ceil(4) * 4 + 8) == seq {
-                let ty = u16::from_ne_bytes([msg[4], msg[5]]);
-                let flags = u16::from_ne_bytes([msg[6], msg[7]]);
-                return Some((ty, flags, msg));
-            }
-        }
-    })
-}
-
-/// The errno of an `NLMSG_ERROR` message (0 for an acknowledgement).
-fn error_of(msg: &[u8]) -> i32 {
-    match msg.get(16..20) {
-        Some(e) => -i32::from_ne_bytes([e[0], e[1], e[2], e[3]]),
-        None => 0,
+/// [`mnl::cb_run2`] callback: the elements of a `NEWSETELEM` message, parsed by libnftnl.
+fn parse_elements(nlh: &libc::nlmsghdr, p: &mut Parsed) -> libc::c_int {
+    p.messages += 1;
+    if let Err(e) = sys::parse_elements(nlh, &mut p.elements) {
+        p.error.get_or_insert(e);
     }
+    mnl::mnl_sys::MNL_CB_OK
 }
 
-/// `NFTA_SET_ELEM_LIST_ELEMENTS` of one NEWSETELEM message (after nlmsghdr and nfgenmsg).
-fn dumped_elements(payload: &[u8], out: &mut Vec<DumpedElement>) {
-    let value = |nest: Option<&[u8]>| nest.and_then(|n| attr(n, 1)).map(<[u8]>::to_vec);
-    let Some(list) = attr(payload, 3) else { return };
-    for (_, e) in attrs(list) {
-        let flags = attr(e, 3)
-            .and_then(|f| <[u8; 4]>::try_from(f).ok())
-            .map_or(0, u32::from_be_bytes);
-        // NFTA_SET_ELEM_EXPR (one expression), or NFTA_SET_ELEM_EXPRESSIONS (a list).
-        let exprs = attr(e, 7).into_iter().chain(
-            attr(e, 11)
-                .into_iter()
-                .flat_map(|l| attrs(l).map(|(_, x)| x)),
-        );
-        out.push(DumpedElement {
-            key: value(attr(e, 1)).unwrap_or_default(),
-            key_end: value(attr(e, 10)),
-            flags,
-            data: value(attr(e, 2)),
-            counter: exprs.filter_map(counter_of).next(),
-        });
+/// [`mnl::cb_run2`] callback: the table of a `NEWTABLE` message, parsed by libnftnl.
+fn parse_table(nlh: &libc::nlmsghdr, p: &mut Parsed) -> libc::c_int {
+    p.messages += 1;
+    match sys::parse_table(nlh) {
+        Ok(t) => p.tables.push(t),
+        Err(e) => {
+            p.error.get_or_insert(e);
+        }
     }
+    mnl::mnl_sys::MNL_CB_OK
 }
 
-/// The values of a `counter` expression (`NFTA_EXPR_NAME` "counter", `NFTA_EXPR_DATA` with
-/// `NFTA_COUNTER_BYTES` and `NFTA_COUNTER_PACKETS`, big endian); `None` for other expressions.
-fn counter_of(expr: &[u8]) -> Option<ElementCounter> {
-    if attr(expr, 1)? != b"counter\0" {
-        return None;
-    }
-    let data = attr(expr, 2)?;
-    let u64_of = |ty| {
-        attr(data, ty)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map(u64::from_be_bytes)
-    };
-    Some(ElementCounter {
-        packets: u64_of(2)?,
-        bytes: u64_of(1)?,
-    })
+/// How the replies to a request outside a batch ended.
+#[derive(Debug, Default)]
+struct Ended {
+    /// The error the kernel answered with (`None`: an ACK or `NLMSG_DONE`).
+    errno: Option<i32>,
+    /// A message was flagged `NLM_F_DUMP_INTR`: the ruleset changed during the dump.
+    interrupted: bool,
 }
 
 impl Netlink {
@@ -633,52 +541,143 @@ impl Netlink {
 
     /// One `GETSETELEM` dump, as the kernel sent it (see [`Netlink::dump_elements`]).
     fn dump_once(&mut self, table: &TableId, set: &str) -> Result<ElementDump, ApplyError> {
-        let nl = |step| move |e| ApplyError::Netlink { step, source: e };
-        self.seq = self.seq.wrapping_add(1);
-        let seq = self.seq;
-        let mut req = Vec::new();
-        let names = [(1, table.name.as_str()), (2, set)];
-        nft_msg(
-            &mut req,
-            libc::NFT_MSG_GETSETELEM,
-            NLM_F_DUMP | libc::NLM_F_ACK as u16,
-            seq,
-            nfproto(table.family),
-            &names,
-        );
+        let seq = self.next_seq();
+        let request = ElemsMsg::new(nfproto(table.family), &table.name, set, &[]).map_err(|r| {
+            ApplyError::Netlink {
+                step: "encode",
+                source: io::Error::other(r),
+            }
+        })?;
+        let mut buf = AlignedBuf::default();
+        let req = request.request(&mut buf, libc::NLM_F_DUMP as u16, seq);
         self.sock
             .set_rcvbuf(4 << 20)
             .map_err(nl("setsockopt(SO_RCVBUF)"))?;
-        self.sock.send(&req).map_err(nl("sendmsg"))?;
-        let mut dump = ElementDump::default();
-        let mut rbuf = vec![0u8; 256 * 1024];
+        self.sock.mnl().send(req).map_err(nl("sendto"))?;
+        let mut parsed = Parsed::default();
+        let ended = self.replies(seq, "dump", parse_elements, &mut parsed)?;
+        if let Some(errno) = ended.errno {
+            return Err(ApplyError::Netlink {
+                step: "dump",
+                source: io::Error::from_raw_os_error(errno),
+            });
+        }
+        if let Some(e) = parsed.error {
+            return Err(ApplyError::Netlink {
+                step: "decode element",
+                source: e,
+            });
+        }
+        Ok(ElementDump {
+            elements: parsed.elements,
+            interrupted: ended.interrupted,
+        })
+    }
+
+    /// Receives the replies to request `seq` until they end (an ACK, `NLMSG_DONE` or an
+    /// error: [`mnl::cb_run2`] tells them apart), handing each data message to `callback`.
+    /// Replies to other requests are skipped. A message flagged `NLM_F_DUMP_INTR` (which
+    /// `mnl` refuses) is noted and skipped: the caller retries such a dump.
+    fn replies(
+        &mut self,
+        seq: u32,
+        step: &'static str,
+        callback: mnl::Callback<Parsed>,
+        parsed: &mut Parsed,
+    ) -> Result<Ended, ApplyError> {
+        let portid = self.sock.mnl().portid();
+        let mut ended = Ended::default();
         loop {
-            let n = self.sock.recv_wait(&mut rbuf, 5000).map_err(nl("recv"))?;
+            let n = self.sock.recv(&mut self.rbuf, 5000).map_err(nl("recv"))?;
             if n == 0 {
                 return Err(ApplyError::Netlink {
-                    step: "dump",
-                    source: io::Error::new(io::ErrorKind::TimedOut, "no NLMSG_DONE"),
+                    step,
+                    source: io::Error::new(io::ErrorKind::TimedOut, "no reply from the kernel"),
                 });
             }
-            for (ty, flags, msg) in messages(&rbuf[..n], seq) {
-                if flags & NLM_F_DUMP_INTR != 0 {
-                    dump.interrupted = true;
+            for msg in mnl::NlMessages::new(&self.rbuf.bytes_mut()[..n]) {
+                let msg = msg.map_err(nl("recv"))?;
+                let Some(h) = sys::header(msg) else { continue };
+                if h.nlmsg_seq != seq {
+                    continue;
                 }
-                match ty {
-                    t if t == libc::NLMSG_DONE as u16 => return Ok(dump),
-                    t if t == libc::NLMSG_ERROR as u16 => {
-                        let errno = error_of(msg);
-                        if errno != 0 {
-                            return Err(ApplyError::Netlink {
-                                step: "dump",
-                                source: io::Error::from_raw_os_error(errno),
-                            });
-                        }
+                if h.nlmsg_flags & NLM_F_DUMP_INTR != 0 {
+                    ended.interrupted = true;
+                    let last = [libc::NLMSG_DONE, libc::NLMSG_ERROR].map(|t| t as u16);
+                    if last.contains(&h.nlmsg_type) {
+                        return Ok(ended);
                     }
-                    _ => dumped_elements(&msg[20.min(msg.len())..], &mut dump.elements),
+                    continue;
+                }
+                match mnl::cb_run2(msg, seq, portid, callback, parsed) {
+                    Ok(mnl::CbResult::Stop) => return Ok(ended),
+                    Ok(mnl::CbResult::Ok) => {}
+                    Err(e) => {
+                        ended.errno = Some(e.raw_os_error().unwrap_or(libc::EIO));
+                        return Ok(ended);
+                    }
                 }
             }
         }
+    }
+}
+
+impl Netlink {
+    /// Every nftables table in this network namespace, of every family, as
+    /// `(family keyword, name)` (`("ip", "kube-proxy")`), from a `GETTABLE` dump (what
+    /// `nft list tables` reads) parsed by libnftnl. Families nft has no keyword for are named
+    /// by number. A dump interrupted by a concurrent change is retried, as nft does.
+    pub fn list_tables(&mut self) -> Result<Vec<(String, String)>, ApplyError> {
+        const ATTEMPTS: u32 = 5;
+        for _ in 0..ATTEMPTS {
+            let seq = self.next_seq();
+            let req = nftnl::table::get_tables_nlmsg(seq);
+            // The buffer is libnftnl's maximum message size; send only the message.
+            let len = sys::header(&req).map_or(req.len(), |h| h.nlmsg_len as usize);
+            self.sock
+                .mnl()
+                .send(&req[..len.min(req.len())])
+                .map_err(nl("sendto"))?;
+            let mut parsed = Parsed::default();
+            let ended = self.replies(seq, "dump", parse_table, &mut parsed)?;
+            if let Some(errno) = ended.errno {
+                return Err(ApplyError::Netlink {
+                    step: "dump",
+                    source: io::Error::from_raw_os_error(errno),
+                });
+            }
+            if let Some(e) = parsed.error {
+                return Err(ApplyError::Netlink {
+                    step: "decode table",
+                    source: e,
+                });
+            }
+            if ended.interrupted {
+                continue;
+            }
+            return Ok(parsed
+                .tables
+                .into_iter()
+                .map(|(family, name)| (family_keyword(family), name))
+                .collect());
+        }
+        Err(ApplyError::Netlink {
+            step: "dump",
+            source: io::Error::other(format!("no consistent table dump in {ATTEMPTS} attempts")),
+        })
+    }
+}
+
+/// nft's keyword for an nftables family number (`NFPROTO_*`).
+fn family_keyword(family: u32) -> String {
+    match family {
+        1 => "inet".into(),
+        2 => "ip".into(),
+        3 => "arp".into(),
+        5 => "netdev".into(),
+        7 => "bridge".into(),
+        10 => "ip6".into(),
+        other => other.to_string(),
     }
 }
 
@@ -695,15 +694,12 @@ impl Netlink {
         set: &str,
         keys: &[Key],
     ) -> Result<Vec<Key>, ApplyError> {
-        let nl = |step| move |e| ApplyError::Netlink { step, source: e };
         let fam = nfproto(table.family);
-        let msg_type = libc::NFT_MSG_GETSETELEM as u16;
-        let flags = REQ | libc::NLM_F_ACK as u16;
         self.sock
             .set_rcvbuf(4 << 20)
             .map_err(nl("setsockopt(SO_RCVBUF)"))?;
         let mut missing = Vec::new();
-        let mut rbuf = vec![0u8; 256 * 1024];
+        let mut buf = AlignedBuf::default();
         let mut rest = keys;
         while !rest.is_empty() {
             let chunk = &rest[..rest.len().min(256)];
@@ -711,47 +707,24 @@ impl Netlink {
                 .iter()
                 .filter_map(|k| encode::elem_key_descs(k).into_iter().next())
                 .collect();
-            self.seq = self.seq.wrapping_add(1);
-            let seq = self.seq;
-            let mut req = Vec::new();
-            sys::elems_msg(
-                &mut req,
-                msg_type,
-                seq,
-                flags,
-                fam,
-                &table.name,
-                set,
-                &descs,
-            )
-            .map_err(|r| ApplyError::Netlink {
-                step: "encode",
-                source: io::Error::other(r),
-            })?;
-            self.sock.send(&req).map_err(nl("sendmsg"))?;
-            let mut found = 0;
-            let errno = 'reply: loop {
-                let n = self.sock.recv_wait(&mut rbuf, 5000).map_err(nl("recv"))?;
-                if n == 0 {
-                    return Err(ApplyError::Netlink {
-                        step: "get element",
-                        source: io::Error::new(io::ErrorKind::TimedOut, "no acknowledgement"),
-                    });
-                }
-                for (ty, _, msg) in messages(&rbuf[..n], seq) {
-                    if ty == libc::NLMSG_ERROR as u16 {
-                        break 'reply error_of(msg);
-                    }
-                    found += 1;
-                }
-            };
-            match errno {
-                0 => rest = &rest[chunk.len()..],
-                libc::ENOENT if found < chunk.len() => {
+            let seq = self.next_seq();
+            let request =
+                ElemsMsg::new(fam, &table.name, set, &descs).map_err(|r| ApplyError::Netlink {
+                    step: "encode",
+                    source: io::Error::other(r),
+                })?;
+            let req = request.request(&mut buf, 0, seq);
+            self.sock.mnl().send(req).map_err(nl("sendto"))?;
+            let mut parsed = Parsed::default();
+            let ended = self.replies(seq, "get element", count_message, &mut parsed)?;
+            let found = parsed.messages;
+            match ended.errno {
+                None => rest = &rest[chunk.len()..],
+                Some(libc::ENOENT) if found < chunk.len() => {
                     missing.push(chunk[found].clone());
                     rest = &rest[found + 1..];
                 }
-                e => {
+                Some(e) => {
                     return Err(ApplyError::Netlink {
                         step: "get element",
                         source: io::Error::from_raw_os_error(e),
@@ -760,5 +733,38 @@ impl Netlink {
             }
         }
         Ok(missing)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nft::ir::{Element, Value};
+
+    #[test]
+    fn packed_element_messages_stay_under_the_limit_and_keep_each_interval_whole() {
+        // Single-field prefixes: each is a start and an end element that must share a message.
+        let groups: Vec<Vec<ElemDesc>> = (0..5_000u32)
+            .map(|i| {
+                let net = ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(i << 8), 24)
+                    .expect("valid prefix");
+                encode::elem_descs(&[Value::Ipv4Net(net)], &Element::key_only())
+            })
+            .collect();
+        assert!(groups.iter().all(|g| g.len() == 2));
+        let mut chunks: Vec<Vec<ElemDesc>> = Vec::new();
+        pack_elems(groups.iter().cloned(), |c| {
+            chunks.push(c.to_vec());
+            Ok(())
+        })
+        .expect("packing");
+        assert!(chunks.len() > 1, "5,000 intervals need several messages");
+        for c in &chunks {
+            let bytes: usize = c.iter().map(ElemDesc::size_bound).sum();
+            assert!(bytes <= ELEMS_PER_MSG_BYTES, "{bytes} bytes in one message");
+            assert_eq!(c.len() % 2, 0, "an interval was split across messages");
+        }
+        let all: Vec<ElemDesc> = chunks.concat();
+        assert_eq!(all, groups.concat(), "every element, in order");
     }
 }

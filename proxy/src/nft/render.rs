@@ -53,7 +53,7 @@ pub fn value(v: &Value) -> String {
         Value::Port(p) => p.to_string(),
         Value::Mark(m) => format!("0x{m:08x}"),
         Value::Integer(i) => i.to_string(),
-        Value::IfName(n) => format!("\"{}\"", n.as_str()),
+        Value::IfName(n) => format!("\"{}{}\"", n.as_str(), if n.is_prefix() { "*" } else { "" }),
     }
 }
 

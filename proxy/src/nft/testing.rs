@@ -302,6 +302,19 @@ pub fn sample_ruleset() -> Ruleset {
                     Stmt::Verdict(Verdict::Drop),
                 ]),
                 Rule::new(vec![
+                    Stmt::Match {
+                        left: Expr::Meta(MetaKey::IifName),
+                        op: CmpOp::Ne,
+                        right: Value::IfName(IfName::prefix("veth").expect("fixture prefix")),
+                    },
+                    Stmt::Match {
+                        left: pd(Payload::UdpDport),
+                        op: CmpOp::Eq,
+                        right: Value::Port(54),
+                    },
+                    Stmt::Verdict(Verdict::Drop),
+                ]),
+                Rule::new(vec![
                     Stmt::Lookup {
                         key: vec![pd(Payload::IpSaddr)],
                         set: "banned".into(),

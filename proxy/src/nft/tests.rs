@@ -137,6 +137,7 @@ fn rules_render_with_nft_syntax() {
         "\t\tupdate @affinity-10800 { ip saddr . ct original ip daddr . meta l4proto . ct original proto-dst : ip daddr . th dport }\n",
         "\t\tct state new th dport @blocked-ports reject\n",
         "\t\tiifname \"eth0\" udp dport 53 counter drop\n",
+        "\t\tiifname != \"veth*\" udp dport 54 drop\n",
         "\t\telements = { 192.0.2.1 timeout 1h comment \"test\" }\n",
         "\t\tfib saddr type local ip daddr 127.0.0.1 accept\n",
     ] {

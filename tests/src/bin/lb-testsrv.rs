@@ -14,6 +14,9 @@
 //!                                           `PORT <port>`, then `<i> <server>`, `<i> TIMEOUT`
 //!                                           or `<i> REFUSED` per datagram, then `DONE`
 //! ```
+//!
+//! A server named `@` answers with the address and port it serves instead of a name, so a
+//! client sees which endpoint, and which target port, its connection reached.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -54,14 +57,24 @@ fn serve(name: &str, addrs: &[String]) -> Result<(), String> {
         let a = addr(a)?;
         let tcp = TcpListener::bind(a).map_err(|e| format!("bind tcp {a}: {e}"))?;
         let udp = UdpSocket::bind(a).map_err(|e| format!("bind udp {a}: {e}"))?;
-        let n = name.to_string();
+        // `@`: answer with the address served, so a client sees which endpoint *and port*
+        // its connection reached.
+        let n = if name == "@" {
+            a.to_string()
+        } else {
+            name.to_string()
+        };
         threads.push(std::thread::spawn(move || {
             for conn in tcp.incoming().flatten() {
                 let n = n.clone();
                 std::thread::spawn(move || handle_tcp(conn, &n));
             }
         }));
-        let n = name.to_string();
+        let n = if name == "@" {
+            a.to_string()
+        } else {
+            name.to_string()
+        };
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while let Ok((_, peer)) = udp.recv_from(&mut buf) {

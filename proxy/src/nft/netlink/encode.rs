@@ -134,7 +134,7 @@ pub fn value_bytes(v: &Value) -> Vec<u8> {
         Value::Proto(p) => vec![*p],
         Value::Port(p) => p.to_be_bytes().to_vec(),
         Value::Mark(m) | Value::Integer(m) => m.to_ne_bytes().to_vec(),
-        Value::IfName(n) => n.bytes().to_vec(),
+        Value::IfName(n) => n.bytes(),
     }
 }
 
@@ -664,7 +664,7 @@ pub fn rule_insns(family: Family, r: &Rule) -> Vec<Insn> {
                         mask,
                     });
                 }
-                if left.is_ifname() {
+                if left.is_ifname() && !matches!(right, Value::IfName(n) if n.is_prefix()) {
                     data.resize(16, 0);
                 }
                 out.push(Insn::Cmp {

@@ -1,22 +1,33 @@
-//! The only module with `unsafe`: libnftnl objects serialised into netlink messages, the
-//! netfilter netlink socket, and entering a network namespace.
+//! The only module with `unsafe`: what the `nftnl` and `mnl` crates lack, on `nftnl-sys` and
+//! libc.
 //!
-//! Every libnftnl object is owned by a small RAII wrapper, built, serialised into a scratch
-//! buffer far larger than the message can be, copied out, and freed.
+//! - Our own [`nftnl::NlMsg`] objects for what `nftnl` cannot express: tables and chains with
+//!   a comment (userdata), sets of any shape (concatenations, intervals, timeouts, counters,
+//!   data and verdict maps), element lists (keys, range ends, data, verdicts, timeouts,
+//!   comments), and rule expressions as [`nftnl::expr::Expression`]s built from
+//!   [`Insn`]s: `nftnl`'s own expression types always load into and compare register 1, so
+//!   they cannot build the concatenations our rules look up (several fields in consecutive
+//!   32-bit registers), and it has no fib, numgen, dynset or reject. The rules themselves are
+//!   `nftnl::Rule`s. Each libnftnl object is owned by a small RAII wrapper and serialised by
+//!   libnftnl straight into the batch's buffer.
+//! - Parsing dumped elements with libnftnl's own parser (`nftnl_set_elems_nlmsg_parse`).
+//! - What `mnl::Socket` lacks: socket options, waiting for a reply with a timeout, `Send`.
+//! - Entering a network namespace.
 #![allow(unsafe_code)]
 
-use std::ffi::CString;
+use std::cell::Cell;
+use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
 
-use nftnl_sys as sys;
-use nftnl_sys::libc::{c_char, c_void};
+use nftnl::nftnl_sys as sys;
+use nftnl::{MsgType, NlMsg};
+use sys::libc::{c_char, c_int, c_void};
 
+use super::DumpedElement;
 use super::encode::{ElemDesc, Insn, SetDesc};
-
-/// Room for any message we build: rules are a few hundred bytes, element messages are packed
-/// to at most [`super::ELEMS_PER_MSG_BYTES`] (estimated conservatively).
-const SCRATCH: usize = 256 * 1024;
+use crate::nft::ElementCounter;
 
 fn cstr(s: &str) -> Result<CString, String> {
     CString::new(s).map_err(|_| format!("NUL byte in {s:?}"))
@@ -63,276 +74,418 @@ owned!(
     sys::nftnl_set_alloc,
     sys::nftnl_set_free
 );
-owned!(
-    Rule,
-    sys::nftnl_rule,
-    sys::nftnl_rule_alloc,
-    sys::nftnl_rule_free
-);
 
-/// Writes one message (header from libnftnl, payload from `fill`) and appends it to `out`.
-fn with_msg(
-    out: &mut Vec<u8>,
-    msg_type: u16,
+const ACK: u16 = libc::NLM_F_ACK as u16;
+const CREATE: u16 = libc::NLM_F_CREATE as u16;
+const EXCL: u16 = libc::NLM_F_EXCL as u16;
+
+/// Writes a message header at `buf` (`NLM_F_REQUEST` is added by libnftnl).
+///
+/// # Safety
+/// `buf` has room for [`nftnl::nft_nlmsg_maxsize`] bytes (the [`NlMsg`] contract).
+unsafe fn header_at(
+    buf: *mut c_void,
+    msg_type: i32,
     family: u16,
     flags: u16,
     seq: u32,
-    fill: impl FnOnce(*mut libc::nlmsghdr),
-) {
-    let mut scratch = vec![0u8; SCRATCH];
-    // SAFETY: scratch is SCRATCH bytes, enough for the header and any payload we build (see
-    // SCRATCH); the header pointer stays inside scratch for the duration of `fill`.
-    let len = unsafe {
-        let nlh = sys::nftnl_nlmsg_build_hdr(
-            scratch.as_mut_ptr() as *mut c_char,
-            msg_type,
-            family,
-            flags,
-            seq,
-        );
-        fill(nlh);
-        (*nlh).nlmsg_len as usize
-    };
-    assert!(
-        len <= SCRATCH,
-        "netlink message overflowed its scratch buffer"
-    );
-    out.extend_from_slice(&scratch[..len]);
+) -> *mut libc::nlmsghdr {
+    // SAFETY: the caller guarantees the room; the header is 20 bytes.
+    unsafe { sys::nftnl_nlmsg_build_hdr(buf.cast::<c_char>(), msg_type as u16, family, flags, seq) }
 }
 
-/// NEWTABLE.
-pub fn table_msg(
-    out: &mut Vec<u8>,
-    seq: u32,
-    flags: u16,
+/// NEWTABLE with a comment (`nftnl::Table` carries no userdata).
+pub struct TableMsg {
+    t: Table,
     family: u16,
-    name: &str,
-    udata: Option<&[u8]>,
-) -> Result<(), String> {
-    let t = Table::new()?;
-    let name = cstr(name)?;
-    // SAFETY: t.0 is a live table; strings and data are copied by libnftnl.
-    unsafe {
-        sys::nftnl_table_set_str(t.0, sys::NFTNL_TABLE_NAME as u16, name.as_ptr());
-        sys::nftnl_table_set_u32(t.0, sys::NFTNL_TABLE_FAMILY as u16, u32::from(family));
-        if let Some(u) = udata {
-            sys::nftnl_table_set_data(
-                t.0,
-                sys::NFTNL_TABLE_USERDATA as u16,
-                u.as_ptr() as *const c_void,
-                u.len() as u32,
-            );
+}
+
+// SAFETY: the libnftnl object is owned exclusively and never shared; libnftnl keeps no
+// thread-local state for it.
+unsafe impl Send for TableMsg {}
+
+impl TableMsg {
+    /// A table `name` of `family`, with optional userdata.
+    pub fn new(family: u16, name: &str, udata: Option<&[u8]>) -> Result<Self, String> {
+        let t = Table::new()?;
+        let name = cstr(name)?;
+        // SAFETY: t.0 is a live table; libnftnl copies strings and data.
+        unsafe {
+            sys::nftnl_table_set_str(t.0, sys::NFTNL_TABLE_NAME as u16, name.as_ptr());
+            sys::nftnl_table_set_u32(t.0, sys::NFTNL_TABLE_FAMILY as u16, u32::from(family));
+            if let Some(u) = udata {
+                sys::nftnl_table_set_data(
+                    t.0,
+                    sys::NFTNL_TABLE_USERDATA as u16,
+                    u.as_ptr() as *const c_void,
+                    u.len() as u32,
+                );
+            }
+        }
+        Ok(Self { t, family })
+    }
+}
+
+// SAFETY: a table message is a few hundred bytes, far below nft_nlmsg_maxsize().
+unsafe impl NlMsg for TableMsg {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        let (ty, flags) = match msg_type {
+            MsgType::Add => (libc::NFT_MSG_NEWTABLE, CREATE | ACK),
+            MsgType::Del => (libc::NFT_MSG_DELTABLE, ACK),
+        };
+        // SAFETY: the caller provides the room (NlMsg contract); self.t.0 is a live table.
+        unsafe {
+            let nlh = header_at(buf, ty, self.family, flags, seq);
+            sys::nftnl_table_nlmsg_build_payload(nlh, self.t.0);
         }
     }
-    let msg = libc::NFT_MSG_NEWTABLE as u16;
-    // SAFETY: nlh points into a scratch buffer large enough for a table message.
-    with_msg(out, msg, family, flags, seq, |nlh| unsafe {
-        sys::nftnl_table_nlmsg_build_payload(nlh, t.0)
-    });
-    Ok(())
 }
 
 /// Base chain properties: hook number, priority, type, policy.
 pub type BaseDesc<'a> = (u32, i32, &'a str, u32);
 
-/// NEWCHAIN.
-#[allow(clippy::too_many_arguments)]
-pub fn chain_msg(
-    out: &mut Vec<u8>,
-    seq: u32,
-    flags: u16,
+/// NEWCHAIN with a comment (`nftnl::Chain` carries no userdata).
+pub struct ChainMsg {
+    c: Chain,
     family: u16,
-    table: &str,
-    name: &str,
-    base: Option<BaseDesc<'_>>,
-    udata: Option<&[u8]>,
-) -> Result<(), String> {
-    let c = Chain::new()?;
-    let (table, name) = (cstr(table)?, cstr(name)?);
-    let kind = base.map(|b| cstr(b.2)).transpose()?;
-    // SAFETY: c.0 is a live chain; libnftnl copies strings and data.
-    unsafe {
-        sys::nftnl_chain_set_str(c.0, sys::NFTNL_CHAIN_TABLE as u16, table.as_ptr());
-        sys::nftnl_chain_set_str(c.0, sys::NFTNL_CHAIN_NAME as u16, name.as_ptr());
-        sys::nftnl_chain_set_u32(c.0, sys::NFTNL_CHAIN_FAMILY as u16, u32::from(family));
-        if let (Some((hook, prio, _, policy)), Some(kind)) = (base, &kind) {
-            sys::nftnl_chain_set_u32(c.0, sys::NFTNL_CHAIN_HOOKNUM as u16, hook);
-            sys::nftnl_chain_set_s32(c.0, sys::NFTNL_CHAIN_PRIO as u16, prio);
-            sys::nftnl_chain_set_str(c.0, sys::NFTNL_CHAIN_TYPE as u16, kind.as_ptr());
-            sys::nftnl_chain_set_u32(c.0, sys::NFTNL_CHAIN_POLICY as u16, policy);
-        }
-        if let Some(u) = udata {
-            sys::nftnl_chain_set_data(
-                c.0,
-                sys::NFTNL_CHAIN_USERDATA as u16,
-                u.as_ptr() as *const c_void,
-                u.len() as u32,
-            );
-        }
-    }
-    let msg = libc::NFT_MSG_NEWCHAIN as u16;
-    // SAFETY: nlh points into a scratch buffer large enough for a chain message.
-    with_msg(out, msg, family, flags, seq, |nlh| unsafe {
-        sys::nftnl_chain_nlmsg_build_payload(nlh, c.0)
-    });
-    Ok(())
 }
 
-/// NEWSET.
-#[allow(clippy::too_many_arguments)]
-pub fn set_msg(
-    out: &mut Vec<u8>,
-    seq: u32,
-    flags: u16,
-    family: u16,
-    table: &str,
-    name: &str,
-    id: u32,
-    d: &SetDesc,
-) -> Result<(), String> {
-    // libnftnl counts the field lengths up to the first zero in an array of 16.
-    if d.concat.len() >= 16 || d.concat.contains(&0) {
-        return Err(format!(
-            "interval concatenation of {} fields is not encodable",
-            d.concat.len()
-        ));
-    }
-    let s = Set::new()?;
-    let (table, name) = (cstr(table)?, cstr(name)?);
-    // SAFETY: s.0 is a live set; libnftnl copies strings and data.
-    unsafe {
-        sys::nftnl_set_set_str(s.0, sys::NFTNL_SET_TABLE as u16, table.as_ptr());
-        sys::nftnl_set_set_str(s.0, sys::NFTNL_SET_NAME as u16, name.as_ptr());
-        sys::nftnl_set_set_u32(s.0, sys::NFTNL_SET_FAMILY as u16, u32::from(family));
-        sys::nftnl_set_set_u32(s.0, sys::NFTNL_SET_ID as u16, id);
-        sys::nftnl_set_set_u32(s.0, sys::NFTNL_SET_FLAGS as u16, d.flags);
-        sys::nftnl_set_set_u32(s.0, sys::NFTNL_SET_KEY_TYPE as u16, d.key_type);
-        sys::nftnl_set_set_u32(s.0, sys::NFTNL_SET_KEY_LEN as u16, d.key_len);
-        if let Some(dt) = d.data_type {
-            sys::nftnl_set_set_u32(s.0, sys::NFTNL_SET_DATA_TYPE as u16, dt);
-            sys::nftnl_set_set_u32(s.0, sys::NFTNL_SET_DATA_LEN as u16, d.data_len);
-        }
-        if let Some(t) = d.timeout_ms {
-            sys::nftnl_set_set_u64(s.0, sys::NFTNL_SET_TIMEOUT as u16, t);
-        }
-        if !d.concat.is_empty() {
-            // Copied into a zeroed array of 16 (checked above).
-            sys::nftnl_set_set_data(
-                s.0,
-                sys::NFTNL_SET_DESC_CONCAT as u16,
-                d.concat.as_ptr() as *const c_void,
-                d.concat.len() as u32,
-            );
-        }
-        sys::nftnl_set_set_data(
-            s.0,
-            sys::NFTNL_SET_USERDATA as u16,
-            d.udata.as_ptr() as *const c_void,
-            d.udata.len() as u32,
-        );
-    }
-    if d.counter {
-        let mut e = Expr::new("counter")?;
-        // SAFETY: the set takes ownership of the expression (freed with the set, and encoded
-        // as NFTA_SET_EXPR when it is the only one); we null our pointer so Drop does not
-        // free it again.
-        unsafe { sys::nftnl_set_add_expr(s.0, e.0) };
-        e.0 = std::ptr::null_mut();
-    }
-    let msg = libc::NFT_MSG_NEWSET as u16;
-    // SAFETY: nlh points into a scratch buffer large enough for a set message.
-    with_msg(out, msg, family, flags, seq, |nlh| unsafe {
-        sys::nftnl_set_nlmsg_build_payload(nlh, s.0)
-    });
-    Ok(())
-}
+// SAFETY: as for TableMsg.
+unsafe impl Send for ChainMsg {}
 
-/// NEWSETELEM / DELSETELEM with a non-empty list of elements (the kernel rejects empty ones).
-#[allow(clippy::too_many_arguments)]
-pub fn elems_msg(
-    out: &mut Vec<u8>,
-    msg_type: u16,
-    seq: u32,
-    flags: u16,
-    family: u16,
-    table: &str,
-    set: &str,
-    elems: &[ElemDesc],
-) -> Result<(), String> {
-    if elems.is_empty() {
-        return Err("empty element list".into());
-    }
-    let s = Set::new()?;
-    let (table, set) = (cstr(table)?, cstr(set)?);
-    // SAFETY: s.0 is a live set; every element is allocated, filled (libnftnl copies the
-    // data) and handed over to the set, which frees it.
-    unsafe {
-        sys::nftnl_set_set_str(s.0, sys::NFTNL_SET_TABLE as u16, table.as_ptr());
-        sys::nftnl_set_set_str(s.0, sys::NFTNL_SET_NAME as u16, set.as_ptr());
-        sys::nftnl_set_set_u32(s.0, sys::NFTNL_SET_FAMILY as u16, u32::from(family));
-        for e in elems {
-            let el = sys::nftnl_set_elem_alloc();
-            if el.is_null() {
-                return Err("libnftnl allocation failed".into());
+impl ChainMsg {
+    /// A chain `name` in `table`: a base chain when `base` is given.
+    pub fn new(
+        family: u16,
+        table: &str,
+        name: &str,
+        base: Option<BaseDesc<'_>>,
+        udata: Option<&[u8]>,
+    ) -> Result<Self, String> {
+        let c = Chain::new()?;
+        let (table, name) = (cstr(table)?, cstr(name)?);
+        let kind = base.map(|b| cstr(b.2)).transpose()?;
+        // SAFETY: c.0 is a live chain; libnftnl copies strings and data.
+        unsafe {
+            sys::nftnl_chain_set_str(c.0, sys::NFTNL_CHAIN_TABLE as u16, table.as_ptr());
+            sys::nftnl_chain_set_str(c.0, sys::NFTNL_CHAIN_NAME as u16, name.as_ptr());
+            sys::nftnl_chain_set_u32(c.0, sys::NFTNL_CHAIN_FAMILY as u16, u32::from(family));
+            if let (Some((hook, prio, _, policy)), Some(kind)) = (base, &kind) {
+                sys::nftnl_chain_set_u32(c.0, sys::NFTNL_CHAIN_HOOKNUM as u16, hook);
+                sys::nftnl_chain_set_s32(c.0, sys::NFTNL_CHAIN_PRIO as u16, prio);
+                sys::nftnl_chain_set_str(c.0, sys::NFTNL_CHAIN_TYPE as u16, kind.as_ptr());
+                sys::nftnl_chain_set_u32(c.0, sys::NFTNL_CHAIN_POLICY as u16, policy);
             }
-            sys::nftnl_set_elem_set(
-                el,
-                sys::NFTNL_SET_ELEM_KEY as u16,
-                e.key.as_ptr() as *const c_void,
-                e.key.len() as u32,
-            );
-            if let Some(k) = &e.key_end {
-                sys::nftnl_set_elem_set(
-                    el,
-                    sys::NFTNL_SET_ELEM_KEY_END as u16,
-                    k.as_ptr() as *const c_void,
-                    k.len() as u32,
-                );
-            }
-            if e.flags != 0 {
-                sys::nftnl_set_elem_set_u32(el, sys::NFTNL_SET_ELEM_FLAGS as u16, e.flags);
-            }
-            if let Some((code, chain)) = &e.verdict {
-                sys::nftnl_set_elem_set_u32(el, sys::NFTNL_SET_ELEM_VERDICT as u16, *code as u32);
-                if let Some(c) = chain {
-                    let c = match cstr(c) {
-                        Ok(c) => c,
-                        Err(err) => {
-                            sys::nftnl_set_elem_free(el);
-                            return Err(err);
-                        }
-                    };
-                    sys::nftnl_set_elem_set_str(el, sys::NFTNL_SET_ELEM_CHAIN as u16, c.as_ptr());
-                }
-            }
-            if let Some(d) = &e.data {
-                sys::nftnl_set_elem_set(
-                    el,
-                    sys::NFTNL_SET_ELEM_DATA as u16,
-                    d.as_ptr() as *const c_void,
-                    d.len() as u32,
-                );
-            }
-            if let Some(t) = e.timeout_ms {
-                sys::nftnl_set_elem_set_u64(el, sys::NFTNL_SET_ELEM_TIMEOUT as u16, t);
-            }
-            if let Some(u) = &e.udata {
-                sys::nftnl_set_elem_set(
-                    el,
-                    sys::NFTNL_SET_ELEM_USERDATA as u16,
+            if let Some(u) = udata {
+                sys::nftnl_chain_set_data(
+                    c.0,
+                    sys::NFTNL_CHAIN_USERDATA as u16,
                     u.as_ptr() as *const c_void,
                     u.len() as u32,
                 );
             }
-            sys::nftnl_set_elem_add(s.0, el);
+        }
+        Ok(Self { c, family })
+    }
+}
+
+// SAFETY: a chain message is a few hundred bytes, far below nft_nlmsg_maxsize().
+unsafe impl NlMsg for ChainMsg {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        let (ty, flags) = match msg_type {
+            MsgType::Add => (libc::NFT_MSG_NEWCHAIN, CREATE | ACK),
+            MsgType::Del => (libc::NFT_MSG_DELCHAIN, ACK),
+        };
+        // SAFETY: the caller provides the room (NlMsg contract); self.c.0 is a live chain.
+        unsafe {
+            let nlh = header_at(buf, ty, self.family, flags, seq);
+            sys::nftnl_chain_nlmsg_build_payload(nlh, self.c.0);
         }
     }
-    // SAFETY: nlh points into a scratch buffer; the caller packs elements so that the
-    // message stays far below SCRATCH (see ElemDesc::size_bound).
-    with_msg(out, msg_type, family, flags, seq, |nlh| unsafe {
-        sys::nftnl_set_elems_nlmsg_build_payload(nlh, s.0)
-    });
-    Ok(())
+}
+
+/// A set as NEWSET (all of [`SetDesc`]) or, by name only, DELSET (`nftnl::set::Set` is typed
+/// by a single key type and has no concatenations, intervals, timeouts or expressions).
+pub struct SetMsg {
+    s: Set,
+    family: u16,
+}
+
+// SAFETY: as for TableMsg.
+unsafe impl Send for SetMsg {}
+
+impl SetMsg {
+    fn named(family: u16, table: &str, name: &str) -> Result<Self, String> {
+        let s = Set::new()?;
+        let (table, name) = (cstr(table)?, cstr(name)?);
+        // SAFETY: s.0 is a live set; libnftnl copies strings.
+        unsafe {
+            sys::nftnl_set_set_str(s.0, sys::NFTNL_SET_TABLE as u16, table.as_ptr());
+            sys::nftnl_set_set_str(s.0, sys::NFTNL_SET_NAME as u16, name.as_ptr());
+            sys::nftnl_set_set_u32(s.0, sys::NFTNL_SET_FAMILY as u16, u32::from(family));
+        }
+        Ok(Self { s, family })
+    }
+
+    /// The set to delete (names only).
+    pub fn delete(family: u16, table: &str, name: &str) -> Result<Self, String> {
+        Self::named(family, table, name)
+    }
+
+    /// The set to create: `id` names it within the batch (`NFTA_SET_ID`).
+    pub fn new(family: u16, table: &str, name: &str, id: u32, d: &SetDesc) -> Result<Self, String> {
+        // libnftnl counts the field lengths up to the first zero in an array of 16.
+        if d.concat.len() >= 16 || d.concat.contains(&0) {
+            return Err(format!(
+                "interval concatenation of {} fields is not encodable",
+                d.concat.len()
+            ));
+        }
+        let msg = Self::named(family, table, name)?;
+        let s = msg.s.0;
+        // SAFETY: s is a live set; libnftnl copies data.
+        unsafe {
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_ID as u16, id);
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_FLAGS as u16, d.flags);
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_KEY_TYPE as u16, d.key_type);
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_KEY_LEN as u16, d.key_len);
+            if let Some(dt) = d.data_type {
+                sys::nftnl_set_set_u32(s, sys::NFTNL_SET_DATA_TYPE as u16, dt);
+                sys::nftnl_set_set_u32(s, sys::NFTNL_SET_DATA_LEN as u16, d.data_len);
+            }
+            if let Some(t) = d.timeout_ms {
+                sys::nftnl_set_set_u64(s, sys::NFTNL_SET_TIMEOUT as u16, t);
+            }
+            if !d.concat.is_empty() {
+                // Copied into a zeroed array of 16 (checked above).
+                sys::nftnl_set_set_data(
+                    s,
+                    sys::NFTNL_SET_DESC_CONCAT as u16,
+                    d.concat.as_ptr() as *const c_void,
+                    d.concat.len() as u32,
+                );
+            }
+            sys::nftnl_set_set_data(
+                s,
+                sys::NFTNL_SET_USERDATA as u16,
+                d.udata.as_ptr() as *const c_void,
+                d.udata.len() as u32,
+            );
+        }
+        if d.counter {
+            let e = Expr::new("counter")?;
+            // SAFETY: the set takes ownership of the expression (freed with the set, and
+            // encoded as NFTA_SET_EXPR when it is the only one).
+            unsafe { sys::nftnl_set_add_expr(s, e.into_raw()) };
+        }
+        Ok(msg)
+    }
+}
+
+// SAFETY: a set message is well under a kilobyte (names, a few integers, userdata of a
+// comment), far below nft_nlmsg_maxsize().
+unsafe impl NlMsg for SetMsg {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        let (ty, flags) = match msg_type {
+            MsgType::Add => (libc::NFT_MSG_NEWSET, CREATE | ACK),
+            MsgType::Del => (libc::NFT_MSG_DELSET, ACK),
+        };
+        // SAFETY: the caller provides the room (NlMsg contract); self.s.0 is a live set.
+        unsafe {
+            let nlh = header_at(buf, ty, self.family, flags, seq);
+            sys::nftnl_set_nlmsg_build_payload(nlh, self.s.0);
+        }
+    }
+}
+
+/// Elements of one set: NEWSETELEM (add) or DELSETELEM (delete; with no elements, a flush),
+/// and as a request of its own, GETSETELEM ([`ElemsMsg::request`]).
+pub struct ElemsMsg {
+    s: Set,
+    family: u16,
+    size_bound: usize,
+}
+
+// SAFETY: as for TableMsg.
+unsafe impl Send for ElemsMsg {}
+
+/// The largest serialised element list we let into one message ([`ElemsMsg::new`] refuses
+/// more): the element list is one netlink attribute, whose length is 16 bits.
+const MAX_ELEMS_BYTES: usize = 60 * 1024;
+
+impl ElemsMsg {
+    /// The elements `elems` of `set`, whose [`ElemDesc::size_bound`]s must add up to at most
+    /// 60 KiB (callers pack by [`super::ELEMS_PER_MSG_BYTES`]); none for a flush or a dump.
+    pub fn new(family: u16, table: &str, set: &str, elems: &[ElemDesc]) -> Result<Self, String> {
+        let size_bound: usize = elems.iter().map(ElemDesc::size_bound).sum();
+        if size_bound > MAX_ELEMS_BYTES {
+            return Err(format!(
+                "{} elements ({size_bound} bytes) do not fit one netlink message",
+                elems.len()
+            ));
+        }
+        let s = SetMsg::named(family, table, set)?.s;
+        for e in elems {
+            // SAFETY: s.0 is a live set; every element is allocated, filled (libnftnl copies
+            // the data) and handed over to the set, which frees it.
+            unsafe {
+                let el = sys::nftnl_set_elem_alloc();
+                if el.is_null() {
+                    return Err("libnftnl allocation failed".into());
+                }
+                sys::nftnl_set_elem_add(s.0, el);
+                sys::nftnl_set_elem_set(
+                    el,
+                    sys::NFTNL_SET_ELEM_KEY as u16,
+                    e.key.as_ptr() as *const c_void,
+                    e.key.len() as u32,
+                );
+                if let Some(k) = &e.key_end {
+                    sys::nftnl_set_elem_set(
+                        el,
+                        sys::NFTNL_SET_ELEM_KEY_END as u16,
+                        k.as_ptr() as *const c_void,
+                        k.len() as u32,
+                    );
+                }
+                if e.flags != 0 {
+                    sys::nftnl_set_elem_set_u32(el, sys::NFTNL_SET_ELEM_FLAGS as u16, e.flags);
+                }
+                if let Some((code, chain)) = &e.verdict {
+                    sys::nftnl_set_elem_set_u32(
+                        el,
+                        sys::NFTNL_SET_ELEM_VERDICT as u16,
+                        *code as u32,
+                    );
+                    if let Some(c) = chain {
+                        let c = cstr(c)?;
+                        sys::nftnl_set_elem_set_str(
+                            el,
+                            sys::NFTNL_SET_ELEM_CHAIN as u16,
+                            c.as_ptr(),
+                        );
+                    }
+                }
+                if let Some(d) = &e.data {
+                    sys::nftnl_set_elem_set(
+                        el,
+                        sys::NFTNL_SET_ELEM_DATA as u16,
+                        d.as_ptr() as *const c_void,
+                        d.len() as u32,
+                    );
+                }
+                if let Some(t) = e.timeout_ms {
+                    sys::nftnl_set_elem_set_u64(el, sys::NFTNL_SET_ELEM_TIMEOUT as u16, t);
+                }
+                if let Some(u) = &e.udata {
+                    sys::nftnl_set_elem_set(
+                        el,
+                        sys::NFTNL_SET_ELEM_USERDATA as u16,
+                        u.as_ptr() as *const c_void,
+                        u.len() as u32,
+                    );
+                }
+            }
+        }
+        Ok(Self {
+            s,
+            family,
+            size_bound,
+        })
+    }
+
+    /// # Safety
+    /// `buf` has room for [`nftnl::nft_nlmsg_maxsize`] bytes.
+    unsafe fn build(&self, buf: *mut c_void, msg_type: i32, flags: u16, seq: u32) {
+        // SAFETY: the caller provides the room; the elements fit (checked in `new`).
+        unsafe {
+            let nlh = header_at(buf, msg_type, self.family, flags, seq);
+            sys::nftnl_set_elems_nlmsg_build_payload(nlh, self.s.0);
+        }
+    }
+
+    /// This message as a request of its own (`GETSETELEM`: a dump with `NLM_F_DUMP`, a
+    /// lookup of the elements otherwise), written into `buf`.
+    pub fn request<'b>(&self, buf: &'b mut AlignedBuf, flags: u16, seq: u32) -> &'b [u8] {
+        debug_assert!(self.size_bound <= MAX_ELEMS_BYTES);
+        let room = nftnl::nft_nlmsg_maxsize() as usize;
+        buf.reserve(room);
+        let bytes = buf.bytes_mut();
+        let ptr = bytes.as_mut_ptr().cast::<c_void>();
+        // SAFETY: bytes holds at least nft_nlmsg_maxsize() bytes (reserved above).
+        unsafe { self.build(ptr, libc::NFT_MSG_GETSETELEM, flags | ACK, seq) };
+        let len = header(bytes)
+            .map_or(0, |h| h.nlmsg_len as usize)
+            .min(bytes.len());
+        &bytes[..len]
+    }
+}
+
+// SAFETY: `new` refuses element lists over 60 KiB (by a conservative bound), so a message
+// stays below nft_nlmsg_maxsize() (64 KiB + a page).
+unsafe impl NlMsg for ElemsMsg {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        let (ty, flags) = match msg_type {
+            MsgType::Add => (libc::NFT_MSG_NEWSETELEM, CREATE | EXCL | ACK),
+            MsgType::Del => (libc::NFT_MSG_DELSETELEM, ACK),
+        };
+        // SAFETY: the caller provides the room (NlMsg contract).
+        unsafe { self.build(buf, ty, flags, seq) }
+    }
+}
+
+/// A message that notes the sequence number the batch gives it (`nftnl::Batch` numbers its
+/// messages itself and does not tell).
+pub struct Noted<'a, T> {
+    /// The message.
+    pub msg: &'a T,
+    /// Where its sequence number goes.
+    pub seq: &'a Cell<u32>,
+}
+
+// SAFETY: writes exactly what the wrapped message writes.
+unsafe impl<T: NlMsg> NlMsg for Noted<'_, T> {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        self.seq.set(seq);
+        // SAFETY: the caller's guarantee (room for the largest message) is passed on.
+        unsafe { self.msg.write(buf, seq, msg_type) }
+    }
+}
+
+/// A rule for `nftnl`'s batch: `nftnl::Rule` with our expressions and comment.
+pub fn rule<'a>(
+    chain: &'a nftnl::Chain<'a>,
+    insns: &[Insn],
+    comment: Option<&str>,
+) -> Result<nftnl::Rule<'a>, String> {
+    // Built first, so that a failure leaves no half-built rule.
+    let exprs = insns
+        .iter()
+        .map(build_expr)
+        .collect::<Result<Vec<_>, _>>()?;
+    let comment = comment.map(cstr).transpose()?;
+    let mut r = nftnl::Rule::new(chain);
+    for e in exprs {
+        r.add_expr(&Handover(Cell::new(Some(e))));
+    }
+    if let Some(c) = comment {
+        r.set_comment(c).map_err(|e| format!("rule comment: {e}"))?;
+    }
+    Ok(r)
+}
+
+/// An expression built by [`build_expr`], handed to `nftnl::Rule::add_expr` (which takes
+/// ownership of what `to_expr` returns) exactly once.
+struct Handover(Cell<Option<Expr>>);
+
+impl nftnl::expr::Expression for Handover {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = self
+            .0
+            .take()
+            .expect("a Handover is passed to one add_expr call, which calls to_expr once");
+        NonNull::new(e.into_raw()).expect("Expr::new never holds a null expression")
+    }
 }
 
 struct Expr(*mut sys::nftnl_expr);
@@ -375,6 +528,13 @@ impl Expr {
         // SAFETY: as above; libnftnl copies the string.
         unsafe { sys::nftnl_expr_set_str(self.0, attr as u16, c.as_ptr()) };
         Ok(self)
+    }
+}
+
+impl Expr {
+    /// Gives up ownership (to a rule or a set, which frees the expression).
+    fn into_raw(mut self) -> *mut sys::nftnl_expr {
+        std::mem::replace(&mut self.0, std::ptr::null_mut())
     }
 }
 
@@ -549,56 +709,175 @@ fn build_expr(i: &Insn) -> Result<Expr, String> {
     })
 }
 
-/// NEWRULE (appended).
-#[allow(clippy::too_many_arguments)]
-pub fn rule_msg(
-    out: &mut Vec<u8>,
-    seq: u32,
-    flags: u16,
-    family: u16,
-    table: &str,
-    chain: &str,
-    insns: &[Insn],
-    udata: Option<&[u8]>,
-) -> Result<(), String> {
-    let r = Rule::new()?;
-    let (table, chain) = (cstr(table)?, cstr(chain)?);
-    // SAFETY: r.0 is a live rule; libnftnl copies strings and data.
-    unsafe {
-        sys::nftnl_rule_set_str(r.0, sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
-        sys::nftnl_rule_set_str(r.0, sys::NFTNL_RULE_CHAIN as u16, chain.as_ptr());
-        sys::nftnl_rule_set_u32(r.0, sys::NFTNL_RULE_FAMILY as u16, u32::from(family));
-        if let Some(u) = udata {
-            sys::nftnl_rule_set_data(
-                r.0,
-                sys::NFTNL_RULE_USERDATA as u16,
-                u.as_ptr() as *const c_void,
-                u.len() as u32,
-            );
+/// A receive (or request) buffer aligned for `nlmsghdr`, as `mnl` requires.
+#[derive(Debug, Default)]
+pub struct AlignedBuf(Vec<u64>);
+
+impl AlignedBuf {
+    /// A buffer of at least `bytes` bytes.
+    pub fn with_len(bytes: usize) -> Self {
+        let mut b = Self::default();
+        b.reserve(bytes);
+        b
+    }
+
+    /// Grows the buffer to at least `bytes` bytes.
+    pub fn reserve(&mut self, bytes: usize) {
+        let words = bytes.div_ceil(8);
+        if self.0.len() < words {
+            self.0.resize(words, 0);
         }
     }
-    for i in insns {
-        let mut e = build_expr(i)?;
-        // SAFETY: the rule takes ownership of the expression; we null our pointer so Drop
-        // does not free it again.
-        unsafe { sys::nftnl_rule_add_expr(r.0, e.0) };
-        e.0 = std::ptr::null_mut();
+
+    /// The buffer as bytes.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        let len = self.0.len() * 8;
+        // SAFETY: the Vec holds `len` initialised bytes; u8 has no alignment requirement and
+        // any byte written is a valid part of a u64.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u8>(), len) }
     }
-    let msg = libc::NFT_MSG_NEWRULE as u16;
-    // SAFETY: nlh points into a scratch buffer far larger than any rule message.
-    with_msg(out, msg, family, flags, seq, |nlh| unsafe {
-        sys::nftnl_rule_nlmsg_build_payload(nlh, r.0)
-    });
+}
+
+/// The header of a netlink message (`None` if `msg` is shorter than one).
+pub fn header(msg: &[u8]) -> Option<libc::nlmsghdr> {
+    if msg.len() < std::mem::size_of::<libc::nlmsghdr>() {
+        return None;
+    }
+    // SAFETY: msg holds at least size_of::<nlmsghdr>() readable bytes; read_unaligned has no
+    // alignment requirement; nlmsghdr is plain integers, valid for any bytes.
+    Some(unsafe { std::ptr::read_unaligned(msg.as_ptr().cast::<libc::nlmsghdr>()) })
+}
+
+/// The family number and name of the table in one `NEWTABLE` message of a dump, as libnftnl
+/// parses it (`nftnl_table_nlmsg_parse`).
+pub fn parse_table(nlh: &libc::nlmsghdr) -> io::Result<(u32, String)> {
+    // SAFETY: plain allocation; the result is checked for null before use.
+    let t = unsafe { sys::nftnl_table_alloc() };
+    if t.is_null() {
+        return Err(io::Error::other("nftnl_table_alloc failed"));
+    }
+    // SAFETY: nlh is a whole message inside the received buffer (mnl validated its length
+    // before calling us); t is a live table that receives the parsed attributes.
+    let parsed = if unsafe { sys::nftnl_table_nlmsg_parse(nlh, t) } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // SAFETY: t is live and parsed; nftnl_table_get_str returns null or a NUL-terminated
+        // string owned by t, copied here before t is freed below.
+        let name = unsafe { sys::nftnl_table_get_str(t, sys::NFTNL_TABLE_NAME as u16) };
+        // SAFETY: t is live; the family is a plain u32 attribute (0 when absent).
+        let family = unsafe { sys::nftnl_table_get_u32(t, sys::NFTNL_TABLE_FAMILY as u16) };
+        if name.is_null() {
+            Err(io::Error::other("a dumped table has no name"))
+        } else {
+            // SAFETY: name is non-null and NUL-terminated (see above), valid while t lives.
+            let name = unsafe { CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned();
+            Ok((family, name))
+        }
+    };
+    // SAFETY: t was allocated above and is not used after this.
+    unsafe { sys::nftnl_table_free(t) };
+    parsed
+}
+
+/// Appends the elements of one `NEWSETELEM` message of a dump to `out`, as libnftnl parses
+/// them (`nftnl_set_elems_nlmsg_parse`).
+pub fn parse_elements(nlh: &libc::nlmsghdr, out: &mut Vec<DumpedElement>) -> io::Result<()> {
+    let s = Set::new().map_err(io::Error::other)?;
+    // SAFETY: nlh is a whole message inside the received buffer (mnl validated its length
+    // before calling us); s.0 is a live set that receives the parsed elements.
+    if unsafe { sys::nftnl_set_elems_nlmsg_parse(nlh, s.0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: s.0 is live; the callback gets `out` back as the data pointer, which lives and
+    // is not otherwise borrowed for the duration of the call.
+    unsafe {
+        sys::nftnl_set_elem_foreach(
+            s.0,
+            Some(dumped_element),
+            (out as *mut Vec<DumpedElement>).cast::<c_void>(),
+        )
+    };
     Ok(())
 }
 
-/// A `NETLINK_NETFILTER` socket.
-#[derive(Debug)]
-pub struct Socket {
-    fd: OwnedFd,
+/// `nftnl_set_elem_foreach` callback: one parsed element into the `Vec<DumpedElement>` at
+/// `data`.
+unsafe extern "C" fn dumped_element(e: *mut sys::nftnl_set_elem, data: *mut c_void) -> c_int {
+    // SAFETY: data is the &mut Vec<DumpedElement> given to nftnl_set_elem_foreach by
+    // parse_elements; e is a live element of the set being walked.
+    unsafe {
+        let out = &mut *data.cast::<Vec<DumpedElement>>();
+        let bytes = |attr: u32| -> Option<Vec<u8>> {
+            if !sys::nftnl_set_elem_is_set(e, attr as u16) {
+                return None;
+            }
+            let mut len = 0u32;
+            let p = sys::nftnl_set_elem_get(e, attr as u16, &mut len);
+            (!p.is_null())
+                .then(|| std::slice::from_raw_parts(p.cast::<u8>(), len as usize).to_vec())
+        };
+        let flags = if sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_FLAGS as u16) {
+            sys::nftnl_set_elem_get_u32(e, sys::NFTNL_SET_ELEM_FLAGS as u16)
+        } else {
+            0
+        };
+        let mut counter: Option<ElementCounter> = None;
+        sys::nftnl_set_elem_expr_foreach(
+            e,
+            Some(counter_of),
+            (&mut counter as *mut Option<ElementCounter>).cast::<c_void>(),
+        );
+        out.push(DumpedElement {
+            key: bytes(sys::NFTNL_SET_ELEM_KEY).unwrap_or_default(),
+            key_end: bytes(sys::NFTNL_SET_ELEM_KEY_END),
+            flags,
+            data: bytes(sys::NFTNL_SET_ELEM_DATA),
+            counter,
+        });
+    }
+    0
 }
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+/// `nftnl_set_elem_expr_foreach` callback: the first `counter` expression's values into the
+/// `Option<ElementCounter>` at `data`.
+unsafe extern "C" fn counter_of(e: *mut sys::nftnl_expr, data: *mut c_void) -> c_int {
+    // SAFETY: data is the &mut Option<ElementCounter> given by dumped_element; e is a live
+    // expression of the element; the name is a NUL-terminated string owned by libnftnl.
+    unsafe {
+        let out = &mut *data.cast::<Option<ElementCounter>>();
+        let name = sys::nftnl_expr_get_str(e, sys::NFTNL_EXPR_NAME as u16);
+        if out.is_none() && !name.is_null() && CStr::from_ptr(name) == c"counter" {
+            *out = Some(ElementCounter {
+                packets: sys::nftnl_expr_get_u64(e, sys::NFTNL_EXPR_CTR_PACKETS as u16),
+                bytes: sys::nftnl_expr_get_u64(e, sys::NFTNL_EXPR_CTR_BYTES as u16),
+            });
+        }
+    }
+    0
+}
+
+/// A `NETLINK_NETFILTER` socket: `mnl::Socket`, plus what it lacks.
+pub struct Socket {
+    inner: mnl::Socket,
+}
+
+// SAFETY: mnl::Socket owns a heap-allocated `struct mnl_socket` (an fd and an address) that
+// nothing else references; libmnl keeps no thread-local state, so moving it to another thread
+// is sound. It is not shared between threads (no Sync).
+unsafe impl Send for Socket {}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Socket")
+            .field("fd", &self.inner.as_raw_fd())
+            .field("portid", &self.inner.portid())
+            .finish()
+    }
+}
+
+fn check(ret: c_int) -> io::Result<c_int> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -606,131 +885,66 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn setsockopt_int(fd: &OwnedFd, level: i32, opt: i32, v: i32) -> io::Result<()> {
-    // SAFETY: fd is open; the option value is a live c_int of the stated size.
-    check(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            &v as *const i32 as *const c_void,
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
 impl Socket {
     /// Opens and binds a netfilter netlink socket in the calling thread's network namespace.
     pub fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2) call; the fd is owned right away.
-        let fd = check(unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        })?;
-        // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_nl is plain data; zeroed is a valid value (pid 0: kernel assigns).
-        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        sa.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: sa is a valid sockaddr_nl of the given size.
-        check(unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sa as *const libc::sockaddr_nl as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        })?;
+        let inner = mnl::Socket::new(mnl::Bus::Netfilter)?;
+        let fd = inner.as_raw_fd();
+        // SAFETY: fcntl(2) on the fd mnl just opened (mnl opens without SOCK_CLOEXEC).
+        check(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
+        let sock = Self { inner };
         // Errors carry only the failing header, not a copy of a possibly huge message.
-        setsockopt_int(&fd, libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, 1)?;
-        Ok(Self { fd })
+        sock.setsockopt_int(libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, 1)?;
+        Ok(sock)
+    }
+
+    /// The socket as `mnl` sees it (send, port id).
+    pub fn mnl(&self) -> &mnl::Socket {
+        &self.inner
+    }
+
+    fn setsockopt_int(&self, level: c_int, opt: c_int, v: c_int) -> io::Result<()> {
+        // SAFETY: the fd is open; the option value is a live c_int of the stated size.
+        check(unsafe {
+            libc::setsockopt(
+                self.inner.as_raw_fd(),
+                level,
+                opt,
+                &v as *const c_int as *const c_void,
+                std::mem::size_of::<c_int>() as libc::socklen_t,
+            )
+        })
+        .map(drop)
     }
 
     /// Sizes the send buffer (`SO_SNDBUFFORCE`, falling back to `SO_SNDBUF`, which the
     /// kernel caps at `net.core.wmem_max`).
     pub fn set_sndbuf(&self, bytes: usize) -> io::Result<()> {
-        let v = i32::try_from(bytes).unwrap_or(i32::MAX);
-        setsockopt_int(&self.fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, v)
-            .or_else(|_| setsockopt_int(&self.fd, libc::SOL_SOCKET, libc::SO_SNDBUF, v))
+        let v = c_int::try_from(bytes).unwrap_or(c_int::MAX);
+        self.setsockopt_int(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, v)
+            .or_else(|_| self.setsockopt_int(libc::SOL_SOCKET, libc::SO_SNDBUF, v))
     }
 
     /// Sizes the receive buffer (`SO_RCVBUFFORCE`, falling back to `SO_RCVBUF`).
     pub fn set_rcvbuf(&self, bytes: usize) -> io::Result<()> {
-        let v = i32::try_from(bytes).unwrap_or(i32::MAX);
-        setsockopt_int(&self.fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, v)
-            .or_else(|_| setsockopt_int(&self.fd, libc::SOL_SOCKET, libc::SO_RCVBUF, v))
+        let v = c_int::try_from(bytes).unwrap_or(c_int::MAX);
+        self.setsockopt_int(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, v)
+            .or_else(|_| self.setsockopt_int(libc::SOL_SOCKET, libc::SO_RCVBUF, v))
     }
 
-    /// Sends the whole batch with one `sendmsg` (one iovec). The kernel processes the batch
-    /// synchronously inside this call.
-    pub fn send(&self, buf: &[u8]) -> io::Result<()> {
-        // SAFETY: sockaddr_nl zeroed = the kernel (pid 0).
-        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        sa.nl_family = libc::AF_NETLINK as u16;
-        let mut iov = libc::iovec {
-            iov_base: buf.as_ptr() as *mut c_void,
-            iov_len: buf.len(),
-        };
-        // SAFETY: msghdr is plain data; zeroed then filled with pointers that outlive the call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_name = &mut sa as *mut libc::sockaddr_nl as *mut c_void;
-        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_nl>() as u32;
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        // SAFETY: msg points at live, correctly sized buffers; the kernel only reads them.
-        let n = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if n as usize != buf.len() {
-            return Err(io::Error::other(format!(
-                "short send: {n} of {} bytes",
-                buf.len()
-            )));
-        }
-        Ok(())
-    }
-
-    /// Receives one datagram without blocking; `Ok(0)` when nothing is queued.
-    pub fn recv_nonblocking(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: buf is a live, writable buffer of the given length.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr() as *mut c_void,
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(0)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(n as usize)
-    }
-}
-
-impl Socket {
-    /// Receives one datagram, waiting at most `timeout_ms` for it; `Ok(0)` on timeout.
-    pub fn recv_wait(&self, buf: &mut [u8], timeout_ms: i32) -> io::Result<usize> {
+    /// Receives one datagram into `buf` with `mnl`, waiting at most `timeout_ms` for it (0:
+    /// only what is queued); `Ok(0)` when none came.
+    pub fn recv(&self, buf: &mut AlignedBuf, timeout_ms: c_int) -> io::Result<usize> {
         let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
+            fd: self.inner.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
         // SAFETY: pfd is one live pollfd.
-        let n = check(unsafe { libc::poll(&mut pfd, 1, timeout_ms) })?;
-        if n == 0 {
+        if check(unsafe { libc::poll(&mut pfd, 1, timeout_ms) })? == 0 {
             return Ok(0);
         }
-        self.recv_nonblocking(buf)
+        self.inner.recv_raw(buf.bytes_mut())
     }
 }
 
