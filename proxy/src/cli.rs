@@ -3,7 +3,7 @@
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -13,7 +13,8 @@ use lb_core::IpFamily;
 use crate::compile::{self, Config, NodePortAddresses};
 use crate::conntrack::ServicePorts;
 use crate::convert::Filter;
-use crate::manifests::Objects;
+use crate::manifests::{ManifestError, Sources};
+use crate::metrics::{IgnoredLabel, KindLabel, Metrics};
 use crate::nft::ir::Ruleset;
 use crate::nft::{Backend, Transaction};
 use crate::store::Store;
@@ -32,19 +33,41 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print the nftables ruleset for the given manifests (`nft -f` syntax); touches nothing.
-    Render(ManifestArgs),
+    /// Exits non-zero, printing nothing, when any input was skipped (unless `--keep-going`).
+    Render {
+        /// The manifests and node settings.
+        #[command(flatten)]
+        manifests: ManifestArgs,
+        /// Render what is valid even when some inputs were skipped (never when read errors
+        /// leave no Service at all).
+        #[arg(long)]
+        keep_going: bool,
+    },
     /// Program the current network namespace from the manifests, then follow changes to the
     /// files and apply them incrementally (until interrupted, or once with `--once`).
     Run {
         /// The manifests and node settings.
         #[command(flatten)]
         manifests: ManifestArgs,
-        /// Apply once and exit.
+        /// Apply once and exit. Exits non-zero, programming nothing, when any input was
+        /// skipped (unless `--keep-going`).
         #[arg(long)]
         once: bool,
+        /// With `--once`: program what is valid even when some inputs were skipped (never an
+        /// empty ruleset because of read errors).
+        #[arg(long)]
+        keep_going: bool,
         /// How often to look for changed manifest files.
         #[arg(long, default_value = "500ms", value_parser = parse_duration)]
         poll: Duration,
+        /// How long a changed file must stay unchanged before it is read, so a file being
+        /// written is never read half-way (default: twice `--poll`).
+        #[arg(long, value_parser = parse_duration)]
+        settle: Option<Duration>,
+        /// Serve Prometheus `/metrics` on this address (e.g. 127.0.0.1:10249): syncs, and
+        /// the inputs skipped, failing or ignored.
+        #[arg(long)]
+        metrics_bind_address: Option<std::net::SocketAddr>,
         /// Keep stale UDP/SCTP conntrack entries after a sync (by default they are deleted, so
         /// clients do not stay on removed endpoints; see `conntrack`).
         #[arg(long)]
@@ -468,35 +491,114 @@ impl ManifestArgs {
         })
     }
 
-    /// Re-reads the manifests into `store` (replacing what it held, as a re-list would),
-    /// reporting bad objects on stderr. Returns the CIDRs of the ServiceCIDR objects.
-    fn reload(&self, store: &mut Store) -> anyhow::Result<Vec<IpNet>> {
-        if self.paths.is_empty() {
-            bail!("-f/--manifests: give at least one file or directory");
-        }
-        let (objects, errors) = Objects::read_paths(&self.paths);
-        for e in &errors {
-            eprintln!("lb-proxy: skipped: {e}");
-        }
-        let filter = Filter {
+    fn filter(&self) -> Filter {
+        Filter {
             service_proxy_name: self.service_proxy_name.clone(),
+        }
+    }
+
+    /// Looks at the manifests (see [`Sources::refresh`] for `settle`) and, if they changed,
+    /// loads them into `store` (replacing what it held, as a re-list would). Problems are
+    /// reported on stderr (ignored objects once each) and counted in `metrics`.
+    fn load(
+        &self,
+        sources: &mut Sources,
+        store: &mut Store,
+        settle: Option<Duration>,
+        metrics: Option<&Metrics>,
+    ) -> anyhow::Result<Load> {
+        let filter = self.filter();
+        let first = store.node().is_none();
+        let r = sources.refresh(&filter, settle);
+        let mut read_errors = 0;
+        for e in &r.errors {
+            eprintln!("lb-proxy: skipped: {e}");
+            let kind = match e {
+                ManifestError::File { .. } => {
+                    read_errors += 1;
+                    continue;
+                }
+                ManifestError::Object { kind, .. } => kind.as_str(),
+                ManifestError::Invalid { source, .. } => source.kind,
+            };
+            if let Some(m) = metrics {
+                let kind = match kind {
+                    "Service" => "Service",
+                    "EndpointSlice" => "EndpointSlice",
+                    "ServiceCIDR" => "ServiceCIDR",
+                    _ => "Node",
+                };
+                m.invalid_objects.get_or_create(&KindLabel { kind }).inc();
+            }
+        }
+        for (file, n) in &r.removed {
+            eprintln!("lb-proxy: {file} was removed: deleting the {n} objects read from it");
+        }
+        if let Some(m) = metrics {
+            m.manifest_read_errors.inc_by(read_errors);
+            m.manifest_sources_failing
+                .set(i64::try_from(sources.failing()).unwrap_or(i64::MAX));
+        }
+        let mut load = Load {
+            service_cidrs: None,
+            changed: r.changed,
+            problems: r.errors.len(),
+            read_errors: read_errors > 0,
         };
-        let service_cidrs =
-            objects.service_cidrs(&mut |e| eprintln!("lb-proxy: invalid, skipped: {e}"));
-        let (invalid, _skipped) = objects.replace_in(store, self.node.as_deref(), &filter);
-        for e in &invalid {
-            eprintln!("lb-proxy: invalid, skipped: {e}");
+        if !r.changed && !first {
+            return Ok(load);
+        }
+        let (objects, mut ignored) = sources.objects();
+        // Invalid ServiceCIDRs were reported when their file was read, as other objects.
+        load.service_cidrs = Some(objects.service_cidrs(&mut |_| {}));
+        let loaded = objects.replace_in(store, self.node.as_deref(), &filter);
+        // Invalid objects were reported when their file was read (and kept their last good
+        // version), so `loaded.invalid` holds nothing new.
+        for mut i in loaded.ignored {
+            i.file = sources.file_of(&i.kind, &i.name).unwrap_or_default();
+            ignored.push(i);
+        }
+        for i in sources.newly_ignored(ignored) {
+            eprintln!("lb-proxy: {i}");
+            if let Some(m) = metrics {
+                m.ignored_objects
+                    .get_or_create(&IgnoredLabel { kind: i.kind })
+                    .inc();
+            }
         }
         if store.node().is_none() {
             bail!("no node: pass --node NAME (or NODE_NAME), or give exactly one Node object");
         }
-        Ok(service_cidrs)
+        Ok(load)
     }
 
-    /// The desired ruleset for the manifests as they are now.
-    pub fn desired(&self) -> anyhow::Result<Ruleset> {
+    /// Reads the manifests once into a new store: an error for a missing path, for any
+    /// skipped input unless `keep_going`, and always for read errors that leave no Service.
+    fn load_once(&self, keep_going: bool) -> anyhow::Result<(Store, Vec<IpNet>)> {
+        let mut sources = Sources::new(&self.paths);
+        sources.check_paths().map_err(anyhow::Error::msg)?;
         let mut store = Store::new();
-        let service_cidrs = self.reload(&mut store)?;
+        let load = self.load(&mut sources, &mut store, None, None)?;
+        if load.problems > 0 && !keep_going {
+            bail!(
+                "{} inputs skipped (see above), so nothing was done: fix them, or pass --keep-going to use the rest",
+                load.problems
+            );
+        }
+        if load.read_errors && store.service_count() == 0 {
+            bail!("manifests could not be read and no Service was: refusing to use an empty set");
+        }
+        Ok((store, load.service_cidrs.unwrap_or_default()))
+    }
+
+    /// The desired ruleset for the manifests as they are now (what is valid of them).
+    pub fn desired(&self) -> anyhow::Result<Ruleset> {
+        self.desired_checked(true)
+    }
+
+    /// The desired ruleset; an error when any input was skipped, unless `keep_going`.
+    fn desired_checked(&self, keep_going: bool) -> anyhow::Result<Ruleset> {
+        let (store, service_cidrs) = self.load_once(keep_going)?;
         let snap = store.snapshot().context("node unknown")?;
         let mut config = self.config()?;
         if !service_cidrs.is_empty() {
@@ -509,31 +611,29 @@ impl ManifestArgs {
         }
         Ok(rs)
     }
+}
 
-    fn newest_mtime(&self) -> Option<SystemTime> {
-        let mut newest = None;
-        for p in &self.paths {
-            let mut consider = |p: &std::path::Path| {
-                if let Ok(m) = std::fs::metadata(p).and_then(|m| m.modified()) {
-                    newest = newest.max(Some(m));
-                }
-            };
-            consider(p);
-            if let Ok(rd) = std::fs::read_dir(p) {
-                for e in rd.flatten() {
-                    consider(&e.path());
-                }
-            }
-        }
-        newest
-    }
+/// What one [`ManifestArgs::load`] found.
+#[derive(Debug, Clone)]
+struct Load {
+    /// The CIDRs of the ServiceCIDR objects, when the objects were (re)loaded.
+    service_cidrs: Option<Vec<IpNet>>,
+    /// The objects changed (the store was reloaded).
+    changed: bool,
+    /// Inputs skipped: files not read, objects invalid (each kept its last good state).
+    problems: usize,
+    /// Some file or path could not be read or parsed.
+    read_errors: bool,
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Render(args) => {
-            let rs = args.desired()?;
+        Command::Render {
+            manifests,
+            keep_going,
+        } => {
+            let rs = manifests.desired_checked(keep_going)?;
             let text = Transaction::create(&rs).to_nft();
             std::io::stdout()
                 .write_all(text.as_bytes())
@@ -543,9 +643,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             manifests,
             once,
+            keep_going,
             poll,
+            settle,
+            metrics_bind_address,
             no_conntrack_cleanup,
-        } => run_manifests(&manifests, once, poll, !no_conntrack_cleanup),
+        } => run_manifests(
+            &manifests,
+            &RunOptions {
+                once,
+                keep_going,
+                poll,
+                settle: settle.unwrap_or(poll * 2),
+                metrics_bind_address,
+                conntrack_cleanup: !no_conntrack_cleanup,
+            },
+        ),
         Command::Cleanup { table } => cleanup(&table),
         Command::Explain {
             manifests,
@@ -573,8 +686,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             let to = to_ip;
-            let mut store = Store::new();
-            let service_cidrs = manifests.reload(&mut store)?;
+            let (store, service_cidrs) = manifests.load_once(true)?;
             let snap = store.snapshot().context("node unknown")?;
             let q = crate::explain::Query {
                 to,
@@ -834,66 +946,149 @@ fn cleanup(table: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_manifests(
-    args: &ManifestArgs,
+/// How `run` runs.
+#[derive(Debug)]
+struct RunOptions {
     once: bool,
+    keep_going: bool,
     poll: Duration,
+    settle: Duration,
+    metrics_bind_address: Option<std::net::SocketAddr>,
     conntrack_cleanup: bool,
-) -> anyhow::Result<()> {
+}
+
+/// `run`: program the node from the manifests, then follow them. Bad inputs keep what they
+/// last produced ([`Sources`]); a sync happens only when what was read changed, and never
+/// empties the dataplane because of read errors.
+fn run_manifests(args: &ManifestArgs, opts: &RunOptions) -> anyhow::Result<()> {
+    let mut sources = Sources::new(&args.paths);
+    sources.check_paths().map_err(anyhow::Error::msg)?;
+    let metrics = opts
+        .metrics_bind_address
+        .map(serve_run_metrics)
+        .transpose()?;
+    let metrics = metrics.as_deref();
     let mut dataplane = Dataplane::new(netlink()?, args.config()?);
     let mut store = Store::new();
-    // Read before the manifests are: a file changed while they are read and programmed is
-    // then seen as a change (after, it would be missed until the next one).
-    let mut seen = args.newest_mtime();
-    dataplane.set_service_cidrs(args.reload(&mut store)?);
-    let report = dataplane
-        .sync(&mut store)
-        .context("programming the ruleset")?;
-    eprintln!(
-        "lb-proxy: programmed {} service ports ({} commands, {} elements) in {:?} + {:?}",
-        report.service_ports, report.commands, report.elements, report.compute, report.apply
-    );
-    let mut tracked = ServicePorts::new();
-    if conntrack_cleanup {
-        clean_conntrack(&store, &mut tracked);
+    let mut load = args.load(&mut sources, &mut store, None, metrics)?;
+    if let Some(cidrs) = load.service_cidrs.take() {
+        dataplane.set_service_cidrs(cidrs);
     }
-    if once {
+    if opts.once && load.problems > 0 && !opts.keep_going {
+        bail!(
+            "{} inputs skipped (see above), so nothing was programmed: fix them, or pass --keep-going to program the rest",
+            load.problems
+        );
+    }
+    let mut pending_empty = load.read_errors && store.service_count() == 0;
+    if pending_empty {
+        if opts.once {
+            bail!(
+                "manifests could not be read and no Service was: refusing to program an empty ruleset"
+            );
+        }
+        eprintln!(
+            "lb-proxy: manifests could not be read and no Service was: not programming an empty ruleset; waiting for readable manifests"
+        );
+    }
+    let mut tracked = ServicePorts::new();
+    if !pending_empty {
+        let report = dataplane
+            .sync(&mut store)
+            .context("programming the ruleset")?;
+        if let Some(m) = metrics {
+            m.observe_sync(&report, report.compute + report.apply);
+        }
+        eprintln!(
+            "lb-proxy: programmed {} service ports ({} commands, {} elements) in {:?} + {:?}",
+            report.service_ports, report.commands, report.elements, report.compute, report.apply
+        );
+        if opts.conntrack_cleanup {
+            clean_conntrack(&store, &mut tracked);
+        }
+    }
+    if opts.once {
         return Ok(());
     }
     loop {
-        std::thread::sleep(poll);
-        let now = args.newest_mtime();
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        match args.reload(&mut store) {
-            Ok(cidrs) => dataplane.set_service_cidrs(cidrs),
+        std::thread::sleep(opts.poll);
+        let load = match args.load(&mut sources, &mut store, Some(opts.settle), metrics) {
+            Ok(mut load) => {
+                if let Some(cidrs) = load.service_cidrs.take() {
+                    dataplane.set_service_cidrs(cidrs);
+                }
+                load
+            }
             Err(e) => {
                 eprintln!("lb-proxy: keeping the current ruleset: {e:#}");
                 continue;
             }
+        };
+        if !load.changed && !pending_empty {
+            continue;
+        }
+        if pending_empty {
+            if store.service_count() == 0 && sources.failing() > 0 {
+                continue;
+            }
+            pending_empty = false;
         }
         let synced = dataplane.sync(&mut store);
         match &synced {
             Ok(r) if r.commands == 0 => {}
-            Ok(r) => eprintln!(
-                "lb-proxy: applied {} service ports ({} commands, {} elements{}) in {:?} + {:?}",
-                r.service_ports,
-                r.commands,
-                r.elements,
-                if r.full { ", full" } else { "" },
-                r.compute,
-                r.apply
-            ),
-            Err(e) => eprintln!(
-                "lb-proxy: kernel rejected the change, the previous ruleset keeps serving: {e}"
-            ),
+            Ok(r) => {
+                if let Some(m) = metrics {
+                    m.observe_sync(r, r.compute + r.apply);
+                }
+                eprintln!(
+                    "lb-proxy: applied {} service ports ({} commands, {} elements{}) in {:?} + {:?}",
+                    r.service_ports,
+                    r.commands,
+                    r.elements,
+                    if r.full { ", full" } else { "" },
+                    r.compute,
+                    r.apply
+                )
+            }
+            Err(e) => {
+                if let Some(m) = metrics {
+                    m.sync_failures.inc();
+                }
+                eprintln!(
+                    "lb-proxy: kernel rejected the change, the previous ruleset keeps serving: {e}"
+                )
+            }
         }
-        if synced.is_ok() && conntrack_cleanup {
+        if synced.is_ok() && opts.conntrack_cleanup {
             clean_conntrack(&store, &mut tracked);
         }
     }
+}
+
+/// Serves `/metrics` for `run` on a thread of its own.
+fn serve_run_metrics(addr: std::net::SocketAddr) -> anyhow::Result<std::sync::Arc<Metrics>> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = std::sync::Arc::new(Metrics::new(&mut registry));
+    let registry = std::sync::Arc::new(registry);
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("--metrics-bind-address {addr}"))?;
+    listener.set_nonblocking(true).context("metrics listener")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the metrics server")?;
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => {
+                    let pages = std::sync::Arc::new(crate::health::StatusPages::default());
+                    let _ = crate::health::serve_metrics(l, registry, None, None, pages).await;
+                }
+                Err(e) => eprintln!("lb-proxy: metrics server: {e}"),
+            }
+        });
+    });
+    Ok(metrics)
 }
 
 /// Conntrack cleanup after a successful sync ([`crate::conntrack`]): deletes the UDP/SCTP

@@ -1,14 +1,47 @@
 //! Reading Kubernetes objects from YAML (or JSON) files, in the shapes `kubectl get -o yaml`
 //! prints: single objects, multi-document streams and `List`s. Used by the no-cluster mode.
 //!
-//! Objects of other kinds are ignored; a document that does not parse as its kind is reported
-//! with its kind, name and the parser's message, and the rest are still read.
+//! Two entry points:
+//!
+//! * [`Objects::read_paths`] reads everything once, as it is (tests, `explain`).
+//! * [`Sources`] follows files and directories for `render` and `run`, and never loses a
+//!   working Service because of a bad input. Its rules:
+//!   - **Per-file last-good state.** A file that cannot be read, is not UTF-8, does not parse
+//!     as a whole, is empty (it was just truncated by a writer), or is not a regular file keeps
+//!     the objects it last produced; the error names the file. An object that does not match
+//!     its kind's schema (the error names the field path, `spec.ports[0].port`) or fails
+//!     validation keeps its last good version. Only a file that parses as a whole can delete:
+//!     an object missing from it is gone.
+//!   - **Explicit deletion versus a vanished path.** A file removed from a directory that is
+//!     still readable was removed on purpose: its objects go. A path given on the command line
+//!     that disappears or cannot be listed (a renamed directory, a failing mount) is reported
+//!     and everything read from it stays: read errors never empty the dataplane. To remove
+//!     everything, remove the files, or write an empty `List`.
+//!   - **Half-written files.** When following, a changed file is read only once its size,
+//!     modification time and inode have stayed the same for a settle time, and only if they
+//!     did not change while it was read; renames are atomic and fine.
+//!   - **Non-regular files** (FIFOs, sockets, devices) are reported and never opened, so they
+//!     cannot block; files are opened non-blocking anyway, in case one is swapped in.
+//!   - **Ignored objects** ([`Ignored`]): kinds lb-proxy does not use, the losing copy of a
+//!     duplicate (the last file in sort order wins), an EndpointSlice whose Service is missing
+//!     or does not serve its address family. kube-proxy ignores them too; we say so once.
+//!
+//! Parsing: JSON goes through `serde_json` directly; YAML through `serde-saphyr` with a
+//! budget that scales with the input's size (documents, nodes, events and scalar bytes are
+//! bounded by the byte count, so real dumps of any size read), while the protections against
+//! alias bombs (alias and anchor counts, the alias/anchor ratio, retained anchor events) and
+//! absurd nesting (depth 64) stay fixed.
 
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
+use lb_core::IpFamily;
 use serde_json::Value;
 
 use crate::convert::{self, ConvertError, Converted, Filter};
@@ -47,7 +80,7 @@ pub enum ManifestError {
         kind: String,
         /// Its `metadata.namespace/name`.
         name: String,
-        /// The parser's message.
+        /// The parser's message, after the field path (`field spec.ports[0].port: …`).
         reason: String,
     },
     /// An object was invalid for the proxy.
@@ -60,44 +93,380 @@ pub enum ManifestError {
     },
 }
 
+/// An object read and deliberately not used, as kube-proxy would not use it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ignored {
+    /// The file it came from.
+    pub file: String,
+    /// Its `kind`.
+    pub kind: String,
+    /// Its `namespace/name` (or name).
+    pub name: String,
+    /// Why it is not used.
+    pub reason: String,
+}
+
+impl fmt::Display for Ignored {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} {}: ignored: {}",
+            self.file, self.kind, self.name, self.reason
+        )
+    }
+}
+
+/// What [`Objects::replace_in`] loaded and left out.
+#[derive(Debug, Default, Clone)]
+pub struct Loaded {
+    /// Invalid objects (or invalid endpoints of a slice that is otherwise used).
+    pub invalid: Vec<ConvertError>,
+    /// Valid objects that are not ours (headless, another proxy's, ExternalName), with why.
+    pub skipped: Vec<String>,
+    /// EndpointSlices no Service uses here (missing Service, or an address family the
+    /// Service does not serve), with why.
+    pub ignored: Vec<Ignored>,
+}
+
+/// Identity of an object in the manifests: kind, namespace (empty for Nodes), name.
+type ObjectKey = (&'static str, String, String);
+
+/// One object of a kind we use.
+#[derive(Debug, Clone, PartialEq)]
+enum Object {
+    Service(Box<Service>),
+    Slice(Box<EndpointSlice>),
+    Node(Box<Node>),
+    ServiceCidr(Box<ServiceCIDR>),
+}
+
+/// The outcome of parsing one file that parsed as a whole.
+#[derive(Debug, Default)]
+struct Parsed {
+    /// Objects of our kinds, in document order, with their key.
+    objects: Vec<(ObjectKey, Object)>,
+    /// Keys of objects whose document did not match their kind's schema.
+    broken: Vec<ObjectKey>,
+    errors: Vec<ManifestError>,
+    ignored: Vec<Ignored>,
+    /// Documents seen (null documents and empty `List`s count: they say "nothing").
+    documents: usize,
+}
+
+/// Whether `text` looks like JSON (its first non-blank character opens an object or array).
+fn looks_like_json(text: &str) -> bool {
+    matches!(text.trim_start().as_bytes().first(), Some(b'{' | b'['))
+}
+
+/// A YAML budget for `len` bytes of input: everything that grows with real data is bounded by
+/// the size of the input itself; what only attacks need (aliases, deep nesting) stays fixed.
+fn yaml_budget(len: usize) -> serde_saphyr::Budget {
+    let mut b = serde_saphyr::Budget::default();
+    // A document takes at least a few bytes ("---\n"), a node at least one.
+    b.max_documents = b.max_documents.max(len / 2 + 16);
+    b.max_nodes = b.max_nodes.max(len + 1024);
+    b.max_events = b.max_events.max(2 * len + 4096);
+    b.max_total_scalar_bytes = b.max_total_scalar_bytes.max(len + 1024);
+    b
+}
+
+/// One document: a YAML value, or the raw text of a JSON one (deserialised straight into
+/// its kind, without an intermediate tree).
+#[derive(Debug)]
+enum Doc<'a> {
+    Value(Value),
+    Raw(&'a serde_json::value::RawValue),
+}
+
+/// Just enough of a JSON document to know what it is.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct Head<'a> {
+    #[serde(borrow)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    metadata: Option<HeadMeta<'a>>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct HeadMeta<'a> {
+    #[serde(borrow)]
+    name: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    namespace: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ListItems<'a> {
+    #[serde(borrow, default)]
+    items: Option<Vec<&'a serde_json::value::RawValue>>,
+}
+
+impl<'a> Doc<'a> {
+    fn is_null(&self) -> bool {
+        match self {
+            Doc::Value(v) => v.is_null(),
+            Doc::Raw(r) => r.get().trim() == "null",
+        }
+    }
+
+    /// `kind`, `metadata.name` and `metadata.namespace`, where they are strings.
+    fn head(&self) -> (Option<String>, Option<String>, Option<String>) {
+        match self {
+            Doc::Value(v) => {
+                let s = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+                let meta = v.get("metadata");
+                (
+                    s(v.get("kind")),
+                    s(meta.and_then(|m| m.get("name"))),
+                    s(meta.and_then(|m| m.get("namespace"))),
+                )
+            }
+            Doc::Raw(r) => {
+                let h: Head<'_> = serde_json::from_str(r.get()).unwrap_or_default();
+                let m = h.metadata.unwrap_or_default();
+                (
+                    h.kind.map(Into::into),
+                    m.name.map(Into::into),
+                    m.namespace.map(Into::into),
+                )
+            }
+        }
+    }
+
+    /// The `items` of a `List` (`None` when absent or null).
+    fn items(self) -> Result<Option<Vec<Doc<'a>>>, String> {
+        match self {
+            Doc::Value(Value::Object(mut map)) => match map.remove("items") {
+                Some(Value::Array(items)) => Ok(Some(items.into_iter().map(Doc::Value).collect())),
+                None | Some(Value::Null) => Ok(None),
+                Some(_) => Err("field items: not a list".into()),
+            },
+            Doc::Value(_) => Err("not a mapping".into()),
+            Doc::Raw(r) => serde_json::from_str::<ListItems<'a>>(r.get())
+                .map(|l| {
+                    l.items
+                        .map(|items| items.into_iter().map(Doc::Raw).collect())
+                })
+                .map_err(|e| format!("field items: {e}")),
+        }
+    }
+
+    /// Deserialises the document as its kind; the error names the field path.
+    fn typed<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
+        fn message<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> String {
+            let path = e.path().to_string();
+            if path == "." || path.is_empty() {
+                e.into_inner().to_string()
+            } else {
+                format!("field {path}: {}", e.into_inner())
+            }
+        }
+        match self {
+            Doc::Value(v) => serde_path_to_error::deserialize(v).map_err(message),
+            Doc::Raw(r) => {
+                let mut de = serde_json::Deserializer::from_str(r.get());
+                serde_path_to_error::deserialize(&mut de).map_err(message)
+            }
+        }
+    }
+}
+
+/// Parses `text` into documents: JSON (one value or a stream of them) through `serde_json`,
+/// anything else as a multi-document YAML stream.
+fn parse_documents(text: &str) -> Result<Vec<Doc<'_>>, String> {
+    if looks_like_json(text) {
+        let json: Result<Vec<&serde_json::value::RawValue>, _> =
+            serde_json::Deserializer::from_str(text)
+                .into_iter()
+                .collect();
+        return match json {
+            Ok(docs) => Ok(docs.into_iter().map(Doc::Raw).collect()),
+            // YAML flow style also starts with `{` or `[`: try YAML before giving up, and
+            // report the JSON error if that fails too.
+            Err(e) => parse_yaml(text)
+                .map(|docs| docs.into_iter().map(Doc::Value).collect())
+                .map_err(|_| format!("not valid JSON: {e}")),
+        };
+    }
+    parse_yaml(text).map(|docs| docs.into_iter().map(Doc::Value).collect())
+}
+
+/// Parses a YAML stream; a big one is cut at document markers and parsed on every core.
+fn parse_yaml(text: &str) -> Result<Vec<Value>, String> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let chunks = split_stream(text, threads);
+    if chunks.len() < 2 {
+        return parse_yaml_chunk(text);
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = chunks
+            .iter()
+            .map(|c| s.spawn(move || parse_yaml_chunk(c)))
+            .collect();
+        let mut docs = Vec::new();
+        for h in handles {
+            docs.extend(
+                h.join()
+                    .map_err(|_| "the YAML parser panicked".to_string())??,
+            );
+        }
+        Ok(docs)
+    })
+}
+
+fn parse_yaml_chunk(text: &str) -> Result<Vec<Value>, String> {
+    let options = serde_saphyr::options! {
+        budget: Some(yaml_budget(text.len())),
+        emit_comments: false,
+    };
+    serde_saphyr::from_multiple_with_options(text, options).map_err(|e| e.to_string())
+}
+
+/// Cuts a multi-document YAML stream of at least 1 MiB into about `n` pieces, each starting at
+/// a document marker (`---` at the start of a line, which YAML forbids inside content). A
+/// stream with directives (`%YAML`, `%TAG`) is left whole.
+fn split_stream(text: &str, n: usize) -> Vec<&str> {
+    if n < 2 || text.len() < 1 << 20 || text.starts_with('%') || text.contains("\n%") {
+        return vec![text];
+    }
+    let mut pieces = Vec::with_capacity(n);
+    let mut start = 0;
+    for k in 1..n {
+        let from = (text.len() * k / n).max(start);
+        let Some(at) = text.get(from..).and_then(|rest| {
+            rest.match_indices("\n---").find_map(|(i, _)| {
+                let after = rest.as_bytes().get(i + 4).copied();
+                matches!(after, None | Some(b'\n' | b'\r' | b' ' | b'\t')).then_some(from + i + 1)
+            })
+        }) else {
+            break;
+        };
+        pieces.push(&text[start..at]);
+        start = at;
+    }
+    pieces.push(&text[start..]);
+    pieces
+}
+
+/// `namespace/name` (or `name` for cluster-scoped objects) from a document's metadata.
+fn display_name(namespace: &str, name: &str) -> String {
+    if namespace.is_empty() {
+        name.to_string()
+    } else {
+        format!("{namespace}/{name}")
+    }
+}
+
+impl Parsed {
+    /// Parses one whole file's text. `Err` when the file as a whole cannot be trusted: not
+    /// YAML/JSON, or a document without a `kind` or a name (it could be any object, so no
+    /// object of the file may be deleted because of it).
+    fn from_text(file: &str, text: &str) -> Result<Parsed, String> {
+        let mut parsed = Parsed::default();
+        for (i, doc) in parse_documents(text)?.into_iter().enumerate() {
+            parsed.documents += 1;
+            parsed.add_value(file, doc, &format!("document {}", i + 1))?;
+        }
+        Ok(parsed)
+    }
+
+    fn add_value(&mut self, file: &str, doc: Doc<'_>, at: &str) -> Result<(), String> {
+        if doc.is_null() {
+            return Ok(());
+        }
+        let (kind, name, namespace) = doc.head();
+        let Some(kind) = kind else {
+            return Err(format!("{at}: no kind"));
+        };
+        if kind == "List" || kind.ends_with("List") {
+            for (i, item) in doc
+                .items()
+                .map_err(|e| format!("{at}: {kind}: {e}"))?
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+            {
+                self.add_value(file, item, &format!("{at}, items[{i}]"))?;
+            }
+            return Ok(());
+        }
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
+            return Err(format!("{at}: {kind} without metadata.name"));
+        };
+        let kind_key: &'static str = match kind.as_str() {
+            "Service" => "Service",
+            "EndpointSlice" => "EndpointSlice",
+            "Node" => "Node",
+            "ServiceCIDR" => "ServiceCIDR",
+            _ => {
+                self.ignored.push(Ignored {
+                    file: file.into(),
+                    kind: kind.clone(),
+                    name: display_name(namespace.as_deref().unwrap_or(""), &name),
+                    reason: format!("lb-proxy does not use {kind} objects"),
+                });
+                return Ok(());
+            }
+        };
+        let namespace = if kind_key == "Node" || kind_key == "ServiceCIDR" {
+            String::new()
+        } else {
+            namespace.unwrap_or_else(|| "default".into())
+        };
+        let key = (kind_key, namespace, name);
+        let typed = match kind_key {
+            "Service" => doc.typed().map(|s| Object::Service(Box::new(s))),
+            "EndpointSlice" => doc.typed().map(|mut s: EndpointSlice| {
+                // The API server defaults a port's protocol to TCP; files are not defaulted.
+                for p in s.ports.iter_mut().flatten() {
+                    p.protocol.get_or_insert_with(|| "TCP".into());
+                }
+                Object::Slice(Box::new(s))
+            }),
+            "ServiceCIDR" => doc.typed().map(|c| Object::ServiceCidr(Box::new(c))),
+            _ => doc.typed().map(|n| Object::Node(Box::new(n))),
+        };
+        match typed {
+            Ok(o) => self.objects.push((key, o)),
+            Err(reason) => {
+                self.errors.push(ManifestError::Object {
+                    file: file.into(),
+                    kind,
+                    name: display_name(&key.1, &key.2),
+                    reason,
+                });
+                self.broken.push(key);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Objects {
-    /// Reads every file (or every `.yaml`, `.yml` and `.json` file in a directory, sorted).
+    /// Reads every file (or every `.yaml`, `.yml` and `.json` file in a directory, sorted), as
+    /// it is now, without validating the objects. See [`Sources`] for reading that keeps the
+    /// last good state.
     pub fn read_paths(paths: &[impl AsRef<Path>]) -> (Objects, Vec<ManifestError>) {
         let mut objects = Objects::default();
         let mut errors = Vec::new();
         for p in paths {
             let p = p.as_ref();
-            let files = if p.is_dir() {
-                match std::fs::read_dir(p) {
-                    Ok(rd) => {
-                        let mut v: Vec<_> = rd
-                            .filter_map(Result::ok)
-                            .map(|e| e.path())
-                            .filter(|f| {
-                                matches!(
-                                    f.extension().and_then(|e| e.to_str()),
-                                    Some("yaml" | "yml" | "json")
-                                )
-                            })
-                            .collect();
-                        v.sort();
-                        v
-                    }
-                    Err(e) => {
-                        errors.push(ManifestError::File {
-                            file: p.display().to_string(),
-                            reason: e.to_string(),
-                        });
-                        continue;
-                    }
+            let files = match list_path(p) {
+                Ok(files) => files,
+                Err(reason) => {
+                    errors.push(ManifestError::File {
+                        file: p.display().to_string(),
+                        reason,
+                    });
+                    continue;
                 }
-            } else {
-                vec![p.to_path_buf()]
             };
             for f in files {
                 let name = f.display().to_string();
-                match std::fs::read_to_string(&f) {
-                    Ok(text) => objects.add_text(&name, &text, &mut errors),
+                match read_file(&f) {
+                    Ok((bytes, _)) => objects.add_bytes(&name, &bytes, &mut errors),
                     Err(e) => errors.push(ManifestError::File {
                         file: name,
                         reason: e.to_string(),
@@ -110,77 +479,36 @@ impl Objects {
 
     /// Parses one multi-document YAML (or JSON) text named `file`.
     pub fn add_text(&mut self, file: &str, text: &str, errors: &mut Vec<ManifestError>) {
-        let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
-            Ok(d) => d,
-            Err(e) => {
-                errors.push(ManifestError::File {
-                    file: file.into(),
-                    reason: e.to_string(),
-                });
-                return;
+        match Parsed::from_text(file, text) {
+            Ok(parsed) => {
+                errors.extend(parsed.errors);
+                for (_, o) in parsed.objects {
+                    self.push(o);
+                }
             }
-        };
-        for doc in docs {
-            self.add_value(file, doc, errors);
+            Err(reason) => errors.push(ManifestError::File {
+                file: file.into(),
+                reason,
+            }),
         }
     }
 
-    fn add_value(&mut self, file: &str, doc: Value, errors: &mut Vec<ManifestError>) {
-        if doc.is_null() {
-            return;
+    fn add_bytes(&mut self, file: &str, bytes: &[u8], errors: &mut Vec<ManifestError>) {
+        match utf8(bytes) {
+            Ok(text) => self.add_text(file, text, errors),
+            Err(reason) => errors.push(ManifestError::File {
+                file: file.into(),
+                reason,
+            }),
         }
-        let kind = doc
-            .get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        if kind == "List" || kind.ends_with("List") {
-            if let Some(Value::Array(items)) = doc.get("items") {
-                for item in items.clone() {
-                    self.add_value(file, item, errors);
-                }
-            }
-            return;
-        }
-        let name = {
-            let m = doc.get("metadata");
-            let ns = m.and_then(|m| m.get("namespace")).and_then(Value::as_str);
-            let n = m
-                .and_then(|m| m.get("name"))
-                .and_then(Value::as_str)
-                .unwrap_or("<unnamed>");
-            ns.map_or_else(|| n.to_string(), |ns| format!("{ns}/{n}"))
-        };
-        let bad = |reason: String| ManifestError::Object {
-            file: file.into(),
-            kind: kind.clone(),
-            name: name.clone(),
-            reason,
-        };
-        match kind.as_str() {
-            "Service" => match serde_json::from_value(doc) {
-                Ok(s) => self.services.push(s),
-                Err(e) => errors.push(bad(e.to_string())),
-            },
-            "EndpointSlice" => match serde_json::from_value::<EndpointSlice>(doc) {
-                Ok(mut s) => {
-                    // The API server defaults a port's protocol to TCP; files are not defaulted.
-                    for p in s.ports.iter_mut().flatten() {
-                        p.protocol.get_or_insert_with(|| "TCP".into());
-                    }
-                    self.endpoint_slices.push(s)
-                }
-                Err(e) => errors.push(bad(e.to_string())),
-            },
-            "Node" => match serde_json::from_value(doc) {
-                Ok(n) => self.nodes.push(n),
-                Err(e) => errors.push(bad(e.to_string())),
-            },
-            "ServiceCIDR" => match serde_json::from_value(doc) {
-                Ok(c) => self.service_cidrs.push(c),
-                Err(e) => errors.push(bad(e.to_string())),
-            },
-            _ => {}
+    }
+
+    fn push(&mut self, o: Object) {
+        match o {
+            Object::Service(s) => self.services.push(*s),
+            Object::Slice(s) => self.endpoint_slices.push(*s),
+            Object::Node(n) => self.nodes.push(*n),
+            Object::ServiceCidr(c) => self.service_cidrs.push(*c),
         }
     }
 
@@ -205,21 +533,15 @@ impl Objects {
         filter: &Filter,
     ) -> (Store, Vec<ConvertError>, Vec<String>) {
         let mut store = Store::new();
-        let (errors, skipped) = self.replace_in(&mut store, node_name, filter);
-        (store, errors, skipped)
+        let loaded = self.replace_in(&mut store, node_name, filter);
+        (store, loaded.invalid, loaded.skipped)
     }
 
     /// Replaces everything in `store` with these objects (as a re-list would), so the store
-    /// records exactly which Services changed. Returns the invalid objects and the skipped
-    /// ones (with the reason).
-    pub fn replace_in(
-        self,
-        store: &mut Store,
-        node_name: Option<&str>,
-        filter: &Filter,
-    ) -> (Vec<ConvertError>, Vec<String>) {
-        let mut errors = Vec::new();
-        let mut skipped = Vec::new();
+    /// records exactly which Services changed. Returns the invalid objects, the skipped ones
+    /// and the ignored EndpointSlices (with the reason).
+    pub fn replace_in(self, store: &mut Store, node_name: Option<&str>, filter: &Filter) -> Loaded {
+        let mut loaded = Loaded::default();
         let mut services = Vec::new();
         for s in &self.services {
             match convert::service(s, filter) {
@@ -232,14 +554,26 @@ impl Objects {
                         services.push((key, ports));
                     }
                 }
-                Ok(Converted::Skipped(why)) => skipped.push(format!(
+                Ok(Converted::Skipped(why)) => loaded.skipped.push(format!(
                     "Service {}/{}: {why}",
                     s.metadata.namespace.as_deref().unwrap_or("default"),
                     s.metadata.name.as_deref().unwrap_or("")
                 )),
-                Err(e) => errors.push(e),
+                Err(e) => loaded.invalid.push(e),
             }
         }
+        // Which families each Service serves: those of its cluster IPs (kube-proxy programs a
+        // Service only in the families it has a cluster IP in).
+        let families: BTreeMap<convert::ServiceKey, BTreeSet<IpFamily>> = services
+            .iter()
+            .map(|(k, ports)| {
+                let fams = ports
+                    .iter()
+                    .flat_map(|p| p.cluster_ips().iter().map(IpFamily::of))
+                    .collect();
+                (k.clone(), fams)
+            })
+            .collect();
         store.replace_services(services);
         let mut slices = Vec::new();
         for s in &self.endpoint_slices {
@@ -252,13 +586,32 @@ impl Objects {
             );
             match convert::endpoint_slice(s, filter) {
                 Ok((Converted::Accepted(slice), errs)) => {
-                    errors.extend(errs);
+                    loaded.invalid.extend(errs);
+                    let why = match families.get(&slice.service) {
+                        None => Some(format!(
+                            "its Service {} is not in the manifests (or not proxied)",
+                            slice.service
+                        )),
+                        Some(f) if !f.contains(&slice.family) => Some(format!(
+                            "addressType {} but Service {} has no {} cluster IP",
+                            slice.family, slice.service, slice.family
+                        )),
+                        Some(_) => None,
+                    };
+                    if let Some(reason) = why {
+                        loaded.ignored.push(Ignored {
+                            file: String::new(),
+                            kind: "EndpointSlice".into(),
+                            name: format!("{}/{}", key.0, key.1),
+                            reason,
+                        });
+                    }
                     slices.push((key, slice));
                 }
-                Ok((Converted::Skipped(why), _)) => {
-                    skipped.push(format!("EndpointSlice {}/{}: {why}", key.0, key.1))
-                }
-                Err(e) => errors.push(e),
+                Ok((Converted::Skipped(why), _)) => loaded
+                    .skipped
+                    .push(format!("EndpointSlice {}/{}: {why}", key.0, key.1)),
+                Err(e) => loaded.invalid.push(e),
             }
         }
         store.replace_slices(slices);
@@ -273,7 +626,7 @@ impl Objects {
         match (node, node_name) {
             (Some(k), _) => match convert::node(k) {
                 Ok(n) => store.set_node(n),
-                Err(e) => errors.push(e),
+                Err(e) => loaded.invalid.push(e),
             },
             (None, Some(n)) => {
                 // A node without a Node object: no zone label, so no topology filtering.
@@ -283,12 +636,820 @@ impl Objects {
             }
             (None, None) => {}
         }
-        (errors, skipped)
+        loaded
     }
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str, String> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        format!(
+            "not UTF-8 text (invalid byte at offset {})",
+            e.valid_up_to()
+        )
+    })
+}
+
+/// What identifies a file's content without reading it: if none of these changed, neither did
+/// the content (as far as a poller can tell).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    changed: (i64, i64),
+    inode: (u64, u64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt as _;
+        Stamp {
+            len: m.len(),
+            modified: m.modified().ok(),
+            changed: (m.ctime(), m.ctime_nsec()),
+            inode: (m.dev(), m.ino()),
+        }
+    }
+}
+
+/// Why a file could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum ReadError {
+    /// Not there, not readable, or a dangling symlink.
+    #[error("{0}")]
+    Io(String),
+    /// A FIFO, socket, device or directory.
+    #[error("not a regular file ({0}); skipped without opening it")]
+    NotRegular(&'static str),
+    /// It changed while it was read: try again later.
+    #[error("changed while being read")]
+    Changed,
+}
+
+fn file_type_name(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "not a file"
+    }
+}
+
+/// Reads a regular file whole, making sure it did not change while it was read. Never opens
+/// anything else, and opens non-blocking, so a FIFO swapped in cannot hang the reader.
+fn read_file(path: &Path) -> Result<(Vec<u8>, Stamp), ReadError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let before = std::fs::metadata(path).map_err(|e| io_error(path, &e))?;
+    if !before.is_file() {
+        return Err(ReadError::NotRegular(file_type_name(before.file_type())));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| io_error(path, &e))?;
+    let opened = f.metadata().map_err(|e| io_error(path, &e))?;
+    if !opened.is_file() {
+        return Err(ReadError::NotRegular(file_type_name(opened.file_type())));
+    }
+    let stamp = Stamp::of(&before);
+    let mut bytes = Vec::with_capacity(usize::try_from(before.len()).unwrap_or(0));
+    f.read_to_end(&mut bytes).map_err(|e| io_error(path, &e))?;
+    let after = std::fs::metadata(path).map_err(|e| io_error(path, &e))?;
+    if Stamp::of(&opened) != stamp || Stamp::of(&after) != stamp {
+        return Err(ReadError::Changed);
+    }
+    Ok((bytes, stamp))
+}
+
+fn io_error(path: &Path, e: &std::io::Error) -> ReadError {
+    if e.kind() == std::io::ErrorKind::NotFound && std::fs::symlink_metadata(path).is_ok() {
+        return ReadError::Io("a symlink to a missing file".into());
+    }
+    ReadError::Io(e.to_string())
+}
+
+/// The manifest files of one command-line path: itself, or the `.yaml`, `.yml` and `.json`
+/// entries of a directory (whatever their type, so bad ones are reported), sorted.
+fn list_path(p: &Path) -> Result<Vec<PathBuf>, String> {
+    let meta = std::fs::metadata(p).map_err(|e| e.to_string())?;
+    if !meta.is_dir() {
+        return Ok(vec![p.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(p).map_err(|e| e.to_string())? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let f = entry.path();
+        if matches!(
+            f.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
+            files.push(f);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// What is known about one file.
+#[derive(Debug, Default)]
+struct FileState {
+    /// Index of the command-line path it was found under.
+    root: usize,
+    /// The content last acted on (applied, or reported as bad).
+    acted: Option<Stamp>,
+    /// A changed content seen, and since when: read once it has settled.
+    pending: Option<(Stamp, Instant)>,
+    /// The objects it last produced: each one's last good version.
+    objects: BTreeMap<ObjectKey, Object>,
+    /// Why it is currently not read, if it is not.
+    failing: Option<String>,
+    /// Objects of its last good read that are not used (kinds lb-proxy does not use).
+    ignored: Vec<Ignored>,
+}
+
+/// Manifest files and directories followed with per-file last-good state (see the module
+/// documentation for the rules).
+#[derive(Debug)]
+pub struct Sources {
+    roots: Vec<PathBuf>,
+    files: BTreeMap<PathBuf, FileState>,
+    /// Command-line paths that currently cannot be listed, with why.
+    failing_roots: BTreeMap<usize, String>,
+    /// Ignored objects already reported.
+    reported: BTreeSet<Ignored>,
+}
+
+/// The outcome of one [`Sources::refresh`].
+#[derive(Debug, Default)]
+pub struct Refresh {
+    /// Whether the objects changed.
+    pub changed: bool,
+    /// Problems found by this refresh. A file's problems are reported when it is read (so
+    /// once per change of it); a path's when it starts failing.
+    pub errors: Vec<ManifestError>,
+    /// Files removed on purpose (their objects are gone), with how many objects they had.
+    pub removed: Vec<(String, usize)>,
+    /// Whether a changed file is waiting to settle.
+    pub pending: bool,
+}
+
+impl Sources {
+    /// Follows these files and directories; nothing is read until [`Sources::refresh`].
+    pub fn new(paths: &[impl AsRef<Path>]) -> Sources {
+        Sources {
+            roots: paths.iter().map(|p| p.as_ref().to_path_buf()).collect(),
+            files: BTreeMap::new(),
+            failing_roots: BTreeMap::new(),
+            reported: BTreeSet::new(),
+        }
+    }
+
+    /// Checks that every path exists, for the start: a mistyped path is an error, not an
+    /// empty cluster.
+    pub fn check_paths(&self) -> Result<(), String> {
+        if self.roots.is_empty() {
+            return Err("-f/--manifests: give at least one file or directory".into());
+        }
+        for p in &self.roots {
+            if let Err(e) = std::fs::metadata(p) {
+                return Err(format!("-f {}: {e}", p.display()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks at every file and reads those that changed. With `settle`, a changed file is
+    /// read only once it has stayed unchanged for that long (following); without, at once
+    /// (`render`, `run --once`, the first read).
+    pub fn refresh(&mut self, filter: &Filter, settle: Option<Duration>) -> Refresh {
+        let mut out = Refresh::default();
+        for (i, root) in self.roots.clone().iter().enumerate() {
+            let listed = match list_path(root) {
+                Ok(files) => files,
+                Err(reason) => {
+                    let kept: usize = self
+                        .files
+                        .values()
+                        .filter(|f| f.root == i)
+                        .map(|f| f.objects.len())
+                        .sum();
+                    let reason = format!(
+                        "{reason}; keeping the {kept} objects read from it (remove its files to delete them)"
+                    );
+                    if self.failing_roots.get(&i) != Some(&reason) {
+                        out.errors.push(ManifestError::File {
+                            file: root.display().to_string(),
+                            reason: reason.clone(),
+                        });
+                        self.failing_roots.insert(i, reason);
+                    }
+                    continue;
+                }
+            };
+            self.failing_roots.remove(&i);
+            let gone: Vec<PathBuf> = self
+                .files
+                .iter()
+                .filter(|(p, f)| f.root == i && !listed.contains(p))
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in gone {
+                if let Some(f) = self.files.remove(&p) {
+                    if !f.objects.is_empty() {
+                        out.changed = true;
+                        out.removed.push((p.display().to_string(), f.objects.len()));
+                    }
+                }
+            }
+            for f in listed {
+                self.files.entry(f.clone()).or_insert_with(|| FileState {
+                    root: i,
+                    ..FileState::default()
+                });
+                self.look_at(&f, filter, settle, &mut out);
+            }
+        }
+        out
+    }
+
+    fn look_at(
+        &mut self,
+        path: &Path,
+        filter: &Filter,
+        settle: Option<Duration>,
+        out: &mut Refresh,
+    ) {
+        let Some(state) = self.files.get_mut(path) else {
+            return;
+        };
+        let file = path.display().to_string();
+        let fail = |state: &mut FileState, reason: String, out: &mut Refresh| {
+            let kept = state.objects.len();
+            let reason = if kept > 0 {
+                format!("{reason}; keeping the {kept} objects it last produced")
+            } else {
+                reason
+            };
+            out.errors.push(ManifestError::File {
+                file: file.clone(),
+                reason: reason.clone(),
+            });
+            state.failing = Some(reason);
+        };
+        let stamp = match std::fs::metadata(path) {
+            Ok(m) => Stamp::of(&m),
+            Err(e) => {
+                // Reported once, when it starts failing.
+                let reason = io_error(path, &e).to_string();
+                if state
+                    .failing
+                    .as_ref()
+                    .is_none_or(|f| !f.starts_with(&reason))
+                {
+                    state.acted = None;
+                    fail(state, reason, out);
+                }
+                return;
+            }
+        };
+        if state.acted == Some(stamp) {
+            return;
+        }
+        if let Some(settle) = settle {
+            match state.pending {
+                Some((s, since)) if s == stamp && since.elapsed() >= settle => {}
+                Some((s, _)) if s == stamp => {
+                    out.pending = true;
+                    return;
+                }
+                _ => {
+                    state.pending = Some((stamp, Instant::now()));
+                    out.pending = true;
+                    return;
+                }
+            }
+        }
+        state.pending = None;
+        let parsed = match read_file(path) {
+            Err(ReadError::Changed) => {
+                out.pending = true;
+                return;
+            }
+            Err(e) => Err(e.to_string()),
+            Ok((bytes, _)) => utf8(&bytes).and_then(|text| Parsed::from_text(&file, text)),
+        };
+        state.acted = Some(stamp);
+        let mut parsed = match parsed {
+            Ok(p) if p.documents == 0 && !state.objects.is_empty() => {
+                fail(
+                    state,
+                    "empty (being rewritten?); remove the file, or write an empty List, to delete its objects".into(),
+                    out,
+                );
+                return;
+            }
+            Ok(p) => p,
+            Err(reason) => {
+                fail(state, reason, out);
+                return;
+            }
+        };
+        state.failing = None;
+        state.ignored = std::mem::take(&mut parsed.ignored);
+        let (objects, errors) = validate(&file, parsed, &state.objects, filter);
+        out.errors.extend(errors);
+        if objects != state.objects {
+            state.objects = objects;
+            out.changed = true;
+        }
+    }
+
+    /// Every object, merged across files; for a duplicate, the last file in sort order wins
+    /// and the others are returned as ignored.
+    pub fn objects(&self) -> (Objects, Vec<Ignored>) {
+        let mut merged: BTreeMap<&ObjectKey, (&Path, &Object)> = BTreeMap::new();
+        let mut ignored = Vec::new();
+        for (path, state) in &self.files {
+            ignored.extend(state.ignored.iter().cloned());
+            for (key, o) in &state.objects {
+                if let Some((loser, _)) = merged.insert(key, (path, o)) {
+                    ignored.push(Ignored {
+                        file: loser.display().to_string(),
+                        kind: key.0.into(),
+                        name: display_name(&key.1, &key.2),
+                        reason: format!(
+                            "also defined in {}, which wins (the last file in sort order)",
+                            path.display()
+                        ),
+                    });
+                }
+            }
+        }
+        let mut objects = Objects::default();
+        for (_, (_, o)) in merged {
+            objects.push(o.clone());
+        }
+        (objects, ignored)
+    }
+
+    /// The file an object (kind, `namespace/name`) was read from, if any.
+    pub fn file_of(&self, kind: &str, name: &str) -> Option<String> {
+        self.files.iter().find_map(|(p, s)| {
+            s.objects
+                .keys()
+                .any(|k| k.0 == kind && display_name(&k.1, &k.2) == name)
+                .then(|| p.display().to_string())
+        })
+    }
+
+    /// Files and paths currently failing (each keeps what it last produced).
+    pub fn failing(&self) -> usize {
+        self.failing_roots.len() + self.files.values().filter(|f| f.failing.is_some()).count()
+    }
+
+    /// Of the objects ignored now, those not reported before (each is reported once while it
+    /// stays ignored).
+    pub fn newly_ignored(&mut self, now: Vec<Ignored>) -> Vec<Ignored> {
+        let now: BTreeSet<Ignored> = now.into_iter().collect();
+        let new = now.difference(&self.reported).cloned().collect();
+        self.reported = now;
+        new
+    }
+}
+
+/// Validates a file's objects as the store will convert them. An object that is invalid, or
+/// whose document did not match its schema, keeps its last good version from `old` (if any);
+/// everything else is taken as read. Returns the objects and the problems.
+fn validate(
+    file: &str,
+    parsed: Parsed,
+    old: &BTreeMap<ObjectKey, Object>,
+    filter: &Filter,
+) -> (BTreeMap<ObjectKey, Object>, Vec<ManifestError>) {
+    let mut errors = parsed.errors;
+    let mut objects = BTreeMap::new();
+    let invalid = |e: ConvertError| ManifestError::Invalid {
+        file: file.into(),
+        source: e,
+    };
+    let mut keep_old = Vec::new();
+    for (key, o) in parsed.objects {
+        let valid = match &o {
+            Object::Service(s) => convert::service(s, filter).map(|_| ()),
+            Object::Slice(s) => convert::endpoint_slice(s, filter).map(|(_, endpoint_errors)| {
+                errors.extend(endpoint_errors.into_iter().map(invalid))
+            }),
+            Object::Node(n) => convert::node(n).map(|_| ()),
+            Object::ServiceCidr(c) => convert::service_cidr(c).map(|_| ()),
+        };
+        match valid {
+            Ok(()) => {
+                objects.insert(key, o);
+            }
+            Err(e) => {
+                errors.push(invalid(e));
+                keep_old.push(key);
+            }
+        }
+    }
+    for key in keep_old.into_iter().chain(parsed.broken) {
+        if let Some(o) = old.get(&key) {
+            objects.entry(key).or_insert_with(|| o.clone());
+        }
+    }
+    (objects, errors)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: t\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n";
+    const SVC2: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: api\n  namespace: t\nspec:\n  clusterIP: 10.96.0.11\n  ports:\n  - name: http\n    port: 80\n";
+
+    /// A scratch directory removed on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Dir {
+            let p =
+                std::env::temp_dir().join(format!("lb-manifests-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).expect("scratch directory");
+            Dir(p)
+        }
+        fn write(&self, name: &str, text: impl AsRef<[u8]>) {
+            std::fs::write(self.0.join(name), text).expect("write");
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn names(s: &Sources) -> Vec<String> {
+        let (o, _) = s.objects();
+        o.services
+            .iter()
+            .map(|s| s.metadata.name.clone().unwrap_or_default())
+            .collect()
+    }
+
+    fn refresh(s: &mut Sources) -> Refresh {
+        s.refresh(&Filter::default(), None)
+    }
+
+    #[test]
+    fn issue_10_a_type_error_names_the_field_path() {
+        let mut o = Objects::default();
+        let mut errors = Vec::new();
+        o.add_text(
+            "f.yaml",
+            &SVC.replace("port: 80", "port: eighty"),
+            &mut errors,
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let text = errors[0].to_string();
+        assert!(
+            text.contains(r#"Service t/web: field spec.ports[0].port: invalid type: string "eighty", expected i32"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn issue_10_more_than_1024_documents_and_250000_nodes_are_read_whole() {
+        let mut text = String::new();
+        for i in 0..3000 {
+            text.push_str(&SVC.replace("name: web", &format!("name: web-{i}")));
+            text.push_str("---\n");
+        }
+        let mut o = Objects::default();
+        let mut errors = Vec::new();
+        o.add_text("big.yaml", &text, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(o.services.len(), 3000);
+        // One List of 30,000 endpoints: far more than 250,000 parser nodes.
+        let mut list = String::from("apiVersion: v1\nkind: List\nitems:\n");
+        for i in 0..30 {
+            list.push_str(&format!("- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: s{i}\n    namespace: t\n    labels: {{kubernetes.io/service-name: web}}\n  addressType: IPv4\n  endpoints:\n"));
+            for j in 0..1000 {
+                list.push_str(&format!(
+                    "  - addresses: [\"10.1.{}.{}\"]\n    conditions: {{ready: true, serving: true, terminating: false}}\n    nodeName: node-a\n",
+                    j / 250,
+                    j % 250
+                ));
+            }
+        }
+        let mut errors = Vec::new();
+        o.add_text("list.yaml", &list, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(o.endpoint_slices.len(), 30);
+    }
+
+    #[test]
+    fn yaml_alias_bombs_and_absurd_nesting_are_still_refused() {
+        let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..12 {
+            let p = i - 1;
+            bomb.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        let started = Instant::now();
+        assert!(parse_documents(&bomb).is_err(), "an alias bomb is refused");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(
+            Parsed::from_text("f", &deep).is_err(),
+            "absurd JSON nesting"
+        );
+        // Deep nesting inside an object: refused or skipped, never a stack overflow.
+        let svc = format!(
+            r#"{{"kind":"Service","metadata":{{"name":"x"}},"spec":{{"ports":[{{"port":80}}],"x":{}1{}}}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let _ = Parsed::from_text("f", &svc);
+        let deep_yaml = format!("a: {}1{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(parse_documents(&deep_yaml).is_err(), "absurd YAML nesting");
+    }
+
+    #[test]
+    fn json_is_read_as_one_value_a_stream_or_a_list() {
+        let svc = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web","namespace":"t"},"spec":{"clusterIP":"10.96.0.10","ports":[{"port":80}]}}"#;
+        for text in [
+            svc.to_string(),
+            format!("{svc}\n{}", svc.replace("\"web\"", "\"api\"")),
+            format!(r#"{{"apiVersion":"v1","kind":"List","items":[{svc}]}}"#),
+        ] {
+            let mut o = Objects::default();
+            let mut errors = Vec::new();
+            o.add_text("f.json", &text, &mut errors);
+            assert!(errors.is_empty(), "{errors:?}");
+            assert!(!o.services.is_empty());
+        }
+        let mut errors = Vec::new();
+        Objects::default().add_text("f.json", r#"{"kind": "Service", "metadata": {"name": "x"}, "spec": {"ports": [{"port": "eighty"}]}}"#, &mut errors);
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("field spec.ports[0].port: invalid type"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn issue_10_a_file_that_stops_parsing_keeps_its_objects_until_it_parses_again() {
+        let d = Dir::new("parse");
+        d.write("a.yaml", format!("{SVC}---\n{SVC2}"));
+        let mut s = Sources::new(&[&d.0]);
+        assert!(refresh(&mut s).changed);
+        assert_eq!(names(&s), ["api", "web"]);
+        for bad in [
+            format!("{SVC}---\n{SVC2}---\nkind: Service\n  bad: [indent\n").into_bytes(),
+            [format!("{SVC}---\n{SVC2}").as_bytes(), b"\xff\n"].concat(),
+            Vec::new(),
+            b"# nothing yet\n".to_vec(),
+            format!("{SVC}---\n{SVC2}---\nmetadata:\n  name: no-kind\n").into_bytes(),
+        ] {
+            d.write("a.yaml", &bad);
+            let r = refresh(&mut s);
+            assert!(!r.changed, "{}", String::from_utf8_lossy(&bad));
+            assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+            assert!(
+                r.errors[0].to_string().contains("a.yaml")
+                    && r.errors[0].to_string().contains("keeping the 2 objects"),
+                "{}",
+                r.errors[0]
+            );
+            assert_eq!(names(&s), ["api", "web"]);
+            assert_eq!(s.failing(), 1);
+        }
+        // An object deleted from a file that parses is gone.
+        d.write("a.yaml", SVC);
+        assert!(refresh(&mut s).changed);
+        assert_eq!(names(&s), ["web"]);
+        assert_eq!(s.failing(), 0);
+    }
+
+    #[test]
+    fn issue_10_an_invalid_object_keeps_its_last_good_version() {
+        let d = Dir::new("object");
+        d.write("a.yaml", format!("{SVC}---\n{SVC2}"));
+        let mut s = Sources::new(&[&d.0]);
+        refresh(&mut s);
+        // A schema error and a validation error: both keep the last good version, while
+        // the other object's change is taken.
+        for bad in ["port: eighty", "port: 0"] {
+            d.write(
+                "a.yaml",
+                format!(
+                    "{}---\n{}",
+                    SVC.replace("port: 80", bad),
+                    SVC2.replace("10.96.0.11", "10.96.0.12")
+                ),
+            );
+            let r = refresh(&mut s);
+            assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+            assert!(
+                r.errors[0].to_string().contains("spec.ports[0].port"),
+                "{}",
+                r.errors[0]
+            );
+            let (o, _) = s.objects();
+            let port = |n: &str| {
+                o.services
+                    .iter()
+                    .find(|s| s.metadata.name.as_deref() == Some(n))
+                    .and_then(|s| s.spec.as_ref())
+                    .map(|s| (s.cluster_ip.clone(), s.ports.as_ref().map(|p| p[0].port)))
+            };
+            assert_eq!(port("web"), Some((Some("10.96.0.10".into()), Some(80))));
+            assert_eq!(port("api").and_then(|p| p.0), Some("10.96.0.12".into()));
+        }
+        // A new object that is invalid from the start is simply left out.
+        d.write(
+            "b.yaml",
+            SVC2.replace("name: api", "name: new")
+                .replace("port: 80", "port: 0"),
+        );
+        assert_eq!(refresh(&mut s).errors.len(), 1);
+        assert_eq!(names(&s), ["api", "web"]);
+    }
+
+    #[test]
+    fn issue_10_a_removed_file_deletes_its_objects_but_a_vanished_directory_keeps_them() {
+        let d = Dir::new("vanish");
+        let sub = d.0.join("cluster");
+        std::fs::create_dir_all(&sub).expect("dir");
+        std::fs::write(sub.join("a.yaml"), SVC).expect("write");
+        std::fs::write(sub.join("b.yaml"), SVC2).expect("write");
+        let mut s = Sources::new(&[&sub]);
+        refresh(&mut s);
+        assert_eq!(names(&s), ["api", "web"]);
+        // Removed on purpose from a directory that is still there: gone.
+        std::fs::remove_file(sub.join("b.yaml")).expect("rm");
+        let r = refresh(&mut s);
+        assert!(r.changed);
+        assert_eq!(r.removed.len(), 1);
+        assert_eq!(names(&s), ["web"]);
+        // The directory itself disappears: reported once, everything stays.
+        std::fs::rename(&sub, d.0.join("elsewhere")).expect("rename");
+        let r = refresh(&mut s);
+        assert!(!r.changed);
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        assert!(
+            r.errors[0].to_string().contains("keeping the 1 objects"),
+            "{}",
+            r.errors[0]
+        );
+        assert!(refresh(&mut s).errors.is_empty(), "reported once");
+        assert_eq!(names(&s), ["web"]);
+        // A followed file that disappears: the same.
+        let f = d.0.join("elsewhere/a.yaml");
+        let mut s = Sources::new(&[&f]);
+        refresh(&mut s);
+        std::fs::remove_file(&f).expect("rm");
+        assert_eq!(refresh(&mut s).errors.len(), 1);
+        assert_eq!(names(&s), ["web"]);
+    }
+
+    #[test]
+    fn issue_10_dangling_symlinks_and_fifos_are_reported_and_never_block() {
+        let d = Dir::new("special");
+        d.write("a.yaml", SVC);
+        std::os::unix::fs::symlink(d.0.join("a.yaml"), d.0.join("link.yaml")).expect("symlink");
+        let fifo = d.0.join("pipe.yaml");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success(), "mkfifo");
+        let mut s = Sources::new(&[&d.0]);
+        let r = refresh(&mut s);
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        assert!(r.errors[0].to_string().contains("FIFO"), "{}", r.errors[0]);
+        // The symlinked copy is a duplicate of a.yaml: the last in sort order wins.
+        let (_, ignored) = s.objects();
+        assert_eq!(ignored.len(), 1, "{ignored:?}");
+        assert!(
+            ignored[0].reason.contains("link.yaml, which wins"),
+            "{}",
+            ignored[0]
+        );
+        // The symlink's target goes: link.yaml keeps its objects, reported.
+        std::fs::rename(d.0.join("a.yaml"), d.0.join("a.yml.bak")).expect("rename");
+        let r = refresh(&mut s);
+        assert!(
+            r.errors.iter().any(|e| e
+                .to_string()
+                .contains("link.yaml: a symlink to a missing file; keeping the 1 objects")),
+            "{:?}",
+            r.errors
+        );
+        assert_eq!(names(&s), ["web"]);
+        assert!(refresh(&mut s).errors.is_empty(), "reported once");
+    }
+
+    #[test]
+    fn issue_10_a_changed_file_is_read_only_once_it_has_settled() {
+        let d = Dir::new("settle");
+        d.write("a.yaml", SVC);
+        let mut s = Sources::new(&[&d.0]);
+        refresh(&mut s);
+        let settle = Some(Duration::from_millis(300));
+        d.write("a.yaml", SVC2);
+        let r = s.refresh(&Filter::default(), settle);
+        assert!(!r.changed && r.pending);
+        std::thread::sleep(Duration::from_millis(100));
+        // Written again before it settled: the clock restarts.
+        d.write("a.yaml", format!("{SVC2}---\n{SVC}"));
+        assert!(!s.refresh(&Filter::default(), settle).changed);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!s.refresh(&Filter::default(), settle).changed);
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(s.refresh(&Filter::default(), settle).changed);
+        assert_eq!(names(&s), ["api", "web"]);
+    }
+
+    #[test]
+    fn issue_10_ignored_objects_are_reported_once_each() {
+        let d = Dir::new("ignored");
+        let slice = |name: &str, svc: &str, family: &str, ip: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: t\n  labels:\n    kubernetes.io/service-name: {svc}\naddressType: {family}\nendpoints:\n- addresses: [\"{ip}\"]\n"
+            )
+        };
+        d.write(
+            "a.yaml",
+            format!(
+                "{SVC}---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: t\n---\n{}---\n{}",
+                slice("web-v6", "web", "IPv6", "fd00::1"),
+                slice("gone-1", "gone", "IPv4", "10.0.0.1"),
+            ),
+        );
+        d.write("b.yaml", SVC);
+        let mut s = Sources::new(&[&d.0]);
+        refresh(&mut s);
+        let (objects, mut ignored) = s.objects();
+        let mut store = Store::new();
+        let loaded = objects.replace_in(&mut store, Some("node-a"), &Filter::default());
+        ignored.extend(loaded.ignored);
+        let reported = s.newly_ignored(ignored.clone());
+        let text: Vec<String> = reported.iter().map(|i| i.to_string()).collect();
+        assert_eq!(text.len(), 4, "{text:#?}");
+        let has = |s: &str| text.iter().any(|t| t.contains(s));
+        assert!(
+            has("Pod t/p: ignored: lb-proxy does not use Pod objects"),
+            "{text:#?}"
+        );
+        assert!(has("Service t/web: ignored: also defined in"), "{text:#?}");
+        assert!(
+            has(
+                "EndpointSlice t/web-v6: ignored: addressType IPv6 but Service t/web has no IPv6 cluster IP"
+            ),
+            "{text:#?}"
+        );
+        assert!(
+            has("EndpointSlice t/gone-1: ignored: its Service t/gone is not in the manifests"),
+            "{text:#?}"
+        );
+        assert!(s.newly_ignored(ignored).is_empty(), "once");
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    #[test]
+    fn a_big_stream_is_cut_only_at_document_markers_and_reads_the_same() {
+        let doc = "kind: Service\nmetadata:\n  name: x\ntext: |\n  ---not a marker\n  --- neither, indented\n";
+        let mut text = String::new();
+        while text.len() < 3 << 20 {
+            text.push_str("---\n");
+            text.push_str(doc);
+        }
+        let pieces = split_stream(&text, 3);
+        assert_eq!(pieces.len(), 3);
+        assert_eq!(pieces.concat(), text);
+        assert!(pieces.iter().all(|p| p.starts_with("---\n")));
+        let whole = parse_yaml_chunk(&text).expect("YAML");
+        assert_eq!(parse_yaml(&text).expect("YAML"), whole);
+        assert_eq!(split_stream(&format!("%YAML 1.2\n{text}"), 3).len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod default_tests {
     use super::*;
 
     #[test]

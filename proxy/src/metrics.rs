@@ -21,6 +21,13 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// Label naming the kind of an ignored object (any kind: unknown ones too).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct IgnoredLabel {
+    /// The object's `kind`.
+    pub kind: String,
+}
+
 /// Label with an IP family, as kube-proxy's per-family metrics carry it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct FamilyLabel {
@@ -108,6 +115,14 @@ pub struct Metrics {
     pub invalid_objects: Family<KindLabel, Counter>,
     /// `lb_proxy_watch_errors_total{kind}`.
     pub watch_errors: Family<KindLabel, Counter>,
+    /// `lb_proxy_ignored_objects_total{kind}`: objects read and deliberately not used, as
+    /// kube-proxy would not use them (counted once per object while it stays ignored).
+    pub ignored_objects: Family<IgnoredLabel, Counter>,
+    /// `lb_proxy_manifest_read_errors_total`: manifest files or paths that could not be
+    /// read or parsed (each keeps the objects it last produced).
+    pub manifest_read_errors: Counter,
+    /// `lb_proxy_manifest_sources_failing`: manifest files or paths currently failing.
+    pub manifest_sources_failing: Gauge,
     /// `kubeproxy_conntrack_reconciler_deleted_entries_total`.
     pub conntrack_deleted: Counter,
     /// `lb_proxy_affinity_entries_purged_total`: ClientIP affinity entries deleted because
@@ -228,6 +243,9 @@ impl Metrics {
             elements_programmed: Counter::default(),
             invalid_objects: Family::default(),
             watch_errors: Family::default(),
+            ignored_objects: Family::default(),
+            manifest_read_errors: Counter::default(),
+            manifest_sources_failing: Gauge::default(),
             conntrack_deleted: Counter::default(),
             affinity_purged: Counter::default(),
             service_traffic: ServiceTraffic::default(),
@@ -332,6 +350,21 @@ impl Metrics {
             "invalid_objects",
             "Objects rejected as invalid",
             m.invalid_objects.clone(),
+        );
+        ours.register(
+            "ignored_objects",
+            "Objects read and not used, as kube-proxy would not use them (unknown kinds, duplicates, EndpointSlices without a matching Service or family)",
+            m.ignored_objects.clone(),
+        );
+        ours.register(
+            "manifest_read_errors",
+            "Manifest files or paths that could not be read or parsed (their last good objects stay)",
+            m.manifest_read_errors.clone(),
+        );
+        ours.register(
+            "manifest_sources_failing",
+            "Manifest files or paths currently failing (their last good objects stay)",
+            m.manifest_sources_failing.clone(),
         );
         ours.register(
             "watch_errors",

@@ -573,6 +573,8 @@ fn lb_proxy_render_output_loads_with_nft_including_affinity_and_source_ranges() 
     let out = std::process::Command::new(lb_e2e::binary("lb-proxy"))
         .args([
             "render",
+            // The example holds a broken Service and a bad endpoint on purpose.
+            "--keep-going",
             "--node",
             "node-a",
             "--cluster-cidr",
