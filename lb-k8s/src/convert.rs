@@ -452,6 +452,34 @@ pub fn node(n: &K8sNode) -> Result<Node, ConvertError> {
         .map_err(|e| error(e.field, e.reason))
 }
 
+/// The ranges of a `networking.k8s.io/v1` ServiceCIDR (`spec.cidrs`, at most one per family),
+/// which cluster IPs are allocated from. kube-proxy drops traffic to an address inside them
+/// that no Service holds.
+pub fn service_cidr(
+    c: &k8s_openapi::api::networking::v1::ServiceCIDR,
+) -> Result<Vec<ipnet::IpNet>, ConvertError> {
+    let cidrs = c
+        .spec
+        .as_ref()
+        .and_then(|s| s.cidrs.as_deref())
+        .unwrap_or_default();
+    cidrs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.parse::<ipnet::IpNet>()
+                .map(|n| n.trunc())
+                .map_err(|_| ConvertError {
+                    kind: "ServiceCIDR",
+                    namespace: String::new(),
+                    name: c.metadata.name.clone().unwrap_or_default(),
+                    field: format!("spec.cidrs[{i}]"),
+                    reason: format!("{s:?} is not a CIDR"),
+                })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod node_tests {
     use super::*;

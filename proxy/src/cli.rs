@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use lb_core::IpFamily;
 
-use crate::compile::{self, Config};
+use crate::compile::{self, Config, NodePortAddresses};
 use crate::conntrack::ServicePorts;
 use crate::convert::Filter;
 use crate::manifests::{ManifestError, Sources};
@@ -158,13 +158,17 @@ pub struct DaemonArgs {
     /// (`detectLocal.interfaceNamePrefix`).
     #[arg(long)]
     pub pod_interface_name_prefix: Option<String>,
-    /// CIDRs of the addresses that accept NodePort traffic, or `primary`, comma-separated
-    /// (`nodePortAddresses`; default: every local address but loopback).
+    /// Addresses that accept NodePort traffic (`nodePortAddresses`): `primary` (the default:
+    /// the node's primary addresses from its Node object) or comma-separated CIDRs.
     #[arg(long)]
     pub nodeport_addresses: Option<String>,
     /// Masquerade all traffic to cluster IPs (`nftables.masqueradeAll`).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub masquerade_all: Option<bool>,
+    /// Cluster IP ranges, comma-separated, used while the cluster has no `networking.k8s.io/v1`
+    /// ServiceCIDR objects: traffic to an address inside them that no Service holds is dropped.
+    #[arg(long, value_delimiter = ',')]
+    pub service_cidr: Vec<IpNet>,
     /// Mark bit that requests masquerading (`nftables.masqueradeBit`, default 14).
     #[arg(long, visible_alias = "iptables-masquerade-bit")]
     pub masquerade_bit: Option<i64>,
@@ -398,13 +402,18 @@ pub struct ManifestArgs {
     /// The prefix of the pods' interface names, with `--detect-local-mode InterfaceNamePrefix`.
     #[arg(long)]
     pub pod_interface_name_prefix: Option<String>,
-    /// CIDRs of the addresses that accept NodePort traffic (default: every local address but
-    /// loopback).
-    #[arg(long, value_delimiter = ',')]
-    pub nodeport_addresses: Vec<IpNet>,
+    /// Addresses that accept NodePort traffic: `primary` (the default: the Node's primary
+    /// addresses, or every local address when the Node lists none) or comma-separated CIDRs
+    /// (`0.0.0.0/0,::/0`: every local address).
+    #[arg(long, default_value = "primary")]
+    pub nodeport_addresses: NodePortAddresses,
     /// Masquerade all traffic to cluster IPs.
     #[arg(long)]
     pub masquerade_all: bool,
+    /// Cluster IP ranges, comma-separated, used when the manifests hold no ServiceCIDR object:
+    /// traffic to an address inside them that no Service holds is dropped.
+    #[arg(long, value_delimiter = ',')]
+    pub service_cidr: Vec<IpNet>,
     /// Mark bit that requests masquerading.
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..=31))]
     pub masquerade_bit: u8,
@@ -475,8 +484,8 @@ impl ManifestArgs {
             cluster_cidrs: self.cluster_cidr.clone(),
             masquerade_all: self.masquerade_all,
             masquerade_bit: self.masquerade_bit,
-            nodeport_cidrs: (!self.nodeport_addresses.is_empty())
-                .then(|| self.nodeport_addresses.clone()),
+            nodeport_addresses: self.nodeport_addresses.clone(),
+            service_cidrs: self.service_cidr.clone(),
             table: self.table.clone(),
             detect_local,
         })
@@ -516,6 +525,7 @@ impl ManifestArgs {
                 let kind = match kind {
                     "Service" => "Service",
                     "EndpointSlice" => "EndpointSlice",
+                    "ServiceCIDR" => "ServiceCIDR",
                     _ => "Node",
                 };
                 m.invalid_objects.get_or_create(&KindLabel { kind }).inc();
@@ -529,7 +539,8 @@ impl ManifestArgs {
             m.manifest_sources_failing
                 .set(i64::try_from(sources.failing()).unwrap_or(i64::MAX));
         }
-        let load = Load {
+        let mut load = Load {
+            service_cidrs: None,
             changed: r.changed,
             problems: r.errors.len(),
             read_errors: read_errors > 0,
@@ -538,6 +549,8 @@ impl ManifestArgs {
             return Ok(load);
         }
         let (objects, mut ignored) = sources.objects();
+        // Invalid ServiceCIDRs were reported when their file was read, as other objects.
+        load.service_cidrs = Some(objects.service_cidrs(&mut |_| {}));
         let loaded = objects.replace_in(store, self.node.as_deref(), &filter);
         // Invalid objects were reported when their file was read (and kept their last good
         // version), so `loaded.invalid` holds nothing new.
@@ -561,7 +574,7 @@ impl ManifestArgs {
 
     /// Reads the manifests once into a new store: an error for a missing path, for any
     /// skipped input unless `keep_going`, and always for read errors that leave no Service.
-    fn load_once(&self, keep_going: bool) -> anyhow::Result<Store> {
+    fn load_once(&self, keep_going: bool) -> anyhow::Result<(Store, Vec<IpNet>)> {
         let mut sources = Sources::new(&self.paths);
         sources.check_paths().map_err(anyhow::Error::msg)?;
         let mut store = Store::new();
@@ -575,7 +588,7 @@ impl ManifestArgs {
         if load.read_errors && store.service_count() == 0 {
             bail!("manifests could not be read and no Service was: refusing to use an empty set");
         }
-        Ok(store)
+        Ok((store, load.service_cidrs.unwrap_or_default()))
     }
 
     /// The desired ruleset for the manifests as they are now (what is valid of them).
@@ -585,9 +598,12 @@ impl ManifestArgs {
 
     /// The desired ruleset; an error when any input was skipped, unless `keep_going`.
     fn desired_checked(&self, keep_going: bool) -> anyhow::Result<Ruleset> {
-        let store = self.load_once(keep_going)?;
+        let (store, service_cidrs) = self.load_once(keep_going)?;
         let snap = store.snapshot().context("node unknown")?;
-        let config = self.config()?;
+        let mut config = self.config()?;
+        if !service_cidrs.is_empty() {
+            config.service_cidrs = service_cidrs;
+        }
         let mut rs = Ruleset::default();
         for family in [IpFamily::V4, IpFamily::V6] {
             let (id, table, _stats) = compile::compile(&snap, &config, family);
@@ -598,8 +614,10 @@ impl ManifestArgs {
 }
 
 /// What one [`ManifestArgs::load`] found.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Load {
+    /// The CIDRs of the ServiceCIDR objects, when the objects were (re)loaded.
+    service_cidrs: Option<Vec<IpNet>>,
     /// The objects changed (the store was reloaded).
     changed: bool,
     /// Inputs skipped: files not read, objects invalid (each kept its last good state).
@@ -668,7 +686,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             let to = to_ip;
-            let store = manifests.load_once(true)?;
+            let (store, service_cidrs) = manifests.load_once(true)?;
             let snap = store.snapshot().context("node unknown")?;
             let q = crate::explain::Query {
                 to,
@@ -678,7 +696,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 from_node,
                 to_node: true,
             };
-            let e = crate::explain::explain(&snap, &manifests.config()?, &q);
+            let mut config = manifests.config()?;
+            if !service_cidrs.is_empty() {
+                config.service_cidrs = service_cidrs;
+            }
+            let e = crate::explain::explain(&snap, &config, &q);
             if json {
                 println!(
                     "{}",
@@ -762,6 +784,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     crate::coexist::check(args.take_over)?;
+    let nodeport_addresses = s.nodeport_addresses();
     let config = crate::daemon::DaemonConfig {
         kubeconfig: s.kubeconfig,
         master: s.master,
@@ -770,7 +793,8 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             cluster_cidrs: s.cluster_cidrs,
             masquerade_all: s.masquerade_all,
             masquerade_bit: s.masquerade_bit,
-            nodeport_cidrs: s.nodeport_cidrs,
+            nodeport_addresses,
+            service_cidrs: args.service_cidr.clone(),
             table: args.table.clone(),
             detect_local: s
                 .detect_local
@@ -946,7 +970,10 @@ fn run_manifests(args: &ManifestArgs, opts: &RunOptions) -> anyhow::Result<()> {
     let metrics = metrics.as_deref();
     let mut dataplane = Dataplane::new(netlink()?, args.config()?);
     let mut store = Store::new();
-    let load = args.load(&mut sources, &mut store, None, metrics)?;
+    let mut load = args.load(&mut sources, &mut store, None, metrics)?;
+    if let Some(cidrs) = load.service_cidrs.take() {
+        dataplane.set_service_cidrs(cidrs);
+    }
     if opts.once && load.problems > 0 && !opts.keep_going {
         bail!(
             "{} inputs skipped (see above), so nothing was programmed: fix them, or pass --keep-going to program the rest",
@@ -986,7 +1013,12 @@ fn run_manifests(args: &ManifestArgs, opts: &RunOptions) -> anyhow::Result<()> {
     loop {
         std::thread::sleep(opts.poll);
         let load = match args.load(&mut sources, &mut store, Some(opts.settle), metrics) {
-            Ok(load) => load,
+            Ok(mut load) => {
+                if let Some(cidrs) = load.service_cidrs.take() {
+                    dataplane.set_service_cidrs(cidrs);
+                }
+                load
+            }
             Err(e) => {
                 eprintln!("lb-proxy: keeping the current ruleset: {e:#}");
                 continue;

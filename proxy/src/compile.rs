@@ -32,9 +32,11 @@
 //!   after the nat hooks of prerouting and output (so connections to the node itself are
 //!   recorded too) and only for connections dispatched for a service address or node port with
 //!   affinity. The kernel expires entries `T` after the client's last new connection, as
-//!   kube-proxy's affinity sets do. Unlike kube-proxy, the cluster IP, each external or
-//!   load-balancer IP and the node port of one service port keep separate entries: see
-//!   [`affinity`].
+//!   kube-proxy's affinity sets do. A client without an entry is dispatched through
+//!   `pick-sticky-N`, which chooses by `jhash` of its address instead of `numgen random`: every
+//!   address of the service port lists the same endpoints in the same order, so the client
+//!   lands on one endpoint whichever address it uses, as kube-proxy's per-service-port
+//!   affinity does; see [`affinity`] for what differs.
 //! * Masquerade: a mark bit (`0x4000` by default) set before DNAT and turned into
 //!   `masquerade fully-random` in `masquerading`; hairpin connections (a pod reaching itself
 //!   through a Service) are found with the `hairpin` set.
@@ -82,8 +84,13 @@ pub struct Config {
     pub masquerade_all: bool,
     /// The mark bit that requests masquerading (kube-proxy's `masqueradeBit`, default 14).
     pub masquerade_bit: u8,
-    /// Where NodePorts are served: `None` for every local address but loopback, or these CIDRs.
-    pub nodeport_cidrs: Option<Vec<IpNet>>,
+    /// Where NodePorts are served (kube-proxy's `nodePortAddresses`). [`NodePortAddresses::Primary`]
+    /// must be resolved against the Node with [`Config::for_node`] before compiling.
+    pub nodeport_addresses: NodePortAddresses,
+    /// The ranges cluster IPs are allocated from (the `networking.k8s.io/v1` ServiceCIDRs, or
+    /// `--service-cidr`): traffic to an address inside them that no Service holds is dropped,
+    /// as kube-proxy does, instead of being routed off the node. Empty: nothing dropped.
+    pub service_cidrs: Vec<IpNet>,
     /// Name of the nftables tables.
     pub table: String,
     /// How traffic from pods is told apart (kube-proxy's `detectLocalMode`).
@@ -96,7 +103,8 @@ impl Default for Config {
             cluster_cidrs: Vec::new(),
             masquerade_all: false,
             masquerade_bit: 14,
-            nodeport_cidrs: None,
+            nodeport_addresses: NodePortAddresses::Primary,
+            service_cidrs: Vec::new(),
             table: TABLE.to_string(),
             detect_local: DetectLocal::ClusterCidr,
         }
@@ -129,9 +137,22 @@ impl Config {
         1u32 << self.masquerade_bit.min(31)
     }
 
-    /// This configuration for `node`: with `detectLocalMode: NodeCIDR`, the node's pod CIDRs.
+    /// This configuration with [`NodePortAddresses::Primary`] resolved for `node`: its
+    /// primary addresses (one per family, from the Node's `status.addresses`), as kube-proxy
+    /// resolves `primary`. A node whose addresses are not known (no Node object, or one
+    /// without InternalIP/ExternalIP) serves NodePorts on every local address, as before
+    /// `primary` existed, and the caller should say so ([`Config::node_port_fallback`]).
+    /// Node address changes reach the dataplane because a Node change is a full sync.
+    /// With `detectLocalMode: NodeCIDR`, the node's pod CIDRs are filled in too.
     pub fn for_node(&self, node: &Node) -> Config {
         let mut c = self.clone();
+        if c.nodeport_addresses == NodePortAddresses::Primary {
+            c.nodeport_addresses = if node.addresses().is_empty() {
+                NodePortAddresses::All
+            } else {
+                NodePortAddresses::Cidrs(node.addresses().iter().map(|&a| IpNet::from(a)).collect())
+            };
+        }
         if let DetectLocal::NodeCidr(cidrs) = &mut c.detect_local {
             *cidrs = node.pod_cidrs().to_vec();
         }
@@ -158,6 +179,80 @@ impl Config {
                 vec![(Expr::Meta(MetaKey::IifName), Value::IfName(*name))]
             }
         }
+    }
+
+    /// Whether `primary` cannot be resolved for `node` (its addresses are unknown), so
+    /// NodePorts are served on every local address.
+    pub fn node_port_fallback(&self, node: &Node) -> bool {
+        self.nodeport_addresses == NodePortAddresses::Primary && node.addresses().is_empty()
+    }
+
+    /// The CIDRs NodePorts are limited to, `None` for every local address but loopback.
+    fn nodeport_cidrs(&self) -> Option<&[IpNet]> {
+        match &self.nodeport_addresses {
+            NodePortAddresses::All | NodePortAddresses::Primary => None,
+            NodePortAddresses::Cidrs(c) => Some(c),
+        }
+    }
+}
+
+/// Where NodePorts are served: kube-proxy's `nodePortAddresses` (`--nodeport-addresses`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum NodePortAddresses {
+    /// Every local address but loopback (`fib daddr type local`).
+    All,
+    /// The node's primary address of each family, from its Node object: kube-proxy's
+    /// `primary`, the default of its nftables mode.
+    #[default]
+    Primary,
+    /// Local addresses within these CIDRs; a family without a CIDR serves no NodePort.
+    Cidrs(Vec<IpNet>),
+}
+
+impl std::str::FromStr for NodePortAddresses {
+    type Err = String;
+
+    /// `primary`, or comma-separated CIDRs ([`NodePortAddresses::from_items`]).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let items: Vec<&str> = s.split(',').map(str::trim).collect();
+        Self::from_items(&items)
+    }
+}
+
+impl NodePortAddresses {
+    /// From the items of `nodePortAddresses`, as kube-proxy's nftables mode reads them:
+    /// nothing or `["primary"]` is [`NodePortAddresses::Primary`]; `0.0.0.0/0` together with
+    /// `::/0` is every local address; otherwise CIDRs. `primary` mixed with CIDRs is refused,
+    /// as kube-proxy's validation does.
+    pub fn from_items(items: &[&str]) -> Result<Self, String> {
+        let items: Vec<&str> = items.iter().copied().filter(|i| !i.is_empty()).collect();
+        if items.contains(&"primary") {
+            return if items.len() == 1 {
+                Ok(Self::Primary)
+            } else {
+                Err("\"primary\" must be the only value".into())
+            };
+        }
+        if items.is_empty() {
+            return Ok(Self::Primary);
+        }
+        let cidrs = items
+            .iter()
+            .map(|s| {
+                s.parse::<IpNet>()
+                    .map(|n| n.trunc())
+                    .map_err(|_| format!("{s:?} is neither a CIDR nor \"primary\""))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let everything = |v4: bool| {
+            cidrs
+                .iter()
+                .any(|n| n.prefix_len() == 0 && n.addr().is_ipv4() == v4)
+        };
+        if everything(true) && everything(false) {
+            return Ok(Self::All);
+        }
+        Ok(Self::Cidrs(cidrs))
     }
 }
 
@@ -190,12 +285,14 @@ const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 const FIREWALL_IPS: &str = "firewall-ips";
 const FIREWALL_ALLOW: &str = "firewall-allow";
 const HAIRPIN: &str = "hairpin";
+const SERVICE_CIDRS: &str = "service-cidrs";
 const NODEPORT_IPS: &str = "nodeport-ips";
 const SERVICE_TRAFFIC: &str = "service-traffic";
 const NODEPORT_TRAFFIC: &str = "nodeport-traffic";
 const COUNT_SERVICE_TRAFFIC: &str = "count-service-traffic";
 
-/// The four endpoint maps and their dispatch chains.
+/// The four endpoint maps and their dispatch chains; each with a uniform random choice, or
+/// (`Sticky…`, for Services with ClientIP affinity) a choice by a hash of the client address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Dispatch {
     /// `daddr . proto . port . bucket`, the set used by `service-ips`.
@@ -206,15 +303,23 @@ enum Dispatch {
     NodePorts,
     /// The same for eTP Local external traffic.
     NodePortsLocal,
+    /// As `Ips`, the bucket a hash of the client address.
+    StickyIps,
+    /// As `IpsLocal`, the bucket a hash of the client address.
+    StickyIpsLocal,
+    /// As `NodePorts`, the bucket a hash of the client address.
+    StickyNodePorts,
+    /// As `NodePortsLocal`, the bucket a hash of the client address.
+    StickyNodePortsLocal,
 }
 
 impl Dispatch {
     fn map(self) -> &'static str {
         match self {
-            Dispatch::Ips => ENDPOINTS,
-            Dispatch::IpsLocal => ENDPOINTS_LOCAL,
-            Dispatch::NodePorts => NODEPORT_ENDPOINTS,
-            Dispatch::NodePortsLocal => NODEPORT_ENDPOINTS_LOCAL,
+            Dispatch::Ips | Dispatch::StickyIps => ENDPOINTS,
+            Dispatch::IpsLocal | Dispatch::StickyIpsLocal => ENDPOINTS_LOCAL,
+            Dispatch::NodePorts | Dispatch::StickyNodePorts => NODEPORT_ENDPOINTS,
+            Dispatch::NodePortsLocal | Dispatch::StickyNodePortsLocal => NODEPORT_ENDPOINTS_LOCAL,
         }
     }
     fn chain(self, n: usize) -> String {
@@ -223,11 +328,37 @@ impl Dispatch {
             Dispatch::IpsLocal => "pick-local",
             Dispatch::NodePorts => "nodeport-pick",
             Dispatch::NodePortsLocal => "nodeport-pick-local",
+            Dispatch::StickyIps => "pick-sticky",
+            Dispatch::StickyIpsLocal => "pick-sticky-local",
+            Dispatch::StickyNodePorts => "nodeport-pick-sticky",
+            Dispatch::StickyNodePortsLocal => "nodeport-pick-sticky-local",
         };
         format!("{prefix}-{n}")
     }
     fn has_daddr(self) -> bool {
-        matches!(self, Dispatch::Ips | Dispatch::IpsLocal)
+        matches!(
+            self,
+            Dispatch::Ips | Dispatch::IpsLocal | Dispatch::StickyIps | Dispatch::StickyIpsLocal
+        )
+    }
+    fn is_sticky(self) -> bool {
+        matches!(
+            self,
+            Dispatch::StickyIps
+                | Dispatch::StickyIpsLocal
+                | Dispatch::StickyNodePorts
+                | Dispatch::StickyNodePortsLocal
+        )
+    }
+    /// The sticky variant (a hash of the client address chooses).
+    fn sticky(self) -> Self {
+        match self {
+            Dispatch::Ips => Dispatch::StickyIps,
+            Dispatch::IpsLocal => Dispatch::StickyIpsLocal,
+            Dispatch::NodePorts => Dispatch::StickyNodePorts,
+            Dispatch::NodePortsLocal => Dispatch::StickyNodePortsLocal,
+            other => other,
+        }
     }
 }
 
@@ -437,6 +568,7 @@ impl Compiler {
         let mut b = Builder {
             f: self.f,
             frag: Fragment::default(),
+            sticky: entry.port.session_affinity().timeout().is_some(),
         };
         let endpoints: Vec<_> = entry
             .endpoints
@@ -927,14 +1059,17 @@ fn skeleton_sets(f: Fam, config: &Config) -> Table {
         let comment = spec.comment.clone().unwrap_or_default();
         add(name, spec, &comment);
     }
-    if config.nodeport_cidrs.is_some() {
+    let mut cidrs = SetSpec::set(vec![f.addr]);
+    cidrs.flags.interval = true;
+    add(SERVICE_CIDRS, cidrs, "ServiceCIDRs: cluster IP ranges");
+    if config.nodeport_cidrs().is_some() {
         let mut s = SetSpec::set(vec![f.addr]);
         s.flags.interval = true;
         add(NODEPORT_IPS, s, "addresses that accept NodePort traffic");
         // Overlapping intervals are refused by the kernel: merge them first.
         let cidrs: Vec<IpNet> = config
-            .nodeport_cidrs
-            .iter()
+            .nodeport_cidrs()
+            .into_iter()
             .flatten()
             .filter(|n| f.is(&n.addr()))
             .copied()
@@ -943,6 +1078,18 @@ fn skeleton_sets(f: Fam, config: &Config) -> Table {
             for n in IpNet::aggregate(&cidrs) {
                 set.elements.insert(vec![net_value(n)], Element::key_only());
             }
+        }
+    }
+    let in_family: Vec<IpNet> = config
+        .service_cidrs
+        .iter()
+        .filter(|n| f.is(&n.addr()))
+        .copied()
+        .collect();
+    if let Some(set) = table.sets.get_mut(SERVICE_CIDRS) {
+        // Overlapping intervals are refused by the kernel: merge them first.
+        for n in IpNet::aggregate(&in_family) {
+            set.elements.insert(vec![net_value(n)], Element::key_only());
         }
     }
     table
@@ -966,6 +1113,9 @@ pub struct Fragment {
 struct Builder {
     f: Fam,
     frag: Fragment,
+    /// The service port has ClientIP affinity: its first connections choose by a hash of the
+    /// client address ([`Dispatch::sticky`]).
+    sticky: bool,
 }
 
 impl Builder {
@@ -1202,6 +1352,13 @@ impl Builder {
         comment: &Option<String>,
     ) {
         let n = endpoints.len();
+        // ClientIP affinity: a client without an affinity entry (its first connection, or one
+        // after the timeout) gets the endpoint a hash of its address picks, the same through
+        // every address of the service port (the endpoint lists are the same, in the same
+        // order), so it lands on one endpoint whether it comes by the cluster IP, an external
+        // or load-balancer IP or the node port; each address's affinity entry then keeps it
+        // there for the timeout, also across endpoint changes.
+        let d = if self.sticky { d.sticky() } else { d };
         self.frag.counts.insert((d, n));
         let verdict = Element {
             comment: comment.clone(),
@@ -1368,7 +1525,7 @@ fn skeleton(
     };
     let fib_saddr_local = Stmt::FibLocal(FibAddr::Saddr);
     // Destination is a NodePort address of this node.
-    let nodeport_dest: Vec<Stmt> = match &cfg.nodeport_cidrs {
+    let nodeport_dest: Vec<Stmt> = match cfg.nodeport_cidrs() {
         None => vec![
             Stmt::FibLocal(FibAddr::Daddr),
             Stmt::Match {
@@ -1518,11 +1675,22 @@ fn skeleton(
         if d.has_daddr() {
             key.push(pl(f.daddr));
         }
-        key.extend([L4PROTO, DPORT, Expr::NumgenRandom { modulus: n as u32 }]);
+        let (bucket, what) = if d.is_sticky() {
+            (
+                Expr::Jhash {
+                    of: f.saddr,
+                    modulus: n as u32,
+                },
+                "choice by client address",
+            )
+        } else {
+            (Expr::NumgenRandom { modulus: n as u32 }, "uniform choice")
+        };
+        key.extend([L4PROTO, DPORT, bucket]);
         chains.insert(
             d.chain(n),
             Chain {
-                spec: regular(&format!("uniform choice among {n} endpoints")),
+                spec: regular(&format!("{what} among {n} endpoints")),
                 rules: vec![Rule::new(vec![Stmt::DnatMap {
                     family: f.nat,
                     key,
@@ -1665,6 +1833,13 @@ fn skeleton(
                 // Reject it, as kube-proxy does, rather than route it off the node.
                 Rule::new(vec![lookup(vec![pl(f.daddr)], CLUSTER_IPS), Stmt::Reject])
                     .with_comment("reject traffic to invalid ports of cluster IPs"),
+                // An address of a ServiceCIDR that no Service holds: dropped, as kube-proxy's
+                // "Drop traffic to unallocated ClusterIPs".
+                Rule::new(vec![
+                    lookup(vec![pl(f.daddr)], SERVICE_CIDRS),
+                    Stmt::Verdict(Verdict::Drop),
+                ])
+                .with_comment("drop traffic to unallocated cluster IPs"),
             ],
         },
     );

@@ -28,6 +28,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::compile::NodePortAddresses;
+
 /// `KubeProxyConfiguration` (v1alpha1), every field kube-proxy knows. Absent and `null` are
 /// both `None`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -541,6 +543,29 @@ pub struct Settings {
     pub warnings: Vec<String>,
 }
 
+impl Settings {
+    /// Where NodePorts are served, as kube-proxy's nftables mode reads `nodePortAddresses`:
+    /// `primary` (also when nothing is given: its default; with CIDRs as well, `primary`
+    /// decides), the CIDRs, or every local address for `0.0.0.0/0` together with `::/0`.
+    pub fn nodeport_addresses(&self) -> NodePortAddresses {
+        match (&self.nodeport_cidrs, self.nodeport_primary) {
+            (_, true) | (None, false) => NodePortAddresses::Primary,
+            (Some(cidrs), false) => {
+                let everything = |v4: bool| {
+                    cidrs
+                        .iter()
+                        .any(|n| n.prefix_len() == 0 && n.addr().is_ipv4() == v4)
+                };
+                if everything(true) && everything(false) {
+                    NodePortAddresses::All
+                } else {
+                    NodePortAddresses::Cidrs(cidrs.clone())
+                }
+            }
+        }
+    }
+}
+
 /// Values given on the command line (`None`: not given), which override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -924,11 +949,6 @@ pub fn resolve(
             "featureGates: kube-proxy feature gates do not apply to lb-proxy; ignored".into(),
         );
     }
-    if nodeport_primary {
-        warnings.push(
-            "nodePortAddresses primary: accepted; NodePorts are served on the other listed CIDRs, or every local address, in this build".into(),
-        );
-    }
     let source = match &flags.config {
         Some(p) => format!("file {} and flags", p.display()),
         None => "flags".into(),
@@ -1252,6 +1272,44 @@ mod tests {
         };
         let s = resolve(Some(&f), &flags).expect("valid");
         assert_eq!((s.node.as_str(), s.masquerade_bit), ("n2", 3));
+    }
+
+    #[test]
+    fn node_port_addresses_default_to_primary_and_accept_primary_from_the_file_and_the_flag() {
+        // Issue 9, point 5.
+        let flags = Overrides {
+            node: Some("n".into()),
+            ..Overrides::default()
+        };
+        let primary = |f: Option<&KubeProxyConfiguration>, flags: &Overrides| {
+            resolve(f, flags).map(|s| s.nodeport_addresses())
+        };
+        assert_eq!(primary(None, &flags), Ok(NodePortAddresses::Primary));
+        let f = file("nodePortAddresses: [primary]\n");
+        assert_eq!(primary(Some(&f), &flags), Ok(NodePortAddresses::Primary));
+        let f = file("nodePortAddresses: []\n");
+        assert_eq!(primary(Some(&f), &flags), Ok(NodePortAddresses::Primary));
+        let f = file("nodePortAddresses: [10.0.0.0/8]\n");
+        assert_eq!(
+            primary(Some(&f), &flags),
+            Ok(NodePortAddresses::Cidrs(vec![
+                "10.0.0.0/8".parse().expect("cidr")
+            ]))
+        );
+        let f = file("nodePortAddresses: [0.0.0.0/0, \"::/0\"]\n");
+        assert_eq!(primary(Some(&f), &flags), Ok(NodePortAddresses::All));
+        let with_flag = |v: &str| Overrides {
+            nodeport_addresses: Some(v.into()),
+            ..flags.clone()
+        };
+        assert_eq!(
+            primary(Some(&f), &with_flag("primary")),
+            Ok(NodePortAddresses::Primary)
+        );
+        assert_eq!(
+            primary(None, &with_flag("eth0")).map_err(|e| e.field),
+            Err("--nodeport-addresses".into())
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ use anyhow::Context as _;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node as K8sNode, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
@@ -109,6 +110,8 @@ enum Update {
     Slice(SliceKey, Option<convert::Slice>, Option<SystemTime>),
     Node(lb_core::Node, bool),
     NodeListed,
+    /// The CIDRs of every ServiceCIDR object, after any change to them.
+    ServiceCidrs(Vec<ipnet::IpNet>),
 }
 
 /// Kube-proxy's label selector for Services and EndpointSlices.
@@ -271,12 +274,13 @@ pub async fn run<B: Backend + Send + 'static>(
             api_server.clone(),
         )),
         tokio::spawn(watch_node(
-            Api::all(client),
+            Api::all(client.clone()),
             config.node.clone(),
-            tx,
+            tx.clone(),
             metrics.clone(),
             api_server,
         )),
+        tokio::spawn(watch_service_cidrs(Api::all(client), tx, metrics.clone())),
     ];
     let result = tokio::select! {
         r = sync_loop(config, backend, rx, Queries { explain: explain_rx, traffic: traffic_rx }, metrics, health) => r,
@@ -577,6 +581,75 @@ async fn watch_node(
     }
 }
 
+/// Watches `networking.k8s.io/v1` ServiceCIDRs and sends the CIDRs of all of them after every
+/// change (a re-list replaces them). Not waited for before the first sync: an API server
+/// without ServiceCIDRs (before Kubernetes 1.33) answers 404, and then `--service-cidr`
+/// applies for good.
+async fn watch_service_cidrs(
+    api: Api<ServiceCIDR>,
+    tx: mpsc::UnboundedSender<(Instant, Update)>,
+    metrics: Arc<Metrics>,
+) {
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut current: BTreeMap<String, Vec<ipnet::IpNet>> = BTreeMap::new();
+    let mut relist: BTreeMap<String, Vec<ipnet::IpNet>> = BTreeMap::new();
+    let convert = |c: &ServiceCIDR| match convert::service_cidr(c) {
+        Ok(cidrs) => Some(cidrs),
+        Err(e) => {
+            invalid(&metrics, "ServiceCIDR", &e);
+            None
+        }
+    };
+    while let Some(event) = stream.next().await {
+        let now = Instant::now();
+        match event {
+            Ok(Event::Init) => {
+                relist.clear();
+                continue;
+            }
+            Ok(Event::InitApply(c)) => {
+                if let Some(cidrs) = convert(&c) {
+                    relist.insert(c.metadata.name.clone().unwrap_or_default(), cidrs);
+                }
+                continue;
+            }
+            Ok(Event::InitDone) => current = std::mem::take(&mut relist),
+            Ok(Event::Apply(c)) => {
+                let name = c.metadata.name.clone().unwrap_or_default();
+                match convert(&c) {
+                    Some(cidrs) => current.insert(name, cidrs),
+                    None => current.remove(&name),
+                };
+            }
+            Ok(Event::Delete(c)) => {
+                current.remove(&c.metadata.name.clone().unwrap_or_default());
+            }
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if status.is_not_found() =>
+            {
+                tracing::info!("the API server has no ServiceCIDRs; --service-cidr applies");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ServiceCIDR watch failed; retrying with backoff");
+                metrics
+                    .watch_errors
+                    .get_or_create(&crate::metrics::KindLabel {
+                        kind: "ServiceCIDR",
+                    })
+                    .inc();
+                continue;
+            }
+        }
+        let all: Vec<ipnet::IpNet> = current.values().flatten().copied().collect();
+        if tx.send((now, Update::ServiceCidrs(all))).is_err() {
+            return;
+        }
+    }
+}
+
 /// Questions the HTTP handlers ask the sync loop, which owns the store and the backend.
 struct Queries {
     explain: mpsc::UnboundedReceiver<ExplainRequest>,
@@ -629,7 +702,11 @@ async fn sync_loop<B: Backend>(
                 if !synced_once {
                     let _ = reply.send(crate::explain::Explanation::not_synced());
                 } else if let Some(snap) = store.snapshot() {
-                    let _ = reply.send(crate::explain::explain(&snap, &config.compile, &q));
+                    let mut compile = config.compile.clone();
+                    if !dataplane.service_cidrs().is_empty() {
+                        compile.service_cidrs = dataplane.service_cidrs().to_vec();
+                    }
+                    let _ = reply.send(crate::explain::explain(&snap, &compile, &q));
                 }
                 continue;
             }
@@ -650,14 +727,22 @@ async fn sync_loop<B: Backend>(
                     health.set_node_eligible(*eligible);
                 }
                 changes.note(&update, &metrics);
-                let counts_as_change = apply(&mut store, &mut listed, update);
+                // ServiceCIDRs go to the dataplane (a change is a full sync), the rest to the store.
+                let mut apply = |update: Update| match update {
+                    Update::ServiceCidrs(cidrs) => {
+                        dataplane.set_service_cidrs(cidrs);
+                        true
+                    }
+                    update => apply(&mut store, &mut listed, update),
+                };
+                let counts_as_change = apply(update);
                 if counts_as_change {
                     pending.push(arrived);
                 }
                 // Drain what else is queued, so a burst is one sync.
                 while let Ok((arrived, update)) = rx.try_recv() {
                     changes.note(&update, &metrics);
-                    if apply(&mut store, &mut listed, update) {
+                    if apply(update) {
                         pending.push(arrived);
                     }
                 }
@@ -1010,6 +1095,7 @@ fn apply(store: &mut Store, listed: &mut Listed, update: Update) -> bool {
         Update::NodeListed => {
             listed.node = true;
         }
+        Update::ServiceCidrs(_) => {}
     }
     store.has_changes()
 }

@@ -135,6 +135,16 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
                 ..Explanation::nothing()
             };
         }
+        // An address of a ServiceCIDR that no Service holds: dropped, as kube-proxy does.
+        if let Some(range) = config.service_cidrs.iter().find(|n| n.contains(&q.to)) {
+            return Explanation {
+                outcome: format!(
+                    "drop: {} is in the ServiceCIDR {range} but no Service holds it (an unallocated cluster IP)",
+                    q.to
+                ),
+                ..Explanation::nothing()
+            };
+        }
         return Explanation {
             service_port: None,
             entry: None,

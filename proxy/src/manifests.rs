@@ -40,6 +40,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use lb_core::IpFamily;
 use serde_json::Value;
 
@@ -55,6 +56,8 @@ pub struct Objects {
     pub endpoint_slices: Vec<EndpointSlice>,
     /// Nodes.
     pub nodes: Vec<Node>,
+    /// ServiceCIDRs (`networking.k8s.io/v1`).
+    pub service_cidrs: Vec<ServiceCIDR>,
 }
 
 /// A problem with one document or object; reading goes on.
@@ -134,6 +137,7 @@ enum Object {
     Service(Box<Service>),
     Slice(Box<EndpointSlice>),
     Node(Box<Node>),
+    ServiceCidr(Box<ServiceCIDR>),
 }
 
 /// The outcome of parsing one file that parsed as a whole.
@@ -395,6 +399,7 @@ impl Parsed {
             "Service" => "Service",
             "EndpointSlice" => "EndpointSlice",
             "Node" => "Node",
+            "ServiceCIDR" => "ServiceCIDR",
             _ => {
                 self.ignored.push(Ignored {
                     file: file.into(),
@@ -405,7 +410,7 @@ impl Parsed {
                 return Ok(());
             }
         };
-        let namespace = if kind_key == "Node" {
+        let namespace = if kind_key == "Node" || kind_key == "ServiceCIDR" {
             String::new()
         } else {
             namespace.unwrap_or_else(|| "default".into())
@@ -420,6 +425,7 @@ impl Parsed {
                 }
                 Object::Slice(Box::new(s))
             }),
+            "ServiceCIDR" => doc.typed().map(|c| Object::ServiceCidr(Box::new(c))),
             _ => doc.typed().map(|n| Object::Node(Box::new(n))),
         };
         match typed {
@@ -502,7 +508,21 @@ impl Objects {
             Object::Service(s) => self.services.push(*s),
             Object::Slice(s) => self.endpoint_slices.push(*s),
             Object::Node(n) => self.nodes.push(*n),
+            Object::ServiceCidr(c) => self.service_cidrs.push(*c),
         }
+    }
+
+    /// The CIDRs of every ServiceCIDR object (sorted, without duplicates); an invalid one is
+    /// reported through `invalid` and left out.
+    pub fn service_cidrs(&self, invalid: &mut dyn FnMut(ConvertError)) -> Vec<ipnet::IpNet> {
+        let mut all = std::collections::BTreeSet::new();
+        for c in &self.service_cidrs {
+            match convert::service_cidr(c) {
+                Ok(cidrs) => all.extend(cidrs),
+                Err(e) => invalid(e),
+            }
+        }
+        all.into_iter().collect()
     }
 
     /// Converts the objects into a store for node `node_name` (or the only Node given, when
@@ -1026,6 +1046,7 @@ fn validate(
                 errors.extend(endpoint_errors.into_iter().map(invalid))
             }),
             Object::Node(n) => convert::node(n).map(|_| ()),
+            Object::ServiceCidr(c) => convert::service_cidr(c).map(|_| ()),
         };
         match valid {
             Ok(()) => {
@@ -1430,6 +1451,27 @@ mod split_tests {
 #[cfg(test)]
 mod default_tests {
     use super::*;
+
+    #[test]
+    fn service_cidrs_are_read_from_the_manifests_and_a_bad_one_is_reported_by_field() {
+        // Issue 9, point 8.
+        let yaml = "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\nspec:\n  cidrs: [10.96.0.0/16, \"fd00:96::/108\"]\n---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: extra\nspec:\n  cidrs: [10.97.0.1/16]\n---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: broken\nspec:\n  cidrs: [10.98.0.0/40]\n";
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        objects.add_text("test.yaml", yaml, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut invalid = Vec::new();
+        let cidrs: Vec<String> = objects
+            .service_cidrs(&mut |e| invalid.push(e.to_string()))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(cidrs, ["10.96.0.0/16", "10.97.0.0/16", "fd00:96::/108"]);
+        assert_eq!(
+            invalid,
+            ["ServiceCIDR /broken: field spec.cidrs[0]: \"10.98.0.0/40\" is not a CIDR"]
+        );
+    }
 
     #[test]
     fn a_slice_port_without_a_protocol_means_tcp_as_the_api_server_defaults_it() {

@@ -78,6 +78,8 @@ pub struct Dataplane<B> {
     needs_full: bool,
     /// Per family, affinity destinations whose stale entries are still to be purged.
     affinity_pending: [Touched; 2],
+    /// The CIDRs of the ServiceCIDR objects ([`Dataplane::set_service_cidrs`]).
+    service_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl<B: Backend> Dataplane<B> {
@@ -94,6 +96,7 @@ impl<B: Backend> Dataplane<B> {
             ports: BTreeMap::new(),
             needs_full: true,
             affinity_pending: [Touched::new(), Touched::new()],
+            service_cidrs: Vec::new(),
         }
     }
 
@@ -110,6 +113,23 @@ impl<B: Backend> Dataplane<B> {
     /// Requests a full sync next time (periodic resync, node change, after a failure).
     pub fn request_full_sync(&mut self) {
         self.needs_full = true;
+    }
+
+    /// The CIDRs of the ServiceCIDR objects last given (empty: the configured ones apply).
+    pub fn service_cidrs(&self) -> &[ipnet::IpNet] {
+        &self.service_cidrs
+    }
+
+    /// The CIDRs of the cluster's ServiceCIDR objects. While there are none, the configured
+    /// ones (`--service-cidr`) apply. A change is programmed by a full sync, as kube-proxy's
+    /// `OnServiceCIDRsChanged` (they change about never).
+    pub fn set_service_cidrs(&mut self, mut cidrs: Vec<ipnet::IpNet>) {
+        cidrs.sort();
+        cidrs.dedup();
+        if self.service_cidrs != cidrs {
+            self.service_cidrs = cidrs;
+            self.needs_full = true;
+        }
     }
 
     /// The committed tables (what the kernel holds after the last successful sync).
@@ -399,9 +419,18 @@ impl<B: Backend> Dataplane<B> {
         let Some(snapshot) = store.snapshot() else {
             return Ok(SyncReport::default());
         };
-        // Node-dependent settings (detectLocalMode NodeCIDR) follow the Node: a change of the
-        // Node always brings a full sync.
-        let config = self.config.for_node(&snapshot.node);
+        // Node-dependent settings (`nodePortAddresses: primary`, detectLocalMode NodeCIDR)
+        // follow the Node: a change of the Node always brings a full sync.
+        if self.config.node_port_fallback(&snapshot.node) {
+            tracing::warn!(
+                node = snapshot.node.name(),
+                "nodePortAddresses primary: the Node has no InternalIP or ExternalIP; serving NodePorts on every local address"
+            );
+        }
+        let mut config = self.config.for_node(&snapshot.node);
+        if !self.service_cidrs.is_empty() {
+            config.service_cidrs = self.service_cidrs.clone();
+        }
         if matches!(&config.detect_local, crate::compile::DetectLocal::NodeCidr(c) if c.is_empty())
         {
             tracing::warn!(

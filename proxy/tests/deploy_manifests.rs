@@ -398,7 +398,7 @@ fn the_daemonset_runs_as_the_service_account_the_binding_names() {
 }
 
 #[test]
-fn the_cluster_role_grants_only_list_and_watch_on_services_endpointslices_and_nodes() {
+fn the_cluster_role_grants_only_list_and_watch_on_services_endpointslices_nodes_and_servicecidrs() {
     let m = load();
     let role = only(&m.cluster_roles, "ClusterRole");
     assert!(role.aggregation_rule.is_none(), "no aggregation");
@@ -421,6 +421,7 @@ fn the_cluster_role_grants_only_list_and_watch_on_services_endpointslices_and_no
         ("", "services"),
         ("", "nodes"),
         ("discovery.k8s.io", "endpointslices"),
+        ("networking.k8s.io", "servicecidrs"),
     ]
     .into_iter()
     .flat_map(|(g, r)| [(g, r, "list"), (g, r, "watch")])

@@ -112,3 +112,26 @@ fn a_port_a_cluster_ip_lacks_is_explained_as_the_reject_the_ruleset_applies() {
     let none = explain(&snap, &config, &query("10.96.9.9:81", "10.244.1.10"));
     assert!(none.outcome.starts_with("no-match"), "{}", none.outcome);
 }
+
+#[test]
+fn an_unallocated_cluster_ip_of_a_service_cidr_is_explained_as_the_drop_it_gets() {
+    // Issue 9, points 8 and 11: explain agrees with the ruleset's ServiceCIDR drop.
+    let (snap, mut config) = example();
+    let outside = explain(&snap, &config, &query("10.96.0.99:80", "10.100.0.2"));
+    assert!(
+        outside.outcome.starts_with("no-match"),
+        "{}",
+        outside.outcome
+    );
+    config.service_cidrs = vec!["10.96.0.0/16".parse().expect("literal")];
+    let e = explain(&snap, &config, &query("10.96.0.99:80", "10.100.0.2"));
+    assert!(
+        e.outcome
+            .starts_with("drop: 10.96.0.99 is in the ServiceCIDR 10.96.0.0/16"),
+        "{}",
+        e.outcome
+    );
+    // An allocated cluster IP is still dispatched.
+    let e = explain(&snap, &config, &query("10.96.0.10:80", "10.100.0.2"));
+    assert!(e.outcome.starts_with("dnat"), "{}", e.outcome);
+}

@@ -81,11 +81,18 @@ pub enum Kind {
     EndpointSlice,
     /// `v1` Node, cluster-scoped.
     Node,
+    /// `networking.k8s.io/v1` ServiceCIDR, cluster-scoped.
+    ServiceCidr,
 }
 
 impl Kind {
     /// Every kind, in a fixed order.
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    pub const ALL: [Kind; 4] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::ServiceCidr,
+    ];
 
     /// The object's `kind`.
     pub fn kind(self) -> &'static str {
@@ -93,6 +100,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::ServiceCidr => "ServiceCIDR",
         }
     }
 
@@ -101,12 +109,13 @@ impl Kind {
         match self {
             Kind::Service | Kind::Node => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::ServiceCidr => "networking.k8s.io/v1",
         }
     }
 
     /// Whether objects of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Node)
+        !matches!(self, Kind::Node | Kind::ServiceCidr)
     }
 
     fn plural(self) -> &'static str {
@@ -114,6 +123,7 @@ impl Kind {
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
             Kind::Node => "nodes",
+            Kind::ServiceCidr => "servicecidrs",
         }
     }
 
@@ -122,6 +132,7 @@ impl Kind {
             Kind::Service => 0,
             Kind::EndpointSlice => 1,
             Kind::Node => 2,
+            Kind::ServiceCidr => 3,
         }
     }
 }
@@ -460,7 +471,7 @@ struct Store {
     /// Events at or below this revision are forgotten.
     compacted: u64,
     /// Per kind, objects by key (`namespace/name`, or `name` for cluster-scoped kinds).
-    objects: [BTreeMap<String, Value>; 3],
+    objects: [BTreeMap<String, Value>; 4],
     /// Every write since `compacted`, in revision order.
     log: Vec<Change>,
     next_uid: u64,
@@ -1022,16 +1033,15 @@ enum Target {
 
 fn route(path: &str) -> Option<Target> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let rest = match segments.as_slice() {
-        ["api", "v1", rest @ ..] => (false, rest),
-        ["apis", "discovery.k8s.io", "v1", rest @ ..] => (true, rest),
+    let (version, rest) = match segments.as_slice() {
+        ["api", "v1", rest @ ..] => ("v1".to_string(), rest),
+        ["apis", group, "v1", rest @ ..] => (format!("{group}/v1"), rest),
         _ => return None,
     };
-    let (discovery, rest) = rest;
     let kind_of = |plural: &str| {
         Kind::ALL
             .into_iter()
-            .find(|k| k.plural() == plural && (k.api_version() != "v1") == discovery)
+            .find(|k| k.plural() == plural && k.api_version() == version)
     };
     match rest {
         [plural] => Some(Target::Collection {

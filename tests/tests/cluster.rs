@@ -200,3 +200,50 @@ fn restarting_the_proxy_replaces_its_rules_without_a_gap() {
         backends(&t, "10.96.0.10:80", 30) == ["b1", "b2"]
     });
 }
+
+#[test]
+fn the_daemon_drops_unallocated_cluster_ips_of_the_watched_service_cidrs_and_follows_them() {
+    // Issue 9, point 8: the daemon watches networking.k8s.io/v1 ServiceCIDRs.
+    let (mut t, api, _) = setup(&[]);
+    // Upstream of the node, 10.96.0.99 answers `up`: a packet that leaves the node is seen.
+    let up = t.node.replace("-node", "-up");
+    for args in [
+        &["-n", &up, "addr", "add", "10.96.0.99/32", "dev", "lo"][..],
+        &[
+            "-n",
+            &up,
+            "route",
+            "add",
+            "10.100.0.0/24",
+            "via",
+            "10.200.0.1",
+        ][..],
+    ] {
+        lb_e2e::must(std::process::Command::new("ip").args(args));
+    }
+    let mut cmd = t.ns_command(&up, &lb_e2e::binary("lb-testsrv"));
+    cmd.args(["serve", "up", "10.96.0.99:80"]);
+    t.spawn_ready(cmd, "READY");
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.99:80")
+            .expect("no ServiceCIDR yet")
+            .0,
+        "up"
+    );
+
+    api.apply(
+        Kind::ServiceCidr,
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+            "metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["10.96.0.0/16"]}}),
+    );
+    eventually("the unallocated cluster IP is dropped", || {
+        t.tcp(&t.client, "10.96.0.99:80")
+            .is_err_and(|e| e.contains("timed out"))
+    });
+    assert_eq!(backends(&t, "10.96.0.10:80", 20), ["b0", "b1"]);
+
+    api.delete(Kind::ServiceCidr, "", "kubernetes");
+    eventually("the ServiceCIDR's removal is followed", || {
+        t.tcp(&t.client, "10.96.0.99:80").is_ok_and(|r| r.0 == "up")
+    });
+}

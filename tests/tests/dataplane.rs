@@ -261,7 +261,7 @@ fn load_balancer_source_ranges_admit_and_block() {
 }
 
 #[test]
-fn client_ip_affinity_sticks_and_lets_go_after_its_timeout() {
+fn client_ip_affinity_sticks_and_its_entry_expires_after_its_timeout() {
     let svc = service(
         "sticky",
         "  clusterIP: 10.96.0.60\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 2\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n",
@@ -287,16 +287,30 @@ fn client_ip_affinity_sticks_and_lets_go_after_its_timeout() {
             "sticks"
         );
     }
-    // After the timeout without new connections, the choice is free again.
-    let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..12 {
-        std::thread::sleep(Duration::from_millis(2300));
-        seen.insert(t.tcp(&t.client, "10.96.0.60:80").expect("reply").0);
-        if seen.len() > 1 {
-            break;
-        }
-    }
-    assert!(seen.len() > 1, "affinity never expired: always {seen:?}");
+    // After the timeout without new connections, the kernel has dropped the client's entry.
+    // (Its next first connection is again chosen by a hash of its address, so that every
+    // address of the service port agrees: with the same endpoints, the same one.)
+    let entries = || {
+        lb_e2e::must(std::process::Command::new("ip").args([
+            "netns",
+            "exec",
+            &t.node,
+            "nft",
+            "list",
+            "map",
+            "ip",
+            "lb-proxy",
+            "affinity-2",
+        ]))
+    };
+    assert!(
+        entries().contains("10.100.0.2 . 10.96.0.60"),
+        "{}",
+        entries()
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(!entries().contains("10.100.0.2"), "{}", entries());
+    assert_eq!(t.tcp(&t.client, "10.96.0.60:80").expect("reply").0, first);
 }
 
 #[test]
@@ -383,7 +397,8 @@ fn the_ruleset_read_back_with_nft_json_matches_the_ir() {
         detect_local_mode: None,
         pod_bridge_interface: None,
         pod_interface_name_prefix: None,
-        nodeport_addresses: vec![],
+        nodeport_addresses: lb_proxy::compile::NodePortAddresses::Primary,
+        service_cidr: vec![],
         masquerade_all: false,
         masquerade_bit: 14,
         table: lb_proxy::compile::TABLE.into(),
@@ -879,4 +894,308 @@ fn the_node_reaches_a_load_balancer_ip_assigned_to_itself_when_a_source_range_ho
         .expect("run lb-proxy explain");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("source ranges: allowed"), "{text}");
+}
+
+#[test]
+fn node_ports_are_served_only_on_the_nodes_primary_address_by_default_and_follow_its_changes() {
+    // Issue 9, point 5: kube-proxy's nftables mode defaults to `nodePortAddresses: primary`,
+    // the node's primary IP of each family from its Node object, not every local address.
+    let node = |ip: &str| {
+        format!(
+            "{NODE_YAML}status:\n  addresses:\n  - type: Hostname\n    address: node-a\n  - type: InternalIP\n    address: {ip}\n"
+        )
+    };
+    let svc = service(
+        "np",
+        "  type: NodePort\n  clusterIP: 10.96.0.85\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30085\n",
+    );
+    let eps = slice_yaml("np", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]);
+    let mut t = Topology::up(1);
+    t.serve_all();
+    t.write_manifest("node.yaml", &node("10.100.0.1"));
+    t.write_manifest("svc.yaml", &svc);
+    t.write_manifest("eps.yaml", &eps);
+    t.start_proxy(&[]);
+    assert_eq!(
+        t.tcp(&t.client, "10.100.0.1:30085")
+            .expect("served on the primary address")
+            .0,
+        "b0"
+    );
+    // 10.200.0.1 is the node's too, but not its primary address.
+    assert!(t.tcp(&t.client, "10.200.0.1:30085").is_err());
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.85:80").expect("cluster IP").0,
+        "b0"
+    );
+
+    // The Node's address changes: NodePorts move with it.
+    t.write_manifest("node.yaml", &node("10.200.0.1"));
+    t.wait_applied();
+    assert_eq!(
+        t.tcp(&t.client, "10.200.0.1:30085")
+            .expect("served on the new primary address")
+            .0,
+        "b0"
+    );
+    assert!(t.tcp(&t.client, "10.100.0.1:30085").is_err());
+}
+
+#[test]
+fn node_ports_are_served_on_every_node_address_when_the_node_lists_none_or_all_is_asked() {
+    // `primary` cannot be resolved without the Node's addresses: every local address, as
+    // before; and `0.0.0.0/0,::/0` asks for every local address explicitly.
+    let svc = service(
+        "np",
+        "  type: NodePort\n  clusterIP: 10.96.0.86\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30086\n",
+    );
+    let eps = slice_yaml("np", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]);
+    for extra in [&[][..], &["--nodeport-addresses", "0.0.0.0/0,::/0"][..]] {
+        let mut t = Topology::up(1);
+        t.serve_all();
+        t.write_manifest("node.yaml", NODE_YAML);
+        t.write_manifest("svc.yaml", &svc);
+        t.write_manifest("eps.yaml", &eps);
+        t.start_proxy(extra);
+        for addr in ["10.100.0.1:30086", "10.200.0.1:30086"] {
+            assert_eq!(
+                t.tcp(&t.client, addr).expect("served").0,
+                "b0",
+                "{addr} with {extra:?}"
+            );
+        }
+    }
+}
+
+/// Serves `10.96.0.99:80` from the topology's upstream namespace (where the node routes what
+/// it does not DNAT), answering `up`: a packet to that address that leaves the node is seen.
+fn serve_upstream(t: &mut Topology, addr: &str) {
+    let up = t.node.replace("-node", "-up");
+    lb_e2e::must(std::process::Command::new("ip").args([
+        "-n",
+        &up,
+        "addr",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        "lo",
+    ]));
+    lb_e2e::must(std::process::Command::new("ip").args([
+        "-n",
+        &up,
+        "route",
+        "add",
+        "10.100.0.0/24",
+        "via",
+        "10.200.0.1",
+    ]));
+    let mut cmd = t.ns_command(&up, &lb_e2e::binary("lb-testsrv"));
+    cmd.args(["serve", "up", &format!("{addr}:80")]);
+    t.spawn_ready(cmd, "READY");
+}
+
+const SERVICE_CIDR_YAML: &str = "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\nspec:\n  cidrs:\n  - 10.96.0.0/16\n  - fd00:96::/108\n";
+
+#[test]
+fn traffic_to_an_unallocated_cluster_ip_of_a_service_cidr_is_dropped_not_routed_off_the_node() {
+    // Issue 9, point 8: kube-proxy drops traffic to an address of a ServiceCIDR that no
+    // Service holds ("Drop traffic to unallocated ClusterIPs").
+    let svc = service(
+        "web",
+        "  clusterIP: 10.96.0.90\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n",
+    );
+    let eps = slice_yaml("web", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]);
+    let mut t = setup(1, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    serve_upstream(&mut t, "10.96.0.99");
+    // No ServiceCIDR known yet: the packet is routed upstream, as before.
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.99:80")
+            .expect("routed upstream")
+            .0,
+        "up"
+    );
+
+    t.write_manifest("servicecidr.yaml", SERVICE_CIDR_YAML);
+    t.wait_applied();
+    let err = t
+        .tcp(&t.client, "10.96.0.99:80")
+        .expect_err("dropped on the node");
+    assert!(err.contains("timed out"), "dropped, not rejected: {err}");
+    // From the node itself too.
+    let err = t
+        .tcp(&t.node, "10.96.0.99:80")
+        .expect_err("dropped on the node");
+    assert!(err.contains("timed out"), "dropped, not rejected: {err}");
+    // An allocated cluster IP still works, and its missing ports are still rejected.
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.90:80").expect("allocated").0,
+        "b0"
+    );
+    let err = t.tcp(&t.client, "10.96.0.90:81").expect_err("rejected");
+    assert!(
+        err.contains("refused"),
+        "a port the Service lacks is rejected: {err}"
+    );
+
+    // The ServiceCIDR goes away: nothing is dropped any more.
+    std::fs::remove_file(t.dir.join("servicecidr.yaml")).expect("remove the ServiceCIDR");
+    t.wait_applied();
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.99:80")
+            .expect("routed upstream")
+            .0,
+        "up"
+    );
+}
+
+#[test]
+fn the_service_cidr_flag_drops_unallocated_cluster_ips_while_the_cluster_has_no_service_cidr() {
+    let svc = service(
+        "web",
+        "  clusterIP: 10.96.0.91\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n",
+    );
+    let eps = slice_yaml("web", "IPv4", "http", "TCP", 8080, &[(0, "node-a", true)]);
+    let mut t = Topology::up(1);
+    t.serve_all();
+    t.write_manifest("node.yaml", NODE_YAML);
+    t.write_manifest("svc.yaml", &svc);
+    t.write_manifest("eps.yaml", &eps);
+    serve_upstream(&mut t, "10.96.0.99");
+    serve_upstream_extra(&mut t, "10.97.0.99");
+    t.start_proxy(&["--service-cidr", "10.96.0.0/16"]);
+    assert!(
+        t.tcp(&t.client, "10.96.0.99:80").is_err(),
+        "dropped on the node"
+    );
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.91:80").expect("allocated").0,
+        "b0"
+    );
+    assert_eq!(t.tcp(&t.client, "10.97.0.99:80").expect("outside").0, "up");
+    // A ServiceCIDR object replaces the flag.
+    t.write_manifest(
+        "servicecidr.yaml",
+        &SERVICE_CIDR_YAML.replace("10.96.0.0/16", "10.97.0.0/16"),
+    );
+    t.wait_applied();
+    assert!(
+        t.tcp(&t.client, "10.97.0.99:80").is_err(),
+        "dropped on the node"
+    );
+    assert_eq!(
+        t.tcp(&t.client, "10.96.0.99:80")
+            .expect("routed upstream")
+            .0,
+        "up"
+    );
+}
+
+/// One more upstream address, once [`serve_upstream`] set the route.
+fn serve_upstream_extra(t: &mut Topology, addr: &str) {
+    let up = t.node.replace("-node", "-up");
+    lb_e2e::must(std::process::Command::new("ip").args([
+        "-n",
+        &up,
+        "addr",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        "lo",
+    ]));
+    let mut cmd = t.ns_command(&up, &lb_e2e::binary("lb-testsrv"));
+    cmd.args(["serve", "up", &format!("{addr}:80")]);
+    t.spawn_ready(cmd, "READY");
+}
+
+#[test]
+fn a_sticky_client_lands_on_one_endpoint_through_every_address_of_the_service_port() {
+    // Issue 9, point 2: ClientIP affinity is per service port: the same client through the
+    // cluster IP, an external IP, a load-balancer IP and the node port (on either node
+    // address) reaches the same endpoint.
+    let svc = service(
+        "sticky",
+        "  type: LoadBalancer\n  clusterIP: 10.96.0.77\n  externalIPs: [192.0.2.177]\n  sessionAffinity: ClientIP\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30077\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.77\n",
+    );
+    let eps = slice_yaml(
+        "sticky",
+        "IPv4",
+        "http",
+        "TCP",
+        8080,
+        &[
+            (0, "node-a", true),
+            (1, "node-a", true),
+            (2, "node-a", true),
+        ],
+    );
+    let t = setup(3, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    lb_e2e::must(std::process::Command::new("ip").args([
+        "-n",
+        &t.client,
+        "addr",
+        "add",
+        "10.100.0.5/24",
+        "dev",
+        "eth0",
+    ]));
+    let targets = [
+        "10.96.0.77:80",
+        "192.0.2.177:80",
+        "192.0.2.77:80",
+        "10.100.0.1:30077",
+        "10.200.0.1:30077",
+    ];
+    for source in ["10.100.0.2", "10.100.0.5"] {
+        let reached: BTreeMap<String, Vec<&str>> =
+            targets.iter().fold(BTreeMap::new(), |mut m, target| {
+                for _ in 0..3 {
+                    let line = t.peer(&t.client, &["tcp", target, "3000", source]);
+                    let backend = line.split_whitespace().next().unwrap_or("").to_string();
+                    m.entry(backend).or_default().push(target);
+                }
+                m
+            });
+        assert_eq!(
+            reached.len(),
+            1,
+            "client {source} reached several endpoints: {reached:?}"
+        );
+        assert!(reached.keys().all(|b| b.starts_with('b')), "{reached:?}");
+    }
+}
+
+#[test]
+fn a_sticky_ipv6_client_lands_on_one_endpoint_through_the_cluster_ip_and_the_node_port() {
+    // Issue 9, point 2, IPv6: the hash reads the 16-byte source address.
+    let svc = service(
+        "sticky6",
+        "  type: NodePort\n  clusterIP: fd00:96::77\n  ipFamilies: [IPv6]\n  sessionAffinity: ClientIP\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30078\n",
+    );
+    let eps = slice_yaml(
+        "sticky6",
+        "IPv6",
+        "http",
+        "TCP",
+        8080,
+        &[
+            (0, "node-a", true),
+            (1, "node-a", true),
+            (2, "node-a", true),
+        ],
+    );
+    let t = setup(3, &[("svc.yaml", svc), ("eps.yaml", eps)]);
+    let mut reached = BTreeMap::new();
+    for target in [
+        "[fd00:96::77]:80",
+        "[fd00:100::1]:30078",
+        "[fd00:200::1]:30078",
+    ] {
+        for _ in 0..3 {
+            let line = t.peer(&t.client, &["tcp", target, "6000"]);
+            let backend = line.split_whitespace().next().unwrap_or("").to_string();
+            reached.entry(backend).or_insert_with(Vec::new).push(target);
+        }
+    }
+    assert_eq!(reached.len(), 1, "several endpoints: {reached:?}");
+    assert!(reached.keys().all(|b| b.starts_with('b')), "{reached:?}");
 }

@@ -7,7 +7,7 @@
 //! its provenance (upstream test, sub-test and flow name), and run as real TCP and UDP
 //! connections through a node namespace that `lb-proxy run` programs.
 //!
-//! 219 flows in 38 groups (205 upstream flows in 37 groups, plus 14 flows derived from
+//! 220 flows in 38 groups (206 upstream flows in 37 groups, plus 14 flows derived from
 //! `TestOverallNFTablesRules`, see below); every one of them holds. lb-proxy has no deliberate
 //! difference from upstream in these tables: a flow that differed on purpose would carry
 //! `differs_because_…` in its name and its expectation.
@@ -16,7 +16,7 @@
 //! | --- | --- |
 //! | `TestOverallNFTablesRules` (derived from its expected ruleset) | 14 |
 //! | `TestNoEndpointsReject` | 6 |
-//! | `TestClusterIPGeneral` | 8 |
+//! | `TestClusterIPGeneral` | 9 |
 //! | `TestNodePorts` (ipv4, ipv6, each with and without multiple nodeport-addresses) | 16 |
 //! | `TestExternalTrafficPolicyLocal`, `TestExternalTrafficPolicyCluster` | 7 + 7 |
 //! | `TestInternalTrafficPolicy` (4 cases, each then with its endpoints deleted) | 8 |
@@ -60,10 +60,6 @@
 //!
 //! # Left out
 //!
-//! * `TestClusterIPGeneral` "packet to unallocated cluster ip" (DROP): needs ServiceCIDRs
-//!   (issue 9 point 8), not on main when this was written; with it, the flow is
-//!   `tcp("packet to unallocated cluster ip", "10.180.0.2", "172.30.0.50", 80, Drop, false)`
-//!   with `--service-cidr 172.30.0.0/16` (today that packet is not touched: `up` answers).
 //! * `TestClusterIPGeneral` "clusterIP with TCP, UDP, and SCTP on same port (SCTP)": the test
 //!   peer has no SCTP (the SCTP service port is still programmed).
 //! * `TestOverallNFTablesRules` has no flow table in v1.33–v1.35 (it compares the ruleset as
@@ -428,6 +424,14 @@ fn cluster_ip_general() -> Group {
                 "172.30.0.41",
                 443,
                 Reject,
+                false,
+            ),
+            tcp(
+                "packet to unallocated cluster ip",
+                "10.180.0.2",
+                "172.30.0.50",
+                80,
+                Drop,
                 false,
             ),
         ],
@@ -1883,6 +1887,8 @@ fn restart(lab: &mut Lab, cluster_cidr: bool, nodeport_addresses: &str, flags: &
         args.extend(["--cluster-cidr", "10.0.0.0/8,fd00:10::/64"]);
     }
     args.extend(["--nodeport-addresses", nodeport_addresses]);
+    // Upstream's fake proxier knows the ServiceCIDRs 172.30.0.0/16 and fd00:10:96::/112.
+    args.extend(["--service-cidr", "172.30.0.0/16,fd00:10:96::/112"]);
     args.extend(flags);
     args.extend(["--poll", "100ms", "-f", &dir]);
     lab.proxy = Some(lab.t.start_proxy_with(&args));

@@ -17,16 +17,22 @@
 //! 4. the transaction that removes the endpoints deletes them too, and a second look right
 //!    after catches entries recorded meanwhile (`Dataplane::sync`, [`crate::sync`]).
 //!
-//! # Deliberate difference from kube-proxy
+//! # Per service port, and what differs from kube-proxy
 //!
 //! kube-proxy keeps one affinity set per endpoint of each service port, so a client reaching
 //! the cluster IP, an external or load-balancer IP and the node port of one service port gets
 //! one endpoint. Here affinity lives in maps shared by every Service (so kernel objects do not
 //! grow with Services), keyed by what the packet carries: the service address, or the node
-//! port (on any node address). nftables cannot feed one lookup's result (a service-port id)
+//! port (on any node address); nftables cannot feed one lookup's result (a service-port id)
 //! into another lookup's key within a rule without a scratch register (the packet mark, which
-//! belongs to others), so entries are per address of the service port; a client that switches
-//! between, say, the cluster IP and the node port of one Service may get two endpoints.
+//! belongs to others). What makes the addresses agree is the first choice: a client without an
+//! entry is given the endpoint that a hash of its address picks (`pick-sticky-N`), and every
+//! address of the service port lists the same endpoints in the same order, so all of them
+//! choose the same one. Two differences remain: when the endpoints change while a client holds
+//! an entry for one address, its first connection through another address may choose anew
+//! (kube-proxy would keep it on the entry's endpoint); and after the timeout the client's
+//! next choice is the same endpoint again while the endpoints are unchanged (kube-proxy picks
+//! at random; Kubernetes promises stickiness within the timeout, not a new choice after it).
 //!
 //! Only destinations that lost an endpoint are examined, so a sync that changes no Service
 //! with affinity, or only adds endpoints, reads nothing back.

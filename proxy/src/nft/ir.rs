@@ -629,6 +629,14 @@ pub enum Expr {
         /// Modulus N (> 0).
         modulus: u32,
     },
+    /// `jhash <field> mod N seed 0x0`: a deterministic bucket of a header field (the same
+    /// field value always gives the same bucket).
+    Jhash {
+        /// The hashed field (a source or destination address).
+        of: Payload,
+        /// Modulus N (> 0).
+        modulus: u32,
+    },
 }
 
 impl Expr {
@@ -645,7 +653,7 @@ impl Expr {
             Expr::Ct(CtKey::OriginalIpSaddr | CtKey::OriginalIpDaddr) => DataType::Ipv4Addr,
             Expr::Ct(CtKey::OriginalIp6Saddr | CtKey::OriginalIp6Daddr) => DataType::Ipv6Addr,
             Expr::Ct(CtKey::OriginalProtoDst) => DataType::InetService,
-            Expr::NumgenRandom { .. } => DataType::Integer,
+            Expr::NumgenRandom { .. } | Expr::Jhash { .. } => DataType::Integer,
         }
     }
 

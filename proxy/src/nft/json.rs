@@ -412,6 +412,21 @@ fn expr(v: &J) -> Result<Expr, JsonError> {
         let m = n.get("mod").and_then(J::as_u64).ok_or_else(bad)?;
         return Ok(Expr::NumgenRandom { modulus: m as u32 });
     }
+    if let Some(h) = v.get("jhash") {
+        if h.get("seed").and_then(J::as_u64).unwrap_or(0) != 0
+            || h.get("offset").and_then(J::as_u64).unwrap_or(0) != 0
+        {
+            return Err(bad());
+        }
+        let m = h.get("mod").and_then(J::as_u64).ok_or_else(bad)?;
+        let Expr::Payload(of) = expr(h.get("expr").ok_or_else(bad)?)? else {
+            return Err(bad());
+        };
+        return Ok(Expr::Jhash {
+            of,
+            modulus: m as u32,
+        });
+    }
     Err(bad())
 }
 

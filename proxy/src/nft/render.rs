@@ -71,6 +71,7 @@ pub fn expr(e: &Expr) -> String {
         Expr::Ct(CtKey::OriginalIp6Daddr) => "ct original ip6 daddr".into(),
         Expr::Ct(CtKey::OriginalProtoDst) => "ct original proto-dst".into(),
         Expr::NumgenRandom { modulus } => format!("numgen random mod {modulus}"),
+        Expr::Jhash { of, modulus } => format!("jhash {} mod {modulus} seed 0x0", of.as_str()),
     }
 }
 

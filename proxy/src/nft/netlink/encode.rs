@@ -53,6 +53,13 @@ pub enum Insn {
     },
     /// `numgen dreg = random mod m`
     Numgen { dreg: u32, modulus: u32 },
+    /// `hash dreg = jhash(sreg, len, seed 0) % m`
+    Jhash {
+        sreg: u32,
+        len: u32,
+        modulus: u32,
+        dreg: u32,
+    },
     /// `nat dnat family addr_min reg proto_min reg`
     Dnat {
         family: u32,
@@ -231,7 +238,9 @@ fn expr_udata(e: &Expr) -> (u32, Vec<u8>) {
             ud_u32(&mut d, 1, u32::from(dir.unwrap_or(0)));
             return (12, d);
         }
-        Expr::NumgenRandom { modulus } => {
+        // A jhash is never a set's `typeof` key here (maps are typed by `numgen`, the same
+        // 32-bit integer); described as one so the match stays total.
+        Expr::NumgenRandom { modulus } | Expr::Jhash { modulus, .. } => {
             ud_u32(&mut d, 0, 1); // NFT_NG_RANDOM
             ud_u32(&mut d, 1, *modulus);
             ud_u32(&mut d, 2, 0);
@@ -516,10 +525,29 @@ fn ct_key(k: CtKey) -> (u32, Option<u8>) {
     (key as u32, Some(0)) // IP_CT_DIR_ORIGINAL
 }
 
+/// Where a hashed field is loaded before `jhash` reads it: the last four 32-bit registers
+/// (`NFT_REG32_12`..`15`), above any key built here (at most ten 32-bit registers), as nft
+/// itself loads it past the key.
+const JHASH_SCRATCH: u32 = libc::NFT_REG32_12 as u32;
+
 fn load(e: &Expr, dreg: u32, out: &mut Vec<Insn>) {
     let nh = libc::NFT_PAYLOAD_NETWORK_HEADER as u32;
     let th = libc::NFT_PAYLOAD_TRANSPORT_HEADER as u32;
-    out.push(match e {
+    let insn = match e {
+        Expr::Jhash { of, modulus } => {
+            load(&Expr::Payload(*of), JHASH_SCRATCH, out);
+            let len = match of {
+                Payload::Ip6Saddr | Payload::Ip6Daddr => 16,
+                Payload::IpSaddr | Payload::IpDaddr => 4,
+                _ => 2,
+            };
+            Insn::Jhash {
+                sreg: JHASH_SCRATCH,
+                len,
+                modulus: *modulus,
+                dreg,
+            }
+        }
         Expr::Payload(p) => {
             let (base, offset, len) = match p {
                 Payload::IpSaddr => (nh, 12, 4),
@@ -548,7 +576,8 @@ fn load(e: &Expr, dreg: u32, out: &mut Vec<Insn>) {
             dreg,
             modulus: *modulus,
         },
-    });
+    };
+    out.push(insn);
 }
 
 /// `meta l4proto == p` for `tcp dport` and friends (nft folds it back when listing).

@@ -632,6 +632,22 @@ fn build_expr(i: &Insn) -> Result<Expr, String> {
             }
             e
         }
+        Insn::Jhash {
+            sreg,
+            len,
+            modulus,
+            dreg,
+        } => {
+            let e = Expr::new("hash")?;
+            e.u32(sys::NFTNL_EXPR_HASH_SREG, *sreg)
+                .u32(sys::NFTNL_EXPR_HASH_LEN, *len)
+                .u32(sys::NFTNL_EXPR_HASH_MODULUS, *modulus)
+                .u32(sys::NFTNL_EXPR_HASH_SEED, 0)
+                .u32(sys::NFTNL_EXPR_HASH_OFFSET, 0)
+                .u32(sys::NFTNL_EXPR_HASH_TYPE, 0) // NFT_HASH_JENKINS
+                .u32(sys::NFTNL_EXPR_HASH_DREG, *dreg);
+            e
+        }
         Insn::Numgen { dreg, modulus } => {
             let e = Expr::new("numgen")?;
             e.u32(sys::NFTNL_EXPR_NG_DREG, *dreg)
