@@ -11,7 +11,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use lb_core::affinity::{AffinityTable, NewConnection, Outcome};
+use lb_core::affinity::{AffinityPick, AffinityTable, FlatAffinityTable, NewConnection, Outcome};
 use lb_core::maglev::{DEFAULT_TABLE_SIZE, Maglev};
 use lb_core::pick;
 use lb_core::{
@@ -85,14 +85,58 @@ fn conn(
     }
 }
 
+/// The two affinity tables, benched by the same code: `dashmap`-based and flat
+/// (open addressing, the entry in the slot).
+trait BenchTable: Sync {
+    /// The bench group's name.
+    const GROUP: &'static str;
+    fn empty() -> Self;
+    fn pick(
+        &self,
+        conn: NewConnection<'_, ServiceId>,
+        eps: &[SocketAddr],
+    ) -> Option<AffinityPick<SocketAddr>>;
+    /// Forgets the clients inserted by the miss bench (IPv6 ones).
+    fn forget_new_clients(&self);
+}
+
+impl BenchTable for AffinityTable<ServiceId, SocketAddr> {
+    const GROUP: &'static str = "affinity";
+    fn empty() -> Self {
+        AffinityTable::new()
+    }
+    fn pick(
+        &self,
+        conn: NewConnection<'_, ServiceId>,
+        eps: &[SocketAddr],
+    ) -> Option<AffinityPick<SocketAddr>> {
+        AffinityTable::pick(self, conn, eps)
+    }
+    fn forget_new_clients(&self) {
+        self.retain(|_, client, _| client.is_ipv4());
+    }
+}
+
+impl BenchTable for FlatAffinityTable<ServiceId, SocketAddr> {
+    const GROUP: &'static str = "affinity_flat";
+    fn empty() -> Self {
+        FlatAffinityTable::new()
+    }
+    fn pick(
+        &self,
+        conn: NewConnection<'_, ServiceId>,
+        eps: &[SocketAddr],
+    ) -> Option<AffinityPick<SocketAddr>> {
+        FlatAffinityTable::pick(self, conn, eps)
+    }
+    fn forget_new_clients(&self) {
+        self.retain(|_, client, _| client.is_ipv4());
+    }
+}
+
 /// A table remembering clients `0..clients`, all picked at `t0` with `timeout`.
-fn prefilled(
-    t0: Instant,
-    timeout: Duration,
-    eps: &[SocketAddr],
-    clients: u32,
-) -> AffinityTable<ServiceId, SocketAddr> {
-    let table = AffinityTable::new();
+fn prefilled<T: BenchTable>(t0: Instant, timeout: Duration, eps: &[SocketAddr], clients: u32) -> T {
+    let table = T::empty();
     let mut rng = SplitMix64(42);
     for i in 0..clients {
         table.pick(conn(client(i), t0, timeout, rng.next()), eps);
@@ -140,6 +184,11 @@ fn pick_benches(c: &mut Criterion) {
 }
 
 fn affinity_benches(c: &mut Criterion) {
+    affinity_benches_for::<AffinityTable<ServiceId, SocketAddr>>(c);
+    affinity_benches_for::<FlatAffinityTable<ServiceId, SocketAddr>>(c);
+}
+
+fn affinity_benches_for<T: BenchTable>(c: &mut Criterion) {
     let eps = endpoints();
     let clients = client_count();
     let t0 = Instant::now();
@@ -149,13 +198,11 @@ fn affinity_benches(c: &mut Criterion) {
     // million clients the table (~100 MB) dwarfs the caches and a hit pays for memory latency;
     // `hit_cached` repeats it with 10,000 clients, whose entries stay in cache, as clients that
     // reconnect often do.
-    for (name, clients) in [
-        ("affinity/hit", clients),
-        ("affinity/hit_cached", clients.min(10_000)),
-    ] {
-        let table = prefilled(t0, TIMEOUT, &eps, clients);
+    for (name, clients) in [("hit", clients), ("hit_cached", clients.min(10_000))] {
+        let table: T = prefilled(t0, TIMEOUT, &eps, clients);
+        let name = format!("{}/{name}", T::GROUP);
         let now = t0 + Duration::from_secs(3600);
-        c.bench_function(name, |b| {
+        c.bench_function(&name, |b| {
             b.iter_custom(|iters| {
                 concurrently(iters, |t, i| {
                     let r = SplitMix64(u64::from(t) << 32 ^ i).next();
@@ -172,9 +219,9 @@ fn affinity_benches(c: &mut Criterion) {
     // the population. The inserted clients are removed again (unmeasured) after each sample, so
     // the table's size stays near the population; its capacity stays grown.
     {
-        let table = prefilled(t0, TIMEOUT, &eps, clients);
+        let table: T = prefilled(t0, TIMEOUT, &eps, clients);
         let now = t0 + Duration::from_secs(1);
-        c.bench_function("affinity/miss", |b| {
+        c.bench_function(&format!("{}/miss", T::GROUP), |b| {
             b.iter_custom(|iters| {
                 let elapsed = concurrently(iters, |t, i| {
                     let r = SplitMix64(u64::from(t) << 32 ^ i).next();
@@ -182,7 +229,7 @@ fn affinity_benches(c: &mut Criterion) {
                     debug_assert_eq!(p.as_ref().map(|p| p.outcome), Some(Outcome::Miss));
                     black_box(p);
                 });
-                table.retain(|_, client, _| client.is_ipv4());
+                table.forget_new_clients();
                 elapsed
             })
         });
@@ -193,10 +240,10 @@ fn affinity_benches(c: &mut Criterion) {
     // than the (1 ms) timeout, so every pick misses.
     {
         let timeout = Duration::from_millis(1);
-        let table = prefilled(t0, timeout, &eps, clients);
+        let table: T = prefilled(t0, timeout, &eps, clients);
         let half = u64::from(clients / THREADS);
         let round = std::sync::atomic::AtomicU64::new(1);
-        c.bench_function("affinity/miss_expired", |b| {
+        c.bench_function(&format!("{}/miss_expired", T::GROUP), |b| {
             b.iter_custom(|iters| {
                 let base = round.fetch_add(iters + 1, std::sync::atomic::Ordering::Relaxed);
                 concurrently(iters, |t, i| {

@@ -6,6 +6,8 @@ use std::net::Ipv4Addr;
 use lb_core::{Endpoint, Node, Protocol, ServicePort};
 use lb_proxy::store::{ServiceEntry, Snapshot};
 
+pub mod cluster;
+
 /// The `i`-th address counting from `base`.
 pub fn nth(base: Ipv4Addr, i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(base) + i)

@@ -43,6 +43,14 @@
 //! bound by memory latency instead: two dependent cache misses (the hash table's control bytes,
 //! then the entry), a few hundred nanoseconds on a small VM. A miss additionally clones the
 //! service key when it inserts. `benches/benches/lb_core.rs` measures both cases.
+//!
+//! # Two tables, one contract
+//!
+//! [`AffinityTable`] (above) takes any hashable service key and any cloneable endpoint.
+//! [`FlatAffinityTable`] takes `Copy` ones (a Service id, a `SocketAddr`) and stores the whole
+//! entry in an open-addressing slot, so a cold hit is about one cache miss instead of two and
+//! no read-write lock: prefer it when your keys allow. Both give the same answers to the same
+//! calls (one model-based property test runs against both).
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -56,6 +64,10 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
 use crate::pick;
+
+mod flat;
+
+pub use flat::FlatAffinityTable;
 
 /// The hasher an [`AffinityTable`] uses unless told otherwise: foldhash's "quality" variant.
 ///
@@ -414,11 +426,7 @@ where
     /// ±292 years). The first instant the table is given becomes the origin.
     #[inline]
     fn nanos(&self, t: Instant) -> Nanos {
-        let origin = *self.origin.get_or_init(|| t);
-        match t.checked_duration_since(origin) {
-            Some(after) => saturating_nanos(after),
-            None => saturating_nanos(origin.duration_since(t)).saturating_neg(),
-        }
+        nanos_since(*self.origin.get_or_init(|| t), t)
     }
 
     /// Removes the entries expired at `now`; see [`AffinityTable::reap`].
@@ -525,6 +533,15 @@ impl<E> Remembered<E> {
     #[inline]
     fn is_expired(&self, now: Nanos) -> bool {
         now >= self.expires
+    }
+}
+
+/// `t` in nanoseconds since `origin`, negative before it.
+#[inline]
+fn nanos_since(origin: Instant, t: Instant) -> Nanos {
+    match t.checked_duration_since(origin) {
+        Some(after) => saturating_nanos(after),
+        None => saturating_nanos(origin.duration_since(t)).saturating_neg(),
     }
 }
 

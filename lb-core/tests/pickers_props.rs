@@ -2,13 +2,14 @@
 //!
 //! The affinity test drives the real table and a deliberately naive model (a `BTreeMap` and the
 //! Kubernetes rule written out longhand) with the same random sequence of picks, endpoint-set
-//! changes, time advances, reaps and removals, and requires identical answers.
+//! changes, time advances, reaps and removals, and requires identical answers; it runs against
+//! both tables, the `dashmap`-based `AffinityTable` and the open-addressing `FlatAffinityTable`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use lb_core::affinity::{AffinityTable, NewConnection, Outcome};
+use lb_core::affinity::{AffinityPick, AffinityTable, FlatAffinityTable, NewConnection, Outcome};
 use lb_core::maglev::{DEFAULT_TABLE_SIZE, Maglev};
 use lb_core::pick::{uniform, uniform_index};
 use proptest::prelude::*;
@@ -55,6 +56,10 @@ proptest! {
 
 /// Six endpoints exist; an eligibility mask says which serve right now.
 const ENDPOINTS: u32 = 6;
+/// Service keys and clients the operations draw from: 48 keys, enough to make a shard of the
+/// flat table grow and probe past collisions when all keys hash alike (see [`Colliding`]).
+const SERVICES: u8 = 2;
+const CLIENTS: u8 = 24;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -74,7 +79,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0u8..2, 0u8..6, prop::sample::select(vec![1u64, 5, 30]), any::<u64>(),
+        6 => (0..SERVICES, 0..CLIENTS, prop::sample::select(vec![1u64, 5, 30]), any::<u64>(),
               prop::option::of(any::<u8>()))
             .prop_map(|(service, client, timeout_secs, random, with_candidates)| Op::Pick {
                 service, client, timeout_secs, random, with_candidates
@@ -169,89 +174,241 @@ impl Model {
     }
 }
 
+/// The affinity contract both tables implement, so one property test drives either.
+trait Table: Sized {
+    fn new(max_entries: Option<usize>) -> Self;
+    fn pick(&self, conn: NewConnection<'_, u8>, eligible: &[u32]) -> Option<AffinityPick<u32>>;
+    fn pick_with(
+        &self,
+        conn: NewConnection<'_, u8>,
+        is_eligible: impl Fn(&u32) -> bool,
+        candidates: &[u32],
+    ) -> Option<AffinityPick<u32>>;
+    fn peek(&self, service: u8, client: IpAddr, now: Instant) -> Option<u32>;
+    fn reap(&self, now: Instant) -> usize;
+    fn remove_endpoint(&self, endpoint: u32) -> usize;
+    fn len(&self) -> usize;
+    fn overflows(&self) -> u64;
+}
+
+/// A hasher under which every key lands in the first shard and most keys share a probe
+/// start, so the flat table's probing, growth and rebuilds are exercised by a few dozen keys.
+#[derive(Debug, Clone, Copy, Default)]
+struct Colliding;
+
+#[derive(Debug, Default)]
+struct CollidingHasher(u64);
+
+impl std::hash::Hasher for CollidingHasher {
+    fn finish(&self) -> u64 {
+        self.0 % 5
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.wrapping_add(u64::from(b));
+        }
+    }
+}
+
+impl std::hash::BuildHasher for Colliding {
+    type Hasher = CollidingHasher;
+    fn build_hasher(&self) -> CollidingHasher {
+        CollidingHasher::default()
+    }
+}
+
+type CollidingFlatTable = FlatAffinityTable<u8, u32, Colliding>;
+
+macro_rules! impl_table {
+    ($table:ident $(<$($param:ty),*>)?, $new:expr) => {
+        impl Table for $table<u8, u32 $($(, $param)*)?> {
+            fn new(max_entries: Option<usize>) -> Self {
+                $new(max_entries)
+            }
+            fn pick(
+                &self,
+                conn: NewConnection<'_, u8>,
+                eligible: &[u32],
+            ) -> Option<AffinityPick<u32>> {
+                $table::pick(self, conn, eligible)
+            }
+            fn pick_with(
+                &self,
+                conn: NewConnection<'_, u8>,
+                is_eligible: impl Fn(&u32) -> bool,
+                candidates: &[u32],
+            ) -> Option<AffinityPick<u32>> {
+                $table::pick_with(self, conn, is_eligible, candidates)
+            }
+            fn peek(&self, service: u8, client: IpAddr, now: Instant) -> Option<u32> {
+                $table::peek(self, &service, client, now)
+            }
+            fn reap(&self, now: Instant) -> usize {
+                $table::reap(self, now)
+            }
+            fn remove_endpoint(&self, endpoint: u32) -> usize {
+                $table::remove_endpoint(self, &endpoint)
+            }
+            fn len(&self) -> usize {
+                $table::len(self)
+            }
+            fn overflows(&self) -> u64 {
+                $table::overflows(self)
+            }
+        }
+    };
+}
+
+impl_table!(AffinityTable, |max: Option<usize>| match max {
+    None => AffinityTable::new(),
+    Some(max) => AffinityTable::with_max_entries(max),
+});
+impl_table!(FlatAffinityTable, |max: Option<usize>| match max {
+    None => FlatAffinityTable::new(),
+    Some(max) => FlatAffinityTable::with_max_entries(max),
+});
+impl_table!(FlatAffinityTable<Colliding>, |max| {
+    FlatAffinityTable::with_hasher(Colliding, max)
+});
+
+/// Drives `T` and the model with the same operations and requires the same answers.
+fn affinity_matches_the_model<T: Table>(
+    max_entries: Option<usize>,
+    initial_mask: u8,
+    ops: Vec<Op>,
+) -> Result<(), TestCaseError> {
+    let table = T::new(max_entries);
+    let mut model = Model {
+        max_entries,
+        ..Model::default()
+    };
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut eligible = endpoints_in(initial_mask);
+
+    for op in ops {
+        match op {
+            Op::Pick {
+                service,
+                client,
+                timeout_secs,
+                random,
+                with_candidates,
+            } => {
+                let timeout = Duration::from_secs(timeout_secs);
+                let conn = NewConnection {
+                    service: &service,
+                    client: client_ip(client),
+                    now,
+                    timeout,
+                    random,
+                };
+                let remembered = model.entries.get(&(service, client)).cloned();
+                let (got, candidates) = match with_candidates {
+                    None => (table.pick(conn, &eligible), eligible.clone()),
+                    Some(mask) => {
+                        let candidates: Vec<u32> = eligible
+                            .iter()
+                            .copied()
+                            .filter(|e| mask & (1 << e) != 0)
+                            .collect();
+                        let got = table.pick_with(conn, |e| eligible.contains(e), &candidates);
+                        (got, candidates)
+                    }
+                };
+                let want = model.pick(
+                    (service, client),
+                    now,
+                    timeout,
+                    random,
+                    &eligible,
+                    &candidates,
+                );
+                let got = got.map(|p| (p.endpoint, p.outcome));
+                prop_assert_eq!(got, want);
+                if let Some((endpoint, outcome)) = got {
+                    prop_assert!(eligible.contains(&endpoint), "{} is not eligible", endpoint);
+                    if outcome == Outcome::Hit {
+                        let before = remembered.expect("a hit needs an entry");
+                        prop_assert!(!before.expired(now));
+                        prop_assert_eq!(before.endpoint, endpoint);
+                    }
+                }
+            }
+            Op::SetEligible(mask) => eligible = endpoints_in(mask),
+            Op::Advance(d) => now += d,
+            Op::Reap => {
+                let before = model.entries.len();
+                model.entries.retain(|_, e| !e.expired(now));
+                prop_assert_eq!(table.reap(now), before - model.entries.len());
+            }
+            Op::RemoveEndpoint(endpoint) => {
+                let before = model.entries.len();
+                model.entries.retain(|_, e| e.endpoint != endpoint);
+                prop_assert_eq!(
+                    table.remove_endpoint(endpoint),
+                    before - model.entries.len()
+                );
+            }
+        }
+        prop_assert_eq!(table.len(), model.entries.len());
+        if let Some(max) = max_entries {
+            prop_assert!(table.len() <= max);
+        }
+        prop_assert_eq!(table.overflows(), model.overflows);
+        for service in 0..SERVICES {
+            for client in 0..CLIENTS {
+                let want = model
+                    .entries
+                    .get(&(service, client))
+                    .filter(|e| !e.expired(now))
+                    .map(|e| e.endpoint);
+                prop_assert_eq!(table.peek(service, client_ip(client), now), want);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn max_entries() -> impl Strategy<Value = Option<usize>> {
+    prop::sample::select(vec![
+        None,
+        Some(0usize),
+        Some(1),
+        Some(3),
+        Some(8),
+        Some(40),
+    ])
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
     fn affinity_never_returns_an_expired_or_ineligible_endpoint_and_matches_the_model(
-        max_entries in prop::sample::select(vec![None, Some(0usize), Some(1), Some(3), Some(8)]),
+        max_entries in max_entries(),
         initial_mask in any::<u8>(),
         ops in prop::collection::vec(op(), 1..80),
     ) {
-        let services = ["default/a:http", "default/b:dns"];
-        let table: AffinityTable<&str, u32> = match max_entries {
-            None => AffinityTable::new(),
-            Some(max) => AffinityTable::with_max_entries(max),
-        };
-        let mut model = Model { max_entries, ..Model::default() };
-        let t0 = Instant::now();
-        let mut now = t0;
-        let mut eligible = endpoints_in(initial_mask);
+        affinity_matches_the_model::<AffinityTable<u8, u32>>(max_entries, initial_mask, ops)?;
+    }
 
-        for op in ops {
-            match op {
-                Op::Pick { service, client, timeout_secs, random, with_candidates } => {
-                    let timeout = Duration::from_secs(timeout_secs);
-                    let conn = NewConnection {
-                        service: &services[usize::from(service)],
-                        client: client_ip(client),
-                        now,
-                        timeout,
-                        random,
-                    };
-                    let remembered = model.entries.get(&(service, client)).cloned();
-                    let (got, candidates) = match with_candidates {
-                        None => (table.pick(conn, &eligible), eligible.clone()),
-                        Some(mask) => {
-                            let candidates: Vec<u32> =
-                                eligible.iter().copied().filter(|e| mask & (1 << e) != 0).collect();
-                            let got = table.pick_with(conn, |e| eligible.contains(e), &candidates);
-                            (got, candidates)
-                        }
-                    };
-                    let want =
-                        model.pick((service, client), now, timeout, random, &eligible, &candidates);
-                    let got = got.map(|p| (p.endpoint, p.outcome));
-                    prop_assert_eq!(got, want);
-                    if let Some((endpoint, outcome)) = got {
-                        prop_assert!(eligible.contains(&endpoint), "{} is not eligible", endpoint);
-                        if outcome == Outcome::Hit {
-                            let before = remembered.expect("a hit needs an entry");
-                            prop_assert!(!before.expired(now));
-                            prop_assert_eq!(before.endpoint, endpoint);
-                        }
-                    }
-                }
-                Op::SetEligible(mask) => eligible = endpoints_in(mask),
-                Op::Advance(d) => now += d,
-                Op::Reap => {
-                    let before = model.entries.len();
-                    model.entries.retain(|_, e| !e.expired(now));
-                    prop_assert_eq!(table.reap(now), before - model.entries.len());
-                }
-                Op::RemoveEndpoint(endpoint) => {
-                    let before = model.entries.len();
-                    model.entries.retain(|_, e| e.endpoint != endpoint);
-                    prop_assert_eq!(table.remove_endpoint(&endpoint), before - model.entries.len());
-                }
-            }
-            prop_assert_eq!(table.len(), model.entries.len());
-            if let Some(max) = max_entries {
-                prop_assert!(table.len() <= max);
-            }
-            prop_assert_eq!(table.overflows(), model.overflows);
-            for service in 0..2u8 {
-                for client in 0..6u8 {
-                    let want = model
-                        .entries
-                        .get(&(service, client))
-                        .filter(|e| !e.expired(now))
-                        .map(|e| e.endpoint);
-                    let got = table.peek(&services[usize::from(service)], client_ip(client), now);
-                    prop_assert_eq!(got, want);
-                }
-            }
-        }
+    #[test]
+    fn flat_affinity_never_returns_an_expired_or_ineligible_endpoint_and_matches_the_model(
+        max_entries in max_entries(),
+        initial_mask in any::<u8>(),
+        ops in prop::collection::vec(op(), 1..300),
+    ) {
+        affinity_matches_the_model::<FlatAffinityTable<u8, u32>>(max_entries, initial_mask, ops)?;
+    }
+
+    #[test]
+    fn flat_affinity_matches_the_model_when_every_key_collides(
+        max_entries in max_entries(),
+        initial_mask in any::<u8>(),
+        ops in prop::collection::vec(op(), 1..300),
+    ) {
+        affinity_matches_the_model::<CollidingFlatTable>(max_entries, initial_mask, ops)?;
     }
 }
 

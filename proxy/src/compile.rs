@@ -463,9 +463,10 @@ pub fn compile(snapshot: &Snapshot, config: &Config, family: IpFamily) -> (Table
     (c.table_id(), c.table(), stats)
 }
 
-/// Who contributes which element: for every (set, key), the contributing service ports and
-/// their element. The kernel holds the first contributor's element.
-type Owners = HashMap<ElemKey, Vec<(ServicePortName, Element)>>;
+/// Who contributes which element: for every (set, key), the contributing service ports,
+/// sorted. The kernel holds the first contributor's element, which lives in that service
+/// port's [`Fragment`] (not copied here: one copy of each element, issue 13).
+type Owners = HashMap<ElemKey, Vec<ServicePortName>>;
 
 /// A set of the table, by name: the static ones, and the per-timeout affinity key sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -516,7 +517,7 @@ pub struct Plan {
     /// The transaction to apply.
     pub tx: Transaction,
     changes: Vec<(ServicePortName, Option<Fragment>)>,
-    touched: HashMap<ElemKey, Vec<(ServicePortName, Element)>>,
+    touched: Owners,
     installed_counts: BTreeSet<(Dispatch, usize)>,
     installed_timeouts: BTreeSet<u64>,
 }
@@ -633,8 +634,7 @@ impl Compiler {
             .flat_map(|(_, f)| f)
             .map(|f| f.elems.len())
             .sum();
-        let mut touched: HashMap<ElemKey, Vec<(ServicePortName, Element)>> =
-            HashMap::with_capacity_and_hasher(capacity, Default::default());
+        let mut touched: Owners = HashMap::with_capacity_and_hasher(capacity, Default::default());
         for (name, frag) in &changes {
             if let Some(old) = self.fragments.get(name) {
                 for (set, key, _) in &old.elems {
@@ -642,25 +642,34 @@ impl Compiler {
                     let owners = touched
                         .entry(k)
                         .or_insert_with_key(|k| self.owners.get(k).cloned().unwrap_or_default());
-                    owners.retain(|(n, _)| n != name);
+                    owners.retain(|n| n != name);
                 }
             }
-            for (set, key, e) in frag.iter().flat_map(|f| &f.elems) {
+            for (set, key, _) in frag.iter().flat_map(|f| &f.elems) {
                 let k = (*set, key.clone());
                 let owners = touched
                     .entry(k)
                     .or_insert_with_key(|k| self.owners.get(k).cloned().unwrap_or_default());
-                match owners.binary_search_by(|(n, _)| n.cmp(name)) {
-                    Ok(i) => owners[i].1 = e.clone(),
-                    Err(i) => owners.insert(i, (name.clone(), e.clone())),
+                if let Err(i) = owners.binary_search(name) {
+                    owners.insert(i, name.clone());
                 }
             }
         }
+        let changed: HashMap<&ServicePortName, Option<&Fragment>> =
+            changes.iter().map(|(n, f)| (n, f.as_ref())).collect();
+        let after = |name: &ServicePortName| match changed.get(name) {
+            Some(f) => *f,
+            None => self.fragments.get(name),
+        };
         let mut deletes: BTreeMap<SetRef, Vec<Vec<Value>>> = BTreeMap::new();
         let mut adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>> = BTreeMap::new();
         for (k, owners) in &touched {
-            let old = self.owners.get(k).and_then(|o| o.first()).map(|(_, e)| e);
-            let new = owners.first().map(|(_, e)| e);
+            let old = self
+                .owners
+                .get(k)
+                .and_then(|o| o.first())
+                .and_then(|n| element_in(self.fragments.get(n), k));
+            let new = owners.first().and_then(|n| element_in(after(n), k));
             if old == new {
                 continue;
             }
@@ -698,15 +707,21 @@ impl Compiler {
 
     /// Adopts a plan whose transaction the kernel accepted.
     pub fn commit(&mut self, mut plan: Plan) {
+        // Owner lists are built by `insert` (capacity 4) and almost always hold one owner:
+        // shrinking them is most of the memory a synced compiler holds (issue 13).
         if self.owners.is_empty() {
             // A first or full sync: the plan's view is the whole state; adopt it as is.
-            plan.touched.retain(|_, owners| !owners.is_empty());
+            plan.touched.retain(|_, owners| {
+                owners.shrink_to_fit();
+                !owners.is_empty()
+            });
             self.owners = std::mem::take(&mut plan.touched);
         }
-        for (k, owners) in plan.touched {
+        for (k, mut owners) in plan.touched {
             if owners.is_empty() {
                 self.owners.remove(&k);
             } else {
+                owners.shrink_to_fit();
                 self.owners.insert(k, owners);
             }
         }
@@ -719,7 +734,8 @@ impl Compiler {
                     dec(&mut self.timeouts, t);
                 }
             }
-            if let Some(new) = frag {
+            if let Some(mut new) = frag {
+                new.elems.shrink_to_fit();
                 for c in &new.counts {
                     *self.counts.entry(*c).or_default() += 1;
                 }
@@ -740,9 +756,12 @@ impl Compiler {
         let counts: BTreeSet<_> = self.counts.keys().copied().collect();
         let timeouts: BTreeSet<_> = self.timeouts.keys().copied().collect();
         let mut table = skeleton(self.f, &self.config, &counts, &timeouts);
-        for ((set, key), owners) in &self.owners {
-            if let (Some(s), Some((_, e))) = (table.sets.get_mut(&set.name()), owners.first()) {
-                s.elements.insert(key.clone(), e.clone());
+        for (k, owners) in &self.owners {
+            let e = owners
+                .first()
+                .and_then(|n| element_in(self.fragments.get(n), k));
+            if let (Some(s), Some(e)) = (table.sets.get_mut(&k.0.name()), e) {
+                s.elements.insert(k.1.clone(), e.clone());
             }
         }
         table
@@ -819,7 +838,7 @@ impl Compiler {
     fn targets_with<'s>(
         &self,
         touched: &Touched,
-        owners_of: impl Fn(&ElemKey) -> Option<&'s Vec<(ServicePortName, Element)>>,
+        owners_of: impl Fn(&ElemKey) -> Option<&'s Vec<ServicePortName>>,
         fragment_of: impl Fn(&ServicePortName) -> Option<&'s Fragment>,
     ) -> BTreeMap<u64, AffinityTargets> {
         let mut out: BTreeMap<u64, AffinityTargets> = BTreeMap::new();
@@ -831,7 +850,7 @@ impl Compiler {
                     AffinityDestination::NodePort(_) => SetRef::AffinityNodePortKeys(secs),
                 };
                 let allowed = targets.entry(dest.clone()).or_default();
-                for (name, _) in owners_of(&(set, dest.key().to_vec())).into_iter().flatten() {
+                for name in owners_of(&(set, dest.key().to_vec())).into_iter().flatten() {
                     let Some(frag) = fragment_of(name) else {
                         continue;
                     };
@@ -875,7 +894,6 @@ impl Compiler {
         self.owners
             .get(&(SetRef::Static(set), key.to_vec()))
             .and_then(|o| o.first())
-            .map(|(name, _)| name)
     }
 
     /// The spec of the ClientIP affinity map for timeout `secs` (to read it back).
@@ -887,6 +905,17 @@ impl Compiler {
     pub fn affinity_nodeport_map_spec(&self, secs: u64) -> SetSpec {
         affinity_nodeport_map_spec(self.f, secs)
     }
+}
+
+/// The element `fragment` contributes for `key` (its last, as a later one replaces an earlier
+/// one with the same key).
+fn element_in<'f>(fragment: Option<&'f Fragment>, key: &ElemKey) -> Option<&'f Element> {
+    fragment?
+        .elems
+        .iter()
+        .rev()
+        .find(|(set, k, _)| *set == key.0 && *k == key.1)
+        .map(|(_, _, e)| e)
 }
 
 fn dec<K: Ord>(m: &mut BTreeMap<K, usize>, k: &K) {

@@ -18,6 +18,9 @@ use lb_proxy::nft::Transaction;
 use lb_proxy::nft::netlink::{Netlink, enter_netns};
 use lb_proxy::sync::Dataplane;
 
+#[path = "lb-scale/whole.rs"]
+mod whole;
+
 struct Netns(String);
 
 impl Netns {
@@ -181,8 +184,56 @@ fn main() {
         "# lb-scale (kernel {})",
         String::from_utf8_lossy(&kernel).trim()
     );
+    let number = |flag: &str, k: usize, default: u32| -> u32 {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + k))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(default)
+    };
+    if args.iter().any(|a| a == "--in-process") {
+        // Child of `whole::in_process_rss`: one full sync, then this process's memory.
+        let (n, m) = (
+            number("--in-process", 1, 50_000),
+            number("--in-process", 2, 10),
+        );
+        one_change_at(n, m, false);
+        println!(
+            "IN-PROCESS {n} x {m}: RSS {:.0} MiB after the syncs, peak {:.0} MiB",
+            whole::status_mib("self", "VmRSS"),
+            whole::status_mib("self", "VmHWM")
+        );
+        return;
+    }
+    // Single measurements of whole processes (see `whole`), for profiling and iterating.
+    if args.iter().any(|a| a == "--memory") {
+        whole::memory_breakdown(number("--memory", 1, 10_000), number("--memory", 2, 10));
+        return;
+    }
+    if args.iter().any(|a| a == "--daemon") {
+        let (n, m) = (number("--daemon", 1, 10_000), number("--daemon", 2, 10));
+        whole::daemon(n, m, number("--daemon", 3, 1_000));
+        return;
+    }
+    if args.iter().any(|a| a == "--once") {
+        whole::run_once_vs_nft(number("--once", 1, 10_000), number("--once", 2, 10), 3);
+        return;
+    }
+    if args.iter().any(|a| a == "--dumps") {
+        whole::dumps(number("--dumps", 1, 50_000), number("--dumps", 2, 10));
+        return;
+    }
+    if args.iter().any(|a| a == "--affinity") {
+        whole::affinity_hits();
+        return;
+    }
     if quick {
         full(1_000, 10);
+        whole::memory_breakdown(1_000, 10);
+        whole::daemon(1_000, 10, 100);
+        whole::run_once_vs_nft(1_000, 10, 1);
+        whole::dumps(5_000, 10);
+        whole::in_process_rss(5_000, 10);
         return;
     }
     if let Some(i) = args.iter().position(|a| a == "--sync-only") {
@@ -221,8 +272,13 @@ fn main() {
     }
     full(10_000, 10);
     full(5_000, 50);
-    println!("\n## one endpoint change at 50,000 Services");
-    one_change_at(50_000, 10, false);
+    println!("\n## one endpoint change at 50,000 Services (a child process, for its RSS)");
+    whole::in_process_rss(50_000, 10);
+    whole::memory_breakdown(10_000, 10);
+    whole::daemon(10_000, 10, 1_000);
+    whole::run_once_vs_nft(10_000, 10, 3);
+    whole::dumps(50_000, 10);
+    whole::affinity_hits();
     let (n, m) = (2_000, 10);
     println!("\n## kube-proxy-like layout (chain per Service and per endpoint), {n} x {m}, nft -f");
     let ns = Netns::new("kp");

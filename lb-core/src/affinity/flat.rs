@@ -1,0 +1,585 @@
+//! [`FlatAffinityTable`]: the affinity contract on sharded open-addressing tables whose slots
+//! hold the whole entry (key, client, expiry, endpoint) inline.
+//!
+//! # Why a second table
+//!
+//! [`AffinityTable`](super::AffinityTable) sits on `dashmap` (hashbrown per shard), which
+//! accepts any key but pays for it on a cold hit: a read of the shard's control bytes, then of
+//! the entry, two dependent cache misses plus a read-write lock. This table restricts the key
+//! to `Copy` values (a Service id and the client address: at most 20 bytes, the "128-bit client
+//! key" plus the id) and the endpoint to `Copy` values, and stores them in the probed slot
+//! itself, so a hit in a table far larger than the caches costs one cache miss for the slot,
+//! one for the shard's lock word (shared by every key of the shard, so usually cached), and a
+//! few nanoseconds of hashing.
+//!
+//! # Layout
+//!
+//! `SHARDS` shards, chosen by the top bits of the hash, each a [`Mutex`] around a power-of-two
+//! array of `Option<Slot>` probed linearly from the low bits of the hash, kept at most 3/4 full
+//! (it doubles beyond that). With `u32` keys and `SocketAddr` endpoints a slot is 64 bytes: one
+//! cache line. Removal ([`FlatAffinityTable::reap`], [`FlatAffinityTable::retain`]) rebuilds a
+//! shard that lost entries, so there are no tombstones and probe sequences stay short.
+//!
+//! The contract (hit, miss, overflow, reap, the expiry floor of bounded tables) is
+//! [`AffinityTable`](super::AffinityTable)'s, word for word; `lb-core/tests/pickers_props.rs`
+//! runs one model-based property test against both.
+
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+use super::{
+    AffinityPick, DefaultHashBuilder, Nanos, NewConnection, Outcome, nanos_since, saturating_nanos,
+};
+use crate::pick;
+
+/// Shards: a power of two well above the thread count of a proxy, so threads rarely meet on a
+/// lock, and small enough that a whole-table reap stays cheap.
+const SHARD_BITS: u32 = 6;
+const SHARDS: usize = 1 << SHARD_BITS;
+/// Slots of a shard before its first insertion grows it.
+const MIN_SLOTS: usize = 8;
+
+/// A ClientIP affinity table with the contract of [`AffinityTable`](super::AffinityTable), for
+/// `Copy` service keys and endpoints, with a hit cost close to one cache miss.
+///
+/// ```
+/// use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+/// use std::time::{Duration, Instant};
+/// use lb_core::affinity::{FlatAffinityTable, NewConnection, Outcome};
+///
+/// // Service ports identified by a compact id, endpoints by their socket address.
+/// let table: FlatAffinityTable<u32, SocketAddr> = FlatAffinityTable::new();
+/// let endpoints: Vec<SocketAddr> = vec!["10.0.0.1:80".parse()?, "10.0.0.2:80".parse()?];
+/// let t0 = Instant::now();
+/// let conn = NewConnection {
+///     service: &7,
+///     client: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
+///     now: t0,
+///     timeout: Duration::from_secs(10_800),
+///     random: 0x9e37_79b9_7f4a_7c15,
+/// };
+/// let first = table.pick(conn, &endpoints).expect("there are endpoints");
+/// assert_eq!(first.outcome, Outcome::Miss);
+/// let later = NewConnection { now: t0 + Duration::from_secs(3600), random: 1, ..conn };
+/// let again = table.pick(later, &endpoints).expect("there are endpoints");
+/// assert_eq!((again.endpoint, again.outcome), (first.endpoint, Outcome::Hit));
+/// assert_eq!(table.reap(t0 + Duration::from_secs(3600 + 10_800)), 1);
+/// assert!(table.is_empty());
+/// # Ok::<(), std::net::AddrParseError>(())
+/// ```
+pub struct FlatAffinityTable<K, E, S = DefaultHashBuilder> {
+    shards: Box<[Shard<K, E>]>,
+    hasher: S,
+    /// As in [`AffinityTable`](super::AffinityTable): never below the real count, never above
+    /// `max_entries`, exact whenever no call is in progress.
+    len: AtomicUsize,
+    max_entries: Option<usize>,
+    overflows: AtomicU64,
+    origin: OnceLock<Instant>,
+    /// Bounded tables only: no entry expires before this.
+    expiry_floor: AtomicI64,
+    reaping: AtomicBool,
+}
+
+/// One shard, on its own cache line so two threads locking neighbouring shards do not share
+/// one.
+#[repr(align(64))]
+struct Shard<K, E> {
+    slots: Mutex<Slots<K, E>>,
+}
+
+/// A shard's open-addressing array (empty, or a power of two long and at most 3/4 full) and
+/// how many of its slots are used.
+struct Slots<K, E> {
+    array: Vec<Option<Slot<K, E>>>,
+    used: usize,
+}
+
+/// One remembered client, stored inline in the probed array.
+#[derive(Debug, Clone, Copy)]
+struct Slot<K, E> {
+    service: K,
+    client: IpAddr,
+    /// Nanoseconds since the table's origin at which the entry expires.
+    expires: Nanos,
+    endpoint: E,
+}
+
+impl<K, E> FlatAffinityTable<K, E>
+where
+    K: Copy + Hash + Eq,
+    E: Copy + Eq,
+{
+    /// An unbounded table.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_hasher(DefaultHashBuilder::default(), None)
+    }
+
+    /// A table that remembers at most `max_entries` clients (`0` remembers none).
+    #[must_use]
+    pub fn with_max_entries(max_entries: usize) -> Self {
+        Self::with_hasher(DefaultHashBuilder::default(), Some(max_entries))
+    }
+}
+
+impl<K, E> Default for FlatAffinityTable<K, E>
+where
+    K: Copy + Hash + Eq,
+    E: Copy + Eq,
+{
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<K, E, S> FlatAffinityTable<K, E, S>
+where
+    K: Copy + Hash + Eq,
+    E: Copy + Eq,
+    S: BuildHasher,
+{
+    /// A table hashing with `hasher`, bounded to `max_entries` clients if given.
+    #[must_use]
+    pub fn with_hasher(hasher: S, max_entries: Option<usize>) -> Self {
+        FlatAffinityTable {
+            shards: (0..SHARDS)
+                .map(|_| Shard {
+                    slots: Mutex::new(Slots {
+                        array: Vec::new(),
+                        used: 0,
+                    }),
+                })
+                .collect(),
+            hasher,
+            len: AtomicUsize::new(0),
+            max_entries,
+            overflows: AtomicU64::new(0),
+            origin: OnceLock::new(),
+            expiry_floor: AtomicI64::new(Nanos::MAX),
+            reaping: AtomicBool::new(false),
+        }
+    }
+
+    /// The endpoint for a new connection, choosing among `eligible` on a miss; `None` only when
+    /// there is no usable entry and `eligible` is empty. See
+    /// [`AffinityTable::pick`](super::AffinityTable::pick).
+    #[inline]
+    pub fn pick(&self, conn: NewConnection<'_, K>, eligible: &[E]) -> Option<AffinityPick<E>> {
+        self.pick_with(conn, |e| eligible.contains(e), eligible)
+    }
+
+    /// Like [`FlatAffinityTable::pick`], with eligibility decided by `is_eligible` and a miss
+    /// choosing uniformly among `candidates`, each of which must be eligible. See
+    /// [`AffinityTable::pick_with`](super::AffinityTable::pick_with).
+    ///
+    /// `is_eligible` runs while a shard of the table is locked: it must not call back into this
+    /// table (that could deadlock).
+    pub fn pick_with<F>(
+        &self,
+        conn: NewConnection<'_, K>,
+        is_eligible: F,
+        candidates: &[E],
+    ) -> Option<AffinityPick<E>>
+    where
+        F: Fn(&E) -> bool,
+    {
+        debug_assert!(
+            candidates.iter().all(&is_eligible),
+            "every candidate must be eligible"
+        );
+        let now = self.nanos(conn.now);
+        let expires = now.saturating_add(saturating_nanos(conn.timeout));
+        let service = *conn.service;
+        let hash = self.hash(&service, conn.client);
+        let shard = &self.shards[shard_of(hash)];
+        for attempt in 0..2 {
+            let mut slots = lock(shard);
+            if let Some(i) = find(&slots.array, hash, &service, conn.client) {
+                if let Some(slot) = slots.array[i].as_mut() {
+                    return self.use_or_replace(
+                        slot,
+                        now,
+                        expires,
+                        conn.random,
+                        &is_eligible,
+                        candidates,
+                    );
+                }
+            }
+            let chosen = *pick::uniform(candidates, conn.random)?;
+            if self.reserve_slot() {
+                self.insert(
+                    &mut slots,
+                    Slot {
+                        service,
+                        client: conn.client,
+                        expires,
+                        endpoint: chosen,
+                    },
+                );
+                drop(slots);
+                self.note_expiry(expires);
+                return Some(AffinityPick {
+                    endpoint: chosen,
+                    outcome: Outcome::Miss,
+                });
+            }
+            // Release the shard before reaping, which locks every shard.
+            drop(slots);
+            if attempt == 0 {
+                self.reap_for_room(now);
+            }
+        }
+        self.overflows.fetch_add(1, Ordering::Relaxed);
+        Some(AffinityPick {
+            endpoint: *pick::uniform(candidates, conn.random)?,
+            outcome: Outcome::Overflow,
+        })
+    }
+
+    /// The endpoint remembered for `client` of `service` if it has not expired at `now`,
+    /// without refreshing it.
+    #[must_use]
+    pub fn peek(&self, service: &K, client: IpAddr, now: Instant) -> Option<E> {
+        let now = self.nanos(now);
+        let hash = self.hash(service, client);
+        let slots = lock(&self.shards[shard_of(hash)]);
+        let i = find(&slots.array, hash, service, client)?;
+        slots.array[i]
+            .as_ref()
+            .filter(|s| now < s.expires)
+            .map(|s| s.endpoint)
+    }
+
+    /// Removes every entry expired at `now` and returns how many were removed.
+    ///
+    /// Locks each shard in turn, O(entries). Call it periodically.
+    pub fn reap(&self, now: Instant) -> usize {
+        self.reap_at(self.nanos(now))
+    }
+
+    /// Keeps only the entries for which `keep(service, client, endpoint)` is true and returns
+    /// how many were removed.
+    ///
+    /// `keep` runs while a shard of the table is locked: it must not call back into this table.
+    pub fn retain<F>(&self, mut keep: F) -> usize
+    where
+        F: FnMut(&K, IpAddr, &E) -> bool,
+    {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut slots = lock(shard);
+            removed += self.retain_shard(&mut slots, |s| keep(&s.service, s.client, &s.endpoint));
+        }
+        self.len.fetch_sub(removed, Ordering::AcqRel);
+        removed
+    }
+
+    /// Forgets every client sent to `endpoint`; returns how many entries were removed.
+    pub fn remove_endpoint(&self, endpoint: &E) -> usize {
+        self.retain(|_, _, e| e != endpoint)
+    }
+
+    /// The number of remembered clients (including expired ones not yet reaped).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Whether no client is remembered.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bound given to [`FlatAffinityTable::with_max_entries`], if any.
+    #[must_use]
+    pub fn max_entries(&self) -> Option<usize> {
+        self.max_entries
+    }
+
+    /// How many picks returned [`Outcome::Overflow`] since the table was created.
+    #[must_use]
+    pub fn overflows(&self) -> u64 {
+        self.overflows.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn hash(&self, service: &K, client: IpAddr) -> u64 {
+        self.hasher.hash_one((service, client))
+    }
+
+    #[inline]
+    fn use_or_replace<F>(
+        &self,
+        slot: &mut Slot<K, E>,
+        now: Nanos,
+        expires: Nanos,
+        random: u64,
+        is_eligible: &F,
+        candidates: &[E],
+    ) -> Option<AffinityPick<E>>
+    where
+        F: Fn(&E) -> bool,
+    {
+        let outcome = if now < slot.expires && is_eligible(&slot.endpoint) {
+            Outcome::Hit
+        } else {
+            slot.endpoint = *pick::uniform(candidates, random)?;
+            Outcome::Miss
+        };
+        let earlier = expires < slot.expires;
+        slot.expires = expires;
+        if earlier {
+            self.note_expiry(expires);
+        }
+        Some(AffinityPick {
+            endpoint: slot.endpoint,
+            outcome,
+        })
+    }
+
+    /// Inserts a slot known to be absent, growing the shard once it is 3/4 full.
+    fn insert(&self, shard: &mut Slots<K, E>, slot: Slot<K, E>) {
+        if (shard.used + 1) * 4 > shard.array.len() * 3 {
+            let size = (shard.array.len() * 2).max(MIN_SLOTS);
+            let mut grown = vec![None; size];
+            for s in shard.array.drain(..).flatten() {
+                place(&mut grown, self.hash(&s.service, s.client), s);
+            }
+            shard.array = grown;
+        }
+        place(
+            &mut shard.array,
+            self.hash(&slot.service, slot.client),
+            slot,
+        );
+        shard.used += 1;
+    }
+
+    /// Removes the slots `keep` rejects by rebuilding the shard (linear probing has no
+    /// tombstones); returns how many were removed.
+    fn retain_shard<F>(&self, shard: &mut Slots<K, E>, mut keep: F) -> usize
+    where
+        F: FnMut(&Slot<K, E>) -> bool,
+    {
+        let mut removed = 0;
+        for s in shard.array.iter_mut() {
+            if s.as_ref().is_some_and(|s| !keep(s)) {
+                *s = None;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            shard.used -= removed;
+            // Shrink while at most 1/8 full, so a table that emptied gives its memory back.
+            let mut size = shard.array.len();
+            while size > MIN_SLOTS && shard.used * 8 <= size {
+                size /= 2;
+            }
+            let size = if shard.used == 0 { 0 } else { size };
+            let mut rebuilt = vec![None; size];
+            for s in shard.array.drain(..).flatten() {
+                place(&mut rebuilt, self.hash(&s.service, s.client), s);
+            }
+            shard.array = rebuilt;
+        }
+        removed
+    }
+
+    #[inline]
+    fn nanos(&self, t: Instant) -> Nanos {
+        nanos_since(*self.origin.get_or_init(|| t), t)
+    }
+
+    fn reap_at(&self, now: Nanos) -> usize {
+        let bounded = self.max_entries.is_some();
+        if bounded {
+            self.expiry_floor.store(Nanos::MAX, Ordering::SeqCst);
+        }
+        let mut floor = Nanos::MAX;
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut slots = lock(shard);
+            removed += self.retain_shard(&mut slots, |s| {
+                let live = now < s.expires;
+                if live {
+                    floor = floor.min(s.expires);
+                }
+                live
+            });
+        }
+        self.len.fetch_sub(removed, Ordering::AcqRel);
+        if bounded {
+            self.expiry_floor.fetch_min(floor, Ordering::SeqCst);
+        }
+        removed
+    }
+
+    #[inline]
+    fn reserve_slot(&self) -> bool {
+        match self.max_entries {
+            None => {
+                self.len.fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            Some(max) => self
+                .len
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok(),
+        }
+    }
+
+    #[inline]
+    fn note_expiry(&self, expires: Nanos) {
+        if self.max_entries.is_some() && expires < self.expiry_floor.load(Ordering::SeqCst) {
+            self.expiry_floor.fetch_min(expires, Ordering::SeqCst);
+        }
+    }
+
+    /// See `AffinityTable::reap_for_room`: the same floor invariant, the same single reaper.
+    fn reap_for_room(&self, now: Nanos) {
+        if now < self.expiry_floor.load(Ordering::SeqCst) {
+            return;
+        }
+        if self
+            .reaping
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        self.reap_at(now);
+        self.reaping.store(false, Ordering::Release);
+    }
+}
+
+impl<K, E, S> fmt::Debug for FlatAffinityTable<K, E, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlatAffinityTable")
+            .field("len", &self.len.load(Ordering::Relaxed))
+            .field("max_entries", &self.max_entries)
+            .field("overflows", &self.overflows.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+#[inline]
+fn shard_of(hash: u64) -> usize {
+    (hash >> (64 - SHARD_BITS)) as usize
+}
+
+/// A shard's slots. A panic while a shard is locked cannot leave a slot half-written (slots
+/// are plain `Copy` values assigned whole), so a poisoned lock is used as is.
+#[inline]
+fn lock<K, E>(shard: &Shard<K, E>) -> MutexGuard<'_, Slots<K, E>> {
+    shard
+        .slots
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The index of the slot holding `(service, client)`, probing linearly from the hash.
+#[inline]
+fn find<K: Eq, E>(
+    slots: &[Option<Slot<K, E>>],
+    hash: u64,
+    service: &K,
+    client: IpAddr,
+) -> Option<usize> {
+    if slots.is_empty() {
+        return None;
+    }
+    let mask = slots.len() - 1;
+    let mut i = hash as usize & mask;
+    loop {
+        match &slots[i] {
+            None => return None,
+            Some(s) if s.client == client && s.service == *service => return Some(i),
+            Some(_) => i = (i + 1) & mask,
+        }
+    }
+}
+
+/// Puts `slot` in the first free slot of its probe sequence; the array must have one.
+#[inline]
+fn place<K, E>(slots: &mut [Option<Slot<K, E>>], hash: u64, slot: Slot<K, E>) {
+    let mask = slots.len() - 1;
+    let mut i = hash as usize & mask;
+    while slots[i].is_some() {
+        i = (i + 1) & mask;
+    }
+    slots[i] = Some(slot);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn concurrent_picks_never_exceed_the_bound_and_keep_len_exact() {
+        let table = Arc::new(FlatAffinityTable::<u32, u32>::with_max_entries(500));
+        let t0 = Instant::now();
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let table = Arc::clone(&table);
+                std::thread::spawn(move || {
+                    for i in 0..5_000u32 {
+                        let now = t0 + Duration::from_millis(u64::from(i));
+                        let conn = NewConnection {
+                            service: &1,
+                            client: IpAddr::V4(Ipv4Addr::from((i * 7 + t) % 2_000)),
+                            now,
+                            timeout: Duration::from_secs(1),
+                            random: u64::from(i),
+                        };
+                        table.pick(conn, &[1, 2, 3]).expect("eligible");
+                        assert!(table.len() <= 500);
+                        if i % 1000 == 0 {
+                            table.reap(now);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("no panic");
+        }
+        let stored: usize = table.shards.iter().map(|s| lock(s).used).sum();
+        assert_eq!(table.len(), stored);
+        assert!(table.len() <= 500);
+    }
+
+    #[test]
+    fn a_table_that_emptied_gives_its_slots_back() {
+        let table = FlatAffinityTable::<u32, u32>::new();
+        let t0 = Instant::now();
+        for i in 0..10_000u32 {
+            let conn = NewConnection {
+                service: &1,
+                client: IpAddr::V4(Ipv4Addr::from(i)),
+                now: t0,
+                timeout: Duration::from_secs(1),
+                random: u64::from(i),
+            };
+            table.pick(conn, &[1, 2, 3]).expect("eligible");
+        }
+        let slots = |t: &FlatAffinityTable<u32, u32>| -> usize {
+            t.shards.iter().map(|s| lock(s).array.len()).sum()
+        };
+        assert!(slots(&table) >= 10_000 * 4 / 3);
+        assert_eq!(table.reap(t0 + Duration::from_secs(1)), 10_000);
+        assert_eq!(slots(&table), 0);
+    }
+}
