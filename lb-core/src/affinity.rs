@@ -156,19 +156,10 @@ pub struct AffinityPick<E> {
 /// ```
 pub struct AffinityTable<K, E, S = DefaultHashBuilder> {
     map: DashMap<AffinityKey<K>, Remembered<E>, S>,
-    /// Entries in `map`, plus insertions in flight. Never below the real count, never above
-    /// `max_entries`; equal to the real count whenever no call is in progress.
-    len: AtomicUsize,
-    max_entries: Option<usize>,
-    overflows: AtomicU64,
+    /// The entry count against the bound, overflows, and the expiry floor.
+    occupancy: Occupancy,
     /// The instant that times are measured from: the first one the table was given.
     origin: OnceLock<Instant>,
-    /// Maintained for bounded tables only: no entry expires before this (see
-    /// [`AffinityTable::reap_for_room`]).
-    expiry_floor: AtomicI64,
-    /// Held by the one thread doing an overflow reap, so a full table is not scanned by every
-    /// thread that misses at the same moment.
-    reaping: AtomicBool,
 }
 
 impl<K, E> AffinityTable<K, E>
@@ -211,12 +202,8 @@ where
     pub fn with_hasher(hasher: S, max_entries: Option<usize>) -> Self {
         AffinityTable {
             map: DashMap::with_hasher(hasher),
-            len: AtomicUsize::new(0),
-            max_entries,
-            overflows: AtomicU64::new(0),
+            occupancy: Occupancy::new(max_entries),
             origin: OnceLock::new(),
-            expiry_floor: AtomicI64::new(Nanos::MAX),
-            reaping: AtomicBool::new(false),
         }
     }
 
@@ -287,12 +274,12 @@ where
                     );
                 }
                 Entry::Vacant(vacant) => {
-                    if self.reserve_slot() {
+                    if self.occupancy.reserve_slot() {
                         vacant.insert(Remembered {
                             endpoint: chosen.clone(),
                             expires,
                         });
-                        self.note_expiry(expires);
+                        self.occupancy.note_expiry(expires);
                         return Some(AffinityPick {
                             endpoint: chosen.clone(),
                             outcome: Outcome::Miss,
@@ -306,7 +293,7 @@ where
                 }
             }
         }
-        self.overflows.fetch_add(1, Ordering::Relaxed);
+        self.occupancy.overflowed();
         Some(AffinityPick {
             endpoint: chosen.clone(),
             outcome: Outcome::Overflow,
@@ -348,7 +335,7 @@ where
             }
             kept
         });
-        self.len.fetch_sub(removed, Ordering::AcqRel);
+        self.occupancy.released(removed);
         removed
     }
 
@@ -367,7 +354,7 @@ where
     /// them slightly early, and it never exceeds the bound.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.len.load(Ordering::Acquire)
+        self.occupancy.len()
     }
 
     /// Whether no client is remembered.
@@ -379,13 +366,13 @@ where
     /// The bound given to [`AffinityTable::with_max_entries`], if any.
     #[must_use]
     pub fn max_entries(&self) -> Option<usize> {
-        self.max_entries
+        self.occupancy.max_entries
     }
 
     /// How many picks returned [`Outcome::Overflow`] since the table was created.
     #[must_use]
     pub fn overflows(&self) -> u64 {
-        self.overflows.load(Ordering::Relaxed)
+        self.occupancy.overflows()
     }
 
     /// A hit if `remembered` is usable at `now`, otherwise replace it in place with a fresh
@@ -414,7 +401,7 @@ where
         let earlier = expires < remembered.expires;
         remembered.expires = expires;
         if earlier {
-            self.note_expiry(expires);
+            self.occupancy.note_expiry(expires);
         }
         Some(AffinityPick {
             endpoint: remembered.endpoint.clone(),
@@ -431,10 +418,7 @@ where
 
     /// Removes the entries expired at `now`; see [`AffinityTable::reap`].
     fn reap_at(&self, now: Nanos) -> usize {
-        let bounded = self.max_entries.is_some();
-        if bounded {
-            self.expiry_floor.store(Nanos::MAX, Ordering::SeqCst);
-        }
+        self.occupancy.begin_reap();
         let mut floor = Nanos::MAX;
         let mut removed = 0;
         self.map.retain(|_, remembered| {
@@ -446,11 +430,68 @@ where
             }
             !expired
         });
-        self.len.fetch_sub(removed, Ordering::AcqRel);
-        if bounded {
-            self.expiry_floor.fetch_min(floor, Ordering::SeqCst);
-        }
+        self.occupancy.end_reap(removed, floor);
         removed
+    }
+
+    /// The "reap expired first" step of a miss on a full table. Skipped when no entry can have
+    /// expired yet, or when another thread is already reaping.
+    ///
+    /// The floor makes a table full of live entries cost one comparison per overflow instead of
+    /// a scan. Invariant: every entry expires at or after the floor. A write that makes an
+    /// expiry earlier lowers the floor after writing the entry ([`Occupancy::note_expiry`]);
+    /// a reap raises the floor to "none" *before* scanning and lowers it to the earliest expiry
+    /// it kept afterwards. An entry written during a scan is therefore either seen by the scan
+    /// (its shard was scanned after the write) or was written after the raise, in which case
+    /// its writer saw the raised floor and lowered it.
+    fn reap_for_room(&self, now: Nanos) {
+        self.occupancy.reap_for_room(now, || {
+            self.reap_at(now);
+        });
+    }
+}
+
+/// What both affinity tables keep beside their entries: the entry count against the bound, the
+/// overflow count, and, for bounded tables, the expiry floor with its single reaper (the
+/// invariant is described at [`AffinityTable::reap_for_room`]).
+struct Occupancy {
+    /// Entries, plus insertions in flight. Never below the real count, never above
+    /// `max_entries`; equal to the real count whenever no call is in progress.
+    len: AtomicUsize,
+    max_entries: Option<usize>,
+    overflows: AtomicU64,
+    /// Maintained for bounded tables only: no entry expires before this.
+    expiry_floor: AtomicI64,
+    /// Held by the one thread doing an overflow reap, so a full table is not scanned by every
+    /// thread that misses at the same moment.
+    reaping: AtomicBool,
+}
+
+impl Occupancy {
+    fn new(max_entries: Option<usize>) -> Self {
+        Occupancy {
+            len: AtomicUsize::new(0),
+            max_entries,
+            overflows: AtomicU64::new(0),
+            expiry_floor: AtomicI64::new(Nanos::MAX),
+            reaping: AtomicBool::new(false),
+        }
+    }
+
+    #[inline]
+    fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    #[inline]
+    fn overflows(&self) -> u64 {
+        self.overflows.load(Ordering::Relaxed)
+    }
+
+    /// Counts a pick that could not be remembered.
+    #[inline]
+    fn overflowed(&self) {
+        self.overflows.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one more entry if the bound allows it.
@@ -470,6 +511,12 @@ where
         }
     }
 
+    /// Counts `n` entries removed.
+    #[inline]
+    fn released(&self, n: usize) {
+        self.len.fetch_sub(n, Ordering::AcqRel);
+    }
+
     /// Keeps the expiry floor a lower bound after an entry was written to expire at `expires`.
     #[inline]
     fn note_expiry(&self, expires: Nanos) {
@@ -478,17 +525,25 @@ where
         }
     }
 
-    /// The "reap expired first" step of a miss on a full table. Skipped when no entry can have
-    /// expired yet, or when another thread is already reaping.
-    ///
-    /// The floor makes a table full of live entries cost one comparison per overflow instead of
-    /// a scan. Invariant: every entry expires at or after the floor. A write that makes an
-    /// expiry earlier lowers the floor after writing the entry ([`AffinityTable::note_expiry`]);
-    /// a reap raises the floor to "none" *before* scanning and lowers it to the earliest expiry
-    /// it kept afterwards. An entry written during a scan is therefore either seen by the scan
-    /// (its shard was scanned after the write) or was written after the raise, in which case
-    /// its writer saw the raised floor and lowered it.
-    fn reap_for_room(&self, now: Nanos) {
+    /// Before a reap scans: raises the floor to "none" (bounded tables).
+    fn begin_reap(&self) {
+        if self.max_entries.is_some() {
+            self.expiry_floor.store(Nanos::MAX, Ordering::SeqCst);
+        }
+    }
+
+    /// After a reap scanned: counts what it removed and lowers the floor to the earliest
+    /// expiry it kept (bounded tables).
+    fn end_reap(&self, removed: usize, floor: Nanos) {
+        self.released(removed);
+        if self.max_entries.is_some() {
+            self.expiry_floor.fetch_min(floor, Ordering::SeqCst);
+        }
+    }
+
+    /// Runs `reap` for a miss on a full table, unless no entry can have expired at `now` yet
+    /// or another thread is already reaping.
+    fn reap_for_room(&self, now: Nanos, reap: impl FnOnce()) {
         if now < self.expiry_floor.load(Ordering::SeqCst) {
             return;
         }
@@ -499,18 +554,23 @@ where
         {
             return;
         }
-        self.reap_at(now);
+        reap();
         self.reaping.store(false, Ordering::Release);
+    }
+
+    /// The fields a table's `Debug` shows.
+    fn fields(&self, d: &mut fmt::DebugStruct<'_, '_>) {
+        d.field("len", &self.len.load(Ordering::Relaxed))
+            .field("max_entries", &self.max_entries)
+            .field("overflows", &self.overflows.load(Ordering::Relaxed));
     }
 }
 
 impl<K, E, S> fmt::Debug for AffinityTable<K, E, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AffinityTable")
-            .field("len", &self.len.load(Ordering::Relaxed))
-            .field("max_entries", &self.max_entries)
-            .field("overflows", &self.overflows.load(Ordering::Relaxed))
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("AffinityTable");
+        self.occupancy.fields(&mut d);
+        d.finish_non_exhaustive()
     }
 }
 

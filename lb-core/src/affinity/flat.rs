@@ -27,12 +27,12 @@
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use super::{
-    AffinityPick, DefaultHashBuilder, Nanos, NewConnection, Outcome, nanos_since, saturating_nanos,
+    AffinityPick, DefaultHashBuilder, Nanos, NewConnection, Occupancy, Outcome, nanos_since,
+    saturating_nanos,
 };
 use crate::pick;
 
@@ -74,15 +74,10 @@ const MIN_SLOTS: usize = 8;
 pub struct FlatAffinityTable<K, E, S = DefaultHashBuilder> {
     shards: Box<[Shard<K, E>]>,
     hasher: S,
-    /// As in [`AffinityTable`](super::AffinityTable): never below the real count, never above
-    /// `max_entries`, exact whenever no call is in progress.
-    len: AtomicUsize,
-    max_entries: Option<usize>,
-    overflows: AtomicU64,
+    /// The entry count against the bound, overflows, and the expiry floor, as in
+    /// [`AffinityTable`](super::AffinityTable).
+    occupancy: Occupancy,
     origin: OnceLock<Instant>,
-    /// Bounded tables only: no entry expires before this.
-    expiry_floor: AtomicI64,
-    reaping: AtomicBool,
 }
 
 /// One shard, on its own cache line so two threads locking neighbouring shards do not share
@@ -156,12 +151,8 @@ where
                 })
                 .collect(),
             hasher,
-            len: AtomicUsize::new(0),
-            max_entries,
-            overflows: AtomicU64::new(0),
+            occupancy: Occupancy::new(max_entries),
             origin: OnceLock::new(),
-            expiry_floor: AtomicI64::new(Nanos::MAX),
-            reaping: AtomicBool::new(false),
         }
     }
 
@@ -212,7 +203,7 @@ where
                 }
             }
             let chosen = *pick::uniform(candidates, conn.random)?;
-            if self.reserve_slot() {
+            if self.occupancy.reserve_slot() {
                 self.insert(
                     &mut slots,
                     Slot {
@@ -223,7 +214,7 @@ where
                     },
                 );
                 drop(slots);
-                self.note_expiry(expires);
+                self.occupancy.note_expiry(expires);
                 return Some(AffinityPick {
                     endpoint: chosen,
                     outcome: Outcome::Miss,
@@ -235,7 +226,7 @@ where
                 self.reap_for_room(now);
             }
         }
-        self.overflows.fetch_add(1, Ordering::Relaxed);
+        self.occupancy.overflowed();
         Some(AffinityPick {
             endpoint: *pick::uniform(candidates, conn.random)?,
             outcome: Outcome::Overflow,
@@ -276,7 +267,7 @@ where
             let mut slots = lock(shard);
             removed += self.retain_shard(&mut slots, |s| keep(&s.service, s.client, &s.endpoint));
         }
-        self.len.fetch_sub(removed, Ordering::AcqRel);
+        self.occupancy.released(removed);
         removed
     }
 
@@ -288,7 +279,7 @@ where
     /// The number of remembered clients (including expired ones not yet reaped).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.len.load(Ordering::Acquire)
+        self.occupancy.len()
     }
 
     /// Whether no client is remembered.
@@ -300,13 +291,13 @@ where
     /// The bound given to [`FlatAffinityTable::with_max_entries`], if any.
     #[must_use]
     pub fn max_entries(&self) -> Option<usize> {
-        self.max_entries
+        self.occupancy.max_entries
     }
 
     /// How many picks returned [`Outcome::Overflow`] since the table was created.
     #[must_use]
     pub fn overflows(&self) -> u64 {
-        self.overflows.load(Ordering::Relaxed)
+        self.occupancy.overflows()
     }
 
     #[inline]
@@ -336,7 +327,7 @@ where
         let earlier = expires < slot.expires;
         slot.expires = expires;
         if earlier {
-            self.note_expiry(expires);
+            self.occupancy.note_expiry(expires);
         }
         Some(AffinityPick {
             endpoint: slot.endpoint,
@@ -398,10 +389,7 @@ where
     }
 
     fn reap_at(&self, now: Nanos) -> usize {
-        let bounded = self.max_entries.is_some();
-        if bounded {
-            self.expiry_floor.store(Nanos::MAX, Ordering::SeqCst);
-        }
+        self.occupancy.begin_reap();
         let mut floor = Nanos::MAX;
         let mut removed = 0;
         for shard in self.shards.iter() {
@@ -414,60 +402,23 @@ where
                 live
             });
         }
-        self.len.fetch_sub(removed, Ordering::AcqRel);
-        if bounded {
-            self.expiry_floor.fetch_min(floor, Ordering::SeqCst);
-        }
+        self.occupancy.end_reap(removed, floor);
         removed
-    }
-
-    #[inline]
-    fn reserve_slot(&self) -> bool {
-        match self.max_entries {
-            None => {
-                self.len.fetch_add(1, Ordering::AcqRel);
-                true
-            }
-            Some(max) => self
-                .len
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < max).then_some(n + 1)
-                })
-                .is_ok(),
-        }
-    }
-
-    #[inline]
-    fn note_expiry(&self, expires: Nanos) {
-        if self.max_entries.is_some() && expires < self.expiry_floor.load(Ordering::SeqCst) {
-            self.expiry_floor.fetch_min(expires, Ordering::SeqCst);
-        }
     }
 
     /// See `AffinityTable::reap_for_room`: the same floor invariant, the same single reaper.
     fn reap_for_room(&self, now: Nanos) {
-        if now < self.expiry_floor.load(Ordering::SeqCst) {
-            return;
-        }
-        if self
-            .reaping
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return;
-        }
-        self.reap_at(now);
-        self.reaping.store(false, Ordering::Release);
+        self.occupancy.reap_for_room(now, || {
+            self.reap_at(now);
+        });
     }
 }
 
 impl<K, E, S> fmt::Debug for FlatAffinityTable<K, E, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FlatAffinityTable")
-            .field("len", &self.len.load(Ordering::Relaxed))
-            .field("max_entries", &self.max_entries)
-            .field("overflows", &self.overflows.load(Ordering::Relaxed))
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("FlatAffinityTable");
+        self.occupancy.fields(&mut d);
+        d.finish_non_exhaustive()
     }
 }
 
