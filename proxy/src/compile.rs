@@ -1430,25 +1430,30 @@ fn traffic_sets(f: Fam) -> [(&'static str, SetSpec); 2] {
 
 /// The affinity map for timeout `secs`: `saddr . vip . proto . port → endpoint`.
 fn affinity_map_spec(f: Fam, secs: u64) -> SetSpec {
-    let mut spec = SetSpec::map(
-        KeySpec::Typeof(vec![pl(f.saddr), pl(f.daddr), L4PROTO, DPORT]),
-        MapData::Values(KeySpec::Typeof(vec![pl(f.daddr), DPORT])),
-    );
-    spec.flags = SetFlags {
-        dynamic: true,
-        timeout: true,
-        ..SetFlags::default()
-    };
-    spec.timeout = Some(Duration::from_secs(secs));
-    spec.comment = Some(format!("ClientIP affinity, timeout {secs}s"));
-    spec
+    dynamic_affinity_map(
+        vec![pl(f.saddr), pl(f.daddr), L4PROTO, DPORT],
+        f,
+        secs,
+        format!("ClientIP affinity, timeout {secs}s"),
+    )
 }
 
 /// The node-port affinity map for timeout `secs`: `saddr . proto . port → endpoint`, whatever
 /// node address the client used (a Service port's affinity does not depend on the address).
 fn affinity_nodeport_map_spec(f: Fam, secs: u64) -> SetSpec {
+    dynamic_affinity_map(
+        vec![pl(f.saddr), L4PROTO, DPORT],
+        f,
+        secs,
+        format!("ClientIP affinity on node ports, timeout {secs}s"),
+    )
+}
+
+/// A map from `key` to an endpoint (`daddr . dport`) that the packet path updates, whose
+/// elements expire `secs` after their last update.
+fn dynamic_affinity_map(key: Vec<Expr>, f: Fam, secs: u64, comment: String) -> SetSpec {
     let mut spec = SetSpec::map(
-        KeySpec::Typeof(vec![pl(f.saddr), L4PROTO, DPORT]),
+        KeySpec::Typeof(key),
         MapData::Values(KeySpec::Typeof(vec![pl(f.daddr), DPORT])),
     );
     spec.flags = SetFlags {
@@ -1457,7 +1462,7 @@ fn affinity_nodeport_map_spec(f: Fam, secs: u64) -> SetSpec {
         ..SetFlags::default()
     };
     spec.timeout = Some(Duration::from_secs(secs));
-    spec.comment = Some(format!("ClientIP affinity on node ports, timeout {secs}s"));
+    spec.comment = Some(comment);
     spec
 }
 
