@@ -553,25 +553,40 @@ impl Netlink {
         self.sock
             .set_rcvbuf(4 << 20)
             .map_err(nl("setsockopt(SO_RCVBUF)"))?;
+        let (parsed, interrupted) = self.dump(req, seq, parse_elements, "decode element")?;
+        Ok(ElementDump {
+            elements: parsed.elements,
+            interrupted,
+        })
+    }
+
+    /// Sends the dump request `req` (sequence number `seq`) and collects its replies, each
+    /// data message handed to `callback`. Returns what the callbacks parsed and whether the
+    /// dump was interrupted by a concurrent change; a kernel error is a `dump` error, a
+    /// message the callback could not parse a `decode_step` error.
+    fn dump(
+        &mut self,
+        req: &[u8],
+        seq: u32,
+        callback: mnl::Callback<Parsed>,
+        decode_step: &'static str,
+    ) -> Result<(Parsed, bool), ApplyError> {
         self.sock.mnl().send(req).map_err(nl("sendto"))?;
         let mut parsed = Parsed::default();
-        let ended = self.replies(seq, "dump", parse_elements, &mut parsed)?;
+        let ended = self.replies(seq, "dump", callback, &mut parsed)?;
         if let Some(errno) = ended.errno {
             return Err(ApplyError::Netlink {
                 step: "dump",
                 source: io::Error::from_raw_os_error(errno),
             });
         }
-        if let Some(e) = parsed.error {
+        if let Some(e) = parsed.error.take() {
             return Err(ApplyError::Netlink {
-                step: "decode element",
+                step: decode_step,
                 source: e,
             });
         }
-        Ok(ElementDump {
-            elements: parsed.elements,
-            interrupted: ended.interrupted,
-        })
+        Ok((parsed, ended.interrupted))
     }
 
     /// Receives the replies to request `seq` until they end (an ACK, `NLMSG_DONE` or an
@@ -634,25 +649,9 @@ impl Netlink {
             let req = nftnl::table::get_tables_nlmsg(seq);
             // The buffer is libnftnl's maximum message size; send only the message.
             let len = sys::header(&req).map_or(req.len(), |h| h.nlmsg_len as usize);
-            self.sock
-                .mnl()
-                .send(&req[..len.min(req.len())])
-                .map_err(nl("sendto"))?;
-            let mut parsed = Parsed::default();
-            let ended = self.replies(seq, "dump", parse_table, &mut parsed)?;
-            if let Some(errno) = ended.errno {
-                return Err(ApplyError::Netlink {
-                    step: "dump",
-                    source: io::Error::from_raw_os_error(errno),
-                });
-            }
-            if let Some(e) = parsed.error {
-                return Err(ApplyError::Netlink {
-                    step: "decode table",
-                    source: e,
-                });
-            }
-            if ended.interrupted {
+            let (parsed, interrupted) =
+                self.dump(&req[..len.min(req.len())], seq, parse_table, "decode table")?;
+            if interrupted {
                 continue;
             }
             return Ok(parsed
