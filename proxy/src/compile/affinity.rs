@@ -38,8 +38,19 @@
 //! with affinity, or only adds endpoints, reads nothing back.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
-use crate::nft::ir::{Key, Value};
+use lb_core::ServicePortName;
+use rustc_hash::FxHashMap as HashMap;
+
+use crate::nft::ir::{DataType, Expr, Key, KeySpec, MapData, Set, SetFlags, SetSpec, Table, Value};
+
+use super::layout::{
+    DPORT, ElemKey, Fam, L4PROTO, SetRef, affinity_keys, affinity_map, affinity_nodeport_keys,
+    affinity_nodeport_map, pl,
+};
+use super::plan::{Compiler, Plan};
+use super::service::Fragment;
 
 /// The service side of an affinity map key.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -109,6 +120,183 @@ pub fn stale_entries<'a>(
         }
     }
     stale
+}
+
+impl Compiler {
+    /// The ClientIP affinity destinations whose entries a plan may make stale, per timeout:
+    /// those for which a changed service port loses an endpoint, or which it no longer has
+    /// with that timeout (deleted, affinity dropped, timeout changed). A change that only
+    /// adds endpoints touches nothing, so reads nothing back. Call it before
+    /// [`Compiler::commit`].
+    pub fn affinity_touched(&self, plan: &Plan) -> Touched {
+        let mut touched = Touched::new();
+        for (name, frag) in &plan.changes {
+            let Some(old) = self.fragments.get(name) else {
+                continue;
+            };
+            for (secs, dest, old_eps) in &old.affinity {
+                let now = frag
+                    .iter()
+                    .flat_map(|f| &f.affinity)
+                    .find(|(s, d, _)| s == secs && d == dest)
+                    .map(|(_, _, eps)| eps);
+                let lost =
+                    now.is_none_or(|now| old_eps.iter().any(|e| now.binary_search(e).is_err()));
+                if lost {
+                    touched.entry(*secs).or_default().insert(dest.clone());
+                }
+            }
+        }
+        touched
+    }
+
+    /// For every touched (timeout, destination), the endpoints its affinity entries may still
+    /// point to, as committed: the union over the service ports that now have that
+    /// destination with that timeout (none: every entry is stale, e.g. the Service or its
+    /// affinity is gone, or its timeout changed).
+    pub fn affinity_targets(&self, touched: &Touched) -> BTreeMap<u64, AffinityTargets> {
+        self.targets_with(
+            touched,
+            |k| self.owners.get(k),
+            |name| self.fragments.get(name),
+        )
+    }
+
+    /// As [`Compiler::affinity_targets`], in the state `plan` leads to, before it is
+    /// committed: so the transaction that takes endpoints away also deletes the affinity
+    /// entries pointing to them.
+    pub fn affinity_targets_after(
+        &self,
+        plan: &Plan,
+        touched: &Touched,
+    ) -> BTreeMap<u64, AffinityTargets> {
+        let changed: HashMap<&ServicePortName, Option<&Fragment>> =
+            plan.changes.iter().map(|(n, f)| (n, f.as_ref())).collect();
+        self.targets_with(
+            touched,
+            |k| plan.touched.get(k).or_else(|| self.owners.get(k)),
+            |name| match changed.get(name) {
+                Some(f) => *f,
+                None => self.fragments.get(name),
+            },
+        )
+    }
+
+    fn targets_with<'s>(
+        &self,
+        touched: &Touched,
+        owners_of: impl Fn(&ElemKey) -> Option<&'s Vec<ServicePortName>>,
+        fragment_of: impl Fn(&ServicePortName) -> Option<&'s Fragment>,
+    ) -> BTreeMap<u64, AffinityTargets> {
+        let mut out: BTreeMap<u64, AffinityTargets> = BTreeMap::new();
+        for (&secs, dests) in touched {
+            let targets = out.entry(secs).or_default();
+            for dest in dests {
+                let set = match dest {
+                    AffinityDestination::Address(_) => SetRef::AffinityKeys(secs),
+                    AffinityDestination::NodePort(_) => SetRef::AffinityNodePortKeys(secs),
+                };
+                let allowed = targets.entry(dest.clone()).or_default();
+                for name in owners_of(&(set, dest.key().to_vec())).into_iter().flatten() {
+                    let Some(frag) = fragment_of(name) else {
+                        continue;
+                    };
+                    for (s, d, eps) in &frag.affinity {
+                        if *s == secs && d == dest {
+                            allowed.extend(eps.iter().cloned());
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every affinity destination of every committed service port, by timeout (what a full
+    /// sync checks carried-over entries against).
+    pub fn all_affinity(&self) -> Touched {
+        let mut all = Touched::new();
+        for frag in self.fragments.values() {
+            for (secs, dest, _) in &frag.affinity {
+                all.entry(*secs).or_default().insert(dest.clone());
+            }
+        }
+        all
+    }
+
+    /// The affinity timeouts a plan leaves in use.
+    pub fn plan_timeouts(plan: &Plan) -> BTreeSet<u64> {
+        plan.installed_timeouts.clone()
+    }
+
+    /// The spec of the ClientIP affinity map for timeout `secs` (to read it back).
+    pub fn affinity_map_spec(&self, secs: u64) -> SetSpec {
+        affinity_map_spec(self.f, secs)
+    }
+
+    /// The spec of the node-port ClientIP affinity map for timeout `secs`.
+    pub fn affinity_nodeport_map_spec(&self, secs: u64) -> SetSpec {
+        affinity_nodeport_map_spec(self.f, secs)
+    }
+}
+
+/// The affinity map for timeout `secs`: `saddr . vip . proto . port → endpoint`.
+fn affinity_map_spec(f: Fam, secs: u64) -> SetSpec {
+    dynamic_affinity_map(
+        vec![pl(f.saddr), pl(f.daddr), L4PROTO, DPORT],
+        f,
+        secs,
+        format!("ClientIP affinity, timeout {secs}s"),
+    )
+}
+
+/// The node-port affinity map for timeout `secs`: `saddr . proto . port → endpoint`, whatever
+/// node address the client used (a Service port's affinity does not depend on the address).
+fn affinity_nodeport_map_spec(f: Fam, secs: u64) -> SetSpec {
+    dynamic_affinity_map(
+        vec![pl(f.saddr), L4PROTO, DPORT],
+        f,
+        secs,
+        format!("ClientIP affinity on node ports, timeout {secs}s"),
+    )
+}
+
+/// A map from `key` to an endpoint (`daddr . dport`) that the packet path updates, whose
+/// elements expire `secs` after their last update.
+fn dynamic_affinity_map(key: Vec<Expr>, f: Fam, secs: u64, comment: String) -> SetSpec {
+    let mut spec = SetSpec::map(
+        KeySpec::Typeof(key),
+        MapData::Values(KeySpec::Typeof(vec![pl(f.daddr), DPORT])),
+    );
+    spec.flags = SetFlags {
+        dynamic: true,
+        timeout: true,
+        ..SetFlags::default()
+    };
+    spec.timeout = Some(Duration::from_secs(secs));
+    spec.comment = Some(comment);
+    spec
+}
+
+/// The affinity maps and key sets for timeout `secs`.
+pub(super) fn affinity_sets(f: Fam, table: &mut Table, secs: u64) {
+    table
+        .sets
+        .insert(affinity_map(secs), Set::new(affinity_map_spec(f, secs)));
+    table.sets.insert(
+        affinity_nodeport_map(secs),
+        Set::new(affinity_nodeport_map_spec(f, secs)),
+    );
+    // Plain `type` keys (not `typeof … ct original proto-dst`): nft 1.0.6 can then load the
+    // rendered elements, and the rules give `ct original proto-dst` its protocol context.
+    let mut keys = SetSpec::set(vec![f.addr, DataType::InetProto, DataType::InetService]);
+    keys.comment = Some(format!("service addresses with affinity timeout {secs}s"));
+    table.sets.insert(affinity_keys(secs), Set::new(keys));
+    let mut np = SetSpec::set(vec![DataType::InetProto, DataType::InetService]);
+    np.comment = Some(format!("node ports with affinity timeout {secs}s"));
+    table
+        .sets
+        .insert(affinity_nodeport_keys(secs), Set::new(np));
 }
 
 #[cfg(test)]

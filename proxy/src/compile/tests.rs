@@ -1,0 +1,1 @@
+//! Tests of the compiler as a whole: rendered rulesets.
