@@ -1,21 +1,29 @@
-//! ClientIP affinity entries that a change made stale, and the pure decision of which to
-//! delete.
+//! ClientIP affinity in one place: the affinity maps (names, declarations), which entries a
+//! change made stale, and the transaction that deletes them, computed from what was read back
+//! from the kernel. The caller only reads and applies (`crate::sync`).
 //!
 //! The kernel keeps ClientIP affinity in the dynamic maps `affinity-T` and
 //! `affinity-nodeport-T` (see the layout in [`crate::compile`]): `saddr . vip . proto . port`
-//! and `saddr . proto . port → endpoint ip . port`, consulted *before* dispatch. When an endpoint leaves a Service, or stops being one that address dispatches to
-//! (not ready any more, topology, traffic policy), an entry pointing to it keeps sending its
-//! client there until the entry times out (3 h by default). kube-proxy deletes its
-//! per-endpoint affinity sets together with the endpoint, so clients move at once; we get the
-//! same by deleting such entries right after the sync that removed the endpoint:
+//! and `saddr . proto . port → endpoint ip . port`, consulted *before* dispatch. When an
+//! endpoint leaves a Service, or stops being one that address dispatches to (not ready any
+//! more, topology, traffic policy), an entry pointing to it keeps sending its client there
+//! until the entry times out (3 h by default). kube-proxy deletes its per-endpoint affinity
+//! sets together with the endpoint, so clients move at once; we get the same by deleting such
+//! entries with the sync that removed the endpoint:
 //!
-//! 1. [`Compiler::affinity_touched`](super::Compiler::affinity_touched): the destinations
-//!    that lost an endpoint (or their affinity with that timeout) in the change, per timeout;
-//! 2. [`Compiler::affinity_targets`](super::Compiler::affinity_targets): where entries for each
-//!    may still point, as committed;
-//! 3. the sync reads the maps back and [`stale_entries`] picks the entries to delete;
-//! 4. the transaction that removes the endpoints deletes them too, and a second look right
-//!    after catches entries recorded meanwhile (`Dataplane::sync`, [`crate::sync`]).
+//! 1. [`Compiler::affinity_touched`]: the destinations that lost an endpoint (or their
+//!    affinity with that timeout) in the change, per timeout;
+//! 2. [`Compiler::affinity_purge_after`] (in the state the plan leads to) or
+//!    [`Compiler::affinity_purge`] (as committed): a [`Purge`] knowing where entries for each
+//!    destination may still point, and which maps to read back ([`Purge::maps`]);
+//! 3. the sync reads those maps, and [`Purge::deletes`] (through [`stale_entries`]) returns
+//!    the commands deleting the stale entries;
+//! 4. the transaction that removes the endpoints carries them, and a second look right after
+//!    catches entries recorded meanwhile (`Dataplane::sync`, [`crate::sync`]).
+//!
+//! A full sync replaces the tables, emptying the maps: the sync reads them first
+//! ([`Compiler::affinity_maps_after`]) and puts back what is still valid
+//! ([`Compiler::affinity_carry_over`]).
 //!
 //! # Per service port, and what differs from kube-proxy
 //!
@@ -43,7 +51,10 @@ use std::time::Duration;
 use lb_core::ServicePortName;
 use rustc_hash::FxHashMap as HashMap;
 
-use crate::nft::ir::{DataType, Expr, Key, KeySpec, MapData, Set, SetFlags, SetSpec, Table, Value};
+use crate::nft::ir::{
+    DataType, Element, Expr, Key, KeySpec, MapData, Set, SetFlags, SetSpec, Table, TableId, Value,
+};
+use crate::nft::{Command, ListedElement};
 
 use super::layout::{
     DPORT, ElemKey, Fam, L4PROTO, SetRef, affinity_keys, affinity_map, affinity_nodeport_keys,
@@ -224,20 +235,162 @@ impl Compiler {
         all
     }
 
-    /// The affinity timeouts a plan leaves in use.
-    pub fn plan_timeouts(plan: &Plan) -> BTreeSet<u64> {
-        plan.installed_timeouts.clone()
+    /// The two affinity maps of timeout `secs`: service addresses (`affinity-T`) and node
+    /// ports (`affinity-nodeport-T`), in that order.
+    pub fn affinity_maps(&self, secs: u64) -> [AffinityMap; 2] {
+        affinity_maps(self.f, secs)
     }
 
-    /// The spec of the ClientIP affinity map for timeout `secs` (to read it back).
-    pub fn affinity_map_spec(&self, secs: u64) -> SetSpec {
-        affinity_map_spec(self.f, secs)
+    /// The affinity maps the table holds once `plan` is applied: those to read back before a
+    /// full sync replaces the table, to carry their entries over
+    /// ([`Compiler::affinity_carry_over`]).
+    pub fn affinity_maps_after(&self, plan: &Plan) -> Vec<AffinityMap> {
+        plan.installed_timeouts
+            .iter()
+            .flat_map(|&secs| self.affinity_maps(secs))
+            .collect()
     }
 
-    /// The spec of the node-port ClientIP affinity map for timeout `secs`.
-    pub fn affinity_nodeport_map_spec(&self, secs: u64) -> SetSpec {
-        affinity_nodeport_map_spec(self.f, secs)
+    /// The purge of the stale entries of `pending` destinations, as committed (a second look
+    /// after the transaction, or a retry).
+    pub fn affinity_purge(&self, pending: &Touched) -> Purge {
+        Purge {
+            table: self.table_id(),
+            f: self.f,
+            targets: self.affinity_targets(pending),
+        }
     }
+
+    /// The purge of the stale entries of `touched` destinations in the state `plan` leads to,
+    /// so the transaction that takes endpoints away also deletes the entries pointing to them.
+    pub fn affinity_purge_after(&self, plan: &Plan, touched: &Touched) -> Purge {
+        Purge {
+            table: self.table_id(),
+            f: self.f,
+            targets: self.affinity_targets_after(plan, touched),
+        }
+    }
+
+    /// After a full sync replaced the table (and so emptied its affinity maps), the commands
+    /// putting back the entries `read` before it that still point to an endpoint their
+    /// destination may use, for destinations that still have affinity with that timeout.
+    /// Entries come back with the map's full timeout, as if the client had just connected.
+    pub fn affinity_carry_over(&self, read: ReadBack) -> Vec<Command> {
+        let table = self.table_id();
+        let all = self.all_affinity();
+        let mut out = Vec::new();
+        for (map, listed) in read {
+            let secs = map.secs;
+            let Some(dests) = all.get(&secs) else {
+                continue;
+            };
+            let mut touched = Touched::new();
+            touched.insert(secs, dests.clone());
+            let Some(targets) = self.affinity_targets(&touched).remove(&secs) else {
+                continue;
+            };
+            let stale: BTreeSet<_> =
+                stale_entries(&targets, listed.iter().map(|e| (&e.key, e.data.as_ref())))
+                    .into_iter()
+                    .collect();
+            let elements: Vec<_> = listed
+                .into_iter()
+                .filter(|e| !stale.contains(&e.key))
+                .filter_map(|e| e.data.map(|d| (e.key, Element::values(d))))
+                // Only entries for a destination that still has affinity with this timeout.
+                .filter(|(k, _)| belongs_to(k, dests))
+                .collect();
+            if !elements.is_empty() {
+                out.push(Command::AddElements {
+                    table: table.clone(),
+                    set: map.name,
+                    elements,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// One ClientIP affinity map of a table, to read back: its timeout, name and declaration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AffinityMap {
+    /// The timeout, in seconds.
+    pub secs: u64,
+    /// `affinity-T` or `affinity-nodeport-T`.
+    pub name: String,
+    /// How it is declared (the backend decodes the listed elements with it).
+    pub spec: SetSpec,
+}
+
+/// What was read back from the kernel: affinity maps with the elements each listed. A map the
+/// kernel does not hold is left out (it has no entries).
+pub type ReadBack = Vec<(AffinityMap, Vec<ListedElement>)>;
+
+/// The deletion of stale affinity entries in one table, in two pure halves around the read:
+/// [`Purge::maps`] says which maps to read back, [`Purge::deletes`] turns what they hold into
+/// the commands to apply. The caller does the I/O (`crate::sync`).
+#[derive(Debug, Clone)]
+pub struct Purge {
+    table: TableId,
+    f: Fam,
+    targets: BTreeMap<u64, AffinityTargets>,
+}
+
+impl Purge {
+    /// The table whose maps are read.
+    pub fn table(&self) -> &TableId {
+        &self.table
+    }
+
+    /// Whether there is nothing to look at (no touched destination).
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
+    /// The maps to read back: both maps of every timeout with a touched destination.
+    pub fn maps(&self) -> Vec<AffinityMap> {
+        self.targets
+            .keys()
+            .flat_map(|&secs| affinity_maps(self.f, secs))
+            .collect()
+    }
+
+    /// The commands deleting, from what was `read`, the entries that point to an endpoint
+    /// their destination no longer dispatches to ([`stale_entries`]): one per map with any.
+    pub fn deletes(&self, read: ReadBack) -> Vec<Command> {
+        let mut out = Vec::new();
+        for (map, listed) in read {
+            let Some(targets) = self.targets.get(&map.secs) else {
+                continue;
+            };
+            let keys = stale_entries(targets, listed.iter().map(|e| (&e.key, e.data.as_ref())));
+            if !keys.is_empty() {
+                out.push(Command::DeleteElements {
+                    table: self.table.clone(),
+                    set: map.name,
+                    keys,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// The two affinity maps of timeout `secs` in family `f`.
+fn affinity_maps(f: Fam, secs: u64) -> [AffinityMap; 2] {
+    [
+        AffinityMap {
+            secs,
+            name: affinity_map(secs),
+            spec: affinity_map_spec(f, secs),
+        },
+        AffinityMap {
+            secs,
+            name: affinity_nodeport_map(secs),
+            spec: affinity_nodeport_map_spec(f, secs),
+        },
+    ]
 }
 
 /// The affinity map for timeout `secs`: `saddr . vip . proto . port → endpoint`.
@@ -280,13 +433,9 @@ fn dynamic_affinity_map(key: Vec<Expr>, f: Fam, secs: u64, comment: String) -> S
 
 /// The affinity maps and key sets for timeout `secs`.
 pub(super) fn affinity_sets(f: Fam, table: &mut Table, secs: u64) {
-    table
-        .sets
-        .insert(affinity_map(secs), Set::new(affinity_map_spec(f, secs)));
-    table.sets.insert(
-        affinity_nodeport_map(secs),
-        Set::new(affinity_nodeport_map_spec(f, secs)),
-    );
+    for map in affinity_maps(f, secs) {
+        table.sets.insert(map.name, Set::new(map.spec));
+    }
     // Plain `type` keys (not `typeof … ct original proto-dst`): nft 1.0.6 can then load the
     // rendered elements, and the rules give `ct original proto-dst` its protocol context.
     let mut keys = SetSpec::set(vec![f.addr, DataType::InetProto, DataType::InetService]);
