@@ -378,11 +378,19 @@ fn a_service_without_endpoints_rejects_every_destination_from_every_source() {
 // ---------------------------------------------------------------------------------------------
 // TestInternalTrafficPolicy
 
+/// A case: name, policy, endpoints (address, node), what a pod reaching the cluster IP sees.
+type ItpCase = (
+    &'static str,
+    TrafficPolicy,
+    [(&'static str, &'static str); 3],
+    &'static str,
+);
+
 #[test]
 fn internal_traffic_policy_cases_hold_and_reject_once_their_endpoints_are_deleted() {
     use TrafficPolicy::*;
     #[rustfmt::skip]
-    let cases: [(&str, TrafficPolicy, [(&str, &str); 3], &str); 4] = [
+    let cases: [ItpCase; 4] = [
         ("internalTrafficPolicy is cluster", Cluster,
             [("10.0.1.1", NODE), ("10.0.1.2", "node1"), ("10.0.1.3", "node2")], "10.0.1.1, 10.0.1.2, 10.0.1.3"),
         ("internalTrafficPolicy is local and there is one local endpoint", Local,
