@@ -3,6 +3,7 @@
 
 use ipnet::IpNet;
 use lb_core::Node;
+use lb_core::traffic::Masquerading;
 
 use crate::nft::ir::{Expr, IfName, MetaKey, Value};
 
@@ -113,6 +114,15 @@ impl Config {
             DetectLocal::BridgeInterface(name) | DetectLocal::InterfaceNamePrefix(name) => {
                 vec![(Expr::Meta(MetaKey::IifName), Value::IfName(*name))]
             }
+        }
+    }
+
+    /// The settings [`lb_core::traffic::classify`] needs for family `f`: `masqueradeAll`, and
+    /// whether pods can be told apart (a local-traffic detector exists for `f`).
+    pub(super) fn masquerading(&self, f: Fam) -> Masquerading {
+        Masquerading {
+            masquerade_all: self.masquerade_all,
+            detects_pods: !self.local_matches(f).is_empty(),
         }
     }
 

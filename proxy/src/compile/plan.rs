@@ -124,6 +124,7 @@ impl Compiler {
             f: self.f,
             frag: Fragment::default(),
             sticky: entry.port.session_affinity().timeout().is_some(),
+            rules: self.config.masquerading(self.f),
         };
         let endpoints: Vec<_> = entry
             .endpoints

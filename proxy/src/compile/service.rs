@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use lb_core::traffic::{self, Destination, Masquerading, Outcome, Source, TrafficClass};
 use lb_core::{EndpointSet, Node, ServicePort, categorize};
 
 use crate::nft::ir::{Element, Value, Verdict};
@@ -28,6 +29,22 @@ pub struct Fragment {
     pub(super) affinity: Vec<(u64, AffinityDestination, Vec<Vec<Value>>)>,
 }
 
+/// The traffic classes of a service port's external addresses and node port.
+#[derive(Debug, Clone, Copy)]
+struct External {
+    /// Traffic from elsewhere.
+    outside: TrafficClass,
+    /// Traffic from pods and from the node itself (one endpoint set for both).
+    short_circuit: TrafficClass,
+}
+
+impl External {
+    /// Whether outside traffic uses another set than the short-circuited sources (eTP Local).
+    fn split(self) -> bool {
+        self.outside.endpoints != self.short_circuit.endpoints
+    }
+}
+
 /// Builds one service port's [`Fragment`].
 pub(super) struct Builder {
     pub(super) f: Fam,
@@ -35,6 +52,8 @@ pub(super) struct Builder {
     /// The service port has ClientIP affinity: its first connections choose by a hash of the
     /// client address ([`Dispatch::sticky`]).
     pub(super) sticky: bool,
+    /// The node's masquerading settings, for [`traffic::classify`].
+    pub(super) rules: Masquerading,
 }
 
 impl Builder {
@@ -63,16 +82,23 @@ impl Builder {
         };
         let cluster = to_vals(EndpointSet::Cluster);
         let local = to_vals(EndpointSet::Local);
-        let no_endpoint = if c.has_any_endpoints() {
-            Element {
-                comment: comment.clone(),
-                ..Element::verdict(Verdict::Drop)
-            }
-        } else {
-            Element {
+        // The endpoints of a class's set (`classify` yields Cluster or Local, never All).
+        let values = |class: TrafficClass| match class.endpoints {
+            EndpointSet::Local => &local,
+            EndpointSet::Cluster | EndpointSet::All => &cluster,
+        };
+        let rules = self.rules;
+        let class = |d: Destination, s: Source| traffic::classify(port, d, s, rules);
+        // An empty set is dropped or rejected the same way whatever the destination.
+        let no_endpoint = match traffic::when_empty(c.has_any_endpoints()) {
+            Outcome::Reject => Element {
                 comment: comment.clone(),
                 ..Element::verdict(Verdict::Goto(REJECT_CHAIN.into()))
-            }
+            },
+            Outcome::Drop | Outcome::Serve(_) => Element {
+                comment: comment.clone(),
+                ..Element::verdict(Verdict::Drop)
+            },
         };
         for e in c.all() {
             let ip = ip_value(e.ip());
@@ -83,11 +109,9 @@ impl Builder {
         // Internal traffic to the cluster IP.
         let cip = ip_value(cluster_ip);
         self.elem(CLUSTER_IPS, vec![cip], Element::key_only());
-        let internal = if port.internal_policy_local() {
-            &local
-        } else {
-            &cluster
-        };
+        // Internal traffic uses one set whatever its source; only masquerading depends on
+        // the source, which the skeleton's rules decide.
+        let internal = values(class(Destination::ClusterIp, Source::Elsewhere));
         let key = vec![cip, proto, svc_port];
         let counted = Element {
             comment: comment.clone(),
@@ -114,13 +138,19 @@ impl Builder {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let etp_local = port.external_policy_local();
-        // Where external destinations dispatch: with eTP Local, outside clients go to the
-        // local endpoints and pods and the node itself to all of them.
-        let external_sets: &[&[Vec<Value>]] = if etp_local {
-            &[cluster.as_slice(), local.as_slice()]
+        // Where external destinations dispatch (every kind of external address is classed
+        // alike): outside clients by their class, pods and the node itself by theirs (the
+        // same set for both: the skeleton sends both through `service-ips`).
+        let external = External {
+            outside: class(Destination::ExternalIp, Source::Elsewhere),
+            short_circuit: class(Destination::ExternalIp, Source::Node),
+        };
+        let outside_set = values(external.outside).as_slice();
+        let short_set = values(external.short_circuit).as_slice();
+        let external_sets: &[&[Vec<Value>]] = if external.split() {
+            &[short_set, outside_set]
         } else {
-            &[cluster.as_slice()]
+            &[outside_set]
         };
         for ip in externals {
             let key = vec![ip_value(ip), proto, svc_port];
@@ -128,38 +158,21 @@ impl Builder {
             self.external(
                 Dispatch::Ips,
                 &key,
-                &cluster,
-                &local,
-                etp_local,
+                short_set,
+                outside_set,
+                external,
                 &no_endpoint,
                 &comment,
             );
             self.affinity(timeout, AffinityKey::Ip(key.clone()), external_sets);
-            if port.load_balancer_ips().contains(&ip) {
-                let ranges: Vec<IpNet> = port
-                    .load_balancer_source_ranges()
-                    .iter()
-                    .filter(|n| f.is(&n.addr()))
-                    .copied()
-                    .collect();
-                if !ranges.is_empty() {
-                    self.elem(FIREWALL_IPS, key.clone(), Element::key_only());
-                    // kube-proxy's allowFromNode: when a range holds the node's IP, the node
-                    // itself may reach a load-balancer IP assigned to it, whose connections
-                    // then come from the load-balancer IP itself.
-                    let mut allowed = ranges.clone();
-                    if ranges
-                        .iter()
-                        .any(|r| node.addresses().iter().any(|a| r.contains(a)))
-                    {
-                        allowed.push(IpNet::from(ip));
-                    }
-                    // Overlapping intervals are refused by the kernel: merge them first.
-                    for r in IpNet::aggregate(&allowed) {
-                        let mut k = key.clone();
-                        k.push(net_value(r));
-                        self.elem(FIREWALL_ALLOW, k, Element::key_only());
-                    }
+            // loadBalancerSourceRanges, with kube-proxy's allowFromNode.
+            if let Some(allowed) = traffic::allowed_sources(port, ip, node) {
+                self.elem(FIREWALL_IPS, key.clone(), Element::key_only());
+                // Overlapping intervals are refused by the kernel: merge them first.
+                for r in IpNet::aggregate(&allowed) {
+                    let mut k = key.clone();
+                    k.push(net_value(r));
+                    self.elem(FIREWALL_ALLOW, k, Element::key_only());
                 }
             }
         }
@@ -171,9 +184,9 @@ impl Builder {
             self.external(
                 Dispatch::NodePorts,
                 &key,
-                &cluster,
-                &local,
-                etp_local,
+                short_set,
+                outside_set,
+                external,
                 &no_endpoint,
                 &comment,
             );
@@ -181,16 +194,18 @@ impl Builder {
         }
     }
 
-    /// An external entry point: eTP Cluster masquerades and uses all endpoints; eTP Local uses
-    /// local endpoints for outside traffic and all endpoints for pods and the node itself.
+    /// An external entry point, from the classes of its traffic: one set for every source
+    /// (eTP Cluster: every endpoint, masqueraded), or a split (eTP Local: outside traffic to
+    /// the node-local endpoints through the `…-local` maps, unmasqueraded; pods and the node
+    /// itself short-circuited to every endpoint, the node's traffic masqueraded).
     #[allow(clippy::too_many_arguments)]
     fn external(
         &mut self,
         d: Dispatch,
         key: &[Value],
-        cluster: &[Vec<Value>],
-        local: &[Vec<Value>],
-        etp_local: bool,
+        short_set: &[Vec<Value>],
+        outside_set: &[Vec<Value>],
+        classes: External,
         no_endpoint: &Element,
         comment: &Option<String>,
     ) {
@@ -211,21 +226,26 @@ impl Builder {
                 Dispatch::NodePortsLocal,
             )
         };
-        if !etp_local {
+        // Masquerading: every source (`masquerade-…`), or only the node's own traffic
+        // (`masquerade-local-source-…`, whose rule matches `fib saddr type local`).
+        if classes.outside.masquerade() {
             self.elem(masq, key.to_vec(), Element::key_only());
-            self.dispatch(d, vmap, key, cluster, no_endpoint, comment);
+        } else if classes.short_circuit.masquerade() {
+            self.elem(masq_local, key.to_vec(), Element::key_only());
+        }
+        if !classes.split() {
+            self.dispatch(d, vmap, key, outside_set, no_endpoint, comment);
             return;
         }
-        self.elem(masq_local, key.to_vec(), Element::key_only());
-        // Pods and the node itself: all endpoints (short-circuit), no filter entry needed when
-        // there are some, since the connection is DNATed before the filter hooks.
+        // Pods and the node itself: short-circuited, no filter entry needed when there are
+        // endpoints, since the connection is DNATed before the filter hooks.
         let none = Element::verdict(Verdict::Return);
-        if cluster.is_empty() {
+        if short_set.is_empty() {
             self.no_endpoint(d, key, no_endpoint.clone());
         } else {
-            self.add_dispatch(d, vmap, key, cluster, comment);
+            self.add_dispatch(d, vmap, key, short_set, comment);
         }
-        if local.is_empty() {
+        if outside_set.is_empty() {
             // Outside traffic must not fall through to the short-circuit path: stop here and
             // let the filter hooks drop (or reject) it.
             self.elem(
@@ -238,7 +258,7 @@ impl Builder {
             );
             self.no_endpoint(d, key, no_endpoint.clone());
         } else {
-            self.add_dispatch(local_dispatch, local_vmap, key, local, comment);
+            self.add_dispatch(local_dispatch, local_vmap, key, outside_set, comment);
         }
     }
 
