@@ -14,7 +14,20 @@ pub const TABLE: &str = "lb-proxy";
 /// The comment on our tables.
 pub const TABLE_COMMENT: &str = "rules for lb-proxy, a kube-proxy replacement";
 
-// Object names: stable and greppable, so a rendered ruleset explains itself.
+// Object names: stable and greppable, so a rendered ruleset explains itself. Names made
+// of a prefix and a number (`pick-N`, `affinity-T`) are built below, from their prefixes.
+
+// Base chains, at kube-proxy's hooks and priorities.
+pub(super) const FILTER_PREROUTING_PRE_DNAT: &str = "filter-prerouting-pre-dnat";
+pub(super) const FILTER_OUTPUT_PRE_DNAT: &str = "filter-output-pre-dnat";
+pub(super) const FILTER_INPUT: &str = "filter-input";
+pub(super) const FILTER_FORWARD: &str = "filter-forward";
+pub(super) const FILTER_OUTPUT: &str = "filter-output";
+pub(super) const NAT_PREROUTING: &str = "nat-prerouting";
+pub(super) const NAT_OUTPUT: &str = "nat-output";
+pub(super) const NAT_POSTROUTING: &str = "nat-postrouting";
+
+// Regular chains.
 pub(super) const SERVICES: &str = "services";
 pub(super) const MASQUERADING: &str = "masquerading";
 pub(super) const REJECT_CHAIN: &str = "reject-chain";
@@ -25,6 +38,7 @@ pub(super) const AFFINITY_RECORD: &str = "affinity-record";
 pub(super) const AFFINITY_RECORD_PREROUTING: &str = "affinity-record-prerouting";
 pub(super) const AFFINITY_RECORD_OUTPUT: &str = "affinity-record-output";
 
+// Sets and maps.
 pub(super) const CLUSTER_IPS: &str = "cluster-ips";
 pub(super) const SERVICE_IPS: &str = "service-ips";
 pub(super) const EXTERNAL_LOCAL_IPS: &str = "external-local-ips";
@@ -232,4 +246,124 @@ pub(super) fn affinity_keys(secs: u64) -> String {
 }
 pub(super) fn affinity_nodeport_keys(secs: u64) -> String {
     format!("affinity-nodeport-keys-{secs}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every fixed object name.
+    const NAMES: &[&str] = &[
+        FILTER_PREROUTING_PRE_DNAT,
+        FILTER_OUTPUT_PRE_DNAT,
+        FILTER_INPUT,
+        FILTER_FORWARD,
+        FILTER_OUTPUT,
+        NAT_PREROUTING,
+        NAT_OUTPUT,
+        NAT_POSTROUTING,
+        SERVICES,
+        MASQUERADING,
+        REJECT_CHAIN,
+        FIREWALL_CHECK,
+        SERVICE_ENDPOINTS_CHECK,
+        NODEPORT_ENDPOINTS_CHECK,
+        AFFINITY_RECORD,
+        AFFINITY_RECORD_PREROUTING,
+        AFFINITY_RECORD_OUTPUT,
+        CLUSTER_IPS,
+        SERVICE_IPS,
+        EXTERNAL_LOCAL_IPS,
+        SERVICE_NODEPORTS,
+        NODEPORT_EXTERNAL_LOCAL,
+        ENDPOINTS,
+        ENDPOINTS_LOCAL,
+        NODEPORT_ENDPOINTS,
+        NODEPORT_ENDPOINTS_LOCAL,
+        MASQ_IPS,
+        MASQ_LOCAL_SOURCE_IPS,
+        MASQ_NODEPORTS,
+        MASQ_LOCAL_SOURCE_NODEPORTS,
+        NO_ENDPOINT_SERVICES,
+        NO_ENDPOINT_NODEPORTS,
+        FIREWALL_IPS,
+        FIREWALL_ALLOW,
+        HAIRPIN,
+        SERVICE_CIDRS,
+        NODEPORT_IPS,
+        SERVICE_TRAFFIC,
+        NODEPORT_TRAFFIC,
+        COUNT_SERVICE_TRAFFIC,
+    ];
+
+    const DISPATCHES: [Dispatch; 8] = [
+        Dispatch::Ips,
+        Dispatch::IpsLocal,
+        Dispatch::NodePorts,
+        Dispatch::NodePortsLocal,
+        Dispatch::StickyIps,
+        Dispatch::StickyIpsLocal,
+        Dispatch::StickyNodePorts,
+        Dispatch::StickyNodePortsLocal,
+    ];
+
+    #[test]
+    fn every_object_name_is_unique_including_numbered_chains_and_affinity_sets() {
+        let mut names: Vec<String> = NAMES.iter().map(|n| n.to_string()).collect();
+        for d in DISPATCHES {
+            names.push(d.chain(2));
+        }
+        for secs in [10, 10800] {
+            names.extend([
+                affinity_map(secs),
+                affinity_nodeport_map(secs),
+                affinity_keys(secs),
+                affinity_nodeport_keys(secs),
+            ]);
+        }
+        let unique: BTreeSet<&String> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "{names:?}");
+    }
+
+    #[test]
+    fn object_names_are_stable() {
+        // Renamed objects break upgrades (a full sync replaces the table, but operators' and
+        // tests' greps) and the README: change these only on purpose.
+        assert_eq!(TABLE, "lb-proxy");
+        assert_eq!(SERVICE_IPS, "service-ips");
+        assert_eq!(NO_ENDPOINT_SERVICES, "no-endpoint-services");
+        assert_eq!(Dispatch::Ips.chain(3), "pick-3");
+        assert_eq!(
+            Dispatch::StickyNodePortsLocal.chain(1),
+            "nodeport-pick-sticky-local-1"
+        );
+        assert_eq!(affinity_map(10800), "affinity-10800");
+        assert_eq!(affinity_nodeport_map(10800), "affinity-nodeport-10800");
+        assert_eq!(SetRef::AffinityKeys(60).name(), "affinity-keys-60");
+        assert_eq!(
+            SetRef::AffinityNodePortKeys(60).name(),
+            "affinity-nodeport-keys-60"
+        );
+        assert_eq!(SetRef::Static(HAIRPIN).name(), "hairpin");
+    }
+
+    #[test]
+    fn each_dispatch_reads_the_endpoint_map_of_its_kind() {
+        for d in DISPATCHES {
+            assert_eq!(d.sticky().map(), d.map(), "{d:?}");
+            assert!(d.sticky().is_sticky(), "{d:?}");
+            assert_eq!(d.sticky().has_daddr(), d.has_daddr(), "{d:?}");
+            let local = matches!(
+                d,
+                Dispatch::IpsLocal
+                    | Dispatch::NodePortsLocal
+                    | Dispatch::StickyIpsLocal
+                    | Dispatch::StickyNodePortsLocal
+            );
+            assert_eq!(d.map().ends_with("-local"), local, "{d:?}");
+            assert_eq!(d.map().starts_with("nodeport-"), !d.has_daddr(), "{d:?}");
+        }
+    }
 }

@@ -620,21 +620,21 @@ pub(super) fn skeleton(
     let count = vec![Stmt::CtStatus(CtStatus::Dnat), jump(COUNT_SERVICE_TRAFFIC)];
     let base_rules = [
         (
-            "filter-prerouting-pre-dnat",
+            FILTER_PREROUTING_PRE_DNAT,
             ChainType::Filter,
             Hook::Prerouting,
             -110,
             vec![vec![new.clone(), jump(FIREWALL_CHECK)]],
         ),
         (
-            "filter-output-pre-dnat",
+            FILTER_OUTPUT_PRE_DNAT,
             ChainType::Filter,
             Hook::Output,
             -110,
             vec![vec![new.clone(), jump(FIREWALL_CHECK)]],
         ),
         (
-            "filter-input",
+            FILTER_INPUT,
             ChainType::Filter,
             Hook::Input,
             0,
@@ -645,7 +645,7 @@ pub(super) fn skeleton(
             ],
         ),
         (
-            "filter-forward",
+            FILTER_FORWARD,
             ChainType::Filter,
             Hook::Forward,
             0,
@@ -655,7 +655,7 @@ pub(super) fn skeleton(
             ],
         ),
         (
-            "filter-output",
+            FILTER_OUTPUT,
             ChainType::Filter,
             Hook::Output,
             0,
@@ -665,21 +665,21 @@ pub(super) fn skeleton(
             ],
         ),
         (
-            "nat-prerouting",
+            NAT_PREROUTING,
             ChainType::Nat,
             Hook::Prerouting,
             -100,
             vec![vec![jump(SERVICES)]],
         ),
         (
-            "nat-output",
+            NAT_OUTPUT,
             ChainType::Nat,
             Hook::Output,
             -100,
             vec![vec![jump(SERVICES)]],
         ),
         (
-            "nat-postrouting",
+            NAT_POSTROUTING,
             ChainType::Nat,
             Hook::Postrouting,
             100,
