@@ -698,3 +698,118 @@ pub(super) fn skeleton(
     table.chains = chains;
     table
 }
+
+#[cfg(test)]
+mod tests {
+    use lb_core::IpFamily;
+
+    use super::*;
+    use crate::compile::config::NodePortAddresses;
+
+    fn config() -> Config {
+        Config {
+            cluster_cidrs: vec!["10.244.0.0/16".parse().expect("literal CIDR")],
+            service_cidrs: vec![
+                "10.96.0.0/16".parse().expect("literal CIDR"),
+                "10.96.1.0/24".parse().expect("literal CIDR"),
+            ],
+            nodeport_addresses: NodePortAddresses::Cidrs(vec![
+                "192.168.1.0/24".parse().expect("literal CIDR"),
+            ]),
+            ..Config::default()
+        }
+    }
+
+    /// Every chain a rule jumps or goes to, and every set or map a rule reads or updates.
+    fn references(table: &Table) -> (BTreeSet<String>, BTreeSet<String>) {
+        let mut chains = BTreeSet::new();
+        let mut sets = BTreeSet::new();
+        for stmt in table
+            .chains
+            .values()
+            .flat_map(|c| &c.rules)
+            .flat_map(|r| &r.stmts)
+        {
+            match stmt {
+                Stmt::Verdict(Verdict::Jump(c) | Verdict::Goto(c)) => {
+                    chains.insert(c.clone());
+                }
+                Stmt::Lookup { set, .. } | Stmt::Dynset { set, .. } => {
+                    sets.insert(set.clone());
+                }
+                Stmt::Vmap { map, .. } | Stmt::DnatMap { map, .. } => {
+                    sets.insert(map.clone());
+                }
+                _ => {}
+            }
+        }
+        (chains, sets)
+    }
+
+    #[test]
+    fn the_skeleton_depends_only_on_its_inputs_and_not_on_their_order() {
+        let f = Fam::new(IpFamily::V4);
+        let counts: BTreeSet<_> = [(Dispatch::Ips, 2), (Dispatch::StickyNodePorts, 1)].into();
+        let reversed: BTreeSet<_> = counts.iter().rev().copied().collect();
+        let a = skeleton(f, &config(), &counts, &[600, 10800].into());
+        let b = skeleton(f, &config(), &reversed, &[10800, 600].into());
+        assert_eq!(a, b);
+        assert!(a.chains.contains_key("pick-2"));
+        assert!(a.chains.contains_key("nodeport-pick-sticky-1"));
+        assert!(a.sets.contains_key("affinity-600") && a.sets.contains_key("affinity-10800"));
+        // Service CIDRs are merged (the kernel refuses overlapping intervals).
+        let cidrs: Vec<_> = a.sets[SERVICE_CIDRS].elements.keys().collect();
+        assert_eq!(
+            cidrs,
+            [&vec![Value::Ipv4Net("10.96.0.0/16".parse().expect("CIDR"))]]
+        );
+    }
+
+    #[test]
+    fn without_counts_or_timeouts_there_is_no_pick_chain_and_no_affinity_object() {
+        let t = skeleton(
+            Fam::new(IpFamily::V6),
+            &config(),
+            &BTreeSet::new(),
+            &BTreeSet::new(),
+        );
+        assert!(
+            t.chains.keys().all(|c| !c.contains("pick-")),
+            "{:?}",
+            t.chains.keys()
+        );
+        assert!(t.chains.keys().all(|c| !c.starts_with("affinity")));
+        assert!(t.sets.keys().all(|s| !s.starts_with("affinity")));
+        // Only configuration-derived elements: no IPv6 service CIDR or node-port CIDR given.
+        assert!(t.sets.values().all(|s| s.elements.is_empty()));
+    }
+
+    #[test]
+    fn every_chain_and_set_a_rule_names_exists() {
+        for family in [IpFamily::V4, IpFamily::V6] {
+            let counts: BTreeSet<_> = [
+                (Dispatch::Ips, 1),
+                (Dispatch::IpsLocal, 2),
+                (Dispatch::StickyNodePortsLocal, 3),
+            ]
+            .into();
+            let t = skeleton(Fam::new(family), &config(), &counts, &[60].into());
+            let (chains, sets) = references(&t);
+            for c in &chains {
+                assert!(t.chains.contains_key(c), "{family:?}: no chain {c}");
+            }
+            for s in &sets {
+                assert!(t.sets.contains_key(s), "{family:?}: no set {s}");
+            }
+            // And every regular chain is reached from a rule, or (`pick-N`, `reject-chain`)
+            // from the verdicts of map elements.
+            for (name, chain) in &t.chains {
+                let from_elements = name.contains("pick-") || name == REJECT_CHAIN;
+                assert!(
+                    chain.spec.base.is_some() || chains.contains(name) || from_elements,
+                    "{family:?}: chain {name} is never jumped to"
+                );
+            }
+        }
+    }
+}
