@@ -372,3 +372,123 @@ pub(super) fn one_table(id: &TableId, t: Table) -> crate::nft::ir::Ruleset {
     rs.tables.insert(id.clone(), t);
     rs
 }
+
+#[cfg(test)]
+mod tests {
+    use lb_core::{Endpoint, Protocol, ServicePort, ServiceType};
+
+    use super::*;
+    use crate::nft::Backend;
+    use crate::nft::fake::Fake;
+
+    fn node() -> Node {
+        Node::new("node-a", None).expect("valid node")
+    }
+
+    fn entry(name: &str, affinity: bool, eps: &[&str]) -> ServiceEntry {
+        let mut b = ServicePort::builder("ns", name, "http", Protocol::Tcp, 80)
+            .cluster_ips(["10.96.0.1"])
+            .service_type(ServiceType::NodePort)
+            .node_port(30080);
+        if affinity {
+            b = b.client_ip_affinity(Some(600));
+        }
+        ServiceEntry {
+            port: b.build().expect("valid service"),
+            endpoints: eps
+                .iter()
+                .map(|ip| {
+                    Endpoint::builder(*ip, 8080)
+                        .build()
+                        .expect("valid endpoint")
+                })
+                .collect(),
+        }
+    }
+
+    /// How many elements each set of the table `fake` holds has, for those with any.
+    fn elements(fake: &Fake, id: &TableId) -> BTreeMap<String, usize> {
+        fake.ruleset.tables[id]
+            .sets
+            .iter()
+            .filter(|(_, s)| !s.elements.is_empty())
+            .map(|(name, s)| (name.clone(), s.elements.len()))
+            .collect()
+    }
+
+    #[test]
+    fn adding_then_deleting_service_ports_returns_to_the_empty_state() {
+        let config = Config {
+            cluster_cidrs: vec!["10.244.0.0/16".parse().expect("literal CIDR")],
+            ..Config::default()
+        };
+        let empty = Compiler::new(config.clone(), IpFamily::V4);
+        let mut c = Compiler::new(config, IpFamily::V4);
+        let mut fake = Fake::default();
+        // Nothing yet: the plan creates the table, without elements.
+        let p = c.plan(&node(), []);
+        fake.apply(&p.tx).expect("valid transaction");
+        c.commit(p);
+        let id = c.table_id();
+        let before = elements(&fake, &id);
+
+        let a = entry("a", true, &["10.244.1.1", "10.244.1.2"]);
+        let b = entry("b", false, &["10.244.2.1"]);
+        let names = [a.port.name().clone(), b.port.name().clone()];
+        let p = c.plan(
+            &node(),
+            [(names[0].clone(), Some(&a)), (names[1].clone(), Some(&b))],
+        );
+        fake.apply(&p.tx).expect("valid transaction");
+        c.commit(p);
+        assert_eq!(c.stats().service_ports, 2);
+        assert_eq!(
+            c.stats().endpoint_elements,
+            6,
+            "2 + 1 endpoints, each for cluster IP and node port"
+        );
+        assert_ne!(elements(&fake, &id), before);
+
+        let p = c.plan(&node(), names.iter().map(|n| (n.clone(), None)));
+        assert!(
+            p.tx.commands
+                .iter()
+                .all(|c| matches!(c, Command::DeleteElements { .. })),
+            "a deletion only deletes elements: {}",
+            p.tx.to_nft()
+        );
+        fake.apply(&p.tx).expect("valid transaction");
+        c.commit(p);
+        assert_eq!(c.stats(), Stats::default());
+        assert!(c.owners.is_empty() && c.fragments.is_empty());
+        assert!(c.counts.is_empty() && c.timeouts.is_empty());
+        assert_eq!(c.table(), empty.table(), "what a full sync would install");
+        assert_eq!(elements(&fake, &id), before, "what the kernel holds");
+        // The chains and sets of the counts and timeouts once used stay until a full sync.
+        assert!(
+            fake.ruleset.tables[&id]
+                .chains
+                .contains_key("pick-sticky-2")
+        );
+        c.mark_full_sync();
+        assert!(c.installed_counts.is_empty() && c.installed_timeouts.is_empty());
+    }
+
+    #[test]
+    fn a_plan_changes_nothing_until_it_is_committed() {
+        let mut c = Compiler::new(Config::default(), IpFamily::V4);
+        let a = entry("a", false, &["10.244.1.1"]);
+        let p = c.plan(&node(), [(a.port.name().clone(), Some(&a))]);
+        assert!(!p.tx.is_empty());
+        assert_eq!(c.stats(), Stats::default());
+        assert!(!c.is_installed());
+        drop(p);
+        // Planned again, the same transaction: the rejected plan left no trace.
+        let again = c.plan(&node(), [(a.port.name().clone(), Some(&a))]);
+        c.commit(again);
+        assert_eq!(c.stats().service_ports, 1);
+        // An unchanged service port plans to nothing.
+        let p = c.plan(&node(), [(a.port.name().clone(), Some(&a))]);
+        assert!(p.tx.is_empty(), "{}", p.tx.to_nft());
+    }
+}
