@@ -546,4 +546,149 @@ mod tests {
         assert!(belongs_to(&k, &[address("10.96.0.1", 80)].into()));
         assert!(!belongs_to(&short, &[address("10.96.0.1", 80)].into()));
     }
+
+    // The purge and the carry-over, from a compiler's state and what was read back.
+
+    use crate::compile::Config;
+    use crate::store::ServiceEntry;
+    use lb_core::{Endpoint, IpFamily, Node, Protocol, ServicePort, ServiceType};
+
+    fn node() -> Node {
+        Node::new("node-a", None).expect("valid node")
+    }
+
+    /// A sticky NodePort service port (cluster IP 10.96.0.1:80, node port 30080) with
+    /// endpoints `eps` on port 8080.
+    fn sticky(eps: &[&str]) -> ServiceEntry {
+        ServiceEntry {
+            port: ServicePort::builder("ns", "sticky", "http", Protocol::Tcp, 80)
+                .cluster_ips(["10.96.0.1"])
+                .service_type(ServiceType::NodePort)
+                .node_port(30080)
+                .client_ip_affinity(Some(600))
+                .build()
+                .expect("valid service"),
+            endpoints: eps
+                .iter()
+                .map(|ip| {
+                    Endpoint::builder(*ip, 8080)
+                        .build()
+                        .expect("valid endpoint")
+                })
+                .collect(),
+        }
+    }
+
+    fn listed((key, data): (Key, Key)) -> ListedElement {
+        ListedElement {
+            key,
+            data: Some(data),
+            counter: None,
+        }
+    }
+
+    /// What the kernel could hold: entries to the kept and the removed endpoint, through the
+    /// cluster IP and the node port, and one of another Service.
+    fn read_back(maps: &[AffinityMap]) -> ReadBack {
+        let (address, node_port) = (&maps[0], &maps[1]);
+        vec![
+            (
+                address.clone(),
+                vec![
+                    listed(entry("10.100.0.2", "10.96.0.1", 80, "10.244.0.1")),
+                    listed(entry("10.100.0.3", "10.96.0.1", 80, "10.244.0.2")),
+                    listed(entry("10.100.0.4", "10.96.0.9", 80, "10.244.0.2")),
+                ],
+            ),
+            (
+                node_port.clone(),
+                vec![
+                    listed(np_entry("10.100.0.2", 30080, "10.244.0.1")),
+                    listed(np_entry("10.100.0.3", 30080, "10.244.0.2")),
+                ],
+            ),
+        ]
+    }
+
+    #[test]
+    fn the_purge_deletes_the_read_back_entries_pointing_to_a_removed_endpoint() {
+        let mut c = Compiler::new(Config::default(), IpFamily::V4);
+        let before = sticky(&["10.244.0.1", "10.244.0.2"]);
+        let name = before.port.name().clone();
+        let p = c.plan(&node(), [(name.clone(), Some(&before))]);
+        c.commit(p);
+
+        let after = sticky(&["10.244.0.1"]);
+        let plan = c.plan(&node(), [(name, Some(&after))]);
+        let touched = c.affinity_touched(&plan);
+        assert_eq!(
+            touched,
+            Touched::from([(600, [address("10.96.0.1", 80), node_port(30080)].into())])
+        );
+        let purge = c.affinity_purge_after(&plan, &touched);
+        let maps = purge.maps();
+        let names: Vec<&str> = maps.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["affinity-600", "affinity-nodeport-600"]);
+        assert_eq!(maps, c.affinity_maps(600));
+        let deletes = purge.deletes(read_back(&maps));
+        assert_eq!(
+            deletes,
+            vec![
+                Command::DeleteElements {
+                    table: c.table_id(),
+                    set: "affinity-600".into(),
+                    keys: vec![entry("10.100.0.3", "10.96.0.1", 80, "10.244.0.2").0],
+                },
+                Command::DeleteElements {
+                    table: c.table_id(),
+                    set: "affinity-nodeport-600".into(),
+                    keys: vec![np_entry("10.100.0.3", 30080, "10.244.0.2").0],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_change_that_only_adds_endpoints_reads_nothing_back() {
+        let mut c = Compiler::new(Config::default(), IpFamily::V4);
+        let before = sticky(&["10.244.0.1"]);
+        let name = before.port.name().clone();
+        let p = c.plan(&node(), [(name.clone(), Some(&before))]);
+        c.commit(p);
+        let after = sticky(&["10.244.0.1", "10.244.0.2"]);
+        let plan = c.plan(&node(), [(name, Some(&after))]);
+        let touched = c.affinity_touched(&plan);
+        assert!(touched.is_empty());
+        assert!(c.affinity_purge_after(&plan, &touched).maps().is_empty());
+    }
+
+    #[test]
+    fn a_full_sync_carries_over_only_entries_that_are_still_valid() {
+        let mut c = Compiler::new(Config::default(), IpFamily::V4);
+        let now = sticky(&["10.244.0.1"]);
+        let p = c.plan(&node(), [(now.port.name().clone(), Some(&now))]);
+        let maps = c.affinity_maps_after(&p);
+        assert_eq!(maps, c.affinity_maps(600));
+        c.commit(p);
+        let adds = c.affinity_carry_over(read_back(&maps));
+        let kept = |set: &str, key: (Key, Key)| Command::AddElements {
+            table: c.table_id(),
+            set: set.into(),
+            elements: vec![(key.0, Element::values(key.1))],
+        };
+        // Entries to the removed endpoint, and of a Service without affinity, stay out.
+        assert_eq!(
+            adds,
+            vec![
+                kept(
+                    "affinity-600",
+                    entry("10.100.0.2", "10.96.0.1", 80, "10.244.0.1")
+                ),
+                kept(
+                    "affinity-nodeport-600",
+                    np_entry("10.100.0.2", 30080, "10.244.0.1")
+                ),
+            ]
+        );
+    }
 }
