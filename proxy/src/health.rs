@@ -663,3 +663,89 @@ pub fn parse_explain_query(query: &str) -> Result<crate::explain::Query, String>
         to_node: true,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use lb_core::{Endpoint, Protocol, ServicePort, ServiceType, TrafficPolicy};
+
+    use super::*;
+
+    fn node() -> Node {
+        Node::new("node-a", None).expect("valid node")
+    }
+
+    fn lb(port_name: &str, etp: TrafficPolicy, itp: TrafficPolicy) -> ServicePort {
+        ServicePort::builder("ns", "lb", port_name, Protocol::Tcp, 80)
+            .cluster_ips(["10.96.0.1", "fd00::1"])
+            .service_type(ServiceType::LoadBalancer)
+            .node_port(30080)
+            .health_check_node_port(32000)
+            .external_traffic_policy(etp)
+            .internal_traffic_policy(itp)
+            .build()
+            .expect("valid service")
+    }
+
+    fn ep(ip: &str, node: &str, ready: bool) -> Endpoint {
+        Endpoint::builder(ip, 8080)
+            .node_name(node)
+            .ready(ready)
+            .serving(ready)
+            .build()
+            .expect("valid endpoint")
+    }
+
+    #[test]
+    fn a_health_check_node_port_counts_distinct_local_ready_endpoints_per_family() {
+        let eps = vec![
+            ep("10.244.1.1", "node-a", true),
+            ep("fd00:244::1", "node-a", true),
+            ep("10.244.1.2", "node-a", false),
+            ep("10.244.2.1", "node-b", true),
+        ];
+        let entries = [
+            ServiceEntry {
+                port: lb("http", TrafficPolicy::Local, TrafficPolicy::Cluster),
+                endpoints: eps.clone(),
+            },
+            // A second port of the Service: the same endpoints count once, one responder.
+            ServiceEntry {
+                port: lb("https", TrafficPolicy::Local, TrafficPolicy::Cluster),
+                endpoints: eps,
+            },
+        ];
+        assert_eq!(health_check_ports(&node(), &entries), vec![(32000, [1, 1])]);
+    }
+
+    #[test]
+    fn an_etp_cluster_service_has_no_health_check_responder() {
+        let entries = [ServiceEntry {
+            port: lb("http", TrafficPolicy::Cluster, TrafficPolicy::Cluster),
+            endpoints: vec![ep("10.244.1.1", "node-a", true)],
+        }];
+        assert!(health_check_ports(&node(), &entries).is_empty());
+    }
+
+    #[test]
+    fn no_local_endpoints_counts_local_policies_left_without_local_endpoints_per_family() {
+        let count = |etp, itp, eps: Vec<Endpoint>| {
+            let entries = [ServiceEntry {
+                port: lb("http", etp, itp),
+                endpoints: eps,
+            }];
+            no_local_endpoints(&node(), &entries)
+        };
+        use TrafficPolicy::{Cluster, Local};
+        let remote4 = || vec![ep("10.244.2.1", "node-b", true)];
+        assert_eq!(count(Cluster, Local, remote4()), [1, 0, 0, 0]);
+        assert_eq!(count(Local, Cluster, remote4()), [0, 1, 0, 0]);
+        assert_eq!(count(Local, Local, remote4()), [1, 1, 0, 0]);
+        let remote6 = vec![ep("fd00:244::2", "node-b", true)];
+        assert_eq!(count(Local, Local, remote6), [0, 0, 1, 1]);
+        // A local endpoint serves the Local policies; no endpoint at all is a reject.
+        let local4 = vec![ep("10.244.1.1", "node-a", true)];
+        assert_eq!(count(Local, Local, local4), [0; 4]);
+        assert_eq!(count(Local, Local, vec![]), [0; 4]);
+        assert_eq!(count(Cluster, Cluster, remote4()), [0; 4]);
+    }
+}
