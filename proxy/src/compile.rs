@@ -1,5 +1,5 @@
-//! The compiler: a [`Snapshot`](crate::store::Snapshot) of service ports and endpoints, categorised by `lb-core` for
-//! this node, becomes one nftables table per IP family.
+//! The compiler: a [`Snapshot`](crate::store::Snapshot) of service ports and endpoints,
+//! categorised by `lb-core` for this node, becomes one nftables table per IP family.
 //!
 //! # Module tour
 //!
