@@ -16,8 +16,8 @@
 //!
 //! # The rules
 //!
-//! As kube-proxy applies them (`pkg/proxy/nftables/proxier.go`, Kubernetes 1.31+, and the
-//! policies' definitions in the Service API and KEP-2086 / KEP-1672):
+//! As kube-proxy applies them (`pkg/proxy/nftables/proxier.go`, v1.33–v1.35), following the
+//! Service API's definitions of `externalTrafficPolicy` and `internalTrafficPolicy` (KEP-2086):
 //!
 //! 1. **Cluster IP** ("internal traffic"): `internalTrafficPolicy: Local` sends it to the
 //!    node-local endpoints only, `Cluster` to every endpoint (KEP-2086), from any source.
