@@ -10,6 +10,8 @@
 //! ```text
 //! plain values ──► model (validated) ──► categorize(port, endpoints, node) ──► sets + reasons
 //!                                                          │
+//!             traffic::classify(port, destination, source) ──► which set serves a connection,
+//!                                                          │   masquerade, reject or drop
 //!                         pick::uniform / affinity::AffinityTable / maglev::Maglev ◄┘
 //! ```
 //!
@@ -20,6 +22,9 @@
 //! * [`categorize()`](categorize::categorize): which endpoints serve cluster-wide and node-local traffic on a node
 //!   (readiness, terminating fallback, traffic policies, topology hints), and a readable
 //!   reason for every endpoint left out — kube-proxy's `CategorizeEndpoints`, restated.
+//! * [`traffic`]: the traffic class of a connection to a service port (cluster IP, external
+//!   IP, load-balancer IP or node port, from a pod, the node or elsewhere): which endpoint set
+//!   serves it, whether it is masqueraded, and reject vs drop when that set is empty.
 //! * [`pick`]: uniform choice from a caller-supplied random value.
 //! * [`affinity`]: ClientIP session affinity on a concurrent table, with kube-proxy's timeout
 //!   semantics, never returning an expired or ineligible endpoint.
@@ -51,6 +56,7 @@ pub mod categorize;
 pub mod maglev;
 pub mod model;
 pub mod pick;
+pub mod traffic;
 
 pub use categorize::{
     Categorized, EndpointSet, Exclusion, Topology, TopologyMode, TopologyReason, categorize,

@@ -924,27 +924,7 @@ fn update_no_local_endpoints(
     const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
     for (key, entries) in changed {
         // [v4 internal, v4 external, v6 internal, v6 external]
-        let mut counts = [0i64; 4];
-        for e in entries {
-            for (i, family) in FAMILIES.iter().enumerate() {
-                let endpoints: Vec<lb_core::Endpoint> = e
-                    .endpoints
-                    .iter()
-                    .filter(|ep| IpFamily::of(&ep.ip()) == *family)
-                    .cloned()
-                    .collect();
-                let c = lb_core::categorize(&e.port, &endpoints, node);
-                if !c.has_any_endpoints() || c.local().len() > 0 {
-                    continue;
-                }
-                if e.port.internal_policy_local() {
-                    counts[2 * i] += 1;
-                }
-                if e.port.external_policy_local() {
-                    counts[2 * i + 1] += 1;
-                }
-            }
-        }
+        let counts = crate::health::no_local_endpoints(node, entries);
         if counts == [0; 4] {
             table.remove(key);
         } else {
@@ -979,24 +959,7 @@ fn update_health_checks(
     table: &mut BTreeMap<ServiceKey, Vec<(u16, crate::health::LocalEndpoints)>>,
 ) {
     for (key, entries) in changed {
-        // Distinct local ready endpoints of the Service, whatever the port, per family.
-        let addresses = entries
-            .iter()
-            .flat_map(|e| &e.endpoints)
-            .filter(|ep| ep.is_ready() && ep.is_local_to(node))
-            .map(lb_core::Endpoint::ip)
-            .collect::<std::collections::BTreeSet<_>>();
-        let v4 = addresses.iter().filter(|ip| ip.is_ipv4()).count();
-        let local = [v4, addresses.len() - v4];
-        let mut ports = Vec::new();
-        for e in entries {
-            let Some(port) = e.port.health_check_node_port() else {
-                continue;
-            };
-            if e.port.external_policy_local() && !ports.iter().any(|(p, _)| *p == port) {
-                ports.push((port, local));
-            }
-        }
+        let ports = crate::health::health_check_ports(node, entries);
         if ports.is_empty() {
             table.remove(key);
         } else {

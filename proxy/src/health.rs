@@ -15,7 +15,7 @@
 //!   at least one and the proxy is healthy, 503 otherwise; header
 //!   `X-Load-Balancing-Endpoint-Weight`. Servers come and go with the Services.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -25,9 +25,13 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use lb_core::traffic::{self, Destination, Masquerading, Outcome, Source};
+use lb_core::{IpFamily, Node};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+
+use crate::store::ServiceEntry;
 
 /// The proxy's health, shared by the sync loop (writer) and the HTTP handlers (readers).
 #[derive(Debug)]
@@ -291,6 +295,81 @@ struct Responder {
 /// own family's count, as with kube-proxy's per-family proxiers (a dual-stack pod is one
 /// endpoint of each family, not two).
 pub type LocalEndpoints = [usize; 2];
+
+/// Whether a healthCheckNodePort reports on `port`: when traffic from outside the cluster is
+/// served by node-local endpoints only ([`traffic::classify`], an effective
+/// `externalTrafficPolicy: Local`), so a load balancer must learn which nodes have some.
+/// (The API server allocates the port only for LoadBalancer Services with that policy.)
+fn reports_local_endpoints(port: &lb_core::ServicePort) -> bool {
+    let outside = traffic::classify(
+        port,
+        Destination::LoadBalancerIp,
+        Source::Elsewhere,
+        Masquerading::default(),
+    );
+    outside.endpoints == lb_core::EndpointSet::Local
+}
+
+/// The healthCheckNodePorts of one Service (`entries`: its service ports) and, for each, the
+/// number of the Service's distinct ready endpoints on `node`, per family, whatever the port
+/// (kube-proxy counts endpoints, not endpoint ports). Empty: the Service needs no responder.
+pub fn health_check_ports(node: &Node, entries: &[ServiceEntry]) -> Vec<(u16, LocalEndpoints)> {
+    let addresses = entries
+        .iter()
+        .flat_map(|e| &e.endpoints)
+        .filter(|ep| ep.is_ready() && ep.is_local_to(node))
+        .map(lb_core::Endpoint::ip)
+        .collect::<BTreeSet<_>>();
+    let v4 = addresses.iter().filter(|ip| ip.is_ipv4()).count();
+    let local = [v4, addresses.len() - v4];
+    let mut ports = Vec::new();
+    for e in entries {
+        let Some(port) = e.port.health_check_node_port() else {
+            continue;
+        };
+        if reports_local_endpoints(&e.port) && !ports.iter().any(|(p, _)| *p == port) {
+            ports.push((port, local));
+        }
+    }
+    ports
+}
+
+/// How many of one Service's ports (`entries`) drop traffic on `node` because a Local
+/// traffic policy leaves no endpoint here while the Service has some elsewhere (kube-proxy's
+/// `sync_proxy_rules_no_local_endpoints_total`): `[IPv4 internal, IPv4 external, IPv6
+/// internal, IPv6 external]`. Internal is traffic to a cluster IP, external to the other
+/// addresses, as [`traffic::classify`] classes traffic from outside the node.
+pub fn no_local_endpoints(node: &Node, entries: &[ServiceEntry]) -> [i64; 4] {
+    let mut counts = [0i64; 4];
+    for e in entries {
+        for (i, family) in [IpFamily::V4, IpFamily::V6].into_iter().enumerate() {
+            let endpoints: Vec<lb_core::Endpoint> = e
+                .endpoints
+                .iter()
+                .filter(|ep| IpFamily::of(&ep.ip()) == family)
+                .cloned()
+                .collect();
+            let c = lb_core::categorize(&e.port, &endpoints, node);
+            for (j, destination) in [Destination::ClusterIp, Destination::LoadBalancerIp]
+                .into_iter()
+                .enumerate()
+            {
+                let class = traffic::classify(
+                    &e.port,
+                    destination,
+                    Source::Elsewhere,
+                    Masquerading::default(),
+                );
+                if class.endpoints == lb_core::EndpointSet::Local
+                    && class.outcome(&c) == Outcome::Drop
+                {
+                    counts[2 * i + j] += 1;
+                }
+            }
+        }
+    }
+    counts
+}
 
 impl ServiceHealthServers {
     /// Responders bound to `bind` (e.g. `0.0.0.0`).
@@ -583,4 +662,90 @@ pub fn parse_explain_query(query: &str) -> Result<crate::explain::Query, String>
         from_node,
         to_node: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_core::{Endpoint, Protocol, ServicePort, ServiceType, TrafficPolicy};
+
+    use super::*;
+
+    fn node() -> Node {
+        Node::new("node-a", None).expect("valid node")
+    }
+
+    fn lb(port_name: &str, etp: TrafficPolicy, itp: TrafficPolicy) -> ServicePort {
+        ServicePort::builder("ns", "lb", port_name, Protocol::Tcp, 80)
+            .cluster_ips(["10.96.0.1", "fd00::1"])
+            .service_type(ServiceType::LoadBalancer)
+            .node_port(30080)
+            .health_check_node_port(32000)
+            .external_traffic_policy(etp)
+            .internal_traffic_policy(itp)
+            .build()
+            .expect("valid service")
+    }
+
+    fn ep(ip: &str, node: &str, ready: bool) -> Endpoint {
+        Endpoint::builder(ip, 8080)
+            .node_name(node)
+            .ready(ready)
+            .serving(ready)
+            .build()
+            .expect("valid endpoint")
+    }
+
+    #[test]
+    fn a_health_check_node_port_counts_distinct_local_ready_endpoints_per_family() {
+        let eps = vec![
+            ep("10.244.1.1", "node-a", true),
+            ep("fd00:244::1", "node-a", true),
+            ep("10.244.1.2", "node-a", false),
+            ep("10.244.2.1", "node-b", true),
+        ];
+        let entries = [
+            ServiceEntry {
+                port: lb("http", TrafficPolicy::Local, TrafficPolicy::Cluster),
+                endpoints: eps.clone(),
+            },
+            // A second port of the Service: the same endpoints count once, one responder.
+            ServiceEntry {
+                port: lb("https", TrafficPolicy::Local, TrafficPolicy::Cluster),
+                endpoints: eps,
+            },
+        ];
+        assert_eq!(health_check_ports(&node(), &entries), vec![(32000, [1, 1])]);
+    }
+
+    #[test]
+    fn an_etp_cluster_service_has_no_health_check_responder() {
+        let entries = [ServiceEntry {
+            port: lb("http", TrafficPolicy::Cluster, TrafficPolicy::Cluster),
+            endpoints: vec![ep("10.244.1.1", "node-a", true)],
+        }];
+        assert!(health_check_ports(&node(), &entries).is_empty());
+    }
+
+    #[test]
+    fn no_local_endpoints_counts_local_policies_left_without_local_endpoints_per_family() {
+        let count = |etp, itp, eps: Vec<Endpoint>| {
+            let entries = [ServiceEntry {
+                port: lb("http", etp, itp),
+                endpoints: eps,
+            }];
+            no_local_endpoints(&node(), &entries)
+        };
+        use TrafficPolicy::{Cluster, Local};
+        let remote4 = || vec![ep("10.244.2.1", "node-b", true)];
+        assert_eq!(count(Cluster, Local, remote4()), [1, 0, 0, 0]);
+        assert_eq!(count(Local, Cluster, remote4()), [0, 1, 0, 0]);
+        assert_eq!(count(Local, Local, remote4()), [1, 1, 0, 0]);
+        let remote6 = vec![ep("fd00:244::2", "node-b", true)];
+        assert_eq!(count(Local, Local, remote6), [0, 0, 1, 1]);
+        // A local endpoint serves the Local policies; no endpoint at all is a reject.
+        let local4 = vec![ep("10.244.1.1", "node-a", true)];
+        assert_eq!(count(Local, Local, local4), [0; 4]);
+        assert_eq!(count(Local, Local, vec![]), [0; 4]);
+        assert_eq!(count(Cluster, Cluster, remote4()), [0; 4]);
+    }
 }

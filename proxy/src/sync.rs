@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use lb_core::{IpFamily, ServicePortName};
 
-use crate::compile::affinity::{self, Touched};
+use crate::compile::affinity::{self, Purge, ReadBack, Touched};
 use crate::compile::{Compiler, Config, Plan};
 use crate::convert::ServiceKey;
 use crate::nft::{ApplyError, Backend, Command, Transaction};
@@ -196,9 +196,9 @@ impl<B: Backend> Dataplane<B> {
             if t.is_empty() || !c.is_installed() {
                 continue;
             }
-            let targets = c.affinity_targets_after(p, t);
-            match stale_deletes(&mut self.backend, c, targets) {
-                Ok(cmds) => purge.extend(cmds),
+            let stale = c.affinity_purge_after(p, t);
+            match read_back(&mut self.backend, &stale) {
+                Ok(read) => purge.extend(stale.deletes(read)),
                 Err(e) => {
                     tracing::warn!(error = %e, "reading ClientIP affinity entries failed; deleting them after the sync")
                 }
@@ -330,47 +330,10 @@ impl<B: Backend> Dataplane<B> {
     /// connected in between already has a fresh entry, and the batch then fails as a whole
     /// (logged); stickiness is lost, never correctness. Entries come back with the map's full
     /// timeout, as if the client had just connected.
-    fn restore_affinity(
-        &mut self,
-        carried: Vec<(
-            crate::nft::ir::TableId,
-            u64,
-            String,
-            Vec<crate::nft::ListedElement>,
-        )>,
-    ) {
+    fn restore_affinity(&mut self, carried: [ReadBack; 2]) {
         let mut tx = Transaction::new();
-        for (table, secs, map, listed) in carried {
-            let Some(c) = self.compilers.iter().find(|c| c.table_id() == table) else {
-                continue;
-            };
-            let all = c.all_affinity();
-            let Some(dests) = all.get(&secs) else {
-                continue;
-            };
-            let mut touched = Touched::new();
-            touched.insert(secs, dests.clone());
-            let Some(targets) = c.affinity_targets(&touched).remove(&secs) else {
-                continue;
-            };
-            let stale: BTreeSet<_> =
-                affinity::stale_entries(&targets, listed.iter().map(|e| (&e.key, e.data.as_ref())))
-                    .into_iter()
-                    .collect();
-            let elements: Vec<_> = listed
-                .into_iter()
-                .filter(|e| !stale.contains(&e.key))
-                .filter_map(|e| e.data.map(|d| (e.key, crate::nft::ir::Element::values(d))))
-                // Only entries for a destination that still has affinity with this timeout.
-                .filter(|(k, _)| affinity::belongs_to(k, dests))
-                .collect();
-            if !elements.is_empty() {
-                tx.push(Command::AddElements {
-                    table,
-                    set: map,
-                    elements,
-                });
-            }
+        for (c, read) in self.compilers.iter().zip(carried) {
+            tx.commands.extend(c.affinity_carry_over(read));
         }
         if tx.is_empty() {
             return;
@@ -388,11 +351,9 @@ impl<B: Backend> Dataplane<B> {
             if pending.is_empty() || !c.is_installed() {
                 continue;
             }
-            tx.commands.extend(stale_deletes(
-                &mut self.backend,
-                c,
-                c.affinity_targets(pending),
-            )?);
+            let stale = c.affinity_purge(pending);
+            let read = read_back(&mut self.backend, &stale)?;
+            tx.commands.extend(stale.deletes(read));
         }
         Ok(tx)
     }
@@ -463,13 +424,14 @@ impl<B: Backend> Dataplane<B> {
         }
         // Replacing the tables would empty the ClientIP affinity maps: read what they hold
         // now, to put back the entries that are still valid right after.
-        let mut carried = Vec::new();
-        for (c, p) in compilers.iter().zip(&plans) {
-            for secs in Compiler::plan_timeouts(p) {
-                for (map, spec) in affinity_maps(c, secs) {
-                    if let Ok(listed) = self.backend.list_elements(&c.table_id(), &map, &spec) {
-                        carried.push((c.table_id(), secs, map, listed));
-                    }
+        let mut carried: [ReadBack; 2] = Default::default();
+        for ((c, p), read) in compilers.iter().zip(&plans).zip(&mut carried) {
+            for map in c.affinity_maps_after(p) {
+                if let Ok(listed) = self
+                    .backend
+                    .list_elements(&c.table_id(), &map.name, &map.spec)
+                {
+                    read.push((map, listed));
                 }
             }
         }
@@ -512,47 +474,17 @@ impl<B: Backend> Dataplane<B> {
     }
 }
 
-/// The two affinity maps of timeout `secs`: service addresses and node ports.
-fn affinity_maps(c: &Compiler, secs: u64) -> [(String, crate::nft::ir::SetSpec); 2] {
-    [
-        (
-            crate::compile::affinity_map(secs),
-            c.affinity_map_spec(secs),
-        ),
-        (
-            crate::compile::affinity_nodeport_map(secs),
-            c.affinity_nodeport_map_spec(secs),
-        ),
-    ]
-}
-
-/// Reads the affinity maps of `targets`' timeouts back and returns the commands deleting the
-/// entries that point to an endpoint their destination may no longer use.
-fn stale_deletes<B: Backend>(
-    backend: &mut B,
-    c: &Compiler,
-    targets: BTreeMap<u64, affinity::AffinityTargets>,
-) -> Result<Vec<Command>, ApplyError> {
-    let table = c.table_id();
-    let mut out = Vec::new();
-    for (secs, targets) in targets {
-        for (map, spec) in affinity_maps(c, secs) {
-            let listed = match backend.list_elements(&table, &map, &spec) {
-                Ok(l) => l,
-                // No map, no entries.
-                Err(e) if e.is_not_found() => continue,
-                Err(e) => return Err(e),
-            };
-            let keys =
-                affinity::stale_entries(&targets, listed.iter().map(|e| (&e.key, e.data.as_ref())));
-            if !keys.is_empty() {
-                out.push(Command::DeleteElements {
-                    table: table.clone(),
-                    set: map,
-                    keys,
-                });
-            }
+/// Reads back the affinity maps `stale` looks at: backend I/O only, the decision is
+/// [`Purge::deletes`]. A map the kernel does not hold has no entries.
+fn read_back<B: Backend>(backend: &mut B, stale: &Purge) -> Result<ReadBack, ApplyError> {
+    let mut read = Vec::new();
+    for map in stale.maps() {
+        match backend.list_elements(stale.table(), &map.name, &map.spec) {
+            Ok(listed) => read.push((map, listed)),
+            // No map, no entries.
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e),
         }
     }
-    Ok(out)
+    Ok(read)
 }

@@ -1,0 +1,494 @@
+//! The incremental compiler: per-service-port fragments, who owns each element, and the
+//! transaction between the committed state and a changed one ([`Compiler::plan`]), adopted
+//! once the kernel accepted it ([`Compiler::commit`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lb_core::{IpFamily, Node, ServicePortName};
+use rustc_hash::FxHashMap as HashMap;
+
+use crate::nft::ir::{Element, SetSpec, Table, TableId, Value};
+use crate::nft::{Command, Transaction};
+use crate::store::{ServiceEntry, Snapshot};
+
+use super::config::Config;
+use super::layout::{Dispatch, ElemKey, Fam, SetRef};
+use super::service::{Builder, Fragment};
+use super::skeleton::{skeleton, traffic_sets};
+
+/// What the compiler produced besides the table: figures for logs and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Service ports programmed for this family.
+    pub service_ports: usize,
+    /// Endpoint elements in the endpoint maps.
+    pub endpoint_elements: usize,
+}
+
+/// Builds the table for `family` from a whole snapshot (a full sync, `render`, tests).
+pub fn compile(snapshot: &Snapshot, config: &Config, family: IpFamily) -> (TableId, Table, Stats) {
+    let mut c = Compiler::new(config.for_node(&snapshot.node), family);
+    let changes: Vec<_> = snapshot
+        .services
+        .iter()
+        .map(|(name, e)| (name.clone(), Some(e)))
+        .collect();
+    let plan = c.plan(&snapshot.node, changes);
+    c.commit(plan);
+    let stats = c.stats();
+    (c.table_id(), c.table(), stats)
+}
+
+/// Who contributes which element: for every (set, key), the contributing service ports,
+/// sorted. The kernel holds the first contributor's element, which lives in that service
+/// port's [`Fragment`] (not copied here: one copy of each element, issue 13).
+type Owners = HashMap<ElemKey, Vec<ServicePortName>>;
+
+/// The incremental compiler for one IP family.
+///
+/// It keeps every service port's [`Fragment`] and who owns each element, so a change to one
+/// Service costs work proportional to that Service, not to the cluster: [`Compiler::plan`]
+/// computes the transaction for a set of changed service ports without touching the state,
+/// and [`Compiler::commit`] adopts it once the kernel accepted the transaction. A rejected
+/// transaction is simply not committed, so the compiler keeps describing what the kernel holds.
+#[derive(Debug)]
+pub struct Compiler {
+    pub(super) f: Fam,
+    pub(super) config: Config,
+    pub(super) fragments: HashMap<ServicePortName, Fragment>,
+    pub(super) owners: Owners,
+    pub(super) counts: BTreeMap<(Dispatch, usize), usize>,
+    pub(super) timeouts: BTreeMap<u64, usize>,
+    /// `pick-N` chains and affinity sets that exist in the kernel (a superset of what is in
+    /// use: unused ones are only removed by a full sync).
+    pub(super) installed_counts: BTreeSet<(Dispatch, usize)>,
+    pub(super) installed_timeouts: BTreeSet<u64>,
+    pub(super) installed: bool,
+}
+
+/// A computed but not yet committed change: the transaction and the state it leads to.
+#[derive(Debug)]
+pub struct Plan {
+    /// The transaction to apply.
+    pub tx: Transaction,
+    pub(super) changes: Vec<(ServicePortName, Option<Fragment>)>,
+    pub(super) touched: Owners,
+    pub(super) installed_counts: BTreeSet<(Dispatch, usize)>,
+    pub(super) installed_timeouts: BTreeSet<u64>,
+}
+
+impl Compiler {
+    /// An empty compiler: nothing programmed yet.
+    pub fn new(config: Config, family: IpFamily) -> Self {
+        Compiler {
+            f: Fam::new(family),
+            config,
+            fragments: HashMap::default(),
+            owners: HashMap::default(),
+            counts: BTreeMap::new(),
+            timeouts: BTreeMap::new(),
+            installed_counts: BTreeSet::new(),
+            installed_timeouts: BTreeSet::new(),
+            installed: false,
+        }
+    }
+
+    /// The table this compiler programs.
+    pub fn table_id(&self) -> TableId {
+        TableId::new(self.f.table_family(), self.config.table.clone())
+    }
+
+    /// Whether the table exists in the kernel (a plan was committed since the last
+    /// [`Compiler::forget_installed`]).
+    pub fn is_installed(&self) -> bool {
+        self.installed
+    }
+
+    /// Declares that the kernel no longer holds our table (deleted, or never programmed): the
+    /// next plan creates it from scratch with every element.
+    pub fn forget_installed(&mut self) {
+        self.installed = false;
+    }
+
+    /// Figures for logs and metrics.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            service_ports: self.fragments.len(),
+            endpoint_elements: self.fragments.values().map(|f| f.endpoint_elements).sum(),
+        }
+    }
+
+    /// The fragment of one service port (empty when it has no cluster IP of this family).
+    pub fn fragment(&self, node: &Node, entry: &ServiceEntry) -> Fragment {
+        let mut b = Builder {
+            f: self.f,
+            frag: Fragment::default(),
+            sticky: entry.port.session_affinity().timeout().is_some(),
+            rules: self.config.masquerading(self.f),
+        };
+        let endpoints: Vec<_> = entry
+            .endpoints
+            .iter()
+            .filter(|e| self.f.is(&e.ip()))
+            .cloned()
+            .collect();
+        b.service(&entry.port, &endpoints, node);
+        b.frag
+    }
+
+    /// The transaction that brings the kernel from the committed state to one where the given
+    /// service ports have their new content (`None`: deleted). Does not change the compiler.
+    pub fn plan<'e>(
+        &self,
+        node: &Node,
+        changes: impl IntoIterator<Item = (ServicePortName, Option<&'e ServiceEntry>)>,
+    ) -> Plan {
+        let changes: Vec<(ServicePortName, Option<Fragment>)> = changes
+            .into_iter()
+            .map(|(name, e)| {
+                (
+                    name,
+                    e.map(|e| self.fragment(node, e))
+                        .filter(|f| *f != Fragment::default()),
+                )
+            })
+            .filter(|(name, frag)| self.fragments.get(name) != frag.as_ref())
+            .collect();
+        // Structural objects: new endpoint counts and timeouts need chains and sets first.
+        let mut counts = self.installed_counts.clone();
+        let mut timeouts = self.installed_timeouts.clone();
+        for (_, frag) in &changes {
+            if let Some(f) = frag {
+                counts.extend(f.counts.iter().copied());
+                timeouts.extend(f.timeouts.iter().copied());
+            }
+        }
+        let id = self.table_id();
+        let mut tx = Transaction::new();
+        let fresh = !self.installed;
+        let before = if fresh {
+            crate::nft::ir::Ruleset::default()
+        } else {
+            one_table(
+                &id,
+                skeleton(
+                    self.f,
+                    &self.config,
+                    &self.installed_counts,
+                    &self.installed_timeouts,
+                ),
+            )
+        };
+        let after = one_table(&id, skeleton(self.f, &self.config, &counts, &timeouts));
+        tx.commands
+            .extend(crate::nft::diff::diff(&before, &after).commands);
+
+        // Elements: for every touched (set, key), its contributors after the change, and the
+        // effective element (the first contributor's) before and after.
+        let capacity = changes
+            .iter()
+            .flat_map(|(_, f)| f)
+            .map(|f| f.elems.len())
+            .sum();
+        let mut touched: Owners = HashMap::with_capacity_and_hasher(capacity, Default::default());
+        for (name, frag) in &changes {
+            if let Some(old) = self.fragments.get(name) {
+                for (set, key, _) in &old.elems {
+                    let k = (*set, key.clone());
+                    let owners = touched
+                        .entry(k)
+                        .or_insert_with_key(|k| self.owners.get(k).cloned().unwrap_or_default());
+                    owners.retain(|n| n != name);
+                }
+            }
+            for (set, key, _) in frag.iter().flat_map(|f| &f.elems) {
+                let k = (*set, key.clone());
+                let owners = touched
+                    .entry(k)
+                    .or_insert_with_key(|k| self.owners.get(k).cloned().unwrap_or_default());
+                if let Err(i) = owners.binary_search(name) {
+                    owners.insert(i, name.clone());
+                }
+            }
+        }
+        let changed: HashMap<&ServicePortName, Option<&Fragment>> =
+            changes.iter().map(|(n, f)| (n, f.as_ref())).collect();
+        let after = |name: &ServicePortName| match changed.get(name) {
+            Some(f) => *f,
+            None => self.fragments.get(name),
+        };
+        let mut deletes: BTreeMap<SetRef, Vec<Vec<Value>>> = BTreeMap::new();
+        let mut adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>> = BTreeMap::new();
+        for (k, owners) in &touched {
+            let old = self
+                .owners
+                .get(k)
+                .and_then(|o| o.first())
+                .and_then(|n| element_in(self.fragments.get(n), k));
+            let new = owners.first().and_then(|n| element_in(after(n), k));
+            if old == new {
+                continue;
+            }
+            if old.is_some() {
+                deletes.entry(k.0).or_default().push(k.1.clone());
+            }
+            if let Some(e) = new {
+                adds.entry(k.0).or_default().push((k.1.clone(), e.clone()));
+            }
+        }
+        // Element order inside one message does not matter to the kernel; not sorting keeps a
+        // full sync linear.
+        for (set, keys) in deletes {
+            tx.push(Command::DeleteElements {
+                table: id.clone(),
+                set: set.name(),
+                keys,
+            });
+        }
+        for (set, elements) in adds {
+            tx.push(Command::AddElements {
+                table: id.clone(),
+                set: set.name(),
+                elements,
+            });
+        }
+        Plan {
+            tx,
+            changes,
+            touched,
+            installed_counts: counts,
+            installed_timeouts: timeouts,
+        }
+    }
+
+    /// Adopts a plan whose transaction the kernel accepted.
+    pub fn commit(&mut self, mut plan: Plan) {
+        // Owner lists are built by `insert` (capacity 4) and almost always hold one owner:
+        // shrinking them is most of the memory a synced compiler holds (issue 13).
+        if self.owners.is_empty() {
+            // A first or full sync: the plan's view is the whole state; adopt it as is.
+            plan.touched.retain(|_, owners| {
+                owners.shrink_to_fit();
+                !owners.is_empty()
+            });
+            self.owners = std::mem::take(&mut plan.touched);
+        }
+        for (k, mut owners) in plan.touched {
+            if owners.is_empty() {
+                self.owners.remove(&k);
+            } else {
+                owners.shrink_to_fit();
+                self.owners.insert(k, owners);
+            }
+        }
+        for (name, frag) in plan.changes {
+            if let Some(old) = self.fragments.remove(&name) {
+                for c in &old.counts {
+                    dec(&mut self.counts, c);
+                }
+                for t in &old.timeouts {
+                    dec(&mut self.timeouts, t);
+                }
+            }
+            if let Some(mut new) = frag {
+                new.elems.shrink_to_fit();
+                for c in &new.counts {
+                    *self.counts.entry(*c).or_default() += 1;
+                }
+                for t in &new.timeouts {
+                    *self.timeouts.entry(*t).or_default() += 1;
+                }
+                self.fragments.insert(name, new);
+            }
+        }
+        self.installed_counts = plan.installed_counts;
+        self.installed_timeouts = plan.installed_timeouts;
+        self.installed = true;
+    }
+
+    /// The table as committed, elements included, with only the chains and sets in use (what
+    /// a full sync installs).
+    pub fn table(&self) -> Table {
+        let counts: BTreeSet<_> = self.counts.keys().copied().collect();
+        let timeouts: BTreeSet<_> = self.timeouts.keys().copied().collect();
+        let mut table = skeleton(self.f, &self.config, &counts, &timeouts);
+        for (k, owners) in &self.owners {
+            let e = owners
+                .first()
+                .and_then(|n| element_in(self.fragments.get(n), k));
+            if let (Some(s), Some(e)) = (table.sets.get_mut(&k.0.name()), e) {
+                s.elements.insert(k.1.clone(), e.clone());
+            }
+        }
+        table
+    }
+
+    /// Forgets which chains and sets beyond those in use exist, after a full sync replaced
+    /// the table with [`Compiler::table`].
+    pub fn mark_full_sync(&mut self) {
+        self.installed_counts = self.counts.keys().copied().collect();
+        self.installed_timeouts = self.timeouts.keys().copied().collect();
+    }
+}
+
+impl Compiler {
+    /// The traffic counting sets (`service-traffic`, `nodeport-traffic`) and their specs,
+    /// to read their counters back.
+    pub fn traffic_sets(&self) -> [(&'static str, SetSpec); 2] {
+        traffic_sets(self.f)
+    }
+
+    /// The service port that element `key` of traffic set `set` counts for (its first
+    /// contributor, as committed).
+    pub fn traffic_owner(&self, set: &'static str, key: &[Value]) -> Option<&ServicePortName> {
+        self.owners
+            .get(&(SetRef::Static(set), key.to_vec()))
+            .and_then(|o| o.first())
+    }
+}
+
+/// The element `fragment` contributes for `key` (its last, as a later one replaces an earlier
+/// one with the same key).
+pub(super) fn element_in<'f>(fragment: Option<&'f Fragment>, key: &ElemKey) -> Option<&'f Element> {
+    fragment?
+        .elems
+        .iter()
+        .rev()
+        .find(|(set, k, _)| *set == key.0 && *k == key.1)
+        .map(|(_, _, e)| e)
+}
+
+pub(super) fn dec<K: Ord>(m: &mut BTreeMap<K, usize>, k: &K) {
+    if let Some(n) = m.get_mut(k) {
+        *n -= 1;
+        if *n == 0 {
+            m.remove(k);
+        }
+    }
+}
+
+pub(super) fn one_table(id: &TableId, t: Table) -> crate::nft::ir::Ruleset {
+    let mut rs = crate::nft::ir::Ruleset::default();
+    rs.tables.insert(id.clone(), t);
+    rs
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_core::{Endpoint, Protocol, ServicePort, ServiceType};
+
+    use super::*;
+    use crate::nft::Backend;
+    use crate::nft::fake::Fake;
+
+    fn node() -> Node {
+        Node::new("node-a", None).expect("valid node")
+    }
+
+    fn entry(name: &str, affinity: bool, eps: &[&str]) -> ServiceEntry {
+        let mut b = ServicePort::builder("ns", name, "http", Protocol::Tcp, 80)
+            .cluster_ips(["10.96.0.1"])
+            .service_type(ServiceType::NodePort)
+            .node_port(30080);
+        if affinity {
+            b = b.client_ip_affinity(Some(600));
+        }
+        ServiceEntry {
+            port: b.build().expect("valid service"),
+            endpoints: eps
+                .iter()
+                .map(|ip| {
+                    Endpoint::builder(*ip, 8080)
+                        .build()
+                        .expect("valid endpoint")
+                })
+                .collect(),
+        }
+    }
+
+    /// How many elements each set of the table `fake` holds has, for those with any.
+    fn elements(fake: &Fake, id: &TableId) -> BTreeMap<String, usize> {
+        fake.ruleset.tables[id]
+            .sets
+            .iter()
+            .filter(|(_, s)| !s.elements.is_empty())
+            .map(|(name, s)| (name.clone(), s.elements.len()))
+            .collect()
+    }
+
+    #[test]
+    fn adding_then_deleting_service_ports_returns_to_the_empty_state() {
+        let config = Config {
+            cluster_cidrs: vec!["10.244.0.0/16".parse().expect("literal CIDR")],
+            ..Config::default()
+        };
+        let empty = Compiler::new(config.clone(), IpFamily::V4);
+        let mut c = Compiler::new(config, IpFamily::V4);
+        let mut fake = Fake::default();
+        // Nothing yet: the plan creates the table, without elements.
+        let p = c.plan(&node(), []);
+        fake.apply(&p.tx).expect("valid transaction");
+        c.commit(p);
+        let id = c.table_id();
+        let before = elements(&fake, &id);
+
+        let a = entry("a", true, &["10.244.1.1", "10.244.1.2"]);
+        let b = entry("b", false, &["10.244.2.1"]);
+        let names = [a.port.name().clone(), b.port.name().clone()];
+        let p = c.plan(
+            &node(),
+            [(names[0].clone(), Some(&a)), (names[1].clone(), Some(&b))],
+        );
+        fake.apply(&p.tx).expect("valid transaction");
+        c.commit(p);
+        assert_eq!(c.stats().service_ports, 2);
+        assert_eq!(
+            c.stats().endpoint_elements,
+            6,
+            "2 + 1 endpoints, each for cluster IP and node port"
+        );
+        assert_ne!(elements(&fake, &id), before);
+
+        let p = c.plan(&node(), names.iter().map(|n| (n.clone(), None)));
+        assert!(
+            p.tx.commands
+                .iter()
+                .all(|c| matches!(c, Command::DeleteElements { .. })),
+            "a deletion only deletes elements: {}",
+            p.tx.to_nft()
+        );
+        fake.apply(&p.tx).expect("valid transaction");
+        c.commit(p);
+        assert_eq!(c.stats(), Stats::default());
+        assert!(c.owners.is_empty() && c.fragments.is_empty());
+        assert!(c.counts.is_empty() && c.timeouts.is_empty());
+        assert_eq!(c.table(), empty.table(), "what a full sync would install");
+        assert_eq!(elements(&fake, &id), before, "what the kernel holds");
+        // The chains and sets of the counts and timeouts once used stay until a full sync.
+        assert!(
+            fake.ruleset.tables[&id]
+                .chains
+                .contains_key("pick-sticky-2")
+        );
+        c.mark_full_sync();
+        assert!(c.installed_counts.is_empty() && c.installed_timeouts.is_empty());
+    }
+
+    #[test]
+    fn a_plan_changes_nothing_until_it_is_committed() {
+        let mut c = Compiler::new(Config::default(), IpFamily::V4);
+        let a = entry("a", false, &["10.244.1.1"]);
+        let p = c.plan(&node(), [(a.port.name().clone(), Some(&a))]);
+        assert!(!p.tx.is_empty());
+        assert_eq!(c.stats(), Stats::default());
+        assert!(!c.is_installed());
+        drop(p);
+        // Planned again, the same transaction: the rejected plan left no trace.
+        let again = c.plan(&node(), [(a.port.name().clone(), Some(&a))]);
+        c.commit(again);
+        assert_eq!(c.stats().service_ports, 1);
+        // An unchanged service port plans to nothing.
+        let p = c.plan(&node(), [(a.port.name().clone(), Some(&a))]);
+        assert!(p.tx.is_empty(), "{}", p.tx.to_nft());
+    }
+}
