@@ -12,7 +12,7 @@
 //!
 //! What the trace is told about the node (the answers of `fib … type local`): the Node
 //! object's addresses, the destination when [`Query::to_node`] says it may be a node address
-//! (never a cluster IP: those are virtual), and the source when [`Query::from_node`].
+//! (never a cluster IP: those are virtual), and the source exactly when [`Query::from_node`].
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -23,7 +23,7 @@ use lb_core::{EndpointSet, IpFamily, Protocol, ServicePort, categorize};
 use serde::{Deserialize, Serialize};
 
 use crate::compile::{Config, DetectLocal};
-use crate::nft::ir::{CmpOp, Expr, MarkOp, MetaKey, Rule, Ruleset, Stmt, Value};
+use crate::nft::ir::{CmpOp, Expr, FibAddr, MarkOp, MetaKey, Rule, Ruleset, Stmt, Value};
 use crate::nft::trace::{self, Fate, Host, Origin, Outcome, Packet, Path, Step, Trace, TraceError};
 use crate::store::Snapshot;
 
@@ -169,11 +169,14 @@ pub fn answer(
         .values()
         .any(|e| e.port.cluster_ips().contains(&q.to));
     let mut local: BTreeSet<IpAddr> = snapshot.node.addresses().iter().copied().collect();
-    if q.to_node && !is_cluster_ip {
-        local.insert(q.to);
-    }
+    // `from_node` says whether the source is one of the node's addresses, either way.
     if q.from_node {
         local.insert(q.from);
+    } else {
+        local.remove(&q.from);
+    }
+    if q.to_node && !is_cluster_ip {
+        local.insert(q.to);
     }
     let host = Host { local };
     let packet = |iif: Option<String>| {
@@ -357,7 +360,23 @@ fn present(
             "externalTrafficPolicy Local: node-local endpoints only, client address preserved",
         )
     } else if external && port.external_policy_local() {
-        if q.from_node {
+        // Short-circuited: by the rule that recognised the node itself (`fib saddr type
+        // local`) or a pod (source CIDR or interface).
+        let by_node = first.is_some_and(|p| {
+            p.steps.iter().any(|s| match s {
+                Step::Rule { rule, hits, .. } => {
+                    hits.iter().any(|h| {
+                        names::ADDRESS_DISPATCH.contains(&h.set.as_str())
+                            || names::NODEPORT_DISPATCH.contains(&h.set.as_str())
+                    }) && rule
+                        .stmts
+                        .iter()
+                        .any(|st| matches!(st, Stmt::FibLocal(FibAddr::Saddr)))
+                }
+                _ => false,
+            })
+        });
+        if by_node {
             (
                 EndpointSet::Cluster,
                 "externalTrafficPolicy Local, but traffic from the node itself is short-circuited to every endpoint",
