@@ -35,7 +35,7 @@
 //! * Counters are ignored; element timeouts are not modelled (an element is present).
 //!
 //! What the packet cannot answer (an interface name a rule matches that the packet does not
-//! carry, an IPv6 field of an IPv4 packet), and what the ruleset lacks (a missing chain or set),
+//! carry — a locally generated packet's `iifname` is known to be empty —, an IPv6 field of an IPv4 packet), and what the ruleset lacks (a missing chain or set),
 //! is a [`TraceError`], never a guess.
 
 use std::collections::BTreeSet;
@@ -684,6 +684,17 @@ impl<'a> Run<'a> {
         let mut hits = Vec::new();
         for s in &rule.stmts {
             match s {
+                // A locally generated packet has no input interface: its `iifname` is empty,
+                // equal to no name.
+                Stmt::Match {
+                    left: Expr::Meta(MetaKey::IifName),
+                    op,
+                    ..
+                } if self.local => {
+                    if *op == CmpOp::Eq {
+                        return Ok(None);
+                    }
+                }
                 Stmt::Match { left, op, right } => {
                     let Some(v) = self.expr(at, left)? else {
                         return Ok(None);
@@ -994,5 +1005,339 @@ impl fmt::Display for Path {
             write!(f, ", masquerade")?;
         }
         writeln!(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::nft::ir::{
+        BaseChain, Chain, ChainSpec, DataType, KeySpec, MapData, NatFamily, Set, SetSpec,
+    };
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("literal address")
+    }
+
+    fn v4(s: &str) -> Value {
+        Value::Ipv4(s.parse().expect("literal address"))
+    }
+
+    const DADDR: Expr = Expr::Payload(Payload::IpDaddr);
+    const SADDR: Expr = Expr::Payload(Payload::IpSaddr);
+    const DPORT: Expr = Expr::Payload(Payload::ThDport);
+    const PROTO: Expr = Expr::Meta(MetaKey::L4Proto);
+
+    fn base(kind: ChainType, hook: Hook, priority: i32, policy: Policy, rules: Vec<Rule>) -> Chain {
+        Chain {
+            spec: ChainSpec {
+                base: Some(BaseChain {
+                    kind,
+                    hook,
+                    priority,
+                    policy,
+                }),
+                comment: None,
+            },
+            rules,
+        }
+    }
+
+    fn regular(rules: Vec<Rule>) -> Chain {
+        Chain {
+            spec: ChainSpec::default(),
+            rules,
+        }
+    }
+
+    fn v(verdict: Verdict) -> Stmt {
+        Stmt::Verdict(verdict)
+    }
+
+    /// A small dataplane: `10.96.0.1 tcp 80` is DNATed to one of three endpoints, `10.96.0.2`
+    /// is rejected in the filter hooks, `10.96.0.3 tcp 80` only from `192.0.2.0/24`, masquerade
+    /// of what the mark says, and pod traffic told by interface prefix `veth`.
+    fn table() -> Ruleset {
+        let mut t = Table::default();
+        let mut svc = Set::new(SetSpec::map(
+            KeySpec::Types(vec![
+                DataType::Ipv4Addr,
+                DataType::InetProto,
+                DataType::InetService,
+            ]),
+            MapData::Verdict,
+        ));
+        svc.elements.insert(
+            vec![v4("10.96.0.1"), Value::TCP, Value::Port(80)],
+            Element::verdict(Verdict::Goto("pick-3".into())),
+        );
+        svc.elements.insert(
+            vec![v4("10.96.0.3"), Value::TCP, Value::Port(80)],
+            Element::verdict(Verdict::Goto("pick-3".into())),
+        );
+        t.sets.insert("service-ips".into(), svc);
+        let mut eps = Set::new(SetSpec::map(
+            KeySpec::Typeof(vec![DADDR, PROTO, DPORT, Expr::NumgenRandom { modulus: 3 }]),
+            MapData::Values(KeySpec::Typeof(vec![DADDR, DPORT])),
+        ));
+        for vip in ["10.96.0.1", "10.96.0.3"] {
+            for b in 0..3u32 {
+                eps.elements.insert(
+                    vec![v4(vip), Value::TCP, Value::Port(80), Value::Integer(b)],
+                    Element::values(vec![v4(&format!("10.244.0.{}", b + 1)), Value::Port(8080)]),
+                );
+            }
+        }
+        t.sets.insert("endpoints".into(), eps);
+        let mut reject = Set::new(SetSpec::set(vec![DataType::Ipv4Addr]));
+        reject.elements.insert(vec![v4("10.96.0.2")], Element::key_only());
+        t.sets.insert("rejected".into(), reject);
+        let mut allow = Set::new(SetSpec::set(vec![
+            DataType::Ipv4Addr,
+            DataType::InetProto,
+            DataType::InetService,
+            DataType::Ipv4Addr,
+        ]));
+        allow.spec.flags.interval = true;
+        allow.elements.insert(
+            vec![
+                v4("10.96.0.3"),
+                Value::TCP,
+                Value::Port(80),
+                Value::Ipv4Net("192.0.2.0/24".parse().expect("literal prefix")),
+            ],
+            Element::key_only(),
+        );
+        t.sets.insert("allow".into(), allow);
+        let mut chains = BTreeMap::new();
+        chains.insert(
+            "firewall".to_string(),
+            base(
+                ChainType::Filter,
+                Hook::Prerouting,
+                -110,
+                Policy::Accept,
+                vec![Rule::new(vec![
+                    Stmt::Match {
+                        left: DADDR,
+                        op: CmpOp::Eq,
+                        right: v4("10.96.0.3"),
+                    },
+                    Stmt::Lookup {
+                        key: vec![DADDR, PROTO, DPORT, SADDR],
+                        set: "allow".into(),
+                        negate: true,
+                    },
+                    v(Verdict::Drop),
+                ])],
+            ),
+        );
+        let services = vec![
+            Rule::new(vec![
+                Stmt::Match {
+                    left: Expr::Meta(MetaKey::IifName),
+                    op: CmpOp::Ne,
+                    right: Value::IfName(IfName::prefix("veth").expect("valid prefix")),
+                },
+                Stmt::SetMark(MarkOp::Or(0x4000)),
+            ]),
+            Rule::new(vec![Stmt::Vmap {
+                key: vec![DADDR, PROTO, DPORT],
+                map: "service-ips".into(),
+            }]),
+        ];
+        for (name, hook) in [("nat-pre", Hook::Prerouting), ("nat-out", Hook::Output)] {
+            chains.insert(
+                name.to_string(),
+                base(
+                    ChainType::Nat,
+                    hook,
+                    -100,
+                    Policy::Accept,
+                    vec![Rule::new(vec![v(Verdict::Jump("services".into()))])],
+                ),
+            );
+        }
+        chains.insert("services".into(), regular(services));
+        chains.insert(
+            "pick-3".into(),
+            regular(vec![Rule::new(vec![Stmt::DnatMap {
+                family: NatFamily::Ip,
+                key: vec![DADDR, PROTO, DPORT, Expr::NumgenRandom { modulus: 3 }],
+                map: "endpoints".into(),
+            }])]),
+        );
+        for (name, hook) in [("filter-in", Hook::Input), ("filter-fwd", Hook::Forward)] {
+            chains.insert(
+                name.to_string(),
+                base(
+                    ChainType::Filter,
+                    hook,
+                    0,
+                    Policy::Accept,
+                    vec![
+                        Rule::new(vec![
+                            Stmt::CtState(CtState::New),
+                            v(Verdict::Jump("check".into())),
+                        ]),
+                        Rule::new(vec![v(Verdict::Accept)]),
+                    ],
+                ),
+            );
+        }
+        chains.insert(
+            "check".into(),
+            regular(vec![
+                Rule::new(vec![
+                    Stmt::Lookup {
+                        key: vec![DADDR],
+                        set: "rejected".into(),
+                        negate: false,
+                    },
+                    Stmt::Reject,
+                ]),
+                Rule::new(vec![v(Verdict::Return)]),
+                Rule::new(vec![v(Verdict::Drop)]),
+            ]),
+        );
+        chains.insert(
+            "nat-post".into(),
+            base(
+                ChainType::Nat,
+                Hook::Postrouting,
+                100,
+                Policy::Accept,
+                vec![Rule::new(vec![
+                    Stmt::MarkMatch {
+                        mask: 0x4000,
+                        op: CmpOp::Ne,
+                        value: 0,
+                    },
+                    Stmt::Masquerade { fully_random: true },
+                ])],
+            ),
+        );
+        t.chains = chains;
+        let mut rs = Ruleset::default();
+        rs.tables.insert(TableId::new(Family::Ip, "t"), t);
+        rs
+    }
+
+    fn from(iif: &str, saddr: &str, daddr: &str) -> Packet {
+        Packet::new(
+            ip(saddr),
+            ip(daddr),
+            6,
+            80,
+            Origin::Arriving {
+                iif: Some(iif.into()),
+            },
+        )
+    }
+
+    fn dnat_set(list: &[&str]) -> Outcome {
+        Outcome::Dnat(list.iter().map(|s| s.parse().expect("literal")).collect())
+    }
+
+    #[test]
+    fn every_numgen_bucket_is_a_path_and_their_targets_are_the_reachable_endpoints() {
+        let t = trace(&table(), &Host::default(), &from("eth0", "192.0.2.9", "10.96.0.1"))
+            .expect("traceable");
+        assert_eq!(t.paths.len(), 3);
+        assert_eq!(
+            t.outcome(),
+            dnat_set(&["10.244.0.1:8080", "10.244.0.2:8080", "10.244.0.3:8080"])
+        );
+        assert!(t.masquerade_always(), "not from a veth: marked, masqueraded");
+        let pod = trace(&table(), &Host::default(), &from("veth12", "10.244.0.9", "10.96.0.1"))
+            .expect("traceable");
+        assert!(!pod.masquerade_sometimes(), "an interface prefix matches veth12");
+    }
+
+    #[test]
+    fn an_interval_field_of_a_concatenated_key_admits_sources_in_range_and_the_rest_is_dropped() {
+        let rs = table();
+        let inside = trace(&rs, &Host::default(), &from("eth0", "192.0.2.200", "10.96.0.3"))
+            .expect("traceable");
+        assert!(matches!(inside.outcome(), Outcome::Dnat(s) if s.len() == 3));
+        let outside = trace(&rs, &Host::default(), &from("eth0", "198.51.100.1", "10.96.0.3"))
+            .expect("traceable");
+        assert_eq!(outside.outcome(), Outcome::Drop);
+        let Some(Step::Rule { chain, .. }) = outside.paths[0].steps.last() else {
+            panic!("ends with a rule: {:?}", outside.paths[0].steps);
+        };
+        assert_eq!(chain, "firewall");
+    }
+
+    #[test]
+    fn a_jump_returns_a_goto_does_not_and_reject_ends_the_packet_in_the_hook_it_reaches() {
+        let rs = table();
+        // Not local: forwarded; `check` rejects it.
+        let t = trace(&rs, &Host::default(), &from("eth0", "192.0.2.9", "10.96.0.2"))
+            .expect("traceable");
+        assert_eq!(t.outcome(), Outcome::Reject);
+        assert!(t.paths[0].steps.iter().any(
+            |s| matches!(s, Step::BaseChain { hook: Hook::Forward, .. })
+        ));
+        // Anything else: `check` returns, the base chain accepts, no DNAT.
+        let t = trace(&rs, &Host::default(), &from("eth0", "192.0.2.9", "10.96.0.9"))
+            .expect("traceable");
+        assert_eq!(t.outcome(), Outcome::Accept);
+    }
+
+    #[test]
+    fn a_locally_generated_packet_to_a_local_address_comes_back_through_input() {
+        let rs = table();
+        let host = Host::new([ip("10.96.0.2")]);
+        let p = Packet::new(
+            ip("10.0.0.1"),
+            ip("10.96.0.2"),
+            6,
+            80,
+            Origin::Local { oif: None },
+        );
+        let t = trace(&rs, &host, &p).expect("traceable");
+        assert_eq!(t.outcome(), Outcome::Reject);
+        let hooks: Vec<Hook> = t.paths[0]
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::BaseChain { hook, .. } => Some(*hook),
+                _ => None,
+            })
+            .collect();
+        // Output and postrouting nat, then loopback: prerouting filter (no nat), input.
+        assert_eq!(
+            hooks,
+            [Hook::Output, Hook::Postrouting, Hook::Prerouting, Hook::Input]
+        );
+    }
+
+    #[test]
+    fn a_field_the_packet_lacks_is_an_error_naming_the_rule_not_a_guess() {
+        let p = Packet::new(
+            ip("192.0.2.9"),
+            ip("10.96.0.1"),
+            6,
+            80,
+            Origin::Arriving { iif: None },
+        );
+        let e = trace(&table(), &Host::default(), &p).expect_err("iifname is needed");
+        assert_eq!(
+            e.to_string(),
+            "ip t chain services rule 0: the packet has no `iifname`"
+        );
+        let mut broken = table();
+        let t = broken
+            .tables
+            .values_mut()
+            .next()
+            .expect("one table");
+        t.sets.remove("endpoints");
+        let e = trace(&broken, &Host::default(), &from("eth0", "192.0.2.9", "10.96.0.1"))
+            .expect_err("a missing map");
+        assert!(matches!(e, TraceError::NoSuchSet { ref set, .. } if set == "endpoints"), "{e}");
     }
 }
