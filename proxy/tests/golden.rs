@@ -5,7 +5,7 @@
 //! `kubectl get -o yaml` prints them; the first line says what the case is about) and
 //! `expected.nft`, the `nft -f` text of the desired ruleset. All cases run on node `node-a`
 //! (zone `zone-a`, addresses 10.100.0.1 and fd00:100::1) with the cluster CIDRs
-//! 10.244.0.0/16 and fd00:244::/48 and otherwise default settings.
+//! 10.244.0.0/16 and fd00:244::/32 and otherwise default settings.
 //!
 //! A difference fails the test with a unified diff. After an intended change, regenerate and
 //! review: `LB_UPDATE_GOLDEN=1 cargo test -p lb-proxy --test golden`.
@@ -45,7 +45,7 @@ fn render(case: &Path) -> String {
     let config = Config {
         cluster_cidrs: vec![
             "10.244.0.0/16".parse().expect("literal"),
-            "fd00:244::/48".parse().expect("literal"),
+            "fd00:244::/32".parse().expect("literal"),
         ],
         ..Config::default()
     };

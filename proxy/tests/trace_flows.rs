@@ -110,7 +110,7 @@ fn ruleset() -> Ruleset {
     let config = Config {
         cluster_cidrs: vec![
             "10.244.0.0/16".parse().expect("literal"),
-            "fd00:244::/48".parse().expect("literal"),
+            "fd00:244::/32".parse().expect("literal"),
         ],
         ..Config::default()
     };
