@@ -124,8 +124,10 @@ pub mod names {
     /// Masquerade marks for eTP Cluster external addresses and node ports.
     pub const MASQ_CLUSTER: &[&str] = &["masquerade-ips", "masquerade-nodeports"];
     /// Masquerade marks for the node's own traffic to eTP Local addresses and node ports.
-    pub const MASQ_LOCAL_SOURCE: &[&str] =
-        &["masquerade-local-source-ips", "masquerade-local-source-nodeports"];
+    pub const MASQ_LOCAL_SOURCE: &[&str] = &[
+        "masquerade-local-source-ips",
+        "masquerade-local-source-nodeports",
+    ];
     /// Endpoint pairs that are hairpin connections.
     pub const HAIRPIN: &str = "hairpin";
 }
@@ -229,7 +231,8 @@ fn dispatched<'s>(
     let path = t.paths.first()?;
     for (_, hit) in path.hits() {
         let set = hit.set.as_str();
-        let by_address = names::ADDRESS_DISPATCH.contains(&set) || set == names::NO_ENDPOINT_SERVICES;
+        let by_address =
+            names::ADDRESS_DISPATCH.contains(&set) || set == names::NO_ENDPOINT_SERVICES;
         let by_nodeport =
             names::NODEPORT_DISPATCH.contains(&set) || set == names::NO_ENDPOINT_NODEPORTS;
         if by_address {
@@ -471,7 +474,9 @@ fn present(
                 "uniformly at random"
             }
         ),
-        Outcome::Drop if ended_on(names::NO_ENDPOINT_SERVICES) || ended_on(names::NO_ENDPOINT_NODEPORTS) => {
+        Outcome::Drop
+            if ended_on(names::NO_ENDPOINT_SERVICES) || ended_on(names::NO_ENDPOINT_NODEPORTS) =>
+        {
             "drop: the Service has endpoints, but none this traffic may use (Local policy)".into()
         }
         Outcome::Reject => {

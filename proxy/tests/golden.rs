@@ -76,7 +76,10 @@ fn every_golden_case_renders_its_expected_ruleset() {
             let diff = similar::TextDiff::from_lines(&want, &got)
                 .unified_diff()
                 .context_radius(2)
-                .header(&format!("{name}/expected.nft"), &format!("{name} (rendered)"))
+                .header(
+                    &format!("{name}/expected.nft"),
+                    &format!("{name} (rendered)"),
+                )
                 .to_string();
             failures.push(diff);
         }

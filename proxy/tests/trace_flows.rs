@@ -98,7 +98,11 @@ fn ruleset() -> Ruleset {
     let mut errors = Vec::new();
     objects.add_text("node.yaml", NODE, &mut errors);
     objects.add_text("services.yaml", MANIFESTS, &mut errors);
-    objects.add_text("v4.yaml", &slices("IPv4", "10.244.1.10", "10.244.2.10"), &mut errors);
+    objects.add_text(
+        "v4.yaml",
+        &slices("IPv4", "10.244.1.10", "10.244.2.10"),
+        &mut errors,
+    );
     objects.add_text(
         "v6.yaml",
         &slices("IPv6", "fd00:244:1::10", "fd00:244:2::10"),
@@ -130,14 +134,7 @@ enum Want {
 }
 
 /// `(what, source, destination, from the node itself, expected, masquerade)`.
-type Row = (
-    &'static str,
-    &'static str,
-    &'static str,
-    bool,
-    Want,
-    bool,
-);
+type Row = (&'static str, &'static str, &'static str, bool, Want, bool);
 
 const LOCAL_V4: &[&str] = &["10.244.1.10:8080"];
 const BOTH_V4: &[&str] = &["10.244.1.10:8080", "10.244.2.10:8080"];
@@ -147,27 +144,153 @@ const BOTH_V6: &[&str] = &["[fd00:244:1::10]:8080", "[fd00:244:2::10]:8080"];
 const ROWS: &[Row] = &[
     // eTP Local with source ranges: outside clients in range reach the local endpoint with
     // their own address; out of range they are dropped before DNAT.
-    ("external in range to LB, eTP Local", "203.0.113.5", "192.0.2.20:80", false, Want::Endpoints(LOCAL_V4), false),
-    ("external in range to LB, eTP Local", "2001:db8:1::5", "[2001:db8:20::20]:80", false, Want::Endpoints(LOCAL_V6), false),
-    ("external out of range to LB", "198.51.100.1", "192.0.2.20:80", false, Want::Drop, false),
-    ("external out of range to LB", "2001:db8:99::1", "[2001:db8:20::20]:80", false, Want::Drop, false),
+    (
+        "external in range to LB, eTP Local",
+        "203.0.113.5",
+        "192.0.2.20:80",
+        false,
+        Want::Endpoints(LOCAL_V4),
+        false,
+    ),
+    (
+        "external in range to LB, eTP Local",
+        "2001:db8:1::5",
+        "[2001:db8:20::20]:80",
+        false,
+        Want::Endpoints(LOCAL_V6),
+        false,
+    ),
+    (
+        "external out of range to LB",
+        "198.51.100.1",
+        "192.0.2.20:80",
+        false,
+        Want::Drop,
+        false,
+    ),
+    (
+        "external out of range to LB",
+        "2001:db8:99::1",
+        "[2001:db8:20::20]:80",
+        false,
+        Want::Drop,
+        false,
+    ),
     // The node itself is short-circuited to every endpoint and masqueraded.
-    ("node to eTP Local node port", "10.100.0.1", "10.100.0.1:30081", true, Want::Endpoints(BOTH_V4), true),
-    ("node to eTP Local node port", "fd00:100::1", "[fd00:100::1]:30081", true, Want::Endpoints(BOTH_V6), true),
-    ("external to eTP Local node port", "203.0.113.5", "10.100.0.1:30081", false, Want::Endpoints(LOCAL_V4), false),
-    ("external to eTP Local node port", "2001:db8:1::5", "[fd00:100::1]:30081", false, Want::Endpoints(LOCAL_V6), false),
+    (
+        "node to eTP Local node port",
+        "10.100.0.1",
+        "10.100.0.1:30081",
+        true,
+        Want::Endpoints(BOTH_V4),
+        true,
+    ),
+    (
+        "node to eTP Local node port",
+        "fd00:100::1",
+        "[fd00:100::1]:30081",
+        true,
+        Want::Endpoints(BOTH_V6),
+        true,
+    ),
+    (
+        "external to eTP Local node port",
+        "203.0.113.5",
+        "10.100.0.1:30081",
+        false,
+        Want::Endpoints(LOCAL_V4),
+        false,
+    ),
+    (
+        "external to eTP Local node port",
+        "2001:db8:1::5",
+        "[fd00:100::1]:30081",
+        false,
+        Want::Endpoints(LOCAL_V6),
+        false,
+    ),
     // Cluster IPs: pods keep their address, outside the cluster CIDR is masqueraded.
-    ("pod to cluster IP with affinity", "10.244.3.3", "10.96.0.10:80", false, Want::Endpoints(BOTH_V4), false),
-    ("pod to cluster IP with affinity", "fd00:244:3::3", "[fd00:96::10]:80", false, Want::Endpoints(BOTH_V6), false),
-    ("external to cluster IP", "203.0.113.5", "10.96.0.10:80", false, Want::Endpoints(BOTH_V4), true),
-    ("external to cluster IP", "2001:db8:1::5", "[fd00:96::10]:80", false, Want::Endpoints(BOTH_V6), true),
-    ("hairpin through the cluster IP", "10.244.1.10", "10.96.0.20:80", false, Want::Endpoints(BOTH_V4), false),
+    (
+        "pod to cluster IP with affinity",
+        "10.244.3.3",
+        "10.96.0.10:80",
+        false,
+        Want::Endpoints(BOTH_V4),
+        false,
+    ),
+    (
+        "pod to cluster IP with affinity",
+        "fd00:244:3::3",
+        "[fd00:96::10]:80",
+        false,
+        Want::Endpoints(BOTH_V6),
+        false,
+    ),
+    (
+        "external to cluster IP",
+        "203.0.113.5",
+        "10.96.0.10:80",
+        false,
+        Want::Endpoints(BOTH_V4),
+        true,
+    ),
+    (
+        "external to cluster IP",
+        "2001:db8:1::5",
+        "[fd00:96::10]:80",
+        false,
+        Want::Endpoints(BOTH_V6),
+        true,
+    ),
+    (
+        "hairpin through the cluster IP",
+        "10.244.1.10",
+        "10.96.0.20:80",
+        false,
+        Want::Endpoints(BOTH_V4),
+        false,
+    ),
     // No endpoints: rejected; eTP Local with only remote endpoints: outside traffic dropped.
-    ("pod to a Service without endpoints", "10.244.3.3", "10.96.0.30:80", false, Want::Reject, false),
-    ("pod to a Service without endpoints", "fd00:244:3::3", "[fd00:96::30]:80", false, Want::Reject, false),
-    ("external to eTP Local without local endpoints", "203.0.113.5", "192.0.2.31:80", false, Want::Drop, false),
-    ("external to eTP Local without local endpoints", "2001:db8:1::5", "[2001:db8:20::31]:80", false, Want::Drop, false),
-    ("pod to eTP Local without local endpoints", "fd00:244:3::3", "[2001:db8:20::31]:80", false, Want::Endpoints(&["[fd00:244:2::10]:8080"]), false),
+    (
+        "pod to a Service without endpoints",
+        "10.244.3.3",
+        "10.96.0.30:80",
+        false,
+        Want::Reject,
+        false,
+    ),
+    (
+        "pod to a Service without endpoints",
+        "fd00:244:3::3",
+        "[fd00:96::30]:80",
+        false,
+        Want::Reject,
+        false,
+    ),
+    (
+        "external to eTP Local without local endpoints",
+        "203.0.113.5",
+        "192.0.2.31:80",
+        false,
+        Want::Drop,
+        false,
+    ),
+    (
+        "external to eTP Local without local endpoints",
+        "2001:db8:1::5",
+        "[2001:db8:20::31]:80",
+        false,
+        Want::Drop,
+        false,
+    ),
+    (
+        "pod to eTP Local without local endpoints",
+        "fd00:244:3::3",
+        "[2001:db8:20::31]:80",
+        false,
+        Want::Endpoints(&["[fd00:244:2::10]:8080"]),
+        false,
+    ),
 ];
 
 fn packet(from: &str, to: &str, from_node: bool) -> Packet {
@@ -177,7 +300,13 @@ fn packet(from: &str, to: &str, from_node: bool) -> Packet {
     } else {
         Origin::Arriving { iif: None }
     };
-    Packet::new(from.parse().expect("literal source"), to.ip(), 6, to.port(), origin)
+    Packet::new(
+        from.parse().expect("literal source"),
+        to.ip(),
+        6,
+        to.port(),
+        origin,
+    )
 }
 
 fn node() -> Host {
@@ -197,7 +326,9 @@ fn etp_local_source_ranges_reject_drop_and_masquerade_hold_on_ipv4_and_ipv6() {
                     list.iter().map(|a| a.parse().expect("literal")).collect();
                 // A hairpin connection is masqueraded on the path back to the client only.
                 let masq_ok = if what.starts_with("hairpin") {
-                    t.masqueraded_targets().iter().all(|a| a.ip().to_string() == from)
+                    t.masqueraded_targets()
+                        .iter()
+                        .all(|a| a.ip().to_string() == from)
                         && t.masquerade_sometimes()
                 } else {
                     t.masquerade_always() == masq && t.masquerade_sometimes() == masq
@@ -220,13 +351,18 @@ fn etp_local_source_ranges_reject_drop_and_masquerade_hold_on_ipv4_and_ipv6() {
 #[test]
 fn clientip_affinity_reaches_every_endpoint_by_hash_until_an_entry_pins_the_client() {
     let mut rs = ruleset();
-    let first = trace(&rs, &node(), &packet("10.244.3.3", "10.96.0.10:80", false))
-        .expect("traceable");
-    assert!(first.chose_by_hash(), "a client without an entry is placed by a hash");
+    let first =
+        trace(&rs, &node(), &packet("10.244.3.3", "10.96.0.10:80", false)).expect("traceable");
+    assert!(
+        first.chose_by_hash(),
+        "a client without an entry is placed by a hash"
+    );
     assert_eq!(
         first.outcome(),
-        Outcome::Dnat(BTreeSet::from(["10.244.1.10:8080".parse().expect("literal"),
-            "10.244.2.10:8080".parse().expect("literal")]))
+        Outcome::Dnat(BTreeSet::from([
+            "10.244.1.10:8080".parse().expect("literal"),
+            "10.244.2.10:8080".parse().expect("literal")
+        ]))
     );
     // The kernel recorded the client on the remote endpoint: the next connection follows it.
     let table = rs
@@ -249,15 +385,17 @@ fn clientip_affinity_reaches_every_endpoint_by_hash_until_an_entry_pins_the_clie
             Value::Port(8080),
         ]),
     );
-    let pinned = trace(&rs, &node(), &packet("10.244.3.3", "10.96.0.10:80", false))
-        .expect("traceable");
+    let pinned =
+        trace(&rs, &node(), &packet("10.244.3.3", "10.96.0.10:80", false)).expect("traceable");
     assert!(!pinned.chose_by_hash());
     assert_eq!(
         pinned.outcome(),
-        Outcome::Dnat(BTreeSet::from(["10.244.2.10:8080".parse().expect("literal")]))
+        Outcome::Dnat(BTreeSet::from(["10.244.2.10:8080"
+            .parse()
+            .expect("literal")]))
     );
     // Another client is still placed by the hash.
-    let other = trace(&rs, &node(), &packet("10.244.3.4", "10.96.0.10:80", false))
-        .expect("traceable");
+    let other =
+        trace(&rs, &node(), &packet("10.244.3.4", "10.96.0.10:80", false)).expect("traceable");
     assert!(other.chose_by_hash());
 }

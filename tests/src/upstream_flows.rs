@@ -60,7 +60,6 @@ pub const MASQUERADED: &str = "10.0.0.1";
 /// The same for IPv6.
 pub const MASQUERADED_V6: &str = "fd00:10::1";
 
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Proto {
     Tcp,
@@ -1484,7 +1483,6 @@ pub fn internal_external_masquerade_base() -> Group {
     }
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // The schedule, and what the tracer predicts.
 
@@ -1531,8 +1529,16 @@ pub fn schedule() -> Vec<(Settings, Group)> {
         (FAKE, external_traffic_policy_cluster()),
     ];
     s.extend(internal_traffic_policy().into_iter().map(|g| (FAKE, g)));
-    s.extend(terminating_endpoints("Local").into_iter().map(|g| (FAKE, g)));
-    s.extend(terminating_endpoints("Cluster").into_iter().map(|g| (FAKE, g)));
+    s.extend(
+        terminating_endpoints("Local")
+            .into_iter()
+            .map(|g| (FAKE, g)),
+    );
+    s.extend(
+        terminating_endpoints("Cluster")
+            .into_iter()
+            .map(|g| (FAKE, g)),
+    );
     s.push((FAKE, internal_external_masquerade("base")));
     // TestLoadBalancer models a node that holds its load-balancer IPs.
     s.push((
@@ -1644,12 +1650,7 @@ pub fn predict(
 ) -> Result<(Output, bool), String> {
     use lb_proxy::nft::trace::{Host, Origin, Outcome, Packet, trace};
     let ip = |a: &str| -> std::net::IpAddr { a.parse().expect("literal address") };
-    let host = Host::new(
-        NODE_ADDRESSES
-            .iter()
-            .chain(s.node_holds)
-            .map(|a| ip(a)),
-    );
+    let host = Host::new(NODE_ADDRESSES.iter().chain(s.node_holds).map(|a| ip(a)));
     let origin = if from_node(f.source, s) {
         Origin::Local { oif: None }
     } else {
@@ -1679,7 +1680,11 @@ pub fn predict(
         Outcome::Drop => (Output::Drop, masq),
         Outcome::Reject => (Output::Reject, masq),
         Outcome::Accept => {
-            let peer = if host.is_local(ip(f.dest)) { "node" } else { "up" };
+            let peer = if host.is_local(ip(f.dest)) {
+                "node"
+            } else {
+                "up"
+            };
             (Output::NotHandled(peer), masq)
         }
         Outcome::Mixed(ends) => return Err(format!("paths end differently: {ends:?}")),

@@ -65,7 +65,6 @@
 //! * `TestOverallNFTablesRules` has no flow table in v1.33–v1.35 (it compares the ruleset as
 //!   text); the flows here are derived from that ruleset and say which rule each follows.
 
-
 use std::collections::BTreeSet;
 use std::process::Command;
 
@@ -467,7 +466,10 @@ fn upstream_packet_flow_tables_hold_with_real_packets_and_the_tracer_predicts_ea
     for (s, g) in schedule() {
         // One lb-proxy run per set of flags; the load-balancer IPs a group needs on the node
         // are added for that group only.
-        let flags = Settings { node_holds: &[], ..s };
+        let flags = Settings {
+            node_holds: &[],
+            ..s
+        };
         if running != Some(flags) {
             restart(&mut lab, &flags);
             running = Some(flags);

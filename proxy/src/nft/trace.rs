@@ -675,12 +675,7 @@ impl<'a> Run<'a> {
 
     /// Evaluates a rule: `None` when a match fails; else the elements found and the verdict
     /// that ends it, if any.
-    fn rule(
-        &mut self,
-        at: At<'_>,
-        table: &Table,
-        rule: &Rule,
-    ) -> Result<Option<(Vec<SetHit>, Option<Act>)>, TraceError> {
+    fn rule(&mut self, at: At<'_>, table: &Table, rule: &Rule) -> Result<Evaluated, TraceError> {
         let mut hits = Vec::new();
         for s in &rule.stmts {
             match s {
@@ -768,12 +763,8 @@ impl<'a> Run<'a> {
                     };
                     let to = match h.element.data.as_ref() {
                         Some(ElementData::Values(v)) => match v.as_slice() {
-                            [Value::Ipv4(a), Value::Port(p)] => {
-                                SocketAddr::new(IpAddr::V4(*a), *p)
-                            }
-                            [Value::Ipv6(a), Value::Port(p)] => {
-                                SocketAddr::new(IpAddr::V6(*a), *p)
-                            }
+                            [Value::Ipv4(a), Value::Port(p)] => SocketAddr::new(IpAddr::V4(*a), *p),
+                            [Value::Ipv6(a), Value::Port(p)] => SocketAddr::new(IpAddr::V6(*a), *p),
                             _ => return Err(bad_element(at, map, &h.key)),
                         },
                         _ => return Err(bad_element(at, map, &h.key)),
@@ -903,6 +894,10 @@ impl<'a> Run<'a> {
     }
 }
 
+/// A rule's evaluation: `None` when a match failed; else the elements found and what ends the
+/// rule, if anything.
+type Evaluated = Option<(Vec<SetHit>, Option<Act>)>;
+
 /// What ends a rule.
 enum Act {
     Verdict(Verdict),
@@ -934,20 +929,13 @@ fn value_matches(c: &Value, v: &Value) -> bool {
     match (c, v) {
         (Value::Ipv4Net(n), Value::Ipv4(a)) => n.contains(a),
         (Value::Ipv6Net(n), Value::Ipv6(a)) => n.contains(a),
-        (Value::IfName(c), Value::IfName(v)) if c.is_prefix() => {
-            v.as_str().starts_with(c.as_str())
-        }
+        (Value::IfName(c), Value::IfName(v)) if c.is_prefix() => v.as_str().starts_with(c.as_str()),
         _ => c == v,
     }
 }
 
 /// The element of `set` matching `key`, if any.
-fn lookup(
-    at: At<'_>,
-    table: &Table,
-    set: &str,
-    key: &Key,
-) -> Result<Option<SetHit>, TraceError> {
+fn lookup(at: At<'_>, table: &Table, set: &str, key: &Key) -> Result<Option<SetHit>, TraceError> {
     let s = table.sets.get(set).ok_or_else(|| no_set(at, set))?;
     let hit = |(k, e): (&Key, &Element)| SetHit {
         set: set.to_string(),
@@ -957,8 +945,7 @@ fn lookup(
     if let Some(found) = s.elements.get_key_value(key) {
         return Ok(Some(hit(found)));
     }
-    Ok(s
-        .elements
+    Ok(s.elements
         .iter()
         .find(|(k, _)| k.len() == key.len() && k.iter().zip(key).all(|(c, v)| value_matches(c, v)))
         .map(hit))
@@ -1092,7 +1079,9 @@ mod tests {
         }
         t.sets.insert("endpoints".into(), eps);
         let mut reject = Set::new(SetSpec::set(vec![DataType::Ipv4Addr]));
-        reject.elements.insert(vec![v4("10.96.0.2")], Element::key_only());
+        reject
+            .elements
+            .insert(vec![v4("10.96.0.2")], Element::key_only());
         t.sets.insert("rejected".into(), reject);
         let mut allow = Set::new(SetSpec::set(vec![
             DataType::Ipv4Addr,
@@ -1243,27 +1232,49 @@ mod tests {
 
     #[test]
     fn every_numgen_bucket_is_a_path_and_their_targets_are_the_reachable_endpoints() {
-        let t = trace(&table(), &Host::default(), &from("eth0", "192.0.2.9", "10.96.0.1"))
-            .expect("traceable");
+        let t = trace(
+            &table(),
+            &Host::default(),
+            &from("eth0", "192.0.2.9", "10.96.0.1"),
+        )
+        .expect("traceable");
         assert_eq!(t.paths.len(), 3);
         assert_eq!(
             t.outcome(),
             dnat_set(&["10.244.0.1:8080", "10.244.0.2:8080", "10.244.0.3:8080"])
         );
-        assert!(t.masquerade_always(), "not from a veth: marked, masqueraded");
-        let pod = trace(&table(), &Host::default(), &from("veth12", "10.244.0.9", "10.96.0.1"))
-            .expect("traceable");
-        assert!(!pod.masquerade_sometimes(), "an interface prefix matches veth12");
+        assert!(
+            t.masquerade_always(),
+            "not from a veth: marked, masqueraded"
+        );
+        let pod = trace(
+            &table(),
+            &Host::default(),
+            &from("veth12", "10.244.0.9", "10.96.0.1"),
+        )
+        .expect("traceable");
+        assert!(
+            !pod.masquerade_sometimes(),
+            "an interface prefix matches veth12"
+        );
     }
 
     #[test]
     fn an_interval_field_of_a_concatenated_key_admits_sources_in_range_and_the_rest_is_dropped() {
         let rs = table();
-        let inside = trace(&rs, &Host::default(), &from("eth0", "192.0.2.200", "10.96.0.3"))
-            .expect("traceable");
+        let inside = trace(
+            &rs,
+            &Host::default(),
+            &from("eth0", "192.0.2.200", "10.96.0.3"),
+        )
+        .expect("traceable");
         assert!(matches!(inside.outcome(), Outcome::Dnat(s) if s.len() == 3));
-        let outside = trace(&rs, &Host::default(), &from("eth0", "198.51.100.1", "10.96.0.3"))
-            .expect("traceable");
+        let outside = trace(
+            &rs,
+            &Host::default(),
+            &from("eth0", "198.51.100.1", "10.96.0.3"),
+        )
+        .expect("traceable");
         assert_eq!(outside.outcome(), Outcome::Drop);
         let Some(Step::Rule { chain, .. }) = outside.paths[0].steps.last() else {
             panic!("ends with a rule: {:?}", outside.paths[0].steps);
@@ -1275,15 +1286,27 @@ mod tests {
     fn a_jump_returns_a_goto_does_not_and_reject_ends_the_packet_in_the_hook_it_reaches() {
         let rs = table();
         // Not local: forwarded; `check` rejects it.
-        let t = trace(&rs, &Host::default(), &from("eth0", "192.0.2.9", "10.96.0.2"))
-            .expect("traceable");
+        let t = trace(
+            &rs,
+            &Host::default(),
+            &from("eth0", "192.0.2.9", "10.96.0.2"),
+        )
+        .expect("traceable");
         assert_eq!(t.outcome(), Outcome::Reject);
-        assert!(t.paths[0].steps.iter().any(
-            |s| matches!(s, Step::BaseChain { hook: Hook::Forward, .. })
-        ));
+        assert!(t.paths[0].steps.iter().any(|s| matches!(
+            s,
+            Step::BaseChain {
+                hook: Hook::Forward,
+                ..
+            }
+        )));
         // Anything else: `check` returns, the base chain accepts, no DNAT.
-        let t = trace(&rs, &Host::default(), &from("eth0", "192.0.2.9", "10.96.0.9"))
-            .expect("traceable");
+        let t = trace(
+            &rs,
+            &Host::default(),
+            &from("eth0", "192.0.2.9", "10.96.0.9"),
+        )
+        .expect("traceable");
         assert_eq!(t.outcome(), Outcome::Accept);
     }
 
@@ -1311,7 +1334,12 @@ mod tests {
         // Output and postrouting nat, then loopback: prerouting filter (no nat), input.
         assert_eq!(
             hooks,
-            [Hook::Output, Hook::Postrouting, Hook::Prerouting, Hook::Input]
+            [
+                Hook::Output,
+                Hook::Postrouting,
+                Hook::Prerouting,
+                Hook::Input
+            ]
         );
     }
 
@@ -1330,14 +1358,17 @@ mod tests {
             "ip t chain services rule 0: the packet has no `iifname`"
         );
         let mut broken = table();
-        let t = broken
-            .tables
-            .values_mut()
-            .next()
-            .expect("one table");
+        let t = broken.tables.values_mut().next().expect("one table");
         t.sets.remove("endpoints");
-        let e = trace(&broken, &Host::default(), &from("eth0", "192.0.2.9", "10.96.0.1"))
-            .expect_err("a missing map");
-        assert!(matches!(e, TraceError::NoSuchSet { ref set, .. } if set == "endpoints"), "{e}");
+        let e = trace(
+            &broken,
+            &Host::default(),
+            &from("eth0", "192.0.2.9", "10.96.0.1"),
+        )
+        .expect_err("a missing map");
+        assert!(
+            matches!(e, TraceError::NoSuchSet { ref set, .. } if set == "endpoints"),
+            "{e}"
+        );
     }
 }
