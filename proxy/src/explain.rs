@@ -143,6 +143,79 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
     answer_or_report(&rs, snapshot, config, q)
 }
 
+/// Why the tables could not be read back from the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelReadError {
+    /// `nft` could not be started.
+    #[error("cannot run `nft -j list table {family} {table}`")]
+    Spawn {
+        /// Family keyword.
+        family: &'static str,
+        /// Table name.
+        table: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `nft` failed (no such table, no permission).
+    #[error("`nft -j list table {family} {table}` failed: {stderr}")]
+    Failed {
+        /// Family keyword.
+        family: &'static str,
+        /// Table name.
+        table: String,
+        /// What nft said.
+        stderr: String,
+    },
+    /// Its output is not the IR's subset.
+    #[error("reading `nft -j list table {family} {table}`")]
+    Json {
+        /// Family keyword.
+        family: &'static str,
+        /// Table name.
+        table: String,
+        /// Why.
+        #[source]
+        source: crate::nft::json::JsonError,
+    },
+}
+
+/// The tables `table` (`ip` and `ip6`) as the kernel of this network namespace holds them,
+/// read with `nft -j list table` (needs the `nft` binary and `CAP_NET_ADMIN`). nft's JSON is
+/// lossy in known ways (see [`crate::nft::json`]): a `ct original proto-dst` field is missing
+/// from set elements, so the traffic-counting lookups never match — which changes nothing
+/// the tracer reports. Dynamic maps hold what the data path added (affinity entries), so a
+/// client with an affinity entry is traced to its endpoint. A family whose table does not
+/// exist is an error.
+pub fn kernel_ruleset(table: &str) -> Result<Ruleset, KernelReadError> {
+    let mut rs = Ruleset::default();
+    for family in ["ip", "ip6"] {
+        let out = std::process::Command::new("nft")
+            .args(["-j", "list", "table", family, table])
+            .output()
+            .map_err(|source| KernelReadError::Spawn {
+                family,
+                table: table.to_string(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(KernelReadError::Failed {
+                family,
+                table: table.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        let listed = crate::nft::json::from_nft_json(&String::from_utf8_lossy(&out.stdout))
+            .map_err(|source| KernelReadError::Json {
+                family,
+                table: table.to_string(),
+                source,
+            })?;
+        rs.tables.extend(listed.tables);
+    }
+    Ok(rs)
+}
+
 /// As [`answer`], a trace failure reported in the explanation's outcome (for the daemon,
 /// whose answer is a page).
 pub fn answer_or_report(

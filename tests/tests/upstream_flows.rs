@@ -376,8 +376,27 @@ fn run_group(lab: &mut Lab, s: &Settings, g: &Group) -> (Vec<String>, usize) {
     lab.t.drain_applied();
     lab.t.write_manifest("flows.yaml", &manifests);
     lab.t.wait_applied();
+    // The tracer also runs on the tables as the kernel lists them (`nft -j list table`): it
+    // must predict the same there as on the ruleset compiled in process.
+    let mut listed = lb_proxy::nft::ir::Ruleset::default();
+    for family in ["ip", "ip6"] {
+        let json = lb_e2e::must(Command::new("ip").args([
+            "netns",
+            "exec",
+            &lab.t.node,
+            "nft",
+            "-j",
+            "list",
+            "table",
+            family,
+            "lb-proxy",
+        ]));
+        let t = lb_proxy::nft::json::from_nft_json(&json).expect("nft -j list table parses");
+        listed.tables.extend(t.tables);
+    }
     let clients = &lab.clients;
     let rs = &rs;
+    let listed = &listed;
     std::thread::scope(|sc| {
         let handles: Vec<_> = g
             .flows
@@ -385,7 +404,16 @@ fn run_group(lab: &mut Lab, s: &Settings, g: &Group) -> (Vec<String>, usize) {
             .map(|f| {
                 sc.spawn(move || {
                     let kernel = clients.run(f);
-                    let traced = match predict(rs, s, f) {
+                    let prediction = predict(rs, s, f);
+                    let from_listed = predict(listed, s, f);
+                    let traced = match prediction {
+                        Ok(p) if from_listed.as_ref().ok().map(|l| format!("{l:?}"))
+                            != Some(format!("{p:?}")) =>
+                        {
+                            Err(format!(
+                                "the tracer predicts {p:?} on the compiled ruleset, {from_listed:?} on the kernel's listing"
+                            ))
+                        }
                         Err(e) => Err(format!("the tracer failed: {e}")),
                         Ok((output, masq)) if agrees(f, &output, masq) => match &kernel {
                             Ok(()) => Ok(()),
