@@ -192,3 +192,16 @@ fn explain_reports_what_the_traced_rules_do_for_the_node_and_for_affinity() {
         "{e}"
     );
 }
+
+#[test]
+fn the_readme_example_prints_what_the_readme_shows() {
+    // Issue 8: explain's output for the README example is unchanged by tracing the rules.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md is readable");
+    let command = "$ lb-proxy explain -f examples/cluster --node node-a --cluster-cidr 10.244.0.0/16 --to 192.0.2.20:80 --from 10.100.0.2\n";
+    let start = readme.find(command).expect("the README shows the example") + command.len();
+    let shown = &readme[start..start + readme[start..].find("```").expect("the block ends")];
+    let (snap, config) = example();
+    let e = explain(&snap, &config, &query("192.0.2.20:80", "10.100.0.2"));
+    assert_eq!(e.to_string(), shown);
+}
