@@ -273,10 +273,12 @@ pub fn answer(
     };
     let (t, unless_pod) = match &pod_interface {
         Some((shown, pod_name)) if !q.from_node => {
-            let other = ["lbx-outside", "lby-outside"]
-                .into_iter()
-                .find(|o| !o.starts_with(shown.trim_end_matches('*')))
-                .expect("two names with different first letters cannot share a prefix");
+            // A name that cannot be a pod's: its first letter differs from the pod name's.
+            let other = if shown.starts_with('x') {
+                "y-outside"
+            } else {
+                "x-outside"
+            };
             let t = trace::trace(ruleset, &host, &packet(Some(other.to_string())))?;
             let pod = trace::trace(ruleset, &host, &packet(Some(pod_name.clone())))?;
             let differs = pod.masquerade_always() != t.masquerade_always();

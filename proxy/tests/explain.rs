@@ -205,3 +205,19 @@ fn the_readme_example_prints_what_the_readme_shows() {
     let e = explain(&snap, &config, &query("192.0.2.20:80", "10.100.0.2"));
     assert_eq!(e.to_string(), shown);
 }
+
+#[test]
+fn pods_told_by_interface_are_explained_by_the_interface_rule() {
+    // detectLocalMode InterfaceNamePrefix: an address alone cannot tell a pod; explain traces
+    // a packet from another interface and says what one from a pod's would change.
+    let (snap, mut config) = example();
+    config.detect_local = lb_proxy::compile::DetectLocal::InterfaceNamePrefix(
+        lb_proxy::nft::ir::IfName::prefix("veth").expect("valid prefix"),
+    );
+    let e = explain(&snap, &config, &query("10.96.0.10:80", "10.100.0.2"));
+    assert!(e.outcome.starts_with("dnat"), "{e}");
+    assert_eq!(
+        e.masquerade,
+        "yes, unless the connection arrives on interface veth* (a pod's)"
+    );
+}
