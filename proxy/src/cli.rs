@@ -98,6 +98,11 @@ pub enum Command {
         /// (`ADDR:PORT`, e.g. 127.0.0.1:10249).
         #[arg(long)]
         live: Option<std::net::SocketAddr>,
+        /// Trace the tables this network namespace's kernel holds (`nft -j list table`)
+        /// instead of compiling the manifests; the manifests still name the Service ports
+        /// and the reasons. Needs `nft` and CAP_NET_ADMIN.
+        #[arg(long, conflicts_with = "live")]
+        kernel: bool,
     },
     /// Remove everything lb-proxy installed in the current network namespace.
     Cleanup {
@@ -667,6 +672,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             from_node,
             json,
             live,
+            kernel,
         } => {
             let (to_ip, port, protocol) =
                 crate::explain::parse_destination(&to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
@@ -700,7 +706,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if !service_cidrs.is_empty() {
                 config.service_cidrs = service_cidrs;
             }
-            let e = crate::explain::explain(&snap, &config, &q);
+            let e = if kernel {
+                let rs = crate::explain::kernel_ruleset(&config.table)?;
+                crate::explain::answer(&rs, &snap, &config, &q)?
+            } else {
+                crate::explain::explain(&snap, &config, &q)
+            };
             if json {
                 println!(
                     "{}",

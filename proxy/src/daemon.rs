@@ -706,7 +706,10 @@ async fn sync_loop<B: Backend>(
                     if !dataplane.service_cidrs().is_empty() {
                         compile.service_cidrs = dataplane.service_cidrs().to_vec();
                     }
-                    let _ = reply.send(crate::explain::explain(&snap, &compile, &q));
+                    // The ruleset the last apply programmed: the kernel's, after every
+                    // atomic apply.
+                    let rs = dataplane.ruleset();
+                    let _ = reply.send(crate::explain::answer_or_report(&rs, &snap, &compile, &q));
                 }
                 continue;
             }

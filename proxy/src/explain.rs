@@ -2,18 +2,29 @@
 //! port a connection hits on this node, which endpoints may serve it and why each other one may
 //! not, whether it is masqueraded, and whether ClientIP affinity applies.
 //!
-//! It reads the same snapshot and configuration as the compiler and follows the same rules
-//! (`lb_core::categorize` and the compiler's traffic classes), so what it says is what the
-//! rules do. Upstream kube-proxy has no such tool (kubernetes#74677).
+//! The traffic decisions come from the ruleset itself: [`answer`] traces a packet through the
+//! compiled (or, from the daemon, the programmed) ruleset with [`crate::nft::trace`], so what
+//! it says is what the rules do — which endpoints are reachable, DNAT, reject or drop,
+//! masquerade, loadBalancerSourceRanges. This module only presents the trace: it finds the
+//! Service port the trace dispatched through (by the element the rules found), and gives the
+//! reason for every endpoint left out from `lb_core::categorize` (lb-core's decision with its
+//! reasons). Upstream kube-proxy has no such tool (kubernetes#74677).
+//!
+//! What the trace is told about the node (the answers of `fib … type local`): the Node
+//! object's addresses, the destination when [`Query::to_node`] says it may be a node address
+//! (never a cluster IP: those are virtual), and the source exactly when [`Query::from_node`].
 
+use std::collections::BTreeSet;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use lb_core::{EndpointSet, IpFamily, Protocol, ServicePort, categorize};
 use serde::{Deserialize, Serialize};
 
 use crate::compile::{Config, DetectLocal};
+use crate::nft::ir::{CmpOp, Expr, FibAddr, MarkOp, MetaKey, Rule, Ruleset, Stmt, Value};
+use crate::nft::trace::{self, Fate, Host, Origin, Outcome, Packet, Path, Step, Trace, TraceError};
 use crate::store::Snapshot;
 
 /// What is being asked.
@@ -27,10 +38,11 @@ pub struct Query {
     pub protocol: Protocol,
     /// Source address of the client.
     pub from: IpAddr,
-    /// Whether `from` is an address of this node itself (host-network client).
+    /// Whether `from` is an address of this node itself (host-network client): the packet is
+    /// then generated locally.
     pub from_node: bool,
-    /// Whether `to` is an address of this node (a NodePort is tried when no Service address
-    /// matches).
+    /// Whether `to` may be an address of this node (so node ports are served on it), besides
+    /// the Node object's addresses. A cluster IP never is.
     pub to_node: bool,
 }
 
@@ -84,78 +96,327 @@ pub struct Explanation {
     pub source_ranges: Option<String>,
 }
 
-fn family_match(a: &IpAddr, b: &IpAddr) -> bool {
-    IpFamily::of(a) == IpFamily::of(b)
+/// The names of the compiler's objects this module reads in a trace (see `compile`'s layout).
+/// A test checks that each exists in a compiled table, so a rename cannot silently blind
+/// `explain`.
+pub mod names {
+    /// Verdict maps that dispatch a service address.
+    pub const ADDRESS_DISPATCH: &[&str] = &["service-ips", "external-local-ips"];
+    /// Verdict maps that dispatch a node port.
+    pub const NODEPORT_DISPATCH: &[&str] = &["service-nodeports", "nodeport-external-local"];
+    /// Verdict maps of the filter hooks for service addresses without usable endpoints.
+    pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
+    /// The same for node ports.
+    pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+    /// Maps that send external traffic of eTP Local Services to node-local endpoints.
+    pub const LOCAL_DISPATCH: &[&str] = &[
+        "external-local-ips",
+        "nodeport-external-local",
+        "endpoints-local",
+        "nodeport-endpoints-local",
+    ];
+    /// The set of active cluster IPs.
+    pub const CLUSTER_IPS: &str = "cluster-ips";
+    /// ServiceCIDRs.
+    pub const SERVICE_CIDRS: &str = "service-cidrs";
+    /// The loadBalancerSourceRanges chain.
+    pub const FIREWALL_CHECK: &str = "firewall-check";
+    /// Masquerade marks for eTP Cluster external addresses and node ports.
+    pub const MASQ_CLUSTER: &[&str] = &["masquerade-ips", "masquerade-nodeports"];
+    /// Masquerade marks for the node's own traffic to eTP Local addresses and node ports.
+    pub const MASQ_LOCAL_SOURCE: &[&str] = &[
+        "masquerade-local-source-ips",
+        "masquerade-local-source-nodeports",
+    ];
+    /// Endpoint pairs that are hairpin connections.
+    pub const HAIRPIN: &str = "hairpin";
 }
 
-/// Finds the Service port for `q` and explains what happens.
+/// Compiles `snapshot` with `config` in process and explains `q` from the trace of that
+/// ruleset (the manifests' `explain`).
 pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
-    let mut found: Option<(&ServicePort, &[lb_core::Endpoint], Entry)> = None;
-    for entry in snapshot.services.values() {
-        let p = &entry.port;
-        if p.protocol() != q.protocol {
-            continue;
-        }
-        let hit = if p.port() == q.port && p.cluster_ips().contains(&q.to) {
-            Some(Entry::ClusterIp)
-        } else if p.port() == q.port && p.load_balancer_ips().contains(&q.to) {
-            Some(Entry::LoadBalancerIp)
-        } else if p.port() == q.port && p.external_ips().contains(&q.to) {
-            Some(Entry::ExternalIp)
-        } else {
-            None
-        };
-        if let Some(e) = hit {
-            found = Some((p, &entry.endpoints, e));
-            break;
-        }
+    let mut rs = Ruleset::default();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let (id, table, _) = crate::compile::compile(snapshot, config, family);
+        rs.tables.insert(id, table);
     }
-    // A cluster IP is never a node address: no node port there.
-    let cluster_ip_owner = snapshot
+    answer_or_report(&rs, snapshot, config, q)
+}
+
+/// Why the tables could not be read back from the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelReadError {
+    /// `nft` could not be started.
+    #[error("cannot run `nft -j list table {family} {table}`")]
+    Spawn {
+        /// Family keyword.
+        family: &'static str,
+        /// Table name.
+        table: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `nft` failed (no such table, no permission).
+    #[error("`nft -j list table {family} {table}` failed: {stderr}")]
+    Failed {
+        /// Family keyword.
+        family: &'static str,
+        /// Table name.
+        table: String,
+        /// What nft said.
+        stderr: String,
+    },
+    /// Its output is not the IR's subset.
+    #[error("reading `nft -j list table {family} {table}`")]
+    Json {
+        /// Family keyword.
+        family: &'static str,
+        /// Table name.
+        table: String,
+        /// Why.
+        #[source]
+        source: crate::nft::json::JsonError,
+    },
+}
+
+/// The tables `table` (`ip` and `ip6`) as the kernel of this network namespace holds them,
+/// read with `nft -j list table` (needs the `nft` binary and `CAP_NET_ADMIN`). nft's JSON is
+/// lossy in known ways (see [`crate::nft::json`]): a `ct original proto-dst` field is missing
+/// from set elements, so the traffic-counting lookups never match — which changes nothing
+/// the tracer reports. Dynamic maps hold what the data path added (affinity entries), so a
+/// client with an affinity entry is traced to its endpoint. A family whose table does not
+/// exist is an error.
+pub fn kernel_ruleset(table: &str) -> Result<Ruleset, KernelReadError> {
+    let mut rs = Ruleset::default();
+    for family in ["ip", "ip6"] {
+        let out = std::process::Command::new("nft")
+            .args(["-j", "list", "table", family, table])
+            .output()
+            .map_err(|source| KernelReadError::Spawn {
+                family,
+                table: table.to_string(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(KernelReadError::Failed {
+                family,
+                table: table.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        let listed = crate::nft::json::from_nft_json(&String::from_utf8_lossy(&out.stdout))
+            .map_err(|source| KernelReadError::Json {
+                family,
+                table: table.to_string(),
+                source,
+            })?;
+        rs.tables.extend(listed.tables);
+    }
+    Ok(rs)
+}
+
+/// As [`answer`], a trace failure reported in the explanation's outcome (for the daemon,
+/// whose answer is a page).
+pub fn answer_or_report(
+    ruleset: &Ruleset,
+    snapshot: &Snapshot,
+    config: &Config,
+    q: &Query,
+) -> Explanation {
+    answer(ruleset, snapshot, config, q).unwrap_or_else(|e| Explanation {
+        outcome: format!("cannot trace the ruleset: {e}"),
+        ..Explanation::nothing()
+    })
+}
+
+/// Explains `q` by tracing it through `ruleset` (compiled from `snapshot` with `config`, or
+/// the one the daemon programmed from them).
+pub fn answer(
+    ruleset: &Ruleset,
+    snapshot: &Snapshot,
+    config: &Config,
+    q: &Query,
+) -> Result<Explanation, TraceError> {
+    let config = config.for_node(&snapshot.node);
+    let is_cluster_ip = snapshot
         .services
         .values()
-        .find(|e| e.port.cluster_ips().contains(&q.to));
-    if found.is_none() && q.to_node && cluster_ip_owner.is_none() {
-        found = snapshot
-            .services
-            .values()
-            .find(|e| e.port.protocol() == q.protocol && e.port.node_port() == Some(q.port))
-            .map(|e| (&e.port, e.endpoints.as_slice(), Entry::NodePort));
+        .any(|e| e.port.cluster_ips().contains(&q.to));
+    let mut local: BTreeSet<IpAddr> = snapshot.node.addresses().iter().copied().collect();
+    // `from_node` says whether the source is one of the node's addresses, either way.
+    if q.from_node {
+        local.insert(q.from);
+    } else {
+        local.remove(&q.from);
     }
-    let Some((port, all_endpoints, entry)) = found else {
-        // Still addressed to a cluster IP after the dispatch: the ruleset rejects it
-        // (`service-endpoints-check`), as kube-proxy does, rather than routing it off the node.
-        if let Some(owner) = cluster_ip_owner {
-            let name = owner.port.name();
-            return Explanation {
-                outcome: format!(
-                    "reject: {} is the cluster IP of {}/{}, which has no port {}/{} (ICMP port unreachable)",
-                    q.to, name.namespace, name.name, q.port, q.protocol
-                ),
-                ..Explanation::nothing()
-            };
+    if q.to_node && !is_cluster_ip {
+        local.insert(q.to);
+    }
+    let host = Host { local };
+    let packet = |iif: Option<String>| {
+        let origin = if q.from_node {
+            Origin::Local { oif: None }
+        } else {
+            Origin::Arriving { iif }
+        };
+        Packet::new(q.from, q.to, proto_number(q.protocol), q.port, origin)
+    };
+    // Pod traffic told by interface: trace a packet from a non-pod interface, and say when
+    // one from a pod's would be masqueraded differently.
+    let pod_interface = match &config.detect_local {
+        DetectLocal::BridgeInterface(n) => Some((n.as_str().to_string(), n.as_str().to_string())),
+        DetectLocal::InterfaceNamePrefix(n) => {
+            Some((format!("{}*", n.as_str()), format!("{}0", n.as_str())))
         }
-        // An address of a ServiceCIDR that no Service holds: dropped, as kube-proxy does.
-        if let Some(range) = config.service_cidrs.iter().find(|n| n.contains(&q.to)) {
-            return Explanation {
-                outcome: format!(
+        DetectLocal::ClusterCidr | DetectLocal::NodeCidr(_) => None,
+    };
+    let (t, unless_pod) = match &pod_interface {
+        Some((shown, pod_name)) if !q.from_node => {
+            // A name that cannot be a pod's: its first letter differs from the pod name's.
+            let other = if shown.starts_with('x') {
+                "y-outside"
+            } else {
+                "x-outside"
+            };
+            let t = trace::trace(ruleset, &host, &packet(Some(other.to_string())))?;
+            let pod = trace::trace(ruleset, &host, &packet(Some(pod_name.clone())))?;
+            let differs = pod.masquerade_always() != t.masquerade_always();
+            (t, differs.then(|| shown.clone()))
+        }
+        _ => (trace::trace(ruleset, &host, &packet(None))?, None),
+    };
+    Ok(present(snapshot, &config, q, &t, unless_pod))
+}
+
+fn proto_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Sctp => 132,
+    }
+}
+
+/// How a trace dispatched: the Service port and entry, found by the element the rules hit.
+fn dispatched<'s>(
+    snapshot: &'s Snapshot,
+    q: &Query,
+    t: &Trace,
+) -> Option<(&'s ServicePort, &'s [lb_core::Endpoint], Entry)> {
+    let path = t.paths.first()?;
+    for (_, hit) in path.hits() {
+        let set = hit.set.as_str();
+        let by_address =
+            names::ADDRESS_DISPATCH.contains(&set) || set == names::NO_ENDPOINT_SERVICES;
+        let by_nodeport =
+            names::NODEPORT_DISPATCH.contains(&set) || set == names::NO_ENDPOINT_NODEPORTS;
+        if by_address {
+            let (Some(addr), Some(Value::Port(port))) = (value_ip(&hit.key[0]), hit.key.get(2))
+            else {
+                continue;
+            };
+            for e in snapshot.services.values() {
+                let p = &e.port;
+                if p.protocol() != q.protocol || p.port() != *port {
+                    continue;
+                }
+                let entry = if p.cluster_ips().contains(&addr) {
+                    Entry::ClusterIp
+                } else if p.load_balancer_ips().contains(&addr) {
+                    Entry::LoadBalancerIp
+                } else if p.external_ips().contains(&addr) {
+                    Entry::ExternalIp
+                } else {
+                    continue;
+                };
+                return Some((p, e.endpoints.as_slice(), entry));
+            }
+        } else if by_nodeport {
+            let Some(Value::Port(port)) = hit.key.get(1) else {
+                continue;
+            };
+            return snapshot
+                .services
+                .values()
+                .find(|e| e.port.protocol() == q.protocol && e.port.node_port() == Some(*port))
+                .map(|e| (&e.port, e.endpoints.as_slice(), Entry::NodePort));
+        }
+    }
+    None
+}
+
+fn value_ip(v: &Value) -> Option<IpAddr> {
+    match v {
+        Value::Ipv4(a) => Some(IpAddr::V4(*a)),
+        Value::Ipv6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
+    }
+}
+
+/// The last rule a path ran: the one that ended it, when it did not just fall through.
+fn last_rule(p: &Path) -> Option<(&str, &Rule, Vec<&str>)> {
+    p.steps.iter().rev().find_map(|s| match s {
+        Step::Rule {
+            chain, rule, hits, ..
+        } => Some((
+            chain.as_str(),
+            rule,
+            hits.iter().map(|h| h.set.as_str()).collect(),
+        )),
+        _ => None,
+    })
+}
+
+/// Turns a trace into the answer.
+fn present(
+    snapshot: &Snapshot,
+    config: &Config,
+    q: &Query,
+    t: &Trace,
+    unless_pod: Option<String>,
+) -> Explanation {
+    let outcome = t.outcome();
+    let first = t.paths.first();
+    let ended_by = first.and_then(last_rule);
+    let ended_in = |chain: &str| ended_by.as_ref().is_some_and(|(c, _, _)| *c == chain);
+    let ended_on = |set: &str| ended_by.as_ref().is_some_and(|(_, _, s)| s.contains(&set));
+    let Some((port, all_endpoints, entry)) = dispatched(snapshot, q, t) else {
+        // Nothing dispatched: the rules of the filter hooks, or nothing at all.
+        let text = match &outcome {
+            Outcome::Reject if ended_on(names::CLUSTER_IPS) => {
+                let owner = snapshot
+                    .services
+                    .values()
+                    .find(|e| e.port.cluster_ips().contains(&q.to))
+                    .map(|e| {
+                        let n = e.port.name();
+                        format!("{}/{}", n.namespace, n.name)
+                    })
+                    .unwrap_or_else(|| "a Service".into());
+                format!(
+                    "reject: {} is the cluster IP of {owner}, which has no port {}/{} (ICMP port unreachable)",
+                    q.to, q.port, q.protocol
+                )
+            }
+            Outcome::Drop if ended_on(names::SERVICE_CIDRS) => {
+                let range = first
+                    .and_then(|p| p.hits().find(|(_, h)| h.set == names::SERVICE_CIDRS))
+                    .and_then(|(_, h)| h.key.first().map(crate::nft::render::value))
+                    .unwrap_or_default();
+                format!(
                     "drop: {} is in the ServiceCIDR {range} but no Service holds it (an unallocated cluster IP)",
                     q.to
-                ),
-                ..Explanation::nothing()
-            };
-        }
+                )
+            }
+            Outcome::Accept => {
+                "no-match: no Service port has this destination; lb-proxy does not touch it"
+                    .to_string()
+            }
+            other => generic_outcome(other, ended_by.as_ref().map(|(c, r, _)| (*c, *r))),
+        };
         return Explanation {
-            service_port: None,
-            entry: None,
-            endpoint_set: None,
-            topology: None,
-            endpoints: vec![],
-            outcome: "no-match: no Service port has this destination; lb-proxy does not touch it"
-                .into(),
-            masquerade: "no".into(),
-            affinity: None,
-            source_ranges: None,
+            outcome: text,
+            ..Explanation::nothing()
         };
     };
     let family = IpFamily::of(&q.to);
@@ -165,79 +426,96 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
         .cloned()
         .collect();
     let c = categorize(port, &endpoints, &snapshot.node);
-    // Pod traffic as the ruleset recognises it (detectLocalMode): by source CIDR, or by the
-    // interface a packet arrives on, which an address alone cannot tell.
-    let detect = config.for_node(&snapshot.node).detect_local;
-    let first_of_family = |cidrs: &[IpNet]| {
-        cidrs
-            .iter()
-            .find(|n| family_match(&n.addr(), &q.to))
-            .copied()
-    };
-    let (pod_cidr, pod_interface) = match &detect {
-        DetectLocal::ClusterCidr => (first_of_family(&config.cluster_cidrs), None),
-        DetectLocal::NodeCidr(cidrs) => (first_of_family(cidrs), None),
-        DetectLocal::BridgeInterface(n) => (None, Some(n.as_str().to_string())),
-        DetectLocal::InterfaceNamePrefix(n) => (None, Some(format!("{}*", n.as_str()))),
-    };
-    let from_pod = pod_cidr.is_some_and(|n| n.contains(&q.from));
     let external = entry != Entry::ClusterIp;
-    // The endpoint set, as the compiler's traffic classes choose it.
-    let (set, set_why) = if !external {
-        if port.internal_policy_local() {
-            (
-                EndpointSet::Local,
-                "internalTrafficPolicy Local: node-local endpoints only",
-            )
-        } else {
-            (
-                EndpointSet::Cluster,
-                "internalTrafficPolicy Cluster: every usable endpoint",
-            )
-        }
-    } else if port.external_policy_local() {
-        if q.from_node {
+    let via_local = first.is_some_and(|p| {
+        p.hits()
+            .any(|(_, h)| names::LOCAL_DISPATCH.contains(&h.set.as_str()))
+    });
+    // Which of lb-core's sets the rules served, and why (the reasons are lb-core's).
+    let (set, set_why) = if via_local {
+        (
+            EndpointSet::Local,
+            "externalTrafficPolicy Local: node-local endpoints only, client address preserved",
+        )
+    } else if external && port.external_policy_local() {
+        // Short-circuited: by the rule that recognised the node itself (`fib saddr type
+        // local`) or a pod (source CIDR or interface).
+        let by_node = first.is_some_and(|p| {
+            p.steps.iter().any(|s| match s {
+                Step::Rule { rule, hits, .. } => {
+                    hits.iter().any(|h| {
+                        names::ADDRESS_DISPATCH.contains(&h.set.as_str())
+                            || names::NODEPORT_DISPATCH.contains(&h.set.as_str())
+                    }) && rule
+                        .stmts
+                        .iter()
+                        .any(|st| matches!(st, Stmt::FibLocal(FibAddr::Saddr)))
+                }
+                _ => false,
+            })
+        });
+        if by_node {
             (
                 EndpointSet::Cluster,
                 "externalTrafficPolicy Local, but traffic from the node itself is short-circuited to every endpoint",
             )
-        } else if from_pod {
+        } else {
             (
                 EndpointSet::Cluster,
                 "externalTrafficPolicy Local, but traffic from a pod is short-circuited to every endpoint",
             )
-        } else {
-            (
-                EndpointSet::Local,
-                "externalTrafficPolicy Local: node-local endpoints only, client address preserved",
-            )
         }
-    } else {
+    } else if external {
         (
             EndpointSet::Cluster,
             "externalTrafficPolicy Cluster: every usable endpoint",
         )
+    } else if port.internal_policy_local() {
+        (
+            EndpointSet::Local,
+            "internalTrafficPolicy Local: node-local endpoints only",
+        )
+    } else {
+        (
+            EndpointSet::Cluster,
+            "internalTrafficPolicy Cluster: every usable endpoint",
+        )
+    };
+    let reachable: BTreeSet<SocketAddr> = match &outcome {
+        Outcome::Dnat(to) => to.clone(),
+        Outcome::Mixed(ends) => ends.iter().filter_map(|e| e.1).collect(),
+        _ => BTreeSet::new(),
+    };
+    let fate = match &outcome {
+        Outcome::Drop => Some("dropped"),
+        Outcome::Reject => Some("rejected"),
+        _ => None,
     };
     let verdicts: Vec<EndpointVerdict> = endpoints
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            let why = c.why_excluded(set, i);
+            let eligible = reachable.contains(&e.addr());
+            let reason = (!eligible).then(|| match (c.why_excluded(set, i), fate) {
+                (Some(r), _) => r.to_string(),
+                (None, Some(f)) => format!("usable, but this connection is {f} first"),
+                (None, None) => "usable, but the rules do not send this connection to it".into(),
+            });
             EndpointVerdict {
                 endpoint: e.addr().to_string(),
                 node: e.node_name().map(str::to_string),
-                eligible: why.is_none(),
-                reason: why.map(|r| r.to_string()),
+                eligible,
+                reason,
             }
         })
         .collect();
-    let eligible = c.indices(set);
-    let firewall = (entry == Entry::LoadBalancerIp)
+    let firewall_drop = matches!(outcome, Outcome::Drop) && ended_in(names::FIREWALL_CHECK);
+    let source_ranges = (entry == Entry::LoadBalancerIp)
         .then(|| {
             let ranges: Vec<&IpNet> = port
                 .load_balancer_source_ranges()
                 .iter()
-                .filter(|n| family_match(&n.addr(), &q.to))
+                .filter(|n| IpFamily::of(&n.addr()) == family)
                 .collect();
             (!ranges.is_empty()).then(|| {
                 let list = ranges
@@ -245,60 +523,43 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
                     .map(|r| r.to_string())
                     .collect::<Vec<_>>()
                     .join(", ");
-                // kube-proxy's allowFromNode (see the compiler): the node reaching a
-                // load-balancer IP assigned to itself comes from that IP.
-                let from_node_vip = q.from == q.to
-                    && ranges
-                        .iter()
-                        .any(|r| snapshot.node.addresses().iter().any(|a| r.contains(a)));
-                if from_node_vip || ranges.iter().any(|r| r.contains(&q.from)) {
-                    format!("allowed: {} is in [{list}]", q.from)
-                } else {
-                    format!("blocked: {} is not in [{list}]", q.from)
+                let inside = ranges.iter().any(|r| r.contains(&q.from));
+                match (firewall_drop, inside) {
+                    (true, _) => format!("blocked: {} is not in [{list}]", q.from),
+                    (false, true) => format!("allowed: {} is in [{list}]", q.from),
+                    // kube-proxy's allowFromNode (see the compiler).
+                    (false, false) => format!(
+                        "allowed: {} is not in [{list}], but the rules admit it (the node reaching its own load-balancer IP)",
+                        q.from
+                    ),
                 }
             })
         })
         .flatten();
-    let outcome = if firewall
-        .as_deref()
-        .is_some_and(|f| f.starts_with("blocked"))
-    {
-        "firewall-drop: dropped before DNAT by loadBalancerSourceRanges".to_string()
-    } else if !eligible.is_empty() {
-        format!(
-            "dnat: to one of {} endpoints, chosen uniformly at random",
-            eligible.len()
-        )
-    } else if c.has_any_endpoints() {
-        "drop: the Service has endpoints, but none this traffic may use (Local policy)".into()
-    } else {
-        "reject: the Service has no usable endpoints (ICMP port unreachable)".into()
+    let outcome_text = match &outcome {
+        _ if firewall_drop => {
+            "firewall-drop: dropped before DNAT by loadBalancerSourceRanges".to_string()
+        }
+        Outcome::Dnat(to) => format!(
+            "dnat: to one of {} endpoints, chosen {}",
+            to.len(),
+            if t.chose_by_hash() {
+                "by a hash of the client address (ClientIP affinity)"
+            } else {
+                "uniformly at random"
+            }
+        ),
+        Outcome::Drop
+            if ended_on(names::NO_ENDPOINT_SERVICES) || ended_on(names::NO_ENDPOINT_NODEPORTS) =>
+        {
+            "drop: the Service has endpoints, but none this traffic may use (Local policy)".into()
+        }
+        Outcome::Reject => {
+            "reject: the Service has no usable endpoints (ICMP port unreachable)".into()
+        }
+        other => generic_outcome(other, ended_by.as_ref().map(|(c, r, _)| (*c, *r))),
     };
-    let hairpin = eligible
-        .iter()
-        .any(|&i| endpoints[i as usize].ip() == q.from);
-    let masquerade = if !outcome.starts_with("dnat") {
-        "no: the connection is not forwarded".to_string()
-    } else if external && !port.external_policy_local() {
-        "yes: externalTrafficPolicy Cluster masquerades external traffic".into()
-    } else if external && q.from_node {
-        "yes: traffic from the node itself to an eTP Local address is masqueraded".into()
-    } else if !external && config.masquerade_all {
-        "yes: masqueradeAll".into()
-    } else if !external && let Some(cidr) = pod_cidr.filter(|_| !from_pod) {
-        let which = if matches!(detect, DetectLocal::NodeCidr(_)) {
-            "node's pod CIDR"
-        } else {
-            "cluster CIDR"
-        };
-        format!("yes: the source is outside the {which} ({cidr})")
-    } else if !external && let Some(interface) = &pod_interface {
-        format!("yes, unless the connection arrives on interface {interface} (a pod's)")
-    } else if hairpin {
-        "only if the endpoint chosen is the client itself (hairpin)".into()
-    } else {
-        "no: the backend sees the client's address".into()
-    };
+    let masquerade = masquerade_text(config, q, t, &outcome, unless_pod);
     let affinity = port.session_affinity().timeout().map(|t| {
         format!(
             "ClientIP: connections from {} stick to one endpoint until {} s pass without a new one",
@@ -319,10 +580,121 @@ pub fn explain(snapshot: &Snapshot, config: &Config, q: &Query) -> Explanation {
         )),
         topology: (set == EndpointSet::Cluster).then(|| c.topology().to_string()),
         endpoints: verdicts,
-        outcome,
+        outcome: outcome_text,
         masquerade,
         affinity,
-        source_ranges: firewall,
+        source_ranges,
+    }
+}
+
+/// An outcome no specific wording covers: the class and the rule that ended it.
+fn generic_outcome(o: &Outcome, by: Option<(&str, &Rule)>) -> String {
+    let by = by
+        .map(|(c, r)| format!(" (chain {c}: {})", crate::nft::render::rule(r)))
+        .unwrap_or_default();
+    match o {
+        Outcome::Dnat(to) => format!("dnat: to one of {} endpoints", to.len()),
+        Outcome::Drop => format!("drop{by}"),
+        Outcome::Reject => format!("reject{by}"),
+        Outcome::Accept => "accept: not DNATed".into(),
+        Outcome::Mixed(ends) => {
+            let list: Vec<String> = ends
+                .iter()
+                .map(|(f, d)| {
+                    let f = match f {
+                        Fate::Accept => "accept",
+                        Fate::Drop => "drop",
+                        Fate::Reject => "reject",
+                    };
+                    match d {
+                        Some(d) => format!("{f} via {d}"),
+                        None => f.to_string(),
+                    }
+                })
+                .collect();
+            format!("mixed: the choices end differently: {}", list.join(", "))
+        }
+    }
+}
+
+/// Why the trace masqueraded (or not), from the rules that set the mark or masqueraded.
+fn masquerade_text(
+    config: &Config,
+    q: &Query,
+    t: &Trace,
+    outcome: &Outcome,
+    unless_pod: Option<String>,
+) -> String {
+    if !matches!(outcome, Outcome::Dnat(_)) {
+        return "no: the connection is not forwarded".into();
+    }
+    if let Some(interface) = unless_pod {
+        return format!("yes, unless the connection arrives on interface {interface} (a pod's)");
+    }
+    if !t.masquerade_sometimes() {
+        return "no: the backend sees the client's address".into();
+    }
+    if !t.masquerade_always() {
+        let targets = t.masqueraded_targets();
+        if targets.iter().all(|a| a.ip() == q.from) {
+            return "only if the endpoint chosen is the client itself (hairpin)".into();
+        }
+        let list: Vec<String> = targets.iter().map(|a| a.to_string()).collect();
+        return format!("only if the endpoint chosen is one of {}", list.join(", "));
+    }
+    let Some(path) = t.paths.first() else {
+        return "yes".into();
+    };
+    // The rule that asked for masquerading: the first that set the mark, else the hairpin
+    // rule that masqueraded directly.
+    let marked = path.steps.iter().find_map(|s| match s {
+        Step::Rule { rule, hits, .. }
+            if rule
+                .stmts
+                .iter()
+                .any(|st| matches!(st, Stmt::SetMark(MarkOp::Or(_)))) =>
+        {
+            Some((rule, hits))
+        }
+        _ => None,
+    });
+    let Some((rule, hits)) = marked else {
+        return "yes: the endpoint is the client itself (hairpin)".into();
+    };
+    let on = |sets: &[&str]| hits.iter().any(|h| sets.contains(&h.set.as_str()));
+    if on(names::MASQ_CLUSTER) {
+        return "yes: externalTrafficPolicy Cluster masquerades external traffic".into();
+    }
+    if on(names::MASQ_LOCAL_SOURCE) {
+        return "yes: traffic from the node itself to an eTP Local address is masqueraded".into();
+    }
+    let not_pod = rule.stmts.iter().find_map(|st| match st {
+        Stmt::Match {
+            left,
+            op: CmpOp::Ne,
+            right,
+        } if *left != Expr::Meta(MetaKey::L4Proto) => Some((left, right)),
+        _ => None,
+    });
+    match not_pod {
+        Some((Expr::Meta(MetaKey::IifName), Value::IfName(n))) => format!(
+            "yes: the connection does not arrive on interface {}{} (a pod's)",
+            n.as_str(),
+            if n.is_prefix() { "*" } else { "" }
+        ),
+        Some((_, cidr)) => {
+            let which = if matches!(config.detect_local, DetectLocal::NodeCidr(_)) {
+                "node's pod CIDR"
+            } else {
+                "cluster CIDR"
+            };
+            format!(
+                "yes: the source is outside the {which} ({})",
+                crate::nft::render::value(cidr)
+            )
+        }
+        None if on(&[names::CLUSTER_IPS]) => "yes: masqueradeAll".into(),
+        None => format!("yes (rule: {})", crate::nft::render::rule(rule)),
     }
 }
 

@@ -32,6 +32,7 @@ pub mod netlink;
 pub mod render;
 #[doc(hidden)]
 pub mod testing;
+pub mod trace;
 pub mod transaction;
 pub mod validate;
 

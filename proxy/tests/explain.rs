@@ -135,3 +135,89 @@ fn an_unallocated_cluster_ip_of_a_service_cidr_is_explained_as_the_drop_it_gets(
     let e = explain(&snap, &config, &query("10.96.0.10:80", "10.100.0.2"));
     assert!(e.outcome.starts_with("dnat"), "{}", e.outcome);
 }
+
+#[test]
+fn every_object_explain_reads_in_a_trace_exists_in_a_compiled_table() {
+    // explain finds the Service port and the reasons by the names of the maps, sets and
+    // chains a trace went through: a rename in the compiler must fail here, not blind explain.
+    use lb_proxy::explain::names;
+    let (snap, config) = example();
+    let (_, table, _) = lb_proxy::compile::compile(&snap, &config, lb_core::IpFamily::V4);
+    let mut all: Vec<&str> = vec![
+        names::NO_ENDPOINT_SERVICES,
+        names::NO_ENDPOINT_NODEPORTS,
+        names::CLUSTER_IPS,
+        names::SERVICE_CIDRS,
+        names::HAIRPIN,
+    ];
+    for list in [
+        names::ADDRESS_DISPATCH,
+        names::NODEPORT_DISPATCH,
+        names::LOCAL_DISPATCH,
+        names::MASQ_CLUSTER,
+        names::MASQ_LOCAL_SOURCE,
+    ] {
+        all.extend(list);
+    }
+    for name in all {
+        assert!(table.sets.contains_key(name), "no set or map {name}");
+    }
+    assert!(table.chains.contains_key(names::FIREWALL_CHECK));
+}
+
+#[test]
+fn explain_reports_what_the_traced_rules_do_for_the_node_and_for_affinity() {
+    let (snap, config) = example();
+    // The node itself to an eTP Local load-balancer IP: short-circuited and masqueraded, as
+    // the rule that dispatched it (`fib saddr type local`) says.
+    let mut q = query("192.0.2.20:80", "10.100.0.1");
+    q.from_node = true;
+    let e = explain(&snap, &config, &q);
+    assert_eq!(e.endpoints.iter().filter(|v| v.eligible).count(), 2, "{e}");
+    assert!(
+        e.endpoint_set
+            .as_deref()
+            .is_some_and(|s| s.contains("from the node itself")),
+        "{e}"
+    );
+    assert!(
+        e.masquerade
+            .starts_with("yes: traffic from the node itself"),
+        "{e}"
+    );
+    // A hairpin connection through a cluster IP: masqueraded only on the path to itself.
+    let e = explain(&snap, &config, &query("10.96.0.10:80", "10.244.1.10"));
+    assert_eq!(
+        e.masquerade, "only if the endpoint chosen is the client itself (hairpin)",
+        "{e}"
+    );
+}
+
+#[test]
+fn the_readme_example_prints_what_the_readme_shows() {
+    // Issue 8: explain's output for the README example is unchanged by tracing the rules.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md is readable");
+    let command = "$ lb-proxy explain -f examples/cluster --node node-a --cluster-cidr 10.244.0.0/16 --to 192.0.2.20:80 --from 10.100.0.2\n";
+    let start = readme.find(command).expect("the README shows the example") + command.len();
+    let shown = &readme[start..start + readme[start..].find("```").expect("the block ends")];
+    let (snap, config) = example();
+    let e = explain(&snap, &config, &query("192.0.2.20:80", "10.100.0.2"));
+    assert_eq!(e.to_string(), shown);
+}
+
+#[test]
+fn pods_told_by_interface_are_explained_by_the_interface_rule() {
+    // detectLocalMode InterfaceNamePrefix: an address alone cannot tell a pod; explain traces
+    // a packet from another interface and says what one from a pod's would change.
+    let (snap, mut config) = example();
+    config.detect_local = lb_proxy::compile::DetectLocal::InterfaceNamePrefix(
+        lb_proxy::nft::ir::IfName::prefix("veth").expect("valid prefix"),
+    );
+    let e = explain(&snap, &config, &query("10.96.0.10:80", "10.100.0.2"));
+    assert!(e.outcome.starts_with("dnat"), "{e}");
+    assert_eq!(
+        e.masquerade,
+        "yes, unless the connection arrives on interface veth* (a pod's)"
+    );
+}

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod apiserver;
+pub mod upstream_flows;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
