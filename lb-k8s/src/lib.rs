@@ -75,4 +75,5 @@ pub mod convert;
 pub mod store;
 
 pub use cluster::{Cluster, Frontend, Lookup, ServiceIndex, Via};
-pub use convert::{ConvertError, Converted, Filter, ServiceKey};
+pub use convert::{ConvertError, Converted, Filter, NodeState, ServiceKey};
+pub use store::{Event, Kind, StoreEvent};
