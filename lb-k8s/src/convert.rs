@@ -542,9 +542,8 @@ mod node_tests {
     {
         let plain = k8s_node(r#"{"metadata":{"name":"n1"}}"#);
         assert!(node_state(&plain).expect("valid").eligible);
-        let deleting = k8s_node(
-            r#"{"metadata":{"name":"n1","deletionTimestamp":"2026-01-01T00:00:00Z"}}"#,
-        );
+        let deleting =
+            k8s_node(r#"{"metadata":{"name":"n1","deletionTimestamp":"2026-01-01T00:00:00Z"}}"#);
         assert!(!node_state(&deleting).expect("valid").eligible);
         let tainted = k8s_node(
             r#"{"metadata":{"name":"n1"},"spec":{"taints":[{"key":"ToBeDeletedByClusterAutoscaler","effect":"NoSchedule"}]}}"#,

@@ -236,7 +236,10 @@ impl Store {
         events.push(StoreEvent::Service(Event::InitDone));
         events.push(StoreEvent::Slice(Event::Init));
         for ((svc, name), v) in self.slices {
-            events.push(StoreEvent::Slice(Event::InitApply((svc.namespace, name), v)));
+            events.push(StoreEvent::Slice(Event::InitApply(
+                (svc.namespace, name),
+                v,
+            )));
         }
         events.push(StoreEvent::Slice(Event::InitDone));
         if let Some(node) = self.node {
@@ -245,7 +248,10 @@ impl Store {
                 node: node.clone(),
                 eligible: !self.node_ineligible,
             };
-            events.push(StoreEvent::Node(Event::InitApply(node.name().to_string(), state)));
+            events.push(StoreEvent::Node(Event::InitApply(
+                node.name().to_string(),
+                state,
+            )));
             events.push(StoreEvent::Node(Event::InitDone));
         }
         events
@@ -711,9 +717,16 @@ mod tests {
         ] {
             store.apply(e);
         }
-        assert_eq!(store.service_count(), 2, "unfinished re-lists change nothing");
+        assert_eq!(
+            store.service_count(),
+            2,
+            "unfinished re-lists change nothing"
+        );
         assert!(!store.apply(svc(Event::InitDone)));
-        assert!(store.entries(&skey("c")).is_empty(), "c was listed by the abandoned re-list only");
+        assert!(
+            store.entries(&skey("c")).is_empty(),
+            "c was listed by the abandoned re-list only"
+        );
         assert!(!store.has_changes());
     }
 
@@ -732,7 +745,10 @@ mod tests {
         assert!(store.apply(svc(Event::Apply(skey("c"), ports("c", 82)))));
         assert_eq!(store.service_count(), 2, "a and c serve at once");
         assert_eq!(names(&store.take_changes().0), ["b", "c"]);
-        assert!(!store.apply(svc(Event::InitDone)), "the re-list agrees with the live state");
+        assert!(
+            !store.apply(svc(Event::InitDone)),
+            "the re-list agrees with the live state"
+        );
         assert!(store.entries(&skey("b")).is_empty());
         assert_eq!(store.entries(&skey("c")).len(), 1);
     }
@@ -786,7 +802,7 @@ mod tests {
         assert!(!store.listed(Kind::Node));
         store.apply(node(Event::Init));
         assert!(store.node().is_none());
-        assert!(store.apply(node(Event::InitApply("n1".into(), n1(true)))) == false);
+        assert!(!store.apply(node(Event::InitApply("n1".into(), n1(true)))));
         assert!(store.apply(node(Event::InitDone)));
         assert!(store.listed(Kind::Node));
         assert_eq!(store.node().map(Node::name), Some("n1"));

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod coexist;
+pub mod commands;
 pub mod compile;
 pub mod config;
 pub mod conntrack;
@@ -15,6 +16,8 @@ pub mod manifests;
 pub mod metrics;
 pub mod nft;
 pub mod process;
+pub mod reconcile;
+pub mod source;
 pub mod sync;
 
 // Conversion and the store live in the Apache-2.0 crate `lb-k8s` (no netlink, no tokio), so

@@ -1,0 +1,241 @@
+//! The files source: manifest files and directories ([`crate::manifests::Sources`], each file
+//! keeping its last good state), converted at the edge and sent to the reconciler as store
+//! events.
+//!
+//! Every time the files change, everything they hold is sent as one re-list per kind
+//! ([`Store::into_relist`]): the store replaces each kind at `InitDone` and marks exactly the
+//! Services that differ, so a sync costs what changed, as with the API server's watches.
+//!
+//! Problems are reported on stderr (ignored objects once each) and counted in the metrics.
+//! Read errors never empty the dataplane: while they leave no Service at all, the first
+//! re-list is held back ([`FileSource::follow`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use ipnet::IpNet;
+
+use crate::convert::Filter;
+use crate::manifests::{ManifestError, Sources};
+use crate::metrics::{IgnoredLabel, KindLabel, Metrics};
+use crate::reconcile::{Event, Input};
+use crate::store::{Store, StoreEvent};
+
+/// Which manifests to read, for which node.
+#[derive(Debug, Clone)]
+pub struct Files {
+    /// Files and directories.
+    pub paths: Vec<PathBuf>,
+    /// This node's name (`None`: the only Node in the manifests).
+    pub node: Option<String>,
+    /// Which objects are ours.
+    pub filter: Filter,
+}
+
+/// What one look at the files found.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The objects as store events (one re-list per kind), when they changed (or on the first
+    /// load).
+    pub events: Option<Vec<StoreEvent>>,
+    /// The CIDRs of the ServiceCIDR objects, when the objects were (re)loaded.
+    pub service_cidrs: Option<Vec<IpNet>>,
+    /// Inputs skipped: files not read, objects invalid (each kept its last good state).
+    pub problems: usize,
+    /// Some file or path could not be read or parsed.
+    pub read_errors: bool,
+    /// Services loaded, as of the last load that changed anything.
+    pub services: usize,
+}
+
+impl Loaded {
+    /// The inputs for the reconciler: the ServiceCIDRs first, then the store events.
+    pub fn inputs(&mut self, arrived: Instant) -> Vec<Input> {
+        let cidrs = self.service_cidrs.take().map(Event::ServiceCidrs);
+        let events = self.events.take().into_iter().flatten().map(Event::from);
+        cidrs
+            .into_iter()
+            .chain(events)
+            .map(|event| Input::Event { arrived, event })
+            .collect()
+    }
+
+    /// A store holding what was loaded (for `render` and `explain`), and the ServiceCIDRs.
+    pub fn into_store(mut self) -> (Store, Vec<IpNet>) {
+        let mut store = Store::new();
+        for e in self.events.take().into_iter().flatten() {
+            store.apply(e);
+        }
+        (store, self.service_cidrs.unwrap_or_default())
+    }
+}
+
+/// The manifests, followed.
+#[derive(Debug)]
+pub struct FileSource {
+    files: Files,
+    sources: Sources,
+    metrics: Arc<Metrics>,
+    /// Whether a load found this node yet (later loads without it keep it).
+    node_known: bool,
+    loaded_once: bool,
+    services: usize,
+}
+
+impl FileSource {
+    /// Checks that every path exists (a mistyped path is an error, not an empty cluster);
+    /// nothing is read yet.
+    pub fn open(files: Files, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let sources = Sources::new(&files.paths);
+        sources.check_paths().map_err(anyhow::Error::msg)?;
+        Ok(Self {
+            files,
+            sources,
+            metrics,
+            node_known: false,
+            loaded_once: false,
+            services: 0,
+        })
+    }
+
+    /// Reads the manifests once: an error for a missing path, for any skipped input unless
+    /// `keep_going`, and always for read errors that leave no Service (`render`, `explain`).
+    pub fn read_once(files: Files, keep_going: bool) -> anyhow::Result<(Store, Vec<IpNet>)> {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let loaded = FileSource::open(files, metrics)?.load(None)?;
+        if loaded.problems > 0 && !keep_going {
+            bail!(
+                "{} inputs skipped (see above), so nothing was done: fix them, or pass --keep-going to use the rest",
+                loaded.problems
+            );
+        }
+        if loaded.read_errors && loaded.services == 0 {
+            bail!("manifests could not be read and no Service was: refusing to use an empty set");
+        }
+        Ok(loaded.into_store())
+    }
+
+    /// Looks at the manifests (see [`Sources::refresh`] for `settle`) and, if they changed (or
+    /// on the first call), converts them into events. An error when no node is known.
+    pub fn load(&mut self, settle: Option<Duration>) -> anyhow::Result<Loaded> {
+        let first = !self.loaded_once;
+        let r = self.sources.refresh(&self.files.filter, settle);
+        let mut read_errors = 0;
+        for e in &r.errors {
+            eprintln!("lb-proxy: skipped: {e}");
+            let kind = match e {
+                ManifestError::File { .. } => {
+                    read_errors += 1;
+                    continue;
+                }
+                ManifestError::Object { kind, .. } => kind.as_str(),
+                ManifestError::Invalid { source, .. } => source.kind,
+            };
+            let kind = match kind {
+                "Service" => "Service",
+                "EndpointSlice" => "EndpointSlice",
+                "ServiceCIDR" => "ServiceCIDR",
+                _ => "Node",
+            };
+            self.metrics
+                .invalid_objects
+                .get_or_create(&KindLabel { kind })
+                .inc();
+        }
+        for (file, n) in &r.removed {
+            eprintln!("lb-proxy: {file} was removed: deleting the {n} objects read from it");
+        }
+        self.metrics.manifest_read_errors.inc_by(read_errors);
+        self.metrics
+            .manifest_sources_failing
+            .set(i64::try_from(self.sources.failing()).unwrap_or(i64::MAX));
+        let mut loaded = Loaded {
+            events: None,
+            service_cidrs: None,
+            problems: r.errors.len(),
+            read_errors: read_errors > 0,
+            services: self.services,
+        };
+        if !r.changed && !first {
+            return Ok(loaded);
+        }
+        let (objects, mut ignored) = self.sources.objects();
+        // Invalid ServiceCIDRs were reported when their file was read, as other objects.
+        let service_cidrs = objects.service_cidrs(&mut |_| {});
+        let mut store = Store::new();
+        let converted =
+            objects.replace_in(&mut store, self.files.node.as_deref(), &self.files.filter);
+        // Invalid objects were reported when their file was read (and kept their last good
+        // version), so `converted.invalid` holds nothing new.
+        for mut i in converted.ignored {
+            i.file = self.sources.file_of(&i.kind, &i.name).unwrap_or_default();
+            ignored.push(i);
+        }
+        for i in self.sources.newly_ignored(ignored) {
+            eprintln!("lb-proxy: {i}");
+            self.metrics
+                .ignored_objects
+                .get_or_create(&IgnoredLabel { kind: i.kind })
+                .inc();
+        }
+        // A load without this node's Node (and no --node) keeps the node an earlier one found.
+        self.node_known |= store.node().is_some();
+        if !self.node_known {
+            bail!("no node: pass --node NAME (or NODE_NAME), or give exactly one Node object");
+        }
+        self.loaded_once = true;
+        self.services = store.service_count();
+        loaded.services = self.services;
+        loaded.service_cidrs = Some(service_cidrs);
+        loaded.events = Some(store.into_relist());
+        Ok(loaded)
+    }
+
+    /// Follows the manifests on a thread of its own: every `poll`, reads what changed (once
+    /// it has stayed unchanged for `settle`) and sends it to `input`, until the reconciler is
+    /// gone. `held` are the first load's inputs when they were not sent because read errors
+    /// left no Service: they (or newer ones) go out once the files are readable or hold a
+    /// Service.
+    pub fn follow(
+        mut self,
+        input: Sender<Input>,
+        poll: Duration,
+        settle: Duration,
+        mut held: Option<Vec<Input>>,
+    ) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        let thread = std::thread::Builder::new()
+            .name("manifests".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(poll);
+                    let mut loaded = match self.load(Some(settle)) {
+                        Ok(loaded) => loaded,
+                        Err(e) => {
+                            eprintln!("lb-proxy: keeping the current ruleset: {e:#}");
+                            continue;
+                        }
+                    };
+                    let inputs = loaded.inputs(Instant::now());
+                    let mut out = Vec::new();
+                    match &mut held {
+                        Some(h) if !inputs.is_empty() => *h = inputs,
+                        Some(_) => {}
+                        None => out = inputs,
+                    }
+                    if held.is_some() && (loaded.services > 0 || self.sources.failing() == 0) {
+                        out = held.take().unwrap_or_default();
+                    }
+                    for i in out {
+                        if input.send(i).is_err() {
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(thread)
+    }
+}
