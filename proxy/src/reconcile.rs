@@ -468,3 +468,163 @@ fn report_sync(voice: Voice, r: &SyncReport, first: bool) {
         Voice::Log => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU16;
+
+    use lb_core::{Conditions, IpFamily, Protocol, ServicePort, TrafficPolicy};
+
+    use super::*;
+    use crate::convert::{Slice, SlicePort};
+    use crate::metrics::NoLocalLabels;
+    use crate::nft::fake::Fake;
+    use crate::store::{Event as E, NodeState};
+
+    fn options(voice: Voice) -> Options {
+        Options {
+            compile: CompileConfig::default(),
+            node: None,
+            min_sync_period: Duration::ZERO,
+            sync_period: Duration::from_secs(1),
+            full_sync_period: Duration::from_secs(3600),
+            conntrack_cleanup: false,
+            once: true,
+            first_sync_must_succeed: true,
+            voice,
+        }
+    }
+
+    fn key() -> ServiceKey {
+        ServiceKey {
+            namespace: "ns".into(),
+            name: "web".into(),
+        }
+    }
+
+    /// One Service with `internalTrafficPolicy: Local` whose only endpoint is on node-b.
+    fn relist(node: bool) -> Vec<Input> {
+        let port = ServicePort::builder("ns", "web", "http", Protocol::Tcp, 80)
+            .cluster_ips(["10.96.0.1"])
+            .internal_traffic_policy(TrafficPolicy::Local)
+            .build()
+            .expect("valid port");
+        let endpoint = lb_core::Endpoint::builder("10.244.2.7", 1)
+            .conditions(Conditions::READY)
+            .node_name("node-b")
+            .build()
+            .expect("valid endpoint");
+        let slice = Slice {
+            service: key(),
+            family: IpFamily::V4,
+            ports: vec![SlicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: NonZeroU16::new(8080).expect("non-zero"),
+            }],
+            endpoints: vec![endpoint],
+        };
+        let mut events = vec![
+            StoreEvent::Service(E::Init),
+            StoreEvent::Service(E::InitApply(key(), vec![port])),
+            StoreEvent::Service(E::InitDone),
+            StoreEvent::Slice(E::Init),
+            StoreEvent::Slice(E::InitApply(("ns".into(), "web-1".into()), slice)),
+            StoreEvent::Slice(E::InitDone),
+        ];
+        if node {
+            let state = NodeState {
+                node: lb_core::Node::new("node-a", None).expect("valid node"),
+                eligible: true,
+            };
+            events.extend([
+                StoreEvent::Node(E::Init),
+                StoreEvent::Node(E::InitApply("node-a".into(), state)),
+                StoreEvent::Node(E::InitDone),
+            ]);
+        }
+        events.into_iter().map(Input::now).collect()
+    }
+
+    fn no_local_internal_v4(metrics: &Metrics) -> i64 {
+        metrics
+            .no_local_endpoints
+            .get_or_create(&NoLocalLabels {
+                ip_family: "IPv4",
+                traffic_policy: "internal",
+            })
+            .get()
+    }
+
+    #[test]
+    fn nothing_is_programmed_before_every_kind_has_listed_once() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
+        let mut running = spawn(
+            Fake::default(),
+            options(Voice::Log),
+            metrics.clone(),
+            health,
+            None,
+        )
+        .expect("reconciler thread");
+        for i in relist(false) {
+            running.input.send(i).expect("reconciler running");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            running.done.try_recv().is_err(),
+            "with `once`, a sync would have ended the reconciler"
+        );
+        assert_eq!(no_local_internal_v4(&metrics), 0);
+        for i in relist(true).into_iter().skip(6) {
+            running.input.send(i).expect("reconciler running");
+        }
+        running.wait().expect("the sync succeeds");
+        assert_eq!(no_local_internal_v4(&metrics), 1);
+    }
+
+    #[test]
+    fn the_post_sync_hooks_run_in_both_modes() {
+        for voice in [Voice::Plain, Voice::Log] {
+            let mut registry = prometheus_client::registry::Registry::default();
+            let metrics = Arc::new(Metrics::new(&mut registry));
+            let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
+            let running = spawn(
+                Fake::default(),
+                options(voice),
+                metrics.clone(),
+                health.clone(),
+                None,
+            )
+            .expect("reconciler thread");
+            for i in relist(true) {
+                running.input.send(i).expect("reconciler running");
+            }
+            running.wait().expect("the sync succeeds");
+            assert_eq!(no_local_internal_v4(&metrics), 1, "{voice:?}");
+            assert!(health.body(true).healthy, "{voice:?}");
+        }
+    }
+
+    #[test]
+    fn live_explain_says_not_synced_until_the_first_sync() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
+        let running = spawn(Fake::default(), options(Voice::Log), metrics, health, None)
+            .expect("reconciler thread");
+        let q = crate::health::parse_explain_query("to=10.96.0.1:80&from=10.244.0.5")
+            .expect("a valid query");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        running
+            .input
+            .send(Input::Explain((q, tx)))
+            .expect("reconciler running");
+        let answer = rx.blocking_recv().expect("an answer");
+        assert_eq!(answer, crate::explain::Explanation::not_synced());
+        running.input.send(Input::Stop).expect("reconciler running");
+        running.wait().expect("stopped cleanly");
+    }
+}

@@ -239,3 +239,137 @@ impl FileSource {
         Ok(thread)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::ServiceKey;
+
+    const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n";
+
+    fn service(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: t\nspec:\n  clusterIP: {ip}\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n"
+        )
+    }
+
+    fn slice(service: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-1\n  namespace: t\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n- name: http\n  port: 8080\n  protocol: TCP\nendpoints:\n- addresses: [\"{ip}\"]\n"
+        )
+    }
+
+    /// A scratch directory removed on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Dir {
+            let p = std::env::temp_dir().join(format!("lb-files-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).expect("scratch directory");
+            Dir(p)
+        }
+        fn write(&self, name: &str, text: &str) {
+            std::fs::write(self.0.join(name), text).expect("write");
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn apply(store: &mut Store, loaded: Loaded) -> Vec<String> {
+        for e in loaded.events.into_iter().flatten() {
+            store.apply(e);
+        }
+        let (changed, _) = store.take_changes();
+        changed.into_iter().map(|k| k.name).collect()
+    }
+
+    fn addrs(store: &Store, name: &str) -> Vec<String> {
+        let key = ServiceKey {
+            namespace: "t".into(),
+            name: name.into(),
+        };
+        store
+            .entries(&key)
+            .iter()
+            .flat_map(|e| e.endpoints.iter().map(|ep| ep.addr().to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_changed_file_is_sent_as_a_relist_that_marks_only_what_changed() {
+        let dir = Dir::new("relist");
+        dir.write("node.yaml", NODE);
+        dir.write(
+            "web.yaml",
+            &(service("web", "10.96.0.10") + "---\n" + &slice("web", "10.244.1.10")),
+        );
+        dir.write(
+            "api.yaml",
+            &(service("api", "10.96.0.11") + "---\n" + &slice("api", "10.244.1.11")),
+        );
+        let mut registry = prometheus_client::registry::Registry::default();
+        let files = Files {
+            paths: vec![dir.0.clone()],
+            node: None,
+            filter: Filter::default(),
+        };
+        let mut source =
+            FileSource::open(files, Arc::new(Metrics::new(&mut registry))).expect("paths exist");
+        let mut store = Store::new();
+        assert_eq!(
+            apply(&mut store, source.load(None).expect("a node")),
+            ["api", "web"]
+        );
+        assert_eq!(store.node().map(lb_core::Node::name), Some("node-a"));
+        // Nothing changed: no events.
+        assert!(source.load(None).expect("loads").events.is_none());
+        // web's endpoint moves; api is untouched.
+        dir.write(
+            "web.yaml",
+            &(service("web", "10.96.0.10") + "---\n" + &slice("web", "10.244.1.12")),
+        );
+        assert_eq!(
+            apply(&mut store, source.load(None).expect("loads")),
+            ["web"]
+        );
+        assert_eq!(addrs(&store, "web"), ["10.244.1.12:8080"]);
+        // web's slice is gone from its file: so are its endpoints, while the Service stays.
+        dir.write("web.yaml", &service("web", "10.96.0.10"));
+        assert_eq!(
+            apply(&mut store, source.load(None).expect("loads")),
+            ["web"]
+        );
+        assert_eq!(addrs(&store, "web"), Vec::<String>::new());
+        assert_eq!(store.service_count(), 2);
+        assert_eq!(addrs(&store, "api"), ["10.244.1.11:8080"]);
+    }
+
+    #[test]
+    fn manifests_without_a_node_are_an_error_until_one_is_named() {
+        let dir = Dir::new("nonode");
+        dir.write("web.yaml", &service("web", "10.96.0.10"));
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let mut files = Files {
+            paths: vec![dir.0.clone()],
+            node: None,
+            filter: Filter::default(),
+        };
+        let mut source = FileSource::open(files.clone(), metrics.clone()).expect("paths exist");
+        let e = source.load(None).expect_err("no node");
+        assert!(e.to_string().contains("no node"), "{e}");
+        files.node = Some("node-a".into());
+        let mut source = FileSource::open(files, metrics).expect("paths exist");
+        let mut store = Store::new();
+        assert_eq!(
+            apply(&mut store, source.load(None).expect("named")),
+            ["web"]
+        );
+        assert_eq!(store.node().map(lb_core::Node::name), Some("node-a"));
+    }
+}
