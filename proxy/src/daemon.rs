@@ -194,7 +194,9 @@ pub async fn run<B: Backend + Send + 'static>(
     for t in tasks.into_iter().chain(servers) {
         t.abort();
     }
+    // Let a sync in progress finish (the kernel applies a batch whole either way).
     let _ = reconciler.input.send(Input::Stop);
+    let _ = tokio::time::timeout(Duration::from_secs(5), reconciler.finished()).await;
     result
 }
 
