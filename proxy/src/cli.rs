@@ -1,4 +1,4 @@
-//! The command line: raw arguments parsed by `clap`, validated into a [`Config`], then run.
+//! The command line: raw arguments parsed by `clap`, validated into typed settings ([`crate::config`]), then dispatched.
 
 //!
 //! Nothing else happens here: `run`, `render`, `explain` and `cleanup` are in
@@ -13,9 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::commands::{self, RunOptions};
-use crate::compile::{self, Config, NodePortAddresses};
-use crate::convert::Filter;
-use crate::nft::ir::Ruleset;
+use crate::config::{self, CompileConfig, NodePortAddresses, Ruleset};
 use crate::source::files::Files;
 
 /// A kube-proxy replacement: Kubernetes Services compiled into nftables over netlink.
@@ -100,7 +98,7 @@ pub enum Command {
     /// Remove everything lb-proxy installed in the current network namespace.
     Cleanup {
         /// Name of the nftables tables.
-        #[arg(long, default_value = compile::TABLE)]
+        #[arg(long, default_value = config::TABLE)]
         table: String,
     },
 }
@@ -171,7 +169,7 @@ pub struct DaemonArgs {
     #[arg(long, visible_alias = "iptables-masquerade-bit")]
     pub masquerade_bit: Option<i64>,
     /// Name of the nftables tables.
-    #[arg(long, default_value = compile::TABLE)]
+    #[arg(long, default_value = config::TABLE)]
     pub table: String,
     /// Handle only objects labelled `service.kubernetes.io/service-proxy-name=<this>`.
     #[arg(long)]
@@ -416,7 +414,7 @@ pub struct ManifestArgs {
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..=31))]
     pub masquerade_bit: u8,
     /// Name of the nftables tables.
-    #[arg(long, default_value = compile::TABLE)]
+    #[arg(long, default_value = config::TABLE)]
     pub table: String,
     /// Handle only objects labelled `service.kubernetes.io/service-proxy-name=<this>`.
     #[arg(long)]
@@ -468,7 +466,7 @@ fn flagz(command: &clap::Command, matches: &clap::ArgMatches) -> Vec<(String, St
 }
 
 impl ManifestArgs {
-    fn config(&self) -> anyhow::Result<Config> {
+    fn config(&self) -> anyhow::Result<CompileConfig> {
         let detect_local = crate::config::DetectLocalMode::parse(
             "--detect-local-mode",
             self.detect_local_mode.as_deref(),
@@ -478,7 +476,7 @@ impl ManifestArgs {
                 .unwrap_or_default(),
         )?
         .to_compile("--pod-bridge-interface", "--pod-interface-name-prefix")?;
-        Ok(Config {
+        Ok(CompileConfig {
             cluster_cidrs: self.cluster_cidr.clone(),
             masquerade_all: self.masquerade_all,
             masquerade_bit: self.masquerade_bit,
@@ -494,7 +492,7 @@ impl ManifestArgs {
         Files {
             paths: self.paths.clone(),
             node: self.node.clone(),
-            filter: Filter {
+            filter: crate::config::Filter {
                 service_proxy_name: self.service_proxy_name.clone(),
             },
         }
@@ -542,21 +540,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             live,
         } => {
-            let (to_ip, port, protocol) =
-                crate::explain::parse_destination(&to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
-            if let Some(addr) = live {
-                let query = format!("to={to}&from={from}&fromNode={from_node}");
-                return commands::explain_live(addr, &query, json);
-            }
-            let q = crate::explain::Query {
-                to: to_ip,
-                port,
-                protocol,
+            let question = commands::Question {
+                to,
                 from,
                 from_node,
-                to_node: true,
+                json,
             };
-            commands::explain(manifests.files(), manifests.config()?, &q, json)
+            match live {
+                Some(addr) => commands::explain_live(addr, &question),
+                None => commands::explain(manifests.files(), manifests.config()?, &question),
+            }
         }
         Command::Daemon(args) => daemon(*args),
     }

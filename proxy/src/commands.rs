@@ -154,20 +154,38 @@ fn serve_run_metrics(
     Ok(())
 }
 
+/// An `explain` question as the command line gives it.
+#[derive(Debug, Clone)]
+pub struct Question {
+    /// Destination: ADDR:PORT[/PROTO].
+    pub to: String,
+    /// Source address of the client.
+    pub from: std::net::IpAddr,
+    /// The client is the node itself.
+    pub from_node: bool,
+    /// Print JSON.
+    pub json: bool,
+}
+
 /// `explain` from manifests: what happens to a connection, by the rules compiled from them.
-pub fn explain(
-    files: Files,
-    mut config: Config,
-    q: &crate::explain::Query,
-    json: bool,
-) -> anyhow::Result<()> {
+pub fn explain(files: Files, mut config: Config, question: &Question) -> anyhow::Result<()> {
+    let (to, port, protocol) = crate::explain::parse_destination(&question.to)
+        .map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    let q = crate::explain::Query {
+        to,
+        port,
+        protocol,
+        from: question.from,
+        from_node: question.from_node,
+        to_node: true,
+    };
     let (store, service_cidrs) = FileSource::read_once(files, true)?;
     let snap = store.snapshot().context("node unknown")?;
     if !service_cidrs.is_empty() {
         config.service_cidrs = service_cidrs;
     }
-    let e = crate::explain::explain(&snap, &config, q);
-    if json {
+    let e = crate::explain::explain(&snap, &config, &q);
+    if question.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&e).context("encoding JSON")?
@@ -179,13 +197,20 @@ pub fn explain(
 }
 
 /// `explain --live`: asks the running daemon's `/explain` at `addr`.
-pub fn explain_live(addr: std::net::SocketAddr, query: &str, json: bool) -> anyhow::Result<()> {
-    let path = format!("/explain?{query}");
+pub fn explain_live(addr: std::net::SocketAddr, question: &Question) -> anyhow::Result<()> {
+    crate::explain::parse_destination(&question.to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    let Question {
+        to,
+        from,
+        from_node,
+        json,
+    } = question;
+    let path = format!("/explain?to={to}&from={from}&fromNode={from_node}");
     let (status, body) = http_get(addr, &path)?;
     if status != 200 {
         bail!("{addr}{path}: HTTP {status}: {}", body.trim());
     }
-    if json {
+    if *json {
         println!("{}", body.trim());
     } else {
         let e: crate::explain::Explanation =
