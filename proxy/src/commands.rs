@@ -107,11 +107,11 @@ pub fn run(files: Files, config: Config, opts: &RunOptions) -> anyhow::Result<()
     // Not served in `run`; kept so the reconciler works the same in both modes.
     let health = Arc::new(ProxyHealth::new(options.sync_period * 2));
     let running = reconcile::spawn(backend, options, metrics, health, None)?;
-    let inputs = loaded.inputs(Instant::now());
+    let input = loaded.input(Instant::now());
     let held = if hold {
-        Some(inputs)
+        input
     } else {
-        for i in inputs {
+        if let Some(i) = input {
             running
                 .input
                 .send(i)

@@ -81,6 +81,14 @@ pub enum Input {
         /// What changed.
         event: Event,
     },
+    /// Changes that take effect together: no sync sees some of them without the others (a
+    /// source's whole re-list of several kinds, say).
+    Batch {
+        /// When the source received them.
+        arrived: Instant,
+        /// What changed, in order.
+        events: Vec<Event>,
+    },
     /// A live `explain` question.
     Explain(ExplainRequest),
     /// A request for the per-Service-port traffic counters.
@@ -354,26 +362,34 @@ impl<B: Backend> Reconciler<B> {
                     tracing::warn!(error = %e, "reading the service traffic counters failed")
                 }
             },
-            Input::Event { arrived, event } => {
-                let changed = match event {
-                    // ServiceCIDRs go to the dataplane (a change is a full sync).
-                    Event::ServiceCidrs(cidrs) => {
-                        self.dataplane.set_service_cidrs(cidrs);
-                        true
-                    }
-                    Event::Store { event, trigger } => {
-                        self.changes.note(&event, trigger, &self.metrics);
-                        let changed = self.store.apply(event);
-                        self.health.set_node_eligible(self.store.node_eligible());
-                        changed
-                    }
-                };
-                if changed {
-                    self.pending.push(arrived);
+            Input::Event { arrived, event } => self.apply(arrived, event),
+            Input::Batch { arrived, events } => {
+                for event in events {
+                    self.apply(arrived, event);
                 }
             }
         }
         Flow::Continue
+    }
+
+    /// Applies one change to the store (or the ServiceCIDRs to the dataplane).
+    fn apply(&mut self, arrived: Instant, event: Event) {
+        let changed = match event {
+            // ServiceCIDRs go to the dataplane (a change is a full sync).
+            Event::ServiceCidrs(cidrs) => {
+                self.dataplane.set_service_cidrs(cidrs);
+                true
+            }
+            Event::Store { event, trigger } => {
+                self.changes.note(&event, trigger, &self.metrics);
+                let changed = self.store.apply(event);
+                self.health.set_node_eligible(self.store.node_eligible());
+                changed
+            }
+        };
+        if changed {
+            self.pending.push(arrived);
+        }
     }
 
     /// After a successful sync: latency, metrics, health, then the hooks.

@@ -52,15 +52,15 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// The inputs for the reconciler: the ServiceCIDRs first, then the store events.
-    pub fn inputs(&mut self, arrived: Instant) -> Vec<Input> {
+    /// The input for the reconciler, if anything was loaded: one batch, the ServiceCIDRs
+    /// first, then the store events, so no sync sees part of a load.
+    pub fn input(&mut self, arrived: Instant) -> Option<Input> {
         let cidrs = self.service_cidrs.take().map(Event::ServiceCidrs);
-        let events = self.events.take().into_iter().flatten().map(Event::from);
-        cidrs
+        let events: Vec<Event> = cidrs
             .into_iter()
-            .chain(events)
-            .map(|event| Input::Event { arrived, event })
-            .collect()
+            .chain(self.events.take().into_iter().flatten().map(Event::from))
+            .collect();
+        (!events.is_empty()).then_some(Input::Batch { arrived, events })
     }
 
     /// A store holding what was loaded (for `render` and `explain`), and the ServiceCIDRs.
@@ -197,7 +197,7 @@ impl FileSource {
 
     /// Follows the manifests on a thread of its own: every `poll`, reads what changed (once
     /// it has stayed unchanged for `settle`) and sends it to `input`, until the reconciler is
-    /// gone. `held` are the first load's inputs when they were not sent because read errors
+    /// gone. `held` is the first load's input when it was not sent because read errors
     /// left no Service: they (or newer ones) go out once the files are readable or hold a
     /// Service.
     pub fn follow(
@@ -205,7 +205,7 @@ impl FileSource {
         input: Sender<Input>,
         poll: Duration,
         settle: Duration,
-        mut held: Option<Vec<Input>>,
+        mut held: Option<Input>,
     ) -> anyhow::Result<std::thread::JoinHandle<()>> {
         let thread = std::thread::Builder::new()
             .name("manifests".into())
@@ -219,20 +219,20 @@ impl FileSource {
                             continue;
                         }
                     };
-                    let inputs = loaded.inputs(Instant::now());
-                    let mut out = Vec::new();
-                    match &mut held {
-                        Some(h) if !inputs.is_empty() => *h = inputs,
-                        Some(_) => {}
-                        None => out = inputs,
-                    }
-                    if held.is_some() && (loaded.services > 0 || self.sources.failing() == 0) {
-                        out = held.take().unwrap_or_default();
-                    }
-                    for i in out {
-                        if input.send(i).is_err() {
-                            return;
+                    let mut out = loaded.input(Instant::now());
+                    if held.is_some() {
+                        // A newer load replaces the held one (each is a whole re-list).
+                        if out.is_some() {
+                            held = out.take();
                         }
+                        if loaded.services > 0 || self.sources.failing() == 0 {
+                            out = held.take();
+                        }
+                    }
+                    if let Some(i) = out
+                        && input.send(i).is_err()
+                    {
+                        return;
                     }
                 }
             })?;
