@@ -372,4 +372,30 @@ mod tests {
         );
         assert_eq!(store.node().map(lb_core::Node::name), Some("node-a"));
     }
+
+    #[test]
+    fn a_load_reaches_the_reconciler_as_one_batch_service_cidrs_first() {
+        let dir = Dir::new("batch");
+        dir.write("node.yaml", NODE);
+        dir.write(
+            "web.yaml",
+            &(service("web", "10.96.0.10") + "---\n" + &slice("web", "10.244.1.10")),
+        );
+        let mut registry = prometheus_client::registry::Registry::default();
+        let files = Files {
+            paths: vec![dir.0.clone()],
+            node: None,
+            filter: Filter::default(),
+        };
+        let mut source =
+            FileSource::open(files, Arc::new(Metrics::new(&mut registry))).expect("paths exist");
+        let mut loaded = source.load(None).expect("a node");
+        let Some(Input::Batch { events, .. }) = loaded.input(Instant::now()) else {
+            panic!("one batch");
+        };
+        assert!(matches!(events.first(), Some(Event::ServiceCidrs(_))));
+        // Services, slices and the node: three complete re-lists (3 + 3 + 3 events).
+        assert_eq!(events.len(), 1 + 9);
+        assert!(loaded.input(Instant::now()).is_none(), "taken");
+    }
 }
