@@ -452,6 +452,35 @@ pub fn node(n: &K8sNode) -> Result<Node, ConvertError> {
         .map_err(|e| error(e.field, e.reason))
 }
 
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// This node as converted from its Node object, with whether it may receive load-balancer
+/// traffic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeState {
+    /// The model value ([`node`]).
+    pub node: Node,
+    /// KEP-3836: a node being deleted (`metadata.deletionTimestamp` set), or tainted
+    /// `ToBeDeletedByClusterAutoscaler`, is not eligible: kube-proxy's `/healthz` then answers
+    /// 503 so load balancers drain it before it goes.
+    pub eligible: bool,
+}
+
+/// Converts a Node ([`node`]) and decides its load-balancer eligibility (KEP-3836).
+pub fn node_state(n: &K8sNode) -> Result<NodeState, ConvertError> {
+    let eligible = n.metadata.deletion_timestamp.is_none()
+        && !n
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
+    Ok(NodeState {
+        node: node(n)?,
+        eligible,
+    })
+}
+
 /// The ranges of a `networking.k8s.io/v1` ServiceCIDR (`spec.cidrs`, at most one per family),
 /// which cluster IPs are allocated from. kube-proxy drops traffic to an address inside them
 /// that no Service holds.
@@ -506,6 +535,26 @@ mod node_tests {
         );
         let n = node(&k8s_node(r#"{"metadata":{"name":"n1"}}"#)).expect("valid");
         assert!(n.pod_cidrs().is_empty());
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_marked_by_the_autoscaler_is_not_eligible_for_load_balancer_traffic()
+    {
+        let plain = k8s_node(r#"{"metadata":{"name":"n1"}}"#);
+        assert!(node_state(&plain).expect("valid").eligible);
+        let deleting =
+            k8s_node(r#"{"metadata":{"name":"n1","deletionTimestamp":"2026-01-01T00:00:00Z"}}"#);
+        assert!(!node_state(&deleting).expect("valid").eligible);
+        let tainted = k8s_node(
+            r#"{"metadata":{"name":"n1"},"spec":{"taints":[{"key":"ToBeDeletedByClusterAutoscaler","effect":"NoSchedule"}]}}"#,
+        );
+        let state = node_state(&tainted).expect("valid");
+        assert!(!state.eligible);
+        assert_eq!(state.node.name(), "n1");
+        let other_taint = k8s_node(
+            r#"{"metadata":{"name":"n1"},"spec":{"taints":[{"key":"node.kubernetes.io/unschedulable","effect":"NoSchedule"}]}}"#,
+        );
+        assert!(node_state(&other_taint).expect("valid").eligible);
     }
 
     #[test]

@@ -26,8 +26,9 @@
 //!   re-list); [`Cluster::index`] freezes the state into a [`ServiceIndex`].
 //! * [`ServiceIndex::lookup`]: cluster IPs, external IPs, load-balancer IPs and node ports.
 //! * [`convert`]: the conversion functions on their own (kube-proxy's filtering: headless,
-//!   `service-proxy-name`, ExternalName), and [`store`]: the merging store the `lb-proxy`
-//!   daemon also uses.
+//!   `service-proxy-name`, ExternalName; a Node's load-balancer eligibility), and [`store`]:
+//!   the merging store the `lb-proxy` daemon also uses, updated one [`StoreEvent`] at a time
+//!   with kube-runtime's re-list semantics (`Init` … `InitDone` replaces a kind).
 //! * `examples/tcp_proxy.rs`: a tiny TCP proxy on tokio serving manifests.
 //!
 //! ## Example
@@ -75,4 +76,5 @@ pub mod convert;
 pub mod store;
 
 pub use cluster::{Cluster, Frontend, Lookup, ServiceIndex, Via};
-pub use convert::{ConvertError, Converted, Filter, ServiceKey};
+pub use convert::{ConvertError, Converted, Filter, NodeState, ServiceKey};
+pub use store::{Event, Kind, StoreEvent};

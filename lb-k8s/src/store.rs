@@ -1,9 +1,13 @@
 //! The store: model values keyed by object, updated by events, and the snapshots the compiler
 //! reads.
 //!
-//! Updates are plain synchronous calls. A re-list *replaces* everything of a kind
-//! ([`Store::replace_services`], [`Store::replace_slices`]), so nothing stale survives a watch
-//! restart. Every update records which Services changed, so a sync can be incremental.
+//! Updates are plain synchronous calls: one [`StoreEvent`] at a time through [`Store::apply`]
+//! (the shape of kube-runtime's store writer), or the direct setters it is built on. A re-list
+//! (`Init`, `InitApply`…, `InitDone`) *replaces* everything of its kind when it completes, so
+//! nothing stale survives a watch restart — a Service or EndpointSlice deleted while the watch
+//! was down is gone after `InitDone` — while the old state keeps serving until then. Every
+//! update records which Services changed, so a sync can be incremental; a re-list that lists
+//! the same objects again marks nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -15,6 +19,75 @@ use crate::convert::{ServiceKey, Slice};
 /// Identity of an EndpointSlice: namespace and name.
 pub type SliceKey = (String, String);
 
+/// One watch event of one kind, already converted to model values (kube-runtime's
+/// `watcher::Event`, keyed).
+///
+/// `Init` starts a re-list, `InitApply` lists one object, `InitDone` ends it: only then does
+/// the listed set replace the kind's objects. `Apply` and `Delete` take effect at once; one
+/// arriving during a re-list also updates the re-list, since it is newer than what was listed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event<K, V> {
+    /// An object was added or changed.
+    Apply(K, V),
+    /// An object was deleted (or is no longer ours).
+    Delete(K),
+    /// A re-list starts; an unfinished earlier one is discarded.
+    Init,
+    /// One object of the re-list.
+    InitApply(K, V),
+    /// The re-list is complete: everything of the kind not listed is removed.
+    InitDone,
+}
+
+/// This node as converted from its Node object: the model value and whether it is eligible
+/// for load-balancer traffic ([`crate::convert::NodeState`]).
+pub type NodeState = crate::convert::NodeState;
+
+/// An event for the store, per kind.
+///
+/// The Node kind holds one object, this node: a `Delete` is ignored (the last known Node keeps
+/// its zone and addresses; kube-proxy likewise keeps running on a node whose object is gone),
+/// and a re-list that does not find it keeps the last one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreEvent {
+    /// A Service, keyed by namespace and name, with its ports.
+    Service(Event<ServiceKey, Vec<ServicePort>>),
+    /// An EndpointSlice, keyed by namespace and name.
+    Slice(Event<SliceKey, Slice>),
+    /// This node's Node object, keyed by name.
+    Node(Event<String, NodeState>),
+}
+
+/// The kinds of objects the store holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// Services.
+    Service,
+    /// EndpointSlices.
+    Slice,
+    /// This node's Node.
+    Node,
+}
+
+impl StoreEvent {
+    /// The kind of object the event is about.
+    pub fn kind(&self) -> Kind {
+        match self {
+            StoreEvent::Service(_) => Kind::Service,
+            StoreEvent::Slice(_) => Kind::Slice,
+            StoreEvent::Node(_) => Kind::Node,
+        }
+    }
+}
+
+/// A re-list in progress for each kind (`None`: none).
+#[derive(Debug, Default, Clone)]
+struct Relists {
+    services: Option<BTreeMap<ServiceKey, Vec<ServicePort>>>,
+    slices: Option<BTreeMap<SliceKey, Slice>>,
+    node: Option<Option<NodeState>>,
+}
+
 /// Services, EndpointSlices and this node, as model values.
 #[derive(Debug, Default, Clone)]
 pub struct Store {
@@ -24,8 +97,14 @@ pub struct Store {
     /// Which Service each slice (namespace, name) belongs to.
     owner: BTreeMap<SliceKey, ServiceKey>,
     node: Option<Node>,
+    /// KEP-3836: whether this node may receive load-balancer traffic (true until a Node
+    /// object says otherwise).
+    node_ineligible: bool,
     changed: BTreeSet<ServiceKey>,
     node_changed: bool,
+    relists: Relists,
+    /// Kinds whose first re-list completed.
+    listed: BTreeSet<Kind>,
 }
 
 /// One service port with the endpoints of all its EndpointSlices merged.
@@ -54,26 +133,179 @@ impl Store {
         Self::default()
     }
 
+    /// Applies one event; returns whether the serving state changed (a Service or this node
+    /// was marked changed, or the node's eligibility flipped). Events of a re-list change
+    /// nothing until its `InitDone`.
+    pub fn apply(&mut self, event: StoreEvent) -> bool {
+        let kind = event.kind();
+        match event {
+            StoreEvent::Service(e) => match e {
+                Event::Apply(k, v) => {
+                    if let Some(buf) = &mut self.relists.services {
+                        buf.insert(k.clone(), v.clone());
+                    }
+                    self.put_service(k, Some(v))
+                }
+                Event::Delete(k) => {
+                    if let Some(buf) = &mut self.relists.services {
+                        buf.remove(&k);
+                    }
+                    self.put_service(k, None)
+                }
+                Event::Init => {
+                    self.relists.services = Some(BTreeMap::new());
+                    false
+                }
+                Event::InitApply(k, v) => {
+                    self.relists.services.get_or_insert_default().insert(k, v);
+                    false
+                }
+                Event::InitDone => {
+                    let all = self.relists.services.take().unwrap_or_default();
+                    self.listed.insert(kind);
+                    self.swap_services(all)
+                }
+            },
+            StoreEvent::Slice(e) => match e {
+                Event::Apply(k, v) => {
+                    if let Some(buf) = &mut self.relists.slices {
+                        buf.insert(k.clone(), v.clone());
+                    }
+                    self.put_slice(k, Some(v))
+                }
+                Event::Delete(k) => {
+                    if let Some(buf) = &mut self.relists.slices {
+                        buf.remove(&k);
+                    }
+                    self.put_slice(k, None)
+                }
+                Event::Init => {
+                    self.relists.slices = Some(BTreeMap::new());
+                    false
+                }
+                Event::InitApply(k, v) => {
+                    self.relists.slices.get_or_insert_default().insert(k, v);
+                    false
+                }
+                Event::InitDone => {
+                    let all = self.relists.slices.take().unwrap_or_default();
+                    self.listed.insert(kind);
+                    self.swap_slices(all)
+                }
+            },
+            StoreEvent::Node(e) => match e {
+                Event::Apply(_, n) => {
+                    if let Some(buf) = &mut self.relists.node {
+                        *buf = Some(n.clone());
+                    }
+                    self.set_node_state(n)
+                }
+                Event::Delete(_) => false,
+                Event::Init => {
+                    self.relists.node = Some(None);
+                    false
+                }
+                Event::InitApply(_, n) => {
+                    *self.relists.node.get_or_insert_default() = Some(n);
+                    false
+                }
+                Event::InitDone => {
+                    self.listed.insert(kind);
+                    match self.relists.node.take().flatten() {
+                        Some(n) => self.set_node_state(n),
+                        None => false,
+                    }
+                }
+            },
+        }
+    }
+
+    /// Whether a re-list of `kind` completed at least once.
+    pub fn listed(&self, kind: Kind) -> bool {
+        self.listed.contains(&kind)
+    }
+
+    /// The events that make another store hold exactly this one's Services, EndpointSlices and
+    /// node: one complete re-list per kind (the node's only when it is known).
+    pub fn into_relist(self) -> Vec<StoreEvent> {
+        let mut events = Vec::with_capacity(self.services.len() + self.slices.len() + 9);
+        events.push(StoreEvent::Service(Event::Init));
+        for (k, v) in self.services {
+            events.push(StoreEvent::Service(Event::InitApply(k, v)));
+        }
+        events.push(StoreEvent::Service(Event::InitDone));
+        events.push(StoreEvent::Slice(Event::Init));
+        for ((svc, name), v) in self.slices {
+            events.push(StoreEvent::Slice(Event::InitApply(
+                (svc.namespace, name),
+                v,
+            )));
+        }
+        events.push(StoreEvent::Slice(Event::InitDone));
+        if let Some(node) = self.node {
+            events.push(StoreEvent::Node(Event::Init));
+            let state = NodeState {
+                node: node.clone(),
+                eligible: !self.node_ineligible,
+            };
+            events.push(StoreEvent::Node(Event::InitApply(
+                node.name().to_string(),
+                state,
+            )));
+            events.push(StoreEvent::Node(Event::InitDone));
+        }
+        events
+    }
+
     /// Adds, replaces (`Some`) or deletes (`None`) one Service.
     pub fn apply_service(&mut self, key: ServiceKey, ports: Option<Vec<ServicePort>>) {
+        self.put_service(key, ports);
+    }
+
+    /// Adds, replaces (`Some`) or deletes (`None`) one EndpointSlice.
+    pub fn apply_slice(&mut self, key: SliceKey, slice: Option<Slice>) {
+        self.put_slice(key, slice);
+    }
+
+    /// Replaces every Service (a re-list): anything not listed is gone.
+    pub fn replace_services(
+        &mut self,
+        all: impl IntoIterator<Item = (ServiceKey, Vec<ServicePort>)>,
+    ) {
+        self.swap_services(all);
+    }
+
+    /// Replaces every EndpointSlice (a re-list): anything not listed is gone.
+    pub fn replace_slices(&mut self, all: impl IntoIterator<Item = (SliceKey, Slice)>) {
+        self.swap_slices(all);
+    }
+
+    /// Sets this node. A zone change changes every Service's topology.
+    pub fn set_node(&mut self, node: Node) {
+        self.put_node(node);
+    }
+
+    /// [`Store::apply_service`]; returns whether it changed.
+    fn put_service(&mut self, key: ServiceKey, ports: Option<Vec<ServicePort>>) -> bool {
         if self.services.get(&key) == ports.as_ref() {
-            return;
+            return false;
         }
         match ports {
             Some(p) => self.services.insert(key.clone(), p),
             None => self.services.remove(&key),
         };
         self.changed.insert(key);
+        true
     }
 
-    /// Adds, replaces (`Some`) or deletes (`None`) one EndpointSlice.
-    pub fn apply_slice(&mut self, key: SliceKey, slice: Option<Slice>) {
+    /// [`Store::apply_slice`]; returns whether it changed.
+    fn put_slice(&mut self, key: SliceKey, slice: Option<Slice>) -> bool {
         let old = self
             .owner
             .get(&key)
             .and_then(|svc| self.slices.get(&(svc.clone(), key.1.clone())));
         if old == slice.as_ref() {
-            return;
+            return false;
         }
         if let Some(svc) = self.owner.remove(&key) {
             self.slices.remove(&(svc.clone(), key.1.clone()));
@@ -84,46 +316,68 @@ impl Store {
             self.owner.insert(key.clone(), s.service.clone());
             self.slices.insert((s.service.clone(), key.1), s);
         }
+        true
     }
 
-    /// Replaces every Service (a re-list): anything not listed is gone.
-    pub fn replace_services(
+    /// [`Store::replace_services`]; returns whether any Service changed.
+    fn swap_services(
         &mut self,
         all: impl IntoIterator<Item = (ServiceKey, Vec<ServicePort>)>,
-    ) {
+    ) -> bool {
         let new: BTreeMap<_, _> = all.into_iter().collect();
         let keys: BTreeSet<ServiceKey> = self.services.keys().chain(new.keys()).cloned().collect();
+        let mut any = false;
         for k in keys {
             if self.services.get(&k) != new.get(&k) {
                 self.changed.insert(k);
+                any = true;
             }
         }
         self.services = new;
+        any
     }
 
-    /// Replaces every EndpointSlice (a re-list): anything not listed is gone.
-    pub fn replace_slices(&mut self, all: impl IntoIterator<Item = (SliceKey, Slice)>) {
+    /// [`Store::replace_slices`]; returns whether any Service's slices changed.
+    fn swap_slices(&mut self, all: impl IntoIterator<Item = (SliceKey, Slice)>) -> bool {
         let mut fresh = Store::default();
         for (k, s) in all {
-            fresh.apply_slice(k, Some(s));
+            fresh.put_slice(k, Some(s));
         }
         let keys: BTreeSet<&(ServiceKey, String)> =
             self.slices.keys().chain(fresh.slices.keys()).collect();
+        let mut any = false;
         for k in keys {
             if self.slices.get(k) != fresh.slices.get(k) {
                 self.changed.insert(k.0.clone());
+                any = true;
             }
         }
         self.slices = fresh.slices;
         self.owner = fresh.owner;
+        any
     }
 
-    /// Sets this node. A zone change changes every Service's topology.
-    pub fn set_node(&mut self, node: Node) {
+    /// [`Store::set_node`]; returns whether it changed.
+    fn put_node(&mut self, node: Node) -> bool {
         if self.node.as_ref() != Some(&node) {
             self.node = Some(node);
             self.node_changed = true;
+            return true;
         }
+        false
+    }
+
+    /// Sets this node and its eligibility; returns whether either changed.
+    pub fn set_node_state(&mut self, state: NodeState) -> bool {
+        let eligibility = self.node_ineligible == state.eligible;
+        self.node_ineligible = !state.eligible;
+        self.put_node(state.node) | eligibility
+    }
+
+    /// Whether this node may receive load-balancer traffic (KEP-3836; see
+    /// [`crate::convert::NodeState`]). True until a Node object says otherwise.
+    pub fn node_eligible(&self) -> bool {
+        !self.node_ineligible
     }
 
     /// This node, once known.
@@ -300,5 +554,264 @@ mod tests {
                 ("10.244.0.3:8080".to_string(), Conditions::READY),
             ]
         );
+    }
+
+    // Re-list semantics (kube-runtime's Init / InitApply / InitDone), without HTTP.
+
+    fn skey(name: &str) -> ServiceKey {
+        ServiceKey {
+            namespace: "ns".into(),
+            name: name.into(),
+        }
+    }
+
+    fn ports(name: &str, port: u16) -> Vec<ServicePort> {
+        vec![
+            ServicePort::builder("ns", name, "http", Protocol::Tcp, port)
+                .cluster_ips(["10.96.0.1"])
+                .build()
+                .expect("valid port"),
+        ]
+    }
+
+    fn slice_of(service: &str, ips: &[&str]) -> Slice {
+        let mut s = slice(
+            &ips.iter()
+                .map(|ip| (*ip, Conditions::READY))
+                .collect::<Vec<_>>(),
+        );
+        s.service = skey(service);
+        s
+    }
+
+    fn svc(e: Event<ServiceKey, Vec<ServicePort>>) -> StoreEvent {
+        StoreEvent::Service(e)
+    }
+
+    fn sl(e: Event<SliceKey, Slice>) -> StoreEvent {
+        StoreEvent::Slice(e)
+    }
+
+    fn sk(name: &str) -> SliceKey {
+        ("ns".into(), name.into())
+    }
+
+    fn addrs(store: &Store, service: &str) -> Vec<String> {
+        store
+            .entries(&skey(service))
+            .iter()
+            .flat_map(|e| e.endpoints.iter().map(|ep| ep.addr().to_string()))
+            .collect()
+    }
+
+    fn names(set: &BTreeSet<ServiceKey>) -> Vec<&str> {
+        set.iter().map(|k| k.name.as_str()).collect()
+    }
+
+    /// A store holding Services a and b, slices a-1 (of a) and b-1 (of b), changes taken.
+    fn populated() -> Store {
+        let mut store = Store::new();
+        for e in [
+            svc(Event::Init),
+            svc(Event::InitApply(skey("a"), ports("a", 80))),
+            svc(Event::InitApply(skey("b"), ports("b", 81))),
+            svc(Event::InitDone),
+            sl(Event::Init),
+            sl(Event::InitApply(sk("a-1"), slice_of("a", &["10.244.0.1"]))),
+            sl(Event::InitApply(sk("b-1"), slice_of("b", &["10.244.0.2"]))),
+            sl(Event::InitDone),
+        ] {
+            store.apply(e);
+        }
+        store.take_changes();
+        store
+    }
+
+    #[test]
+    fn a_relist_removes_services_and_slices_deleted_while_the_watch_was_down() {
+        let mut store = populated();
+        for e in [
+            svc(Event::Init),
+            svc(Event::InitApply(skey("a"), ports("a", 80))),
+            sl(Event::Init),
+        ] {
+            assert!(!store.apply(e), "nothing changes before InitDone");
+        }
+        assert!(store.apply(svc(Event::InitDone)));
+        assert_eq!(store.service_count(), 1);
+        assert!(store.entries(&skey("b")).is_empty());
+        // The slice re-list lists nothing: a's endpoints are gone with its slice.
+        assert!(store.apply(sl(Event::InitDone)));
+        assert_eq!(addrs(&store, "a"), Vec::<String>::new());
+        assert_eq!(names(&store.take_changes().0), ["a", "b"]);
+    }
+
+    #[test]
+    fn a_relist_of_unchanged_objects_marks_nothing_changed() {
+        let mut store = populated();
+        for e in [
+            svc(Event::Init),
+            svc(Event::InitApply(skey("b"), ports("b", 81))),
+            svc(Event::InitApply(skey("a"), ports("a", 80))),
+            svc(Event::InitDone),
+            sl(Event::Init),
+            sl(Event::InitApply(sk("b-1"), slice_of("b", &["10.244.0.2"]))),
+            sl(Event::InitApply(sk("a-1"), slice_of("a", &["10.244.0.1"]))),
+            sl(Event::InitDone),
+        ] {
+            assert!(!store.apply(e));
+        }
+        assert!(!store.has_changes());
+        assert_eq!(addrs(&store, "a"), ["10.244.0.1:8080"]);
+    }
+
+    #[test]
+    fn a_relist_marks_only_the_services_whose_objects_differ() {
+        let mut store = populated();
+        for e in [
+            sl(Event::Init),
+            sl(Event::InitApply(sk("a-1"), slice_of("a", &["10.244.0.1"]))),
+            sl(Event::InitApply(sk("b-1"), slice_of("b", &["10.244.0.9"]))),
+        ] {
+            store.apply(e);
+        }
+        assert!(store.apply(sl(Event::InitDone)));
+        assert_eq!(names(&store.take_changes().0), ["b"]);
+        assert_eq!(addrs(&store, "b"), ["10.244.0.9:8080"]);
+    }
+
+    #[test]
+    fn the_old_state_keeps_serving_during_a_relist_and_kinds_interleave() {
+        let mut store = populated();
+        // Services and slices re-list at the same time, their events interleaved.
+        for e in [
+            svc(Event::Init),
+            sl(Event::Init),
+            sl(Event::InitApply(sk("a-1"), slice_of("a", &["10.244.0.5"]))),
+            svc(Event::InitApply(skey("a"), ports("a", 80))),
+        ] {
+            store.apply(e);
+            assert_eq!(store.service_count(), 2);
+            assert_eq!(addrs(&store, "a"), ["10.244.0.1:8080"]);
+            assert_eq!(addrs(&store, "b"), ["10.244.0.2:8080"]);
+        }
+        // The slices finish first: b's slice is gone, a's updated; b's Service still serves.
+        store.apply(sl(Event::InitDone));
+        assert_eq!(addrs(&store, "a"), ["10.244.0.5:8080"]);
+        assert_eq!(store.service_count(), 2);
+        store.apply(svc(Event::InitDone));
+        assert_eq!(store.service_count(), 1);
+        assert_eq!(names(&store.take_changes().0), ["a", "b"]);
+    }
+
+    #[test]
+    fn an_init_without_init_done_is_discarded_by_the_next_init() {
+        let mut store = populated();
+        for e in [
+            svc(Event::Init),
+            svc(Event::InitApply(skey("c"), ports("c", 82))),
+            // The watch failed before InitDone and starts over.
+            svc(Event::Init),
+            svc(Event::InitApply(skey("a"), ports("a", 80))),
+            svc(Event::InitApply(skey("b"), ports("b", 81))),
+        ] {
+            store.apply(e);
+        }
+        assert_eq!(
+            store.service_count(),
+            2,
+            "unfinished re-lists change nothing"
+        );
+        assert!(!store.apply(svc(Event::InitDone)));
+        assert!(
+            store.entries(&skey("c")).is_empty(),
+            "c was listed by the abandoned re-list only"
+        );
+        assert!(!store.has_changes());
+    }
+
+    #[test]
+    fn deletes_and_applies_during_a_relist_take_effect_now_and_survive_init_done() {
+        let mut store = populated();
+        for e in [
+            svc(Event::Init),
+            svc(Event::InitApply(skey("a"), ports("a", 80))),
+            svc(Event::InitApply(skey("b"), ports("b", 81))),
+        ] {
+            store.apply(e);
+        }
+        // Newer than the list: b is deleted and c added while the re-list runs.
+        assert!(store.apply(svc(Event::Delete(skey("b")))));
+        assert!(store.apply(svc(Event::Apply(skey("c"), ports("c", 82)))));
+        assert_eq!(store.service_count(), 2, "a and c serve at once");
+        assert_eq!(names(&store.take_changes().0), ["b", "c"]);
+        assert!(
+            !store.apply(svc(Event::InitDone)),
+            "the re-list agrees with the live state"
+        );
+        assert!(store.entries(&skey("b")).is_empty());
+        assert_eq!(store.entries(&skey("c")).len(), 1);
+    }
+
+    #[test]
+    fn a_slice_deleted_while_its_service_stays_takes_its_endpoints_with_it() {
+        let mut store = populated();
+        store.apply(sl(Event::Apply(sk("a-2"), slice_of("a", &["10.244.0.3"]))));
+        assert_eq!(addrs(&store, "a"), ["10.244.0.1:8080", "10.244.0.3:8080"]);
+        store.take_changes();
+        assert!(store.apply(sl(Event::Delete(sk("a-1")))));
+        assert_eq!(addrs(&store, "a"), ["10.244.0.3:8080"]);
+        assert_eq!(store.service_count(), 2);
+        assert_eq!(names(&store.take_changes().0), ["a"]);
+        // And through a re-list that no longer lists a-2.
+        for e in [
+            sl(Event::Init),
+            sl(Event::InitApply(sk("b-1"), slice_of("b", &["10.244.0.2"]))),
+            sl(Event::InitDone),
+        ] {
+            store.apply(e);
+        }
+        assert_eq!(addrs(&store, "a"), Vec::<String>::new());
+        assert_eq!(store.entries(&skey("a")).len(), 1, "the Service port stays");
+        assert_eq!(names(&store.take_changes().0), ["a"]);
+    }
+
+    #[test]
+    fn a_store_relisted_into_another_makes_it_equal() {
+        let source = populated();
+        let mut target = Store::new();
+        target.apply(svc(Event::Apply(skey("z"), ports("z", 99))));
+        for e in source.clone().into_relist() {
+            target.apply(e);
+        }
+        assert_eq!(target.service_count(), 2);
+        assert_eq!(addrs(&target, "a"), addrs(&source, "a"));
+        assert_eq!(addrs(&target, "b"), addrs(&source, "b"));
+        assert!(target.listed(Kind::Service) && target.listed(Kind::Slice));
+        assert!(!target.listed(Kind::Node), "the source knew no node");
+    }
+
+    #[test]
+    fn the_node_keeps_its_last_state_when_deleted_or_not_relisted_and_tracks_eligibility() {
+        let mut store = Store::new();
+        let n1 = |eligible| NodeState {
+            node: Node::new("n1", Some("z1")).expect("valid node"),
+            eligible,
+        };
+        let node = |e| StoreEvent::Node(e);
+        assert!(!store.listed(Kind::Node));
+        store.apply(node(Event::Init));
+        assert!(store.node().is_none());
+        assert!(!store.apply(node(Event::InitApply("n1".into(), n1(true)))));
+        assert!(store.apply(node(Event::InitDone)));
+        assert!(store.listed(Kind::Node));
+        assert_eq!(store.node().map(Node::name), Some("n1"));
+        assert!(store.node_eligible());
+        assert!(store.apply(node(Event::Apply("n1".into(), n1(false)))));
+        assert!(!store.node_eligible());
+        assert!(!store.apply(node(Event::Delete("n1".into()))));
+        store.apply(node(Event::Init));
+        assert!(!store.apply(node(Event::InitDone)));
+        assert_eq!(store.node().map(Node::name), Some("n1"));
     }
 }

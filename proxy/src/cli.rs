@@ -1,24 +1,20 @@
-//! The command line: raw arguments parsed by `clap`, validated into a [`Config`], then run.
+//! The command line: raw arguments parsed by `clap`, validated into typed settings ([`crate::config`]), then dispatched.
 
-use std::io::Write as _;
+//!
+//! Nothing else happens here: `run`, `render`, `explain` and `cleanup` are in
+//! [`crate::commands`], the daemon's start-up in [`crate::daemon`].
+
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
-use lb_core::IpFamily;
 
-use crate::compile::{self, Config, NodePortAddresses};
-use crate::conntrack::ServicePorts;
-use crate::convert::Filter;
-use crate::manifests::{ManifestError, Sources};
-use crate::metrics::{IgnoredLabel, KindLabel, Metrics};
-use crate::nft::ir::Ruleset;
-use crate::nft::{Backend, Transaction};
-use crate::store::Store;
-use crate::sync::Dataplane;
+use crate::commands::{self, RunOptions};
+use crate::config::{self, CompileConfig, NodePortAddresses, Ruleset};
+use crate::source::files::Files;
 
 /// A kube-proxy replacement: Kubernetes Services compiled into nftables over netlink.
 #[derive(Debug, Parser)]
@@ -107,7 +103,7 @@ pub enum Command {
     /// Remove everything lb-proxy installed in the current network namespace.
     Cleanup {
         /// Name of the nftables tables.
-        #[arg(long, default_value = compile::TABLE)]
+        #[arg(long, default_value = config::TABLE)]
         table: String,
     },
 }
@@ -178,7 +174,7 @@ pub struct DaemonArgs {
     #[arg(long, visible_alias = "iptables-masquerade-bit")]
     pub masquerade_bit: Option<i64>,
     /// Name of the nftables tables.
-    #[arg(long, default_value = compile::TABLE)]
+    #[arg(long, default_value = config::TABLE)]
     pub table: String,
     /// Handle only objects labelled `service.kubernetes.io/service-proxy-name=<this>`.
     #[arg(long)]
@@ -423,7 +419,7 @@ pub struct ManifestArgs {
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..=31))]
     pub masquerade_bit: u8,
     /// Name of the nftables tables.
-    #[arg(long, default_value = compile::TABLE)]
+    #[arg(long, default_value = config::TABLE)]
     pub table: String,
     /// Handle only objects labelled `service.kubernetes.io/service-proxy-name=<this>`.
     #[arg(long)]
@@ -475,7 +471,7 @@ fn flagz(command: &clap::Command, matches: &clap::ArgMatches) -> Vec<(String, St
 }
 
 impl ManifestArgs {
-    fn config(&self) -> anyhow::Result<Config> {
+    fn config(&self) -> anyhow::Result<CompileConfig> {
         let detect_local = crate::config::DetectLocalMode::parse(
             "--detect-local-mode",
             self.detect_local_mode.as_deref(),
@@ -485,7 +481,7 @@ impl ManifestArgs {
                 .unwrap_or_default(),
         )?
         .to_compile("--pod-bridge-interface", "--pod-interface-name-prefix")?;
-        Ok(Config {
+        Ok(CompileConfig {
             cluster_cidrs: self.cluster_cidr.clone(),
             masquerade_all: self.masquerade_all,
             masquerade_bit: self.masquerade_bit,
@@ -496,139 +492,21 @@ impl ManifestArgs {
         })
     }
 
-    fn filter(&self) -> Filter {
-        Filter {
-            service_proxy_name: self.service_proxy_name.clone(),
+    /// Which manifests to read, for which node.
+    pub fn files(&self) -> Files {
+        Files {
+            paths: self.paths.clone(),
+            node: self.node.clone(),
+            filter: crate::config::Filter {
+                service_proxy_name: self.service_proxy_name.clone(),
+            },
         }
-    }
-
-    /// Looks at the manifests (see [`Sources::refresh`] for `settle`) and, if they changed,
-    /// loads them into `store` (replacing what it held, as a re-list would). Problems are
-    /// reported on stderr (ignored objects once each) and counted in `metrics`.
-    fn load(
-        &self,
-        sources: &mut Sources,
-        store: &mut Store,
-        settle: Option<Duration>,
-        metrics: Option<&Metrics>,
-    ) -> anyhow::Result<Load> {
-        let filter = self.filter();
-        let first = store.node().is_none();
-        let r = sources.refresh(&filter, settle);
-        let mut read_errors = 0;
-        for e in &r.errors {
-            eprintln!("lb-proxy: skipped: {e}");
-            let kind = match e {
-                ManifestError::File { .. } => {
-                    read_errors += 1;
-                    continue;
-                }
-                ManifestError::Object { kind, .. } => kind.as_str(),
-                ManifestError::Invalid { source, .. } => source.kind,
-            };
-            if let Some(m) = metrics {
-                let kind = match kind {
-                    "Service" => "Service",
-                    "EndpointSlice" => "EndpointSlice",
-                    "ServiceCIDR" => "ServiceCIDR",
-                    _ => "Node",
-                };
-                m.invalid_objects.get_or_create(&KindLabel { kind }).inc();
-            }
-        }
-        for (file, n) in &r.removed {
-            eprintln!("lb-proxy: {file} was removed: deleting the {n} objects read from it");
-        }
-        if let Some(m) = metrics {
-            m.manifest_read_errors.inc_by(read_errors);
-            m.manifest_sources_failing
-                .set(i64::try_from(sources.failing()).unwrap_or(i64::MAX));
-        }
-        let mut load = Load {
-            service_cidrs: None,
-            changed: r.changed,
-            problems: r.errors.len(),
-            read_errors: read_errors > 0,
-        };
-        if !r.changed && !first {
-            return Ok(load);
-        }
-        let (objects, mut ignored) = sources.objects();
-        // Invalid ServiceCIDRs were reported when their file was read, as other objects.
-        load.service_cidrs = Some(objects.service_cidrs(&mut |_| {}));
-        let loaded = objects.replace_in(store, self.node.as_deref(), &filter);
-        // Invalid objects were reported when their file was read (and kept their last good
-        // version), so `loaded.invalid` holds nothing new.
-        for mut i in loaded.ignored {
-            i.file = sources.file_of(&i.kind, &i.name).unwrap_or_default();
-            ignored.push(i);
-        }
-        for i in sources.newly_ignored(ignored) {
-            eprintln!("lb-proxy: {i}");
-            if let Some(m) = metrics {
-                m.ignored_objects
-                    .get_or_create(&IgnoredLabel { kind: i.kind })
-                    .inc();
-            }
-        }
-        if store.node().is_none() {
-            bail!("no node: pass --node NAME (or NODE_NAME), or give exactly one Node object");
-        }
-        Ok(load)
-    }
-
-    /// Reads the manifests once into a new store: an error for a missing path, for any
-    /// skipped input unless `keep_going`, and always for read errors that leave no Service.
-    fn load_once(&self, keep_going: bool) -> anyhow::Result<(Store, Vec<IpNet>)> {
-        let mut sources = Sources::new(&self.paths);
-        sources.check_paths().map_err(anyhow::Error::msg)?;
-        let mut store = Store::new();
-        let load = self.load(&mut sources, &mut store, None, None)?;
-        if load.problems > 0 && !keep_going {
-            bail!(
-                "{} inputs skipped (see above), so nothing was done: fix them, or pass --keep-going to use the rest",
-                load.problems
-            );
-        }
-        if load.read_errors && store.service_count() == 0 {
-            bail!("manifests could not be read and no Service was: refusing to use an empty set");
-        }
-        Ok((store, load.service_cidrs.unwrap_or_default()))
     }
 
     /// The desired ruleset for the manifests as they are now (what is valid of them).
     pub fn desired(&self) -> anyhow::Result<Ruleset> {
-        self.desired_checked(true)
+        commands::desired(self.files(), self.config()?, true)
     }
-
-    /// The desired ruleset; an error when any input was skipped, unless `keep_going`.
-    fn desired_checked(&self, keep_going: bool) -> anyhow::Result<Ruleset> {
-        let (store, service_cidrs) = self.load_once(keep_going)?;
-        let snap = store.snapshot().context("node unknown")?;
-        let mut config = self.config()?;
-        if !service_cidrs.is_empty() {
-            config.service_cidrs = service_cidrs;
-        }
-        let mut rs = Ruleset::default();
-        for family in [IpFamily::V4, IpFamily::V6] {
-            let (id, table, _stats) = compile::compile(&snap, &config, family);
-            rs.tables.insert(id, table);
-        }
-        Ok(rs)
-    }
-}
-
-/// What one [`ManifestArgs::load`] found.
-#[derive(Debug, Clone)]
-struct Load {
-    /// The CIDRs of the ServiceCIDR objects, when the objects were (re)loaded.
-    service_cidrs: Option<Vec<IpNet>>,
-    /// The objects changed (the store was reloaded).
-    changed: bool,
-    /// Inputs skipped: files not read, objects invalid (each kept its last good state).
-    problems: usize,
-    /// Some file or path could not be read or parsed.
-    read_errors: bool,
 }
 
 /// Runs a parsed command line.
@@ -637,14 +515,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Render {
             manifests,
             keep_going,
-        } => {
-            let rs = manifests.desired_checked(keep_going)?;
-            let text = Transaction::create(&rs).to_nft();
-            std::io::stdout()
-                .write_all(text.as_bytes())
-                .context("writing to stdout")?;
-            Ok(())
-        }
+        } => commands::render(manifests.files(), manifests.config()?, keep_going),
         Command::Run {
             manifests,
             once,
@@ -653,8 +524,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             settle,
             metrics_bind_address,
             no_conntrack_cleanup,
-        } => run_manifests(
-            &manifests,
+        } => commands::run(
+            manifests.files(),
+            manifests.config()?,
             &RunOptions {
                 once,
                 keep_going,
@@ -664,7 +536,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 conntrack_cleanup: !no_conntrack_cleanup,
             },
         ),
-        Command::Cleanup { table } => cleanup(&table),
+        Command::Cleanup { table } => commands::cleanup(&table),
         Command::Explain {
             manifests,
             to,
@@ -674,53 +546,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             live,
             kernel,
         } => {
-            let (to_ip, port, protocol) =
-                crate::explain::parse_destination(&to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
-            if let Some(addr) = live {
-                let path = format!("/explain?to={to}&from={from}&fromNode={from_node}");
-                let (status, body) = http_get(addr, &path)?;
-                if status != 200 {
-                    bail!("{addr}{path}: HTTP {status}: {}", body.trim());
-                }
-                if json {
-                    println!("{}", body.trim());
-                } else {
-                    let e: crate::explain::Explanation =
-                        serde_json::from_str(&body).context("decoding the daemon's answer")?;
-                    print!("{e}");
-                }
-                return Ok(());
-            }
-            let to = to_ip;
-            let (store, service_cidrs) = manifests.load_once(true)?;
-            let snap = store.snapshot().context("node unknown")?;
-            let q = crate::explain::Query {
+            let question = commands::Question {
                 to,
-                port,
-                protocol,
                 from,
                 from_node,
-                to_node: true,
+                json,
+                kernel,
             };
-            let mut config = manifests.config()?;
-            if !service_cidrs.is_empty() {
-                config.service_cidrs = service_cidrs;
+            match live {
+                Some(addr) => commands::explain_live(addr, &question),
+                None => commands::explain(manifests.files(), manifests.config()?, &question),
             }
-            let e = if kernel {
-                let rs = crate::explain::kernel_ruleset(&config.table)?;
-                crate::explain::answer(&rs, &snap, &config, &q)?
-            } else {
-                crate::explain::explain(&snap, &config, &q)
-            };
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&e).context("encoding JSON")?
-                );
-            } else {
-                print!("{e}");
-            }
-            Ok(())
         }
         Command::Daemon(args) => daemon(*args),
     }
@@ -729,7 +565,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     if args.cleanup {
         init_logging(0, crate::config::LogFormat::Text);
-        return cleanup(&args.table);
+        return commands::cleanup(&args.table);
     }
     let file = args
         .config
@@ -774,125 +610,20 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     for warning in s.warnings.iter().chain(&args.kube_proxy_only.warnings()) {
         tracing::warn!("{warning}");
     }
-    let configz = s.to_kube_proxy_configuration();
-    if let Some(path) = &args.write_config_to {
-        let text = serde_saphyr::to_string(&configz).context("encoding the configuration")?;
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-        tracing::info!(file = %path.display(), "wrote the effective configuration");
-        return Ok(());
-    }
-    if s.cluster_cidrs.is_empty() {
-        tracing::warn!(
-            "no cluster CIDR (--cluster-cidr, clusterCIDR): pod traffic cannot be told apart, so traffic to cluster IPs from outside the pod network is not masqueraded and pods reaching an externalTrafficPolicy: Local address are not short-circuited to every endpoint"
-        );
-    }
-    set_oom_score_adj(s.oom_score_adj);
-    for problem in crate::config::apply_conntrack_sysctls(&s.conntrack) {
-        tracing::warn!(problem, "could not set a conntrack sysctl");
-    }
-    if args.init_only {
-        tracing::info!("initialisation done (--init-only)");
-        return Ok(());
-    }
-    crate::coexist::check(args.take_over)?;
-    let nodeport_addresses = s.nodeport_addresses();
-    let config = crate::daemon::DaemonConfig {
-        kubeconfig: s.kubeconfig,
-        master: s.master,
-        node: s.node,
-        compile: Config {
-            cluster_cidrs: s.cluster_cidrs,
-            masquerade_all: s.masquerade_all,
-            masquerade_bit: s.masquerade_bit,
-            nodeport_addresses,
+    crate::daemon::main(
+        s,
+        crate::daemon::Launch {
+            write_config_to: args.write_config_to.clone(),
+            init_only: args.init_only,
+            take_over: args.take_over,
             service_cidrs: args.service_cidr.clone(),
             table: args.table.clone(),
-            detect_local: s
-                .detect_local
-                .to_compile(
-                    "detectLocal.bridgeInterface",
-                    "detectLocal.interfaceNamePrefix",
-                )
-                .context("invalid configuration")?,
+            service_proxy_name: args.service_proxy_name.clone(),
+            full_sync_period: args.full_sync_period,
+            conntrack_cleanup: !args.no_conntrack_cleanup,
+            flagz: args.flagz.clone(),
         },
-        service_proxy_name: args.service_proxy_name.clone(),
-        min_sync_period: s.min_sync_period,
-        sync_period: s.sync_period,
-        full_sync_period: args.full_sync_period,
-        healthz_bind: s.healthz_bind,
-        metrics_bind: s.metrics_bind,
-        health_check_bind: s.health_check_bind,
-        bind_address_hard_fail: s.bind_address_hard_fail,
-        conntrack_cleanup: !args.no_conntrack_cleanup,
-        source: s.source,
-        configz,
-        flagz: args.flagz.clone(),
-    };
-    let backend = netlink()?;
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(&mut registry));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let registry = std::sync::Arc::new(registry);
-    runtime.block_on(crate::daemon::run(
-        config,
-        backend,
-        metrics,
-        registry,
-        shutdown_signal(),
-    ))
-}
-
-/// Sets this process's `oom_score_adj` as kube-proxy does (lowering it needs
-/// CAP_SYS_RESOURCE: without it, a warning).
-fn set_oom_score_adj(value: i32) {
-    let path = "/proc/self/oom_score_adj";
-    let current = std::fs::read_to_string(path).ok();
-    if current.as_deref().map(str::trim) == Some(value.to_string().as_str()) {
-        return;
-    }
-    if let Err(e) = std::fs::write(path, value.to_string()) {
-        tracing::warn!(value, error = %e, "could not set oom_score_adj (oomScoreAdj, --oom-score-adj)");
-    }
-}
-
-/// A plain HTTP/1.0 GET on a local address: (status, body).
-fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use std::io::Read as _;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .context("socket timeout")?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").context("sending the request")?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).context("reading the answer")?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("{addr}: not an HTTP answer"))?;
-    Ok((status, body.to_string()))
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => std::future::pending().await,
-    }
+    )
 }
 
 /// Logs on stderr: text (ANSI colours only when stderr is a terminal and `NO_COLOR` is
@@ -936,195 +667,4 @@ pub fn init_logging(verbosity: u32, format: crate::config::LogFormat) {
             builder.with_ansi(ansi).try_init()
         }
     };
-}
-
-fn netlink() -> anyhow::Result<crate::nft::netlink::Netlink> {
-    crate::nft::netlink::Netlink::new().context("opening the netfilter netlink socket")
-}
-
-fn cleanup(table: &str) -> anyhow::Result<()> {
-    let mut backend = netlink()?;
-    for family in [crate::nft::ir::Family::Ip, crate::nft::ir::Family::Ip6] {
-        let id = crate::nft::ir::TableId::new(family, table);
-        let tx = Transaction {
-            commands: vec![crate::nft::Command::DeleteTable { table: id.clone() }],
-        };
-        match backend.apply(&tx) {
-            Ok(()) => eprintln!("lb-proxy: deleted table {id}"),
-            Err(e) => eprintln!("lb-proxy: table {id}: {e}"),
-        }
-    }
-    Ok(())
-}
-
-/// How `run` runs.
-#[derive(Debug)]
-struct RunOptions {
-    once: bool,
-    keep_going: bool,
-    poll: Duration,
-    settle: Duration,
-    metrics_bind_address: Option<std::net::SocketAddr>,
-    conntrack_cleanup: bool,
-}
-
-/// `run`: program the node from the manifests, then follow them. Bad inputs keep what they
-/// last produced ([`Sources`]); a sync happens only when what was read changed, and never
-/// empties the dataplane because of read errors.
-fn run_manifests(args: &ManifestArgs, opts: &RunOptions) -> anyhow::Result<()> {
-    let mut sources = Sources::new(&args.paths);
-    sources.check_paths().map_err(anyhow::Error::msg)?;
-    let metrics = opts
-        .metrics_bind_address
-        .map(serve_run_metrics)
-        .transpose()?;
-    let metrics = metrics.as_deref();
-    let mut dataplane = Dataplane::new(netlink()?, args.config()?);
-    let mut store = Store::new();
-    let mut load = args.load(&mut sources, &mut store, None, metrics)?;
-    if let Some(cidrs) = load.service_cidrs.take() {
-        dataplane.set_service_cidrs(cidrs);
-    }
-    if opts.once && load.problems > 0 && !opts.keep_going {
-        bail!(
-            "{} inputs skipped (see above), so nothing was programmed: fix them, or pass --keep-going to program the rest",
-            load.problems
-        );
-    }
-    let mut pending_empty = load.read_errors && store.service_count() == 0;
-    if pending_empty {
-        if opts.once {
-            bail!(
-                "manifests could not be read and no Service was: refusing to program an empty ruleset"
-            );
-        }
-        eprintln!(
-            "lb-proxy: manifests could not be read and no Service was: not programming an empty ruleset; waiting for readable manifests"
-        );
-    }
-    let mut tracked = ServicePorts::new();
-    if !pending_empty {
-        let report = dataplane
-            .sync(&mut store)
-            .context("programming the ruleset")?;
-        if let Some(m) = metrics {
-            m.observe_sync(&report, report.compute + report.apply);
-        }
-        eprintln!(
-            "lb-proxy: programmed {} service ports ({} commands, {} elements) in {:?} + {:?}",
-            report.service_ports, report.commands, report.elements, report.compute, report.apply
-        );
-        if opts.conntrack_cleanup {
-            clean_conntrack(&store, &mut tracked);
-        }
-    }
-    if opts.once {
-        return Ok(());
-    }
-    loop {
-        std::thread::sleep(opts.poll);
-        let load = match args.load(&mut sources, &mut store, Some(opts.settle), metrics) {
-            Ok(mut load) => {
-                if let Some(cidrs) = load.service_cidrs.take() {
-                    dataplane.set_service_cidrs(cidrs);
-                }
-                load
-            }
-            Err(e) => {
-                eprintln!("lb-proxy: keeping the current ruleset: {e:#}");
-                continue;
-            }
-        };
-        if !load.changed && !pending_empty {
-            continue;
-        }
-        if pending_empty {
-            if store.service_count() == 0 && sources.failing() > 0 {
-                continue;
-            }
-            pending_empty = false;
-        }
-        let synced = dataplane.sync(&mut store);
-        match &synced {
-            Ok(r) if r.commands == 0 => {}
-            Ok(r) => {
-                if let Some(m) = metrics {
-                    m.observe_sync(r, r.compute + r.apply);
-                }
-                eprintln!(
-                    "lb-proxy: applied {} service ports ({} commands, {} elements{}) in {:?} + {:?}",
-                    r.service_ports,
-                    r.commands,
-                    r.elements,
-                    if r.full { ", full" } else { "" },
-                    r.compute,
-                    r.apply
-                )
-            }
-            Err(e) => {
-                if let Some(m) = metrics {
-                    m.sync_failures.inc();
-                }
-                eprintln!(
-                    "lb-proxy: kernel rejected the change, the previous ruleset keeps serving: {e}"
-                )
-            }
-        }
-        if synced.is_ok() && opts.conntrack_cleanup {
-            clean_conntrack(&store, &mut tracked);
-        }
-    }
-}
-
-/// Serves `/metrics` for `run` on a thread of its own.
-fn serve_run_metrics(addr: std::net::SocketAddr) -> anyhow::Result<std::sync::Arc<Metrics>> {
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = std::sync::Arc::new(Metrics::new(&mut registry));
-    let registry = std::sync::Arc::new(registry);
-    let listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("--metrics-bind-address {addr}"))?;
-    listener.set_nonblocking(true).context("metrics listener")?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the metrics server")?;
-    std::thread::spawn(move || {
-        runtime.block_on(async move {
-            match tokio::net::TcpListener::from_std(listener) {
-                Ok(l) => {
-                    let pages = std::sync::Arc::new(crate::health::StatusPages::default());
-                    let _ = crate::health::serve_metrics(l, registry, None, None, pages).await;
-                }
-                Err(e) => eprintln!("lb-proxy: metrics server: {e}"),
-            }
-        });
-    });
-    Ok(metrics)
-}
-
-/// Conntrack cleanup after a successful sync ([`crate::conntrack`]): deletes the UDP/SCTP
-/// flows that would keep clients on a removed endpoint, or on a service address that had no
-/// endpoints. `previous` advances only when the cleanup succeeds, so a failed one is retried
-/// after the next sync.
-fn clean_conntrack(store: &Store, previous: &mut ServicePorts) {
-    let Some(snapshot) = store.snapshot() else {
-        return;
-    };
-    let next = ServicePorts::from_snapshot(&snapshot);
-    let started = std::time::Instant::now();
-    match crate::conntrack::cleanup(previous, &next, &next) {
-        Ok(0) => {}
-        Ok(n) => eprintln!(
-            "lb-proxy: conntrack: deleted {n} stale UDP/SCTP flows in {:?}",
-            started.elapsed()
-        ),
-        Err(e) => {
-            eprintln!(
-                "lb-proxy: conntrack cleanup failed, retrying after the next sync: {:#}",
-                anyhow::Error::new(e)
-            );
-            return;
-        }
-    }
-    *previous = next;
 }

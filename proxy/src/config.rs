@@ -19,6 +19,11 @@
 //!
 //! Durations everywhere (file and flags) use one parser with Go's syntax ([`parse_go_duration`]).
 
+// The settings types the command line validates into, so `cli` needs this module only.
+pub use crate::compile::{Config as CompileConfig, NodePortAddresses, TABLE};
+pub use crate::convert::Filter;
+pub use crate::nft::ir::Ruleset;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -27,8 +32,6 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::{Value, json};
-
-use crate::compile::NodePortAddresses;
 
 /// `KubeProxyConfiguration` (v1alpha1), every field kube-proxy knows. Absent and `null` are
 /// both `None`.

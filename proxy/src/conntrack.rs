@@ -19,7 +19,7 @@
 //!
 //! [`cleanup`] joins them; a sync loop calls it after every successful sync, with the service
 //! ports it had at the previous successful cleanup and the ones it has now (see
-//! `cli::run_manifests`). The rules are kube-proxy's diff-based ones (v1.28–v1.31,
+//! `crate::reconcile`). The rules are kube-proxy's diff-based ones (v1.28–v1.31,
 //! `CleanStaleEntries`), and in the same dump the whole table is reconciled against the
 //! serving endpoints, as kube-proxy does since v1.32 ([`Reconciler`]): that also cleans flows
 //! that went stale while lb-proxy was not running. Two deliberate differences: **SCTP is cleaned as well as UDP**

@@ -72,7 +72,7 @@ fn main() {
     .arg("--kubeconfig")
     .arg(&kubeconfig)
     .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-    .env("RUST_LOG", "warn,lb_proxy::daemon=debug")
+    .env("RUST_LOG", "warn,lb_proxy::reconcile=debug")
     .env("NO_COLOR", "1")
     .stdout(Stdio::null())
     .stderr(Stdio::piped());

@@ -138,7 +138,7 @@ pub fn daemon(n: u32, m: u32, changes: u32) {
         .arg(&kubeconfig)
         .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
         .args(["--min-sync-period", "0"])
-        .env("RUST_LOG", "warn,lb_proxy::daemon=debug")
+        .env("RUST_LOG", "warn,lb_proxy::reconcile=debug")
         .env("NO_COLOR", "1")
         // jemalloc's own statistics, printed when the daemon exits.
         .env(
