@@ -1,7 +1,7 @@
 //! `lb-proxy` library: the node daemon's building blocks.
 //!
-//! - [`nft`]: a small "knftables in Rust": typed nftables IR, `nft -f` rendering, diff,
-//!   transactions, and backends (in-memory fake, netlink).
+//! - [`nft`]: the crate `lb-nft`, a small "knftables in Rust": typed nftables IR, `nft -f`
+//!   rendering, diff, transactions, and backends (in-memory fake, netlink).
 
 pub mod cli;
 pub mod coexist;
@@ -13,7 +13,6 @@ pub mod explain;
 pub mod health;
 pub mod manifests;
 pub mod metrics;
-pub mod nft;
 pub mod process;
 pub mod sync;
 
@@ -21,3 +20,7 @@ pub mod sync;
 // embedders get them without the daemon; re-exported here so `lb_proxy::convert` and
 // `lb_proxy::store` keep working.
 pub use lb_k8s::{convert, store};
+
+// The nftables layer is the crate `lb-nft` (it knows nothing of Kubernetes); re-exported as
+// `nft` so that `crate::nft::…` and `lb_proxy::nft::…` keep working.
+pub use lb_nft as nft;

@@ -27,7 +27,7 @@ use sys::libc::{c_char, c_int, c_void};
 
 use super::DumpedElement;
 use super::encode::{ElemDesc, Insn, SetDesc};
-use crate::nft::ElementCounter;
+use crate::ElementCounter;
 
 fn cstr(s: &str) -> Result<CString, String> {
     CString::new(s).map_err(|_| format!("NUL byte in {s:?}"))

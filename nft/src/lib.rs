@@ -13,7 +13,7 @@
 //! Where to start: [`ir`] for the data model, [`diff::diff`], [`Backend`].
 //!
 //! ```
-//! use lb_proxy::nft::{ir::*, diff::diff, fake::Fake, Backend};
+//! use lb_nft::{ir::*, diff::diff, fake::Fake, Backend};
 //! let mut desired = Ruleset::default();
 //! let t = desired.tables.entry(TableId::new(Family::Ip, "lb")).or_default();
 //! t.sets.insert("ports".into(), Set::new(SetSpec::set(vec![DataType::InetService])));
@@ -27,10 +27,11 @@
 pub mod diff;
 pub mod fake;
 pub mod ir;
+#[cfg(any(test, feature = "json"))]
 pub mod json;
 pub mod netlink;
 pub mod render;
-#[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod transaction;
 pub mod validate;

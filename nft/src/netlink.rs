@@ -738,7 +738,7 @@ impl Netlink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nft::ir::{Element, Value};
+    use crate::ir::{Element, Value};
 
     #[test]
     fn packed_element_messages_stay_under_the_limit_and_keep_each_interval_whole() {
