@@ -41,44 +41,110 @@ mod tests;
 
 pub use transaction::{Command, Transaction};
 
-/// Why a transaction was not applied. Whatever the variant, nothing was applied.
+/// Why a transaction was not applied (or a read failed). Whatever the variant, nothing was
+/// applied.
+///
+/// The message of each variant says what failed and where; the cause is its
+/// [`source`](std::error::Error::source), never also part of the message, so a chain printed
+/// whole (anyhow's `{:#}`, or tracing-subscriber's `error.sources`) shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// A command is invalid against the ruleset as it stands at that point of the transaction
     /// (the fake's and the encoder's checks).
-    #[error("command {index} `{command}` is invalid: {reason}")]
+    #[error("command {index} `{command}` is invalid")]
     Invalid {
         /// Index of the command in the transaction.
         index: usize,
         /// The command, rendered (truncated).
         command: String,
         /// What is wrong.
-        reason: String,
+        #[source]
+        reason: InvalidCommand,
     },
     /// The kernel rejected a message of the batch; it rolled the whole batch back.
-    #[error("kernel rejected command {index} `{command}`: {source}")]
+    #[error("kernel rejected command {index} `{command}`")]
     Kernel {
-        /// Index of the command in the transaction (`None`: the batch itself).
+        /// Index of the command in the transaction.
         index: usize,
         /// The command, rendered (truncated).
         command: String,
         /// The errno.
+        #[source]
         source: std::io::Error,
     },
     /// The kernel rejected the batch as a whole (e.g. permission).
-    #[error("kernel rejected the batch: {0}")]
-    Batch(std::io::Error),
-    /// A netlink socket step failed.
-    #[error("netlink {step} failed: {source}")]
+    #[error("kernel rejected the batch")]
+    Batch(#[source] std::io::Error),
+    /// A netlink socket step failed, or the kernel answered a request outside a batch (a
+    /// dump, a lookup) with an error.
+    #[error("netlink {step} failed")]
     Netlink {
-        /// Which step (`socket`, `sendmsg`, `recv`, …).
+        /// Which step (`socket`, `sendto`, `recv`, `dump`, …).
         step: &'static str,
         /// The error.
+        #[source]
         source: std::io::Error,
+    },
+    /// The kernel took only part of the batch: it would have aborted it at the cut.
+    #[error("netlink sendto sent {sent} of the batch's {len} bytes")]
+    ShortSend {
+        /// Bytes sent.
+        sent: usize,
+        /// The batch's size.
+        len: usize,
+    },
+    /// No acknowledgement came for the batch's last message (so it cannot be known to have
+    /// been applied).
+    #[error("no acknowledgement for the batch's last message")]
+    NoAck,
+    /// No reply came to a request outside a batch within its timeout.
+    #[error("no reply from the kernel to netlink {step}")]
+    NoReply {
+        /// The request (`dump`, `get element`).
+        step: &'static str,
+    },
+    /// Every dump of a set or of the tables was inconsistent (the ruleset kept changing, or a
+    /// hash set kept being resized): see [`netlink::Netlink::dump_elements`].
+    #[error("no consistent dump of {what} in {attempts} attempts")]
+    InconsistentDump {
+        /// What was dumped (`table ip lb set services`, `the tables`).
+        what: String,
+        /// Attempts made.
+        attempts: u64,
+    },
+    /// A dumped element's key or data does not decode with the set's declared types.
+    #[error("an element's {part} in {table} set {set} does not match the set's types")]
+    Undecodable {
+        /// The table.
+        table: ir::TableId,
+        /// The set.
+        set: String,
+        /// `key` or `data`.
+        part: &'static str,
+    },
+    /// A request outside a batch (a dump, a lookup) could not be encoded.
+    #[error("encoding a netlink {step} request")]
+    Request {
+        /// The request.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: netlink::EncodeError,
     },
     /// The backend cannot do this (e.g. read elements back).
     #[error("{0} is not supported by this backend")]
     Unsupported(&'static str),
+}
+
+/// Why a command is invalid: the reason of [`ApplyError::Invalid`].
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidCommand {
+    /// A check on the command and the ruleset (the fake's, as the kernel would refuse it).
+    #[error(transparent)]
+    State(#[from] fake::StateError),
+    /// The netlink encoder cannot express the command.
+    #[error(transparent)]
+    Encode(#[from] netlink::EncodeError),
 }
 
 impl ApplyError {
@@ -89,11 +155,18 @@ impl ApplyError {
             ApplyError::Kernel { source, .. }
             | ApplyError::Batch(source)
             | ApplyError::Netlink { source, .. } => source.raw_os_error() == Some(libc::ENOENT),
-            ApplyError::Invalid { .. } | ApplyError::Unsupported(_) => false,
+            ApplyError::Invalid { .. }
+            | ApplyError::ShortSend { .. }
+            | ApplyError::NoAck
+            | ApplyError::NoReply { .. }
+            | ApplyError::InconsistentDump { .. }
+            | ApplyError::Undecodable { .. }
+            | ApplyError::Request { .. }
+            | ApplyError::Unsupported(_) => false,
         }
     }
 
-    pub(crate) fn invalid(index: usize, cmd: &Command, reason: impl Into<String>) -> Self {
+    pub(crate) fn invalid(index: usize, cmd: &Command, reason: impl Into<InvalidCommand>) -> Self {
         ApplyError::Invalid {
             index,
             command: short(cmd),

@@ -10,7 +10,7 @@ use std::process::{Command as Proc, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use lb_nft::diff::diff;
-use lb_nft::fake::Fake;
+use lb_nft::fake::{Fake, StateError};
 use lb_nft::ir::*;
 use lb_nft::json::{from_nft_json, json_view};
 use lb_nft::netlink::encode::tuple_bytes;
@@ -18,7 +18,7 @@ use lb_nft::netlink::{Netlink, enter_netns};
 use lb_nft::testing::{
     firewall_key, firewall_ruleset, firewall_table_id, sample_ruleset, sample_ruleset_v6, table_id,
 };
-use lb_nft::{ApplyError, Backend, Command, Transaction};
+use lb_nft::{ApplyError, Backend, Command, InvalidCommand, Transaction};
 
 /// A network namespace deleted on drop.
 struct NetNs {
@@ -534,7 +534,16 @@ fn check_interval_sets(family: Family) {
         let err = fake
             .apply(&tx)
             .expect_err("the fake refuses the overlap too");
-        assert!(err.to_string().contains("overlaps"), "{err}");
+        assert!(
+            matches!(
+                err,
+                ApplyError::Invalid {
+                    reason: InvalidCommand::State(StateError::Overlap { .. }),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
     assert_same(&ns.listing(), &json_view(&rs), "after the refused overlaps");
 
