@@ -796,6 +796,63 @@ mod tests {
     use super::*;
     use crate::ir::{Element, Value};
 
+    /// Single-address elements `10.0.x.y` (one element each), `n` of them.
+    fn address_elements(n: u32) -> Vec<ElemDesc> {
+        (0..n)
+            .flat_map(|i| {
+                let addr = std::net::Ipv4Addr::from(0x0a00_0000 | i);
+                encode::elem_descs(&[Value::Ipv4(addr)], &Element::key_only())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_element_message_refuses_a_list_over_its_size_bound_whoever_packed_it() {
+        let fits = address_elements(100);
+        let per_element = fits[0].size_bound();
+        ElemsMsg::new(2, "lb", "ips", &fits).expect("100 elements fit one message");
+        let n = (MAX_ELEMS_BYTES / per_element + 1) as u32;
+        match ElemsMsg::new(2, "lb", "ips", &address_elements(n)) {
+            Err(EncodeError::ElementsTooLarge {
+                set,
+                elements,
+                bytes,
+                limit,
+            }) => {
+                assert_eq!((set.as_str(), elements as u32), ("ips", n));
+                assert!(
+                    bytes > limit && limit == MAX_ELEMS_BYTES,
+                    "{bytes} of {limit}"
+                );
+            }
+            Err(other) => panic!("expected ElementsTooLarge, got {other}"),
+            Ok(_) => panic!("{n} elements accepted in one message"),
+        }
+    }
+
+    #[test]
+    fn a_large_element_command_is_encoded_as_several_messages_of_that_command() {
+        let elements: Vec<_> = (0..5_000u32)
+            .map(|i| {
+                let key = vec![Value::Ipv4(std::net::Ipv4Addr::from(0x0a00_0000 | i))];
+                (key, Element::key_only())
+            })
+            .collect();
+        let cmd = Command::AddElements {
+            table: TableId::new(Family::Ip, "lb"),
+            set: "ips".into(),
+            elements,
+        };
+        let mut b = Batch {
+            batch: nftnl::Batch::new(),
+            owners: Vec::new(),
+            set_ids: 0,
+        };
+        encode_command(&mut b, 7, &cmd).expect("5,000 elements encode");
+        assert!(b.owners.len() > 1, "{} message(s)", b.owners.len());
+        assert!(b.owners.iter().all(|&(_, cmd)| cmd == 7));
+    }
+
     #[test]
     fn packed_element_messages_stay_under_the_limit_and_keep_each_interval_whole() {
         // Single-field prefixes: each is a start and an end element that must share a message.

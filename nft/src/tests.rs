@@ -526,3 +526,57 @@ fn interval_concatenation_renders_with_add_and_loads_the_listing_back() {
         ]
     );
 }
+
+/// The error chain as the binary prints it (`main` formats an `anyhow::Error` with `{:#}`).
+fn chain(e: ApplyError) -> String {
+    format!("{:#}", anyhow::Error::from(e))
+}
+
+#[test]
+fn apply_errors_print_their_os_error_exactly_once_in_the_chain() {
+    // Issue 8: a kernel rejection printed `…: File exists (os error 17): File exists (os
+    // error 17)`, the cause being both in the message and the source.
+    let eexist = || std::io::Error::from_raw_os_error(libc::EEXIST);
+    let os_text = eexist().to_string();
+    let errors = [
+        ApplyError::Kernel {
+            index: 3,
+            command: "add element ip lb services { 10.0.0.1 }".into(),
+            source: eexist(),
+        },
+        ApplyError::Batch(eexist()),
+        ApplyError::Netlink {
+            step: "dump",
+            source: eexist(),
+        },
+    ];
+    for e in errors {
+        let text = chain(e);
+        assert_eq!(text.matches(&os_text).count(), 1, "{text}");
+    }
+}
+
+#[test]
+fn an_invalid_command_prints_the_command_and_its_reason_once() {
+    let mut f = applied(&sample_ruleset());
+    let tx = Transaction {
+        commands: vec![Command::AddElements {
+            table: table_id(),
+            set: "service-ips".into(),
+            elements: vec![(
+                svc_key("10.9.9.9", 80),
+                Element::verdict(Verdict::Goto("gone".into())),
+            )],
+        }],
+    };
+    let text = chain(f.apply(&tx).expect_err("goto to a missing chain"));
+    assert!(
+        text.starts_with("command 0 `create element ip lbt service-ips "),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("chain gone does not exist").count(),
+        1,
+        "{text}"
+    );
+}
