@@ -1,8 +1,10 @@
-//! A small "knftables in Rust": a typed nftables IR, its `nft -f` rendering, a diff from the
-//! applied ruleset to the desired one, transactions, and backends that apply them atomically.
+//! `lb-nft`: a small "knftables in Rust": a typed nftables IR, its `nft -f` rendering, a diff
+//! from the applied ruleset to the desired one, transactions, and backends that apply them
+//! atomically.
 //!
 //! It knows nothing about Kubernetes: how Services become chains and map elements lives in
-//! `compile`. The pipeline is pure until the last step:
+//! `lb-proxy`'s `compile` (which uses this crate as `lb_proxy::nft`). The pipeline is pure
+//! until the last step:
 //!
 //! ```text
 //! desired: Ruleset ──► diff(applied, desired) ──► Transaction ──► Backend::apply
@@ -10,7 +12,15 @@
 //!                                                   └─ to_nft() text  └─ Netlink (one atomic batch)
 //! ```
 //!
-//! Where to start: [`ir`] for the data model, [`diff::diff`], [`Backend`].
+//! Where to start: [`ir`] for the data model, [`diff::diff`], [`Backend`]. Dependencies go one
+//! way: [`ir`] ← [`transaction`] ← [`diff`], [`render`]; the backends ([`fake`], [`netlink`])
+//! apply transactions and check them with [`validate`] (the fake) or while encoding (netlink).
+//! Errors are typed ([`ApplyError`], and below it [`validate::CheckError`],
+//! [`fake::StateError`], [`netlink::EncodeError`]); a cause is a `source`, never repeated in
+//! the message.
+//!
+//! Test-only modules are behind features, so a daemon built without them does not carry
+//! them: `testing` (fixture rulesets) and `json` (reading `nft -j list ruleset` back).
 //!
 //! ```
 //! use lb_nft::{ir::*, diff::diff, fake::Fake, Backend};
