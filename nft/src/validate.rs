@@ -258,12 +258,12 @@ fn expr_family(e: &Expr, family: Family) -> Result<(), CheckError> {
     );
     match (family, v4, v6) {
         (Family::Ip6, true, _) => Err(CheckError::ExprFamily {
-            expr: e.clone(),
+            expr: *e,
             version: 4,
             family,
         }),
         (Family::Ip, _, true) => Err(CheckError::ExprFamily {
-            expr: e.clone(),
+            expr: *e,
             version: 6,
             family,
         }),
@@ -294,7 +294,7 @@ fn key_spec(k: &KeySpec, family: Family, what: &'static str) -> Result<(), Check
             if e.is_ifname() {
                 return Err(CheckError::IfnameInKey {
                     what,
-                    expr: e.clone(),
+                    expr: *e,
                 });
             }
         }
@@ -356,24 +356,24 @@ fn values_fit(vals: &[Value], types: &[DataType], interval: bool) -> Result<(), 
     for (i, (v, t)) in vals.iter().zip(types).enumerate() {
         if !v.fits(*t) {
             return Err(CheckError::ValueType {
-                value: v.clone(),
+                value: *v,
                 ty: *t,
             });
         }
         match (v.is_prefix(), interval && i == last) {
             (true, false) if interval => {
                 return Err(CheckError::PrefixNotLast {
-                    value: v.clone(),
+                    value: *v,
                     field: i,
                 });
             }
             (true, false) => {
-                return Err(CheckError::PrefixOutsideInterval { value: v.clone() });
+                return Err(CheckError::PrefixOutsideInterval { value: *v });
             }
             // Interval keys always end with a prefix (a single address is a /32 or /128),
             // so that an element says by itself that it spans an interval.
             (false, true) => {
-                return Err(CheckError::IntervalWithoutPrefix { value: v.clone() });
+                return Err(CheckError::IntervalWithoutPrefix { value: *v });
             }
             _ => {}
         }
@@ -464,7 +464,7 @@ fn key_matches(key: &[Expr], types: &[DataType], family: Family) -> Result<(), C
         if e.is_ifname() {
             return Err(CheckError::IfnameInKey {
                 what: "key",
-                expr: e.clone(),
+                expr: *e,
             });
         }
     }
@@ -496,8 +496,8 @@ pub fn rule(table: &Table, family: Family, chain: &ChainSpec, r: &Rule) -> Resul
                 };
                 if !ok {
                     return Err(CheckError::Compare {
-                        left: left.clone(),
-                        right: right.clone(),
+                        left: *left,
+                        right: *right,
                     });
                 }
             }
