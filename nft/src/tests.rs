@@ -580,3 +580,24 @@ fn an_invalid_command_prints_the_command_and_its_reason_once() {
         "{text}"
     );
 }
+
+#[test]
+fn json_reader_errors_say_what_was_unsupported_or_missing() {
+    use super::json::JsonError;
+    assert!(matches!(
+        from_nft_json("{not json"),
+        Err(JsonError::Syntax(_))
+    ));
+    let arp = r#"{"nftables": [{"table": {"family": "arp", "name": "t", "handle": 1}}]}"#;
+    match from_nft_json(arp) {
+        Err(JsonError::Unsupported { what, value }) => {
+            assert_eq!((what, &*value), ("family", "arp"))
+        }
+        other => panic!("expected an unsupported family, got {other:?}"),
+    }
+    let nameless = r#"{"nftables": [{"table": {"family": "ip", "handle": 1}}]}"#;
+    match from_nft_json(nameless) {
+        Err(JsonError::Missing { field, .. }) => assert_eq!(field, "name"),
+        other => panic!("expected a missing name, got {other:?}"),
+    }
+}

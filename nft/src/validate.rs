@@ -292,10 +292,7 @@ fn key_spec(k: &KeySpec, family: Family, what: &'static str) -> Result<(), Check
         for e in es {
             expr_family(e, family)?;
             if e.is_ifname() {
-                return Err(CheckError::IfnameInKey {
-                    what,
-                    expr: *e,
-                });
+                return Err(CheckError::IfnameInKey { what, expr: *e });
             }
         }
     }
@@ -355,10 +352,7 @@ fn values_fit(vals: &[Value], types: &[DataType], interval: bool) -> Result<(), 
     let last = vals.len().saturating_sub(1);
     for (i, (v, t)) in vals.iter().zip(types).enumerate() {
         if !v.fits(*t) {
-            return Err(CheckError::ValueType {
-                value: *v,
-                ty: *t,
-            });
+            return Err(CheckError::ValueType { value: *v, ty: *t });
         }
         match (v.is_prefix(), interval && i == last) {
             (true, false) if interval => {
