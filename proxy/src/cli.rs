@@ -940,7 +940,7 @@ fn cleanup(table: &str) -> anyhow::Result<()> {
         };
         match backend.apply(&tx) {
             Ok(()) => eprintln!("lb-proxy: deleted table {id}"),
-            Err(e) => eprintln!("lb-proxy: table {id}: {e}"),
+            Err(e) => eprintln!("lb-proxy: table {id}: {}", crate::error_chain(&e)),
         }
     }
     Ok(())
@@ -1055,7 +1055,8 @@ fn run_manifests(args: &ManifestArgs, opts: &RunOptions) -> anyhow::Result<()> {
                     m.sync_failures.inc();
                 }
                 eprintln!(
-                    "lb-proxy: kernel rejected the change, the previous ruleset keeps serving: {e}"
+                    "lb-proxy: kernel rejected the change, the previous ruleset keeps serving: {}",
+                    crate::error_chain(e)
                 )
             }
         }

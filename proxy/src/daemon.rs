@@ -715,7 +715,7 @@ async fn sync_loop<B: Backend>(
                     Ok(t) => {
                         let _ = reply.send(t);
                     }
-                    Err(e) => tracing::warn!(error = %e, "reading the service traffic counters failed"),
+                    Err(e) => tracing::warn!(error = %crate::error_chain(&e), "reading the service traffic counters failed"),
                 }
                 continue;
             }
@@ -840,7 +840,11 @@ async fn sync_loop<B: Backend>(
                 let backoff = Duration::from_millis(500)
                     .saturating_mul(1u32 << failures.min(8))
                     .min(config.sync_period);
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the kernel rejected the sync; the previous ruleset keeps serving");
+                tracing::warn!(
+                    error = %crate::error_chain(&e),
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "the kernel rejected the sync; the previous ruleset keeps serving"
+                );
                 metrics.sync_failures.inc();
                 retry_after = Some(Instant::now() + backoff);
                 last_sync = Some(Instant::now());
