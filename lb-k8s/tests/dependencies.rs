@@ -14,6 +14,7 @@ const FORBIDDEN: &[&str] = &[
     "nftnl-sys",
     "mnl",
     "mnl-sys",
+    "lb-nft",
     "lb-proxy",
 ];
 

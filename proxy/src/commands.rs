@@ -257,7 +257,7 @@ pub fn cleanup(table: &str) -> anyhow::Result<()> {
         };
         match backend.apply(&tx) {
             Ok(()) => eprintln!("lb-proxy: deleted table {id}"),
-            Err(e) => eprintln!("lb-proxy: table {id}: {e}"),
+            Err(e) => eprintln!("lb-proxy: table {id}: {}", crate::error_chain(&e)),
         }
     }
     Ok(())

@@ -323,10 +323,11 @@ impl<B: Backend> Reconciler<B> {
                         .min(self.options.sync_period);
                     match self.options.voice {
                         Voice::Plain => eprintln!(
-                            "lb-proxy: kernel rejected the change, the previous ruleset keeps serving: {e}"
+                            "lb-proxy: kernel rejected the change, the previous ruleset keeps serving: {}",
+                            crate::error_chain(&e)
                         ),
                         Voice::Log => tracing::warn!(
-                            error = %e,
+                            error = %crate::error_chain(&e),
                             retry_in_ms = backoff.as_millis() as u64,
                             "the kernel rejected the sync; the previous ruleset keeps serving"
                         ),
@@ -362,7 +363,7 @@ impl<B: Backend> Reconciler<B> {
                     let _ = reply.send(t);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "reading the service traffic counters failed")
+                    tracing::warn!(error = %crate::error_chain(&e), "reading the service traffic counters failed")
                 }
             },
             Input::Event { arrived, event } => self.apply(arrived, event),

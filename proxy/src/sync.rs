@@ -200,7 +200,10 @@ impl<B: Backend> Dataplane<B> {
             match read_back(&mut self.backend, &stale) {
                 Ok(read) => purge.extend(stale.deletes(read)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "reading ClientIP affinity entries failed; deleting them after the sync")
+                    tracing::warn!(
+                        error = %crate::error_chain(&e),
+                        "reading ClientIP affinity entries failed; deleting them after the sync"
+                    )
                 }
             }
         }
@@ -319,8 +322,11 @@ impl<B: Backend> Dataplane<B> {
                     // Retrying cannot help.
                     self.affinity_pending = [Touched::new(), Touched::new()];
                 }
-                tracing::warn!(error = %e, "deleting stale ClientIP affinity entries failed");
-                report.affinity_purge_error = Some(e.to_string());
+                tracing::warn!(
+                    error = %crate::error_chain(&e),
+                    "deleting stale ClientIP affinity entries failed"
+                );
+                report.affinity_purge_error = Some(crate::error_chain(&e));
             }
         }
     }
@@ -339,7 +345,10 @@ impl<B: Backend> Dataplane<B> {
             return;
         }
         if let Err(e) = self.backend.apply(&tx) {
-            tracing::warn!(error = %e, "could not carry ClientIP affinity over a full sync; clients choose anew");
+            tracing::warn!(
+                error = %crate::error_chain(&e),
+                "could not carry ClientIP affinity over a full sync; clients choose anew"
+            );
         }
     }
 

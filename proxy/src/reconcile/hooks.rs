@@ -212,7 +212,7 @@ pub(super) fn clean_conntrack(
                 anyhow::Error::new(e)
             ),
             Voice::Log => {
-                tracing::warn!(error = %e, "conntrack cleanup failed; retried after the next sync")
+                tracing::warn!(error = %crate::error_chain(&e), "conntrack cleanup failed; retried after the next sync")
             }
         },
     }

@@ -13,6 +13,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::ir::{Element, ElementData, Key, Ruleset, Table, TableId};
 use super::transaction::{Command, Transaction};
 
+impl Transaction {
+    /// The transaction that creates `rs` from nothing (tables, sets, chains, elements, rules,
+    /// in an order where everything exists before it is referenced): the diff from an empty
+    /// ruleset. Defined here, not in [`super::transaction`], so that the dependency goes one
+    /// way (diff builds transactions; a transaction knows nothing of diff).
+    pub fn create(rs: &Ruleset) -> Self {
+        diff(&Ruleset::default(), rs)
+    }
+}
+
 /// Computes the transaction that turns `applied` into `desired`.
 pub fn diff(applied: &Ruleset, desired: &Ruleset) -> Transaction {
     let mut tx = Transaction::new();

@@ -7,7 +7,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::nft::ir::{
+use crate::ir::{
     ChainType, CmpOp, CtKey, CtState, CtStatus, DataType, DynsetOp, Element, ElementData, Expr,
     Family, FibAddr, Hook, KeySpec, MapData, MarkOp, MetaKey, NatFamily, Payload, Policy, Rule,
     SetSpec, Stmt, Value, Verdict,
@@ -879,7 +879,7 @@ pub fn policy(p: Policy) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nft::ir::{Expr, MetaKey, Payload};
+    use crate::ir::{Expr, MetaKey, Payload};
 
     #[test]
     fn dnat_map_rule_allocates_registers_like_nft() {

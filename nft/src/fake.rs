@@ -5,7 +5,110 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::ir::{Chain, ElementData, Key, Ruleset, Set, Table, TableId};
 use super::transaction::{Command, Transaction};
-use super::{ApplyError, Backend, ListedElement, render, validate};
+use super::validate::{self, CheckError};
+use super::{ApplyError, Backend, ListedElement, render};
+
+/// Why the fake refuses a command, as the kernel would: a check of [`validate`] on the
+/// command alone, or a conflict with what the ruleset holds at that point.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// The command itself is invalid.
+    #[error(transparent)]
+    Check(#[from] CheckError),
+    /// The command's table does not exist.
+    #[error("table {table} does not exist")]
+    NoTable {
+        /// The table.
+        table: TableId,
+    },
+    /// `add table` of a table that exists with another comment.
+    #[error("table {table} exists with another comment")]
+    TableComment {
+        /// The table.
+        table: TableId,
+    },
+    /// The command's chain does not exist.
+    #[error("no chain {chain}")]
+    NoChain {
+        /// The chain.
+        chain: String,
+    },
+    /// `add chain` of a chain that exists with other properties.
+    #[error("chain {chain} exists with other properties")]
+    ChainExists {
+        /// The chain.
+        chain: String,
+    },
+    /// `delete chain` of a chain with rules.
+    #[error("chain {chain} is not empty")]
+    ChainNotEmpty {
+        /// The chain.
+        chain: String,
+    },
+    /// `delete chain` of a chain a rule or verdict element still jumps to.
+    #[error("chain {chain} is still referenced")]
+    ChainReferenced {
+        /// The chain.
+        chain: String,
+    },
+    /// The command's set or map does not exist.
+    #[error("no set {set}")]
+    NoSet {
+        /// The set.
+        set: String,
+    },
+    /// `add set` of a set that exists with other properties.
+    #[error("set {set} exists with other properties")]
+    SetExists {
+        /// The set.
+        set: String,
+    },
+    /// `delete set` of a set a rule still uses.
+    #[error("set {set} is still referenced by a rule")]
+    SetReferenced {
+        /// The set.
+        set: String,
+    },
+    /// An element command without elements.
+    #[error("empty element list for {set}")]
+    NoElements {
+        /// The set.
+        set: String,
+    },
+    /// Elements added to or deleted from a `constant` set after the transaction that
+    /// created it.
+    #[error("set {set} is constant")]
+    ConstantSet {
+        /// The set.
+        set: String,
+    },
+    /// `create element` of a key the set holds.
+    #[error("element {key:?} already exists in {set}")]
+    ElementExists {
+        /// The set.
+        set: String,
+        /// The key.
+        key: Key,
+    },
+    /// `delete element` of a key the set does not hold.
+    #[error("element {key:?} does not exist in {set}")]
+    NoElement {
+        /// The set.
+        set: String,
+        /// The key.
+        key: Key,
+    },
+    /// Two elements of an interval set that overlap (rendered as nft writes them).
+    #[error("element {first} overlaps {second} in {set}")]
+    Overlap {
+        /// The set.
+        set: String,
+        /// One element.
+        first: String,
+        /// The other.
+        second: String,
+    },
+}
 
 /// The fake backend: its `ruleset` is what the "kernel" holds.
 #[derive(Debug, Clone, Default)]
@@ -66,10 +169,22 @@ impl Backend for Fake {
     }
 }
 
-fn table_mut<'a>(rs: &'a mut Ruleset, id: &TableId) -> Result<&'a mut Table, String> {
+fn table_mut<'a>(rs: &'a mut Ruleset, id: &TableId) -> Result<&'a mut Table, StateError> {
     rs.tables
         .get_mut(id)
-        .ok_or_else(|| format!("table {id} does not exist"))
+        .ok_or_else(|| StateError::NoTable { table: id.clone() })
+}
+
+fn no_chain(chain: &str) -> StateError {
+    StateError::NoChain {
+        chain: chain.to_owned(),
+    }
+}
+
+fn no_set(set: &str) -> StateError {
+    StateError::NoSet {
+        set: set.to_owned(),
+    }
 }
 
 fn chain_referenced(t: &Table, name: &str) -> bool {
@@ -90,7 +205,7 @@ pub fn apply_command(
     rs: &mut Ruleset,
     created: &mut BTreeSet<(TableId, String)>,
     c: &Command,
-) -> Result<(), String> {
+) -> Result<(), StateError> {
     let family = c.table().family;
     match c {
         Command::AddTable { table, comment } => {
@@ -98,7 +213,9 @@ pub fn apply_command(
             validate::comment(comment)?;
             match rs.tables.get(table) {
                 Some(t) if t.comment != *comment => {
-                    return Err(format!("table {table} exists with another comment"));
+                    return Err(StateError::TableComment {
+                        table: table.clone(),
+                    });
                 }
                 Some(_) => {}
                 None => {
@@ -111,9 +228,9 @@ pub fn apply_command(
             }
         }
         Command::DeleteTable { table } => {
-            rs.tables
-                .remove(table)
-                .ok_or_else(|| format!("table {table} does not exist"))?;
+            rs.tables.remove(table).ok_or_else(|| StateError::NoTable {
+                table: table.clone(),
+            })?;
         }
         Command::AddChain { table, chain, spec } => {
             validate::name("chain", chain)?;
@@ -121,7 +238,9 @@ pub fn apply_command(
             let t = table_mut(rs, table)?;
             match t.chains.get(chain) {
                 Some(c) if c.spec != *spec => {
-                    return Err(format!("chain {chain} exists with other properties"));
+                    return Err(StateError::ChainExists {
+                        chain: chain.clone(),
+                    });
                 }
                 Some(_) => {}
                 None => {
@@ -137,23 +256,21 @@ pub fn apply_command(
         }
         Command::FlushChain { table, chain } => {
             let t = table_mut(rs, table)?;
-            let c = t
-                .chains
-                .get_mut(chain)
-                .ok_or_else(|| format!("no chain {chain}"))?;
+            let c = t.chains.get_mut(chain).ok_or_else(|| no_chain(chain))?;
             c.rules.clear();
         }
         Command::DeleteChain { table, chain } => {
             let t = table_mut(rs, table)?;
-            let c = t
-                .chains
-                .get(chain)
-                .ok_or_else(|| format!("no chain {chain}"))?;
+            let c = t.chains.get(chain).ok_or_else(|| no_chain(chain))?;
             if !c.rules.is_empty() {
-                return Err(format!("chain {chain} is not empty"));
+                return Err(StateError::ChainNotEmpty {
+                    chain: chain.clone(),
+                });
             }
             if chain_referenced(t, chain) {
-                return Err(format!("chain {chain} is still referenced"));
+                return Err(StateError::ChainReferenced {
+                    chain: chain.clone(),
+                });
             }
             t.chains.remove(chain);
         }
@@ -163,7 +280,7 @@ pub fn apply_command(
             let t = table_mut(rs, table)?;
             match t.sets.get(set) {
                 Some(s) if s.spec != *spec => {
-                    return Err(format!("set {set} exists with other properties"));
+                    return Err(StateError::SetExists { set: set.clone() });
                 }
                 Some(_) => {}
                 None => {
@@ -174,19 +291,19 @@ pub fn apply_command(
         }
         Command::FlushSet { table, set, .. } => {
             let t = table_mut(rs, table)?;
-            let s = t.sets.get_mut(set).ok_or_else(|| format!("no set {set}"))?;
+            let s = t.sets.get_mut(set).ok_or_else(|| no_set(set))?;
             s.elements.clear();
         }
         Command::DeleteSet { table, set, .. } => {
             let t = table_mut(rs, table)?;
             if !t.sets.contains_key(set) {
-                return Err(format!("no set {set}"));
+                return Err(no_set(set));
             }
             if t.chains
                 .values()
                 .any(|c| c.rules.iter().any(|r| r.set_refs().any(|s| s == set)))
             {
-                return Err(format!("set {set} is still referenced by a rule"));
+                return Err(StateError::SetReferenced { set: set.clone() });
             }
             t.sets.remove(set);
         }
@@ -196,58 +313,58 @@ pub fn apply_command(
             elements,
         } => {
             if elements.is_empty() {
-                return Err("empty element list".into());
+                return Err(StateError::NoElements { set: set.clone() });
             }
             let t = table_mut(rs, table)?;
-            let s = t.sets.get(set).ok_or_else(|| format!("no set {set}"))?;
+            let s = t.sets.get(set).ok_or_else(|| no_set(set))?;
             if s.spec.flags.constant && !created.contains(&(table.clone(), set.clone())) {
-                return Err(format!("set {set} is constant"));
+                return Err(StateError::ConstantSet { set: set.clone() });
             }
             for (k, e) in elements {
                 validate::element(t, &s.spec, k, e)?;
             }
-            let s = t.sets.get_mut(set).ok_or_else(|| format!("no set {set}"))?;
+            let s = t.sets.get_mut(set).ok_or_else(|| no_set(set))?;
             for (k, e) in elements {
                 if s.elements.insert(k.clone(), e.clone()).is_some() {
-                    return Err(format!("element {k:?} already exists in {set}"));
+                    return Err(StateError::ElementExists {
+                        set: set.clone(),
+                        key: k.clone(),
+                    });
                 }
             }
             if s.spec.flags.interval {
                 if let Some((a, b)) = validate::overlapping(s.elements.keys()) {
-                    return Err(format!(
-                        "element {} overlaps {} in {set}",
-                        render::values(a),
-                        render::values(b)
-                    ));
+                    return Err(StateError::Overlap {
+                        set: set.clone(),
+                        first: render::values(a),
+                        second: render::values(b),
+                    });
                 }
             }
         }
         Command::DeleteElements { table, set, keys } => {
             if keys.is_empty() {
-                return Err("empty element list".into());
+                return Err(StateError::NoElements { set: set.clone() });
             }
             let t = table_mut(rs, table)?;
-            let s = t.sets.get_mut(set).ok_or_else(|| format!("no set {set}"))?;
+            let s = t.sets.get_mut(set).ok_or_else(|| no_set(set))?;
             if s.spec.flags.constant {
-                return Err(format!("set {set} is constant"));
+                return Err(StateError::ConstantSet { set: set.clone() });
             }
             for k in keys {
                 if s.elements.remove(k).is_none() {
-                    return Err(format!("element {k:?} does not exist in {set}"));
+                    return Err(StateError::NoElement {
+                        set: set.clone(),
+                        key: k.clone(),
+                    });
                 }
             }
         }
         Command::AddRule { table, chain, rule } => {
             let t = table_mut(rs, table)?;
-            let c = t
-                .chains
-                .get(chain)
-                .ok_or_else(|| format!("no chain {chain}"))?;
+            let c = t.chains.get(chain).ok_or_else(|| no_chain(chain))?;
             validate::rule(t, family, &c.spec, rule)?;
-            let c = t
-                .chains
-                .get_mut(chain)
-                .ok_or_else(|| format!("no chain {chain}"))?;
+            let c = t.chains.get_mut(chain).ok_or_else(|| no_chain(chain))?;
             c.rules.push(rule.clone());
         }
     }

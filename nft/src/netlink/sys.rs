@@ -25,23 +25,29 @@ use nftnl::nftnl_sys as sys;
 use nftnl::{MsgType, NlMsg};
 use sys::libc::{c_char, c_int, c_void};
 
-use super::DumpedElement;
 use super::encode::{ElemDesc, Insn, SetDesc};
-use crate::nft::ElementCounter;
+use super::{DumpedElement, EncodeError};
+use crate::ElementCounter;
 
-fn cstr(s: &str) -> Result<CString, String> {
-    CString::new(s).map_err(|_| format!("NUL byte in {s:?}"))
+/// `s` as a C string; `what` names it in the error (`table name`, `comment`, …).
+pub fn cstr(what: &'static str, s: &str) -> Result<CString, EncodeError> {
+    CString::new(s).map_err(|_| EncodeError::Nul {
+        what,
+        value: s.to_owned(),
+    })
 }
 
 macro_rules! owned {
     ($name:ident, $ty:ty, $alloc:path, $free:path) => {
         struct $name(*mut $ty);
         impl $name {
-            fn new() -> Result<Self, String> {
+            fn new() -> Result<Self, EncodeError> {
                 // SAFETY: the allocator takes no arguments; a null return is handled.
                 let p = unsafe { $alloc() };
                 if p.is_null() {
-                    Err("libnftnl allocation failed".into())
+                    Err(EncodeError::Alloc {
+                        object: stringify!($ty),
+                    })
                 } else {
                     Ok(Self(p))
                 }
@@ -106,9 +112,9 @@ unsafe impl Send for TableMsg {}
 
 impl TableMsg {
     /// A table `name` of `family`, with optional userdata.
-    pub fn new(family: u16, name: &str, udata: Option<&[u8]>) -> Result<Self, String> {
+    pub fn new(family: u16, name: &str, udata: Option<&[u8]>) -> Result<Self, EncodeError> {
         let t = Table::new()?;
-        let name = cstr(name)?;
+        let name = cstr("table name", name)?;
         // SAFETY: t.0 is a live table; libnftnl copies strings and data.
         unsafe {
             sys::nftnl_table_set_str(t.0, sys::NFTNL_TABLE_NAME as u16, name.as_ptr());
@@ -161,10 +167,10 @@ impl ChainMsg {
         name: &str,
         base: Option<BaseDesc<'_>>,
         udata: Option<&[u8]>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, EncodeError> {
         let c = Chain::new()?;
-        let (table, name) = (cstr(table)?, cstr(name)?);
-        let kind = base.map(|b| cstr(b.2)).transpose()?;
+        let (table, name) = (cstr("table name", table)?, cstr("chain name", name)?);
+        let kind = base.map(|b| cstr("chain type", b.2)).transpose()?;
         // SAFETY: c.0 is a live chain; libnftnl copies strings and data.
         unsafe {
             sys::nftnl_chain_set_str(c.0, sys::NFTNL_CHAIN_TABLE as u16, table.as_ptr());
@@ -215,9 +221,9 @@ pub struct SetMsg {
 unsafe impl Send for SetMsg {}
 
 impl SetMsg {
-    fn named(family: u16, table: &str, name: &str) -> Result<Self, String> {
+    fn named(family: u16, table: &str, name: &str) -> Result<Self, EncodeError> {
         let s = Set::new()?;
-        let (table, name) = (cstr(table)?, cstr(name)?);
+        let (table, name) = (cstr("table name", table)?, cstr("set name", name)?);
         // SAFETY: s.0 is a live set; libnftnl copies strings.
         unsafe {
             sys::nftnl_set_set_str(s.0, sys::NFTNL_SET_TABLE as u16, table.as_ptr());
@@ -228,18 +234,24 @@ impl SetMsg {
     }
 
     /// The set to delete (names only).
-    pub fn delete(family: u16, table: &str, name: &str) -> Result<Self, String> {
+    pub fn delete(family: u16, table: &str, name: &str) -> Result<Self, EncodeError> {
         Self::named(family, table, name)
     }
 
     /// The set to create: `id` names it within the batch (`NFTA_SET_ID`).
-    pub fn new(family: u16, table: &str, name: &str, id: u32, d: &SetDesc) -> Result<Self, String> {
+    pub fn new(
+        family: u16,
+        table: &str,
+        name: &str,
+        id: u32,
+        d: &SetDesc,
+    ) -> Result<Self, EncodeError> {
         // libnftnl counts the field lengths up to the first zero in an array of 16.
         if d.concat.len() >= 16 || d.concat.contains(&0) {
-            return Err(format!(
-                "interval concatenation of {} fields is not encodable",
-                d.concat.len()
-            ));
+            return Err(EncodeError::Concat {
+                set: name.to_owned(),
+                fields: d.concat.len(),
+            });
         }
         let msg = Self::named(family, table, name)?;
         let s = msg.s.0;
@@ -311,18 +323,29 @@ unsafe impl Send for ElemsMsg {}
 
 /// The largest serialised element list we let into one message ([`ElemsMsg::new`] refuses
 /// more): the element list is one netlink attribute, whose length is 16 bits.
-const MAX_ELEMS_BYTES: usize = 60 * 1024;
+pub const MAX_ELEMS_BYTES: usize = 60 * 1024;
 
 impl ElemsMsg {
-    /// The elements `elems` of `set`, whose [`ElemDesc::size_bound`]s must add up to at most
-    /// 60 KiB (callers pack by [`super::ELEMS_PER_MSG_BYTES`]); none for a flush or a dump.
-    pub fn new(family: u16, table: &str, set: &str, elems: &[ElemDesc]) -> Result<Self, String> {
+    /// The elements `elems` of `set`; none for a flush or a dump.
+    ///
+    /// The message checks its own size: if the [`ElemDesc::size_bound`]s add up to more than
+    /// [`MAX_ELEMS_BYTES`] it is refused with [`EncodeError::ElementsTooLarge`], whoever
+    /// packed the list (the batch packs by the smaller [`super::ELEMS_PER_MSG_BYTES`]). The
+    /// `unsafe` [`NlMsg`] implementation relies on this bound.
+    pub fn new(
+        family: u16,
+        table: &str,
+        set: &str,
+        elems: &[ElemDesc],
+    ) -> Result<Self, EncodeError> {
         let size_bound: usize = elems.iter().map(ElemDesc::size_bound).sum();
         if size_bound > MAX_ELEMS_BYTES {
-            return Err(format!(
-                "{} elements ({size_bound} bytes) do not fit one netlink message",
-                elems.len()
-            ));
+            return Err(EncodeError::ElementsTooLarge {
+                set: set.to_owned(),
+                elements: elems.len(),
+                bytes: size_bound,
+                limit: MAX_ELEMS_BYTES,
+            });
         }
         let s = SetMsg::named(family, table, set)?.s;
         for e in elems {
@@ -331,7 +354,9 @@ impl ElemsMsg {
             unsafe {
                 let el = sys::nftnl_set_elem_alloc();
                 if el.is_null() {
-                    return Err("libnftnl allocation failed".into());
+                    return Err(EncodeError::Alloc {
+                        object: "nftnl_set_elem",
+                    });
                 }
                 sys::nftnl_set_elem_add(s.0, el);
                 sys::nftnl_set_elem_set(
@@ -358,7 +383,7 @@ impl ElemsMsg {
                         *code as u32,
                     );
                     if let Some(c) = chain {
-                        let c = cstr(c)?;
+                        let c = cstr("verdict chain", c)?;
                         sys::nftnl_set_elem_set_str(
                             el,
                             sys::NFTNL_SET_ELEM_CHAIN as u16,
@@ -457,19 +482,23 @@ pub fn rule<'a>(
     chain: &'a nftnl::Chain<'a>,
     insns: &[Insn],
     comment: Option<&str>,
-) -> Result<nftnl::Rule<'a>, String> {
+) -> Result<nftnl::Rule<'a>, EncodeError> {
     // Built first, so that a failure leaves no half-built rule.
     let exprs = insns
         .iter()
         .map(build_expr)
         .collect::<Result<Vec<_>, _>>()?;
-    let comment = comment.map(cstr).transpose()?;
+    let comment = comment.map(|c| cstr("rule comment", c)).transpose()?;
     let mut r = nftnl::Rule::new(chain);
     for e in exprs {
         r.add_expr(&Handover(Cell::new(Some(e))));
     }
     if let Some(c) = comment {
-        r.set_comment(c).map_err(|e| format!("rule comment: {e}"))?;
+        r.set_comment(&c)
+            .map_err(|reason| EncodeError::RuleComment {
+                comment: c.to_string_lossy().into_owned(),
+                reason,
+            })?;
     }
     Ok(r)
 }
@@ -491,12 +520,12 @@ impl nftnl::expr::Expression for Handover {
 struct Expr(*mut sys::nftnl_expr);
 
 impl Expr {
-    fn new(name: &str) -> Result<Self, String> {
-        let n = cstr(name)?;
+    fn new(name: &'static str) -> Result<Self, EncodeError> {
+        let n = cstr("expression name", name)?;
         // SAFETY: n is a valid C string; a null return is handled.
         let p = unsafe { sys::nftnl_expr_alloc(n.as_ptr()) };
         if p.is_null() {
-            Err(format!("libnftnl has no expression {name}"))
+            Err(EncodeError::Expression { name })
         } else {
             Ok(Self(p))
         }
@@ -523,8 +552,8 @@ impl Expr {
         };
         self
     }
-    fn str(&self, attr: u32, s: &str) -> Result<&Self, String> {
-        let c = cstr(s)?;
+    fn str(&self, attr: u32, what: &'static str, s: &str) -> Result<&Self, EncodeError> {
+        let c = cstr(what, s)?;
         // SAFETY: as above; libnftnl copies the string.
         unsafe { sys::nftnl_expr_set_str(self.0, attr as u16, c.as_ptr()) };
         Ok(self)
@@ -547,7 +576,7 @@ impl Drop for Expr {
     }
 }
 
-fn build_expr(i: &Insn) -> Result<Expr, String> {
+fn build_expr(i: &Insn) -> Result<Expr, EncodeError> {
     Ok(match i {
         Insn::Payload {
             base,
@@ -622,8 +651,11 @@ fn build_expr(i: &Insn) -> Result<Expr, String> {
             invert,
         } => {
             let e = Expr::new("lookup")?;
-            e.u32(sys::NFTNL_EXPR_LOOKUP_SREG, *sreg)
-                .str(sys::NFTNL_EXPR_LOOKUP_SET, set)?;
+            e.u32(sys::NFTNL_EXPR_LOOKUP_SREG, *sreg).str(
+                sys::NFTNL_EXPR_LOOKUP_SET,
+                "set name",
+                set,
+            )?;
             if let Some(d) = dreg {
                 e.u32(sys::NFTNL_EXPR_LOOKUP_DREG, *d);
             }
@@ -687,7 +719,7 @@ fn build_expr(i: &Insn) -> Result<Expr, String> {
             e.u32(sys::NFTNL_EXPR_IMM_DREG, libc::NFT_REG_VERDICT as u32)
                 .u32(sys::NFTNL_EXPR_IMM_VERDICT, *code as u32);
             if let Some(c) = chain {
-                e.str(sys::NFTNL_EXPR_IMM_CHAIN, c)?;
+                e.str(sys::NFTNL_EXPR_IMM_CHAIN, "chain name", c)?;
             }
             e
         }
@@ -700,7 +732,7 @@ fn build_expr(i: &Insn) -> Result<Expr, String> {
             let e = Expr::new("dynset")?;
             e.u32(sys::NFTNL_EXPR_DYNSET_OP, *op)
                 .u32(sys::NFTNL_EXPR_DYNSET_SREG_KEY, *sreg_key)
-                .str(sys::NFTNL_EXPR_DYNSET_SET_NAME, set)?;
+                .str(sys::NFTNL_EXPR_DYNSET_SET_NAME, "set name", set)?;
             if let Some(d) = sreg_data {
                 e.u32(sys::NFTNL_EXPR_DYNSET_SREG_DATA, *d);
             }

@@ -9,16 +9,16 @@ use std::path::PathBuf;
 use std::process::{Command as Proc, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use lb_proxy::nft::diff::diff;
-use lb_proxy::nft::fake::Fake;
-use lb_proxy::nft::ir::*;
-use lb_proxy::nft::json::{from_nft_json, json_view};
-use lb_proxy::nft::netlink::encode::tuple_bytes;
-use lb_proxy::nft::netlink::{Netlink, enter_netns};
-use lb_proxy::nft::testing::{
+use lb_nft::diff::diff;
+use lb_nft::fake::{Fake, StateError};
+use lb_nft::ir::*;
+use lb_nft::json::{from_nft_json, json_view};
+use lb_nft::netlink::encode::tuple_bytes;
+use lb_nft::netlink::{Netlink, enter_netns};
+use lb_nft::testing::{
     firewall_key, firewall_ruleset, firewall_table_id, sample_ruleset, sample_ruleset_v6, table_id,
 };
-use lb_proxy::nft::{ApplyError, Backend, Command, Transaction};
+use lb_nft::{ApplyError, Backend, Command, InvalidCommand, Transaction};
 
 /// A network namespace deleted on drop.
 struct NetNs {
@@ -534,7 +534,16 @@ fn check_interval_sets(family: Family) {
         let err = fake
             .apply(&tx)
             .expect_err("the fake refuses the overlap too");
-        assert!(err.to_string().contains("overlaps"), "{err}");
+        assert!(
+            matches!(
+                err,
+                ApplyError::Invalid {
+                    reason: InvalidCommand::State(StateError::Overlap { .. }),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
     assert_same(&ns.listing(), &json_view(&rs), "after the refused overlaps");
 
@@ -597,7 +606,7 @@ fn netlink_ip6_table_lists_back_with_ip6_daddr_in_typeof_map_data() {
 /// traffic counted them.
 #[test]
 fn netlink_counter_set_counts_each_element_and_list_elements_reads_keys_data_and_counters() {
-    use lb_proxy::nft::ElementCounter;
+    use lb_nft::ElementCounter;
     let ns = NetNs::new();
     let up = Proc::new("ip")
         .args(["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"])

@@ -258,7 +258,10 @@ fn changed_set_spec_recreates_the_set_and_rewrites_referencing_chains() {
 fn expect_invalid(f: &mut Fake, tx: Transaction, needle: &str) {
     let before = f.ruleset.clone();
     match f.apply(&tx) {
-        Err(ApplyError::Invalid { reason, .. }) => assert!(reason.contains(needle), "{reason}"),
+        Err(ApplyError::Invalid { reason, .. }) => {
+            let reason = reason.to_string();
+            assert!(reason.contains(needle), "{reason}")
+        }
         other => panic!("expected invalid ({needle}), got {other:?}"),
     }
     assert_eq!(f.ruleset, before, "a failed apply must change nothing");
@@ -477,7 +480,13 @@ fn interval_flag_needs_an_address_as_the_last_key_field() {
     let mut spec = SetSpec::set(vec![DataType::Ipv4Addr, DataType::InetService]);
     spec.flags.interval = true;
     let err = super::validate::set_spec(&spec, Family::Ip).expect_err("port ranges");
-    assert!(err.contains("last field is not an address"), "{err}");
+    assert!(
+        matches!(
+            err,
+            super::validate::CheckError::IntervalKeyNotAddress { .. }
+        ),
+        "{err}"
+    );
     spec.key = KeySpec::Types(vec![DataType::InetService, DataType::Ipv4Addr]);
     super::validate::set_spec(&spec, Family::Ip).expect("address last");
 }
@@ -516,4 +525,79 @@ fn interval_concatenation_renders_with_add_and_loads_the_listing_back() {
             &firewall_key("192.0.2.51", Value::UDP, 53, "10.0.0.1/32"),
         ]
     );
+}
+
+/// The error chain as the binary prints it (`main` formats an `anyhow::Error` with `{:#}`).
+fn chain(e: ApplyError) -> String {
+    format!("{:#}", anyhow::Error::from(e))
+}
+
+#[test]
+fn apply_errors_print_their_os_error_exactly_once_in_the_chain() {
+    // Issue 8: a kernel rejection printed `…: File exists (os error 17): File exists (os
+    // error 17)`, the cause being both in the message and the source.
+    let eexist = || std::io::Error::from_raw_os_error(libc::EEXIST);
+    let os_text = eexist().to_string();
+    let errors = [
+        ApplyError::Kernel {
+            index: 3,
+            command: "add element ip lb services { 10.0.0.1 }".into(),
+            source: eexist(),
+        },
+        ApplyError::Batch(eexist()),
+        ApplyError::Netlink {
+            step: "dump",
+            source: eexist(),
+        },
+    ];
+    for e in errors {
+        let text = chain(e);
+        assert_eq!(text.matches(&os_text).count(), 1, "{text}");
+    }
+}
+
+#[test]
+fn an_invalid_command_prints_the_command_and_its_reason_once() {
+    let mut f = applied(&sample_ruleset());
+    let tx = Transaction {
+        commands: vec![Command::AddElements {
+            table: table_id(),
+            set: "service-ips".into(),
+            elements: vec![(
+                svc_key("10.9.9.9", 80),
+                Element::verdict(Verdict::Goto("gone".into())),
+            )],
+        }],
+    };
+    let text = chain(f.apply(&tx).expect_err("goto to a missing chain"));
+    assert!(
+        text.starts_with("command 0 `create element ip lbt service-ips "),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("chain gone does not exist").count(),
+        1,
+        "{text}"
+    );
+}
+
+#[test]
+fn json_reader_errors_say_what_was_unsupported_or_missing() {
+    use super::json::JsonError;
+    assert!(matches!(
+        from_nft_json("{not json"),
+        Err(JsonError::Syntax(_))
+    ));
+    let arp = r#"{"nftables": [{"table": {"family": "arp", "name": "t", "handle": 1}}]}"#;
+    match from_nft_json(arp) {
+        Err(JsonError::Unsupported { what, value }) => {
+            assert_eq!((what, &*value), ("family", "arp"))
+        }
+        other => panic!("expected an unsupported family, got {other:?}"),
+    }
+    let nameless = r#"{"nftables": [{"table": {"family": "ip", "handle": 1}}]}"#;
+    match from_nft_json(nameless) {
+        Err(JsonError::Missing { field, .. }) => assert_eq!(field, "name"),
+        other => panic!("expected a missing name, got {other:?}"),
+    }
 }

@@ -1000,7 +1000,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::nft::ir::{
+    use crate::ir::{
         BaseChain, Chain, ChainSpec, DataType, KeySpec, MapData, NatFamily, Set, SetSpec,
     };
 

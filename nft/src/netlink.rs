@@ -51,8 +51,73 @@ use super::ir::{Family, Key, MapData, SetSpec, TableId};
 use super::transaction::{Command, Transaction};
 use super::{ApplyError, Backend, ElementCounter, ListedElement, short};
 
-/// Estimated bytes of elements per message (the attribute nest limit is 64 KiB).
+/// Estimated bytes of elements per message the batch packs (the attribute nest limit is
+/// 64 KiB; [`ElemsMsg`] itself refuses more than [`MAX_ELEMS_BYTES`]).
 pub const ELEMS_PER_MSG_BYTES: usize = 32 * 1024;
+
+pub use self::sys::MAX_ELEMS_BYTES;
+
+/// Why a command (or a request) cannot be encoded as netlink messages. The object is named;
+/// the command is named by the [`ApplyError::Invalid`] that carries this.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// A name or string with a NUL byte (C strings end there).
+    #[error("NUL byte in {what} {value:?}")]
+    Nul {
+        /// What the string is (`table name`, `rule comment`, …).
+        what: &'static str,
+        /// The string.
+        value: String,
+    },
+    /// libnftnl could not allocate an object.
+    #[error("libnftnl could not allocate a {object}")]
+    Alloc {
+        /// The libnftnl type.
+        object: &'static str,
+    },
+    /// libnftnl does not know an expression (it is older than required).
+    #[error("libnftnl has no expression {name}")]
+    Expression {
+        /// The expression's name.
+        name: &'static str,
+    },
+    /// An interval concatenation libnftnl cannot describe (at most 15 fields, none empty).
+    #[error("set {set}: interval concatenation of {fields} fields is not encodable")]
+    Concat {
+        /// The set.
+        set: String,
+        /// Its number of fields.
+        fields: usize,
+    },
+    /// An element command without elements (the kernel would read it as a flush).
+    #[error("empty element list for {set}")]
+    NoElements {
+        /// The set.
+        set: String,
+    },
+    /// An element list too large for one message ([`ElemsMsg`] checks its own bound).
+    #[error(
+        "{elements} elements of {set} ({bytes} bytes) exceed one netlink message's {limit} bytes"
+    )]
+    ElementsTooLarge {
+        /// The set.
+        set: String,
+        /// Elements in the list.
+        elements: usize,
+        /// Their size bound.
+        bytes: usize,
+        /// The message's limit ([`MAX_ELEMS_BYTES`]).
+        limit: usize,
+    },
+    /// A rule comment libnftnl refuses (`nftnl`'s reason, a fixed text).
+    #[error("rule comment {comment:?}: {reason}")]
+    RuleComment {
+        /// The comment.
+        comment: String,
+        /// Why.
+        reason: &'static str,
+    },
+}
 
 /// The receive buffer: larger than any datagram the kernel sends us.
 const RECV_BYTES: usize = 256 * 1024;
@@ -126,10 +191,6 @@ fn proto_family(f: Family) -> ProtoFamily {
     }
 }
 
-fn cname(s: &str) -> Result<std::ffi::CString, String> {
-    std::ffi::CString::new(s).map_err(|_| format!("NUL byte in {s:?}"))
-}
-
 /// The batch being built, and which command each sequence number belongs to.
 struct Batch {
     batch: nftnl::Batch,
@@ -147,12 +208,13 @@ impl Batch {
     }
 }
 
-fn encode_command(b: &mut Batch, i: usize, c: &Command) -> Result<(), String> {
+fn encode_command(b: &mut Batch, i: usize, c: &Command) -> Result<(), EncodeError> {
     let id = c.table();
     let fam = nfproto(id.family);
     let tname = id.name.as_str();
     // nftnl's objects, for the commands they express fully.
-    let table = || cname(tname).map(|n| nftnl::Table::new(n, proto_family(id.family)));
+    let table =
+        || sys::cstr("table name", tname).map(|n| nftnl::Table::new(n, proto_family(id.family)));
     match c {
         Command::AddTable { comment, .. } => {
             let ud = encode::comment_udata(comment);
@@ -175,12 +237,13 @@ fn encode_command(b: &mut Batch, i: usize, c: &Command) -> Result<(), String> {
         Command::FlushChain { chain, .. } => {
             // DELRULE naming only the chain: every rule of it.
             let t = table()?;
-            let ch = nftnl::Chain::new(cname(chain)?, &t);
+            let ch = nftnl::Chain::new(sys::cstr("chain name", chain)?, &t);
             b.add(i, &nftnl::Rule::new(&ch), MsgType::Del);
         }
         Command::DeleteChain { chain, .. } => {
             let t = table()?;
-            b.add(i, &nftnl::Chain::new(cname(chain)?, &t), MsgType::Del);
+            let ch = nftnl::Chain::new(sys::cstr("chain name", chain)?, &t);
+            b.add(i, &ch, MsgType::Del);
         }
         Command::AddSet { set, spec, .. } => {
             b.set_ids += 1;
@@ -197,7 +260,7 @@ fn encode_command(b: &mut Batch, i: usize, c: &Command) -> Result<(), String> {
         }
         Command::AddElements { set, elements, .. } => {
             if elements.is_empty() {
-                return Err("empty element list".into());
+                return Err(EncodeError::NoElements { set: set.clone() });
             }
             let groups = elements.iter().map(|(k, e)| encode::elem_descs(k, e));
             pack_elems(groups, |chunk| {
@@ -207,7 +270,7 @@ fn encode_command(b: &mut Batch, i: usize, c: &Command) -> Result<(), String> {
         }
         Command::DeleteElements { set, keys, .. } => {
             if keys.is_empty() {
-                return Err("empty element list".into());
+                return Err(EncodeError::NoElements { set: set.clone() });
             }
             let groups = keys.iter().map(|k| encode::elem_key_descs(k));
             pack_elems(groups, |chunk| {
@@ -218,7 +281,7 @@ fn encode_command(b: &mut Batch, i: usize, c: &Command) -> Result<(), String> {
         Command::AddRule { chain, rule, .. } => {
             let insns = encode::rule_insns(id.family, rule);
             let t = table()?;
-            let ch = nftnl::Chain::new(cname(chain)?, &t);
+            let ch = nftnl::Chain::new(sys::cstr("chain name", chain)?, &t);
             let r = sys::rule(&ch, &insns, rule.comment.as_deref())?;
             b.add(i, &r, MsgType::Add);
         }
@@ -231,8 +294,8 @@ fn encode_command(b: &mut Batch, i: usize, c: &Command) -> Result<(), String> {
 /// `emit`.
 fn pack_elems(
     groups: impl Iterator<Item = Vec<ElemDesc>>,
-    mut emit: impl FnMut(&[ElemDesc]) -> Result<(), String>,
-) -> Result<(), String> {
+    mut emit: impl FnMut(&[ElemDesc]) -> Result<(), EncodeError>,
+) -> Result<(), EncodeError> {
     let mut chunk: Vec<ElemDesc> = Vec::new();
     let mut size = 0;
     for g in groups {
@@ -308,9 +371,9 @@ impl Backend for Netlink {
             .map_err(nl("setsockopt(SO_RCVBUF)"))?;
         let sent = self.sock.mnl().send(bytes).map_err(nl("sendto"))?;
         if sent != bytes.len() {
-            return Err(ApplyError::Netlink {
-                step: "sendto",
-                source: io::Error::other(format!("short send: {sent} of {} bytes", bytes.len())),
+            return Err(ApplyError::ShortSend {
+                sent,
+                len: bytes.len(),
             });
         }
 
@@ -362,10 +425,7 @@ impl Backend for Netlink {
         }
         let last = owners.last().map(|&(s, _)| s);
         if !last.is_some_and(|s| acked.contains(&s)) {
-            return Err(ApplyError::Netlink {
-                step: "ack",
-                source: io::Error::other("no acknowledgement for the batch's last message"),
-            });
+            return Err(ApplyError::NoAck);
         }
         Ok(())
     }
@@ -385,11 +445,10 @@ impl Backend for Netlink {
             Some(MapData::Values(d)) => Some(d.types()),
             Some(MapData::Verdict) | None => None,
         };
-        let undecodable = |what: &str| ApplyError::Netlink {
-            step: "decode element",
-            source: io::Error::other(format!(
-                "an element's {what} in {table} {set} does not match the set's types"
-            )),
+        let undecodable = |part: &'static str| ApplyError::Undecodable {
+            table: table.clone(),
+            set: set.to_owned(),
+            part,
         };
         self.dump_elements(table, set)?
             .into_iter()
@@ -531,23 +590,22 @@ impl Netlink {
             }
             std::thread::sleep(std::time::Duration::from_millis(25 * attempt));
         }
-        Err(ApplyError::Netlink {
-            step: "dump",
-            source: io::Error::other(format!(
-                "no consistent dump of {table} {set} in {ATTEMPTS} attempts"
-            )),
+        Err(ApplyError::InconsistentDump {
+            what: format!("table {table} set {set}"),
+            attempts: ATTEMPTS,
         })
     }
 
     /// One `GETSETELEM` dump, as the kernel sent it (see [`Netlink::dump_elements`]).
     fn dump_once(&mut self, table: &TableId, set: &str) -> Result<ElementDump, ApplyError> {
         let seq = self.next_seq();
-        let request = ElemsMsg::new(nfproto(table.family), &table.name, set, &[]).map_err(|r| {
-            ApplyError::Netlink {
-                step: "encode",
-                source: io::Error::other(r),
-            }
-        })?;
+        let request =
+            ElemsMsg::new(nfproto(table.family), &table.name, set, &[]).map_err(|source| {
+                ApplyError::Request {
+                    step: "dump",
+                    source,
+                }
+            })?;
         let mut buf = AlignedBuf::default();
         let req = request.request(&mut buf, libc::NLM_F_DUMP as u16, seq);
         self.sock
@@ -605,10 +663,7 @@ impl Netlink {
         loop {
             let n = self.sock.recv(&mut self.rbuf, 5000).map_err(nl("recv"))?;
             if n == 0 {
-                return Err(ApplyError::Netlink {
-                    step,
-                    source: io::Error::new(io::ErrorKind::TimedOut, "no reply from the kernel"),
-                });
+                return Err(ApplyError::NoReply { step });
             }
             for msg in mnl::NlMessages::new(&self.rbuf.bytes_mut()[..n]) {
                 let msg = msg.map_err(nl("recv"))?;
@@ -660,9 +715,9 @@ impl Netlink {
                 .map(|(family, name)| (family_keyword(family), name))
                 .collect());
         }
-        Err(ApplyError::Netlink {
-            step: "dump",
-            source: io::Error::other(format!("no consistent table dump in {ATTEMPTS} attempts")),
+        Err(ApplyError::InconsistentDump {
+            what: "the tables".into(),
+            attempts: ATTEMPTS.into(),
         })
     }
 }
@@ -707,11 +762,12 @@ impl Netlink {
                 .filter_map(|k| encode::elem_key_descs(k).into_iter().next())
                 .collect();
             let seq = self.next_seq();
-            let request =
-                ElemsMsg::new(fam, &table.name, set, &descs).map_err(|r| ApplyError::Netlink {
-                    step: "encode",
-                    source: io::Error::other(r),
-                })?;
+            let request = ElemsMsg::new(fam, &table.name, set, &descs).map_err(|source| {
+                ApplyError::Request {
+                    step: "get element",
+                    source,
+                }
+            })?;
             let req = request.request(&mut buf, 0, seq);
             self.sock.mnl().send(req).map_err(nl("sendto"))?;
             let mut parsed = Parsed::default();
@@ -738,7 +794,64 @@ impl Netlink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nft::ir::{Element, Value};
+    use crate::ir::{Element, Value};
+
+    /// Single-address elements `10.0.x.y` (one element each), `n` of them.
+    fn address_elements(n: u32) -> Vec<ElemDesc> {
+        (0..n)
+            .flat_map(|i| {
+                let addr = std::net::Ipv4Addr::from(0x0a00_0000 | i);
+                encode::elem_descs(&[Value::Ipv4(addr)], &Element::key_only())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_element_message_refuses_a_list_over_its_size_bound_whoever_packed_it() {
+        let fits = address_elements(100);
+        let per_element = fits[0].size_bound();
+        ElemsMsg::new(2, "lb", "ips", &fits).expect("100 elements fit one message");
+        let n = (MAX_ELEMS_BYTES / per_element + 1) as u32;
+        match ElemsMsg::new(2, "lb", "ips", &address_elements(n)) {
+            Err(EncodeError::ElementsTooLarge {
+                set,
+                elements,
+                bytes,
+                limit,
+            }) => {
+                assert_eq!((set.as_str(), elements as u32), ("ips", n));
+                assert!(
+                    bytes > limit && limit == MAX_ELEMS_BYTES,
+                    "{bytes} of {limit}"
+                );
+            }
+            Err(other) => panic!("expected ElementsTooLarge, got {other}"),
+            Ok(_) => panic!("{n} elements accepted in one message"),
+        }
+    }
+
+    #[test]
+    fn a_large_element_command_is_encoded_as_several_messages_of_that_command() {
+        let elements: Vec<_> = (0..5_000u32)
+            .map(|i| {
+                let key = vec![Value::Ipv4(std::net::Ipv4Addr::from(0x0a00_0000 | i))];
+                (key, Element::key_only())
+            })
+            .collect();
+        let cmd = Command::AddElements {
+            table: TableId::new(Family::Ip, "lb"),
+            set: "ips".into(),
+            elements,
+        };
+        let mut b = Batch {
+            batch: nftnl::Batch::new(),
+            owners: Vec::new(),
+            set_ids: 0,
+        };
+        encode_command(&mut b, 7, &cmd).expect("5,000 elements encode");
+        assert!(b.owners.len() > 1, "{} message(s)", b.owners.len());
+        assert!(b.owners.iter().all(|&(_, cmd)| cmd == 7));
+    }
 
     #[test]
     fn packed_element_messages_stay_under_the_limit_and_keep_each_interval_whole() {

@@ -25,19 +25,75 @@ use super::ir::{
     TableId, Value, Verdict,
 };
 
-/// Why the JSON could not be read.
+/// Why the JSON could not be read. Values and objects are quoted as JSON text.
 #[derive(Debug, thiserror::Error)]
-#[error("nft JSON: {0}")]
-pub struct JsonError(String);
+pub enum JsonError {
+    /// The text is not JSON.
+    #[error("nft JSON does not parse")]
+    Syntax(#[source] serde_json::Error),
+    /// A field this reader needs is missing (or of another JSON type).
+    #[error("nft JSON: no {field} in {object}")]
+    Missing {
+        /// The field.
+        field: String,
+        /// The object it is missing from.
+        object: String,
+    },
+    /// Something this module never emits (drift should be loud).
+    #[error("nft JSON: unsupported {what} {value}")]
+    Unsupported {
+        /// What kind of thing (`family`, `expression`, `set flag`, …).
+        what: &'static str,
+        /// The value.
+        value: String,
+    },
+    /// A value that does not read as its type.
+    #[error("nft JSON: bad {what} {value}")]
+    Bad {
+        /// What it should be (`verdict`, `ipv4_addr`, …).
+        what: &'static str,
+        /// The value.
+        value: String,
+    },
+    /// A rule in a chain the listing did not declare before it.
+    #[error("nft JSON: rule in unknown chain {chain}")]
+    UnknownChain {
+        /// The chain.
+        chain: String,
+    },
+    /// An element or key that does not have the set's number of fields.
+    #[error("nft JSON: {value} does not have the set's {fields} fields")]
+    Arity {
+        /// The element or key.
+        value: String,
+        /// The set's number of fields.
+        fields: usize,
+    },
+}
 
-fn err<T>(m: impl Into<String>) -> Result<T, JsonError> {
-    Err(JsonError(m.into()))
+fn unsupported(what: &'static str, value: impl std::fmt::Display) -> JsonError {
+    JsonError::Unsupported {
+        what,
+        value: value.to_string(),
+    }
+}
+
+fn bad(what: &'static str, value: impl std::fmt::Display) -> JsonError {
+    JsonError::Bad {
+        what,
+        value: value.to_string(),
+    }
+}
+
+fn missing(field: &str, object: impl std::fmt::Display) -> JsonError {
+    JsonError::Missing {
+        field: field.to_owned(),
+        object: object.to_string(),
+    }
 }
 
 fn s<'a>(o: &'a J, k: &str) -> Result<&'a str, JsonError> {
-    o.get(k)
-        .and_then(J::as_str)
-        .ok_or_else(|| JsonError(format!("missing string {k} in {o}")))
+    o.get(k).and_then(J::as_str).ok_or_else(|| missing(k, o))
 }
 
 fn family(f: &str) -> Result<Family, JsonError> {
@@ -45,7 +101,7 @@ fn family(f: &str) -> Result<Family, JsonError> {
         "ip" => Family::Ip,
         "ip6" => Family::Ip6,
         "inet" => Family::Inet,
-        _ => return err(format!("unsupported family {f}")),
+        _ => return Err(unsupported("family", f)),
     })
 }
 
@@ -56,11 +112,11 @@ fn table_id(o: &J, key: &str) -> Result<TableId, JsonError> {
 /// Reads a whole `nft -j list ruleset` output. Tables, chains and sets outside the subset
 /// this module emits are an error (drift should be loud).
 pub fn from_nft_json(text: &str) -> Result<Ruleset, JsonError> {
-    let doc: J = serde_json::from_str(text).map_err(|e| JsonError(e.to_string()))?;
+    let doc: J = serde_json::from_str(text).map_err(JsonError::Syntax)?;
     let items = doc
         .get("nftables")
         .and_then(J::as_array)
-        .ok_or_else(|| JsonError("no nftables array".into()))?;
+        .ok_or_else(|| missing("nftables array", "the document"))?;
     let mut rs = Ruleset::default();
     for item in items {
         let Some((kind, o)) = item.as_object().and_then(|m| m.iter().next()) else {
@@ -96,11 +152,13 @@ pub fn from_nft_json(text: &str) -> Result<Ruleset, JsonError> {
                 let c = s(o, "chain")?;
                 t.chains
                     .get_mut(c)
-                    .ok_or_else(|| JsonError(format!("rule in unknown chain {c}")))?
+                    .ok_or_else(|| JsonError::UnknownChain {
+                        chain: c.to_owned(),
+                    })?
                     .rules
                     .push(r);
             }
-            other => return err(format!("unsupported object {other}")),
+            other => return Err(unsupported("object", other)),
         }
     }
     Ok(rs)
@@ -111,7 +169,7 @@ pub type RuleCounter = (TableId, String, usize, u64, u64);
 
 /// Counter values of every rule with a counter.
 pub fn counters(text: &str) -> Result<Vec<RuleCounter>, JsonError> {
-    let doc: J = serde_json::from_str(text).map_err(|e| JsonError(e.to_string()))?;
+    let doc: J = serde_json::from_str(text).map_err(JsonError::Syntax)?;
     let mut index: BTreeMap<(TableId, String), usize> = BTreeMap::new();
     let mut out = Vec::new();
     for item in doc
@@ -143,11 +201,11 @@ fn types(v: &J) -> Result<Vec<DataType>, JsonError> {
     let names: Vec<&str> = match v {
         J::String(s) => s.split(" . ").collect(),
         J::Array(a) => a.iter().filter_map(J::as_str).collect(),
-        _ => return err(format!("bad type {v}")),
+        _ => return Err(bad("type", v)),
     };
     names
         .into_iter()
-        .map(|n| DataType::from_name(n).ok_or_else(|| JsonError(format!("unsupported type {n}"))))
+        .map(|n| DataType::from_name(n).ok_or_else(|| unsupported("type", n)))
         .collect()
 }
 
@@ -157,7 +215,7 @@ fn set(o: &J, is_map: bool) -> Result<Set, JsonError> {
         match o.get("map") {
             Some(J::String(s)) if s == "verdict" => Some(MapData::Verdict),
             Some(v) => Some(MapData::Values(KeySpec::Types(types(v)?))),
-            None => return err("map without data type"),
+            None => return Err(missing("map", o)),
         }
     } else {
         None
@@ -169,7 +227,7 @@ fn set(o: &J, is_map: bool) -> Result<Set, JsonError> {
             Some("interval") => flags.interval = true,
             Some("timeout") => flags.timeout = true,
             Some("dynamic") => flags.dynamic = true,
-            _ => return err(format!("unsupported set flag {f}")),
+            _ => return Err(unsupported("set flag", f)),
         }
     }
     for st in o.get("stmt").and_then(J::as_array).into_iter().flatten() {
@@ -178,7 +236,7 @@ fn set(o: &J, is_map: bool) -> Result<Set, JsonError> {
             .map(|m| m.keys().map(String::as_str).collect::<Vec<_>>())
         {
             Some(k) if k == ["counter"] => flags.counter = true,
-            _ => return err(format!("unsupported set statement {st}")),
+            _ => return Err(unsupported("set statement", st)),
         }
     }
     let timeout = o
@@ -221,9 +279,7 @@ fn element(
                 .and_then(J::as_u64)
                 .map(Duration::from_secs);
             el.comment = inner.get("comment").and_then(J::as_str).map(str::to_owned);
-            inner
-                .get("val")
-                .ok_or_else(|| JsonError("elem without val".into()))?
+            inner.get("val").ok_or_else(|| missing("val", inner))?
         }
         None => k,
     };
@@ -234,7 +290,7 @@ fn element(
         (Some(MapData::Values(t)), Some(v)) => {
             Some(ElementData::Values(tuple(v, &t.types(), false)?))
         }
-        _ => return err(format!("element {e} does not match the set")),
+        _ => return Err(bad("element for the set", e)),
     };
     Ok((key_vals, el))
 }
@@ -245,7 +301,10 @@ fn tuple(v: &J, types: &[DataType], interval: bool) -> Result<Vec<Value>, JsonEr
         None => vec![v],
     };
     if parts.len() != types.len() {
-        return err(format!("{v} does not have {} fields", types.len()));
+        return Err(JsonError::Arity {
+            value: v.to_string(),
+            fields: types.len(),
+        });
     }
     // In an interval set only the last field is a prefix (see `validate::element`); nft
     // lists a /32 or /128 there as a plain address.
@@ -259,23 +318,28 @@ fn tuple(v: &J, types: &[DataType], interval: bool) -> Result<Vec<Value>, JsonEr
 }
 
 fn value(v: &J, t: DataType, interval: bool) -> Result<Value, JsonError> {
-    let bad = || JsonError(format!("bad {} value {v}", t.as_str()));
+    let bad_value = || bad(t.as_str(), v);
     if let Some(p) = v.get("prefix") {
         let addr = s(p, "addr")?;
-        let len = p.get("len").and_then(J::as_u64).ok_or_else(bad)? as u8;
+        let len = p.get("len").and_then(J::as_u64).ok_or_else(bad_value)? as u8;
         return match t {
             DataType::Ipv4Addr => Ok(Value::Ipv4Net(
-                Ipv4Net::new(addr.parse().map_err(|_| bad())?, len).map_err(|_| bad())?,
+                Ipv4Net::new(addr.parse().map_err(|_| bad_value())?, len)
+                    .map_err(|_| bad_value())?,
             )),
             DataType::Ipv6Addr => Ok(Value::Ipv6Net(
-                Ipv6Net::new(addr.parse().map_err(|_| bad())?, len).map_err(|_| bad())?,
+                Ipv6Net::new(addr.parse().map_err(|_| bad_value())?, len)
+                    .map_err(|_| bad_value())?,
             )),
-            _ => Err(bad()),
+            _ => Err(bad_value()),
         };
     }
     Ok(match t {
         DataType::Ipv4Addr => {
-            let a: Ipv4Addr = v.as_str().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+            let a: Ipv4Addr = v
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(bad_value)?;
             if interval {
                 Value::Ipv4Net(Ipv4Net::from(a))
             } else {
@@ -283,7 +347,10 @@ fn value(v: &J, t: DataType, interval: bool) -> Result<Value, JsonError> {
             }
         }
         DataType::Ipv6Addr => {
-            let a: Ipv6Addr = v.as_str().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+            let a: Ipv6Addr = v
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(bad_value)?;
             if interval {
                 Value::Ipv6Net(Ipv6Net::from(a))
             } else {
@@ -297,34 +364,34 @@ fn value(v: &J, t: DataType, interval: bool) -> Result<Value, JsonError> {
                 "sctp" => 132,
                 "icmp" => 1,
                 "ipv6-icmp" => 58,
-                _ => s.parse().map_err(|_| bad())?,
+                _ => s.parse().map_err(|_| bad_value())?,
             },
             _ => v
                 .as_u64()
                 .and_then(|n| u8::try_from(n).ok())
-                .ok_or_else(bad)?,
+                .ok_or_else(bad_value)?,
         }),
         DataType::InetService => Value::Port(
             v.as_u64()
                 .and_then(|n| u16::try_from(n).ok())
-                .ok_or_else(bad)?,
+                .ok_or_else(bad_value)?,
         ),
         DataType::Mark => Value::Mark(
             v.as_u64()
                 .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(bad)?,
+                .ok_or_else(bad_value)?,
         ),
         DataType::Integer => Value::Integer(
             v.as_u64()
                 .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(bad)?,
+                .ok_or_else(bad_value)?,
         ),
     })
 }
 
 fn verdict(v: &J) -> Result<Verdict, JsonError> {
     let Some((k, o)) = v.as_object().and_then(|m| m.iter().next()) else {
-        return err(format!("bad verdict {v}"));
+        return Err(bad("verdict", v));
     };
     Ok(match k.as_str() {
         "accept" => Verdict::Accept,
@@ -332,7 +399,7 @@ fn verdict(v: &J) -> Result<Verdict, JsonError> {
         "return" => Verdict::Return,
         "jump" => Verdict::Jump(s(o, "target")?.to_owned()),
         "goto" => Verdict::Goto(s(o, "target")?.to_owned()),
-        _ => return err(format!("bad verdict {v}")),
+        _ => return Err(bad("verdict", v)),
     })
 }
 
@@ -343,7 +410,7 @@ fn chain(o: &J) -> Result<ChainSpec, JsonError> {
             kind: match s(o, "type")? {
                 "filter" => ChainType::Filter,
                 "nat" => ChainType::Nat,
-                t => return err(format!("unsupported chain type {t}")),
+                t => return Err(unsupported("chain type", t)),
             },
             hook: match h {
                 "prerouting" => Hook::Prerouting,
@@ -351,7 +418,7 @@ fn chain(o: &J) -> Result<ChainSpec, JsonError> {
                 "forward" => Hook::Forward,
                 "output" => Hook::Output,
                 "postrouting" => Hook::Postrouting,
-                _ => return err(format!("unsupported hook {h}")),
+                _ => return Err(unsupported("hook", h)),
             },
             priority: o.get("prio").and_then(J::as_i64).unwrap_or(0) as i32,
             policy: match o.get("policy").and_then(J::as_str) {
@@ -367,7 +434,7 @@ fn chain(o: &J) -> Result<ChainSpec, JsonError> {
 }
 
 fn expr(v: &J) -> Result<Expr, JsonError> {
-    let bad = || JsonError(format!("unsupported expression {v}"));
+    let bad = || unsupported("expression", v);
     if let Some(p) = v.get("payload") {
         return Ok(Expr::Payload(match (s(p, "protocol")?, s(p, "field")?) {
             ("ip", "saddr") => Payload::IpSaddr,
@@ -445,16 +512,12 @@ fn set_ref(v: &J) -> Option<String> {
 
 fn matcher(m: &J) -> Result<Stmt, JsonError> {
     let op = s(m, "op")?;
-    let left = m
-        .get("left")
-        .ok_or_else(|| JsonError("match without left".into()))?;
-    let right = m
-        .get("right")
-        .ok_or_else(|| JsonError("match without right".into()))?;
+    let left = m.get("left").ok_or_else(|| missing("left", m))?;
+    let right = m.get("right").ok_or_else(|| missing("right", m))?;
     let cmp = match op {
         "==" | "in" => CmpOp::Eq,
         "!=" => CmpOp::Ne,
-        _ => return err(format!("unsupported operator {op}")),
+        _ => return Err(unsupported("operator", op)),
     };
     if let Some(set) = set_ref(right) {
         return Ok(Stmt::Lookup {
@@ -472,7 +535,7 @@ fn matcher(m: &J) -> Result<Stmt, JsonError> {
             ("state", "invalid") => Stmt::CtState(CtState::Invalid),
             ("status", "dnat") => Stmt::CtStatus(CtStatus::Dnat),
             ("status", "snat") => Stmt::CtStatus(CtStatus::Snat),
-            _ => return err(format!("unsupported ct match {m}")),
+            _ => return Err(unsupported("ct match", m)),
         });
     }
     if let Some(fib) = left.get("fib") {
@@ -486,7 +549,7 @@ fn matcher(m: &J) -> Result<Stmt, JsonError> {
         return match (flags.as_slice(), right.as_str()) {
             (["saddr"], Some("local")) => Ok(Stmt::FibLocal(FibAddr::Saddr)),
             (["daddr"], Some("local")) => Ok(Stmt::FibLocal(FibAddr::Daddr)),
-            _ => err(format!("unsupported fib match {m}")),
+            _ => Err(unsupported("fib match", m)),
         };
     }
     if let Some(and) = left.get("&").and_then(J::as_array) {
@@ -503,7 +566,7 @@ fn matcher(m: &J) -> Result<Stmt, JsonError> {
                 op: cmp,
                 value: value as u32,
             }),
-            _ => err(format!("unsupported bitmask match {m}")),
+            _ => Err(unsupported("bitmask match", m)),
         };
     }
     let left = expr(left)?;
@@ -512,7 +575,7 @@ fn matcher(m: &J) -> Result<Stmt, JsonError> {
             right
                 .as_str()
                 .and_then(IfName::parse)
-                .ok_or_else(|| JsonError("bad ifname".into()))?,
+                .ok_or_else(|| bad("ifname", right))?,
         )
     } else {
         value(right, left.datatype(), false)?
@@ -540,7 +603,7 @@ fn statement(e: &J) -> Result<Stmt, JsonError> {
         return dynset_text(text);
     }
     let Some((k, o)) = e.as_object().and_then(|m| m.iter().next()) else {
-        return err(format!("bad statement {e}"));
+        return Err(bad("statement", e));
     };
     Ok(match k.as_str() {
         "match" => matcher(o)?,
@@ -549,25 +612,25 @@ fn statement(e: &J) -> Result<Stmt, JsonError> {
             map: o
                 .get("data")
                 .and_then(set_ref)
-                .ok_or_else(|| JsonError("vmap data".into()))?,
+                .ok_or_else(|| missing("data map", o))?,
         },
         "dnat" => {
             let family = match o.get("family").and_then(J::as_str) {
                 Some("ip") => NatFamily::Ip,
                 Some("ip6") => NatFamily::Ip6,
-                _ => return err(format!("unsupported dnat {o}")),
+                _ => return Err(unsupported("dnat", o)),
             };
             let m = o
                 .get("addr")
                 .and_then(|a| a.get("map"))
-                .ok_or_else(|| JsonError(format!("unsupported dnat {o}")))?;
+                .ok_or_else(|| unsupported("dnat", o))?;
             Stmt::DnatMap {
                 family,
                 key: exprs(m.get("key").unwrap_or(&J::Null))?,
                 map: m
                     .get("data")
                     .and_then(set_ref)
-                    .ok_or_else(|| JsonError("dnat map".into()))?,
+                    .ok_or_else(|| missing("data map", m))?,
             }
         }
         "mangle" => {
@@ -575,19 +638,19 @@ fn statement(e: &J) -> Result<Stmt, JsonError> {
             match (v.get("|"), v.get("^")) {
                 (Some(a), _) => Stmt::SetMark(MarkOp::Or(a[1].as_u64().unwrap_or(0) as u32)),
                 (_, Some(a)) => Stmt::SetMark(MarkOp::Xor(a[1].as_u64().unwrap_or(0) as u32)),
-                _ => return err(format!("unsupported mangle {o}")),
+                _ => return Err(unsupported("mangle", o)),
             }
         }
         "set" | "map" => {
             let op = match o.get("op").and_then(J::as_str) {
                 Some("add") => DynsetOp::Add,
                 Some("update") => DynsetOp::Update,
-                _ => return err(format!("unsupported set statement {o}")),
+                _ => return Err(unsupported("set statement", o)),
             };
             let set = o
                 .get("set")
                 .and_then(set_ref)
-                .ok_or_else(|| JsonError("set name".into()))?;
+                .ok_or_else(|| missing("set", o))?;
             let data = match o.get("data") {
                 Some(d) => exprs(d)?,
                 None => vec![],
@@ -609,7 +672,7 @@ fn statement(e: &J) -> Result<Stmt, JsonError> {
         },
         "reject" => Stmt::Reject,
         "accept" | "drop" | "return" | "jump" | "goto" => Stmt::Verdict(verdict(e)?),
-        _ => return err(format!("unsupported statement {e}")),
+        _ => return Err(unsupported("statement", e)),
     })
 }
 
@@ -642,7 +705,7 @@ pub fn expr_text(t: &str) -> Option<Expr> {
 
 /// `update @set { k . k : d . d }` as nft 1.0.6 lists it in JSON (as a string).
 fn dynset_text(t: &str) -> Result<Stmt, JsonError> {
-    let bad = || JsonError(format!("unsupported statement text {t:?}"));
+    let bad = || unsupported("statement text", format!("{t:?}"));
     let (op, rest) = if let Some(r) = t.strip_prefix("update @") {
         (DynsetOp::Update, r)
     } else if let Some(r) = t.strip_prefix("add @") {

@@ -25,7 +25,7 @@ fn main() {
         .collect();
     if !missing.is_empty() {
         println!(
-            "cargo::error=lb-proxy links the system libraries libnftnl and libmnl, and pkg-config \
+            "cargo::error=lb-nft (and so lb-proxy) links the system libraries libnftnl and libmnl, and pkg-config \
              does not find {}: {INSTALL}",
             missing.join(" nor ")
         );

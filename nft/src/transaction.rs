@@ -1,6 +1,10 @@
 //! A transaction: an ordered list of commands applied atomically (all or nothing).
+//!
+//! This module only holds the data. Transactions are built by [`super::diff`] (which also
+//! provides [`Transaction::create`], the diff from nothing), rendered by [`super::render`] and
+//! applied by a [`super::Backend`]; it depends on none of them.
 
-use super::ir::{ChainSpec, Element, Key, Rule, Ruleset, SetSpec, TableId};
+use super::ir::{ChainSpec, Element, Key, Rule, SetSpec, TableId};
 
 /// One command of a transaction (verb + object).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +119,8 @@ impl Command {
     }
 }
 
-/// An ordered list of commands, applied atomically by a [`super::Backend`].
+/// An ordered list of commands, applied atomically by a [`super::Backend`]. Built by hand, by
+/// [`super::diff::diff`] or by [`Transaction::create`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Transaction {
     /// Commands in order.
@@ -148,11 +153,5 @@ impl Transaction {
                 _ => 0,
             })
             .sum()
-    }
-
-    /// The transaction that creates `rs` from nothing (tables, sets, chains, elements, rules,
-    /// in an order where everything exists before it is referenced).
-    pub fn create(rs: &Ruleset) -> Self {
-        super::diff::diff(&Ruleset::default(), rs)
     }
 }
