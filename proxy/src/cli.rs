@@ -1,8 +1,8 @@
-//! The command line: raw arguments parsed by `clap`, validated into typed settings ([`crate::config`]), then dispatched.
-
+//! The command line: raw arguments parsed by `clap` and validated into a typed
+//! [`Invocation`] (settings from [`crate::config`], manifest files from [`crate::source`]).
 //!
-//! Nothing else happens here: `run`, `render`, `explain` and `cleanup` are in
-//! [`crate::commands`], the daemon's start-up in [`crate::daemon`].
+//! Nothing runs here: `main` hands the invocation to `commands::execute`, which runs `render`,
+//! `run`, `explain` and `cleanup`, or starts the daemon.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -12,8 +12,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
-use crate::commands::{self, RunOptions};
-use crate::config::{self, CompileConfig, NodePortAddresses, Ruleset};
+use crate::config::{
+    self, CompileConfig, Invocation, Launch, NodePortAddresses, Question, RunOptions,
+};
 use crate::source::files::Files;
 
 /// A kube-proxy replacement: Kubernetes Services compiled into nftables over netlink.
@@ -78,7 +79,7 @@ pub enum Command {
         /// The manifests and node settings.
         #[command(flatten)]
         manifests: ManifestArgs,
-        /// Destination: ADDR:PORT[/PROTO] (IPv6: [ADDR]:PORT), PROTO tcp (default), udp, sctp.
+        /// Destination: ADDR:PORT[/PROTO] (IPv6: `[ADDR]:PORT`), PROTO tcp (default), udp, sctp.
         #[arg(long)]
         to: String,
         /// Source address of the client.
@@ -471,7 +472,8 @@ fn flagz(command: &clap::Command, matches: &clap::ArgMatches) -> Vec<(String, St
 }
 
 impl ManifestArgs {
-    fn config(&self) -> anyhow::Result<CompileConfig> {
+    /// The compiler settings these flags give.
+    pub fn config(&self) -> anyhow::Result<CompileConfig> {
         let detect_local = crate::config::DetectLocalMode::parse(
             "--detect-local-mode",
             self.detect_local_mode.as_deref(),
@@ -502,70 +504,75 @@ impl ManifestArgs {
             },
         }
     }
-
-    /// The desired ruleset for the manifests as they are now (what is valid of them).
-    pub fn desired(&self) -> anyhow::Result<Ruleset> {
-        commands::desired(self.files(), self.config()?, true)
-    }
 }
 
-/// Runs a parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Render {
-            manifests,
-            keep_going,
-        } => commands::render(manifests.files(), manifests.config()?, keep_going),
-        Command::Run {
-            manifests,
-            once,
-            keep_going,
-            poll,
-            settle,
-            metrics_bind_address,
-            no_conntrack_cleanup,
-        } => commands::run(
-            manifests.files(),
-            manifests.config()?,
-            &RunOptions {
+impl Cli {
+    /// Validates the parsed command line into what is to be done. Nothing runs here.
+    pub fn invocation(self) -> anyhow::Result<Invocation> {
+        Ok(match self.command {
+            Command::Render {
+                manifests,
+                keep_going,
+            } => Invocation::Render {
+                config: manifests.config()?,
+                files: manifests.files(),
+                keep_going,
+            },
+            Command::Run {
+                manifests,
                 once,
                 keep_going,
                 poll,
-                settle: settle.unwrap_or(poll * 2),
+                settle,
                 metrics_bind_address,
-                conntrack_cleanup: !no_conntrack_cleanup,
+                no_conntrack_cleanup,
+            } => Invocation::Run {
+                config: manifests.config()?,
+                files: manifests.files(),
+                options: RunOptions {
+                    once,
+                    keep_going,
+                    poll,
+                    settle: settle.unwrap_or(poll * 2),
+                    metrics_bind_address,
+                    conntrack_cleanup: !no_conntrack_cleanup,
+                },
             },
-        ),
-        Command::Cleanup { table } => commands::cleanup(&table),
-        Command::Explain {
-            manifests,
-            to,
-            from,
-            from_node,
-            json,
-            live,
-            kernel,
-        } => {
-            let question = commands::Question {
+            Command::Cleanup { table } => Invocation::Cleanup { table },
+            Command::Explain {
+                manifests,
                 to,
                 from,
                 from_node,
                 json,
+                live,
                 kernel,
-            };
-            match live {
-                Some(addr) => commands::explain_live(addr, &question),
-                None => commands::explain(manifests.files(), manifests.config()?, &question),
+            } => {
+                let question = Question {
+                    to,
+                    from,
+                    from_node,
+                    json,
+                    kernel,
+                };
+                match live {
+                    Some(addr) => Invocation::ExplainLive { addr, question },
+                    None => Invocation::Explain {
+                        config: manifests.config()?,
+                        files: manifests.files(),
+                        question,
+                    },
+                }
             }
-        }
-        Command::Daemon(args) => daemon(*args),
+            Command::Daemon(args) => daemon(*args)?,
+        })
     }
 }
 
-fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
+/// The daemon's flags, resolved with its configuration file.
+fn daemon(args: DaemonArgs) -> anyhow::Result<Invocation> {
     if args.cleanup {
-        init_logging(0, crate::config::LogFormat::Text);
-        return commands::cleanup(&args.table);
+        return Ok(Invocation::Cleanup { table: args.table });
     }
     let file = args
         .config
@@ -605,14 +612,13 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         verbosity: args.verbosity,
         logging_format: args.logging_format.clone(),
     };
-    let s = crate::config::resolve(file.as_ref(), &overrides).context("invalid configuration")?;
-    init_logging(s.verbosity, s.log_format);
-    for warning in s.warnings.iter().chain(&args.kube_proxy_only.warnings()) {
-        tracing::warn!("{warning}");
-    }
-    crate::daemon::main(
-        s,
-        crate::daemon::Launch {
+    let settings =
+        crate::config::resolve(file.as_ref(), &overrides).context("invalid configuration")?;
+    let warnings = args.kube_proxy_only.warnings();
+    Ok(Invocation::Daemon {
+        settings: Box::new(settings),
+        warnings,
+        launch: Launch {
             write_config_to: args.write_config_to.clone(),
             init_only: args.init_only,
             take_over: args.take_over,
@@ -623,48 +629,5 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             conntrack_cleanup: !args.no_conntrack_cleanup,
             flagz: args.flagz.clone(),
         },
-    )
-}
-
-/// Logs on stderr: text (ANSI colours only when stderr is a terminal and `NO_COLOR` is
-/// unset) or JSON lines. `verbosity` is klog's `--v`, mapped onto tracing levels:
-///
-/// | `--v` | lb-proxy | Kubernetes client and HTTP libraries |
-/// | --- | --- | --- |
-/// | 0–1 | info: start-up, full syncs, warnings | warn |
-/// | 2–3 | debug: every sync, programming latency, conntrack cleanup | warn |
-/// | 4 | debug | debug (requests, watch restarts) |
-/// | 5+ | trace | trace |
-///
-/// `RUST_LOG` (tracing's `EnvFilter` syntax) overrides the mapping.
-pub fn init_logging(verbosity: u32, format: crate::config::LogFormat) {
-    use std::io::IsTerminal as _;
-    // Below 4, the Kubernetes client's own request errors are off: every one of them also
-    // ends a watch, which lb-proxy logs once with the API server's address (the client would
-    // log each retry).
-    let default = match verbosity {
-        0..=1 => "info,kube=warn,kube_client=off,kube_runtime=error,tower=warn,hyper=warn",
-        2..=3 => {
-            "info,lb_proxy=debug,kube=warn,kube_client=off,kube_runtime=error,tower=warn,hyper=warn"
-        }
-        4 => "debug,tower=info,hyper=info,rustls=info",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        crate::config::LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .try_init(),
-        crate::config::LogFormat::Text => {
-            let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-            builder.with_ansi(ansi).try_init()
-        }
-    };
+    })
 }

@@ -46,21 +46,44 @@ pub fn render(files: Files, config: Config, keep_going: bool) -> anyhow::Result<
         .context("writing to stdout")
 }
 
-/// How `run` runs.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// Apply once and exit.
-    pub once: bool,
-    /// With `once`: program what is valid even when some inputs were skipped.
-    pub keep_going: bool,
-    /// How often to look for changed files.
-    pub poll: Duration,
-    /// How long a changed file must stay unchanged before it is read.
-    pub settle: Duration,
-    /// Where to serve `/metrics`.
-    pub metrics_bind_address: Option<std::net::SocketAddr>,
-    /// Delete stale UDP/SCTP conntrack entries after syncs.
-    pub conntrack_cleanup: bool,
+pub use crate::config::{Question, RunOptions};
+
+/// Carries out a validated command line.
+pub fn execute(invocation: crate::config::Invocation) -> anyhow::Result<()> {
+    use crate::config::Invocation;
+    match invocation {
+        Invocation::Render {
+            files,
+            config,
+            keep_going,
+        } => render(files, config, keep_going),
+        Invocation::Run {
+            files,
+            config,
+            options,
+        } => run(files, config, &options),
+        Invocation::Explain {
+            files,
+            config,
+            question,
+        } => explain(files, config, &question),
+        Invocation::ExplainLive { addr, question } => explain_live(addr, &question),
+        Invocation::Cleanup { table } => {
+            crate::daemon::init_logging(0, crate::config::LogFormat::Text);
+            cleanup(&table)
+        }
+        Invocation::Daemon {
+            settings,
+            warnings,
+            launch,
+        } => {
+            crate::daemon::init_logging(settings.verbosity, settings.log_format);
+            for warning in settings.warnings.iter().chain(&warnings) {
+                tracing::warn!("{warning}");
+            }
+            crate::daemon::main(*settings, launch)
+        }
+    }
 }
 
 /// `run`: programs the node from the manifests, then follows them. Bad inputs keep what they
@@ -152,21 +175,6 @@ fn serve_run_metrics(
         });
     });
     Ok(())
-}
-
-/// An `explain` question as the command line gives it.
-#[derive(Debug, Clone)]
-pub struct Question {
-    /// Destination: ADDR:PORT[/PROTO].
-    pub to: String,
-    /// Source address of the client.
-    pub from: std::net::IpAddr,
-    /// The client is the node itself.
-    pub from_node: bool,
-    /// Print JSON.
-    pub json: bool,
-    /// Trace the ruleset read back from the kernel (`nft -j`) instead of the compiled one.
-    pub kernel: bool,
 }
 
 /// `explain` from manifests: what happens to a connection, by the rules compiled from them.

@@ -1473,3 +1473,115 @@ mod tests {
         assert_eq!(e.field, "mode");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// What the command line asks for, typed: `cli` builds these, `commands` and `daemon` run them.
+
+/// How `run` runs.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Apply once and exit.
+    pub once: bool,
+    /// With `once`: program what is valid even when some inputs were skipped.
+    pub keep_going: bool,
+    /// How often to look for changed files.
+    pub poll: Duration,
+    /// How long a changed file must stay unchanged before it is read.
+    pub settle: Duration,
+    /// Where to serve `/metrics`.
+    pub metrics_bind_address: Option<SocketAddr>,
+    /// Delete stale UDP/SCTP conntrack entries after syncs.
+    pub conntrack_cleanup: bool,
+}
+
+/// An `explain` question as the command line gives it.
+#[derive(Debug, Clone)]
+pub struct Question {
+    /// Destination: ADDR:PORT[/PROTO].
+    pub to: String,
+    /// Source address of the client.
+    pub from: IpAddr,
+    /// The client is the node itself.
+    pub from_node: bool,
+    /// Print JSON.
+    pub json: bool,
+    /// Trace the ruleset read back from the kernel (`nft -j`) instead of the compiled one.
+    pub kernel: bool,
+}
+
+/// What the daemon's command line adds to the resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// Write the effective configuration here and exit.
+    pub write_config_to: Option<PathBuf>,
+    /// Apply the privileged settings and exit.
+    pub init_only: bool,
+    /// Start even though kube-proxy's rules are present.
+    pub take_over: bool,
+    /// `--service-cidr`.
+    pub service_cidrs: Vec<IpNet>,
+    /// Name of the nftables tables.
+    pub table: String,
+    /// `--service-proxy-name`.
+    pub service_proxy_name: Option<String>,
+    /// Interval of full resyncs.
+    pub full_sync_period: Duration,
+    /// Delete stale UDP/SCTP conntrack entries after syncs.
+    pub conntrack_cleanup: bool,
+    /// Every flag and its value, for `/flagz`.
+    pub flagz: Vec<(String, String)>,
+}
+
+/// What the command line asks for, validated: built by `cli`, carried out by
+/// `commands::execute`.
+#[derive(Debug)]
+pub enum Invocation {
+    /// `render`: print the ruleset for the manifests.
+    Render {
+        /// The manifests.
+        files: crate::source::files::Files,
+        /// Compiler settings.
+        config: CompileConfig,
+        /// Render what is valid even when some inputs were skipped.
+        keep_going: bool,
+    },
+    /// `run`: program the node from the manifests.
+    Run {
+        /// The manifests.
+        files: crate::source::files::Files,
+        /// Compiler settings.
+        config: CompileConfig,
+        /// How.
+        options: RunOptions,
+    },
+    /// `explain` from the manifests.
+    Explain {
+        /// The manifests.
+        files: crate::source::files::Files,
+        /// Compiler settings.
+        config: CompileConfig,
+        /// The question.
+        question: Question,
+    },
+    /// `explain --live`: ask the running daemon.
+    ExplainLive {
+        /// The daemon's health address.
+        addr: SocketAddr,
+        /// The question.
+        question: Question,
+    },
+    /// `cleanup` (also `daemon --cleanup`): delete the tables.
+    Cleanup {
+        /// Table name.
+        table: String,
+    },
+    /// `daemon`.
+    Daemon {
+        /// The resolved configuration.
+        settings: Box<Settings>,
+        /// Warnings about kube-proxy flags that do not apply, logged once logging is up.
+        warnings: Vec<String>,
+        /// What the command line adds.
+        launch: Launch,
+    },
+}

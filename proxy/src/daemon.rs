@@ -223,27 +223,49 @@ async fn bind_retrying(
     }
 }
 
-/// What the daemon's command line adds to the resolved configuration.
-#[derive(Debug, Clone)]
-pub struct Launch {
-    /// Write the effective configuration here and exit.
-    pub write_config_to: Option<PathBuf>,
-    /// Apply the privileged settings and exit.
-    pub init_only: bool,
-    /// Start even though kube-proxy's rules are present.
-    pub take_over: bool,
-    /// `--service-cidr`.
-    pub service_cidrs: Vec<ipnet::IpNet>,
-    /// Name of the nftables tables.
-    pub table: String,
-    /// `--service-proxy-name`.
-    pub service_proxy_name: Option<String>,
-    /// Interval of full resyncs.
-    pub full_sync_period: Duration,
-    /// Delete stale UDP/SCTP conntrack entries after syncs.
-    pub conntrack_cleanup: bool,
-    /// Every flag and its value, for `/flagz`.
-    pub flagz: Vec<(String, String)>,
+pub use crate::config::Launch;
+
+/// Logs on stderr: text (ANSI colours only when stderr is a terminal and `NO_COLOR` is
+/// unset) or JSON lines. `verbosity` is klog's `--v`, mapped onto tracing levels:
+///
+/// | `--v` | lb-proxy | Kubernetes client and HTTP libraries |
+/// | --- | --- | --- |
+/// | 0–1 | info: start-up, full syncs, warnings | warn |
+/// | 2–3 | debug: every sync, programming latency, conntrack cleanup | warn |
+/// | 4 | debug | debug (requests, watch restarts) |
+/// | 5+ | trace | trace |
+///
+/// `RUST_LOG` (tracing's `EnvFilter` syntax) overrides the mapping.
+pub fn init_logging(verbosity: u32, format: crate::config::LogFormat) {
+    use std::io::IsTerminal as _;
+    // Below 4, the Kubernetes client's own request errors are off: every one of them also
+    // ends a watch, which lb-proxy logs once with the API server's address (the client would
+    // log each retry).
+    let default = match verbosity {
+        0..=1 => "info,kube=warn,kube_client=off,kube_runtime=error,tower=warn,hyper=warn",
+        2..=3 => {
+            "info,lb_proxy=debug,kube=warn,kube_client=off,kube_runtime=error,tower=warn,hyper=warn"
+        }
+        4 => "debug,tower=info,hyper=info,rustls=info",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        crate::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        crate::config::LogFormat::Text => {
+            let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(ansi).try_init()
+        }
+    };
 }
 
 /// Starts the daemon from resolved settings (logging is initialised): writes the effective

@@ -5,7 +5,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = lb_proxy::cli::parse();
-    match lb_proxy::cli::run(cli) {
+    match cli.invocation().and_then(lb_proxy::commands::execute) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lb-proxy: {e:#}");

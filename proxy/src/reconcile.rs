@@ -22,7 +22,7 @@
 //!   full one.
 //! * **Full resync** every `full_sync_period` replaces the tables, which also repairs rules
 //!   someone else changed.
-//! * **Post-sync hooks** ([`hooks`]) run after every successful sync in every mode.
+//! * **Post-sync hooks** (`hooks`) run after every successful sync in every mode.
 //! * **Health** is one status value ([`ProxyHealth`]): changes pending since, last update.
 //! * **Network programming latency**, from a change's arrival to the kernel's
 //!   acknowledgement, is observed in a histogram.

@@ -404,7 +404,8 @@ fn the_ruleset_read_back_with_nft_json_matches_the_ir() {
         table: lb_proxy::compile::TABLE.into(),
         service_proxy_name: None,
     };
-    let desired = args.desired().expect("compile the manifests");
+    let desired = lb_proxy::commands::desired(args.files(), args.config().expect("settings"), true)
+        .expect("compile the manifests");
     let kernel = from_nft_json(&t.nft_json()).expect("parse nft -j list ruleset");
     let want = json_view(&desired);
     assert_eq!(

@@ -166,7 +166,7 @@ impl Conntrack {
     /// Deletes every entry that one of `filters` matches; returns how many were deleted.
     ///
     /// One dump per address family the filters can touch, then the matching entries deleted in
-    /// batches of [`DELETE_BATCH`]. Entries that disappear in between are skipped. If the
+    /// batches of `DELETE_BATCH`. Entries that disappear in between are skipped. If the
     /// kernel refuses some deletion, the others are still attempted and the first refusal is
     /// returned.
     pub fn delete_matching(&mut self, filters: &BTreeSet<Filter>) -> Result<usize, ConntrackError> {
