@@ -6,9 +6,15 @@
 //! compiled (or, from the daemon, the programmed) ruleset with [`crate::nft::trace`], so what
 //! it says is what the rules do — which endpoints are reachable, DNAT, reject or drop,
 //! masquerade, loadBalancerSourceRanges. This module only presents the trace: it finds the
-//! Service port the trace dispatched through (by the element the rules found), and gives the
-//! reason for every endpoint left out from `lb_core::categorize` (lb-core's decision with its
-//! reasons). Upstream kube-proxy has no such tool (kubernetes#74677).
+//! Service port the trace dispatched through (by the element the rules found) and the source
+//! the rules recognised (the node, a pod, elsewhere), names the endpoint set and the
+//! masquerade reason with `lb_core::traffic::classify` (the function the compiler wrote the
+//! rules from), and gives the reason for every endpoint left out from `lb_core::categorize`.
+//! It holds no Kubernetes traffic rule of its own; where the trace and the class disagree (a
+//! ruleset read back from the kernel that another program changed, a compiler bug), the trace
+//! wins and the answer says what the traffic policy would have done. The objects it reads are
+//! named by the compiler's layout ([`crate::compile::names`]). Upstream kube-proxy has no such
+//! tool (kubernetes#74677).
 //!
 //! What the trace is told about the node (the answers of `fib … type local`): the Node
 //! object's addresses, the destination when [`Query::to_node`] says it may be a node address

@@ -298,3 +298,48 @@ fn rules_that_do_not_masquerade_what_the_traffic_policy_masquerades_win_and_say_
         "{e}"
     );
 }
+
+#[test]
+fn the_node_reaching_an_etp_local_service_without_endpoints_is_short_circuited_not_local() {
+    // The node's (and a pod's) traffic to an eTP Local address is short-circuited to every
+    // endpoint, however many there are; with none at all it is rejected. explain used to call
+    // this "node-local endpoints only, client address preserved", because the rules then fall
+    // through to the eTP Local map; the class of the traced source says what it is.
+    let (mut objects, _) = Objects::read_paths(&[concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/cluster/node.yaml"
+    )]);
+    let mut errors = Vec::new();
+    objects.add_text(
+        "lonely.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: lonely, namespace: demo}\n\
+         spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.40\n  externalTrafficPolicy: Local\n  \
+         ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30090}]\n\
+         status: {loadBalancer: {ingress: [{ip: 192.0.2.40}]}}\n",
+        &mut errors,
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    let (store, _, _) = objects.into_store(Some("node-a"), &Filter::default());
+    let snap = store.snapshot().expect("node");
+    let (_, config) = example();
+    let mut q = query("192.0.2.40:80", "10.100.0.1");
+    q.from_node = true;
+    let e = explain(&snap, &config, &q);
+    assert_eq!(
+        e.endpoint_set.as_deref(),
+        Some(
+            "cluster: externalTrafficPolicy Local, but traffic from the node itself is \
+             short-circuited to every endpoint"
+        ),
+        "{e}"
+    );
+    assert!(e.outcome.starts_with("reject"), "{e}");
+    // From elsewhere: the node-local set, as the rules dispatch it.
+    let e = explain(&snap, &config, &query("192.0.2.40:80", "10.100.0.2"));
+    assert!(
+        e.endpoint_set
+            .as_deref()
+            .is_some_and(|s| s.starts_with("local: externalTrafficPolicy Local")),
+        "{e}"
+    );
+}
