@@ -74,6 +74,24 @@ mod skeleton;
 mod tests;
 
 pub use config::{Config, DetectLocal, NodePortAddresses};
+
+/// The name of every fixed object of a compiled table, for readers of a compiled or
+/// programmed ruleset (`explain`, tests). Each is defined once, in the layout, so a reader
+/// cannot fall out of step with a rename; numbered names (`pick-N`, `affinity-T`) are built by
+/// [`affinity_map`] and [`affinity_nodeport_map`] and are not listed here.
+pub mod names {
+    pub use super::layout::{
+        AFFINITY_RECORD, AFFINITY_RECORD_OUTPUT, AFFINITY_RECORD_PREROUTING, CLUSTER_IPS,
+        COUNT_SERVICE_TRAFFIC, ENDPOINTS, ENDPOINTS_LOCAL, EXTERNAL_LOCAL_IPS, FILTER_FORWARD,
+        FILTER_INPUT, FILTER_OUTPUT, FILTER_OUTPUT_PRE_DNAT, FILTER_PREROUTING_PRE_DNAT,
+        FIREWALL_ALLOW, FIREWALL_CHECK, FIREWALL_IPS, HAIRPIN, MASQ_IPS, MASQ_LOCAL_SOURCE_IPS,
+        MASQ_LOCAL_SOURCE_NODEPORTS, MASQ_NODEPORTS, MASQUERADING, NAT_OUTPUT, NAT_POSTROUTING,
+        NAT_PREROUTING, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES, NODEPORT_ENDPOINTS,
+        NODEPORT_ENDPOINTS_CHECK, NODEPORT_ENDPOINTS_LOCAL, NODEPORT_EXTERNAL_LOCAL, NODEPORT_IPS,
+        NODEPORT_TRAFFIC, REJECT_CHAIN, SERVICE_CIDRS, SERVICE_ENDPOINTS_CHECK, SERVICE_IPS,
+        SERVICE_NODEPORTS, SERVICE_TRAFFIC, SERVICES,
+    };
+}
 pub use layout::{TABLE, TABLE_COMMENT, affinity_map, affinity_nodeport_map};
 pub use plan::{Compiler, Plan, Stats, compile};
 pub use service::Fragment;

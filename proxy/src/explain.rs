@@ -6,9 +6,15 @@
 //! compiled (or, from the daemon, the programmed) ruleset with [`crate::nft::trace`], so what
 //! it says is what the rules do — which endpoints are reachable, DNAT, reject or drop,
 //! masquerade, loadBalancerSourceRanges. This module only presents the trace: it finds the
-//! Service port the trace dispatched through (by the element the rules found), and gives the
-//! reason for every endpoint left out from `lb_core::categorize` (lb-core's decision with its
-//! reasons). Upstream kube-proxy has no such tool (kubernetes#74677).
+//! Service port the trace dispatched through (by the element the rules found) and the source
+//! the rules recognised (the node, a pod, elsewhere), names the endpoint set and the
+//! masquerade reason with `lb_core::traffic::classify` (the function the compiler wrote the
+//! rules from), and gives the reason for every endpoint left out from `lb_core::categorize`.
+//! It holds no Kubernetes traffic rule of its own; where the trace and the class disagree (a
+//! ruleset read back from the kernel that another program changed, a compiler bug), the trace
+//! wins and the answer says what the traffic policy would have done. The objects it reads are
+//! named by the compiler's layout ([`crate::compile::names`]). Upstream kube-proxy has no such
+//! tool (kubernetes#74677).
 //!
 //! What the trace is told about the node (the answers of `fib … type local`): the Node
 //! object's addresses, the destination when [`Query::to_node`] says it may be a node address
@@ -19,11 +25,12 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
+use lb_core::traffic::{self, Destination, MasqueradeReason, Source, TrafficClass};
 use lb_core::{EndpointSet, IpFamily, Protocol, ServicePort, categorize};
 use serde::{Deserialize, Serialize};
 
-use crate::compile::{Config, DetectLocal};
-use crate::nft::ir::{CmpOp, Expr, FibAddr, MarkOp, MetaKey, Rule, Ruleset, Stmt, Value};
+use crate::compile::Config;
+use crate::nft::ir::{CmpOp, Expr, FibAddr, MarkOp, MetaKey, Payload, Rule, Ruleset, Stmt, Value};
 use crate::nft::trace::{self, Fate, Host, Origin, Outcome, Packet, Path, Step, Trace, TraceError};
 use crate::store::Snapshot;
 
@@ -96,40 +103,43 @@ pub struct Explanation {
     pub source_ranges: Option<String>,
 }
 
-/// The names of the compiler's objects this module reads in a trace (see `compile`'s layout).
-/// A test checks that each exists in a compiled table, so a rename cannot silently blind
-/// `explain`.
+/// The compiler's objects this module reads in a trace, grouped by what they tell: the
+/// names themselves are the compiler's ([`crate::compile::names`]), defined once in its
+/// layout. A test checks that each exists in a compiled table, so an object the compiler stops
+/// creating cannot silently blind `explain`.
 pub mod names {
+    use crate::compile::names as n;
+
+    pub use n::{
+        CLUSTER_IPS, FIREWALL_CHECK, HAIRPIN, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES,
+        SERVICE_CIDRS, SERVICES,
+    };
+
     /// Verdict maps that dispatch a service address.
-    pub const ADDRESS_DISPATCH: &[&str] = &["service-ips", "external-local-ips"];
+    pub const ADDRESS_DISPATCH: &[&str] = &[n::SERVICE_IPS, n::EXTERNAL_LOCAL_IPS];
     /// Verdict maps that dispatch a node port.
-    pub const NODEPORT_DISPATCH: &[&str] = &["service-nodeports", "nodeport-external-local"];
-    /// Verdict maps of the filter hooks for service addresses without usable endpoints.
-    pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
-    /// The same for node ports.
-    pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+    pub const NODEPORT_DISPATCH: &[&str] = &[n::SERVICE_NODEPORTS, n::NODEPORT_EXTERNAL_LOCAL];
     /// Maps that send external traffic of eTP Local Services to node-local endpoints.
     pub const LOCAL_DISPATCH: &[&str] = &[
-        "external-local-ips",
-        "nodeport-external-local",
-        "endpoints-local",
-        "nodeport-endpoints-local",
+        n::EXTERNAL_LOCAL_IPS,
+        n::NODEPORT_EXTERNAL_LOCAL,
+        n::ENDPOINTS_LOCAL,
+        n::NODEPORT_ENDPOINTS_LOCAL,
     ];
-    /// The set of active cluster IPs.
-    pub const CLUSTER_IPS: &str = "cluster-ips";
-    /// ServiceCIDRs.
-    pub const SERVICE_CIDRS: &str = "service-cidrs";
-    /// The loadBalancerSourceRanges chain.
-    pub const FIREWALL_CHECK: &str = "firewall-check";
+    /// Maps that send external traffic to the cluster endpoint set (every usable endpoint:
+    /// eTP Cluster, or the short-circuit of eTP Local). For a cluster IP they hold the set its
+    /// class chose, so they tell nothing about the set.
+    pub const CLUSTER_DISPATCH: &[&str] = &[
+        n::SERVICE_IPS,
+        n::SERVICE_NODEPORTS,
+        n::ENDPOINTS,
+        n::NODEPORT_ENDPOINTS,
+    ];
     /// Masquerade marks for eTP Cluster external addresses and node ports.
-    pub const MASQ_CLUSTER: &[&str] = &["masquerade-ips", "masquerade-nodeports"];
+    pub const MASQ_CLUSTER: &[&str] = &[n::MASQ_IPS, n::MASQ_NODEPORTS];
     /// Masquerade marks for the node's own traffic to eTP Local addresses and node ports.
-    pub const MASQ_LOCAL_SOURCE: &[&str] = &[
-        "masquerade-local-source-ips",
-        "masquerade-local-source-nodeports",
-    ];
-    /// Endpoint pairs that are hairpin connections.
-    pub const HAIRPIN: &str = "hairpin";
+    pub const MASQ_LOCAL_SOURCE: &[&str] =
+        &[n::MASQ_LOCAL_SOURCE_IPS, n::MASQ_LOCAL_SOURCE_NODEPORTS];
 }
 
 /// Compiles `snapshot` with `config` in process and explains `q` from the trace of that
@@ -264,14 +274,7 @@ pub fn answer(
     };
     // Pod traffic told by interface: trace a packet from a non-pod interface, and say when
     // one from a pod's would be masqueraded differently.
-    let pod_interface = match &config.detect_local {
-        DetectLocal::BridgeInterface(n) => Some((n.as_str().to_string(), n.as_str().to_string())),
-        DetectLocal::InterfaceNamePrefix(n) => {
-            Some((format!("{}*", n.as_str()), format!("{}0", n.as_str())))
-        }
-        DetectLocal::ClusterCidr | DetectLocal::NodeCidr(_) => None,
-    };
-    let (t, unless_pod) = match &pod_interface {
+    let (t, unless_pod) = match &pod_interface(ruleset) {
         Some((shown, pod_name)) if !q.from_node => {
             // A name that cannot be a pod's: its first letter differs from the pod name's.
             let other = if shown.starts_with('x') {
@@ -287,6 +290,68 @@ pub fn answer(
         _ => (trace::trace(ruleset, &host, &packet(None))?, None),
     };
     Ok(present(snapshot, &config, q, &t, unless_pod))
+}
+
+/// The interface the rules recognise pods by (`detectLocalMode` `BridgeInterface` or
+/// `InterfaceNamePrefix`), read from the dispatch rules of `ruleset`: as shown (`veth*`), and
+/// a name that is a pod's (`veth0`). `None` when pods are told by their address, or not at all.
+fn pod_interface(ruleset: &Ruleset) -> Option<(String, String)> {
+    ruleset
+        .tables
+        .values()
+        .filter_map(|t| t.chains.get(names::SERVICES))
+        .flat_map(|c| &c.rules)
+        .flat_map(|r| &r.stmts)
+        .find_map(|st| match st {
+            Stmt::Match {
+                left: Expr::Meta(MetaKey::IifName),
+                op: CmpOp::Eq,
+                right: Value::IfName(n),
+            } => Some(if n.is_prefix() {
+                (format!("{}*", n.as_str()), format!("{}0", n.as_str()))
+            } else {
+                (n.as_str().to_string(), n.as_str().to_string())
+            }),
+            _ => None,
+        })
+}
+
+/// Where a traced connection comes from, as the rules that matched show it: the node itself
+/// when one needed `fib saddr type local`, a pod when one needed the local-traffic detector's
+/// match (source CIDR or interface, compared with `==`), else elsewhere. Only the `services`
+/// chain tells sources apart, and the node's rules come first there, as in
+/// [`lb_core::traffic`] (a node address inside the pod CIDR is the node).
+fn traced_source(path: &Path) -> Source {
+    let mut source = Source::Elsewhere;
+    for (chain, rule) in path.rules() {
+        if chain != names::SERVICES {
+            continue;
+        }
+        for st in &rule.stmts {
+            match st {
+                Stmt::FibLocal(FibAddr::Saddr) => return Source::Node,
+                Stmt::Match {
+                    left:
+                        Expr::Meta(MetaKey::IifName)
+                        | Expr::Payload(Payload::IpSaddr | Payload::Ip6Saddr),
+                    op: CmpOp::Eq,
+                    ..
+                } => source = Source::Pod,
+                _ => {}
+            }
+        }
+    }
+    source
+}
+
+/// The kind of destination the trace dispatched through.
+fn destination(entry: Entry) -> Destination {
+    match entry {
+        Entry::ClusterIp => Destination::ClusterIp,
+        Entry::ExternalIp => Destination::ExternalIp,
+        Entry::LoadBalancerIp => Destination::LoadBalancerIp,
+        Entry::NodePort => Destination::NodePort,
+    }
 }
 
 fn proto_number(p: Protocol) -> u8 {
@@ -426,60 +491,47 @@ fn present(
         .cloned()
         .collect();
     let c = categorize(port, &endpoints, &snapshot.node);
-    let external = entry != Entry::ClusterIp;
-    let via_local = first.is_some_and(|p| {
-        p.hits()
-            .any(|(_, h)| names::LOCAL_DISPATCH.contains(&h.set.as_str()))
-    });
-    // Which of lb-core's sets the rules served, and why (the reasons are lb-core's).
-    let (set, set_why) = if via_local {
-        (
-            EndpointSet::Local,
-            "externalTrafficPolicy Local: node-local endpoints only, client address preserved",
-        )
-    } else if external && port.external_policy_local() {
-        // Short-circuited: by the rule that recognised the node itself (`fib saddr type
-        // local`) or a pod (source CIDR or interface).
-        let by_node = first.is_some_and(|p| {
-            p.steps.iter().any(|s| match s {
-                Step::Rule { rule, hits, .. } => {
-                    hits.iter().any(|h| {
-                        names::ADDRESS_DISPATCH.contains(&h.set.as_str())
-                            || names::NODEPORT_DISPATCH.contains(&h.set.as_str())
-                    }) && rule
-                        .stmts
-                        .iter()
-                        .any(|st| matches!(st, Stmt::FibLocal(FibAddr::Saddr)))
-                }
-                _ => false,
-            })
-        });
-        if by_node {
+    // Which of lb-core's sets serves this traffic and why: the traffic class of the entry
+    // the rules dispatched through and the source they recognised. The trace is the arbiter:
+    // where it dispatched external traffic to the other set, and that set holds other
+    // endpoints, the rules win and the answer says so.
+    let source = first.map_or(Source::Elsewhere, traced_source);
+    let class = traffic::classify(
+        port,
+        destination(entry),
+        source,
+        config.masquerading_of(family),
+    );
+    let via = |maps: &[&str]| {
+        first.is_some_and(|p| p.hits().any(|(_, h)| maps.contains(&h.set.as_str())))
+    };
+    let traced_set = if entry == Entry::ClusterIp {
+        None
+    } else if via(names::LOCAL_DISPATCH) {
+        Some(EndpointSet::Local)
+    } else if via(names::CLUSTER_DISPATCH) {
+        Some(EndpointSet::Cluster)
+    } else {
+        None
+    };
+    let (set, set_why) = match traced_set {
+        Some(traced)
+            if traced != class.endpoints && c.indices(traced) != c.indices(class.endpoints) =>
+        {
             (
-                EndpointSet::Cluster,
-                "externalTrafficPolicy Local, but traffic from the node itself is short-circuited to every endpoint",
-            )
-        } else {
-            (
-                EndpointSet::Cluster,
-                "externalTrafficPolicy Local, but traffic from a pod is short-circuited to every endpoint",
+                traced,
+                format!(
+                    "{}, as the rules dispatch it, although the traffic policy says \"{}\"",
+                    if traced == EndpointSet::Local {
+                        "node-local endpoints only"
+                    } else {
+                        "every usable endpoint"
+                    },
+                    class.reason
+                ),
             )
         }
-    } else if external {
-        (
-            EndpointSet::Cluster,
-            "externalTrafficPolicy Cluster: every usable endpoint",
-        )
-    } else if port.internal_policy_local() {
-        (
-            EndpointSet::Local,
-            "internalTrafficPolicy Local: node-local endpoints only",
-        )
-    } else {
-        (
-            EndpointSet::Cluster,
-            "internalTrafficPolicy Cluster: every usable endpoint",
-        )
+        _ => (class.endpoints, class.reason.to_string()),
     };
     let reachable: BTreeSet<SocketAddr> = match &outcome {
         Outcome::Dnat(to) => to.clone(),
@@ -559,7 +611,7 @@ fn present(
         }
         other => generic_outcome(other, ended_by.as_ref().map(|(c, r, _)| (*c, *r))),
     };
-    let masquerade = masquerade_text(config, q, t, &outcome, unless_pod);
+    let masquerade = masquerade_text(config, &class, q, t, &outcome, unless_pod);
     let affinity = port.session_affinity().timeout().map(|t| {
         format!(
             "ClientIP: connections from {} stick to one endpoint until {} s pass without a new one",
@@ -617,9 +669,14 @@ fn generic_outcome(o: &Outcome, by: Option<(&str, &Rule)>) -> String {
     }
 }
 
-/// Why the trace masqueraded (or not), from the rules that set the mark or masqueraded.
+/// Whether the connection is masqueraded and why: the reason of its traffic class
+/// ([`TrafficClass::masquerade`]), confirmed by the rule that set the mark in the trace. The
+/// trace is the arbiter: where the rules masquerade a connection the class does not (or not
+/// one it does, or for another reason), the answer says what the rules do and what the traffic
+/// policy says. Hairpin connections are masqueraded whatever the class.
 fn masquerade_text(
     config: &Config,
+    class: &TrafficClass,
     q: &Query,
     t: &Trace,
     outcome: &Outcome,
@@ -632,7 +689,13 @@ fn masquerade_text(
         return format!("yes, unless the connection arrives on interface {interface} (a pod's)");
     }
     if !t.masquerade_sometimes() {
-        return "no: the backend sees the client's address".into();
+        let text = "no: the backend sees the client's address";
+        return match class.masquerade {
+            None => text.into(),
+            Some(r) => format!(
+                "{text}, as the rules do it, although the traffic policy says to masquerade (\"{r}\")"
+            ),
+        };
     }
     if !t.masquerade_always() {
         let targets = t.masqueraded_targets();
@@ -661,13 +724,9 @@ fn masquerade_text(
     let Some((rule, hits)) = marked else {
         return "yes: the endpoint is the client itself (hairpin)".into();
     };
+    // Which reason the marking rule stands for, by the map it found or the detector match it
+    // needed; the text gives the detector's CIDR or interface, which the reason does not.
     let on = |sets: &[&str]| hits.iter().any(|h| sets.contains(&h.set.as_str()));
-    if on(names::MASQ_CLUSTER) {
-        return "yes: externalTrafficPolicy Cluster masquerades external traffic".into();
-    }
-    if on(names::MASQ_LOCAL_SOURCE) {
-        return "yes: traffic from the node itself to an eTP Local address is masqueraded".into();
-    }
     let not_pod = rule.stmts.iter().find_map(|st| match st {
         Stmt::Match {
             left,
@@ -676,26 +735,62 @@ fn masquerade_text(
         } if *left != Expr::Meta(MetaKey::L4Proto) => Some((left, right)),
         _ => None,
     });
-    match not_pod {
-        Some((Expr::Meta(MetaKey::IifName), Value::IfName(n))) => format!(
-            "yes: the connection does not arrive on interface {}{} (a pod's)",
-            n.as_str(),
-            if n.is_prefix() { "*" } else { "" }
-        ),
-        Some((_, cidr)) => {
-            let which = if matches!(config.detect_local, DetectLocal::NodeCidr(_)) {
-                "node's pod CIDR"
-            } else {
-                "cluster CIDR"
-            };
-            format!(
-                "yes: the source is outside the {which} ({})",
-                crate::nft::render::value(cidr)
-            )
+    let reason = |r: MasqueradeReason| (Some(r), format!("yes: {r}"));
+    let (traced, text) = if on(names::MASQ_CLUSTER) {
+        reason(MasqueradeReason::ExternalCluster)
+    } else if on(names::MASQ_LOCAL_SOURCE) {
+        reason(MasqueradeReason::FromNode)
+    } else {
+        match not_pod {
+            Some((Expr::Meta(MetaKey::IifName), Value::IfName(n))) => (
+                Some(MasqueradeReason::NotFromPod),
+                format!(
+                    "yes: the connection does not arrive on interface {}{} (a pod's)",
+                    n.as_str(),
+                    if n.is_prefix() { "*" } else { "" }
+                ),
+            ),
+            Some((_, cidr)) => {
+                let which = if is_cluster_cidr(config, cidr) {
+                    "cluster CIDR"
+                } else {
+                    "node's pod CIDR"
+                };
+                (
+                    Some(MasqueradeReason::NotFromPod),
+                    format!(
+                        "yes: the source is outside the {which} ({})",
+                        crate::nft::render::value(cidr)
+                    ),
+                )
+            }
+            None if on(&[names::CLUSTER_IPS]) => reason(MasqueradeReason::MasqueradeAll),
+            None => (
+                None,
+                format!("yes (rule: {})", crate::nft::render::rule(rule)),
+            ),
         }
-        None if on(&[names::CLUSTER_IPS]) => "yes: masqueradeAll".into(),
-        None => format!("yes (rule: {})", crate::nft::render::rule(rule)),
+    };
+    match class.masquerade {
+        Some(r) if traced == Some(r) => text,
+        Some(r) => format!(
+            "{text}, as the rules do it, although the traffic policy gives another reason (\"{r}\")"
+        ),
+        None => format!(
+            "{text}, as the rules do it, although the traffic policy says not to masquerade"
+        ),
     }
+}
+
+/// Whether `cidr`, a detector's match in the rules, is one of the configured cluster CIDRs
+/// (else it is the node's pod CIDR: `detectLocalMode: NodeCIDR`).
+fn is_cluster_cidr(config: &Config, cidr: &Value) -> bool {
+    let net = match cidr {
+        Value::Ipv4Net(n) => IpNet::V4(*n),
+        Value::Ipv6Net(n) => IpNet::V6(*n),
+        _ => return false,
+    };
+    config.cluster_cidrs.contains(&net)
 }
 
 impl Explanation {

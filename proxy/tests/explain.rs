@@ -154,6 +154,7 @@ fn every_object_explain_reads_in_a_trace_exists_in_a_compiled_table() {
         names::ADDRESS_DISPATCH,
         names::NODEPORT_DISPATCH,
         names::LOCAL_DISPATCH,
+        names::CLUSTER_DISPATCH,
         names::MASQ_CLUSTER,
         names::MASQ_LOCAL_SOURCE,
     ] {
@@ -162,7 +163,9 @@ fn every_object_explain_reads_in_a_trace_exists_in_a_compiled_table() {
     for name in all {
         assert!(table.sets.contains_key(name), "no set or map {name}");
     }
-    assert!(table.chains.contains_key(names::FIREWALL_CHECK));
+    for chain in [names::FIREWALL_CHECK, names::SERVICES] {
+        assert!(table.chains.contains_key(chain), "no chain {chain}");
+    }
 }
 
 #[test]
@@ -219,5 +222,124 @@ fn pods_told_by_interface_are_explained_by_the_interface_rule() {
     assert_eq!(
         e.masquerade,
         "yes, unless the connection arrives on interface veth* (a pod's)"
+    );
+}
+
+/// The example compiled in process, as `explain` compiles it, for tests that alter it.
+fn compiled(snap: &Snapshot, config: &Config) -> lb_proxy::nft::ir::Ruleset {
+    let mut rs = lb_proxy::nft::ir::Ruleset::default();
+    for family in [lb_core::IpFamily::V4, lb_core::IpFamily::V6] {
+        let (id, table, _) = lb_proxy::compile::compile(snap, config, family);
+        rs.tables.insert(id, table);
+    }
+    rs
+}
+
+/// Removes every element of the set or map `name` from every table.
+fn empty_set(rs: &mut lb_proxy::nft::ir::Ruleset, name: &str) {
+    for table in rs.tables.values_mut() {
+        table
+            .sets
+            .get_mut(name)
+            .expect("the compiler creates the set")
+            .elements
+            .clear();
+    }
+}
+
+#[test]
+fn rules_that_dispatch_to_another_endpoint_set_than_the_traffic_policy_win_and_say_so() {
+    // The traffic class (lb-core) says node-local endpoints for outside traffic to an eTP
+    // Local load-balancer IP; a ruleset without its eTP Local dispatch sends it to every
+    // endpoint. explain reports what the rules do, and names the policy it contradicts.
+    let (snap, config) = example();
+    let q = query("192.0.2.20:80", "10.100.0.2");
+    let mut rs = compiled(&snap, &config);
+    let agreed = lb_proxy::explain::answer(&rs, &snap, &config, &q).expect("traces");
+    assert_eq!(
+        agreed.endpoint_set.as_deref(),
+        Some(
+            "local: externalTrafficPolicy Local: node-local endpoints only, client address preserved"
+        )
+    );
+    empty_set(&mut rs, lb_proxy::compile::names::EXTERNAL_LOCAL_IPS);
+    let e = lb_proxy::explain::answer(&rs, &snap, &config, &q).expect("traces");
+    assert_eq!(
+        e.endpoint_set.as_deref(),
+        Some(
+            "cluster: every usable endpoint, as the rules dispatch it, although the traffic \
+             policy says \"externalTrafficPolicy Local: node-local endpoints only, client \
+             address preserved\""
+        ),
+        "{e}"
+    );
+    assert_eq!(e.endpoints.iter().filter(|v| v.eligible).count(), 2, "{e}");
+}
+
+#[test]
+fn rules_that_do_not_masquerade_what_the_traffic_policy_masquerades_win_and_say_so() {
+    // A node port of an eTP Cluster Service is masqueraded by policy; a ruleset that lost the
+    // mark's element does not masquerade it, and explain says both.
+    let (snap, config) = example();
+    let q = query("10.100.0.1:30080", "10.100.0.2");
+    let mut rs = compiled(&snap, &config);
+    let agreed = lb_proxy::explain::answer(&rs, &snap, &config, &q).expect("traces");
+    assert_eq!(
+        agreed.masquerade,
+        "yes: externalTrafficPolicy Cluster masquerades external traffic"
+    );
+    empty_set(&mut rs, lb_proxy::compile::names::MASQ_NODEPORTS);
+    let e = lb_proxy::explain::answer(&rs, &snap, &config, &q).expect("traces");
+    assert_eq!(
+        e.masquerade,
+        "no: the backend sees the client's address, as the rules do it, although the traffic \
+         policy says to masquerade (\"externalTrafficPolicy Cluster masquerades external \
+         traffic\")",
+        "{e}"
+    );
+}
+
+#[test]
+fn the_node_reaching_an_etp_local_service_without_endpoints_is_short_circuited_not_local() {
+    // The node's (and a pod's) traffic to an eTP Local address is short-circuited to every
+    // endpoint, however many there are; with none at all it is rejected. explain used to call
+    // this "node-local endpoints only, client address preserved", because the rules then fall
+    // through to the eTP Local map; the class of the traced source says what it is.
+    let (mut objects, _) = Objects::read_paths(&[concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/cluster/node.yaml"
+    )]);
+    let mut errors = Vec::new();
+    objects.add_text(
+        "lonely.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: lonely, namespace: demo}\n\
+         spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.40\n  externalTrafficPolicy: Local\n  \
+         ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30090}]\n\
+         status: {loadBalancer: {ingress: [{ip: 192.0.2.40}]}}\n",
+        &mut errors,
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    let (store, _, _) = objects.into_store(Some("node-a"), &Filter::default());
+    let snap = store.snapshot().expect("node");
+    let (_, config) = example();
+    let mut q = query("192.0.2.40:80", "10.100.0.1");
+    q.from_node = true;
+    let e = explain(&snap, &config, &q);
+    assert_eq!(
+        e.endpoint_set.as_deref(),
+        Some(
+            "cluster: externalTrafficPolicy Local, but traffic from the node itself is \
+             short-circuited to every endpoint"
+        ),
+        "{e}"
+    );
+    assert!(e.outcome.starts_with("reject"), "{e}");
+    // From elsewhere: the node-local set, as the rules dispatch it.
+    let e = explain(&snap, &config, &query("192.0.2.40:80", "10.100.0.2"));
+    assert!(
+        e.endpoint_set
+            .as_deref()
+            .is_some_and(|s| s.starts_with("local: externalTrafficPolicy Local")),
+        "{e}"
     );
 }

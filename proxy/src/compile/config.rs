@@ -2,8 +2,8 @@
 //! `detectLocalMode`, masquerading) and where NodePorts listen (`nodePortAddresses`).
 
 use ipnet::IpNet;
-use lb_core::Node;
 use lb_core::traffic::Masquerading;
+use lb_core::{IpFamily, Node};
 
 use crate::nft::ir::{Expr, IfName, MetaKey, Value};
 
@@ -124,6 +124,12 @@ impl Config {
             masquerade_all: self.masquerade_all,
             detects_pods: !self.local_matches(f).is_empty(),
         }
+    }
+
+    /// The settings [`lb_core::traffic::classify`] needs for traffic of `family`, as the
+    /// compiler uses them (so a reader of the ruleset classifies as the compiler did).
+    pub fn masquerading_of(&self, family: IpFamily) -> Masquerading {
+        self.masquerading(Fam::new(family))
     }
 
     /// Whether `primary` cannot be resolved for `node` (its addresses are unknown), so

@@ -18,50 +18,50 @@ pub const TABLE_COMMENT: &str = "rules for lb-proxy, a kube-proxy replacement";
 // of a prefix and a number (`pick-N`, `affinity-T`) are built below, from their prefixes.
 
 // Base chains, at kube-proxy's hooks and priorities.
-pub(super) const FILTER_PREROUTING_PRE_DNAT: &str = "filter-prerouting-pre-dnat";
-pub(super) const FILTER_OUTPUT_PRE_DNAT: &str = "filter-output-pre-dnat";
-pub(super) const FILTER_INPUT: &str = "filter-input";
-pub(super) const FILTER_FORWARD: &str = "filter-forward";
-pub(super) const FILTER_OUTPUT: &str = "filter-output";
-pub(super) const NAT_PREROUTING: &str = "nat-prerouting";
-pub(super) const NAT_OUTPUT: &str = "nat-output";
-pub(super) const NAT_POSTROUTING: &str = "nat-postrouting";
+pub const FILTER_PREROUTING_PRE_DNAT: &str = "filter-prerouting-pre-dnat";
+pub const FILTER_OUTPUT_PRE_DNAT: &str = "filter-output-pre-dnat";
+pub const FILTER_INPUT: &str = "filter-input";
+pub const FILTER_FORWARD: &str = "filter-forward";
+pub const FILTER_OUTPUT: &str = "filter-output";
+pub const NAT_PREROUTING: &str = "nat-prerouting";
+pub const NAT_OUTPUT: &str = "nat-output";
+pub const NAT_POSTROUTING: &str = "nat-postrouting";
 
 // Regular chains.
-pub(super) const SERVICES: &str = "services";
-pub(super) const MASQUERADING: &str = "masquerading";
-pub(super) const REJECT_CHAIN: &str = "reject-chain";
-pub(super) const FIREWALL_CHECK: &str = "firewall-check";
-pub(super) const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
-pub(super) const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
-pub(super) const AFFINITY_RECORD: &str = "affinity-record";
-pub(super) const AFFINITY_RECORD_PREROUTING: &str = "affinity-record-prerouting";
-pub(super) const AFFINITY_RECORD_OUTPUT: &str = "affinity-record-output";
+pub const SERVICES: &str = "services";
+pub const MASQUERADING: &str = "masquerading";
+pub const REJECT_CHAIN: &str = "reject-chain";
+pub const FIREWALL_CHECK: &str = "firewall-check";
+pub const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
+pub const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
+pub const AFFINITY_RECORD: &str = "affinity-record";
+pub const AFFINITY_RECORD_PREROUTING: &str = "affinity-record-prerouting";
+pub const AFFINITY_RECORD_OUTPUT: &str = "affinity-record-output";
 
 // Sets and maps.
-pub(super) const CLUSTER_IPS: &str = "cluster-ips";
-pub(super) const SERVICE_IPS: &str = "service-ips";
-pub(super) const EXTERNAL_LOCAL_IPS: &str = "external-local-ips";
-pub(super) const SERVICE_NODEPORTS: &str = "service-nodeports";
-pub(super) const NODEPORT_EXTERNAL_LOCAL: &str = "nodeport-external-local";
-pub(super) const ENDPOINTS: &str = "endpoints";
-pub(super) const ENDPOINTS_LOCAL: &str = "endpoints-local";
-pub(super) const NODEPORT_ENDPOINTS: &str = "nodeport-endpoints";
-pub(super) const NODEPORT_ENDPOINTS_LOCAL: &str = "nodeport-endpoints-local";
-pub(super) const MASQ_IPS: &str = "masquerade-ips";
-pub(super) const MASQ_LOCAL_SOURCE_IPS: &str = "masquerade-local-source-ips";
-pub(super) const MASQ_NODEPORTS: &str = "masquerade-nodeports";
-pub(super) const MASQ_LOCAL_SOURCE_NODEPORTS: &str = "masquerade-local-source-nodeports";
-pub(super) const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
-pub(super) const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
-pub(super) const FIREWALL_IPS: &str = "firewall-ips";
-pub(super) const FIREWALL_ALLOW: &str = "firewall-allow";
-pub(super) const HAIRPIN: &str = "hairpin";
-pub(super) const SERVICE_CIDRS: &str = "service-cidrs";
-pub(super) const NODEPORT_IPS: &str = "nodeport-ips";
-pub(super) const SERVICE_TRAFFIC: &str = "service-traffic";
-pub(super) const NODEPORT_TRAFFIC: &str = "nodeport-traffic";
-pub(super) const COUNT_SERVICE_TRAFFIC: &str = "count-service-traffic";
+pub const CLUSTER_IPS: &str = "cluster-ips";
+pub const SERVICE_IPS: &str = "service-ips";
+pub const EXTERNAL_LOCAL_IPS: &str = "external-local-ips";
+pub const SERVICE_NODEPORTS: &str = "service-nodeports";
+pub const NODEPORT_EXTERNAL_LOCAL: &str = "nodeport-external-local";
+pub const ENDPOINTS: &str = "endpoints";
+pub const ENDPOINTS_LOCAL: &str = "endpoints-local";
+pub const NODEPORT_ENDPOINTS: &str = "nodeport-endpoints";
+pub const NODEPORT_ENDPOINTS_LOCAL: &str = "nodeport-endpoints-local";
+pub const MASQ_IPS: &str = "masquerade-ips";
+pub const MASQ_LOCAL_SOURCE_IPS: &str = "masquerade-local-source-ips";
+pub const MASQ_NODEPORTS: &str = "masquerade-nodeports";
+pub const MASQ_LOCAL_SOURCE_NODEPORTS: &str = "masquerade-local-source-nodeports";
+pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
+pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+pub const FIREWALL_IPS: &str = "firewall-ips";
+pub const FIREWALL_ALLOW: &str = "firewall-allow";
+pub const HAIRPIN: &str = "hairpin";
+pub const SERVICE_CIDRS: &str = "service-cidrs";
+pub const NODEPORT_IPS: &str = "nodeport-ips";
+pub const SERVICE_TRAFFIC: &str = "service-traffic";
+pub const NODEPORT_TRAFFIC: &str = "nodeport-traffic";
+pub const COUNT_SERVICE_TRAFFIC: &str = "count-service-traffic";
 
 /// The four endpoint maps and their dispatch chains; each with a uniform random choice, or
 /// (`Sticky…`, for Services with ClientIP affinity) a choice by a hash of the client address.
