@@ -26,11 +26,13 @@
 //!     duplicate (the last file in sort order wins), an EndpointSlice whose Service is missing
 //!     or does not serve its address family. kube-proxy ignores them too; we say so once.
 //!
-//! Parsing: JSON goes through `serde_json` directly; YAML through `serde-saphyr` with a
-//! budget that scales with the input's size (documents, nodes, events and scalar bytes are
-//! bounded by the byte count, so real dumps of any size read), while the protections against
-//! alias bombs (alias and anchor counts, the alias/anchor ratio, retained anchor events) and
-//! absurd nesting (depth 64) stay fixed.
+//! Parsing: JSON goes through `serde_json` straight into the API types (no intermediate
+//! tree); YAML through `serde_yaml_ng` into JSON values (see `yaml`: big streams and `List`s
+//! are cut into pieces parsed on every core). The documents and `List` items are then typed on
+//! every core. Nothing is bounded by size (real dumps of any size read), while the protections
+//! against alias bombs (bounded alias replay) and absurd nesting (depth 128) stay. A type error
+//! names the field path: a document that fails is read a second time with path tracking, which
+//! is too slow to pay for on every document.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -29,14 +29,14 @@ pub(super) fn parse(text: &str) -> Result<Vec<Value>, String> {
     if n < 2 || text.len() < PARALLEL_MIN_BYTES || text.starts_with('%') || text.contains("\n%") {
         return parse_whole(text);
     }
-    let pieces = split_stream(text, n);
+    let pieces = split_stream(text, piece_count(text.len(), n));
     if pieces.len() > 1 {
         if let Some(docs) = in_parallel(&pieces) {
             return Ok(docs.into_iter().flatten().collect());
         }
         return parse_whole(text);
     }
-    if let Some(list) = split_list(text, n) {
+    if let Some(list) = split_list(text, piece_count(text.len(), n)) {
         if let Some(doc) = list.parse() {
             return Ok(vec![doc]);
         }
@@ -59,19 +59,39 @@ pub(super) fn parse_whole(text: &str) -> Result<Vec<Value>, String> {
         .collect()
 }
 
-/// Parses every piece on a thread of its own; `None` if any fails.
+/// Parses the pieces on every core (each thread a contiguous share of them, in order);
+/// `None` if any fails.
 fn in_parallel(pieces: &[&str]) -> Option<Vec<Vec<Value>>> {
+    let per = pieces.len().div_ceil(threads().max(1)).max(1);
     std::thread::scope(|s| {
         let handles: Vec<_> = pieces
-            .iter()
-            .map(|p| s.spawn(move || parse_whole(p).ok()))
+            .chunks(per)
+            .map(|share| {
+                s.spawn(move || {
+                    share
+                        .iter()
+                        .map(|p| parse_whole(p).ok())
+                        .collect::<Option<Vec<_>>>()
+                })
+            })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().ok().flatten())
-            .collect()
+        let mut all = Vec::with_capacity(pieces.len());
+        for h in handles {
+            all.extend(h.join().ok().flatten()?);
+        }
+        Some(all)
     })
 }
+
+/// How many pieces to cut `len` bytes into: one per core at least, and pieces of about
+/// [`PIECE_BYTES`] (the parser holds a whole document's events at once, and small documents
+/// stay in cache: one 80 MB document parses at half the speed of 160 half-megabyte ones).
+fn piece_count(len: usize, threads: usize) -> usize {
+    threads.max(len / PIECE_BYTES)
+}
+
+/// The size of the pieces a big input is cut into.
+const PIECE_BYTES: usize = 512 << 10;
 
 /// Cuts a multi-document stream into about `n` pieces, each starting at a document marker.
 fn split_stream(text: &str, n: usize) -> Vec<&str> {
@@ -171,7 +191,7 @@ fn split_list(text: &str, n: usize) -> Option<ListCut<'_>> {
             break;
         }
     }
-    if starts.len() < 2 * n {
+    if starts.len() < 4 {
         return None;
     }
     let section = end - first;
