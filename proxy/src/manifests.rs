@@ -1200,6 +1200,44 @@ mod tests {
     }
 
     #[test]
+    fn a_big_file_typed_on_every_core_keeps_document_order_and_positions() {
+        // Over the parallel threshold: the runs are joined in document order, so the later
+        // of two copies of an object wins and a position names the right document.
+        let mut text = String::new();
+        for i in 0..3000 {
+            let ip = if i == 2999 { "10.96.9.9" } else { "10.96.0.10" };
+            let name = if i == 0 || i == 2999 {
+                "name: dup".to_string()
+            } else {
+                format!("name: web-{i}")
+            };
+            text.push_str(&SVC.replace("name: web", &name).replace("10.96.0.10", ip));
+            text.push_str("---\n");
+        }
+        assert!(text.len() > PARALLEL_MIN_BYTES);
+        let parsed = Parsed::from_text("f.yaml", &text).expect("parses");
+        let (objects, errors) = validate("f.yaml", parsed, &BTreeMap::new(), &Filter::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(objects.len(), 2999);
+        let dup = ("Service", "t".to_string(), "dup".to_string());
+        let Some(Object::Service(s)) = objects.get(&dup) else {
+            panic!("dup read");
+        };
+        let ip = s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref());
+        assert_eq!(ip, Some("10.96.9.9"), "the later copy wins");
+        text.push_str("metadata:\n  name: no-kind\n");
+        let err = Parsed::from_text("f.yaml", &text).expect_err("a document without kind");
+        assert_eq!(err, "document 3001: no kind");
+        let list = format!(
+            "{{\"kind\":\"List\",\"items\":[{}{{\"metadata\":{{}}}}]}}",
+            r#"{"kind":"Service","metadata":{"name":"x","namespace":"t"},"spec":{"ports":[{"port":80}]}},"#
+                .repeat(4000)
+        );
+        let err = Parsed::from_text("f.json", &list).expect_err("an item without kind");
+        assert_eq!(err, "document 1, items[4000]: no kind");
+    }
+
+    #[test]
     fn yaml_alias_bombs_and_absurd_nesting_are_still_refused() {
         let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 1..12 {

@@ -358,6 +358,41 @@ pub fn dumps(n: u32, m: u32) {
     }
 }
 
+/// How fast manifests are read, in this process (no root needed): the cluster of `n` × `m` as
+/// a multi-document YAML stream, a YAML `List` and a `kubectl get -o json` `List`, each read
+/// whole by `Objects::add_text` (parse and type every object), median of `rounds`.
+pub fn read_throughput(n: u32, m: u32, rounds: usize) {
+    println!("\n## reading manifests in process, {n} Services x {m} endpoints, median of {rounds}");
+    let inputs = [
+        ("YAML stream", cluster::yaml_stream(cluster::objects(n, m))),
+        ("YAML List", cluster::yaml_list(n, m)),
+        ("JSON List", cluster::json_list(n, m)),
+    ];
+    for (what, text) in inputs {
+        let mut times = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let t = Instant::now();
+            let mut objects = lb_proxy::manifests::Objects::default();
+            let mut errors = Vec::new();
+            objects.add_text(what, &text, &mut errors);
+            times.push(t.elapsed().as_secs_f64());
+            assert!(errors.is_empty(), "{what}: {:?}", errors.first());
+            assert_eq!(
+                objects.services.len(),
+                n as usize,
+                "{what}: every Service read"
+            );
+        }
+        let took = median(times);
+        println!(
+            "READ {what} ({:.1} MB) in process: median {:.2} s = {:.0} MB/s",
+            text.len() as f64 / 1e6,
+            took,
+            text.len() as f64 / 1e6 / took
+        );
+    }
+}
+
 /// Where the memory of a synced dataplane goes, measured with jemalloc's own counters in
 /// this process: the store (model values), the compiler's applied state, a `ruleset()` copy.
 pub fn memory_breakdown(n: u32, m: u32) {
