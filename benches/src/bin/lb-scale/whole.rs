@@ -370,12 +370,15 @@ pub fn read_throughput(n: u32, m: u32, rounds: usize) {
     ];
     for (what, text) in inputs {
         let mut times = Vec::with_capacity(rounds);
+        let mut cpu = Vec::with_capacity(rounds);
         for _ in 0..rounds {
+            let c = cpu_seconds();
             let t = Instant::now();
             let mut objects = lb_proxy::manifests::Objects::default();
             let mut errors = Vec::new();
             objects.add_text(what, &text, &mut errors);
             times.push(t.elapsed().as_secs_f64());
+            cpu.push(cpu_seconds() - c);
             assert!(errors.is_empty(), "{what}: {:?}", errors.first());
             assert_eq!(
                 objects.services.len(),
@@ -383,14 +386,29 @@ pub fn read_throughput(n: u32, m: u32, rounds: usize) {
                 "{what}: every Service read"
             );
         }
-        let took = median(times);
+        let (took, cpu) = (median(times), median(cpu));
+        let mb = text.len() as f64 / 1e6;
         println!(
-            "READ {what} ({:.1} MB) in process: median {:.2} s = {:.0} MB/s",
-            text.len() as f64 / 1e6,
-            took,
-            text.len() as f64 / 1e6 / took
+            "READ {what} ({mb:.1} MB) in process: median {took:.2} s = {:.0} MB/s (CPU {cpu:.2} s = {:.0} MB per CPU-second, so less sensitive to other load)",
+            mb / took,
+            mb / cpu
         );
     }
+}
+
+/// CPU time of this process so far (user + system), from `/proc/self/stat`, in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime and stime are the 12th
+    // and 13th, in clock ticks of 1/100 s on Linux.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: f64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
 }
 
 /// Where the memory of a synced dataplane goes, measured with jemalloc's own counters in
