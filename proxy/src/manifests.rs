@@ -26,11 +26,13 @@
 //!     duplicate (the last file in sort order wins), an EndpointSlice whose Service is missing
 //!     or does not serve its address family. kube-proxy ignores them too; we say so once.
 //!
-//! Parsing: JSON goes through `serde_json` directly; YAML through `serde-saphyr` with a
-//! budget that scales with the input's size (documents, nodes, events and scalar bytes are
-//! bounded by the byte count, so real dumps of any size read), while the protections against
-//! alias bombs (alias and anchor counts, the alias/anchor ratio, retained anchor events) and
-//! absurd nesting (depth 64) stay fixed.
+//! Parsing: JSON goes through `serde_json` straight into the API types (no intermediate
+//! tree); YAML through `serde_yaml_ng` into JSON values (see `yaml`: big streams and `List`s
+//! are cut into pieces parsed on every core). The documents and `List` items are then typed on
+//! every core. Nothing is bounded by size (real dumps of any size read), while the protections
+//! against alias bombs (bounded alias replay) and absurd nesting (depth 128) stay. A type error
+//! names the field path: a document that fails is read a second time with path tracking, which
+//! is too slow to pay for on every document.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -46,6 +48,8 @@ use serde_json::Value;
 
 use crate::convert::{self, ConvertError, Converted, Filter};
 use crate::store::Store;
+
+mod yaml;
 
 /// The objects found in a set of manifests.
 #[derive(Debug, Default, Clone)]
@@ -158,16 +162,13 @@ fn looks_like_json(text: &str) -> bool {
     matches!(text.trim_start().as_bytes().first(), Some(b'{' | b'['))
 }
 
-/// A YAML budget for `len` bytes of input: everything that grows with real data is bounded by
-/// the size of the input itself; what only attacks need (aliases, deep nesting) stays fixed.
-fn yaml_budget(len: usize) -> serde_saphyr::Budget {
-    let mut b = serde_saphyr::Budget::default();
-    // A document takes at least a few bytes ("---\n"), a node at least one.
-    b.max_documents = b.max_documents.max(len / 2 + 16);
-    b.max_nodes = b.max_nodes.max(len + 1024);
-    b.max_events = b.max_events.max(2 * len + 4096);
-    b.max_total_scalar_bytes = b.max_total_scalar_bytes.max(len + 1024);
-    b
+/// Inputs smaller than this are parsed on one thread: below it, starting threads costs more
+/// than it saves.
+const PARALLEL_MIN_BYTES: usize = 256 << 10;
+
+/// How many threads to parse on.
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 /// One document: a YAML value, or the raw text of a JSON one (deserialised straight into
@@ -175,7 +176,7 @@ fn yaml_budget(len: usize) -> serde_saphyr::Budget {
 #[derive(Debug)]
 enum Doc<'a> {
     Value(Value),
-    Raw(&'a serde_json::value::RawValue),
+    Raw(&'a str),
 }
 
 /// Just enough of a JSON document to know what it is.
@@ -203,16 +204,19 @@ struct ListItems<'a> {
     items: Option<Vec<&'a serde_json::value::RawValue>>,
 }
 
+/// A document's `kind`, `metadata.name` and `metadata.namespace`, where they are strings.
+type DocHead = (Option<String>, Option<String>, Option<String>);
+
 impl<'a> Doc<'a> {
     fn is_null(&self) -> bool {
         match self {
             Doc::Value(v) => v.is_null(),
-            Doc::Raw(r) => r.get().trim() == "null",
+            Doc::Raw(r) => r.trim() == "null",
         }
     }
 
     /// `kind`, `metadata.name` and `metadata.namespace`, where they are strings.
-    fn head(&self) -> (Option<String>, Option<String>, Option<String>) {
+    fn head(&self) -> DocHead {
         match self {
             Doc::Value(v) => {
                 let s = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
@@ -224,7 +228,7 @@ impl<'a> Doc<'a> {
                 )
             }
             Doc::Raw(r) => {
-                let h: Head<'_> = serde_json::from_str(r.get()).unwrap_or_default();
+                let h: Head<'_> = serde_json::from_str(r).unwrap_or_default();
                 let m = h.metadata.unwrap_or_default();
                 (
                     h.kind.map(Into::into),
@@ -244,16 +248,19 @@ impl<'a> Doc<'a> {
                 Some(_) => Err("field items: not a list".into()),
             },
             Doc::Value(_) => Err("not a mapping".into()),
-            Doc::Raw(r) => serde_json::from_str::<ListItems<'a>>(r.get())
+            Doc::Raw(r) => serde_json::from_str::<ListItems<'a>>(r)
                 .map(|l| {
                     l.items
-                        .map(|items| items.into_iter().map(Doc::Raw).collect())
+                        .map(|items| items.into_iter().map(|i| Doc::Raw(i.get())).collect())
                 })
                 .map_err(|e| format!("field items: {e}")),
         }
     }
 
     /// Deserialises the document as its kind; the error names the field path.
+    ///
+    /// Tracking the path costs a string per key, so the document is first read without it,
+    /// and read again with it only when that fails (the second read finds the same error).
     fn typed<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
         fn message<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> String {
             let path = e.path().to_string();
@@ -264,13 +271,66 @@ impl<'a> Doc<'a> {
             }
         }
         match self {
-            Doc::Value(v) => serde_path_to_error::deserialize(v).map_err(message),
-            Doc::Raw(r) => {
-                let mut de = serde_json::Deserializer::from_str(r.get());
+            Doc::Value(v) => T::deserialize(&v)
+                .or_else(|_| serde_path_to_error::deserialize(&v).map_err(message)),
+            Doc::Raw(r) => serde_json::from_str(r).or_else(|_| {
+                let mut de = serde_json::Deserializer::from_str(r);
                 serde_path_to_error::deserialize(&mut de).map_err(message)
-            }
+            }),
         }
     }
+}
+
+/// A JSON document's head and, for a `List`, its items: what [`json_entries`] reads in one pass.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct Top<'a> {
+    #[serde(borrow)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    metadata: Option<HeadMeta<'a>>,
+    #[serde(borrow)]
+    items: Option<Vec<&'a serde_json::value::RawValue>>,
+}
+
+fn is_list(kind: &str) -> bool {
+    kind == "List" || kind.ends_with("List")
+}
+
+/// The documents of a JSON text, with the items of its `List`s in their place, in one pass
+/// over the text (a 40 MB `List` is otherwise scanned three times on one core before the
+/// cores share its items). `None` when any document is not an object of the usual shape
+/// (`kind` not a string, `items` not a list, `null`): then the general path reads it, and
+/// reports what is wrong the same way as for YAML.
+fn json_entries(text: &str) -> Option<(usize, Vec<Entry<'_>>)> {
+    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Top<'_>>();
+    let mut entries = Vec::new();
+    let (mut documents, mut start) = (0, 0);
+    while let Some(top) = stream.next() {
+        let top = top.ok()?;
+        let end = stream.byte_offset();
+        let raw = text.get(start..end)?.trim_start();
+        start = end;
+        let doc = documents;
+        documents += 1;
+        let meta = top.metadata.unwrap_or_default();
+        let head: DocHead = (
+            top.kind.map(Into::into),
+            meta.name.map(Into::into),
+            meta.namespace.map(Into::into),
+        );
+        match (&head.0, top.items) {
+            (Some(kind), items) if is_list(kind) => {
+                let items = items.unwrap_or_default().into_iter().enumerate();
+                entries.extend(items.map(|(j, item)| {
+                    let pos = Pos { doc, item: Some(j) };
+                    (pos, Doc::Raw(item.get()), None)
+                }));
+            }
+            _ => entries.push((Pos { doc, item: None }, Doc::Raw(raw), Some(head))),
+        }
+    }
+    Some((documents, entries))
 }
 
 /// Parses `text` into documents: JSON (one value or a stream of them) through `serde_json`,
@@ -282,72 +342,15 @@ fn parse_documents(text: &str) -> Result<Vec<Doc<'_>>, String> {
                 .into_iter()
                 .collect();
         return match json {
-            Ok(docs) => Ok(docs.into_iter().map(Doc::Raw).collect()),
+            Ok(docs) => Ok(docs.into_iter().map(|d| Doc::Raw(d.get())).collect()),
             // YAML flow style also starts with `{` or `[`: try YAML before giving up, and
             // report the JSON error if that fails too.
-            Err(e) => parse_yaml(text)
+            Err(e) => yaml::parse(text)
                 .map(|docs| docs.into_iter().map(Doc::Value).collect())
                 .map_err(|_| format!("not valid JSON: {e}")),
         };
     }
-    parse_yaml(text).map(|docs| docs.into_iter().map(Doc::Value).collect())
-}
-
-/// Parses a YAML stream; a big one is cut at document markers and parsed on every core.
-fn parse_yaml(text: &str) -> Result<Vec<Value>, String> {
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let chunks = split_stream(text, threads);
-    if chunks.len() < 2 {
-        return parse_yaml_chunk(text);
-    }
-    std::thread::scope(|s| {
-        let handles: Vec<_> = chunks
-            .iter()
-            .map(|c| s.spawn(move || parse_yaml_chunk(c)))
-            .collect();
-        let mut docs = Vec::new();
-        for h in handles {
-            docs.extend(
-                h.join()
-                    .map_err(|_| "the YAML parser panicked".to_string())??,
-            );
-        }
-        Ok(docs)
-    })
-}
-
-fn parse_yaml_chunk(text: &str) -> Result<Vec<Value>, String> {
-    let options = serde_saphyr::options! {
-        budget: Some(yaml_budget(text.len())),
-        emit_comments: false,
-    };
-    serde_saphyr::from_multiple_with_options(text, options).map_err(|e| e.to_string())
-}
-
-/// Cuts a multi-document YAML stream of at least 1 MiB into about `n` pieces, each starting at
-/// a document marker (`---` at the start of a line, which YAML forbids inside content). A
-/// stream with directives (`%YAML`, `%TAG`) is left whole.
-fn split_stream(text: &str, n: usize) -> Vec<&str> {
-    if n < 2 || text.len() < 1 << 20 || text.starts_with('%') || text.contains("\n%") {
-        return vec![text];
-    }
-    let mut pieces = Vec::with_capacity(n);
-    let mut start = 0;
-    for k in 1..n {
-        let from = (text.len() * k / n).max(start);
-        let Some(at) = text.get(from..).and_then(|rest| {
-            rest.match_indices("\n---").find_map(|(i, _)| {
-                let after = rest.as_bytes().get(i + 4).copied();
-                matches!(after, None | Some(b'\n' | b'\r' | b' ' | b'\t')).then_some(from + i + 1)
-            })
-        }) else {
-            break;
-        };
-        pieces.push(&text[start..at]);
-        start = at;
-    }
-    pieces.push(&text[start..]);
-    pieces
+    yaml::parse(text).map(|docs| docs.into_iter().map(Doc::Value).collect())
 }
 
 /// `namespace/name` (or `name` for cluster-scoped objects) from a document's metadata.
@@ -359,28 +362,141 @@ fn display_name(namespace: &str, name: &str) -> String {
     }
 }
 
+/// Where an object sits in its file, for messages: `document 3`, or `document 1, items[7]`.
+#[derive(Debug, Clone, Copy)]
+struct Pos {
+    doc: usize,
+    item: Option<usize>,
+}
+
+impl fmt::Display for Pos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "document {}", self.doc + 1)?;
+        match self.item {
+            Some(i) => write!(f, ", items[{i}]"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A document or `List` item to type, with its head when already known.
+type Entry<'a> = (Pos, Doc<'a>, Option<DocHead>);
+
 impl Parsed {
     /// Parses one whole file's text. `Err` when the file as a whole cannot be trusted: not
     /// YAML/JSON, or a document without a `kind` or a name (it could be any object, so no
     /// object of the file may be deleted because of it).
+    ///
+    /// The documents, with the items of top-level `List`s in their place, are typed on every
+    /// core in contiguous runs, and the results joined in document order.
     fn from_text(file: &str, text: &str) -> Result<Parsed, String> {
+        let fast = looks_like_json(text).then(|| json_entries(text)).flatten();
+        let (documents, entries) = match fast {
+            Some(read) => read,
+            None => Parsed::entries(parse_documents(text)?)?,
+        };
+        Parsed::type_entries(file, text.len(), documents, entries)
+    }
+
+    /// The documents to type: each one, or the items of a `List` in its place.
+    fn entries(docs: Vec<Doc<'_>>) -> Result<(usize, Vec<Entry<'_>>), String> {
+        let documents = docs.len();
+        let mut entries: Vec<Entry<'_>> = Vec::with_capacity(docs.len());
+        for (i, doc) in docs.into_iter().enumerate() {
+            if doc.is_null() {
+                continue;
+            }
+            let pos = Pos { doc: i, item: None };
+            let head = doc.head();
+            match &head.0 {
+                Some(kind) if is_list(kind) => {
+                    let items = doc
+                        .items()
+                        .map_err(|e| format!("{pos}: {kind}: {e}"))?
+                        .unwrap_or_default();
+                    entries.extend(items.into_iter().enumerate().map(|(j, item)| {
+                        let at = Pos {
+                            doc: i,
+                            item: Some(j),
+                        };
+                        (at, item, None)
+                    }));
+                }
+                _ => entries.push((pos, doc, Some(head))),
+            }
+        }
+        Ok((documents, entries))
+    }
+
+    /// Types the entries of a file of `len` bytes, on every core when it is big.
+    fn type_entries(
+        file: &str,
+        len: usize,
+        documents: usize,
+        mut entries: Vec<Entry<'_>>,
+    ) -> Result<Parsed, String> {
+        let n = threads();
+        let mut parsed = if n < 2 || len < PARALLEL_MIN_BYTES || entries.len() < 2 * n {
+            Parsed::from_entries(file, entries)?
+        } else {
+            let per = entries.len().div_ceil(n);
+            let mut runs = Vec::with_capacity(n);
+            while entries.len() > per {
+                let rest = entries.split_off(per);
+                runs.push(std::mem::replace(&mut entries, rest));
+            }
+            runs.push(entries);
+            let results: Vec<Result<Parsed, String>> = std::thread::scope(|s| {
+                let handles: Vec<_> = runs
+                    .into_iter()
+                    .map(|run| s.spawn(move || Parsed::from_entries(file, run)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err("the manifest reader panicked".into()))
+                    })
+                    .collect()
+            });
+            let mut all = Parsed::default();
+            for r in results {
+                let p = r?;
+                all.objects.extend(p.objects);
+                all.broken.extend(p.broken);
+                all.errors.extend(p.errors);
+                all.ignored.extend(p.ignored);
+            }
+            all
+        };
+        parsed.documents = documents;
+        Ok(parsed)
+    }
+
+    /// Types a run of documents and items, in order.
+    fn from_entries(file: &str, entries: Vec<Entry<'_>>) -> Result<Parsed, String> {
         let mut parsed = Parsed::default();
-        for (i, doc) in parse_documents(text)?.into_iter().enumerate() {
-            parsed.documents += 1;
-            parsed.add_value(file, doc, &format!("document {}", i + 1))?;
+        for (pos, doc, head) in entries {
+            parsed.add_value(file, doc, &pos, head)?;
         }
         Ok(parsed)
     }
 
-    fn add_value(&mut self, file: &str, doc: Doc<'_>, at: &str) -> Result<(), String> {
+    fn add_value(
+        &mut self,
+        file: &str,
+        doc: Doc<'_>,
+        at: &dyn fmt::Display,
+        head: Option<DocHead>,
+    ) -> Result<(), String> {
         if doc.is_null() {
             return Ok(());
         }
-        let (kind, name, namespace) = doc.head();
+        let (kind, name, namespace) = head.unwrap_or_else(|| doc.head());
         let Some(kind) = kind else {
             return Err(format!("{at}: no kind"));
         };
-        if kind == "List" || kind.ends_with("List") {
+        if is_list(&kind) {
             for (i, item) in doc
                 .items()
                 .map_err(|e| format!("{at}: {kind}: {e}"))?
@@ -388,7 +504,7 @@ impl Parsed {
                 .into_iter()
                 .enumerate()
             {
-                self.add_value(file, item, &format!("{at}, items[{i}]"))?;
+                self.add_value(file, item, &format!("{at}, items[{i}]"), None)?;
             }
             return Ok(());
         }
@@ -1155,6 +1271,44 @@ mod tests {
     }
 
     #[test]
+    fn a_big_file_typed_on_every_core_keeps_document_order_and_positions() {
+        // Over the parallel threshold: the runs are joined in document order, so the later
+        // of two copies of an object wins and a position names the right document.
+        let mut text = String::new();
+        for i in 0..3000 {
+            let ip = if i == 2999 { "10.96.9.9" } else { "10.96.0.10" };
+            let name = if i == 0 || i == 2999 {
+                "name: dup".to_string()
+            } else {
+                format!("name: web-{i}")
+            };
+            text.push_str(&SVC.replace("name: web", &name).replace("10.96.0.10", ip));
+            text.push_str("---\n");
+        }
+        assert!(text.len() > PARALLEL_MIN_BYTES);
+        let parsed = Parsed::from_text("f.yaml", &text).expect("parses");
+        let (objects, errors) = validate("f.yaml", parsed, &BTreeMap::new(), &Filter::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(objects.len(), 2999);
+        let dup = ("Service", "t".to_string(), "dup".to_string());
+        let Some(Object::Service(s)) = objects.get(&dup) else {
+            panic!("dup read");
+        };
+        let ip = s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref());
+        assert_eq!(ip, Some("10.96.9.9"), "the later copy wins");
+        text.push_str("metadata:\n  name: no-kind\n");
+        let err = Parsed::from_text("f.yaml", &text).expect_err("a document without kind");
+        assert_eq!(err, "document 3001: no kind");
+        let list = format!(
+            "{{\"kind\":\"List\",\"items\":[{}{{\"metadata\":{{}}}}]}}",
+            r#"{"kind":"Service","metadata":{"name":"x","namespace":"t"},"spec":{"ports":[{"port":80}]}},"#
+                .repeat(4000)
+        );
+        let err = Parsed::from_text("f.json", &list).expect_err("an item without kind");
+        assert_eq!(err, "document 1, items[4000]: no kind");
+    }
+
+    #[test]
     fn yaml_alias_bombs_and_absurd_nesting_are_still_refused() {
         let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 1..12 {
@@ -1423,28 +1577,6 @@ mod tests {
             "{text:#?}"
         );
         assert!(s.newly_ignored(ignored).is_empty(), "once");
-    }
-}
-
-#[cfg(test)]
-mod split_tests {
-    use super::*;
-
-    #[test]
-    fn a_big_stream_is_cut_only_at_document_markers_and_reads_the_same() {
-        let doc = "kind: Service\nmetadata:\n  name: x\ntext: |\n  ---not a marker\n  --- neither, indented\n";
-        let mut text = String::new();
-        while text.len() < 3 << 20 {
-            text.push_str("---\n");
-            text.push_str(doc);
-        }
-        let pieces = split_stream(&text, 3);
-        assert_eq!(pieces.len(), 3);
-        assert_eq!(pieces.concat(), text);
-        assert!(pieces.iter().all(|p| p.starts_with("---\n")));
-        let whole = parse_yaml_chunk(&text).expect("YAML");
-        assert_eq!(parse_yaml(&text).expect("YAML"), whole);
-        assert_eq!(split_stream(&format!("%YAML 1.2\n{text}"), 3).len(), 1);
     }
 }
 

@@ -223,6 +223,11 @@ fn main() {
         whole::dumps(number("--dumps", 1, 50_000), number("--dumps", 2, 10));
         return;
     }
+    if args.iter().any(|a| a == "--read") {
+        // Manifest reading alone, in this process (no root needed).
+        whole::read_throughput(number("--read", 1, 10_000), number("--read", 2, 10), 3);
+        return;
+    }
     if args.iter().any(|a| a == "--affinity") {
         whole::affinity_hits();
         return;
@@ -232,6 +237,7 @@ fn main() {
         whole::memory_breakdown(1_000, 10);
         whole::daemon(1_000, 10, 100);
         whole::run_once_vs_nft(1_000, 10, 1);
+        whole::read_throughput(1_000, 10, 1);
         whole::dumps(5_000, 10);
         whole::in_process_rss(5_000, 10);
         return;
@@ -277,6 +283,7 @@ fn main() {
     whole::memory_breakdown(10_000, 10);
     whole::daemon(10_000, 10, 1_000);
     whole::run_once_vs_nft(10_000, 10, 3);
+    whole::read_throughput(10_000, 10, 3);
     whole::dumps(50_000, 10);
     whole::affinity_hits();
     let (n, m) = (2_000, 10);

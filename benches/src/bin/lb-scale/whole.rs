@@ -358,6 +358,59 @@ pub fn dumps(n: u32, m: u32) {
     }
 }
 
+/// How fast manifests are read, in this process (no root needed): the cluster of `n` × `m` as
+/// a multi-document YAML stream, a YAML `List` and a `kubectl get -o json` `List`, each read
+/// whole by `Objects::add_text` (parse and type every object), median of `rounds`.
+pub fn read_throughput(n: u32, m: u32, rounds: usize) {
+    println!("\n## reading manifests in process, {n} Services x {m} endpoints, median of {rounds}");
+    let inputs = [
+        ("YAML stream", cluster::yaml_stream(cluster::objects(n, m))),
+        ("YAML List", cluster::yaml_list(n, m)),
+        ("JSON List", cluster::json_list(n, m)),
+    ];
+    for (what, text) in inputs {
+        let mut times = Vec::with_capacity(rounds);
+        let mut cpu = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let c = cpu_seconds();
+            let t = Instant::now();
+            let mut objects = lb_proxy::manifests::Objects::default();
+            let mut errors = Vec::new();
+            objects.add_text(what, &text, &mut errors);
+            times.push(t.elapsed().as_secs_f64());
+            cpu.push(cpu_seconds() - c);
+            assert!(errors.is_empty(), "{what}: {:?}", errors.first());
+            assert_eq!(
+                objects.services.len(),
+                n as usize,
+                "{what}: every Service read"
+            );
+        }
+        let (took, cpu) = (median(times), median(cpu));
+        let mb = text.len() as f64 / 1e6;
+        println!(
+            "READ {what} ({mb:.1} MB) in process: median {took:.2} s = {:.0} MB/s (CPU {cpu:.2} s = {:.0} MB per CPU-second, so less sensitive to other load)",
+            mb / took,
+            mb / cpu
+        );
+    }
+}
+
+/// CPU time of this process so far (user + system), from `/proc/self/stat`, in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime and stime are the 12th
+    // and 13th, in clock ticks of 1/100 s on Linux.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: f64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
 /// Where the memory of a synced dataplane goes, measured with jemalloc's own counters in
 /// this process: the store (model values), the compiler's applied state, a `ruleset()` copy.
 pub fn memory_breakdown(n: u32, m: u32) {
