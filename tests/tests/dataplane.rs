@@ -1208,7 +1208,6 @@ fn backend_from(t: &Topology, source: &str, target: &str) -> String {
 }
 
 #[test]
-#[ignore = "issue 9 point 2 residual: affinity entries are recorded per address, not per service port"]
 fn a_sticky_client_keeps_its_endpoint_on_every_address_of_the_service_port_after_the_endpoints_change()
  {
     // Issue 9, point 2: Kubernetes keeps ClientIP affinity per service port. A client that was
