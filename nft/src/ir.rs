@@ -380,6 +380,19 @@ impl Value {
         )
     }
 
+    /// The value's type (a prefix has its address's; an interface name, not set-key
+    /// material here, is typed as integer, as [`Expr::datatype`] types `iifname`).
+    pub fn datatype(&self) -> DataType {
+        match self {
+            Value::Ipv4(_) | Value::Ipv4Net(_) => DataType::Ipv4Addr,
+            Value::Ipv6(_) | Value::Ipv6Net(_) => DataType::Ipv6Addr,
+            Value::Proto(_) => DataType::InetProto,
+            Value::Port(_) => DataType::InetService,
+            Value::Mark(_) => DataType::Mark,
+            Value::Integer(_) | Value::IfName(_) => DataType::Integer,
+        }
+    }
+
     /// Whether this is a prefix (only valid in interval sets and `==`/`!=` comparisons).
     pub fn is_prefix(&self) -> bool {
         matches!(self, Value::Ipv4Net(_) | Value::Ipv6Net(_))
@@ -637,6 +650,10 @@ pub enum Expr {
         /// Modulus N (> 0).
         modulus: u32,
     },
+    /// A constant (an address, protocol or port) as one field of a concatenated key, as in
+    /// `update @m { ip saddr . 10.96.0.10 . 6 . 80 : … }`: loaded into its registers as an
+    /// immediate. Only key material here: a match compares with a [`Value`] on its right.
+    Const(Value),
 }
 
 impl Expr {
@@ -654,6 +671,7 @@ impl Expr {
             Expr::Ct(CtKey::OriginalIp6Saddr | CtKey::OriginalIp6Daddr) => DataType::Ipv6Addr,
             Expr::Ct(CtKey::OriginalProtoDst) => DataType::InetService,
             Expr::NumgenRandom { .. } | Expr::Jhash { .. } => DataType::Integer,
+            Expr::Const(v) => v.datatype(),
         }
     }
 

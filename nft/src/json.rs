@@ -12,7 +12,7 @@
 //!   this reader parses.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -703,6 +703,22 @@ pub fn expr_text(t: &str) -> Option<Expr> {
     })
 }
 
+/// A constant field of a listed `update` key ([`Expr::Const`]): an address, a protocol (nft
+/// lists a known one by name) or a port (the only bare number such keys hold here).
+fn const_text(t: &str) -> Option<Expr> {
+    let v = match t {
+        "tcp" => Value::TCP,
+        "udp" => Value::UDP,
+        "sctp" => Value::SCTP,
+        _ => match t.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => Value::Ipv4(a),
+            Ok(IpAddr::V6(a)) => Value::Ipv6(a),
+            Err(_) => Value::Port(t.parse().ok()?),
+        },
+    };
+    Some(Expr::Const(v))
+}
+
 /// `update @set { k . k : d . d }` as nft 1.0.6 lists it in JSON (as a string).
 fn dynset_text(t: &str) -> Result<Stmt, JsonError> {
     let bad = || unsupported("statement text", format!("{t:?}"));
@@ -726,7 +742,7 @@ fn dynset_text(t: &str) -> Result<Stmt, JsonError> {
             .map(|t| match t.trim() {
                 "tcp dport" | "udp dport" | "sctp dport" => Some(Expr::Payload(Payload::ThDport)),
                 "tcp sport" | "udp sport" | "sctp sport" => Some(Expr::Payload(Payload::ThSport)),
-                other => expr_text(other),
+                other => expr_text(other).or_else(|| const_text(other)),
             })
             .collect::<Option<Vec<_>>>()
             .ok_or_else(bad)

@@ -72,6 +72,10 @@ pub fn expr(e: &Expr) -> String {
         Expr::Ct(CtKey::OriginalProtoDst) => "ct original proto-dst".into(),
         Expr::NumgenRandom { modulus } => format!("numgen random mod {modulus}"),
         Expr::Jhash { of, modulus } => format!("jhash {} mod {modulus} seed 0x0", of.as_str()),
+        // nft 1.0.6 parses a protocol constant in a concatenated key only as a number (it
+        // lists it by name).
+        Expr::Const(Value::Proto(p)) => p.to_string(),
+        Expr::Const(v) => value(v),
     }
 }
 

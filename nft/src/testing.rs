@@ -148,6 +148,24 @@ pub fn sample_ruleset() -> Ruleset {
     aff.spec.flags.timeout = true;
     aff.spec.timeout = Some(Duration::from_secs(10800));
     t.sets.insert("affinity-10800".into(), aff);
+    // Typed by header fields: nft parses (and lists) constants in an update's key only
+    // against such a type, not against `ct original …` fields.
+    let mut sticky = Set::new(SetSpec::map(
+        KeySpec::Typeof(vec![
+            pd(Payload::IpSaddr),
+            pd(Payload::IpDaddr),
+            Expr::Meta(MetaKey::L4Proto),
+            pd(Payload::ThDport),
+        ]),
+        MapData::Values(KeySpec::Typeof(vec![
+            pd(Payload::IpDaddr),
+            pd(Payload::ThDport),
+        ])),
+    ));
+    sticky.spec.flags.dynamic = true;
+    sticky.spec.flags.timeout = true;
+    sticky.spec.timeout = Some(Duration::from_secs(60));
+    t.sets.insert("sticky-60".into(), sticky);
 
     let base = |kind, hook, priority| ChainSpec {
         base: Some(BaseChain {
@@ -210,6 +228,18 @@ pub fn sample_ruleset() -> Ruleset {
                         Expr::Ct(CtKey::OriginalIpDaddr),
                         Expr::Meta(MetaKey::L4Proto),
                         Expr::Ct(CtKey::OriginalProtoDst),
+                    ],
+                    data: vec![pd(Payload::IpDaddr), pd(Payload::ThDport)],
+                }]),
+                // Constants in the key: one entry for another address of the service port.
+                Rule::new(vec![Stmt::Dynset {
+                    op: DynsetOp::Update,
+                    set: "sticky-60".into(),
+                    key: vec![
+                        pd(Payload::IpSaddr),
+                        Expr::Const(ip("192.0.2.20")),
+                        Expr::Const(Value::TCP),
+                        Expr::Const(Value::Port(80)),
                     ],
                     data: vec![pd(Payload::IpDaddr), pd(Payload::ThDport)],
                 }]),

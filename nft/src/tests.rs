@@ -135,6 +135,7 @@ fn rules_render_with_nft_syntax() {
         "\t\tct status dnat ip saddr . ip daddr . meta l4proto . th dport @hairpin masquerade fully-random\n",
         "\t\tmeta mark & 0x00004000 != 0x00000000 meta mark set meta mark ^ 0x00004000 masquerade fully-random\n",
         "\t\tupdate @affinity-10800 { ip saddr . ct original ip daddr . meta l4proto . ct original proto-dst : ip daddr . th dport }\n",
+        "\t\tupdate @sticky-60 { ip saddr . 192.0.2.20 . 6 . 80 : ip daddr . th dport }\n",
         "\t\tct state new th dport @blocked-ports reject\n",
         "\t\tiifname \"eth0\" udp dport 53 counter drop\n",
         "\t\tiifname != \"veth*\" udp dport 54 drop\n",
@@ -385,6 +386,7 @@ fn json_reader_parses_an_nft_1_0_6_listing() {
  {"chain": {"family": "ip", "table": "lbt", "name": "post", "handle": 3, "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}},
  {"rule": {"family": "ip", "table": "lbt", "chain": "post", "handle": 22, "expr": [{"match": {"op": "!=", "left": {"&": [{"meta": {"key": "mark"}}, 16384]}, "right": 0}}, {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"^": [{"meta": {"key": "mark"}}, 16384]}}}, {"masquerade": {"flags": "fully-random"}}]}},
  {"rule": {"family": "ip", "table": "lbt", "chain": "post", "handle": 24, "expr": ["update @aff { ip saddr . ct original ip daddr . meta l4proto . ct original proto-dst : ip daddr . th dport }"]}},
+ {"rule": {"family": "ip", "table": "lbt", "chain": "post", "handle": 26, "expr": ["update @aff { ip saddr . 10.96.0.53 . udp . 53 : ip daddr . th dport }"]}},
  {"rule": {"family": "ip", "table": "lbt", "chain": "post", "handle": 25, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 80}}, {"counter": {"packets": 3, "bytes": 180}}, {"accept": null}]}}
 ]}"#;
     let rs = from_nft_json(json).expect("parse");
@@ -401,8 +403,18 @@ fn json_reader_parses_an_nft_1_0_6_listing() {
     assert!(
         matches!(&post.rules[1].stmts[0], Stmt::Dynset { key, data, .. } if key.len() == 4 && data.len() == 2)
     );
+    // Constants in an update's key: an address, a protocol listed by name, a port.
+    assert!(
+        matches!(&post.rules[2].stmts[0], Stmt::Dynset { key, .. } if key[1..] == [
+            Expr::Const(Value::Ipv4("10.96.0.53".parse().expect("address"))),
+            Expr::Const(Value::UDP),
+            Expr::Const(Value::Port(53)),
+        ]),
+        "{:?}",
+        post.rules[2]
+    );
     let counters = super::json::counters(json).expect("counters");
-    assert_eq!(counters, vec![(table_id(), "post".to_owned(), 2, 3, 180)]);
+    assert_eq!(counters, vec![(table_id(), "post".to_owned(), 3, 3, 180)]);
     // json_view of an IR is a fixed point of what the reader can produce.
     assert_eq!(json_view(&rs), rs);
 }

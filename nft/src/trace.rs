@@ -878,6 +878,7 @@ impl<'a> Run<'a> {
                 }
                 self.choose(ChoiceKind::Hash, *modulus)
             }
+            Expr::Const(v) => *v,
         }))
     }
 

@@ -69,6 +69,7 @@ mod layout;
 mod plan;
 mod service;
 mod skeleton;
+mod sticky;
 
 #[cfg(test)]
 mod tests;

@@ -40,6 +40,10 @@ fn ports(i: u8, variant: u8) -> Vec<ServicePort> {
         }
         _ => b = b.client_ip_affinity(Some(60 + i64::from(variant))),
     }
+    if variant == 6 {
+        // Affinity on every kind of address, split by eTP Local: two record chains.
+        b = b.client_ip_affinity(Some(90));
+    }
     vec![b.build().expect("valid")]
 }
 
@@ -139,6 +143,10 @@ proptest! {
                     } else {
                         prop_assert_eq!(kernel, &chain.rules, "chain {}", name);
                     }
+                }
+                // A Service's record chains leave with it (ClientIP affinity per port).
+                for name in have.chains.keys().filter(|n| n.starts_with("affinity-record.")) {
+                    prop_assert!(t.chains.contains_key(name), "chain {} lingers", name);
                 }
             }
             if !report.full {

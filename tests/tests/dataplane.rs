@@ -1200,3 +1200,71 @@ fn a_sticky_ipv6_client_lands_on_one_endpoint_through_the_cluster_ip_and_the_nod
     assert_eq!(reached.len(), 1, "several endpoints: {reached:?}");
     assert!(reached.keys().all(|b| b.starts_with('b')), "{reached:?}");
 }
+
+/// The endpoint a client at `source` reaches at `target` (`bN`), from the test peer's reply.
+fn backend_from(t: &Topology, source: &str, target: &str) -> String {
+    let line = t.peer(&t.client, &["tcp", target, "3000", source]);
+    line.split_whitespace().next().unwrap_or("").to_string()
+}
+
+#[test]
+fn a_sticky_client_keeps_its_endpoint_on_every_address_of_the_service_port_after_the_endpoints_change()
+ {
+    // Issue 9, point 2: Kubernetes keeps ClientIP affinity per service port. A client that was
+    // sent to E through the cluster IP must reach E through the external IP and the node port
+    // too, also when the endpoints changed meanwhile so that a fresh choice (a hash of the
+    // client address over the new endpoint list) would pick another one.
+    let svc = service(
+        "stick",
+        "  type: NodePort\n  clusterIP: 10.96.0.78\n  externalIPs: [192.0.2.178]\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 600\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    nodePort: 30079\n",
+    );
+    let eps = |v: &[usize]| {
+        let v: Vec<(usize, &str, bool)> = v.iter().map(|&i| (i, "node-a", true)).collect();
+        slice_yaml("stick", "IPv4", "http", "TCP", 8080, &v)
+    };
+    let mut t = setup(5, &[("svc.yaml", svc), ("eps.yaml", eps(&[0, 1, 2]))]);
+    let sources = ["10.100.0.2", "10.100.0.5", "10.100.0.6", "10.100.0.7"];
+    for s in &sources[1..] {
+        lb_e2e::must(std::process::Command::new("ip").args([
+            "-n",
+            &t.client,
+            "addr",
+            "add",
+            &format!("{s}/24"),
+            "dev",
+            "eth0",
+        ]));
+    }
+    // Every client is sent somewhere through the cluster IP only.
+    let first: BTreeMap<&str, String> = sources
+        .iter()
+        .map(|&s| (s, backend_from(&t, s, "10.96.0.78:80")))
+        .collect();
+    assert!(first.values().all(|b| b.starts_with('b')), "{first:?}");
+
+    // Two more endpoints: a fresh choice now hashes over five.
+    t.write_manifest("eps.yaml", &eps(&[0, 1, 2, 3, 4]));
+    t.wait_applied();
+    let mut moved = Vec::new();
+    for (&s, e) in &first {
+        for target in ["192.0.2.178:80", "10.100.0.1:30079", "10.96.0.78:80"] {
+            let b = backend_from(&t, s, target);
+            if &b != e {
+                moved.push(format!("{s} via {target}: {b}, held {e}"));
+            }
+        }
+    }
+    assert!(moved.is_empty(), "clients left their endpoint: {moved:?}");
+
+    // The endpoint of the first client leaves: every address moves it, and to one endpoint.
+    let (s, e) = first.iter().next().expect("a client");
+    let gone: usize = e[1..].parse().expect("backend name bN");
+    let rest: Vec<usize> = (0..5).filter(|&i| i != gone).collect();
+    t.write_manifest("eps.yaml", &eps(&rest));
+    t.wait_applied();
+    let next = backend_from(&t, s, "192.0.2.178:80");
+    assert!(next.starts_with('b') && &next != e, "{next} after {e} left");
+    for target in ["10.96.0.78:80", "10.100.0.1:30079", "192.0.2.178:80"] {
+        assert_eq!(backend_from(&t, s, target), next, "{s} via {target}");
+    }
+}

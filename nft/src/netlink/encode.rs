@@ -74,6 +74,9 @@ pub enum Insn {
     Counter,
     /// `immediate reg 0 verdict [chain]`
     Verdict { code: i32, chain: Option<String> },
+    /// `immediate reg N data`: a constant into registers, unpadded (the kernel zeroes the
+    /// rest of the last 32-bit register), as nft loads a constant field of a concatenation.
+    Immediate { dreg: u32, data: Vec<u8> },
     /// `dynset op reg_key set sreg_data`
     Dynset {
         op: u32,
@@ -239,7 +242,14 @@ fn expr_udata(e: &Expr) -> (u32, Vec<u8>) {
             return (12, d);
         }
         // A jhash is never a set's `typeof` key here (maps are typed by `numgen`, the same
-        // 32-bit integer); described as one so the match stays total.
+        // 32-bit integer); described as one so the match stays total. Nor is a constant
+        // (key material of `update` statements only); described as a one-bucket `numgen`.
+        Expr::Const(_) => {
+            ud_u32(&mut d, 0, 1); // NFT_NG_RANDOM
+            ud_u32(&mut d, 1, 1);
+            ud_u32(&mut d, 2, 0);
+            return (23, d);
+        }
         Expr::NumgenRandom { modulus } | Expr::Jhash { modulus, .. } => {
             ud_u32(&mut d, 0, 1); // NFT_NG_RANDOM
             ud_u32(&mut d, 1, *modulus);
@@ -575,6 +585,12 @@ fn load(e: &Expr, dreg: u32, out: &mut Vec<Insn>) {
         Expr::NumgenRandom { modulus } => Insn::Numgen {
             dreg,
             modulus: *modulus,
+        },
+        // The value's own length, as nft sends it (the kernel zeroes the rest of the last
+        // register; nft's listing reads a protocol back as one byte).
+        Expr::Const(v) => Insn::Immediate {
+            dreg,
+            data: value_bytes(v),
         },
     };
     out.push(insn);
@@ -943,6 +959,57 @@ mod tests {
             })
         );
         assert!(matches!(insns[5], Insn::Payload { dreg: 13, .. }));
+    }
+
+    #[test]
+    fn constants_in_a_dynset_key_are_immediates_in_its_registers_as_nft_loads_them() {
+        // nft --debug=netlink for
+        // `update @aff { ip saddr . 10.96.0.10 . 6 . 80 : ip daddr . th dport }`:
+        // payload => reg 1, immediate reg 9 0x0a00600a, reg 10 0x00000006, reg 11 0x00005000,
+        // payload => reg 2, payload => reg 13, dynset update reg_key 1 sreg_data 2.
+        let r = Rule::new(vec![Stmt::Dynset {
+            op: DynsetOp::Update,
+            set: "aff".into(),
+            key: vec![
+                Expr::Payload(Payload::IpSaddr),
+                Expr::Const(Value::Ipv4("10.96.0.10".parse().expect("address"))),
+                Expr::Const(Value::TCP),
+                Expr::Const(Value::Port(80)),
+            ],
+            data: vec![
+                Expr::Payload(Payload::IpDaddr),
+                Expr::Payload(Payload::ThDport),
+            ],
+        }]);
+        let insns = rule_insns(Family::Ip, &r);
+        assert_eq!(
+            insns[1..4],
+            [
+                Insn::Immediate {
+                    dreg: 9,
+                    data: vec![10, 96, 0, 10]
+                },
+                Insn::Immediate {
+                    dreg: 10,
+                    data: vec![6]
+                },
+                Insn::Immediate {
+                    dreg: 11,
+                    data: vec![0, 80]
+                },
+            ]
+        );
+        assert!(matches!(insns[4], Insn::Payload { dreg: 2, .. }));
+        assert!(matches!(insns[5], Insn::Payload { dreg: 13, .. }));
+        assert_eq!(
+            insns.last(),
+            Some(&Insn::Dynset {
+                op: 1,
+                set: "aff".into(),
+                sreg_key: 1,
+                sreg_data: Some(2)
+            })
+        );
     }
 
     #[test]

@@ -723,6 +723,12 @@ fn build_expr(i: &Insn) -> Result<Expr, EncodeError> {
             }
             e
         }
+        Insn::Immediate { dreg, data } => {
+            let e = Expr::new("immediate")?;
+            e.u32(sys::NFTNL_EXPR_IMM_DREG, *dreg)
+                .data(sys::NFTNL_EXPR_IMM_DATA, data);
+            e
+        }
         Insn::Dynset {
             op,
             set,

@@ -438,11 +438,22 @@ pub(super) fn affinity_sets(f: Fam, table: &mut Table, secs: u64) {
     }
     // Plain `type` keys (not `typeof … ct original proto-dst`): nft 1.0.6 can then load the
     // rendered elements, and the rules give `ct original proto-dst` its protocol context.
-    let mut keys = SetSpec::set(vec![f.addr, DataType::InetProto, DataType::InetService]);
-    keys.comment = Some(format!("service addresses with affinity timeout {secs}s"));
+    // Verdict maps: each key to its service port's record chain (`sticky`).
+    let mut keys = SetSpec::map(
+        KeySpec::Types(vec![f.addr, DataType::InetProto, DataType::InetService]),
+        MapData::Verdict,
+    );
+    keys.comment = Some(format!(
+        "service addresses with affinity timeout {secs}s -> record chain"
+    ));
     table.sets.insert(affinity_keys(secs), Set::new(keys));
-    let mut np = SetSpec::set(vec![DataType::InetProto, DataType::InetService]);
-    np.comment = Some(format!("node ports with affinity timeout {secs}s"));
+    let mut np = SetSpec::map(
+        KeySpec::Types(vec![DataType::InetProto, DataType::InetService]),
+        MapData::Verdict,
+    );
+    np.comment = Some(format!(
+        "node ports with affinity timeout {secs}s -> record chain"
+    ));
     table
         .sets
         .insert(affinity_nodeport_keys(secs), Set::new(np));

@@ -182,6 +182,12 @@ impl Compiler {
         let after = one_table(&id, skeleton(self.f, &self.config, &counts, &timeouts));
         tx.commands
             .extend(crate::nft::diff::diff(&before, &after).commands);
+        // Record chains (ClientIP affinity): created before the elements that send
+        // connections there, deleted after the last of those is.
+        let (chains_first, chains_last) = super::sticky::record_commands(&id, &changes, |n| {
+            self.fragments.get(n).filter(|_| !fresh)
+        });
+        tx.commands.extend(chains_first);
 
         // Elements: for every touched (set, key), its contributors after the change, and the
         // effective element (the first contributor's) before and after.
@@ -252,6 +258,7 @@ impl Compiler {
                 elements,
             });
         }
+        tx.commands.extend(chains_last);
         Plan {
             tx,
             changes,
@@ -312,6 +319,7 @@ impl Compiler {
         let counts: BTreeSet<_> = self.counts.keys().copied().collect();
         let timeouts: BTreeSet<_> = self.timeouts.keys().copied().collect();
         let mut table = skeleton(self.f, &self.config, &counts, &timeouts);
+        super::sticky::add_record_chains(&mut table, self.fragments.values());
         for (k, owners) in &self.owners {
             let e = owners
                 .first()
@@ -450,11 +458,15 @@ mod tests {
         assert_ne!(elements(&fake, &id), before);
 
         let p = c.plan(&node(), names.iter().map(|n| (n.clone(), None)));
+        // Elements, then the affinity Service's record chain (no element refers to it then).
+        let n = p.tx.commands.len();
         assert!(
-            p.tx.commands
+            p.tx.commands[..n - 2]
                 .iter()
-                .all(|c| matches!(c, Command::DeleteElements { .. })),
-            "a deletion only deletes elements: {}",
+                .all(|c| matches!(c, Command::DeleteElements { .. }))
+                && matches!(&p.tx.commands[n - 2], Command::FlushChain { chain, .. } if chain == "affinity-record.ns.a.http")
+                && matches!(&p.tx.commands[n - 1], Command::DeleteChain { chain, .. } if chain == "affinity-record.ns.a.http"),
+            "a deletion only deletes elements and record chains: {}",
             p.tx.to_nft()
         );
         fake.apply(&p.tx).expect("valid transaction");

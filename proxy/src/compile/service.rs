@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use lb_core::traffic::{self, Destination, Masquerading, Outcome, Source, TrafficClass};
 use lb_core::{EndpointSet, Node, ServicePort, categorize};
 
-use crate::nft::ir::{Element, Value, Verdict};
+use crate::nft::ir::{Element, Rule, Value, Verdict};
 
 use super::affinity::AffinityDestination;
 use super::layout::*;
@@ -27,6 +27,9 @@ pub struct Fragment {
     /// that destination dispatches to, so stale affinity entries can be found
     /// ([`Compiler::affinity_targets`]).
     pub(super) affinity: Vec<(u64, AffinityDestination, Vec<Vec<Value>>)>,
+    /// ClientIP affinity: the service port's record chains, by name, with their rules
+    /// ([`super::sticky`]); the key-map elements in `elems` send connections there.
+    pub(super) record: Vec<(String, Vec<Rule>)>,
 }
 
 /// The traffic classes of a service port's external addresses and node port.
@@ -192,6 +195,7 @@ impl Builder {
             );
             self.affinity(timeout, AffinityKey::NodePort(key), external_sets);
         }
+        super::sticky::record(f, &mut self.frag, port.name(), external.split());
     }
 
     /// An external entry point, from the classes of its traffic: one set for every source
@@ -332,16 +336,11 @@ impl Builder {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let (set, dest) = match key {
-            AffinityKey::Ip(k) => (SetRef::AffinityKeys(secs), AffinityDestination::Address(k)),
-            AffinityKey::NodePort(k) => (
-                SetRef::AffinityNodePortKeys(secs),
-                AffinityDestination::NodePort(k),
-            ),
+        // The key-map elements (to the record chain) are added by `sticky::record`.
+        let dest = match key {
+            AffinityKey::Ip(k) => AffinityDestination::Address(k),
+            AffinityKey::NodePort(k) => AffinityDestination::NodePort(k),
         };
-        self.frag
-            .elems
-            .push((set, dest.key().to_vec(), Element::key_only()));
         self.frag.affinity.push((secs, dest, allowed));
     }
 }

@@ -8,9 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use ipnet::IpNet;
 
 use crate::nft::ir::{
-    BaseChain, Chain, ChainSpec, ChainType, CmpOp, CtKey, CtState, CtStatus, DataType, DynsetOp,
-    Element, Expr, FibAddr, Hook, KeySpec, MapData, MarkOp, Policy, Rule, Set, SetSpec, Stmt,
-    Table, Value, Verdict,
+    BaseChain, Chain, ChainSpec, ChainType, CmpOp, CtKey, CtState, CtStatus, DataType, Element,
+    Expr, FibAddr, Hook, KeySpec, MapData, MarkOp, Policy, Rule, Set, SetSpec, Stmt, Table, Value,
+    Verdict,
 };
 
 use super::affinity::affinity_sets;
@@ -452,6 +452,8 @@ pub(super) fn skeleton(
     // to a host-network endpoint). Only connections dispatched for a service address or node
     // port with affinity are recorded: a node port entry needs an original destination that is
     // no service address (another Service's cluster IP on the same port number is not it).
+    // The key maps send a connection to its service port's record chain, which records it for
+    // every address of the port that shares its endpoints (`sticky`).
     if !timeouts.is_empty() {
         let mut rules = Vec::new();
         let orig3 = || {
@@ -462,21 +464,6 @@ pub(super) fn skeleton(
             ]
         };
         for &secs in timeouts {
-            let data = vec![pl(f.daddr), DPORT];
-            let mut key = vec![pl(f.saddr)];
-            key.extend(orig3());
-            let update = Stmt::Dynset {
-                op: DynsetOp::Update,
-                set: affinity_map(secs),
-                key,
-                data: data.clone(),
-            };
-            let update_nodeport = Stmt::Dynset {
-                op: DynsetOp::Update,
-                set: affinity_nodeport_map(secs),
-                key: vec![pl(f.saddr), L4PROTO, Expr::Ct(CtKey::OriginalProtoDst)],
-                data,
-            };
             // One rule per protocol: nft 1.0.6 only parses `ct original proto-dst` in a
             // concatenation once the rule has fixed the protocol.
             for proto in [Value::TCP, Value::UDP, Value::SCTP] {
@@ -489,8 +476,7 @@ pub(super) fn skeleton(
                     l4.clone(),
                     new.clone(),
                     Stmt::CtStatus(CtStatus::Dnat),
-                    lookup(orig3(), &affinity_keys(secs)),
-                    update.clone(),
+                    vmap(orig3(), &affinity_keys(secs)),
                 ]));
                 rules.push(Rule::new(vec![
                     l4,
@@ -501,11 +487,10 @@ pub(super) fn skeleton(
                         set: SERVICE_TRAFFIC.into(),
                         negate: true,
                     },
-                    lookup(
+                    vmap(
                         vec![L4PROTO, Expr::Ct(CtKey::OriginalProtoDst)],
                         &affinity_nodeport_keys(secs),
                     ),
-                    update_nodeport.clone(),
                 ]));
             }
         }

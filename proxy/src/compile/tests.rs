@@ -225,8 +225,23 @@ fn client_ip_affinity_dispatches_by_client_hash_and_records_its_addresses() {
         elements(&text, "service-nodeports").contains(": goto nodeport-pick-sticky-2"),
         "{text}"
     );
-    assert_eq!(elements(&text, "affinity-keys-600"), "10.96.0.1 . tcp . 80");
-    assert_eq!(elements(&text, "affinity-nodeport-keys-600"), "tcp . 30080");
+    // Every address of the port sends its connections to one record chain, which records
+    // the endpoint for all of them (issue 9 point 2: affinity per service port).
+    assert_eq!(
+        elements(&text, "affinity-keys-600"),
+        "10.96.0.1 . tcp . 80 : goto affinity-record.ns.sticky.http"
+    );
+    assert_eq!(
+        elements(&text, "affinity-nodeport-keys-600"),
+        "tcp . 30080 : goto affinity-record.ns.sticky.http"
+    );
+    assert_eq!(
+        rules(&text, "affinity-record.ns.sticky.http"),
+        [
+            "update @affinity-600 { ip saddr . 10.96.0.1 . 6 . 80 : ip daddr . th dport }",
+            "update @affinity-nodeport-600 { ip saddr . 6 . 30080 : ip daddr . th dport }",
+        ]
+    );
     assert!(text.contains("add map ip lb-proxy affinity-600 "), "{text}");
     assert!(
         rules(&text, "pick-sticky-2")
@@ -234,6 +249,86 @@ fn client_ip_affinity_dispatches_by_client_hash_and_records_its_addresses() {
             .any(|r| r.contains("jhash ip saddr mod 2")),
         "{text}"
     );
+}
+
+#[test]
+fn client_ip_affinity_records_every_address_that_shares_the_endpoints_and_splits_on_etp_local() {
+    // eTP Cluster: the cluster IP, the load-balancer IP and the node port dispatch to the same
+    // endpoints, so one chain records all three.
+    let cluster = port("sticky")
+        .service_type(ServiceType::LoadBalancer)
+        .node_port(30080)
+        .load_balancer_ips(["192.0.2.1"])
+        .client_ip_affinity(Some(600))
+        .build()
+        .expect("valid service");
+    let text = render(vec![(
+        cluster,
+        vec![local("10.244.1.1"), remote("10.244.2.1")],
+    )]);
+    assert_eq!(
+        rules(&text, "affinity-record.ns.sticky.http"),
+        [
+            "update @affinity-600 { ip saddr . 10.96.0.1 . 6 . 80 : ip daddr . th dport }",
+            "update @affinity-600 { ip saddr . 192.0.2.1 . 6 . 80 : ip daddr . th dport }",
+            "update @affinity-nodeport-600 { ip saddr . 6 . 30080 : ip daddr . th dport }",
+        ],
+        "{text}"
+    );
+    assert!(rules(&text, "affinity-record.ns.sticky.http.external").is_empty());
+
+    // eTP Local: outside clients of the external addresses reach node-local endpoints only,
+    // so those addresses record among themselves, apart from the cluster IP.
+    let local_lb = port("sticky")
+        .service_type(ServiceType::LoadBalancer)
+        .node_port(30080)
+        .load_balancer_ips(["192.0.2.1"])
+        .external_traffic_policy(TrafficPolicy::Local)
+        .client_ip_affinity(Some(600))
+        .build()
+        .expect("valid service");
+    let text = render(vec![(
+        local_lb,
+        vec![local("10.244.1.1"), remote("10.244.2.1")],
+    )]);
+    assert_eq!(
+        rules(&text, "affinity-record.ns.sticky.http"),
+        ["update @affinity-600 { ip saddr . 10.96.0.1 . 6 . 80 : ip daddr . th dport }"],
+        "{text}"
+    );
+    assert_eq!(
+        rules(&text, "affinity-record.ns.sticky.http.external"),
+        [
+            "update @affinity-600 { ip saddr . 192.0.2.1 . 6 . 80 : ip daddr . th dport }",
+            "update @affinity-nodeport-600 { ip saddr . 6 . 30080 : ip daddr . th dport }",
+        ],
+        "{text}"
+    );
+    assert_eq!(
+        elements(&text, "affinity-keys-600"),
+        "10.96.0.1 . tcp . 80 : goto affinity-record.ns.sticky.http, \
+         192.0.2.1 . tcp . 80 : goto affinity-record.ns.sticky.http.external"
+    );
+}
+
+#[test]
+fn a_record_chain_name_too_long_for_nft_is_a_hash_of_it() {
+    let long = "n".repeat(60);
+    let p = ServicePort::builder("ns", &long, "http", Protocol::Tcp, 80)
+        .cluster_ips(["10.96.0.1"])
+        .client_ip_affinity(Some(600))
+        .build()
+        .expect("valid service");
+    let text = render(vec![(p, vec![remote("10.244.2.1")])]);
+    let keys = elements(&text, "affinity-keys-600");
+    let chain = keys
+        .strip_prefix("10.96.0.1 . tcp . 80 : goto ")
+        .expect("one key");
+    assert!(
+        chain.len() == "affinity-record.".len() + 16 && chain.starts_with("affinity-record."),
+        "{chain}"
+    );
+    assert_eq!(rules(&text, chain).len(), 1, "{text}");
 }
 
 #[test]
