@@ -12,7 +12,8 @@ use crate::nft::{Command, Transaction};
 use crate::store::{ServiceEntry, Snapshot};
 
 use super::config::Config;
-use super::layout::{Dispatch, ElemKey, Fam, SetRef};
+use super::layout::{Dispatch, Fam, SetRef};
+use super::packed::{KeyHash, Record, hash_encoded, key_hash};
 use super::service::{Builder, Fragment};
 use super::skeleton::{skeleton, traffic_sets};
 
@@ -39,10 +40,10 @@ pub fn compile(snapshot: &Snapshot, config: &Config, family: IpFamily) -> (Table
     (c.table_id(), c.table(), stats)
 }
 
-/// Who contributes which element: for every (set, key), the contributing service ports,
-/// sorted. The kernel holds the first contributor's element, which lives in that service
-/// port's [`Fragment`] (not copied here: one copy of each element, issue 13).
-type Owners = HashMap<ElemKey, Vec<ServicePortName>>;
+/// Who contributes which element: for every (set, key), by the hash of the key, the
+/// contributing service ports, sorted. The kernel holds the first contributor's element, which
+/// lives in that service port's [`Fragment`] (not copied here, nor is the key: issue 13).
+type Owners = HashMap<KeyHash, Vec<ServicePortName>>;
 
 /// The incremental compiler for one IP family.
 ///
@@ -184,28 +185,28 @@ impl Compiler {
             .extend(crate::nft::diff::diff(&before, &after).commands);
 
         // Elements: for every touched (set, key), its contributors after the change, and the
-        // effective element (the first contributor's) before and after.
+        // effective element (the first contributor's) before and after. Keys are compared as
+        // their encoding, elements too; only what goes into the transaction is decoded.
         let capacity = changes
             .iter()
             .flat_map(|(_, f)| f)
-            .map(|f| f.elems.len())
+            .map(|f| f.endpoint_elements * 2)
             .sum();
-        let mut touched: Owners = HashMap::with_capacity_and_hasher(capacity, Default::default());
+        let mut touched: HashMap<KeyHash, (&[u8], Vec<ServicePortName>)> =
+            HashMap::with_capacity_and_hasher(capacity, Default::default());
         for (name, frag) in &changes {
             if let Some(old) = self.fragments.get(name) {
-                for (set, key, _) in &old.elems {
-                    let k = (*set, key.clone());
-                    let owners = touched
-                        .entry(k)
-                        .or_insert_with_key(|k| self.owners.get(k).cloned().unwrap_or_default());
+                for r in old.elems.records() {
+                    let (_, owners) = touched.entry(hash_encoded(r.key)).or_insert_with_key(|h| {
+                        (r.key, self.owners.get(h).cloned().unwrap_or_default())
+                    });
                     owners.retain(|n| n != name);
                 }
             }
-            for (set, key, _) in frag.iter().flat_map(|f| &f.elems) {
-                let k = (*set, key.clone());
-                let owners = touched
-                    .entry(k)
-                    .or_insert_with_key(|k| self.owners.get(k).cloned().unwrap_or_default());
+            for r in frag.iter().flat_map(|f| f.elems.records()) {
+                let (_, owners) = touched.entry(hash_encoded(r.key)).or_insert_with_key(|h| {
+                    (r.key, self.owners.get(h).cloned().unwrap_or_default())
+                });
                 if let Err(i) = owners.binary_search(name) {
                     owners.insert(i, name.clone());
                 }
@@ -219,21 +220,34 @@ impl Compiler {
         };
         let mut deletes: BTreeMap<SetRef, Vec<Vec<Value>>> = BTreeMap::new();
         let mut adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>> = BTreeMap::new();
-        for (k, owners) in &touched {
+        let mut owners_after: Owners =
+            HashMap::with_capacity_and_hasher(touched.len(), Default::default());
+        for (h, (key, owners)) in touched {
             let old = self
                 .owners
-                .get(k)
+                .get(&h)
                 .and_then(|o| o.first())
-                .and_then(|n| element_in(self.fragments.get(n), k));
-            let new = owners.first().and_then(|n| element_in(after(n), k));
+                .and_then(|n| self.fragments.get(n)?.elems.find(key));
+            let new = owners.first().and_then(|n| after(n)?.elems.find(key));
+            owners_after.insert(h, owners);
             if old == new {
                 continue;
             }
-            if old.is_some() {
-                deletes.entry(k.0).or_default().push(k.1.clone());
-            }
-            if let Some(e) = new {
-                adds.entry(k.0).or_default().push((k.1.clone(), e.clone()));
+            let record = Record {
+                key,
+                elem: new.unwrap_or_default(),
+            };
+            let (set, values) = record.decode_key();
+            match new {
+                Some(_) => {
+                    if old.is_some() {
+                        deletes.entry(set).or_default().push(values.clone());
+                    }
+                    adds.entry(set)
+                        .or_default()
+                        .push((values, record.decode_elem()));
+                }
+                None => deletes.entry(set).or_default().push(values),
             }
         }
         // Element order inside one message does not matter to the kernel; not sorting keeps a
@@ -255,7 +269,7 @@ impl Compiler {
         Plan {
             tx,
             changes,
-            touched,
+            touched: owners_after,
             installed_counts: counts,
             installed_timeouts: timeouts,
         }
@@ -312,12 +326,21 @@ impl Compiler {
         let counts: BTreeSet<_> = self.counts.keys().copied().collect();
         let timeouts: BTreeSet<_> = self.timeouts.keys().copied().collect();
         let mut table = skeleton(self.f, &self.config, &counts, &timeouts);
-        for (k, owners) in &self.owners {
-            let e = owners
-                .first()
-                .and_then(|n| element_in(self.fragments.get(n), k));
-            if let (Some(s), Some(e)) = (table.sets.get_mut(&k.0.name()), e) {
-                s.elements.insert(k.1.clone(), e.clone());
+        // Every fragment's records, in order (a later one with the same key replaces an
+        // earlier one), of the keys it is the first contributor of.
+        for (name, frag) in &self.fragments {
+            for r in frag.elems.records() {
+                let first = self
+                    .owners
+                    .get(&hash_encoded(r.key))
+                    .and_then(|o| o.first());
+                if first != Some(name) {
+                    continue;
+                }
+                let (set, key) = r.decode_key();
+                if let Some(s) = table.sets.get_mut(&set.name()) {
+                    s.elements.insert(key, r.decode_elem());
+                }
             }
         }
         table
@@ -342,20 +365,9 @@ impl Compiler {
     /// contributor, as committed).
     pub fn traffic_owner(&self, set: &'static str, key: &[Value]) -> Option<&ServicePortName> {
         self.owners
-            .get(&(SetRef::Static(set), key.to_vec()))
+            .get(&key_hash(SetRef::Static(set), key))
             .and_then(|o| o.first())
     }
-}
-
-/// The element `fragment` contributes for `key` (its last, as a later one replaces an earlier
-/// one with the same key).
-pub(super) fn element_in<'f>(fragment: Option<&'f Fragment>, key: &ElemKey) -> Option<&'f Element> {
-    fragment?
-        .elems
-        .iter()
-        .rev()
-        .find(|(set, k, _)| *set == key.0 && *k == key.1)
-        .map(|(_, _, e)| e)
 }
 
 pub(super) fn dec<K: Ord>(m: &mut BTreeMap<K, usize>, k: &K) {
