@@ -46,6 +46,7 @@
 //! with affinity, or only adds endpoints, reads nothing back.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lb_core::ServicePortName;
@@ -182,8 +183,11 @@ impl Compiler {
         plan: &Plan,
         touched: &Touched,
     ) -> BTreeMap<u64, AffinityTargets> {
-        let changed: HashMap<&ServicePortName, Option<&Fragment>> =
-            plan.changes.iter().map(|(n, f)| (n, f.as_ref())).collect();
+        let changed: HashMap<&ServicePortName, Option<&Fragment>> = plan
+            .changes
+            .iter()
+            .map(|(n, f)| (&**n, f.as_ref()))
+            .collect();
         self.targets_with(
             touched,
             |k| plan.touched.get(&k).or_else(|| self.owners.get(&k)),
@@ -197,7 +201,7 @@ impl Compiler {
     fn targets_with<'s>(
         &self,
         touched: &Touched,
-        owners_of: impl Fn(KeyHash) -> Option<&'s Vec<ServicePortName>>,
+        owners_of: impl Fn(KeyHash) -> Option<&'s Vec<Arc<ServicePortName>>>,
         fragment_of: impl Fn(&ServicePortName) -> Option<&'s Fragment>,
     ) -> BTreeMap<u64, AffinityTargets> {
         let mut out: BTreeMap<u64, AffinityTargets> = BTreeMap::new();

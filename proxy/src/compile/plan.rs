@@ -3,6 +3,7 @@
 //! once the kernel accepted it ([`Compiler::commit`]).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use lb_core::{IpFamily, Node, ServicePortName};
 use rustc_hash::FxHashMap as HashMap;
@@ -43,7 +44,9 @@ pub fn compile(snapshot: &Snapshot, config: &Config, family: IpFamily) -> (Table
 /// Who contributes which element: for every (set, key), by the hash of the key, the
 /// contributing service ports, sorted. The kernel holds the first contributor's element, which
 /// lives in that service port's [`Fragment`] (not copied here, nor is the key: issue 13).
-type Owners = HashMap<KeyHash, Vec<ServicePortName>>;
+///
+/// A name is shared with the [`Compiler`]'s fragment map (8 bytes per owner).
+type Owners = HashMap<KeyHash, Vec<Arc<ServicePortName>>>;
 
 /// The incremental compiler for one IP family.
 ///
@@ -56,7 +59,7 @@ type Owners = HashMap<KeyHash, Vec<ServicePortName>>;
 pub struct Compiler {
     pub(super) f: Fam,
     pub(super) config: Config,
-    pub(super) fragments: HashMap<ServicePortName, Fragment>,
+    pub(super) fragments: HashMap<Arc<ServicePortName>, Fragment>,
     pub(super) owners: Owners,
     pub(super) counts: BTreeMap<(Dispatch, usize), usize>,
     pub(super) timeouts: BTreeMap<u64, usize>,
@@ -72,7 +75,7 @@ pub struct Compiler {
 pub struct Plan {
     /// The transaction to apply.
     pub tx: Transaction,
-    pub(super) changes: Vec<(ServicePortName, Option<Fragment>)>,
+    pub(super) changes: Vec<(Arc<ServicePortName>, Option<Fragment>)>,
     pub(super) touched: Owners,
     pub(super) installed_counts: BTreeSet<(Dispatch, usize)>,
     pub(super) installed_timeouts: BTreeSet<u64>,
@@ -144,7 +147,7 @@ impl Compiler {
         node: &Node,
         changes: impl IntoIterator<Item = (ServicePortName, Option<&'e ServiceEntry>)>,
     ) -> Plan {
-        let changes: Vec<(ServicePortName, Option<Fragment>)> = changes
+        let changes: Vec<(Arc<ServicePortName>, Option<Fragment>)> = changes
             .into_iter()
             .map(|(name, e)| {
                 (
@@ -154,6 +157,14 @@ impl Compiler {
                 )
             })
             .filter(|(name, frag)| self.fragments.get(name) != frag.as_ref())
+            .map(|(name, frag)| {
+                // The committed name, shared by its owner lists, or a new one.
+                let name = match self.fragments.get_key_value(&name) {
+                    Some((shared, _)) => shared.clone(),
+                    None => Arc::new(name),
+                };
+                (name, frag)
+            })
             .collect();
         // Structural objects: new endpoint counts and timeouts need chains and sets first.
         let mut counts = self.installed_counts.clone();
@@ -192,7 +203,7 @@ impl Compiler {
             .flat_map(|(_, f)| f)
             .map(|f| f.endpoint_elements * 2)
             .sum();
-        let mut touched: HashMap<KeyHash, (&[u8], Vec<ServicePortName>)> =
+        let mut touched: HashMap<KeyHash, (&[u8], Vec<Arc<ServicePortName>>)> =
             HashMap::with_capacity_and_hasher(capacity, Default::default());
         for (name, frag) in &changes {
             if let Some(old) = self.fragments.get(name) {
@@ -213,7 +224,7 @@ impl Compiler {
             }
         }
         let changed: HashMap<&ServicePortName, Option<&Fragment>> =
-            changes.iter().map(|(n, f)| (n, f.as_ref())).collect();
+            changes.iter().map(|(n, f)| (&**n, f.as_ref())).collect();
         let after = |name: &ServicePortName| match changed.get(name) {
             Some(f) => *f,
             None => self.fragments.get(name),
@@ -334,7 +345,7 @@ impl Compiler {
                     .owners
                     .get(&hash_encoded(r.key))
                     .and_then(|o| o.first());
-                if first != Some(name) {
+                if first.is_none_or(|f| !Arc::ptr_eq(f, name) && f != name) {
                     continue;
                 }
                 let (set, key) = r.decode_key();
@@ -367,6 +378,7 @@ impl Compiler {
         self.owners
             .get(&key_hash(SetRef::Static(set), key))
             .and_then(|o| o.first())
+            .map(|n| &**n)
     }
 }
 
