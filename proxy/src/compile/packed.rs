@@ -362,7 +362,7 @@ mod tests {
                 ],
             ),
         ];
-        let elems = vec![
+        let elems = [
             Element::key_only(),
             Element::values(vec![
                 Value::Ipv4("10.244.0.1".parse().expect("literal")),
