@@ -44,12 +44,14 @@ const STATIC_SETS: [&str; 22] = [
 
 /// The 128-bit hash of an element key (its set and values): what the ownership map is keyed
 /// by instead of the key itself. Two distinct keys of one table collide with a probability
-/// around n²/2¹²⁹ (10⁻²⁸ for a million elements).
-pub(super) type KeyHash = u128;
+/// around n²/2¹²⁹ (10⁻²⁸ for a million elements). Two `u64`s rather than a `u128`, whose
+/// 16-byte alignment would pad every map entry by 8 bytes.
+pub(super) type KeyHash = [u64; 2];
 
 /// The hash of the encoded key `key` (as [`Record::key`] holds it).
 pub(super) fn hash_encoded(key: &[u8]) -> KeyHash {
-    xxhash_rust::xxh3::xxh3_128(key)
+    let h = xxhash_rust::xxh3::xxh3_128(key);
+    [h as u64, (h >> 64) as u64]
 }
 
 /// The hash of the key `values` of `set`.
