@@ -9,6 +9,7 @@
 //! | `layout` | every nftables object name, the per-family vocabulary (`Fam`) and the dispatch maps and `pick-N` chains (`Dispatch`) |
 //! | `skeleton` | the fixed part of a table: static sets and maps, and every chain and rule |
 //! | `service` | one service port's [`Fragment`]: its elements in the static sets and maps |
+//! | `packed` | the compact encoding of a fragment's elements and the key hashes element ownership is keyed by |
 //! | `plan` | the incremental [`Compiler`] ([`Compiler::plan`] / [`Compiler::commit`]), element ownership, [`Stats`], and [`compile()`] for a whole snapshot |
 //! | [`affinity`] | the ClientIP affinity maps (names, specs) and the purge of stale entries from what was read back from the kernel |
 //!
@@ -66,6 +67,7 @@
 pub mod affinity;
 mod config;
 mod layout;
+mod packed;
 mod plan;
 mod service;
 mod skeleton;

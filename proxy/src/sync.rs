@@ -444,6 +444,11 @@ impl<B: Backend> Dataplane<B> {
                 }
             }
         }
+        // The fragments are built: the snapshot (a copy of every Service and endpoint) is not
+        // needed beyond its names, so it is freed before the kernel batch is encoded (issue 13:
+        // peak memory).
+        let service_ports = snapshot.services.len();
+        let names: Vec<ServicePortName> = snapshot.services.into_keys().collect();
         let compute = started.elapsed();
         let t = Instant::now();
         if let Err(e) = self.backend.apply(&tx) {
@@ -451,6 +456,9 @@ impl<B: Backend> Dataplane<B> {
             return Err(e);
         }
         let apply = t.elapsed();
+        // Nor is the transaction kept once applied: it holds every element.
+        let (commands, elements) = (tx.commands.len(), tx.element_count());
+        drop(tx);
         let t = Instant::now();
         for (c, p) in compilers.iter_mut().zip(plans) {
             c.commit(p);
@@ -458,21 +466,21 @@ impl<B: Backend> Dataplane<B> {
         self.compilers = compilers;
         self.restore_affinity(carried);
         self.ports.clear();
-        for name in snapshot.services.keys() {
+        for name in names {
             let key = ServiceKey {
                 namespace: name.namespace.to_string(),
                 name: name.name.to_string(),
             };
-            self.ports.entry(key).or_default().push(name.clone());
+            self.ports.entry(key).or_default().push(name);
         }
         self.needs_full = false;
         // The affinity maps were replaced with empty ones.
         self.affinity_pending = [Touched::new(), Touched::new()];
         Ok(SyncReport {
             full: true,
-            commands: tx.commands.len(),
-            elements: tx.element_count(),
-            service_ports: snapshot.services.len(),
+            commands,
+            elements,
+            service_ports,
             compute,
             apply,
             commit: t.elapsed(),

@@ -46,6 +46,7 @@
 //! with affinity, or only adds endpoints, reads nothing back.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lb_core::ServicePortName;
@@ -57,9 +58,10 @@ use crate::nft::ir::{
 use crate::nft::{Command, ListedElement};
 
 use super::layout::{
-    DPORT, ElemKey, Fam, L4PROTO, SetRef, affinity_keys, affinity_map, affinity_nodeport_keys,
+    DPORT, Fam, L4PROTO, SetRef, affinity_keys, affinity_map, affinity_nodeport_keys,
     affinity_nodeport_map, pl,
 };
+use super::packed::{KeyHash, key_hash};
 use super::plan::{Compiler, Plan};
 use super::service::Fragment;
 
@@ -168,7 +170,7 @@ impl Compiler {
     pub fn affinity_targets(&self, touched: &Touched) -> BTreeMap<u64, AffinityTargets> {
         self.targets_with(
             touched,
-            |k| self.owners.get(k),
+            |k| self.owners.get(&k),
             |name| self.fragments.get(name),
         )
     }
@@ -181,11 +183,14 @@ impl Compiler {
         plan: &Plan,
         touched: &Touched,
     ) -> BTreeMap<u64, AffinityTargets> {
-        let changed: HashMap<&ServicePortName, Option<&Fragment>> =
-            plan.changes.iter().map(|(n, f)| (n, f.as_ref())).collect();
+        let changed: HashMap<&ServicePortName, Option<&Fragment>> = plan
+            .changes
+            .iter()
+            .map(|(n, f)| (&**n, f.as_ref()))
+            .collect();
         self.targets_with(
             touched,
-            |k| plan.touched.get(k).or_else(|| self.owners.get(k)),
+            |k| plan.touched.get(&k).or_else(|| self.owners.get(&k)),
             |name| match changed.get(name) {
                 Some(f) => *f,
                 None => self.fragments.get(name),
@@ -196,7 +201,7 @@ impl Compiler {
     fn targets_with<'s>(
         &self,
         touched: &Touched,
-        owners_of: impl Fn(&ElemKey) -> Option<&'s Vec<ServicePortName>>,
+        owners_of: impl Fn(KeyHash) -> Option<&'s Vec<Arc<ServicePortName>>>,
         fragment_of: impl Fn(&ServicePortName) -> Option<&'s Fragment>,
     ) -> BTreeMap<u64, AffinityTargets> {
         let mut out: BTreeMap<u64, AffinityTargets> = BTreeMap::new();
@@ -208,7 +213,7 @@ impl Compiler {
                     AffinityDestination::NodePort(_) => SetRef::AffinityNodePortKeys(secs),
                 };
                 let allowed = targets.entry(dest.clone()).or_default();
-                for name in owners_of(&(set, dest.key().to_vec())).into_iter().flatten() {
+                for name in owners_of(key_hash(set, dest.key())).into_iter().flatten() {
                     let Some(frag) = fragment_of(name) else {
                         continue;
                     };

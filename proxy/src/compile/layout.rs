@@ -230,9 +230,6 @@ impl SetRef {
     }
 }
 
-/// An element of the table: its set and key.
-pub(super) type ElemKey = (SetRef, Vec<Value>);
-
 /// Name of the ClientIP affinity map for timeout `secs` (`affinity-10800`).
 pub fn affinity_map(secs: u64) -> String {
     format!("affinity-{secs}")

@@ -3,6 +3,7 @@
 //! once the kernel accepted it ([`Compiler::commit`]).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use lb_core::{IpFamily, Node, ServicePortName};
 use rustc_hash::FxHashMap as HashMap;
@@ -12,7 +13,8 @@ use crate::nft::{Command, Transaction};
 use crate::store::{ServiceEntry, Snapshot};
 
 use super::config::Config;
-use super::layout::{Dispatch, ElemKey, Fam, SetRef};
+use super::layout::{Dispatch, Fam, SetRef};
+use super::packed::{KeyHash, Record, hash_encoded, key_hash};
 use super::service::{Builder, Fragment};
 use super::skeleton::{skeleton, traffic_sets};
 
@@ -39,10 +41,12 @@ pub fn compile(snapshot: &Snapshot, config: &Config, family: IpFamily) -> (Table
     (c.table_id(), c.table(), stats)
 }
 
-/// Who contributes which element: for every (set, key), the contributing service ports,
-/// sorted. The kernel holds the first contributor's element, which lives in that service
-/// port's [`Fragment`] (not copied here: one copy of each element, issue 13).
-type Owners = HashMap<ElemKey, Vec<ServicePortName>>;
+/// Who contributes which element: for every (set, key), by the hash of the key, the
+/// contributing service ports, sorted. The kernel holds the first contributor's element, which
+/// lives in that service port's [`Fragment`] (not copied here, nor is the key: issue 13).
+///
+/// A name is shared with the [`Compiler`]'s fragment map (8 bytes per owner).
+type Owners = HashMap<KeyHash, Vec<Arc<ServicePortName>>>;
 
 /// The incremental compiler for one IP family.
 ///
@@ -55,7 +59,7 @@ type Owners = HashMap<ElemKey, Vec<ServicePortName>>;
 pub struct Compiler {
     pub(super) f: Fam,
     pub(super) config: Config,
-    pub(super) fragments: HashMap<ServicePortName, Fragment>,
+    pub(super) fragments: HashMap<Arc<ServicePortName>, Fragment>,
     pub(super) owners: Owners,
     pub(super) counts: BTreeMap<(Dispatch, usize), usize>,
     pub(super) timeouts: BTreeMap<u64, usize>,
@@ -71,7 +75,7 @@ pub struct Compiler {
 pub struct Plan {
     /// The transaction to apply.
     pub tx: Transaction,
-    pub(super) changes: Vec<(ServicePortName, Option<Fragment>)>,
+    pub(super) changes: Vec<(Arc<ServicePortName>, Option<Fragment>)>,
     pub(super) touched: Owners,
     pub(super) installed_counts: BTreeSet<(Dispatch, usize)>,
     pub(super) installed_timeouts: BTreeSet<u64>,
@@ -143,7 +147,7 @@ impl Compiler {
         node: &Node,
         changes: impl IntoIterator<Item = (ServicePortName, Option<&'e ServiceEntry>)>,
     ) -> Plan {
-        let changes: Vec<(ServicePortName, Option<Fragment>)> = changes
+        let changes: Vec<(Arc<ServicePortName>, Option<Fragment>)> = changes
             .into_iter()
             .map(|(name, e)| {
                 (
@@ -153,6 +157,14 @@ impl Compiler {
                 )
             })
             .filter(|(name, frag)| self.fragments.get(name) != frag.as_ref())
+            .map(|(name, frag)| {
+                // The committed name, shared by its owner lists, or a new one.
+                let name = match self.fragments.get_key_value(&name) {
+                    Some((shared, _)) => shared.clone(),
+                    None => Arc::new(name),
+                };
+                (name, frag)
+            })
             .collect();
         // Structural objects: new endpoint counts and timeouts need chains and sets first.
         let mut counts = self.installed_counts.clone();
@@ -190,56 +202,69 @@ impl Compiler {
         tx.commands.extend(chains_first);
 
         // Elements: for every touched (set, key), its contributors after the change, and the
-        // effective element (the first contributor's) before and after.
+        // effective element (the first contributor's) before and after. Keys are compared as
+        // their encoding, elements too; only what goes into the transaction is decoded.
         let capacity = changes
             .iter()
             .flat_map(|(_, f)| f)
-            .map(|f| f.elems.len())
+            .map(|f| f.endpoint_elements * 2)
             .sum();
-        let mut touched: Owners = HashMap::with_capacity_and_hasher(capacity, Default::default());
+        let mut touched: HashMap<KeyHash, (&[u8], Vec<Arc<ServicePortName>>)> =
+            HashMap::with_capacity_and_hasher(capacity, Default::default());
         for (name, frag) in &changes {
             if let Some(old) = self.fragments.get(name) {
-                for (set, key, _) in &old.elems {
-                    let k = (*set, key.clone());
-                    let owners = touched
-                        .entry(k)
-                        .or_insert_with_key(|k| self.owners.get(k).cloned().unwrap_or_default());
+                for r in old.elems.records() {
+                    let (_, owners) = touched.entry(hash_encoded(r.key)).or_insert_with_key(|h| {
+                        (r.key, self.owners.get(h).cloned().unwrap_or_default())
+                    });
                     owners.retain(|n| n != name);
                 }
             }
-            for (set, key, _) in frag.iter().flat_map(|f| &f.elems) {
-                let k = (*set, key.clone());
-                let owners = touched
-                    .entry(k)
-                    .or_insert_with_key(|k| self.owners.get(k).cloned().unwrap_or_default());
+            for r in frag.iter().flat_map(|f| f.elems.records()) {
+                let (_, owners) = touched.entry(hash_encoded(r.key)).or_insert_with_key(|h| {
+                    (r.key, self.owners.get(h).cloned().unwrap_or_default())
+                });
                 if let Err(i) = owners.binary_search(name) {
                     owners.insert(i, name.clone());
                 }
             }
         }
         let changed: HashMap<&ServicePortName, Option<&Fragment>> =
-            changes.iter().map(|(n, f)| (n, f.as_ref())).collect();
+            changes.iter().map(|(n, f)| (&**n, f.as_ref())).collect();
         let after = |name: &ServicePortName| match changed.get(name) {
             Some(f) => *f,
             None => self.fragments.get(name),
         };
         let mut deletes: BTreeMap<SetRef, Vec<Vec<Value>>> = BTreeMap::new();
         let mut adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>> = BTreeMap::new();
-        for (k, owners) in &touched {
+        let mut owners_after: Owners =
+            HashMap::with_capacity_and_hasher(touched.len(), Default::default());
+        for (h, (key, owners)) in touched {
             let old = self
                 .owners
-                .get(k)
+                .get(&h)
                 .and_then(|o| o.first())
-                .and_then(|n| element_in(self.fragments.get(n), k));
-            let new = owners.first().and_then(|n| element_in(after(n), k));
+                .and_then(|n| self.fragments.get(n)?.elems.find(key));
+            let new = owners.first().and_then(|n| after(n)?.elems.find(key));
+            owners_after.insert(h, owners);
             if old == new {
                 continue;
             }
-            if old.is_some() {
-                deletes.entry(k.0).or_default().push(k.1.clone());
-            }
-            if let Some(e) = new {
-                adds.entry(k.0).or_default().push((k.1.clone(), e.clone()));
+            let record = Record {
+                key,
+                elem: new.unwrap_or_default(),
+            };
+            let (set, values) = record.decode_key();
+            match new {
+                Some(_) => {
+                    if old.is_some() {
+                        deletes.entry(set).or_default().push(values.clone());
+                    }
+                    adds.entry(set)
+                        .or_default()
+                        .push((values, record.decode_elem()));
+                }
+                None => deletes.entry(set).or_default().push(values),
             }
         }
         // Element order inside one message does not matter to the kernel; not sorting keeps a
@@ -262,7 +287,7 @@ impl Compiler {
         Plan {
             tx,
             changes,
-            touched,
+            touched: owners_after,
             installed_counts: counts,
             installed_timeouts: timeouts,
         }
@@ -320,12 +345,21 @@ impl Compiler {
         let timeouts: BTreeSet<_> = self.timeouts.keys().copied().collect();
         let mut table = skeleton(self.f, &self.config, &counts, &timeouts);
         super::sticky::add_record_chains(&mut table, self.fragments.values());
-        for (k, owners) in &self.owners {
-            let e = owners
-                .first()
-                .and_then(|n| element_in(self.fragments.get(n), k));
-            if let (Some(s), Some(e)) = (table.sets.get_mut(&k.0.name()), e) {
-                s.elements.insert(k.1.clone(), e.clone());
+        // Every fragment's records, in order (a later one with the same key replaces an
+        // earlier one), of the keys it is the first contributor of.
+        for (name, frag) in &self.fragments {
+            for r in frag.elems.records() {
+                let first = self
+                    .owners
+                    .get(&hash_encoded(r.key))
+                    .and_then(|o| o.first());
+                if first.is_none_or(|f| !Arc::ptr_eq(f, name) && f != name) {
+                    continue;
+                }
+                let (set, key) = r.decode_key();
+                if let Some(s) = table.sets.get_mut(&set.name()) {
+                    s.elements.insert(key, r.decode_elem());
+                }
             }
         }
         table
@@ -350,20 +384,10 @@ impl Compiler {
     /// contributor, as committed).
     pub fn traffic_owner(&self, set: &'static str, key: &[Value]) -> Option<&ServicePortName> {
         self.owners
-            .get(&(SetRef::Static(set), key.to_vec()))
+            .get(&key_hash(SetRef::Static(set), key))
             .and_then(|o| o.first())
+            .map(|n| &**n)
     }
-}
-
-/// The element `fragment` contributes for `key` (its last, as a later one replaces an earlier
-/// one with the same key).
-pub(super) fn element_in<'f>(fragment: Option<&'f Fragment>, key: &ElemKey) -> Option<&'f Element> {
-    fragment?
-        .elems
-        .iter()
-        .rev()
-        .find(|(set, k, _)| *set == key.0 && *k == key.1)
-        .map(|(_, _, e)| e)
 }
 
 pub(super) fn dec<K: Ord>(m: &mut BTreeMap<K, usize>, k: &K) {

@@ -14,12 +14,14 @@ use crate::nft::ir::{Element, Rule, Value, Verdict};
 
 use super::affinity::AffinityDestination;
 use super::layout::*;
+use super::packed::Packed;
 
 /// What one service port contributes to the table: elements, endpoint counts (for the
 /// `pick-N` chains) and affinity timeouts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fragment {
-    pub(super) elems: Vec<(SetRef, Vec<Value>, Element)>,
+    /// The elements, packed (a few bytes per value; issue 13).
+    pub(super) elems: Packed,
     pub(super) counts: BTreeSet<(Dispatch, usize)>,
     pub(super) timeouts: BTreeSet<u64>,
     pub(super) endpoint_elements: usize,
@@ -61,7 +63,7 @@ pub(super) struct Builder {
 
 impl Builder {
     fn elem(&mut self, set: &'static str, key: Vec<Value>, e: Element) {
-        self.frag.elems.push((SetRef::Static(set), key, e));
+        self.frag.elems.push(SetRef::Static(set), &key, &e);
     }
 
     pub(super) fn service(

@@ -103,7 +103,9 @@ pub(super) fn record(f: Fam, frag: &mut Fragment, name: &ServicePortName, split:
             Element::verdict(Verdict::Goto(chain.clone())),
         ));
     }
-    frag.elems.extend(elems);
+    for (set, key, e) in elems {
+        frag.elems.push(set, &key, &e);
+    }
     frag.record = chains;
 }
 
@@ -114,13 +116,13 @@ pub(super) fn record(f: Fam, frag: &mut Fragment, name: &ServicePortName, split:
 /// as the kernel holds it (`None` for a table created by this transaction).
 pub(super) fn record_commands<'a>(
     id: &TableId,
-    changes: &'a [(ServicePortName, Option<Fragment>)],
+    changes: &'a [(std::sync::Arc<ServicePortName>, Option<Fragment>)],
     before: impl Fn(&ServicePortName) -> Option<&'a Fragment>,
 ) -> (Vec<Command>, Vec<Command>) {
     let (mut first, mut last) = (Vec::new(), Vec::new());
     let none: &[(String, Vec<Rule>)] = &[];
     for (name, frag) in changes {
-        let old = before(name).map_or(none, |f| f.record.as_slice());
+        let old = before(name.as_ref()).map_or(none, |f| f.record.as_slice());
         let new = frag.as_ref().map_or(none, |f| f.record.as_slice());
         for (chain, rules) in new {
             match old.iter().find(|(c, _)| c == chain) {
