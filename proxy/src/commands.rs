@@ -16,11 +16,6 @@ use crate::nft::{Backend as _, Transaction};
 use crate::reconcile::{self, Options, Voice};
 use crate::source::files::{FileSource, Files};
 
-/// Opens the netfilter netlink socket of the current network namespace.
-pub fn netlink() -> anyhow::Result<crate::nft::netlink::Netlink> {
-    crate::nft::netlink::Netlink::new().context("opening the netfilter netlink socket")
-}
-
 /// The desired ruleset for the manifests as they are now; an error when any input was
 /// skipped, unless `keep_going`.
 pub fn desired(files: Files, mut config: Config, keep_going: bool) -> anyhow::Result<Ruleset> {
@@ -96,7 +91,7 @@ pub fn run(files: Files, config: Config, opts: &RunOptions) -> anyhow::Result<()
     if let Some(addr) = opts.metrics_bind_address {
         serve_run_metrics(addr, registry)?;
     }
-    let backend = netlink()?;
+    let backend = crate::sync::netlink()?;
     let mut loaded = source.load(None)?;
     if opts.once && loaded.problems > 0 && !opts.keep_going {
         bail!(
@@ -257,7 +252,7 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
 
 /// `cleanup` (and `daemon --cleanup`): deletes lb-proxy's tables in both families.
 pub fn cleanup(table: &str) -> anyhow::Result<()> {
-    let mut backend = netlink()?;
+    let mut backend = crate::sync::netlink()?;
     for family in [crate::nft::ir::Family::Ip, crate::nft::ir::Family::Ip6] {
         let id = crate::nft::ir::TableId::new(family, table);
         let tx = Transaction {

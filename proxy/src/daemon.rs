@@ -326,7 +326,7 @@ pub fn main(s: crate::config::Settings, launch: Launch) -> anyhow::Result<()> {
         configz,
         flagz: launch.flagz,
     };
-    let backend = crate::commands::netlink()?;
+    let backend = crate::sync::netlink()?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1317,9 +1317,9 @@ mod tests {
                 "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
             ));
         }
-        let started = Instant::now();
+        // Expanded, the bomb would be 10^12 nodes: it is refused by the alias budget (no
+        // timing is asserted; an unbounded expansion would not finish).
         assert!(parse_documents(&bomb).is_err(), "an alias bomb is refused");
-        assert!(started.elapsed() < Duration::from_secs(5));
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert!(
             Parsed::from_text("f", &deep).is_err(),

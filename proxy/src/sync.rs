@@ -505,3 +505,10 @@ fn read_back<B: Backend>(backend: &mut B, stale: &Purge) -> Result<ReadBack, App
     }
     Ok(read)
 }
+
+/// Opens the netfilter netlink socket of the current network namespace: the backend of `run`,
+/// `cleanup` and the daemon.
+pub fn netlink() -> anyhow::Result<crate::nft::netlink::Netlink> {
+    use anyhow::Context as _;
+    crate::nft::netlink::Netlink::new().context("opening the netfilter netlink socket")
+}

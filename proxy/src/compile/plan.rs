@@ -2,6 +2,8 @@
 //! transaction between the committed state and a changed one ([`Compiler::plan`]), adopted
 //! once the kernel accepted it ([`Compiler::commit`]).
 
+mod purge;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -196,9 +198,19 @@ impl Compiler {
             .extend(crate::nft::diff::diff(&before, &after).commands);
         // Record chains (ClientIP affinity): created before the elements that send
         // connections there, deleted after the last of those is.
-        let (chains_first, chains_last) = super::sticky::record_commands(&id, &changes, |n| {
-            self.fragments.get(n).filter(|_| !fresh)
-        });
+        let none: &[(String, Vec<crate::nft::ir::Rule>)] = &[];
+        let (chains_first, chains_last) = super::sticky::record_commands(
+            &id,
+            changes
+                .iter()
+                .map(|(n, f)| (n.as_ref(), f.as_ref().map_or(none, |f| f.record.as_slice()))),
+            |n| {
+                self.fragments
+                    .get(n)
+                    .filter(|_| !fresh)
+                    .map_or(none, |f| f.record.as_slice())
+            },
+        );
         tx.commands.extend(chains_first);
 
         // Elements: for every touched (set, key), its contributors after the change, and the
@@ -344,7 +356,10 @@ impl Compiler {
         let counts: BTreeSet<_> = self.counts.keys().copied().collect();
         let timeouts: BTreeSet<_> = self.timeouts.keys().copied().collect();
         let mut table = skeleton(self.f, &self.config, &counts, &timeouts);
-        super::sticky::add_record_chains(&mut table, self.fragments.values());
+        super::sticky::add_record_chains(
+            &mut table,
+            self.fragments.values().map(|f| f.record.as_slice()),
+        );
         // Every fragment's records, in order (a later one with the same key replaces an
         // earlier one), of the keys it is the first contributor of.
         for (name, frag) in &self.fragments {

@@ -197,7 +197,12 @@ impl Builder {
             );
             self.affinity(timeout, AffinityKey::NodePort(key), external_sets);
         }
-        super::sticky::record(f, &mut self.frag, port.name(), external.split());
+        let (elems, chains) =
+            super::sticky::record(f, &self.frag.affinity, port.name(), external.split());
+        for (set, key, e) in elems {
+            self.frag.elems.push(set, &key, &e);
+        }
+        self.frag.record = chains;
     }
 
     /// An external entry point, from the classes of its traffic: one set for every source

@@ -33,7 +33,12 @@ use crate::nft::ir::{
 
 use super::affinity::AffinityDestination;
 use super::layout::{DPORT, Fam, SetRef, affinity_map, affinity_nodeport_map, pl};
-use super::service::Fragment;
+
+/// The key-map elements of a service port: (map, key, `goto` its record chain).
+pub(super) type KeyElements = Vec<(SetRef, Vec<Value>, Element)>;
+
+/// A service port's record chains and their rules.
+pub(super) type RecordChains = Vec<(String, Vec<Rule>)>;
 
 /// Prefix of the record chains.
 const RECORD_PREFIX: &str = "affinity-record.";
@@ -62,15 +67,20 @@ pub(super) fn record_chain(name: &ServicePortName, external: bool) -> String {
 /// there, from its affinity destinations (`frag.affinity`, the cluster IP first). `split`:
 /// the external addresses dispatch outside clients and the node's own traffic to different
 /// endpoint sets (eTP Local), so they never share the cluster IP's chain.
-pub(super) fn record(f: Fam, frag: &mut Fragment, name: &ServicePortName, split: bool) {
-    let Some((_, _, cluster_allowed)) = frag.affinity.first() else {
-        return;
+pub(super) fn record(
+    f: Fam,
+    affinity: &[(u64, AffinityDestination, Vec<Vec<Value>>)],
+    name: &ServicePortName,
+    split: bool,
+) -> (KeyElements, RecordChains) {
+    let Some((_, _, cluster_allowed)) = affinity.first() else {
+        return (Vec::new(), Vec::new());
     };
     let base = record_chain(name, false);
     let external = record_chain(name, true);
     let mut chains: Vec<(String, Vec<Rule>)> = Vec::new();
     let mut elems = Vec::new();
-    for (i, (secs, dest, allowed)) in frag.affinity.iter().enumerate() {
+    for (i, (secs, dest, allowed)) in affinity.iter().enumerate() {
         let shares = i == 0 || (!split && allowed == cluster_allowed);
         let chain = if shares { &base } else { &external };
         let (set, map, key) = match dest {
@@ -103,10 +113,7 @@ pub(super) fn record(f: Fam, frag: &mut Fragment, name: &ServicePortName, split:
             Element::verdict(Verdict::Goto(chain.clone())),
         ));
     }
-    for (set, key, e) in elems {
-        frag.elems.push(set, &key, &e);
-    }
-    frag.record = chains;
+    (elems, chains)
 }
 
 /// The commands for the record chains of the changed service ports: those that must precede
@@ -116,14 +123,12 @@ pub(super) fn record(f: Fam, frag: &mut Fragment, name: &ServicePortName, split:
 /// as the kernel holds it (`None` for a table created by this transaction).
 pub(super) fn record_commands<'a>(
     id: &TableId,
-    changes: &'a [(std::sync::Arc<ServicePortName>, Option<Fragment>)],
-    before: impl Fn(&ServicePortName) -> Option<&'a Fragment>,
+    changes: impl Iterator<Item = (&'a ServicePortName, &'a [(String, Vec<Rule>)])>,
+    before: impl Fn(&ServicePortName) -> &'a [(String, Vec<Rule>)],
 ) -> (Vec<Command>, Vec<Command>) {
     let (mut first, mut last) = (Vec::new(), Vec::new());
-    let none: &[(String, Vec<Rule>)] = &[];
-    for (name, frag) in changes {
-        let old = before(name.as_ref()).map_or(none, |f| f.record.as_slice());
-        let new = frag.as_ref().map_or(none, |f| f.record.as_slice());
+    for (name, new) in changes {
+        let old = before(name);
         for (chain, rules) in new {
             match old.iter().find(|(c, _)| c == chain) {
                 Some((_, r)) if r == rules => continue,
@@ -160,10 +165,13 @@ pub(super) fn record_commands<'a>(
     (first, last)
 }
 
-/// Adds every fragment's record chains to a table built from the committed state.
-pub(super) fn add_record_chains<'a>(table: &mut Table, frags: impl Iterator<Item = &'a Fragment>) {
-    for f in frags {
-        for (chain, rules) in &f.record {
+/// Adds every service port's record chains to a table built from the committed state.
+pub(super) fn add_record_chains<'a>(
+    table: &mut Table,
+    records: impl Iterator<Item = &'a [(String, Vec<Rule>)]>,
+) {
+    for record in records {
+        for (chain, rules) in record {
             table.chains.insert(
                 chain.clone(),
                 Chain {
