@@ -53,7 +53,7 @@ use crate::nft::ir::{
 use crate::nft::{Command, ListedElement};
 
 use super::layout::{
-    DPORT, Fam, L4PROTO, affinity_keys, affinity_map, affinity_nodeport_keys,
+    DPORT, Fam, L4PROTO, SetRef, affinity_keys, affinity_map, affinity_nodeport_keys,
     affinity_nodeport_map, pl,
 };
 
@@ -72,6 +72,24 @@ impl AffinityDestination {
     pub fn key(&self) -> &[Value] {
         match self {
             AffinityDestination::Address(k) | AffinityDestination::NodePort(k) => k,
+        }
+    }
+
+    /// The key map that sends this destination's connections to its record chain:
+    /// `affinity-keys-T` or `affinity-nodeport-keys-T`.
+    pub(super) fn key_set(&self, secs: u64) -> SetRef {
+        match self {
+            AffinityDestination::Address(_) => SetRef::AffinityKeys(secs),
+            AffinityDestination::NodePort(_) => SetRef::AffinityNodePortKeys(secs),
+        }
+    }
+
+    /// The affinity map holding this destination's entries: `affinity-T` or
+    /// `affinity-nodeport-T`.
+    pub(super) fn map(&self, secs: u64) -> String {
+        match self {
+            AffinityDestination::Address(_) => affinity_map(secs),
+            AffinityDestination::NodePort(_) => affinity_nodeport_map(secs),
         }
     }
 
@@ -274,42 +292,54 @@ pub(super) fn affinity_sets(f: Fam, table: &mut Table, secs: u64) {
         .insert(affinity_nodeport_keys(secs), Set::new(np));
 }
 
+/// Keys and destinations for the affinity tests (here and in `plan::purge`): clients and
+/// endpoints on port 8080, TCP.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(super) mod fixtures {
     use std::net::Ipv4Addr;
 
-    fn ip(s: &str) -> Value {
+    use super::AffinityDestination;
+    use crate::nft::ir::{Key, Value};
+
+    pub(crate) fn ip(s: &str) -> Value {
         Value::Ipv4(s.parse::<Ipv4Addr>().expect("address"))
     }
 
-    fn ep(s: &str) -> Key {
+    pub(crate) fn ep(s: &str) -> Key {
         vec![ip(s), Value::Port(8080)]
     }
 
-    fn entry(client: &str, vip: &str, port: u16, to: &str) -> (Key, Key) {
+    /// An entry of `affinity-T`: `client . vip . tcp . port → to:8080`.
+    pub(crate) fn entry(client: &str, vip: &str, port: u16, to: &str) -> (Key, Key) {
         (
             vec![ip(client), ip(vip), Value::TCP, Value::Port(port)],
             ep(to),
         )
     }
 
-    fn np_entry(client: &str, port: u16, to: &str) -> (Key, Key) {
+    /// An entry of `affinity-nodeport-T`: `client . tcp . port → to:8080`.
+    pub(crate) fn np_entry(client: &str, port: u16, to: &str) -> (Key, Key) {
         (vec![ip(client), Value::TCP, Value::Port(port)], ep(to))
     }
+
+    pub(crate) fn address(vip: &str, port: u16) -> AffinityDestination {
+        AffinityDestination::Address(vec![ip(vip), Value::TCP, Value::Port(port)])
+    }
+
+    pub(crate) fn node_port(port: u16) -> AffinityDestination {
+        AffinityDestination::NodePort(vec![Value::TCP, Value::Port(port)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::*;
+    use super::*;
 
     fn targets(list: &[(AffinityDestination, &[&str])]) -> AffinityTargets {
         list.iter()
             .map(|(d, eps)| (d.clone(), eps.iter().map(|e| ep(e)).collect()))
             .collect()
-    }
-
-    fn address(vip: &str, port: u16) -> AffinityDestination {
-        AffinityDestination::Address(vec![ip(vip), Value::TCP, Value::Port(port)])
-    }
-
-    fn node_port(port: u16) -> AffinityDestination {
-        AffinityDestination::NodePort(vec![Value::TCP, Value::Port(port)])
     }
 
     fn decide(t: &AffinityTargets, entries: &[(Key, Key)]) -> Vec<Key> {

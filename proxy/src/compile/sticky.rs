@@ -32,7 +32,7 @@ use crate::nft::ir::{
 };
 
 use super::affinity::AffinityDestination;
-use super::layout::{DPORT, Fam, SetRef, affinity_map, affinity_nodeport_map, pl};
+use super::layout::{DPORT, Fam, SetRef, pl};
 
 /// The key-map elements of a service port: (map, key, `goto` its record chain).
 pub(super) type KeyElements = Vec<(SetRef, Vec<Value>, Element)>;
@@ -83,18 +83,7 @@ pub(super) fn record(
     for (i, (secs, dest, allowed)) in affinity.iter().enumerate() {
         let shares = i == 0 || (!split && allowed == cluster_allowed);
         let chain = if shares { &base } else { &external };
-        let (set, map, key) = match dest {
-            AffinityDestination::Address(k) => (
-                SetRef::AffinityKeys(*secs),
-                affinity_map(*secs),
-                k.as_slice(),
-            ),
-            AffinityDestination::NodePort(k) => (
-                SetRef::AffinityNodePortKeys(*secs),
-                affinity_nodeport_map(*secs),
-                k.as_slice(),
-            ),
-        };
+        let (set, map, key) = (dest.key_set(*secs), dest.map(*secs), dest.key());
         let mut dyn_key = vec![pl(f.saddr)];
         dyn_key.extend(key.iter().map(|v: &Value| Expr::Const(*v)));
         let rule = Rule::new(vec![Stmt::Dynset {

@@ -13,10 +13,9 @@ use crate::nft::Command;
 use crate::nft::ir::Element;
 
 use super::super::affinity::{
-    AffinityDestination, AffinityMap, AffinityTargets, Purge, ReadBack, Touched, affinity_maps,
-    belongs_to, stale_entries,
+    AffinityMap, AffinityTargets, Purge, ReadBack, Touched, affinity_maps, belongs_to,
+    stale_entries,
 };
-use super::super::layout::SetRef;
 use super::super::packed::{KeyHash, key_hash};
 use super::super::service::Fragment;
 use super::{Compiler, Plan};
@@ -94,10 +93,7 @@ impl Compiler {
         for (&secs, dests) in touched {
             let targets = out.entry(secs).or_default();
             for dest in dests {
-                let set = match dest {
-                    AffinityDestination::Address(_) => SetRef::AffinityKeys(secs),
-                    AffinityDestination::NodePort(_) => SetRef::AffinityNodePortKeys(secs),
-                };
+                let set = dest.key_set(secs);
                 let allowed = targets.entry(dest.clone()).or_default();
                 for name in owners_of(key_hash(set, dest.key())).into_iter().flatten() {
                     let Some(frag) = fragment_of(name) else {
@@ -205,38 +201,11 @@ impl Compiler {
 
 #[cfg(test)]
 mod tests {
+    use super::super::super::affinity::fixtures::*;
     use super::*;
-    use std::net::Ipv4Addr;
 
     use crate::nft::ListedElement;
-    use crate::nft::ir::{Key, Value};
-
-    fn ip(s: &str) -> Value {
-        Value::Ipv4(s.parse::<Ipv4Addr>().expect("address"))
-    }
-
-    fn ep(s: &str) -> Key {
-        vec![ip(s), Value::Port(8080)]
-    }
-
-    fn entry(client: &str, vip: &str, port: u16, to: &str) -> (Key, Key) {
-        (
-            vec![ip(client), ip(vip), Value::TCP, Value::Port(port)],
-            ep(to),
-        )
-    }
-
-    fn np_entry(client: &str, port: u16, to: &str) -> (Key, Key) {
-        (vec![ip(client), Value::TCP, Value::Port(port)], ep(to))
-    }
-
-    fn address(vip: &str, port: u16) -> AffinityDestination {
-        AffinityDestination::Address(vec![ip(vip), Value::TCP, Value::Port(port)])
-    }
-
-    fn node_port(port: u16) -> AffinityDestination {
-        AffinityDestination::NodePort(vec![Value::TCP, Value::Port(port)])
-    }
+    use crate::nft::ir::Key;
 
     use crate::compile::Config;
     use crate::store::ServiceEntry;
