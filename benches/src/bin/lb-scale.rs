@@ -228,6 +228,15 @@ fn main() {
         whole::read_throughput(number("--read", 1, 10_000), number("--read", 2, 10), 3);
         return;
     }
+    if let Some(i) = args.iter().position(|a| a == "--write-yaml") {
+        // The `--once` input, kept for profiling `lb-proxy run --once -f DIR` by hand.
+        let dir = std::path::PathBuf::from(args.get(i + 1).expect("--write-yaml DIR [N M]"));
+        std::fs::create_dir_all(&dir).expect("create the YAML directory");
+        let (files, bytes) =
+            whole::write_yaml_files(&dir, number("--write-yaml", 2, 10_000), number("--write-yaml", 3, 10));
+        println!("wrote {files} files, {bytes} bytes to {}", dir.display());
+        return;
+    }
     if args.iter().any(|a| a == "--affinity") {
         whole::affinity_hits();
         return;

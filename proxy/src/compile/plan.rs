@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use lb_core::{IpFamily, Node, ServicePortName};
 use rustc_hash::FxHashMap as HashMap;
+use smallvec::SmallVec;
 
 use crate::nft::ir::{Element, SetSpec, Table, TableId, Value};
 use crate::nft::{Command, Transaction};
@@ -49,6 +50,37 @@ pub fn compile(snapshot: &Snapshot, config: &Config, family: IpFamily) -> (Table
 ///
 /// A name is shared with the [`Compiler`]'s fragment map (8 bytes per owner).
 type Owners = HashMap<KeyHash, Vec<Arc<ServicePortName>>>;
+
+/// One (set, key) a plan touches: its owners after the change, and the elements the changed
+/// owners gave it before (`olds`) and give it after (`news`), named by their shared name.
+struct Touched<'a> {
+    key: &'a [u8],
+    owners: Vec<Arc<ServicePortName>>,
+    olds: Seen<'a>,
+    news: Seen<'a>,
+}
+
+/// Elements of a key by owner, in the order the owner's records gave them.
+type Seen<'a> = SmallVec<[(&'a Arc<ServicePortName>, &'a [u8]); 1]>;
+
+/// The element `owner` gave the key (its last record with it), if it is among `seen`.
+fn seen<'a>(seen: &Seen<'a>, owner: &Arc<ServicePortName>) -> Option<&'a [u8]> {
+    seen.iter()
+        .rev()
+        .find(|(m, _)| Arc::ptr_eq(m, owner))
+        .map(|(_, e)| *e)
+}
+
+impl<'a> Touched<'a> {
+    fn new(key: &'a [u8], owners: Option<&Vec<Arc<ServicePortName>>>) -> Self {
+        Touched {
+            key,
+            owners: owners.cloned().unwrap_or_default(),
+            olds: SmallVec::new(),
+            news: SmallVec::new(),
+        }
+    }
+}
 
 /// The incremental compiler for one IP family.
 ///
@@ -221,44 +253,46 @@ impl Compiler {
             .flat_map(|(_, f)| f)
             .map(|f| f.endpoint_elements * 2)
             .sum();
-        let mut touched: HashMap<KeyHash, (&[u8], Vec<Arc<ServicePortName>>)> =
+        let mut touched: HashMap<KeyHash, Touched<'_>> =
             HashMap::with_capacity_and_hasher(capacity, Default::default());
         for (name, frag) in &changes {
             if let Some(old) = self.fragments.get(name) {
                 for r in old.elems.records() {
-                    let (_, owners) = touched.entry(hash_encoded(r.key)).or_insert_with_key(|h| {
-                        (r.key, self.owners.get(h).cloned().unwrap_or_default())
-                    });
-                    owners.retain(|n| n != name);
+                    let t = touched
+                        .entry(hash_encoded(r.key))
+                        .or_insert_with_key(|h| Touched::new(r.key, self.owners.get(h)));
+                    t.owners.retain(|n| n != name);
+                    t.olds.push((name, r.elem));
                 }
             }
             for r in frag.iter().flat_map(|f| f.elems.records()) {
-                let (_, owners) = touched.entry(hash_encoded(r.key)).or_insert_with_key(|h| {
-                    (r.key, self.owners.get(h).cloned().unwrap_or_default())
-                });
-                if let Err(i) = owners.binary_search(name) {
-                    owners.insert(i, name.clone());
+                let t = touched
+                    .entry(hash_encoded(r.key))
+                    .or_insert_with_key(|h| Touched::new(r.key, self.owners.get(h)));
+                if let Err(i) = t.owners.binary_search(name) {
+                    // Almost every key has one owner: no spare capacity to shrink at commit.
+                    t.owners.reserve_exact(1);
+                    t.owners.insert(i, name.clone());
                 }
+                t.news.push((name, r.elem));
             }
         }
-        let changed: HashMap<&ServicePortName, Option<&Fragment>> =
-            changes.iter().map(|(n, f)| (&**n, f.as_ref())).collect();
-        let after = |name: &ServicePortName| match changed.get(name) {
-            Some(f) => *f,
-            None => self.fragments.get(name),
-        };
         let mut deletes: BTreeMap<SetRef, Vec<Vec<Value>>> = BTreeMap::new();
         let mut adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>> = BTreeMap::new();
         let mut owners_after: Owners =
             HashMap::with_capacity_and_hasher(touched.len(), Default::default());
-        for (h, (key, owners)) in touched {
-            let old = self
-                .owners
-                .get(&h)
-                .and_then(|o| o.first())
-                .and_then(|n| self.fragments.get(n)?.elems.find(key));
-            let new = owners.first().and_then(|n| after(n)?.elems.find(key));
-            owners_after.insert(h, owners);
+        for (h, t) in touched {
+            let key = t.key;
+            // The effective element before and after: the first owner's. A changed owner's
+            // element was seen above (its last record with the key wins, as in `find`); only
+            // an unchanged owner's is looked up in its fragment.
+            let old = self.owners.get(&h).and_then(|o| o.first()).and_then(|n| {
+                seen(&t.olds, n).or_else(|| self.fragments.get(n)?.elems.find(key))
+            });
+            let new = t.owners.first().and_then(|n| {
+                seen(&t.news, n).or_else(|| self.fragments.get(n)?.elems.find(key))
+            });
+            owners_after.insert(h, t.owners);
             if old == new {
                 continue;
             }

@@ -81,13 +81,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn node_args() -> [&'static str; 4] {
+pub fn node_args() -> [&'static str; 4] {
     ["--node", cluster::NODE, "--cluster-cidr", "10.128.0.0/9"]
 }
 
 /// Writes the cluster as multi-document YAML files of at most 1,000 documents each; returns
 /// how many files and their total size in bytes.
-fn write_yaml_files(dir: &Path, n: u32, m: u32) -> (usize, usize) {
+pub fn write_yaml_files(dir: &Path, n: u32, m: u32) -> (usize, usize) {
     let objects: Vec<_> = cluster::objects(n, m).collect();
     let mut total = 0;
     let mut files = 0;
