@@ -126,6 +126,14 @@ pub fn run(files: Files, config: Config, opts: &RunOptions) -> anyhow::Result<()
     let health = Arc::new(ProxyHealth::new(options.sync_period * 2));
     let running = reconcile::spawn(backend, options, metrics, health, None)?;
     let input = loaded.input(Instant::now());
+    let source = if opts.once {
+        // The objects as read (kept to hold each file's last good version) are not needed
+        // once converted: freeing them before the sync lowers the peak (issue 13).
+        drop(source);
+        None
+    } else {
+        Some(source)
+    };
     let held = if hold {
         input
     } else {
@@ -137,7 +145,7 @@ pub fn run(files: Files, config: Config, opts: &RunOptions) -> anyhow::Result<()
         }
         None
     };
-    if !opts.once {
+    if let Some(source) = source {
         source
             .follow(running.input.clone(), opts.poll, opts.settle, held)
             .context("starting the manifest poller")?;

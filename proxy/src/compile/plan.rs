@@ -52,34 +52,59 @@ pub fn compile(snapshot: &Snapshot, config: &Config, family: IpFamily) -> (Table
 type Owners = HashMap<KeyHash, Vec<Arc<ServicePortName>>>;
 
 /// One (set, key) a plan touches: its owners after the change, and the elements the changed
-/// owners gave it before (`olds`) and give it after (`news`), named by their shared name.
+/// owners gave it before and after (`seen`), each named by the address of its shared name.
 struct Touched<'a> {
+    hash: KeyHash,
     key: &'a [u8],
+    /// The first owner before the change: its element is the one the kernel holds.
+    before: Option<&'a Arc<ServicePortName>>,
     owners: Vec<Arc<ServicePortName>>,
-    olds: Seen<'a>,
-    news: Seen<'a>,
-}
-
-/// Elements of a key by owner, in the order the owner's records gave them.
-type Seen<'a> = SmallVec<[(&'a Arc<ServicePortName>, &'a [u8]); 1]>;
-
-/// The element `owner` gave the key (its last record with it), if it is among `seen`.
-fn seen<'a>(seen: &Seen<'a>, owner: &Arc<ServicePortName>) -> Option<&'a [u8]> {
-    seen.iter()
-        .rev()
-        .find(|(m, _)| Arc::ptr_eq(m, owner))
-        .map(|(_, e)| *e)
+    seen: Seen<'a>,
 }
 
 impl<'a> Touched<'a> {
-    fn new(key: &'a [u8], owners: Option<&Vec<Arc<ServicePortName>>>) -> Self {
+    fn new(hash: KeyHash, key: &'a [u8], owners: Option<&'a Vec<Arc<ServicePortName>>>) -> Self {
         Touched {
+            hash,
             key,
+            before: owners.and_then(|o| o.first()),
             owners: owners.cloned().unwrap_or_default(),
-            olds: SmallVec::new(),
-            news: SmallVec::new(),
+            seen: SmallVec::new(),
         }
     }
+}
+
+/// The entry of `key` among `touched`, added (with its committed owners) when first met.
+fn touch<'t, 'a>(
+    index: &mut HashMap<KeyHash, u32>,
+    touched: &'t mut Vec<Touched<'a>>,
+    owners: &'a Owners,
+    key: &'a [u8],
+) -> &'t mut Touched<'a> {
+    let h = hash_encoded(key);
+    let next = touched.len();
+    let i = *index.entry(h).or_insert_with(|| {
+        u32::try_from(next).expect("fewer than 2^32 elements in one plan")
+    }) as usize;
+    if i == next {
+        touched.push(Touched::new(h, key, owners.get(&h)));
+    }
+    &mut touched[i]
+}
+
+/// Elements of a key by owner: (the owner's shared name's address, after the change?, element),
+/// in the order the owner's records gave them. Addresses, not references: comparing them
+/// reads nothing else (this runs once per element of a full sync).
+type Seen<'a> = SmallVec<[(*const ServicePortName, bool, &'a [u8]); 1]>;
+
+/// The element `owner` gave the key before or `after` the change (its last record with it),
+/// if it is among `seen`.
+fn seen<'a>(seen: &Seen<'a>, owner: &Arc<ServicePortName>, after: bool) -> Option<&'a [u8]> {
+    let owner = Arc::as_ptr(owner);
+    seen.iter()
+        .rev()
+        .find(|(m, a, _)| *m == owner && *a == after)
+        .map(|(_, _, e)| *e)
 }
 
 /// The incremental compiler for one IP family.
@@ -253,46 +278,45 @@ impl Compiler {
             .flat_map(|(_, f)| f)
             .map(|f| f.endpoint_elements * 2)
             .sum();
-        let mut touched: HashMap<KeyHash, Touched<'_>> =
+        // Each touched key once, in the order first met, found by its hash.
+        let mut index: HashMap<KeyHash, u32> =
             HashMap::with_capacity_and_hasher(capacity, Default::default());
+        let mut touched: Vec<Touched<'_>> = Vec::with_capacity(capacity);
         for (name, frag) in &changes {
             if let Some(old) = self.fragments.get(name) {
                 for r in old.elems.records() {
-                    let t = touched
-                        .entry(hash_encoded(r.key))
-                        .or_insert_with_key(|h| Touched::new(r.key, self.owners.get(h)));
+                    let t = touch(&mut index, &mut touched, &self.owners, r.key);
                     t.owners.retain(|n| n != name);
-                    t.olds.push((name, r.elem));
+                    t.seen.push((Arc::as_ptr(name), false, r.elem));
                 }
             }
             for r in frag.iter().flat_map(|f| f.elems.records()) {
-                let t = touched
-                    .entry(hash_encoded(r.key))
-                    .or_insert_with_key(|h| Touched::new(r.key, self.owners.get(h)));
+                let t = touch(&mut index, &mut touched, &self.owners, r.key);
                 if let Err(i) = t.owners.binary_search(name) {
                     // Almost every key has one owner: no spare capacity to shrink at commit.
                     t.owners.reserve_exact(1);
                     t.owners.insert(i, name.clone());
                 }
-                t.news.push((name, r.elem));
+                t.seen.push((Arc::as_ptr(name), true, r.elem));
             }
         }
+        drop(index);
         let mut deletes: BTreeMap<SetRef, Vec<Vec<Value>>> = BTreeMap::new();
         let mut adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>> = BTreeMap::new();
         let mut owners_after: Owners =
             HashMap::with_capacity_and_hasher(touched.len(), Default::default());
-        for (h, t) in touched {
+        for t in touched {
             let key = t.key;
             // The effective element before and after: the first owner's. A changed owner's
             // element was seen above (its last record with the key wins, as in `find`); only
             // an unchanged owner's is looked up in its fragment.
-            let old = self.owners.get(&h).and_then(|o| o.first()).and_then(|n| {
-                seen(&t.olds, n).or_else(|| self.fragments.get(n)?.elems.find(key))
+            let old = t.before.and_then(|n| {
+                seen(&t.seen, n, false).or_else(|| self.fragments.get(n)?.elems.find(key))
             });
             let new = t.owners.first().and_then(|n| {
-                seen(&t.news, n).or_else(|| self.fragments.get(n)?.elems.find(key))
+                seen(&t.seen, n, true).or_else(|| self.fragments.get(n)?.elems.find(key))
             });
-            owners_after.insert(h, t.owners);
+            owners_after.insert(t.hash, t.owners);
             if old == new {
                 continue;
             }
