@@ -232,8 +232,11 @@ fn main() {
         // The `--once` input, kept for profiling `lb-proxy run --once -f DIR` by hand.
         let dir = std::path::PathBuf::from(args.get(i + 1).expect("--write-yaml DIR [N M]"));
         std::fs::create_dir_all(&dir).expect("create the YAML directory");
-        let (files, bytes) =
-            whole::write_yaml_files(&dir, number("--write-yaml", 2, 10_000), number("--write-yaml", 3, 10));
+        let (files, bytes) = whole::write_yaml_files(
+            &dir,
+            number("--write-yaml", 2, 10_000),
+            number("--write-yaml", 3, 10),
+        );
         println!("wrote {files} files, {bytes} bytes to {}", dir.display());
         return;
     }

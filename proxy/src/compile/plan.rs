@@ -83,9 +83,10 @@ fn touch<'t, 'a>(
 ) -> &'t mut Touched<'a> {
     let h = hash_encoded(key);
     let next = touched.len();
-    let i = *index.entry(h).or_insert_with(|| {
-        u32::try_from(next).expect("fewer than 2^32 elements in one plan")
-    }) as usize;
+    let i = *index
+        .entry(h)
+        .or_insert_with(|| u32::try_from(next).expect("fewer than 2^32 elements in one plan"))
+        as usize;
     if i == next {
         touched.push(Touched::new(h, key, owners.get(&h)));
     }
