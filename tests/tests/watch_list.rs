@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use lb_e2e::apiserver::{ApiServer, Break, Kind, ListProtocol, Options, StreamingLists};
-use lb_e2e::{Topology, must};
+use lb_e2e::{Topology, binary, must};
 use serde_json::{Value, json};
 
 fn node() -> Value {
@@ -78,6 +78,28 @@ fn ruleset(t: &Topology) -> String {
     must(Command::new("ip").args(["netns", "exec", &t.node, "nft", "list", "ruleset"]))
 }
 
+/// The daemon's `lb_proxy_lists_total` samples, as `kind protocol count` lines, sorted.
+fn lists_metric(t: &Topology) -> Vec<String> {
+    let out = must(
+        Command::new("ip")
+            .args(["netns", "exec", &t.node])
+            .arg(binary("lb-testsrv"))
+            .args(["http", "127.0.0.1:10249", "/metrics"]),
+    );
+    let mut samples: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("lb_proxy_lists_total{"))
+        .map(|l| {
+            l.replace(['"', '}', ','], " ")
+                .replace("kind=", "")
+                .replace("protocol=", "")
+        })
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    samples.sort();
+    samples
+}
+
 /// The kinds listed with `protocol` among `lists`.
 fn kinds(lists: &[(Kind, ListProtocol)], protocol: ListProtocol) -> BTreeSet<Kind> {
     lists
@@ -106,6 +128,15 @@ fn the_daemon_programs_the_same_rules_from_streaming_lists_and_from_paginated_li
         "{lists:?}"
     );
     assert_eq!(kinds(&lists, ListProtocol::Paginated), BTreeSet::new());
+    assert_eq!(
+        lists_metric(&t),
+        [
+            "EndpointSlice streaming 1",
+            "Node streaming 1",
+            "Service streaming 1",
+            "ServiceCIDR streaming 1"
+        ]
+    );
     t.stop(streaming);
     must(Command::new("ip").args(["netns", "exec", &t.node, "nft", "flush", "ruleset"]));
 
@@ -119,6 +150,15 @@ fn the_daemon_programs_the_same_rules_from_streaming_lists_and_from_paginated_li
         "{lists:?}"
     );
     assert_eq!(kinds(&lists, ListProtocol::Streaming), BTreeSet::new());
+    assert_eq!(
+        lists_metric(&t),
+        [
+            "EndpointSlice paginated 1",
+            "Node paginated 1",
+            "Service paginated 1",
+            "ServiceCIDR paginated 1"
+        ]
+    );
     assert!(from_streaming.contains("10.96.0.12"), "{from_streaming}");
     assert_eq!(from_streaming, from_pages);
     all_serve(&t);

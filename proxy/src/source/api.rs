@@ -68,7 +68,7 @@ pub fn spawn(
         service_proxy_name: watches.service_proxy_name.clone(),
     };
     let selector = label_selector(watches.service_proxy_name.as_deref());
-    let lists = Lists::new(watches.watch_list);
+    let lists = Lists::new(watches.watch_list, metrics.clone());
     vec![
         tokio::spawn(watch_services(
             Api::all(client.clone()),

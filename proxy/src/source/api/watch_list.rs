@@ -43,11 +43,13 @@ use kube::Api;
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 
+use crate::metrics::{ListLabel, Metrics};
+
 /// The watch timeout asked of the server, in seconds (kube-runtime's default, made explicit
 /// because [`Detector`] compares against it).
 const WATCH_TIMEOUT_SECS: u32 = 290;
 
-/// [`WATCH_TIMEOUT_SECS`] as a duration.
+/// The watch timeout asked of the server (290 s, kube-runtime's default).
 pub const WATCH_TIMEOUT: Duration = Duration::from_secs(WATCH_TIMEOUT_SECS as u64);
 
 /// How long the initial events of a streaming list may pause before the server is taken as
@@ -55,20 +57,23 @@ pub const WATCH_TIMEOUT: Duration = Duration::from_secs(WATCH_TIMEOUT_SECS as u6
 /// back to back from its watch cache, and the end bookmark within about a second.
 pub const SILENCE: Duration = Duration::from_secs(10);
 
-/// What the daemon's watchers use for their first list, shared by all of them.
+/// What the daemon's watchers use for their first list, shared by all of them; completed
+/// lists are counted in `lb_proxy_lists_total{kind,protocol}`.
 #[derive(Debug)]
 pub struct Lists {
     streaming: AtomicBool,
     reported: AtomicBool,
+    metrics: Arc<Metrics>,
 }
 
 impl Lists {
     /// `streaming`: try streaming lists first (the `WatchListClient` gate); false uses
     /// paginated lists only.
-    pub fn new(streaming: bool) -> Arc<Lists> {
+    pub fn new(streaming: bool, metrics: Arc<Metrics>) -> Arc<Lists> {
         Arc::new(Lists {
             streaming: AtomicBool::new(streaming),
             reported: AtomicBool::new(false),
+            metrics,
         })
     }
 
@@ -286,7 +291,11 @@ where
     async fn next(&mut self) -> Option<Result<Event<K>, watcher::Error>> {
         loop {
             let Some(detector) = &mut self.detector else {
-                return self.inner.next().await;
+                let item = self.inner.next().await?;
+                if matches!(item, Ok(Event::InitDone)) {
+                    self.listed("paginated");
+                }
+                return Some(item);
             };
             let item = match detector.deadline() {
                 Some(at) => {
@@ -305,12 +314,25 @@ where
             };
             let item = item?;
             match detector.seen(&Seen::of(&item), Instant::now()) {
-                None => return Some(item),
+                None => {
+                    if matches!(item, Ok(Event::InitDone)) {
+                        self.listed("streaming");
+                    }
+                    return Some(item);
+                }
                 // The event that decided is not passed on: the paginated watcher's `Init`
                 // restarts the consumer's list.
                 Some(why) => self.fall_back(&why),
             }
         }
+    }
+
+    fn listed(&self, protocol: &'static str) {
+        let label = ListLabel {
+            kind: self.kind,
+            protocol,
+        };
+        self.lists.metrics.lists.get_or_create(&label).inc();
     }
 
     fn fall_back(&mut self, why: &Unsupported) {
