@@ -13,7 +13,7 @@
 //! gate; `resourceVersionMatch` on a watch needs `sendInitialEvents`), answered `422 Invalid`
 //! with the same message and causes; the end bookmark comes only when bookmarks were asked for
 //! (the server's `isListWatchRequest`). [`Options::streaming_lists`] makes it a server that
-//! offers them, rejects them (1.27–1.31 by default) or ignores them (before 1.19), and
+//! offers them, rejects them (1.27–1.31 and 1.33 by default) or ignores them (before 1.19), and
 //! [`ApiServer::initial_lists`] records which protocol each list used. Tests drive it with
 //! synchronous hooks ([`ApiServer::apply`], [`ApiServer::delete`], [`ApiServer::compact`],
 //! [`ApiServer::expire_watches`], [`ApiServer::pause`], …) and read its request log.
@@ -153,7 +153,7 @@ impl Kind {
 pub struct Options {
     /// How often an idle watch with `allowWatchBookmarks=true` gets a BOOKMARK (default 1 s).
     pub bookmark_interval: Duration,
-    /// Whether the server offers streaming lists (default: it does, as 1.32 and later).
+    /// Whether the server offers streaming lists (default: it does, as 1.32 and 1.34 onwards).
     pub streaming_lists: StreamingLists,
 }
 
@@ -171,11 +171,11 @@ impl Default for Options {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum StreamingLists {
     /// ADDED for every object, then a BOOKMARK annotated `k8s.io/initial-events-end`
-    /// (Kubernetes 1.32 and later; 1.27–1.31 with the `WatchList` gate on).
+    /// (Kubernetes 1.32 and 1.34 onwards; 1.27–1.31 and 1.33 with the `WatchList` gate on).
     #[default]
     Offered,
     /// `422 Invalid`: "sendInitialEvents is forbidden for watch unless the WatchList feature
-    /// gate is enabled" (1.27–1.31 with the gate off, as by default).
+    /// gate is enabled" (1.27–1.31 and 1.33 with the gate off, as by default).
     Rejected,
     /// The parameters are unknown and dropped (a server before 1.19, or a proxy that strips
     /// them): a watch from resourceVersion 0 sends ADDED for every object, never the end

@@ -9,7 +9,8 @@
 //!
 //! Servers that do not offer it either
 //! * **reject** the request: 1.19–1.26 forbid `resourceVersionMatch` on a watch, and
-//!   1.27–1.31 forbid `sendInitialEvents` unless their `WatchList` feature gate is on — both
+//!   1.27–1.31 and 1.33 (whose `WatchList` feature gate is off by default; it is on in 1.32
+//!   and from 1.34) forbid `sendInitialEvents` unless that gate is on — both
 //!   `422 Invalid`; aggregated API servers and proxies may answer `400`; or
 //! * **ignore** the parameters (a server older than them, or an intermediary that drops
 //!   them): a watch from resourceVersion 0 then sends the objects as ADDED but never the end
