@@ -264,3 +264,34 @@ fn a_streaming_list_broken_by_a_dropped_connection_or_a_410_is_listed_again_by_s
         "no fall-back: {lists:?}"
     );
 }
+
+#[test]
+fn a_server_that_stops_offering_streaming_lists_is_listed_in_pages_at_the_next_relist() {
+    // As during a downgrade, or behind a load balancer over API servers of two versions.
+    let (mut t, api, kubeconfig) = cluster(StreamingLists::Offered);
+    t.start_daemon(&kubeconfig, &[]);
+    let first = api.initial_lists();
+    assert_eq!(
+        kinds(&first, ListProtocol::Streaming),
+        BTreeSet::from(Kind::ALL)
+    );
+    api.set_streaming_lists(StreamingLists::Rejected);
+    api.delete(Kind::Service, "t", "db");
+    api.compact();
+    api.expire_watches();
+    api.apply(Kind::Service, service("new", "10.96.0.13"));
+    api.apply(Kind::EndpointSlice, slice("new", &[1]));
+    eventually("the new Service serves", || {
+        t.tcp(&t.client, "10.96.0.13:80").is_ok_and(|r| r.0 == "b1")
+    });
+    eventually("the Service deleted meanwhile stops serving", || {
+        t.tcp(&t.client, "10.96.0.12:80").is_err()
+    });
+    let relists = api.initial_lists().split_off(first.len());
+    assert_eq!(
+        kinds(&relists, ListProtocol::Paginated),
+        BTreeSet::from(Kind::ALL),
+        "{relists:?}"
+    );
+    assert_eq!(kinds(&relists, ListProtocol::Streaming), BTreeSet::new());
+}
