@@ -241,6 +241,11 @@ pub struct DaemonArgs {
     /// Do not delete stale UDP/SCTP conntrack entries after endpoint changes.
     #[arg(long)]
     pub no_conntrack_cleanup: bool,
+    /// Feature gates, `Name=true|false,…` (`featureGates`). `WatchListClient=false` makes
+    /// every first list a paginated LIST instead of a streaming list; kube-proxy's other
+    /// gates are accepted and warned about.
+    #[arg(long)]
+    pub feature_gates: Option<String>,
     /// kube-proxy's flags that do not apply to lb-proxy.
     #[command(flatten)]
     pub kube_proxy_only: KubeProxyOnlyFlags,
@@ -254,9 +259,6 @@ pub struct DaemonArgs {
 #[derive(Debug, Args, Clone, Default)]
 #[command(next_help_heading = "kube-proxy flags accepted and ignored")]
 pub struct KubeProxyOnlyFlags {
-    /// Ignored: kube-proxy feature gates.
-    #[arg(long)]
-    pub feature_gates: Option<String>,
     /// Ignored: the client speaks JSON.
     #[arg(long)]
     pub kube_api_content_type: Option<String>,
@@ -335,7 +337,6 @@ impl KubeProxyOnlyFlags {
     /// One warning per flag given.
     pub fn warnings(&self) -> Vec<String> {
         let given = [
-            ("feature-gates", &self.feature_gates),
             ("kube-api-content-type", &self.kube_api_content_type),
             ("kube-api-burst", &self.kube_api_burst),
             ("kube-api-qps", &self.kube_api_qps),
@@ -611,6 +612,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<Invocation> {
         },
         verbosity: args.verbosity,
         logging_format: args.logging_format.clone(),
+        feature_gates: args.feature_gates.clone(),
     };
     let settings =
         crate::config::resolve(file.as_ref(), &overrides).context("invalid configuration")?;

@@ -42,7 +42,8 @@ pub struct KubeProxyConfiguration {
     pub api_version: Option<String>,
     /// Must be `KubeProxyConfiguration` when present.
     pub kind: Option<String>,
-    /// `featureGates`: accepted, ignored (warned about when not empty).
+    /// `featureGates`: `WatchListClient` applies ([`WATCH_LIST_CLIENT`]); others are
+    /// accepted and warned about.
     pub feature_gates: Option<BTreeMap<String, bool>>,
     /// `clientConnection`.
     pub client_connection: Option<ClientConnection>,
@@ -542,6 +543,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Where the configuration came from, for the start-up summary.
     pub source: String,
+    /// Streaming lists first (client-go's `WatchListClient` feature gate, default on).
+    pub watch_list: bool,
     /// Things accepted but not applied, one line each, to log once logging is up.
     pub warnings: Vec<String>,
 }
@@ -616,6 +619,37 @@ pub struct Overrides {
     pub verbosity: Option<u32>,
     /// `--logging-format`.
     pub logging_format: Option<String>,
+    /// `--feature-gates`.
+    pub feature_gates: Option<String>,
+}
+
+/// The one feature gate lb-proxy follows: client-go's `WatchListClient`, which kube-proxy's
+/// informers obey. On (the default), each watch's first list is a streaming list when the API
+/// server offers one; `false` lists in pages, as before Kubernetes 1.27.
+pub const WATCH_LIST_CLIENT: &str = "WatchListClient";
+
+/// Parses `--feature-gates` as Kubernetes components do: `Name=bool` pairs separated by
+/// commas (`true`, `false`, `1`, `0`, `t`, `f`, any case as Go's `strconv.ParseBool`);
+/// empty means none.
+pub fn parse_feature_gates(field: &str, s: &str) -> Result<BTreeMap<String, bool>, ConfigError> {
+    let mut gates = BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| bad(field, format!("{pair:?}: expected NAME=true|false")))?;
+        let on = match value.trim() {
+            "1" | "t" | "T" | "true" | "TRUE" | "True" => true,
+            "0" | "f" | "F" | "false" | "FALSE" | "False" => false,
+            other => {
+                return Err(bad(
+                    field,
+                    format!("{}: {other:?} is not a boolean", name.trim()),
+                ));
+            }
+        };
+        gates.insert(name.trim().to_string(), on);
+    }
+    Ok(gates)
 }
 
 fn cidrs(field: &str, items: &[String]) -> Result<Vec<IpNet>, ConfigError> {
@@ -947,11 +981,29 @@ pub fn resolve(
     if f.enable_profiling == Some(true) {
         warnings.push("enableProfiling: not supported by lb-proxy; ignored".into());
     }
-    if f.feature_gates.as_ref().is_some_and(|g| !g.is_empty()) {
-        warnings.push(
-            "featureGates: kube-proxy feature gates do not apply to lb-proxy; ignored".into(),
-        );
+    let file_gates = f.feature_gates.clone().unwrap_or_default();
+    let flag_gates = flags
+        .feature_gates
+        .as_deref()
+        .map(|g| parse_feature_gates("--feature-gates", g))
+        .transpose()?
+        .unwrap_or_default();
+    let not_ours = |name: &&String| name.as_str() != WATCH_LIST_CLIENT;
+    for (name, on) in file_gates.iter().filter(|(n, _)| not_ours(n)) {
+        warnings.push(format!(
+            "featureGates.{name}: {on}: a kube-proxy feature gate that does not apply to lb-proxy; ignored"
+        ));
     }
+    for (name, on) in flag_gates.iter().filter(|(n, _)| not_ours(n)) {
+        warnings.push(format!(
+            "--feature-gates={name}={on}: a kube-proxy feature gate that does not apply to lb-proxy; ignored"
+        ));
+    }
+    let watch_list = flag_gates
+        .get(WATCH_LIST_CLIENT)
+        .or_else(|| file_gates.get(WATCH_LIST_CLIENT))
+        .copied()
+        .unwrap_or(true);
     let source = match &flags.config {
         Some(p) => format!("file {} and flags", p.display()),
         None => "flags".into(),
@@ -990,6 +1042,7 @@ pub fn resolve(
         verbosity,
         log_format,
         source,
+        watch_list,
         warnings,
     })
 }
@@ -1023,7 +1076,7 @@ impl Settings {
         if self.nodeport_primary {
             nodeport.insert(0, "primary".into());
         }
-        json!({
+        let mut effective = json!({
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
             "kind": "KubeProxyConfiguration",
             "bindAddress": self.health_check_bind.to_string(),
@@ -1059,7 +1112,12 @@ impl Settings {
             },
             "nodePortAddresses": if nodeport.is_empty() { Value::Null } else { json!(nodeport) },
             "oomScoreAdj": self.oom_score_adj,
-        })
+        });
+        // Only when off: the default needs no gate, and the other gates are not applied.
+        if !self.watch_list {
+            effective["featureGates"] = json!({ WATCH_LIST_CLIENT: false });
+        }
+        effective
     }
 }
 
@@ -1275,6 +1333,59 @@ mod tests {
         };
         let s = resolve(Some(&f), &flags).expect("valid");
         assert_eq!((s.node.as_str(), s.masquerade_bit), ("n2", 3));
+    }
+
+    #[test]
+    fn the_watch_list_client_gate_is_on_by_default_and_the_flag_overrides_the_file() {
+        let s = resolve(None, &node_flag()).expect("valid");
+        assert!(s.watch_list);
+        assert!(
+            s.to_kube_proxy_configuration()
+                .get("featureGates")
+                .is_none()
+        );
+        let f = file("featureGates:\n  WatchListClient: false\n  NFTablesProxyMode: true\n");
+        let s = resolve(Some(&f), &node_flag()).expect("valid");
+        assert!(!s.watch_list);
+        assert_eq!(
+            s.to_kube_proxy_configuration()["featureGates"]["WatchListClient"],
+            false
+        );
+        assert_eq!(
+            s.warnings,
+            [
+                "featureGates.NFTablesProxyMode: true: a kube-proxy feature gate that does not apply to lb-proxy; ignored"
+            ]
+        );
+        let flags = Overrides {
+            feature_gates: Some("WatchListClient=true, Other=0".into()),
+            ..node_flag()
+        };
+        let s = resolve(Some(&f), &flags).expect("valid");
+        assert!(s.watch_list, "the flag wins");
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.starts_with("--feature-gates=Other=false: ")),
+            "{:?}",
+            s.warnings
+        );
+        for (gates, reason) in [
+            ("WatchListClient", "expected NAME=true|false"),
+            ("WatchListClient=maybe", "is not a boolean"),
+        ] {
+            let flags = Overrides {
+                feature_gates: Some(gates.into()),
+                ..node_flag()
+            };
+            let e = resolve(None, &flags).expect_err("invalid gate");
+            assert_eq!(e.field, "--feature-gates");
+            assert!(e.reason.contains(reason), "{e}");
+        }
+        assert_eq!(
+            parse_feature_gates("f", "").expect("empty is none"),
+            BTreeMap::new()
+        );
     }
 
     #[test]

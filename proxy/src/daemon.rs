@@ -56,6 +56,9 @@ pub struct DaemonConfig {
     pub bind_address_hard_fail: bool,
     /// Delete stale UDP/SCTP conntrack entries after endpoint changes.
     pub conntrack_cleanup: bool,
+    /// First lists are streaming lists when the API server offers them (the `WatchListClient`
+    /// feature gate, default on); false lists in pages only.
+    pub watch_list: bool,
     /// Where the configuration came from, for the start-up summary.
     pub source: String,
     /// The effective `KubeProxyConfiguration`, for `/configz`.
@@ -175,6 +178,7 @@ pub async fn run<B: Backend + Send + 'static>(
     let watches = api::Watches {
         node: config.node.clone(),
         service_proxy_name: config.service_proxy_name.clone(),
+        watch_list: config.watch_list,
     };
     let tasks = api::spawn(
         &client,
@@ -322,6 +326,7 @@ pub fn main(s: crate::config::Settings, launch: Launch) -> anyhow::Result<()> {
         health_check_bind: s.health_check_bind,
         bind_address_hard_fail: s.bind_address_hard_fail,
         conntrack_cleanup: launch.conntrack_cleanup,
+        watch_list: s.watch_list,
         source: s.source,
         configz,
         flagz: launch.flagz,

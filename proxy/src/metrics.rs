@@ -21,6 +21,15 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// Labels of a completed list: the kind, and how it was listed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ListLabel {
+    /// `Service`, `EndpointSlice`, `Node` or `ServiceCIDR`.
+    pub kind: &'static str,
+    /// `streaming` (one watch with `sendInitialEvents`) or `paginated` (LIST pages).
+    pub protocol: &'static str,
+}
+
 /// Label naming the kind of an ignored object (any kind: unknown ones too).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct IgnoredLabel {
@@ -115,6 +124,8 @@ pub struct Metrics {
     pub invalid_objects: Family<KindLabel, Counter>,
     /// `lb_proxy_watch_errors_total{kind}`.
     pub watch_errors: Family<KindLabel, Counter>,
+    /// `lb_proxy_lists_total{kind,protocol}`: lists completed (first lists and re-lists).
+    pub lists: Family<ListLabel, Counter>,
     /// `lb_proxy_ignored_objects_total{kind}`: objects read and deliberately not used, as
     /// kube-proxy would not use them (counted once per object while it stays ignored).
     pub ignored_objects: Family<IgnoredLabel, Counter>,
@@ -243,6 +254,7 @@ impl Metrics {
             elements_programmed: Counter::default(),
             invalid_objects: Family::default(),
             watch_errors: Family::default(),
+            lists: Family::default(),
             ignored_objects: Family::default(),
             manifest_read_errors: Counter::default(),
             manifest_sources_failing: Gauge::default(),
@@ -370,6 +382,11 @@ impl Metrics {
             "watch_errors",
             "Watch errors (retried)",
             m.watch_errors.clone(),
+        );
+        ours.register(
+            "lists",
+            "Lists completed, by kind and protocol (streaming or paginated)",
+            m.lists.clone(),
         );
         ours.register(
             "affinity_entries_purged",

@@ -5,7 +5,16 @@
 //! apiserver does on the wire (see `shared/notes/kube-watch-protocol.md`): one global
 //! resourceVersion counter, consistent paginated lists, label and field selectors evaluated per
 //! watcher (an object that stops matching is sent as `DELETED`), bookmarks, streaming lists, and
-//! `410 Expired` answered as an `ERROR` event inside an HTTP 200 watch. Tests drive it with
+//! `410 Expired` answered as an `ERROR` event inside an HTTP 200 watch.
+//!
+//! Streaming lists (KEP-3157) follow the API server: `ListOptions` are validated as
+//! apimachinery's `ValidateListOptions` does (`sendInitialEvents` needs
+//! `resourceVersionMatch=NotOlderThan`, is forbidden on a LIST, and without the `WatchList`
+//! gate; `resourceVersionMatch` on a watch needs `sendInitialEvents`), answered `422 Invalid`
+//! with the same message and causes; the end bookmark comes only when bookmarks were asked for
+//! (the server's `isListWatchRequest`). [`Options::streaming_lists`] makes it a server that
+//! offers them, rejects them (1.27–1.31 and 1.33 by default) or ignores them (before 1.19), and
+//! [`ApiServer::initial_lists`] records which protocol each list used. Tests drive it with
 //! synchronous hooks ([`ApiServer::apply`], [`ApiServer::delete`], [`ApiServer::compact`],
 //! [`ApiServer::expire_watches`], [`ApiServer::pause`], …) and read its request log.
 //!
@@ -33,8 +42,10 @@
 //! validation of object contents, no authn/authz, JSON only (no protobuf, no gzip), every write
 //! through a hook bumps the resourceVersion even when nothing changed, the event log is kept until
 //! [`ApiServer::compact`] (the real server keeps a bounded window), `resourceVersion=0` lists are
-//! served consistently (the real server may serve them stale from its cache), and bookmarks are
-//! sent every [`Options::bookmark_interval`] (the real server sends them about once a minute).
+//! served consistently (the real server may serve them stale from its cache), bookmarks are
+//! sent every [`Options::bookmark_interval`] (the real server sends them about once a minute),
+//! and a streaming list's end bookmark follows its last initial event at once (the cacher sends
+//! it from its bookmark timer, usually within a second).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -142,14 +153,52 @@ impl Kind {
 pub struct Options {
     /// How often an idle watch with `allowWatchBookmarks=true` gets a BOOKMARK (default 1 s).
     pub bookmark_interval: Duration,
+    /// Whether the server offers streaming lists (default: it does, as 1.32 and 1.34 onwards).
+    pub streaming_lists: StreamingLists,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             bookmark_interval: Duration::from_secs(1),
+            streaming_lists: StreamingLists::Offered,
         }
     }
+}
+
+/// How the server answers a streaming list (`watch=true&sendInitialEvents=true&
+/// resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true`, KEP-3157).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamingLists {
+    /// ADDED for every object, then a BOOKMARK annotated `k8s.io/initial-events-end`
+    /// (Kubernetes 1.32 and 1.34 onwards; 1.27–1.31 and 1.33 with the `WatchList` gate on).
+    #[default]
+    Offered,
+    /// `422 Invalid`: "sendInitialEvents is forbidden for watch unless the WatchList feature
+    /// gate is enabled" (1.27–1.31 and 1.33 with the gate off, as by default).
+    Rejected,
+    /// The parameters are unknown and dropped (a server before 1.19, or a proxy that strips
+    /// them): a watch from resourceVersion 0 sends ADDED for every object, never the end
+    /// bookmark, then live events.
+    Ignored,
+}
+
+/// How a client made its list of a kind, as [`ApiServer::initial_lists`] records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListProtocol {
+    /// A LIST (its first page; the continuations are not counted).
+    Paginated,
+    /// A watch with `sendInitialEvents=true` and bookmarks: a streaming list.
+    Streaming,
+}
+
+/// How [`ApiServer::break_next_streaming_list`] breaks a streaming list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Break {
+    /// The connection is closed mid-body (no terminating chunk).
+    Drop,
+    /// An `ERROR` event with `410 Expired` ends the stream, as a compaction would.
+    Expire,
 }
 
 /// A running API server emulator. Dropping it stops the server and closes every connection.
@@ -199,6 +248,9 @@ impl ApiServer {
             faults: Mutex::new(Faults::default()),
             requests: Mutex::new(Vec::new()),
             open_watches: AtomicUsize::new(0),
+            streaming_lists: Mutex::new(options.streaming_lists),
+            initial_lists: Mutex::new(Vec::new()),
+            break_streaming_list: Mutex::new(None),
             options,
         });
         let background = Arc::clone(&shared);
@@ -402,6 +454,26 @@ impl ApiServer {
     pub fn open_watches(&self) -> usize {
         self.shared.open_watches.load(Ordering::SeqCst)
     }
+
+    /// From now on, answers streaming lists as `mode` says (an upgrade or a downgrade of the
+    /// server; open watches are not touched).
+    pub fn set_streaming_lists(&self, mode: StreamingLists) {
+        *lock(&self.shared.streaming_lists) = mode;
+    }
+
+    /// Every list served so far, oldest first: which kind, and whether as a paginated LIST
+    /// or a streaming list. A watch from resourceVersion 0 without the end bookmark (see
+    /// [`StreamingLists::Ignored`]) is neither.
+    pub fn initial_lists(&self) -> Vec<(Kind, ListProtocol)> {
+        lock(&self.shared.initial_lists).clone()
+    }
+
+    /// Breaks the next streaming list of `kind` after `after` of its initial events (before
+    /// its end bookmark; it needs more objects than that): the connection is dropped, or a
+    /// `410 Expired` ERROR ends it.
+    pub fn break_next_streaming_list(&self, kind: Kind, after: usize, how: Break) {
+        *lock(&self.shared.break_streaming_list) = Some((kind, after, how));
+    }
 }
 
 impl Drop for ApiServer {
@@ -424,6 +496,13 @@ struct Shared {
     faults: Mutex<Faults>,
     requests: Mutex<Vec<String>>,
     open_watches: AtomicUsize,
+    /// [`Options::streaming_lists`], changed by [`ApiServer::set_streaming_lists`].
+    streaming_lists: Mutex<StreamingLists>,
+    /// Every initial list served, oldest first.
+    initial_lists: Mutex<Vec<(Kind, ListProtocol)>>,
+    /// [`ApiServer::break_next_streaming_list`]: of which kind, after how many initial
+    /// events, and how.
+    break_streaming_list: Mutex<Option<(Kind, usize, Break)>>,
     options: Options,
 }
 
@@ -867,6 +946,8 @@ struct ApiError {
     code: u16,
     reason: &'static str,
     message: String,
+    /// `details`, for `422 Invalid`.
+    details: Option<Value>,
 }
 
 impl ApiError {
@@ -875,11 +956,12 @@ impl ApiError {
             code,
             reason: reason_for(code),
             message: message.into(),
+            details: None,
         }
     }
 
     fn status(&self) -> Value {
-        json!({
+        let mut status = json!({
             "kind": "Status",
             "apiVersion": "v1",
             "metadata": {},
@@ -887,7 +969,11 @@ impl ApiError {
             "message": self.message,
             "reason": self.reason,
             "code": self.code,
-        })
+        });
+        if let Some(details) = &self.details {
+            status["details"] = details.clone();
+        }
+        status
     }
 
     fn response(&self) -> Response<Body> {
@@ -1101,7 +1187,9 @@ fn parse_params(query: &str) -> Result<Params, ApiError> {
         match k.as_ref() {
             "watch" => p.watch = boolean(&v),
             "resourceVersion" => p.resource_version = Some(v.to_string()),
-            "resourceVersionMatch" => p.resource_version_match = Some(v.to_string()),
+            "resourceVersionMatch" => {
+                p.resource_version_match = Some(v.to_string()).filter(|m| !m.is_empty())
+            }
             "limit" => {
                 p.limit = Some(usize::try_from(number()?).unwrap_or(usize::MAX)).filter(|&l| l > 0)
             }
@@ -1171,7 +1259,13 @@ async fn respond(
             "the emulator serves GET only (LIST, WATCH and GET); write through its hooks",
         ));
     }
-    let params = parse_params(req.uri().query().unwrap_or(""))?;
+    let mut params = parse_params(req.uri().query().unwrap_or(""))?;
+    let streaming_lists = *lock(&shared.streaming_lists);
+    if streaming_lists == StreamingLists::Ignored {
+        // A server that predates the parameters never sees them.
+        params.send_initial_events = None;
+        params.resource_version_match = None;
+    }
     match target {
         Target::Object {
             kind,
@@ -1201,12 +1295,150 @@ async fn respond(
             }
             let filter = params.filter(namespace)?;
             if params.watch {
-                start_watch(shared, conn, kind, filter, &params)
+                let watch_list = streaming_lists == StreamingLists::Offered;
+                start_watch(shared, conn, kind, filter, &params, watch_list)
             } else {
-                list(shared, kind, &filter, &params).await
+                validate_list(&params)?;
+                let listed = list(shared, kind, &filter, &params).await?;
+                if params.continue_token.is_none() {
+                    lock(&shared.initial_lists).push((kind, ListProtocol::Paginated));
+                }
+                Ok(listed)
             }
         }
     }
+}
+
+/// One invalid query parameter, as apimachinery's `field.Error` words it.
+#[derive(Debug)]
+struct FieldError {
+    field: &'static str,
+    /// `FieldValueForbidden`, `FieldValueNotSupported`.
+    reason: &'static str,
+    /// `Forbidden: …`, `Unsupported value: …`.
+    body: String,
+}
+
+fn forbidden(field: &'static str, detail: &str) -> FieldError {
+    FieldError {
+        field,
+        reason: "FieldValueForbidden",
+        body: format!("Forbidden: {detail}"),
+    }
+}
+
+fn not_supported(field: &'static str, value: &str, supported: &[&str]) -> FieldError {
+    let supported: Vec<String> = supported.iter().map(|v| format!("{v:?}")).collect();
+    FieldError {
+        field,
+        reason: "FieldValueNotSupported",
+        body: format!(
+            "Unsupported value: {value:?}: supported values: {}",
+            supported.join(", ")
+        ),
+    }
+}
+
+/// `422 Invalid` for `ListOptions` when there are errors, worded as the API server's
+/// `errors.NewInvalid` (one error inline, several in brackets).
+fn invalid_list_options(errors: &[FieldError]) -> Result<(), ApiError> {
+    let text: Vec<String> = errors
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.body))
+        .collect();
+    let listed = match text.as_slice() {
+        [] => return Ok(()),
+        [one] => one.clone(),
+        many => format!("[{}]", many.join(", ")),
+    };
+    let causes: Vec<Value> = errors
+        .iter()
+        .map(|e| json!({"reason": e.reason, "message": e.body, "field": e.field}))
+        .collect();
+    let mut e = ApiError::new(
+        422,
+        format!("ListOptions.meta.k8s.io \"\" is invalid: {listed}"),
+    );
+    e.details = Some(json!({"group": "meta.k8s.io", "kind": "ListOptions", "causes": causes}));
+    Err(e)
+}
+
+/// apimachinery's `ValidateListOptions` for a LIST.
+fn validate_list(params: &Params) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    if let Some(m) = params.resource_version_match.as_deref() {
+        if params.resource_version.as_deref().unwrap_or("").is_empty() {
+            errors.push(forbidden(
+                "resourceVersionMatch",
+                "resourceVersionMatch is forbidden unless resourceVersion is provided",
+            ));
+        }
+        if params.continue_token.is_some() {
+            errors.push(forbidden(
+                "resourceVersionMatch",
+                "resourceVersionMatch is forbidden when continue is provided",
+            ));
+        }
+        if m != "Exact" && m != "NotOlderThan" {
+            errors.push(not_supported(
+                "resourceVersionMatch",
+                m,
+                &["Exact", "NotOlderThan", ""],
+            ));
+        }
+        if m == "Exact" && params.resource_version.as_deref() == Some("0") {
+            errors.push(forbidden(
+                "resourceVersionMatch",
+                "resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+            ));
+        }
+    }
+    if params.send_initial_events.is_some() {
+        errors.push(forbidden(
+            "sendInitialEvents",
+            "sendInitialEvents is forbidden for list",
+        ));
+    }
+    invalid_list_options(&errors)
+}
+
+/// apimachinery's `ValidateListOptions` for a WATCH; `watch_list`: the server's `WatchList`
+/// feature gate.
+fn validate_watch(params: &Params, watch_list: bool) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    let m = params.resource_version_match.as_deref();
+    if params.send_initial_events.is_some() {
+        if m != Some("NotOlderThan") {
+            errors.push(forbidden(
+                "resourceVersionMatch",
+                "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+            ));
+        }
+        if !watch_list {
+            errors.push(forbidden(
+                "sendInitialEvents",
+                "sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled",
+            ));
+        }
+    }
+    if let Some(m) = m {
+        if params.send_initial_events.is_none() {
+            errors.push(forbidden(
+                "resourceVersionMatch",
+                "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+            ));
+        }
+        if m != "NotOlderThan" {
+            errors.push(not_supported("resourceVersionMatch", m, &["NotOlderThan"]));
+        }
+        if params.continue_token.is_some() {
+            errors.push(forbidden(
+                "resourceVersionMatch",
+                "resourceVersionMatch is forbidden when continue is provided",
+            ));
+        }
+    }
+    invalid_list_options(&errors)
 }
 
 fn too_large(wanted: u64, current: u64) -> ApiError {
@@ -1323,44 +1555,31 @@ struct WatchSpec {
     kind: Kind,
     filter: Filter,
     start: Start,
+    /// Break the initial events after this many, so.
+    broken: Option<(usize, Break)>,
     timeout: Duration,
     bookmarks: bool,
 }
 
+/// Starts a watch after validating it as the API server does; `watch_list`: whether the
+/// server offers streaming lists (its `WatchList` gate).
 fn start_watch(
     shared: &Arc<Shared>,
     conn: &Arc<ConnState>,
     kind: Kind,
     filter: Filter,
     params: &Params,
+    watch_list: bool,
 ) -> Result<Response<Body>, ApiError> {
-    let not_older_than = params.resource_version_match.as_deref() == Some("NotOlderThan");
+    validate_watch(params, watch_list)?;
     let rv = params.revision()?;
     let start = match params.send_initial_events {
-        Some(true) => {
-            if !not_older_than {
-                return Err(ApiError::new(
-                    422,
-                    "sendInitialEvents is forbidden for watch unless resourceVersionMatch is set to NotOlderThan",
-                ));
-            }
-            if !params.allow_watch_bookmarks {
-                return Err(ApiError::new(
-                    422,
-                    "sendInitialEvents requires setting allowWatchBookmarks to true",
-                ));
-            }
-            Start::Initial {
-                not_older_than: rv.unwrap_or(0),
-                end_bookmark: true,
-            }
-        }
-        _ if params.resource_version_match.is_some() => {
-            return Err(ApiError::new(
-                422,
-                "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
-            ));
-        }
+        // Without bookmarks it is no streaming list (the apiserver's `isListWatchRequest`):
+        // the initial events come, the end bookmark does not.
+        Some(true) => Start::Initial {
+            not_older_than: rv.unwrap_or(0),
+            end_bookmark: params.allow_watch_bookmarks,
+        },
         Some(false) => Start::After(rv.unwrap_or_else(|| *shared.rv.borrow())),
         None => rv.map_or(
             Start::Initial {
@@ -1370,10 +1589,27 @@ fn start_watch(
             Start::After,
         ),
     };
+    let broken = match start {
+        Start::Initial {
+            end_bookmark: true, ..
+        } => {
+            lock(&shared.initial_lists).push((kind, ListProtocol::Streaming));
+            let mut broken = lock(&shared.break_streaming_list);
+            match *broken {
+                Some((k, after, how)) if k == kind => {
+                    *broken = None;
+                    Some((after, how))
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    };
     let spec = WatchSpec {
         kind,
         filter,
         start,
+        broken,
         timeout: params
             .timeout_seconds
             .map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_secs),
@@ -1532,7 +1768,29 @@ async fn run_watch(
                     .collect();
                 (store.rv, objects)
             };
-            for o in &objects {
+            for (i, o) in objects.iter().enumerate() {
+                match spec.broken {
+                    Some((after, Break::Expire)) if i == after => {
+                        let e = expired(
+                            "The resourceVersion for the provided watch is too old.".into(),
+                        );
+                        out.error(&e).await;
+                        return;
+                    }
+                    Some((after, Break::Drop)) if i == after => {
+                        // Once the events sent are on the wire (hyper drops what it has not
+                        // written yet), a body error: hyper closes the connection without the
+                        // last chunk.
+                        while out.tx.capacity() < out.tx.max_capacity() {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let cut = io::Error::new(io::ErrorKind::ConnectionAborted, "cut");
+                        let _ = out.tx.send(Err(cut)).await;
+                        return;
+                    }
+                    _ => {}
+                }
                 if !out.send("ADDED", o).await {
                     return;
                 }

@@ -16,7 +16,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Client, Config, ResourceExt};
-use lb_e2e::apiserver::{ApiServer, Kind, Options};
+use lb_e2e::apiserver::{ApiServer, Break, Kind, ListProtocol, Options, StreamingLists};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -219,6 +219,11 @@ async fn watcher_lists_in_pages_then_streams_changes() {
         "DELETED carries the deletion's resourceVersion"
     );
     assert_eq!(lists(&api), 3, "no re-list");
+    assert_eq!(
+        api.initial_lists(),
+        [(Kind::Service, ListProtocol::Paginated)],
+        "one list, its continuations not counted"
+    );
 }
 
 #[tokio::test]
@@ -386,6 +391,7 @@ async fn bookmarks_carry_the_watch_past_compaction_without_a_relist() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let options = Options {
         bookmark_interval: Duration::from_millis(50),
+        ..Options::default()
     };
     let api = ApiServer::start_with(listener, options);
     api.apply(Kind::Service, service("a", json!({})));
@@ -493,6 +499,10 @@ async fn streaming_list_sends_initial_events_then_changes() {
     let initial = "sendInitialEvents=true&resourceVersionMatch=NotOlderThan&resourceVersion=0";
     assert_eq!(requests_with(&api, &[initial]).len(), 1);
     assert_eq!(lists(&api), 0, "only the streaming watch, no LIST");
+    assert_eq!(
+        api.initial_lists(),
+        [(Kind::Service, ListProtocol::Streaming)]
+    );
 
     api.apply(Kind::Service, service("d", json!({})));
     assert_eq!(w.applied().await.name_any(), "d");
@@ -504,6 +514,203 @@ async fn streaming_list_sends_initial_events_then_changes() {
     let watches = requests_with(&api, &["watch=true"]);
     assert_eq!(watches.len(), 2);
     assert!(!watches[1].contains("sendInitialEvents"), "{watches:#?}");
+}
+
+/// A server started with streaming lists `mode`, holding Services a, b and c.
+fn server_with_three(mode: StreamingLists) -> ApiServer {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let api = ApiServer::start_with(
+        listener,
+        Options {
+            streaming_lists: mode,
+            ..Options::default()
+        },
+    );
+    for name in ["a", "b", "c"] {
+        api.apply(Kind::Service, service(name, json!({})));
+    }
+    api
+}
+
+#[tokio::test]
+async fn a_server_without_the_watch_list_gate_rejects_streaming_lists_with_422_until_upgraded() {
+    let api = server_with_three(StreamingLists::Rejected);
+    let services = Api::<Service>::all(client(&api).await);
+    let config = watcher::Config::default().streaming_lists();
+    let mut w = Watch::spawn(watcher(services, config).default_backoff());
+    match w.next().await {
+        Err(watcher::Error::WatchStartFailed(kube::Error::Api(s))) => {
+            assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"));
+            assert_eq!(
+                s.message,
+                "ListOptions.meta.k8s.io \"\" is invalid: sendInitialEvents: Forbidden: \
+                 sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled"
+            );
+        }
+        other => panic!("expected a refused watch, got {other:?}"),
+    }
+    assert_eq!(api.initial_lists(), []);
+    // The paginated list still works there.
+    let services = Api::<Service>::all(client(&api).await);
+    let mut paged = Watch::spawn(watcher(services, watcher::Config::default()));
+    assert_eq!(paged.init().await, ["a", "b", "c"]);
+    assert_eq!(
+        api.initial_lists(),
+        [(Kind::Service, ListProtocol::Paginated)]
+    );
+
+    api.set_streaming_lists(StreamingLists::Offered);
+    let (first, _) = w.next_after_errors().await;
+    assert!(matches!(first, Event::Init), "{first:?}");
+    assert_eq!(w.init_rest().await, ["a", "b", "c"]);
+    assert_eq!(
+        api.initial_lists().last(),
+        Some(&(Kind::Service, ListProtocol::Streaming))
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_ignores_streaming_lists_sends_the_objects_but_never_the_end_bookmark() {
+    let api = server_with_three(StreamingLists::Ignored);
+    let services = Api::<Service>::all(client(&api).await);
+    let config = watcher::Config::default().streaming_lists();
+    let mut w = Watch::spawn(watcher(services, config));
+    assert!(matches!(w.next_ok().await, Event::Init));
+    for name in ["a", "b", "c"] {
+        match w.next_ok().await {
+            Event::InitApply(s) => assert_eq!(s.name_any(), name),
+            other => panic!("expected InitApply, got {other:?}"),
+        }
+    }
+    // Live changes arrive as more initial objects; the list never ends.
+    api.apply(Kind::Service, service("d", json!({})));
+    match w.next_ok().await {
+        Event::InitApply(s) => assert_eq!(s.name_any(), "d"),
+        other => panic!("expected InitApply, got {other:?}"),
+    }
+    let more = tokio::time::timeout(Duration::from_secs(2), w.rx.recv()).await;
+    assert!(more.is_err(), "no InitDone: {more:?}");
+    assert_eq!(
+        api.initial_lists(),
+        [],
+        "a watch from 0, not a streaming list"
+    );
+}
+
+#[tokio::test]
+async fn a_streaming_list_broken_mid_way_starts_again_and_ends_with_every_object() {
+    for how in [Break::Drop, Break::Expire] {
+        let api = server_with_three(StreamingLists::Offered);
+        api.break_next_streaming_list(Kind::Service, 1, how);
+        let services = Api::<Service>::all(client(&api).await);
+        let config = watcher::Config::default().streaming_lists();
+        let mut w = Watch::spawn(watcher(services, config));
+        assert!(matches!(w.next_ok().await, Event::Init));
+        match w.next_ok().await {
+            Event::InitApply(s) => assert_eq!(s.name_any(), "a"),
+            other => panic!("expected InitApply, got {other:?}"),
+        }
+        if how == Break::Expire {
+            match w.next().await {
+                Err(watcher::Error::WatchError(s)) => assert_eq!(s.code, 410),
+                other => panic!("expected the 410 ERROR event, got {other:?}"),
+            }
+        }
+        // A dropped stream ends without an error: kube-runtime starts the list again.
+        assert_eq!(w.init().await, ["a", "b", "c"], "{how:?}");
+        assert_eq!(
+            api.initial_lists(),
+            [(Kind::Service, ListProtocol::Streaming); 2],
+            "{how:?}"
+        );
+    }
+}
+
+/// GET `path_and_query` over a fresh connection: the status code and the body as JSON.
+fn raw_get(api: &ApiServer, path_and_query: &str) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(api.addr()).expect("connect");
+    conn.set_read_timeout(Some(WAIT)).expect("read timeout");
+    write!(
+        conn,
+        "GET {path_and_query} HTTP/1.1\r\nHost: emulator\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).expect("the whole answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head");
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn list_options_are_validated_as_the_api_server_does() {
+    let api = ApiServer::start_local();
+    let invalid = |query: &str| {
+        let (code, status) = raw_get(&api, &format!("/api/v1/services?{query}"));
+        assert_eq!(code, 422, "{query}: {status}");
+        assert_eq!(status["reason"], "Invalid", "{query}");
+        assert_eq!(status["details"]["kind"], "ListOptions", "{query}");
+        let message = status["message"].as_str().expect("a message").to_string();
+        message
+            .strip_prefix("ListOptions.meta.k8s.io \"\" is invalid: ")
+            .unwrap_or_else(|| panic!("{query}: {message}"))
+            .to_string()
+    };
+    assert_eq!(
+        invalid("watch=true&sendInitialEvents=true&allowWatchBookmarks=true&resourceVersion=0"),
+        "resourceVersionMatch: Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan"
+    );
+    assert_eq!(
+        invalid("watch=true&resourceVersionMatch=NotOlderThan&resourceVersion=0"),
+        "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided"
+    );
+    assert_eq!(
+        invalid("watch=true&sendInitialEvents=false&resourceVersionMatch=Exact"),
+        "[resourceVersionMatch: Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan, \
+         resourceVersionMatch: Unsupported value: \"Exact\": supported values: \"NotOlderThan\"]"
+    );
+    assert_eq!(
+        invalid("sendInitialEvents=true"),
+        "sendInitialEvents: Forbidden: sendInitialEvents is forbidden for list"
+    );
+    assert_eq!(
+        invalid("resourceVersionMatch=NotOlderThan"),
+        "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided"
+    );
+    let (code, _) = raw_get(
+        &api,
+        "/api/v1/services?resourceVersion=0&resourceVersionMatch=NotOlderThan&limit=1",
+    );
+    assert_eq!(code, 200);
+    assert_eq!(
+        api.initial_lists(),
+        [(Kind::Service, ListProtocol::Paginated)]
+    );
+}
+
+#[test]
+fn send_initial_events_without_bookmarks_sends_the_objects_but_no_end_bookmark() {
+    // The API server's `isListWatchRequest` needs both; with one, it is a plain watch that
+    // starts with the current state.
+    let api = ApiServer::start_local();
+    api.apply(Kind::Service, service("a", json!({})));
+    let (mut conn, head, body) = raw_watch(
+        &api,
+        "watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&resourceVersion=0",
+    );
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let body = read_until(&mut conn, body, "}\n\r\n");
+    api.apply(Kind::Service, service("b", json!({})));
+    let body = read_until(&mut conn, body, r#""name":"b""#);
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains(r#""name":"a""#), "{text}");
+    assert!(!text.contains("initial-events-end"), "{text}");
+    assert_eq!(api.initial_lists(), []);
 }
 
 #[tokio::test]

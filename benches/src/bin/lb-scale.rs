@@ -212,7 +212,8 @@ fn main() {
     }
     if args.iter().any(|a| a == "--daemon") {
         let (n, m) = (number("--daemon", 1, 10_000), number("--daemon", 2, 10));
-        whole::daemon(n, m, number("--daemon", 3, 1_000));
+        let rounds = number("--daemon", 4, 3) as usize;
+        whole::daemon(n, m, number("--daemon", 3, 1_000), rounds);
         return;
     }
     if args.iter().any(|a| a == "--once") {
@@ -247,7 +248,7 @@ fn main() {
     if quick {
         full(1_000, 10);
         whole::memory_breakdown(1_000, 10);
-        whole::daemon(1_000, 10, 100);
+        whole::daemon(1_000, 10, 100, 1);
         whole::run_once_vs_nft(1_000, 10, 1);
         whole::read_throughput(1_000, 10, 1);
         whole::dumps(5_000, 10);
@@ -293,7 +294,7 @@ fn main() {
     println!("\n## one endpoint change at 50,000 Services (a child process, for its RSS)");
     whole::in_process_rss(50_000, 10);
     whole::memory_breakdown(10_000, 10);
-    whole::daemon(10_000, 10, 1_000);
+    whole::daemon(10_000, 10, 1_000, 3);
     whole::run_once_vs_nft(10_000, 10, 3);
     whole::read_throughput(10_000, 10, 3);
     whole::dumps(50_000, 10);

@@ -12,6 +12,8 @@
 //!   dataplane stays exactly as it is.
 //! * **Node eligibility** (KEP-3836) is decided by the conversion
 //!   ([`crate::convert::node_state`]).
+//! * **First lists** are streaming lists (`sendInitialEvents`) when the API server offers
+//!   them, paginated lists otherwise ([`watch_list`]).
 //! * **Logs**: a watch that fails is logged once (naming the API server) and again when it
 //!   recovers, not at every retry; a `--node` that names no Node is warned about once the
 //!   Nodes are listed.
@@ -27,7 +29,6 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node as K8sNode, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
-use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event as WatchEvent};
 use kube::{Api, Client};
 
@@ -38,6 +39,10 @@ use crate::metrics::Metrics;
 use crate::reconcile::{Event, Input};
 use crate::store::{Event as StoreEvent, SliceKey, StoreEvent as Kinded};
 
+pub mod watch_list;
+
+use watch_list::Lists;
+
 /// What to watch.
 #[derive(Debug, Clone)]
 pub struct Watches {
@@ -45,6 +50,9 @@ pub struct Watches {
     pub node: String,
     /// Only objects labelled with this `service.kubernetes.io/service-proxy-name`.
     pub service_proxy_name: Option<String>,
+    /// Try streaming lists first (client-go's `WatchListClient` gate; default on); false
+    /// lists in pages only.
+    pub watch_list: bool,
 }
 
 /// Starts the watchers on the current async runtime; each sends its events to `input` until
@@ -60,6 +68,7 @@ pub fn spawn(
         service_proxy_name: watches.service_proxy_name.clone(),
     };
     let selector = label_selector(watches.service_proxy_name.as_deref());
+    let lists = Lists::new(watches.watch_list, metrics.clone());
     vec![
         tokio::spawn(watch_services(
             Api::all(client.clone()),
@@ -68,6 +77,7 @@ pub fn spawn(
             input.clone(),
             metrics.clone(),
             api_server.clone(),
+            lists.clone(),
         )),
         tokio::spawn(watch_slices(
             Api::all(client.clone()),
@@ -76,6 +86,7 @@ pub fn spawn(
             input.clone(),
             metrics.clone(),
             api_server.clone(),
+            lists.clone(),
         )),
         tokio::spawn(watch_node(
             Api::all(client.clone()),
@@ -83,11 +94,14 @@ pub fn spawn(
             input.clone(),
             metrics.clone(),
             api_server.clone(),
+            lists.clone(),
         )),
         tokio::spawn(watch_service_cidrs(
             Api::all(client.clone()),
             input.clone(),
             metrics.clone(),
+            api_server.clone(),
+            lists,
         )),
     ]
 }
@@ -190,10 +204,17 @@ async fn watch_kind<K, Key, V>(
     input: Sender<Input>,
     metrics: Arc<Metrics>,
     api_server: Arc<str>,
+    lists: Arc<Lists>,
 ) where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
-    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    let mut stream = watch_list::watcher(api, cfg, kind, &lists, &api_server);
     let mut failing = WatchFailure::default();
     while let Some(event) = stream.next().await {
         let now = Instant::now();
@@ -269,6 +290,7 @@ async fn watch_services(
     input: Sender<Input>,
     metrics: Arc<Metrics>,
     api_server: Arc<str>,
+    lists: Arc<Lists>,
 ) {
     let m = metrics.clone();
     let convert = move |s: &Service| match convert::service(s, &filter) {
@@ -297,6 +319,7 @@ async fn watch_services(
         input,
         metrics,
         api_server,
+        lists,
     )
     .await;
 }
@@ -308,6 +331,7 @@ async fn watch_slices(
     input: Sender<Input>,
     metrics: Arc<Metrics>,
     api_server: Arc<str>,
+    lists: Arc<Lists>,
 ) {
     let m = metrics.clone();
     let convert = move |s: &EndpointSlice| match convert::endpoint_slice(s, &filter) {
@@ -349,6 +373,7 @@ async fn watch_slices(
         input,
         metrics,
         api_server,
+        lists,
     )
     .await;
 }
@@ -361,9 +386,10 @@ async fn watch_node(
     input: Sender<Input>,
     metrics: Arc<Metrics>,
     api_server: Arc<str>,
+    lists: Arc<Lists>,
 ) {
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    let mut stream = watch_list::watcher(api, cfg, "Node", &lists, &api_server);
     let mut failing = WatchFailure::default();
     // Whether the current list found the Node, and whether its absence was reported.
     let (mut found, mut warned) = (false, false);
@@ -423,14 +449,20 @@ async fn watch_node(
         }
     }
 }
+
 /// Watches `networking.k8s.io/v1` ServiceCIDRs and sends the CIDRs of all of them after every
 /// change (a re-list replaces them). Not waited for before the first sync: an API server
 /// without ServiceCIDRs (before Kubernetes 1.33) answers 404, and then `--service-cidr`
 /// applies for good.
-async fn watch_service_cidrs(api: Api<ServiceCIDR>, input: Sender<Input>, metrics: Arc<Metrics>) {
-    let mut stream = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+async fn watch_service_cidrs(
+    api: Api<ServiceCIDR>,
+    input: Sender<Input>,
+    metrics: Arc<Metrics>,
+    api_server: Arc<str>,
+    lists: Arc<Lists>,
+) {
+    let config = watcher::Config::default();
+    let mut stream = watch_list::watcher(api, config, "ServiceCIDR", &lists, &api_server);
     let mut current: BTreeMap<String, Vec<ipnet::IpNet>> = BTreeMap::new();
     let mut relist: BTreeMap<String, Vec<ipnet::IpNet>> = BTreeMap::new();
     let convert = |c: &ServiceCIDR| match convert::service_cidr(c) {
@@ -464,9 +496,11 @@ async fn watch_service_cidrs(api: Api<ServiceCIDR>, input: Sender<Input>, metric
             Ok(WatchEvent::Delete(c)) => {
                 current.remove(&c.metadata.name.clone().unwrap_or_default());
             }
-            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
-                if status.is_not_found() =>
-            {
+            // A paginated list or a streaming list's watch, refused alike.
+            Err(
+                watcher::Error::InitialListFailed(kube::Error::Api(status))
+                | watcher::Error::WatchStartFailed(kube::Error::Api(status)),
+            ) if status.is_not_found() => {
                 tracing::info!("the API server has no ServiceCIDRs; --service-cidr applies");
                 return;
             }

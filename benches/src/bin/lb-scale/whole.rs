@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use lb_benches::cluster;
-use lb_e2e::apiserver::{ApiServer, Kind};
+use lb_e2e::apiserver::{ApiServer, Kind, ListProtocol};
 
 use super::{Netns, ms};
 
@@ -100,9 +100,30 @@ pub fn write_yaml_files(dir: &Path, n: u32, m: u32) -> (usize, usize) {
     (files, total)
 }
 
-/// `lb-proxy daemon` against the emulator holding `n` × `m`: start → all Services programmed,
-/// RSS after the first sync and once settled, then after `changes` one-endpoint changes.
-pub fn daemon(n: u32, m: u32, changes: u32) {
+/// One daemon run's figures.
+#[derive(Debug, Clone, Copy)]
+struct DaemonRun {
+    /// Start → the first full sync applied.
+    ready: Duration,
+    /// RSS 1 s after the first sync, and 15 s after it.
+    after_first: f64,
+    steady: f64,
+    /// RSS 3 s after the changes were sent, and 15 s after.
+    after_changes: f64,
+    steady_changes: f64,
+    /// Peak RSS of the whole run.
+    peak: f64,
+    /// How long sending the changes took.
+    sent_in: Duration,
+    /// Requests the API server answered for the daemon's first lists (pages or streams).
+    list_requests: usize,
+}
+
+/// `lb-proxy daemon` against the emulator holding `n` × `m`, with streaming lists (the
+/// default) and with paginated lists (`--feature-gates=WatchListClient=false`), alternating,
+/// `rounds` times each: start → all Services programmed, RSS after the first sync and once
+/// settled, then after `changes` one-endpoint changes. Prints each run, then the medians.
+pub fn daemon(n: u32, m: u32, changes: u32, rounds: usize) {
     println!("\n## lb-proxy daemon against the API server emulator, {n} Services x {m} endpoints");
     let ns = Netns::new("daemon");
     // The emulator listens on the namespace's loopback, which starts down.
@@ -128,16 +149,83 @@ pub fn daemon(n: u32, m: u32, changes: u32) {
     let kubeconfig = scratch.0.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).expect("write kubeconfig");
 
+    let protocols = [
+        ("streaming lists", ListProtocol::Streaming),
+        ("paginated lists", ListProtocol::Paginated),
+    ];
+    let mut runs: Vec<(usize, DaemonRun)> = Vec::new();
+    for round in 0..rounds {
+        for (p, (name, protocol)) in protocols.iter().enumerate() {
+            // Every run starts from an empty ruleset, as a first start does.
+            let _ = Command::new("ip")
+                .args(["netns", "exec", &ns.0, "nft", "flush", "ruleset"])
+                .status();
+            let run = daemon_run(&ns, &api, &kubeconfig, n, m, changes, *protocol);
+            println!(
+                "DAEMON {name} (round {}): start -> all {n} Services programmed {}; {} list requests; RSS after the first sync {:.0} MiB, 15 s later {:.0} MiB; after {changes} endpoint changes (sent in {}) {:.0} MiB, 15 s later {:.0} MiB; peak {:.0} MiB",
+                round + 1,
+                ms(run.ready),
+                run.list_requests,
+                run.after_first,
+                run.steady,
+                ms(run.sent_in),
+                run.after_changes,
+                run.steady_changes,
+                run.peak,
+            );
+            runs.push((p, run));
+        }
+    }
+    println!(
+        "\n| daemon, {n} x {m}, median of {rounds} | start -> programmed | list requests | RSS after first sync | steady | after {changes} changes | peak |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (p, (name, _)) in protocols.iter().enumerate() {
+        let mine: Vec<DaemonRun> = runs
+            .iter()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, r)| *r)
+            .collect();
+        let med = |f: fn(&DaemonRun) -> f64| median(mine.iter().map(f).collect());
+        println!(
+            "| {name} | {:.0} ms | {:.0} | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB |",
+            med(|r| r.ready.as_secs_f64() * 1000.0),
+            med(|r| r.list_requests as f64),
+            med(|r| r.after_first),
+            med(|r| r.steady),
+            med(|r| r.steady_changes),
+            med(|r| r.peak),
+        );
+    }
+}
+
+/// One `lb-proxy daemon` run in `ns` against `api`, its first lists made with `protocol`
+/// (checked against the emulator's record).
+fn daemon_run(
+    ns: &Netns,
+    api: &ApiServer,
+    kubeconfig: &Path,
+    n: u32,
+    m: u32,
+    changes: u32,
+    protocol: ListProtocol,
+) -> DaemonRun {
+    let (lists_before, requests_before) = (api.initial_lists().len(), api.requests().len());
     let started = Instant::now();
-    let mut child = Command::new("ip")
+    let mut command = Command::new("ip");
+    command
         .args(["netns", "exec", &ns.0])
         .arg(lb_proxy())
         .arg("daemon")
         .args(node_args())
         .arg("--kubeconfig")
-        .arg(&kubeconfig)
+        .arg(kubeconfig)
         .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-        .args(["--min-sync-period", "0"])
+        .args(["--min-sync-period", "0"]);
+    if protocol == ListProtocol::Paginated {
+        command.arg("--feature-gates=WatchListClient=false");
+    }
+    let mut child = command
         .env("RUST_LOG", "warn,lb_proxy::reconcile=debug")
         .env("NO_COLOR", "1")
         // jemalloc's own statistics, printed when the daemon exits.
@@ -171,33 +259,43 @@ pub fn daemon(n: u32, m: u32, changes: u32) {
         }
     }
     let ready = ready.unwrap_or_default();
-    println!("DAEMON start -> all {n} Services programmed: {}", ms(ready));
+    let lists = api.initial_lists().split_off(lists_before);
+    assert!(
+        !lists.is_empty() && lists.iter().all(|(_, p)| *p == protocol),
+        "the daemon's lists were not all {protocol:?}: {lists:?}"
+    );
+    let list_requests = api.requests()[requests_before..]
+        .iter()
+        .filter(|r| !r.contains("watch=true") || r.contains("sendInitialEvents=true"))
+        .count();
     std::thread::sleep(Duration::from_secs(1));
     let after_first = status_mib(&pid, "VmRSS");
     std::thread::sleep(Duration::from_secs(14));
     let steady = status_mib(&pid, "VmRSS");
-    let peak_first = status_mib(&pid, "VmHWM");
-    println!(
-        "DAEMON RSS after the first sync: {after_first:.0} MiB; steady (15 s later): {steady:.0} MiB; peak so far {peak_first:.0} MiB"
-    );
     let t = Instant::now();
     for c in 0..changes {
         let i = (c * 7919) % n;
         api.apply(Kind::EndpointSlice, cluster::endpoint_slice(i, m, c + 1));
         std::thread::sleep(Duration::from_millis(2));
     }
-    let applied = t.elapsed();
+    let sent_in = t.elapsed();
     std::thread::sleep(Duration::from_secs(3));
     let after_changes = status_mib(&pid, "VmRSS");
     std::thread::sleep(Duration::from_secs(12));
     let steady_changes = status_mib(&pid, "VmRSS");
-    println!(
-        "DAEMON RSS after {changes} endpoint changes (sent in {}): {after_changes:.0} MiB; 15 s later {steady_changes:.0} MiB; peak {:.0} MiB",
-        ms(applied),
-        status_mib(&pid, "VmHWM")
-    );
+    let peak = status_mib(&pid, "VmHWM");
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     let _ = child.wait();
+    DaemonRun {
+        ready,
+        after_first,
+        steady,
+        after_changes,
+        steady_changes,
+        peak,
+        sent_in,
+        list_requests,
+    }
 }
 
 /// `run --once` (whole process) against `nft -f` of the very same ruleset, alternating, in
