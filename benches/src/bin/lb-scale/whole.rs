@@ -577,7 +577,15 @@ pub fn in_process_rss(n: u32, m: u32) {
 }
 
 /// lb-core's affinity table in the shape: 1M remembered clients, 2 threads hitting
-/// uniformly random ones; the mean time of one hit per thread.
+/// uniformly random ones; the mean time of one hit per thread. Then, for reference, the same
+/// two threads doing nothing but random reads in an array the size of the table: independent
+/// reads (the CPU overlaps their misses) and dependent ones (each address comes from the
+/// previous read, so every read waits for its miss) — the floor and the ceiling of a lookup
+/// whose entry is not in the caches.
+///
+/// Each line gives the wall time (what the target is about) and, where Linux reports
+/// it, the CPU time the thread itself ran, which does not grow when other processes share the
+/// cores.
 pub fn affinity_hits() {
     use lb_core::affinity::{FlatAffinityTable, NewConnection};
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -602,37 +610,120 @@ pub fn affinity_hits() {
             &eps,
         );
     }
-    let per_hit = std::thread::scope(|s| {
+    let per_hit = on_two_threads(HITS, |r| {
+        let client = (((r >> 32) * u64::from(CLIENTS)) >> 32) as u32;
+        let p = table.pick(conn(client, r), &eps);
+        assert_eq!(
+            p.map(|p| p.outcome),
+            Some(lb_core::affinity::Outcome::Hit),
+            "every pick of a remembered client hits"
+        );
+    });
+    println!(
+        "AFFINITY hit, 1M clients, 2 threads: {} per hit (slowest thread)",
+        per_hit.show()
+    );
+    drop(table);
+
+    // The table's slot array at 1M clients: 2^21 slots of 64 bytes (at most 3/4 full).
+    let data: Vec<u64> = {
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        (0..(128usize << 20) / 8)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            })
+            .collect()
+    };
+    let index = |r: u64| (((r >> 32) * data.len() as u64) >> 32) as usize;
+    let independent = on_two_threads(HITS, |r| {
+        std::hint::black_box(data[index(r)]);
+    });
+    println!(
+        "AFFINITY reference, random read in 128 MiB, independent: {} per read",
+        independent.show()
+    );
+    let dependent = {
+        let data = &data;
+        on_two_threads_chained(HITS, move |r, previous| {
+            data[index(r ^ ((previous & 1) << 40))]
+        })
+    };
+    println!(
+        "AFFINITY reference, random read in 128 MiB, dependent: {} per read",
+        dependent.show()
+    );
+}
+
+/// Time per operation on the slowest of two threads: wall clock, and CPU time where known.
+struct PerOp {
+    wall: Duration,
+    cpu: Option<Duration>,
+}
+
+impl PerOp {
+    fn show(&self) -> String {
+        let ns = |d: Duration| d.as_nanos();
+        match self.cpu {
+            Some(cpu) => format!("{} ns (CPU {} ns)", ns(self.wall), ns(cpu)),
+            None => format!("{} ns", ns(self.wall)),
+        }
+    }
+}
+
+/// Runs `op(r)` `n` times on each of two threads with an xorshift64* stream of `r`.
+fn on_two_threads(n: u64, op: impl Fn(u64) + Sync) -> PerOp {
+    on_two_threads_chained(n, |r, _| {
+        op(r);
+        0
+    })
+}
+
+/// Like [`on_two_threads`], feeding each call the previous call's result, so that calls
+/// whose next input depends on it cannot overlap.
+fn on_two_threads_chained(n: u64, op: impl Fn(u64, u64) -> u64 + Sync) -> PerOp {
+    let per_thread: Vec<PerOp> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2u64)
             .map(|t| {
-                let (table, eps, conn) = (&table, &eps, &conn);
+                let op = &op;
                 s.spawn(move || {
                     let mut x = 0x1234_5678_u64 ^ t << 40;
-                    let mut hits = 0u64;
-                    let started = Instant::now();
-                    for _ in 0..HITS {
-                        // xorshift64*: a cheap uniform client choice.
+                    let mut previous = 0;
+                    let (started, cpu_started) = (Instant::now(), thread_cpu_time());
+                    for _ in 0..n {
+                        // xorshift64*: a cheap uniform stream.
                         x ^= x >> 12;
                         x ^= x << 25;
                         x ^= x >> 27;
-                        let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
-                        let client = (((r >> 32) * u64::from(CLIENTS)) >> 32) as u32;
-                        if let Some(p) = table.pick(conn(client, r), eps) {
-                            hits += u64::from(p.outcome == lb_core::affinity::Outcome::Hit);
-                        }
+                        previous = op(x.wrapping_mul(0x2545_f491_4f6c_dd1d), previous);
                     }
-                    assert_eq!(hits, HITS, "every pick of a remembered client hits");
-                    started.elapsed().as_secs_f64() / HITS as f64
+                    std::hint::black_box(previous);
+                    let cpu = cpu_started
+                        .zip(thread_cpu_time())
+                        .map(|(a, b)| b.saturating_sub(a) / n as u32);
+                    PerOp {
+                        wall: started.elapsed() / n as u32,
+                        cpu,
+                    }
                 })
             })
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("bench thread"))
-            .fold(0.0, f64::max)
+            .collect()
     });
-    println!(
-        "AFFINITY hit, 1M clients, 2 threads: {:.0} ns per hit (slowest thread)",
-        per_hit * 1e9
-    );
+    PerOp {
+        wall: per_thread.iter().map(|p| p.wall).max().unwrap_or_default(),
+        cpu: per_thread.iter().map(|p| p.cpu).max().flatten(),
+    }
+}
+
+/// The CPU time the calling thread has run (Linux: the first field of its `schedstat`).
+fn thread_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns = stat.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
 }
