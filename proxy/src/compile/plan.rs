@@ -96,16 +96,57 @@ fn touch<'t, 'a>(
 /// Elements of a key by owner: (the owner's shared name's address, after the change?, element),
 /// in the order the owner's records gave them. Addresses, not references: comparing them
 /// reads nothing else (this runs once per element of a full sync).
-type Seen<'a> = SmallVec<[(*const ServicePortName, bool, &'a [u8]); 1]>;
+type Seen<'a> = SmallVec<[(usize, bool, &'a [u8]); 1]>;
 
 /// The element `owner` gave the key before or `after` the change (its last record with it),
 /// if it is among `seen`.
 fn seen<'a>(seen: &Seen<'a>, owner: &Arc<ServicePortName>, after: bool) -> Option<&'a [u8]> {
-    let owner = Arc::as_ptr(owner);
+    let owner = Arc::as_ptr(owner) as usize;
     seen.iter()
         .rev()
         .find(|(m, a, _)| *m == owner && *a == after)
         .map(|(_, _, e)| *e)
+}
+
+/// A part of a plan's touched keys, decoded: their owners after the change, and the
+/// elements to delete and to add.
+struct Decoded {
+    owners: Vec<(KeyHash, Vec<Arc<ServicePortName>>)>,
+    deletes: BTreeMap<SetRef, Vec<Vec<Value>>>,
+    adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>>,
+}
+
+/// Below this many items a plan's work stays on the calling thread: an incremental sync
+/// touches a handful of keys, a full sync hundreds of thousands.
+const PARALLEL_MIN: usize = 4096;
+
+/// How many threads share `items` items of a plan's work (at most the cores, at most 4).
+fn threads_for(items: usize) -> usize {
+    if items < PARALLEL_MIN {
+        return 1;
+    }
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(4)
+}
+
+/// `f` of every item, in order; computed on up to [`threads_for`] threads.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let parts = threads_for(items.len());
+    if parts <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let part_len = items.len().div_ceil(parts);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(part_len)
+            .map(|part| s.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a plan's work does not panic"))
+            .collect()
+    })
 }
 
 /// The incremental compiler for one IP family.
@@ -207,15 +248,15 @@ impl Compiler {
         node: &Node,
         changes: impl IntoIterator<Item = (ServicePortName, Option<&'e ServiceEntry>)>,
     ) -> Plan {
+        let changes: Vec<(ServicePortName, Option<&ServiceEntry>)> = changes.into_iter().collect();
+        let fragments = par_map(&changes, |(_, e)| {
+            e.map(|e| self.fragment(node, e))
+                .filter(|f| *f != Fragment::default())
+        });
         let changes: Vec<(Arc<ServicePortName>, Option<Fragment>)> = changes
             .into_iter()
-            .map(|(name, e)| {
-                (
-                    name,
-                    e.map(|e| self.fragment(node, e))
-                        .filter(|f| *f != Fragment::default()),
-                )
-            })
+            .zip(fragments)
+            .map(|((name, _), frag)| (name, frag))
             .filter(|(name, frag)| self.fragments.get(name) != frag.as_ref())
             .map(|(name, frag)| {
                 // The committed name, shared by its owner lists, or a new one.
@@ -288,7 +329,7 @@ impl Compiler {
                 for r in old.elems.records() {
                     let t = touch(&mut index, &mut touched, &self.owners, r.key);
                     t.owners.retain(|n| n != name);
-                    t.seen.push((Arc::as_ptr(name), false, r.elem));
+                    t.seen.push((Arc::as_ptr(name) as usize, false, r.elem));
                 }
             }
             for r in frag.iter().flat_map(|f| f.elems.records()) {
@@ -298,44 +339,40 @@ impl Compiler {
                     t.owners.reserve_exact(1);
                     t.owners.insert(i, name.clone());
                 }
-                t.seen.push((Arc::as_ptr(name), true, r.elem));
+                t.seen.push((Arc::as_ptr(name) as usize, true, r.elem));
             }
         }
         drop(index);
-        let mut deletes: BTreeMap<SetRef, Vec<Vec<Value>>> = BTreeMap::new();
-        let mut adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>> = BTreeMap::new();
         let mut owners_after: Owners =
             HashMap::with_capacity_and_hasher(touched.len(), Default::default());
-        for t in touched {
-            let key = t.key;
-            // The effective element before and after: the first owner's. A changed owner's
-            // element was seen above (its last record with the key wins, as in `find`); only
-            // an unchanged owner's is looked up in its fragment.
-            let old = t.before.and_then(|n| {
-                seen(&t.seen, n, false).or_else(|| self.fragments.get(n)?.elems.find(key))
-            });
-            let new = t.owners.first().and_then(|n| {
-                seen(&t.seen, n, true).or_else(|| self.fragments.get(n)?.elems.find(key))
-            });
-            owners_after.insert(t.hash, t.owners);
-            if old == new {
-                continue;
+        let mut deletes: BTreeMap<SetRef, Vec<Vec<Value>>> = BTreeMap::new();
+        let mut adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>> = BTreeMap::new();
+        // Decoding the elements into the transaction is most of a full sync's compute: the
+        // touched keys are decoded in parts, in parallel when there are many.
+        let parts = threads_for(touched.len());
+        let part_len = touched.len().div_ceil(parts).max(1);
+        let decoded: Vec<Decoded> = if parts > 1 {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = touched
+                    .chunks_mut(part_len)
+                    .map(|part| s.spawn(|| self.decode(part)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("decoding a plan's elements does not panic"))
+                    .collect()
+            })
+        } else {
+            vec![self.decode(&mut touched)]
+        };
+        drop(touched);
+        for part in decoded {
+            owners_after.extend(part.owners);
+            for (set, keys) in part.deletes {
+                deletes.entry(set).or_default().extend(keys);
             }
-            let record = Record {
-                key,
-                elem: new.unwrap_or_default(),
-            };
-            let (set, values) = record.decode_key();
-            match new {
-                Some(_) => {
-                    if old.is_some() {
-                        deletes.entry(set).or_default().push(values.clone());
-                    }
-                    adds.entry(set)
-                        .or_default()
-                        .push((values, record.decode_elem()));
-                }
-                None => deletes.entry(set).or_default().push(values),
+            for (set, elements) in part.adds {
+                adds.entry(set).or_default().extend(elements);
             }
         }
         // Element order inside one message does not matter to the kernel; not sorting keeps a
@@ -362,6 +399,50 @@ impl Compiler {
             installed_counts: counts,
             installed_timeouts: timeouts,
         }
+    }
+
+    /// The owners after the change of `touched` keys, and the elements to delete and add for
+    /// those whose effective element (the first owner's) changes.
+    fn decode(&self, touched: &mut [Touched<'_>]) -> Decoded {
+        let mut d = Decoded {
+            owners: Vec::with_capacity(touched.len()),
+            deletes: BTreeMap::new(),
+            adds: BTreeMap::new(),
+        };
+        for t in touched {
+            let key = t.key;
+            // The effective element before and after: the first owner's. A changed owner's
+            // element was seen when the key was touched (its last record with the key wins,
+            // as in `find`); only an unchanged owner's is looked up in its fragment.
+            let old = t.before.and_then(|n| {
+                seen(&t.seen, n, false).or_else(|| self.fragments.get(n)?.elems.find(key))
+            });
+            let new = t.owners.first().and_then(|n| {
+                seen(&t.seen, n, true).or_else(|| self.fragments.get(n)?.elems.find(key))
+            });
+            d.owners.push((t.hash, std::mem::take(&mut t.owners)));
+            if old == new {
+                continue;
+            }
+            let record = Record {
+                key,
+                elem: new.unwrap_or_default(),
+            };
+            let (set, values) = record.decode_key();
+            match new {
+                Some(_) => {
+                    if old.is_some() {
+                        d.deletes.entry(set).or_default().push(values.clone());
+                    }
+                    d.adds
+                        .entry(set)
+                        .or_default()
+                        .push((values, record.decode_elem()));
+                }
+                None => d.deletes.entry(set).or_default().push(values),
+            }
+        }
+        d
     }
 
     /// Adopts a plan whose transaction the kernel accepted.
@@ -600,5 +681,74 @@ mod tests {
         // An unchanged service port plans to nothing.
         let p = c.plan(&node(), [(a.port.name().clone(), Some(&a))]);
         assert!(p.tx.is_empty(), "{}", p.tx.to_nft());
+    }
+
+    #[test]
+    fn a_plan_of_thousands_of_service_ports_decoded_in_parallel_installs_what_one_port_at_a_time_does()
+     {
+        // Every entry has the same node port, so its keys have 600 owners; the cluster IPs
+        // and endpoints have one each. Far above PARALLEL_MIN touched keys.
+        let entries: Vec<ServiceEntry> = (0..600u32)
+            .map(|i| {
+                let (hi, lo) = (i / 250, i % 250);
+                let mut b = ServicePort::builder("ns", &format!("s{i}"), "http", Protocol::Tcp, 80)
+                    .cluster_ips([format!("10.96.{hi}.{lo}")])
+                    .service_type(ServiceType::NodePort)
+                    .node_port(30080);
+                if i % 3 == 0 {
+                    b = b.client_ip_affinity(Some(600));
+                }
+                ServiceEntry {
+                    port: b.build().expect("valid service"),
+                    endpoints: (1..=3)
+                        .map(|j| {
+                            Endpoint::builder(format!("10.{}.{lo}.{j}", 100 + hi), 8080)
+                                .build()
+                                .expect("valid endpoint")
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        let names: Vec<ServicePortName> = entries.iter().map(|e| e.port.name().clone()).collect();
+        let config = Config::default();
+
+        let mut bulk = Compiler::new(config.clone(), IpFamily::V4);
+        let mut bulk_kernel = Fake::default();
+        let p = bulk.plan(&node(), names.iter().cloned().zip(entries.iter().map(Some)));
+        assert!(p.touched.len() >= PARALLEL_MIN, "{} keys", p.touched.len());
+        bulk_kernel.apply(&p.tx).expect("valid transaction");
+        bulk.commit(p);
+
+        let mut single = Compiler::new(config, IpFamily::V4);
+        let mut single_kernel = Fake::default();
+        for (n, e) in names.iter().zip(&entries) {
+            let p = single.plan(&node(), [(n.clone(), Some(e))]);
+            single_kernel.apply(&p.tx).expect("valid transaction");
+            single.commit(p);
+        }
+        let id = bulk.table_id();
+        assert_eq!(
+            bulk_kernel.ruleset.tables[&id], single_kernel.ruleset.tables[&id],
+            "one plan of every port, and one plan per port, install the same table"
+        );
+        assert_eq!(bulk.table(), single.table());
+        assert_eq!(bulk.owners, single.owners);
+
+        // Every second port deleted: in one plan, and one at a time.
+        let p = bulk.plan(&node(), names.iter().step_by(2).map(|n| (n.clone(), None)));
+        bulk_kernel.apply(&p.tx).expect("valid transaction");
+        bulk.commit(p);
+        for n in names.iter().step_by(2) {
+            let p = single.plan(&node(), [(n.clone(), None)]);
+            single_kernel.apply(&p.tx).expect("valid transaction");
+            single.commit(p);
+        }
+        assert_eq!(
+            bulk_kernel.ruleset.tables[&id],
+            single_kernel.ruleset.tables[&id]
+        );
+        assert_eq!(bulk.owners, single.owners);
+        assert_eq!(bulk.stats().service_ports, 300);
     }
 }
