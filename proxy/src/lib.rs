@@ -25,6 +25,7 @@ pub mod explain;
 pub mod health;
 pub mod manifests;
 pub mod metrics;
+pub mod par;
 pub mod process;
 pub mod reconcile;
 pub mod source;

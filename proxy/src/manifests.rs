@@ -659,8 +659,10 @@ impl Objects {
     pub fn replace_in(self, store: &mut Store, node_name: Option<&str>, filter: &Filter) -> Loaded {
         let mut loaded = Loaded::default();
         let mut services = Vec::new();
-        for s in &self.services {
-            match convert::service(s, filter) {
+        // Conversion is independent per object, so a large cluster converts on every core.
+        let converted = crate::par::map(&self.services, |s| convert::service(s, filter));
+        for (s, converted) in self.services.iter().zip(converted) {
+            match converted {
                 Ok(Converted::Accepted(ports)) => {
                     if let Some(p) = ports.first() {
                         let key = convert::ServiceKey {
@@ -692,7 +694,10 @@ impl Objects {
             .collect();
         store.replace_services(services);
         let mut slices = Vec::new();
-        for s in &self.endpoint_slices {
+        let converted = crate::par::map(&self.endpoint_slices, |s| {
+            convert::endpoint_slice(s, filter)
+        });
+        for (s, converted) in self.endpoint_slices.iter().zip(converted) {
             let key = (
                 s.metadata
                     .namespace
@@ -700,7 +705,7 @@ impl Objects {
                     .unwrap_or_else(|| "default".into()),
                 s.metadata.name.clone().unwrap_or_default(),
             );
-            match convert::endpoint_slice(s, filter) {
+            match converted {
                 Ok((Converted::Accepted(slice), errs)) => {
                     loaded.invalid.extend(errs);
                     let why = match families.get(&slice.service) {

@@ -116,39 +116,6 @@ struct Decoded {
     adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>>,
 }
 
-/// Below this many items a plan's work stays on the calling thread: an incremental sync
-/// touches a handful of keys, a full sync hundreds of thousands.
-const PARALLEL_MIN: usize = 4096;
-
-/// How many threads share `items` items of a plan's work (at most the cores, at most 4).
-fn threads_for(items: usize) -> usize {
-    if items < PARALLEL_MIN {
-        return 1;
-    }
-    std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(4)
-}
-
-/// `f` of every item, in order; computed on up to [`threads_for`] threads.
-fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let parts = threads_for(items.len());
-    if parts <= 1 {
-        return items.iter().map(f).collect();
-    }
-    let part_len = items.len().div_ceil(parts);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = items
-            .chunks(part_len)
-            .map(|part| s.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("a plan's work does not panic"))
-            .collect()
-    })
-}
-
 /// The incremental compiler for one IP family.
 ///
 /// It keeps every service port's [`Fragment`] and who owns each element, so a change to one
@@ -249,7 +216,7 @@ impl Compiler {
         changes: impl IntoIterator<Item = (ServicePortName, Option<&'e ServiceEntry>)>,
     ) -> Plan {
         let changes: Vec<(ServicePortName, Option<&ServiceEntry>)> = changes.into_iter().collect();
-        let fragments = par_map(&changes, |(_, e)| {
+        let fragments = crate::par::map(&changes, |(_, e)| {
             e.map(|e| self.fragment(node, e))
                 .filter(|f| *f != Fragment::default())
         });
@@ -349,7 +316,7 @@ impl Compiler {
         let mut adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>> = BTreeMap::new();
         // Decoding the elements into the transaction is most of a full sync's compute: the
         // touched keys are decoded in parts, in parallel when there are many.
-        let parts = threads_for(touched.len());
+        let parts = crate::par::threads_for(touched.len());
         let part_len = touched.len().div_ceil(parts).max(1);
         let decoded: Vec<Decoded> = if parts > 1 {
             std::thread::scope(|s| {
@@ -716,7 +683,11 @@ mod tests {
         let mut bulk = Compiler::new(config.clone(), IpFamily::V4);
         let mut bulk_kernel = Fake::default();
         let p = bulk.plan(&node(), names.iter().cloned().zip(entries.iter().map(Some)));
-        assert!(p.touched.len() >= PARALLEL_MIN, "{} keys", p.touched.len());
+        assert!(
+            p.touched.len() >= crate::par::PARALLEL_MIN,
+            "{} keys",
+            p.touched.len()
+        );
         bulk_kernel.apply(&p.tx).expect("valid transaction");
         bulk.commit(p);
 

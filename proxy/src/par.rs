@@ -1,0 +1,48 @@
+//! Data parallelism for the few places where one pass over a whole cluster is most of the
+//! work (a full sync's compile, converting a cluster read from manifests): the items are split
+//! into as many parts as there are cores (at most 4), each mapped on a scoped thread, and the
+//! results joined in order, so the outcome is the same as one pass on one thread.
+
+/// Below this many items the work stays on the calling thread: an incremental sync touches a
+/// handful of items, a full sync hundreds of thousands.
+pub const PARALLEL_MIN: usize = 4096;
+
+/// How many threads share the work of `items` items (1 below [`PARALLEL_MIN`]).
+pub fn threads_for(items: usize) -> usize {
+    if items < PARALLEL_MIN {
+        return 1;
+    }
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(4)
+}
+
+/// `f` of every item, in order; computed on up to [`threads_for`] threads.
+pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let parts = threads_for(items.len());
+    if parts <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let part_len = items.len().div_ceil(parts);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(part_len)
+            .map(|part| s.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("the mapped function does not panic"))
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_parallel_map_keeps_the_order_of_the_items() {
+        let items: Vec<u32> = (0..3 * super::PARALLEL_MIN as u32 + 7).collect();
+        let doubled = super::map(&items, |i| i * 2);
+        assert_eq!(doubled, items.iter().map(|i| i * 2).collect::<Vec<_>>());
+        assert_eq!(super::map(&items[..3], |i| i + 1), vec![1, 2, 3]);
+    }
+}
