@@ -18,6 +18,8 @@ use lb_proxy::nft::Transaction;
 use lb_proxy::nft::netlink::{Netlink, enter_netns};
 use lb_proxy::sync::Dataplane;
 
+#[path = "lb-scale/summary.rs"]
+mod summary;
 #[path = "lb-scale/whole.rs"]
 mod whole;
 
@@ -151,6 +153,14 @@ fn one_change_at(services: u32, endpoints: u32, compare_nft: bool) {
     let mut totals: Vec<Duration> = times.iter().map(|(t, _)| *t).collect();
     totals.sort();
     let (_, r) = &times[times.len() / 2];
+    summary::note(
+        summary::Row::OneChange,
+        format!(
+            "{services} Services: median {} (p90 {})",
+            ms(totals[totals.len() / 2]),
+            ms(totals[totals.len() * 9 / 10])
+        ),
+    );
     println!(
         "one endpoint change with {services} Services loaded, store update + sync, median of {}: {} (p90 {}; e.g. compute {} + kernel {}, {} elements)",
         totals.len(),
@@ -253,6 +263,8 @@ fn main() {
         whole::read_throughput(1_000, 10, 1);
         whole::dumps(5_000, 10);
         whole::in_process_rss(5_000, 10);
+        println!("\n(--quick: smaller clusters than the rows name; a smoke run, not figures)");
+        summary::print();
         return;
     }
     if let Some(i) = args.iter().position(|a| a == "--sync-only") {
@@ -304,4 +316,5 @@ fn main() {
     let ns = Netns::new("kp");
     let t = nft_file(&ns, &kube_proxy_like(n, m));
     println!("nft -f: {}", ms(t));
+    summary::print();
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use lb_benches::cluster;
 use lb_e2e::apiserver::{ApiServer, Kind, ListProtocol};
 
+use super::summary::{self, Row};
 use super::{Netns, ms};
 
 /// `lb-proxy`, built beside this binary (`scripts/scale-bench` builds both).
@@ -187,6 +188,22 @@ pub fn daemon(n: u32, m: u32, changes: u32, rounds: usize) {
             .map(|(_, r)| *r)
             .collect();
         let med = |f: fn(&DaemonRun) -> f64| median(mine.iter().map(f).collect());
+        summary::note(
+            Row::DaemonSteady,
+            format!(
+                "{name}: {:.0} MiB ({:.0} MiB after {changes} changes, peak {:.0} MiB)",
+                med(|r| r.steady),
+                med(|r| r.steady_changes),
+                med(|r| r.peak)
+            ),
+        );
+        summary::note(
+            Row::DaemonStart,
+            format!(
+                "{name}: {:.2} s (median of {rounds})",
+                med(|r| r.ready.as_secs_f64())
+            ),
+        );
         println!(
             "| {name} | {:.0} ms | {:.0} | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB |",
             med(|r| r.ready.as_secs_f64() * 1000.0),
@@ -349,19 +366,32 @@ pub fn run_once_vs_nft(n: u32, m: u32, rounds: usize) {
         nft_rss.push(rss);
     }
     let (once, nft) = (median(once_t), median(nft_t));
+    let (once_rss, nft_rss) = (median(once_rss), median(nft_rss));
     println!(
         "RUN --ONCE whole process (YAML, {} files, {:.1} MB): median {:.2} s, peak RSS {:.0} MiB",
         yaml_files,
         yaml_bytes as f64 / 1e6,
         once,
-        median(once_rss)
+        once_rss
     );
     println!(
         "NFT -F of the same ruleset: median {:.2} s, peak RSS {:.0} MiB  -> run --once is {:.2}x {}",
         nft,
-        median(nft_rss),
+        nft_rss,
         if once <= nft { nft / once } else { once / nft },
         if once <= nft { "faster" } else { "slower" }
+    );
+    summary::note(
+        Row::OnceVsNft,
+        format!(
+            "{once:.2} s vs {nft:.2} s: {:.2}x {} (median of {rounds}, alternating)",
+            if once <= nft { nft / once } else { once / nft },
+            if once <= nft { "faster" } else { "slower" }
+        ),
+    );
+    summary::note(
+        Row::OncePeak,
+        format!("{once_rss:.0} MiB (nft -f: {nft_rss:.0} MiB)"),
     );
     for (what, arg, bytes) in [
         ("YAML", &yaml_arg, yaml_bytes),
@@ -437,6 +467,18 @@ pub fn dumps(n: u32, m: u32) {
         args.extend(["-f", &file]);
         let (t, rss, ok, last) = timed(&ns, &lb_proxy(), &args);
         let programmed = service_ip_elements(&ns);
+        summary::note(
+            Row::Dumps,
+            format!(
+                "{what}: {} in {:.1} s, peak {rss:.0} MiB",
+                if ok && programmed as u32 == n {
+                    "read and programmed"
+                } else {
+                    "NOT fully programmed"
+                },
+                t.as_secs_f64()
+            ),
+        );
         println!(
             "DUMP {what} ({:.0} MB): {} in {:.2} s, peak RSS {rss:.0} MiB, {programmed} of {n} Service IPs programmed{}",
             std::fs::metadata(&path).map_or(0.0, |md| md.len() as f64 / 1e6),
@@ -486,6 +528,10 @@ pub fn read_throughput(n: u32, m: u32, rounds: usize) {
         }
         let (took, cpu) = (median(times), median(cpu));
         let mb = text.len() as f64 / 1e6;
+        summary::note(
+            Row::Read,
+            format!("{what} {:.0} MB/s (median of {rounds})", mb / took),
+        );
         println!(
             "READ {what} ({mb:.1} MB) in process: median {took:.2} s = {:.0} MB/s (CPU {cpu:.2} s = {:.0} MB per CPU-second, so less sensitive to other load)",
             mb / took,
@@ -573,7 +619,29 @@ pub fn in_process_rss(n: u32, m: u32) {
         .args(["--in-process", &n.to_string(), &m.to_string()])
         .output()
         .expect("run lb-scale --in-process");
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    let out = String::from_utf8_lossy(&out.stdout);
+    print!("{out}");
+    note_sync_lines(&out);
+}
+
+/// Notes the full-sync, one-change and RSS lines of a section's output in the summary.
+pub fn note_sync_lines(out: &str) {
+    for line in out.lines() {
+        if let Some(rest) = line.strip_prefix("one endpoint change with ") {
+            // "N Services loaded, …, median of 21: 0.1 ms (p90 0.2 ms; …)"
+            let services = rest.split(' ').next().unwrap_or("?");
+            let figure = rest.split(": ").nth(1).unwrap_or(rest);
+            let figure = figure.split(';').next().unwrap_or(figure);
+            summary::note(
+                Row::OneChange,
+                format!("{services} Services: median {figure})"),
+            );
+        } else if line.starts_with("FULL SYNC 50000") {
+            summary::note(Row::Full50k, line.trim_start_matches("FULL SYNC "));
+        } else if let Some(rest) = line.strip_prefix("IN-PROCESS 50000") {
+            summary::note(Row::Full50k, format!("50000{rest}"));
+        }
+    }
 }
 
 /// lb-core's affinity table in the shape: 1M remembered clients, 2 threads hitting
@@ -623,6 +691,7 @@ pub fn affinity_hits() {
         "AFFINITY hit, 1M clients, 2 threads: {} per hit (slowest thread)",
         per_hit.show()
     );
+    summary::note(Row::Affinity, format!("{} per hit", per_hit.show()));
     drop(table);
 
     // The table's slot array at 1M clients: 2^21 slots of 64 bytes (at most 3/4 full).
