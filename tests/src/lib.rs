@@ -420,6 +420,14 @@ impl Topology {
         }
         f()
     }
+
+    /// Waits up to `timeout` for `f` to hold, and fails the test naming `what` if it does not.
+    pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        assert!(
+            Self::eventually(timeout, &mut f),
+            "timed out waiting until {what}"
+        );
+    }
 }
 
 impl Topology {

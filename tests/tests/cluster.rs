@@ -57,11 +57,8 @@ fn setup(extra: &[&str]) -> (Topology, ApiServer, usize) {
     (t, api, proxy)
 }
 
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    assert!(
-        Topology::eventually(Duration::from_secs(10), &mut f),
-        "timed out waiting until {what}"
-    );
+fn eventually(what: &str, f: impl FnMut() -> bool) {
+    Topology::wait_until(what, Duration::from_secs(10), f);
 }
 
 #[test]

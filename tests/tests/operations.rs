@@ -73,11 +73,8 @@ fn body(answer: &str) -> Value {
     serde_json::from_str(b).unwrap_or(Value::Null)
 }
 
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    assert!(
-        Topology::eventually(Duration::from_secs(10), &mut f),
-        "timed out waiting until {what}"
-    );
+fn eventually(what: &str, f: impl FnMut() -> bool) {
+    Topology::wait_until(what, Duration::from_secs(10), f);
 }
 
 #[test]

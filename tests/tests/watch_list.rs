@@ -109,11 +109,33 @@ fn kinds(lists: &[(Kind, ListProtocol)], protocol: ListProtocol) -> BTreeSet<Kin
         .collect()
 }
 
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    assert!(
-        Topology::eventually(Duration::from_secs(15), &mut f),
-        "timed out waiting until {what}"
+/// Every kind's first list among `lists` used `protocol`, none the other, and the daemon's
+/// `lb_proxy_lists_total` counted one list per kind under `label`.
+fn every_kind_listed_by(
+    t: &Topology,
+    lists: &[(Kind, ListProtocol)],
+    protocol: ListProtocol,
+    label: &str,
+) {
+    let other = match protocol {
+        ListProtocol::Streaming => ListProtocol::Paginated,
+        ListProtocol::Paginated => ListProtocol::Streaming,
+    };
+    assert_eq!(
+        kinds(lists, protocol),
+        BTreeSet::from(Kind::ALL),
+        "{lists:?}"
     );
+    assert_eq!(kinds(lists, other), BTreeSet::new(), "{lists:?}");
+    let expected: Vec<String> = ["EndpointSlice", "Node", "Service", "ServiceCIDR"]
+        .iter()
+        .map(|k| format!("{k} {label} 1"))
+        .collect();
+    assert_eq!(lists_metric(t), expected);
+}
+
+fn eventually(what: &str, f: impl FnMut() -> bool) {
+    Topology::wait_until(what, Duration::from_secs(15), f);
 }
 
 #[test]
@@ -121,21 +143,11 @@ fn the_daemon_programs_the_same_rules_from_streaming_lists_and_from_paginated_li
     let (mut t, api, kubeconfig) = cluster(StreamingLists::Offered);
     let streaming = t.start_daemon(&kubeconfig, &[]);
     let from_streaming = ruleset(&t);
-    let lists = api.initial_lists();
-    assert_eq!(
-        kinds(&lists, ListProtocol::Streaming),
-        BTreeSet::from(Kind::ALL),
-        "{lists:?}"
-    );
-    assert_eq!(kinds(&lists, ListProtocol::Paginated), BTreeSet::new());
-    assert_eq!(
-        lists_metric(&t),
-        [
-            "EndpointSlice streaming 1",
-            "Node streaming 1",
-            "Service streaming 1",
-            "ServiceCIDR streaming 1"
-        ]
+    every_kind_listed_by(
+        &t,
+        &api.initial_lists(),
+        ListProtocol::Streaming,
+        "streaming",
     );
     t.stop(streaming);
     must(Command::new("ip").args(["netns", "exec", &t.node, "nft", "flush", "ruleset"]));
@@ -144,21 +156,7 @@ fn the_daemon_programs_the_same_rules_from_streaming_lists_and_from_paginated_li
     t.start_daemon(&kubeconfig, &["--feature-gates=WatchListClient=false"]);
     let from_pages = ruleset(&t);
     let lists = api.initial_lists().split_off(before);
-    assert_eq!(
-        kinds(&lists, ListProtocol::Paginated),
-        BTreeSet::from(Kind::ALL),
-        "{lists:?}"
-    );
-    assert_eq!(kinds(&lists, ListProtocol::Streaming), BTreeSet::new());
-    assert_eq!(
-        lists_metric(&t),
-        [
-            "EndpointSlice paginated 1",
-            "Node paginated 1",
-            "Service paginated 1",
-            "ServiceCIDR paginated 1"
-        ]
-    );
+    every_kind_listed_by(&t, &lists, ListProtocol::Paginated, "paginated");
     assert!(from_streaming.contains("10.96.0.12"), "{from_streaming}");
     assert_eq!(from_streaming, from_pages);
     all_serve(&t);
