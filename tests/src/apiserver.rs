@@ -1528,13 +1528,13 @@ async fn list(
             meta.insert("remainingItemCount".into(), remaining.into());
         }
     }
-    let body = json!({
-        "kind": format!("{}List", kind.kind()),
-        "apiVersion": kind.api_version(),
-        "metadata": meta,
-        "items": items,
-    });
-    Ok(json_response(StatusCode::OK, &body))
+    // Built by moving the items in (`json!` would copy each of them once more).
+    let mut body = Map::new();
+    body.insert("kind".into(), format!("{}List", kind.kind()).into());
+    body.insert("apiVersion".into(), kind.api_version().into());
+    body.insert("metadata".into(), meta.into());
+    body.insert("items".into(), Value::Array(items));
+    Ok(json_response(StatusCode::OK, &Value::Object(body)))
 }
 
 /// Where a watch starts.
@@ -1660,8 +1660,14 @@ struct Out {
 impl Out {
     /// Sends one event line; false once the client is gone.
     async fn send(&self, event_type: &str, object: &Value) -> bool {
-        let mut line = json!({"type": event_type, "object": object}).to_string();
-        line.push('\n');
+        // Written around the object rather than through a new `Value`, which would copy it:
+        // the emulator shares the daemon's cores in the benches (issue 13).
+        let mut line = String::with_capacity(64);
+        line.push_str("{\"type\":");
+        line.push_str(&Value::from(event_type).to_string());
+        line.push_str(",\"object\":");
+        line.push_str(&object.to_string());
+        line.push_str("}\n");
         self.tx
             .send(Ok(Frame::data(Bytes::from(line))))
             .await
