@@ -667,8 +667,13 @@ proptest! {
         let mut list: Vec<(String, u32)> = names.into_iter().map(|n| (n, 1)).collect();
         let mut table = Maglev::weighted(&list, DEFAULT_TABLE_SIZE).expect("valid input");
         for (step, change) in changes.iter().enumerate() {
+            // The last backend is not removed: an addition takes its place (with a fresh
+            // identity like every addition, so a later one never repeats a name).
             let change = match change {
                 Change::Remove(_) if list.len() == 1 => Change::Add { weight: 1 },
+                c => c.clone(),
+            };
+            let change = match &change {
                 Change::Add { weight } => {
                     // A fresh identity per step.
                     let mut l = list.clone();
