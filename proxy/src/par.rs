@@ -29,11 +29,36 @@ pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
             .chunks(part_len)
             .map(|part| s.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("the mapped function does not panic"))
-            .collect()
+        join_in_order(handles).into_iter().flatten().collect()
     })
+}
+
+/// `f` of consecutive parts of `items` (the whole slice as one part below [`PARALLEL_MIN`]),
+/// each on its own thread, the results in the parts' order; `f` may change the items (e.g.
+/// move out of them).
+pub fn map_parts_mut<T: Send, R: Send>(
+    items: &mut [T],
+    f: impl Fn(&mut [T]) -> R + Sync,
+) -> Vec<R> {
+    let parts = threads_for(items.len());
+    if parts <= 1 {
+        return vec![f(items)];
+    }
+    let part_len = items.len().div_ceil(parts);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks_mut(part_len)
+            .map(|part| s.spawn(|| f(part)))
+            .collect();
+        join_in_order(handles)
+    })
+}
+
+fn join_in_order<R>(handles: Vec<std::thread::ScopedJoinHandle<'_, R>>) -> Vec<R> {
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("the mapped function does not panic"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -44,5 +69,20 @@ mod tests {
         let doubled = super::map(&items, |i| i * 2);
         assert_eq!(doubled, items.iter().map(|i| i * 2).collect::<Vec<_>>());
         assert_eq!(super::map(&items[..3], |i| i + 1), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn parallel_parts_cover_the_items_in_order_and_may_change_them() {
+        let mut items: Vec<u32> = (0..3 * super::PARALLEL_MIN as u32 + 7).collect();
+        let sums = super::map_parts_mut(&mut items, |part| {
+            part.iter_mut().for_each(|i| *i += 1);
+            part.to_vec()
+        });
+        assert!(sums.len() > 1 || super::threads_for(items.len()) == 1);
+        let joined: Vec<u32> = sums.into_iter().flatten().collect();
+        assert_eq!(joined, items);
+        assert_eq!(items[0], 1);
+        let mut few = vec![1u32, 2, 3];
+        assert_eq!(super::map_parts_mut(&mut few, |p| p.len()), vec![3]);
     }
 }

@@ -316,22 +316,7 @@ impl Compiler {
         let mut adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>> = BTreeMap::new();
         // Decoding the elements into the transaction is most of a full sync's compute: the
         // touched keys are decoded in parts, in parallel when there are many.
-        let parts = crate::par::threads_for(touched.len());
-        let part_len = touched.len().div_ceil(parts).max(1);
-        let decoded: Vec<Decoded> = if parts > 1 {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = touched
-                    .chunks_mut(part_len)
-                    .map(|part| s.spawn(|| self.decode(part)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("decoding a plan's elements does not panic"))
-                    .collect()
-            })
-        } else {
-            vec![self.decode(&mut touched)]
-        };
+        let decoded = crate::par::map_parts_mut(&mut touched, |part| self.decode(part));
         drop(touched);
         for part in decoded {
             owners_after.extend(part.owners);
