@@ -130,6 +130,7 @@ pub fn run(files: Files, config: Config, opts: &RunOptions) -> anyhow::Result<()
         // The objects as read (kept to hold each file's last good version) are not needed
         // once converted: freeing them before the sync lowers the peak (issue 13).
         drop(source);
+        crate::memory::release_freed();
         None
     } else {
         Some(source)

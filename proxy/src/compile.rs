@@ -96,5 +96,5 @@ pub mod names {
     };
 }
 pub use layout::{TABLE, TABLE_COMMENT, affinity_map, affinity_nodeport_map};
-pub use plan::{Compiler, Plan, Stats, compile};
+pub use plan::{Compiler, Fragments, Plan, Stats, compile};
 pub use service::Fragment;

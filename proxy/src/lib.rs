@@ -24,6 +24,7 @@ pub mod daemon;
 pub mod explain;
 pub mod health;
 pub mod manifests;
+pub mod memory;
 pub mod metrics;
 pub mod par;
 pub mod process;

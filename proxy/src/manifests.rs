@@ -64,6 +64,21 @@ pub struct Objects {
     pub service_cidrs: Vec<ServiceCIDR>,
 }
 
+/// The objects found in a set of manifests, borrowed from where they are kept
+/// ([`Sources::objects`], [`Objects::refs`]): converting them needs no copy of them (issue 13:
+/// a copy of every object read was most of the memory a load of a large cluster peaked at).
+#[derive(Debug, Default, Clone)]
+pub struct ObjectRefs<'a> {
+    /// Services.
+    pub services: Vec<&'a Service>,
+    /// EndpointSlices.
+    pub endpoint_slices: Vec<&'a EndpointSlice>,
+    /// Nodes.
+    pub nodes: Vec<&'a Node>,
+    /// ServiceCIDRs (`networking.k8s.io/v1`).
+    pub service_cidrs: Vec<&'a ServiceCIDR>,
+}
+
 /// A problem with one document or object; reading goes on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {
@@ -628,6 +643,46 @@ impl Objects {
         }
     }
 
+    /// A borrowed view of the objects, for converting them.
+    pub fn refs(&self) -> ObjectRefs<'_> {
+        ObjectRefs {
+            services: self.services.iter().collect(),
+            endpoint_slices: self.endpoint_slices.iter().collect(),
+            nodes: self.nodes.iter().collect(),
+            service_cidrs: self.service_cidrs.iter().collect(),
+        }
+    }
+
+    /// See [`ObjectRefs::service_cidrs`].
+    pub fn service_cidrs(&self, invalid: &mut dyn FnMut(ConvertError)) -> Vec<ipnet::IpNet> {
+        self.refs().service_cidrs(invalid)
+    }
+
+    /// See [`ObjectRefs::into_store`].
+    pub fn into_store(
+        self,
+        node_name: Option<&str>,
+        filter: &Filter,
+    ) -> (Store, Vec<ConvertError>, Vec<String>) {
+        self.refs().into_store(node_name, filter)
+    }
+
+    /// See [`ObjectRefs::replace_in`].
+    pub fn replace_in(self, store: &mut Store, node_name: Option<&str>, filter: &Filter) -> Loaded {
+        self.refs().replace_in(store, node_name, filter)
+    }
+}
+
+impl<'a> ObjectRefs<'a> {
+    fn push(&mut self, o: &'a Object) {
+        match o {
+            Object::Service(s) => self.services.push(s),
+            Object::Slice(s) => self.endpoint_slices.push(s),
+            Object::Node(n) => self.nodes.push(n),
+            Object::ServiceCidr(c) => self.service_cidrs.push(c),
+        }
+    }
+
     /// The CIDRs of every ServiceCIDR object (sorted, without duplicates); an invalid one is
     /// reported through `invalid` and left out.
     pub fn service_cidrs(&self, invalid: &mut dyn FnMut(ConvertError)) -> Vec<ipnet::IpNet> {
@@ -644,7 +699,7 @@ impl Objects {
     /// Converts the objects into a store for node `node_name` (or the only Node given, when
     /// `None`). Invalid objects are reported and left out; the rest are loaded.
     pub fn into_store(
-        self,
+        &self,
         node_name: Option<&str>,
         filter: &Filter,
     ) -> (Store, Vec<ConvertError>, Vec<String>) {
@@ -656,7 +711,12 @@ impl Objects {
     /// Replaces everything in `store` with these objects (as a re-list would), so the store
     /// records exactly which Services changed. Returns the invalid objects, the skipped ones
     /// and the ignored EndpointSlices (with the reason).
-    pub fn replace_in(self, store: &mut Store, node_name: Option<&str>, filter: &Filter) -> Loaded {
+    pub fn replace_in(
+        &self,
+        store: &mut Store,
+        node_name: Option<&str>,
+        filter: &Filter,
+    ) -> Loaded {
         let mut loaded = Loaded::default();
         let mut services = Vec::new();
         // Conversion is independent per object, so a large cluster converts on every core.
@@ -1093,7 +1153,7 @@ impl Sources {
 
     /// Every object, merged across files; for a duplicate, the last file in sort order wins
     /// and the others are returned as ignored.
-    pub fn objects(&self) -> (Objects, Vec<Ignored>) {
+    pub fn objects(&self) -> (ObjectRefs<'_>, Vec<Ignored>) {
         let mut merged: BTreeMap<&ObjectKey, (&Path, &Object)> = BTreeMap::new();
         let mut ignored = Vec::new();
         for (path, state) in &self.files {
@@ -1112,9 +1172,9 @@ impl Sources {
                 }
             }
         }
-        let mut objects = Objects::default();
+        let mut objects = ObjectRefs::default();
         for (_, (_, o)) in merged {
-            objects.push(o.clone());
+            objects.push(o);
         }
         (objects, ignored)
     }

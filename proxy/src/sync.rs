@@ -412,9 +412,24 @@ impl<B: Backend> Dataplane<B> {
             Compiler::new(config.clone(), IpFamily::V4),
             Compiler::new(config, IpFamily::V6),
         ];
+        let fragments: Vec<_> = compilers
+            .iter()
+            .map(|c| {
+                c.fragments(
+                    &snapshot.node,
+                    snapshot.services.iter().map(|(n, e)| (n.clone(), Some(e))),
+                )
+            })
+            .collect();
+        // The fragments are built: the snapshot (a copy of every Service and endpoint) is not
+        // needed beyond its names, so it is freed before the plans are (issue 13: peak
+        // memory).
+        let service_ports = snapshot.services.len();
+        let names: Vec<ServicePortName> = snapshot.services.into_keys().collect();
+        crate::memory::release_freed();
         let mut tx = Transaction::new();
         let mut plans = Vec::new();
-        for c in &compilers {
+        for (c, fragments) in compilers.iter().zip(fragments) {
             // Creating then deleting our table first makes the batch replace whatever an
             // earlier run, or someone else, left in it.
             tx.push(Command::AddTable {
@@ -424,10 +439,7 @@ impl<B: Backend> Dataplane<B> {
             tx.push(Command::DeleteTable {
                 table: c.table_id(),
             });
-            let mut p = c.plan(
-                &snapshot.node,
-                snapshot.services.iter().map(|(n, e)| (n.clone(), Some(e))),
-            );
+            let mut p = c.plan_fragments(fragments);
             tx.commands.append(&mut p.tx.commands);
             plans.push(p);
         }
@@ -444,11 +456,6 @@ impl<B: Backend> Dataplane<B> {
                 }
             }
         }
-        // The fragments are built: the snapshot (a copy of every Service and endpoint) is not
-        // needed beyond its names, so it is freed before the kernel batch is encoded (issue 13:
-        // peak memory).
-        let service_ports = snapshot.services.len();
-        let names: Vec<ServicePortName> = snapshot.services.into_keys().collect();
         let compute = started.elapsed();
         let t = Instant::now();
         if let Err(e) = self.backend.apply(&tx) {
@@ -476,6 +483,9 @@ impl<B: Backend> Dataplane<B> {
         self.needs_full = false;
         // The affinity maps were replaced with empty ones.
         self.affinity_pending = [Touched::new(), Touched::new()];
+        // The transaction and the plans' working memory are freed: return them now, not over
+        // the allocator's next seconds (a daemon's RSS right after its first sync).
+        crate::memory::release_freed();
         Ok(SyncReport {
             full: true,
             commands,

@@ -138,6 +138,11 @@ pub struct Compiler {
     pub(super) installed: bool,
 }
 
+/// The new fragments of some service ports (`None`: the service port is gone or programs
+/// nothing), from [`Compiler::fragments`], for [`Compiler::plan_fragments`].
+#[derive(Debug)]
+pub struct Fragments(Vec<(ServicePortName, Option<Fragment>)>);
+
 /// A computed but not yet committed change: the transaction and the state it leads to.
 #[derive(Debug)]
 pub struct Plan {
@@ -215,15 +220,36 @@ impl Compiler {
         node: &Node,
         changes: impl IntoIterator<Item = (ServicePortName, Option<&'e ServiceEntry>)>,
     ) -> Plan {
+        self.plan_fragments(self.fragments(node, changes))
+    }
+
+    /// The first half of [`Compiler::plan`]: the fragments of the given service ports, built
+    /// on every core when there are many. They borrow nothing, so a full sync frees the
+    /// entries they were built from before the rest of the plan is computed (issue 13).
+    pub fn fragments<'e>(
+        &self,
+        node: &Node,
+        changes: impl IntoIterator<Item = (ServicePortName, Option<&'e ServiceEntry>)>,
+    ) -> Fragments {
         let changes: Vec<(ServicePortName, Option<&ServiceEntry>)> = changes.into_iter().collect();
         let fragments = crate::par::map(&changes, |(_, e)| {
             e.map(|e| self.fragment(node, e))
                 .filter(|f| *f != Fragment::default())
         });
-        let changes: Vec<(Arc<ServicePortName>, Option<Fragment>)> = changes
+        Fragments(
+            changes
+                .into_iter()
+                .zip(fragments)
+                .map(|((name, _), frag)| (name, frag))
+                .collect(),
+        )
+    }
+
+    /// The second half of [`Compiler::plan`]: the transaction for `fragments`.
+    pub fn plan_fragments(&self, fragments: Fragments) -> Plan {
+        let changes: Vec<(Arc<ServicePortName>, Option<Fragment>)> = fragments
+            .0
             .into_iter()
-            .zip(fragments)
-            .map(|((name, _), frag)| (name, frag))
             .filter(|(name, frag)| self.fragments.get(name) != frag.as_ref())
             .map(|(name, frag)| {
                 // The committed name, shared by its owner lists, or a new one.
@@ -282,10 +308,17 @@ impl Compiler {
         // Elements: for every touched (set, key), its contributors after the change, and the
         // effective element (the first contributor's) before and after. Keys are compared as
         // their encoding, elements too; only what goes into the transaction is decoded.
+        // At most one entry per record of the changed fragments, old and new: sized exactly,
+        // the vector never doubles (a full sync's peak memory, issue 13).
         let capacity = changes
             .iter()
-            .flat_map(|(_, f)| f)
-            .map(|f| f.endpoint_elements * 2)
+            .map(|(name, f)| {
+                let old = self
+                    .fragments
+                    .get(name)
+                    .map_or(0, |o| o.elems.records().count());
+                old + f.as_ref().map_or(0, |f| f.elems.records().count())
+            })
             .sum();
         // Each touched key once, in the order first met, found by its hash.
         let mut index: HashMap<KeyHash, u32> =
@@ -312,31 +345,28 @@ impl Compiler {
         drop(index);
         let mut owners_after: Owners =
             HashMap::with_capacity_and_hasher(touched.len(), Default::default());
-        let mut deletes: BTreeMap<SetRef, Vec<Vec<Value>>> = BTreeMap::new();
-        let mut adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>> = BTreeMap::new();
         // Decoding the elements into the transaction is most of a full sync's compute: the
         // touched keys are decoded in parts, in parallel when there are many.
         let decoded = crate::par::map_parts_mut(&mut touched, |part| self.decode(part));
         drop(touched);
+        // Each part's elements go in commands of their own (several for one set are one
+        // transaction all the same): merging them per set would copy every element once more
+        // and hold both copies at the peak (issue 13). Deletes first, as in one part.
+        let mut adds = Vec::with_capacity(decoded.len());
         for part in decoded {
             owners_after.extend(part.owners);
             for (set, keys) in part.deletes {
-                deletes.entry(set).or_default().extend(keys);
+                tx.push(Command::DeleteElements {
+                    table: id.clone(),
+                    set: set.name(),
+                    keys,
+                });
             }
-            for (set, elements) in part.adds {
-                adds.entry(set).or_default().extend(elements);
-            }
+            adds.push(part.adds);
         }
         // Element order inside one message does not matter to the kernel; not sorting keeps a
         // full sync linear.
-        for (set, keys) in deletes {
-            tx.push(Command::DeleteElements {
-                table: id.clone(),
-                set: set.name(),
-                keys,
-            });
-        }
-        for (set, elements) in adds {
+        for (set, elements) in adds.into_iter().flatten() {
             tx.push(Command::AddElements {
                 table: id.clone(),
                 set: set.name(),
