@@ -186,8 +186,36 @@ impl ApplyError {
     }
 }
 
-/// A command rendered for an error message, truncated to a readable length.
+/// A command rendered for an error message, truncated to a readable length. Only the first
+/// elements of a large element command are rendered: what fits in the length, not all of
+/// them.
 pub(crate) fn short(cmd: &Command) -> String {
+    /// More elements than fit in 200 characters (each renders to at least 6, with its comma).
+    const SHOWN: usize = 40;
+    let head;
+    let cmd = match cmd {
+        Command::AddElements {
+            table,
+            set,
+            elements,
+        } if elements.len() > SHOWN => {
+            head = Command::AddElements {
+                table: table.clone(),
+                set: set.clone(),
+                elements: elements[..SHOWN].to_vec(),
+            };
+            &head
+        }
+        Command::DeleteElements { table, set, keys } if keys.len() > SHOWN => {
+            head = Command::DeleteElements {
+                table: table.clone(),
+                set: set.clone(),
+                keys: keys[..SHOWN].to_vec(),
+            };
+            &head
+        }
+        _ => cmd,
+    };
     let mut s = render::command(cmd);
     if s.len() > 200 {
         let mut end = 200;
@@ -220,11 +248,31 @@ pub struct ElementCounter {
     pub bytes: u64,
 }
 
+/// Where the pieces of a transaction given in pieces go ([`Backend::apply_streamed`]).
+pub type Sink<'a> = dyn FnMut(Transaction) -> Result<(), ApplyError> + 'a;
+
 /// Applies transactions. Contract: `apply` is atomic (all commands or none) and, on success,
 /// the target holds the previous state with the transaction applied.
 pub trait Backend {
     /// Applies `tx` atomically.
     fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError>;
+
+    /// Applies atomically, as one transaction, the pieces `produce` hands to the sink it is
+    /// given, in order. A backend may encode each piece as it comes and free it, so that the
+    /// whole transaction is never held at once (a full sync of a large cluster); the default
+    /// collects the pieces and calls [`Backend::apply`]. When `produce` or the sink fails,
+    /// nothing is applied.
+    fn apply_streamed(
+        &mut self,
+        produce: &mut dyn FnMut(&mut Sink<'_>) -> Result<(), ApplyError>,
+    ) -> Result<(), ApplyError> {
+        let mut tx = Transaction::new();
+        produce(&mut |mut piece: Transaction| {
+            tx.commands.append(&mut piece.commands);
+            Ok(())
+        })?;
+        self.apply(&tx)
+    }
 
     /// The elements `set` (declared as `spec`) holds now, including those the data path added
     /// (dynamic sets). Interval sets are not supported. A missing table or set is an error

@@ -327,6 +327,37 @@ fn estimated_bytes(tx: &Transaction) -> usize {
         .sum()
 }
 
+/// The page of a batch given in pieces, whose size is not known in advance (only what is
+/// written is touched: 64 MiB holds a 50,000-Service full sync in one page).
+const STREAMED_PAGE_BYTES: u32 = 64 << 20;
+
+/// A batch being encoded: the messages, and each command's rendering for error messages (a
+/// batch given in pieces no longer holds its commands when the kernel answers).
+struct Encoder {
+    b: Batch,
+    shorts: Vec<String>,
+}
+
+impl Encoder {
+    fn new(page: u32) -> Self {
+        Encoder {
+            b: Batch {
+                batch: nftnl::Batch::with_page_size(page),
+                owners: Vec::new(),
+                set_ids: 0,
+            },
+            shorts: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, c: &Command) -> Result<(), ApplyError> {
+        let i = self.shorts.len();
+        encode_command(&mut self.b, i, c).map_err(|r| ApplyError::invalid(i, c, r))?;
+        self.shorts.push(short(c));
+        Ok(())
+    }
+}
+
 impl Backend for Netlink {
     fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError> {
         if tx.is_empty() {
@@ -339,14 +370,78 @@ impl Backend for Netlink {
             );
             bytes as u32
         });
-        let mut b = Batch {
-            batch: nftnl::Batch::with_page_size(page),
-            owners: Vec::new(),
-            set_ids: 0,
-        };
-        for (i, c) in tx.commands.iter().enumerate() {
-            encode_command(&mut b, i, c).map_err(|r| ApplyError::invalid(i, c, r))?;
+        let mut e = Encoder::new(page);
+        for c in &tx.commands {
+            e.push(c)?;
         }
+        self.send(e)
+    }
+
+    /// Encodes each piece as it comes and frees it: the kernel gets one batch, and only the
+    /// encoded batch is held whole.
+    fn apply_streamed(
+        &mut self,
+        produce: &mut dyn FnMut(&mut super::Sink<'_>) -> Result<(), ApplyError>,
+    ) -> Result<(), ApplyError> {
+        let mut e = Encoder::new(self.page_size.unwrap_or(STREAMED_PAGE_BYTES));
+        produce(&mut |piece: Transaction| {
+            for c in &piece.commands {
+                e.push(c)?;
+            }
+            Ok(())
+        })?;
+        if e.shorts.is_empty() {
+            return Ok(());
+        }
+        self.send(e)
+    }
+    /// A consistent dump ([`Netlink::dump_elements`]) decoded with the set's types.
+    fn list_elements(
+        &mut self,
+        table: &TableId,
+        set: &str,
+        spec: &SetSpec,
+    ) -> Result<Vec<ListedElement>, ApplyError> {
+        if spec.flags.interval {
+            return Err(ApplyError::Unsupported("listing interval sets"));
+        }
+        let key_types = spec.key.types();
+        let data_types = match &spec.data {
+            Some(MapData::Values(d)) => Some(d.types()),
+            Some(MapData::Verdict) | None => None,
+        };
+        let undecodable = |part: &'static str| ApplyError::Undecodable {
+            table: table.clone(),
+            set: set.to_owned(),
+            part,
+        };
+        self.dump_elements(table, set)?
+            .into_iter()
+            .map(|d| {
+                let key = encode::tuple_from_bytes(&key_types, &d.key)
+                    .ok_or_else(|| undecodable("key"))?;
+                let data = match (&data_types, &d.data) {
+                    (Some(types), Some(bytes)) => Some(
+                        encode::tuple_from_bytes(types, bytes)
+                            .ok_or_else(|| undecodable("data"))?,
+                    ),
+                    _ => None,
+                };
+                Ok(ListedElement {
+                    key,
+                    data,
+                    counter: d.counter,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Netlink {
+    /// Sends an encoded batch and reads the kernel's answers: the first error, with the
+    /// command it belongs to.
+    fn send(&mut self, e: Encoder) -> Result<(), ApplyError> {
+        let Encoder { b, shorts } = e;
         let Batch { batch, owners, .. } = b;
         let batch = batch.finalize();
         let seqs = batch.sequence_numbers();
@@ -417,7 +512,7 @@ impl Backend for Netlink {
             return Err(match owner {
                 Some(i) => ApplyError::Kernel {
                     index: i,
-                    command: short(&tx.commands[i]),
+                    command: shorts[i].clone(),
                     source,
                 },
                 None => ApplyError::Batch(source),
@@ -428,47 +523,6 @@ impl Backend for Netlink {
             return Err(ApplyError::NoAck);
         }
         Ok(())
-    }
-
-    /// A consistent dump ([`Netlink::dump_elements`]) decoded with the set's types.
-    fn list_elements(
-        &mut self,
-        table: &TableId,
-        set: &str,
-        spec: &SetSpec,
-    ) -> Result<Vec<ListedElement>, ApplyError> {
-        if spec.flags.interval {
-            return Err(ApplyError::Unsupported("listing interval sets"));
-        }
-        let key_types = spec.key.types();
-        let data_types = match &spec.data {
-            Some(MapData::Values(d)) => Some(d.types()),
-            Some(MapData::Verdict) | None => None,
-        };
-        let undecodable = |part: &'static str| ApplyError::Undecodable {
-            table: table.clone(),
-            set: set.to_owned(),
-            part,
-        };
-        self.dump_elements(table, set)?
-            .into_iter()
-            .map(|d| {
-                let key = encode::tuple_from_bytes(&key_types, &d.key)
-                    .ok_or_else(|| undecodable("key"))?;
-                let data = match (&data_types, &d.data) {
-                    (Some(types), Some(bytes)) => Some(
-                        encode::tuple_from_bytes(types, bytes)
-                            .ok_or_else(|| undecodable("data"))?,
-                    ),
-                    _ => None,
-                };
-                Ok(ListedElement {
-                    key,
-                    data,
-                    counter: d.counter,
-                })
-            })
-            .collect()
     }
 }
 

@@ -278,6 +278,85 @@ fn libc_eexist() -> i32 {
     17
 }
 
+/// Applies `pieces` through [`Backend::apply_streamed`] in the namespace.
+fn apply_pieces(ns: &NetNs, pieces: Vec<Transaction>) -> Result<(), ApplyError> {
+    ns.run(move || {
+        let mut pieces = Some(pieces);
+        Netlink::new()?.apply_streamed(&mut |sink| {
+            for piece in pieces.take().into_iter().flatten() {
+                sink(piece)?;
+            }
+            Ok(())
+        })
+    })
+}
+
+/// One command per piece.
+fn one_per_piece(tx: Transaction) -> Vec<Transaction> {
+    tx.commands
+        .into_iter()
+        .map(|c| Transaction { commands: vec![c] })
+        .collect()
+}
+
+#[test]
+fn netlink_a_transaction_given_in_pieces_is_applied_whole_or_not_at_all() {
+    let ns = NetNs::new();
+    let rs = sample_ruleset();
+    ns.apply(&Transaction::create(&rs)).expect("apply sample");
+    // A rejection in the last piece: the error names the command by its index in the whole
+    // transaction, and nothing of the earlier pieces was applied.
+    let mut pieces = one_per_piece(diff(&rs, &changed(&rs)));
+    let good = pieces.len();
+    pieces.push(Transaction {
+        commands: vec![Command::AddElements {
+            table: table_id(),
+            set: "hairpin".into(),
+            elements: vec![(
+                vec![
+                    Value::Ipv4("10.244.1.5".parse().expect("test address")),
+                    Value::Ipv4("10.244.1.5".parse().expect("test address")),
+                    Value::TCP,
+                    Value::Port(8080),
+                ],
+                Element::key_only(),
+            )],
+        }],
+    });
+    match apply_pieces(&ns, pieces) {
+        Err(ApplyError::Kernel {
+            index,
+            command,
+            source,
+        }) => {
+            assert_eq!(index, good);
+            assert!(command.contains("hairpin"), "{command}");
+            assert_eq!(source.raw_os_error(), Some(libc_eexist()));
+        }
+        other => panic!("expected a kernel rejection, got {other:?}"),
+    }
+    assert_same(&ns.listing(), &json_view(&rs), "after a rejected batch");
+    // A producer that fails after handing on pieces: nothing is sent.
+    let failed = ns.run(|| {
+        Netlink::new()?.apply_streamed(&mut |sink| {
+            sink(diff(&rs, &changed(&rs)))?;
+            Err(ApplyError::Unsupported("a producer giving up"))
+        })
+    });
+    assert!(
+        matches!(failed, Err(ApplyError::Unsupported(_))),
+        "{failed:?}"
+    );
+    assert_same(&ns.listing(), &json_view(&rs), "after a failed producer");
+    // The same change in pieces: applied as a whole.
+    apply_pieces(&ns, one_per_piece(diff(&rs, &changed(&rs)))).expect("apply in pieces");
+    assert_same(
+        &ns.listing(),
+        &json_view(&changed(&rs)),
+        "after the change in pieces",
+    );
+}
+
 /// Regression (a run listed 98,410 of 100,000 elements): the kernel held all of them; the
 /// listing had raced the kernel's resize of the hash table, which makes one dump repeat some
 /// elements and miss as many (see `Netlink::dump_elements`). What the kernel holds is asked

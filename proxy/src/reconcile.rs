@@ -316,6 +316,12 @@ impl<B: Backend> Reconciler<B> {
                     if self.options.once {
                         return Ok(());
                     }
+                    if report.full {
+                        // A full sync's transaction and working memory are freed: return
+                        // them now, not over the allocator's next seconds (a daemon's RSS
+                        // right after its first sync).
+                        crate::memory::release_freed();
+                    }
                 }
                 Err(e) if first && self.options.first_sync_must_succeed => {
                     self.metrics.sync_failures.inc();

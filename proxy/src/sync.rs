@@ -427,27 +427,11 @@ impl<B: Backend> Dataplane<B> {
         let service_ports = snapshot.services.len();
         let names: Vec<ServicePortName> = snapshot.services.into_keys().collect();
         crate::memory::release_freed();
-        let mut tx = Transaction::new();
-        let mut plans = Vec::new();
-        for (c, fragments) in compilers.iter().zip(fragments) {
-            // Creating then deleting our table first makes the batch replace whatever an
-            // earlier run, or someone else, left in it.
-            tx.push(Command::AddTable {
-                table: c.table_id(),
-                comment: Some(crate::compile::TABLE_COMMENT.into()),
-            });
-            tx.push(Command::DeleteTable {
-                table: c.table_id(),
-            });
-            let mut p = c.plan_fragments(fragments);
-            tx.commands.append(&mut p.tx.commands);
-            plans.push(p);
-        }
         // Replacing the tables would empty the ClientIP affinity maps: read what they hold
         // now, to put back the entries that are still valid right after.
         let mut carried: [ReadBack; 2] = Default::default();
-        for ((c, p), read) in compilers.iter().zip(&plans).zip(&mut carried) {
-            for map in c.affinity_maps_after(p) {
+        for ((c, f), read) in compilers.iter().zip(&fragments).zip(&mut carried) {
+            for map in c.affinity_maps_after(f) {
                 if let Ok(listed) = self
                     .backend
                     .list_elements(&c.table_id(), &map.name, &map.spec)
@@ -456,16 +440,41 @@ impl<B: Backend> Dataplane<B> {
                 }
             }
         }
-        let compute = started.elapsed();
-        let t = Instant::now();
-        if let Err(e) = self.backend.apply(&tx) {
+        // The plans hand the batch on in pieces, which the backend encodes as they come: the
+        // decoded elements are never all held at once (issue 13: peak memory). Computing and
+        // encoding interleave; `compute` ends when the last piece is handed on.
+        let (mut commands, mut elements) = (0, 0);
+        let mut plans = Vec::new();
+        let mut fragments = Some(fragments);
+        let mut compute = Duration::ZERO;
+        let result = self.backend.apply_streamed(&mut |sink| {
+            let mut counted = |piece: Transaction| {
+                commands += piece.commands.len();
+                elements += piece.element_count();
+                sink(piece)
+            };
+            for (c, fragments) in compilers.iter().zip(fragments.take().into_iter().flatten()) {
+                // Creating then deleting our table first makes the batch replace whatever an
+                // earlier run, or someone else, left in it.
+                let mut head = Transaction::new();
+                head.push(Command::AddTable {
+                    table: c.table_id(),
+                    comment: Some(crate::compile::TABLE_COMMENT.into()),
+                });
+                head.push(Command::DeleteTable {
+                    table: c.table_id(),
+                });
+                counted(head)?;
+                plans.push(c.plan_streamed(fragments, &mut counted)?);
+            }
+            compute = started.elapsed();
+            Ok(())
+        });
+        if let Err(e) = result {
             self.needs_full = true;
             return Err(e);
         }
-        let apply = t.elapsed();
-        // Nor is the transaction kept once applied: it holds every element.
-        let (commands, elements) = (tx.commands.len(), tx.element_count());
-        drop(tx);
+        let apply = started.elapsed().saturating_sub(compute);
         let t = Instant::now();
         for (c, p) in compilers.iter_mut().zip(plans) {
             c.commit(p);
@@ -483,9 +492,6 @@ impl<B: Backend> Dataplane<B> {
         self.needs_full = false;
         // The affinity maps were replaced with empty ones.
         self.affinity_pending = [Touched::new(), Touched::new()];
-        // The transaction and the plans' working memory are freed: return them now, not over
-        // the allocator's next seconds (a daemon's RSS right after its first sync).
-        crate::memory::release_freed();
         Ok(SyncReport {
             full: true,
             commands,

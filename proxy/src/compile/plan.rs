@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap as HashMap;
 use smallvec::SmallVec;
 
 use crate::nft::ir::{Element, SetSpec, Table, TableId, Value};
-use crate::nft::{Command, Transaction};
+use crate::nft::{ApplyError, Command, Sink, Transaction};
 use crate::store::{ServiceEntry, Snapshot};
 
 use super::config::Config;
@@ -138,10 +138,23 @@ pub struct Compiler {
     pub(super) installed: bool,
 }
 
+/// How many touched keys of a fresh table are decoded before they are handed on
+/// ([`Compiler::plan_streamed`]): a few MiB of decoded elements at a time.
+pub const STREAM_KEYS: usize = 1 << 15;
+
 /// The new fragments of some service ports (`None`: the service port is gone or programs
 /// nothing), from [`Compiler::fragments`], for [`Compiler::plan_fragments`].
 #[derive(Debug)]
 pub struct Fragments(Vec<(ServicePortName, Option<Fragment>)>);
+
+impl Fragments {
+    /// The ClientIP affinity timeouts the fragments use.
+    pub(super) fn timeouts(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0
+            .iter()
+            .flat_map(|(_, f)| f.iter().flat_map(|f| f.timeouts.iter().copied()))
+    }
+}
 
 /// A computed but not yet committed change: the transaction and the state it leads to.
 #[derive(Debug)]
@@ -247,6 +260,30 @@ impl Compiler {
 
     /// The second half of [`Compiler::plan`]: the transaction for `fragments`.
     pub fn plan_fragments(&self, fragments: Fragments) -> Plan {
+        let mut tx = Transaction::new();
+        let mut plan = self
+            .plan_streamed(fragments, &mut |mut piece| {
+                tx.commands.append(&mut piece.commands);
+                Ok(())
+            })
+            .expect("collecting the pieces does not fail");
+        plan.tx = tx;
+        plan
+    }
+
+    /// Like [`Compiler::plan_fragments`], handing the transaction to `sink` in pieces, in
+    /// order, instead of in the plan (whose `tx` is then empty). For a table not yet
+    /// installed (a full sync), the elements are decoded [`STREAM_KEYS`] keys at a time, so
+    /// with a backend that encodes each piece as it comes ([`Backend::apply_streamed`]) the
+    /// elements are never all held decoded (issue 13: a full sync's peak memory). A change to
+    /// an installed table gives its deletes before its adds, as one piece each.
+    ///
+    /// [`Backend::apply_streamed`]: crate::nft::Backend::apply_streamed
+    pub fn plan_streamed(
+        &self,
+        fragments: Fragments,
+        sink: &mut Sink<'_>,
+    ) -> Result<Plan, ApplyError> {
         let changes: Vec<(Arc<ServicePortName>, Option<Fragment>)> = fragments
             .0
             .into_iter()
@@ -304,6 +341,7 @@ impl Compiler {
             },
         );
         tx.commands.extend(chains_first);
+        sink(tx)?;
 
         // Elements: for every touched (set, key), its contributors after the change, and the
         // effective element (the first contributor's) before and after. Keys are compared as
@@ -345,42 +383,58 @@ impl Compiler {
         drop(index);
         let mut owners_after: Owners =
             HashMap::with_capacity_and_hasher(touched.len(), Default::default());
-        // Decoding the elements into the transaction is most of a full sync's compute: the
-        // touched keys are decoded in parts, in parallel when there are many.
-        let decoded = crate::par::map_parts_mut(&mut touched, |part| self.decode(part));
-        drop(touched);
-        // Each part's elements go in commands of their own (several for one set are one
-        // transaction all the same): merging them per set would copy every element once more
-        // and hold both copies at the peak (issue 13). Deletes first, as in one part.
-        let mut adds = Vec::with_capacity(decoded.len());
-        for part in decoded {
-            owners_after.extend(part.owners);
-            for (set, keys) in part.deletes {
-                tx.push(Command::DeleteElements {
-                    table: id.clone(),
-                    set: set.name(),
-                    keys,
-                });
+        // Decoding the elements is most of a full sync's compute: the touched keys are decoded
+        // in parts, in parallel when there are many. Each part's elements go in commands of
+        // their own (several for one set are one transaction all the same): merging them per
+        // set would copy every element once more. A fresh table has nothing to delete, so its
+        // keys go in waves, each handed on before the next is decoded; an installed one's in
+        // one wave, whose deletes all come before its adds.
+        let wave = if fresh {
+            STREAM_KEYS
+        } else {
+            touched.len().max(1)
+        };
+        for keys in touched.chunks_mut(wave) {
+            let decoded = crate::par::map_parts_mut(keys, |part| self.decode(part));
+            let (mut deletes, mut adds) = (Transaction::new(), Transaction::new());
+            for part in decoded {
+                owners_after.extend(part.owners);
+                for (set, keys) in part.deletes {
+                    deletes.push(Command::DeleteElements {
+                        table: id.clone(),
+                        set: set.name(),
+                        keys,
+                    });
+                }
+                // Element order inside one message does not matter to the kernel; not
+                // sorting keeps a full sync linear.
+                for (set, elements) in part.adds {
+                    adds.push(Command::AddElements {
+                        table: id.clone(),
+                        set: set.name(),
+                        elements,
+                    });
+                }
             }
-            adds.push(part.adds);
+            debug_assert!(!fresh || deletes.is_empty(), "a fresh table has no deletes");
+            if !deletes.is_empty() {
+                sink(deletes)?;
+            }
+            if !adds.is_empty() {
+                sink(adds)?;
+            }
         }
-        // Element order inside one message does not matter to the kernel; not sorting keeps a
-        // full sync linear.
-        for (set, elements) in adds.into_iter().flatten() {
-            tx.push(Command::AddElements {
-                table: id.clone(),
-                set: set.name(),
-                elements,
-            });
-        }
-        tx.commands.extend(chains_last);
-        Plan {
-            tx,
+        drop(touched);
+        sink(Transaction {
+            commands: chains_last,
+        })?;
+        Ok(Plan {
+            tx: Transaction::new(),
             changes,
             touched: owners_after,
             installed_counts: counts,
             installed_timeouts: timeouts,
-        }
+        })
     }
 
     /// The owners after the change of `touched` keys, and the elements to delete and add for
@@ -736,5 +790,64 @@ mod tests {
         );
         assert_eq!(bulk.owners, single.owners);
         assert_eq!(bulk.stats().service_ports, 300);
+    }
+
+    #[test]
+    fn a_fresh_table_larger_than_one_wave_is_handed_on_in_pieces_that_install_every_element() {
+        let entries: Vec<ServiceEntry> = (0..4000u32)
+            .map(|i| {
+                let (hi, lo) = (i / 250, i % 250);
+                ServiceEntry {
+                    port: ServicePort::builder("ns", &format!("s{i}"), "http", Protocol::Tcp, 80)
+                        .cluster_ips([format!("10.96.{hi}.{lo}")])
+                        .build()
+                        .expect("valid service"),
+                    endpoints: (1..=5)
+                        .map(|j| {
+                            Endpoint::builder(format!("10.{}.{lo}.{j}", 100 + hi), 8080)
+                                .build()
+                                .expect("valid endpoint")
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        let mut c = Compiler::new(Config::default(), IpFamily::V4);
+        let fragments = c.fragments(
+            &node(),
+            entries.iter().map(|e| (e.port.name().clone(), Some(e))),
+        );
+        let mut kernel = Fake::default();
+        let (mut pieces, mut largest) = (0, 0);
+        let mut plan = None;
+        let mut fragments = Some(fragments);
+        kernel
+            .apply_streamed(&mut |sink| {
+                let mut counting = |piece: Transaction| {
+                    pieces += 1;
+                    largest = largest.max(piece.element_count());
+                    sink(piece)
+                };
+                let f = fragments.take().expect("produced once");
+                plan = Some(c.plan_streamed(f, &mut counting)?);
+                Ok(())
+            })
+            .expect("valid transaction");
+        let plan = plan.expect("planned");
+        assert!(
+            plan.touched.len() > STREAM_KEYS,
+            "{} keys",
+            plan.touched.len()
+        );
+        assert!(plan.tx.is_empty(), "the pieces went to the sink");
+        // Head, two waves of adds at least, tail; no piece holds more than a wave.
+        assert!(pieces >= 4, "{pieces} pieces");
+        assert!(largest <= STREAM_KEYS, "a piece of {largest} elements");
+        c.commit(plan);
+        assert_eq!(
+            kernel.ruleset.tables[&c.table_id()],
+            c.table(),
+            "what the pieces installed is the committed table"
+        );
     }
 }

@@ -18,7 +18,7 @@ use super::super::affinity::{
 };
 use super::super::packed::{KeyHash, key_hash};
 use super::super::service::Fragment;
-use super::{Compiler, Plan};
+use super::{Compiler, Fragments, Plan};
 
 impl Compiler {
     /// The ClientIP affinity destinations whose entries a plan may make stale, per timeout:
@@ -128,11 +128,13 @@ impl Compiler {
         affinity_maps(self.f, secs)
     }
 
-    /// The affinity maps the table holds once `plan` is applied: those to read back before a
-    /// full sync replaces the table, to carry their entries over
+    /// The affinity maps the table holds once `fragments` are planned and applied: those to
+    /// read back before a full sync replaces the table, to carry their entries over
     /// ([`Compiler::affinity_carry_over`]).
-    pub fn affinity_maps_after(&self, plan: &Plan) -> Vec<AffinityMap> {
-        plan.installed_timeouts
+    pub fn affinity_maps_after(&self, fragments: &Fragments) -> Vec<AffinityMap> {
+        let mut timeouts = self.installed_timeouts.clone();
+        timeouts.extend(fragments.timeouts());
+        timeouts
             .iter()
             .flat_map(|&secs| self.affinity_maps(secs))
             .collect()
@@ -324,8 +326,9 @@ mod tests {
     fn a_full_sync_carries_over_only_entries_that_are_still_valid() {
         let mut c = Compiler::new(Config::default(), IpFamily::V4);
         let now = sticky(&["10.244.0.1"]);
-        let p = c.plan(&node(), [(now.port.name().clone(), Some(&now))]);
-        let maps = c.affinity_maps_after(&p);
+        let f = c.fragments(&node(), [(now.port.name().clone(), Some(&now))]);
+        let maps = c.affinity_maps_after(&f);
+        let p = c.plan_fragments(f);
         assert_eq!(maps, c.affinity_maps(600));
         c.commit(p);
         let adds = c.affinity_carry_over(read_back(&maps));
