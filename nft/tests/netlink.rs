@@ -250,20 +250,7 @@ fn netlink_rejected_batch_leaves_the_previous_ruleset_intact() {
     ns.apply(&Transaction::create(&rs)).expect("apply sample");
     let mut tx = diff(&rs, &changed(&rs));
     let good = tx.commands.len();
-    // The kernel refuses a duplicate element (NLM_F_EXCL): the hairpin element exists.
-    tx.push(Command::AddElements {
-        table: table_id(),
-        set: "hairpin".into(),
-        elements: vec![(
-            vec![
-                Value::Ipv4("10.244.1.5".parse().expect("test address")),
-                Value::Ipv4("10.244.1.5".parse().expect("test address")),
-                Value::TCP,
-                Value::Port(8080),
-            ],
-            Element::key_only(),
-        )],
-    });
+    tx.push(existing_hairpin_element());
     match ns.apply(&tx) {
         Err(ApplyError::Kernel { index, source, .. }) => {
             assert_eq!(index, good);
@@ -276,6 +263,24 @@ fn netlink_rejected_batch_leaves_the_previous_ruleset_intact() {
 
 fn libc_eexist() -> i32 {
     17
+}
+
+/// A command the kernel refuses after the sample ruleset (NLM_F_EXCL): its hairpin element
+/// exists.
+fn existing_hairpin_element() -> Command {
+    Command::AddElements {
+        table: table_id(),
+        set: "hairpin".into(),
+        elements: vec![(
+            vec![
+                Value::Ipv4("10.244.1.5".parse().expect("test address")),
+                Value::Ipv4("10.244.1.5".parse().expect("test address")),
+                Value::TCP,
+                Value::Port(8080),
+            ],
+            Element::key_only(),
+        )],
+    }
 }
 
 /// Applies `pieces` through [`Backend::apply_streamed`] in the namespace.
@@ -309,19 +314,7 @@ fn netlink_a_transaction_given_in_pieces_is_applied_whole_or_not_at_all() {
     let mut pieces = one_per_piece(diff(&rs, &changed(&rs)));
     let good = pieces.len();
     pieces.push(Transaction {
-        commands: vec![Command::AddElements {
-            table: table_id(),
-            set: "hairpin".into(),
-            elements: vec![(
-                vec![
-                    Value::Ipv4("10.244.1.5".parse().expect("test address")),
-                    Value::Ipv4("10.244.1.5".parse().expect("test address")),
-                    Value::TCP,
-                    Value::Port(8080),
-                ],
-                Element::key_only(),
-            )],
-        }],
+        commands: vec![existing_hairpin_element()],
     });
     match apply_pieces(&ns, pieces) {
         Err(ApplyError::Kernel {

@@ -719,6 +719,18 @@ mod tests {
         assert!(p.tx.is_empty(), "{}", p.tx.to_nft());
     }
 
+    /// `n` endpoints of the `i`-th generated Service (`10.{100 + i / 250}.{i % 250}.{1..=n}`).
+    fn endpoints(i: u32, n: u8) -> Vec<Endpoint> {
+        let (hi, lo) = (i / 250, i % 250);
+        (1..=n)
+            .map(|j| {
+                Endpoint::builder(format!("10.{}.{lo}.{j}", 100 + hi), 8080)
+                    .build()
+                    .expect("valid endpoint")
+            })
+            .collect()
+    }
+
     #[test]
     fn a_plan_of_thousands_of_service_ports_decoded_in_parallel_installs_what_one_port_at_a_time_does()
      {
@@ -736,13 +748,7 @@ mod tests {
                 }
                 ServiceEntry {
                     port: b.build().expect("valid service"),
-                    endpoints: (1..=3)
-                        .map(|j| {
-                            Endpoint::builder(format!("10.{}.{lo}.{j}", 100 + hi), 8080)
-                                .build()
-                                .expect("valid endpoint")
-                        })
-                        .collect(),
+                    endpoints: endpoints(i, 3),
                 }
             })
             .collect();
@@ -802,13 +808,7 @@ mod tests {
                         .cluster_ips([format!("10.96.{hi}.{lo}")])
                         .build()
                         .expect("valid service"),
-                    endpoints: (1..=5)
-                        .map(|j| {
-                            Endpoint::builder(format!("10.{}.{lo}.{j}", 100 + hi), 8080)
-                                .build()
-                                .expect("valid endpoint")
-                        })
-                        .collect(),
+                    endpoints: endpoints(i, 5),
                 }
             })
             .collect();
