@@ -60,6 +60,9 @@ const SHARD_BITS: u32 = 6;
 const SHARDS: usize = 1 << SHARD_BITS;
 /// Slots of a shard before its first insertion grows it.
 const MIN_SLOTS: usize = 8;
+/// Shards a batch holds locked at once: enough connections to keep many cache misses in
+/// flight, few enough that another thread rarely waits for them.
+const GROUP: usize = 16;
 
 /// A ClientIP affinity table with the contract of [`AffinityTable`](super::AffinityTable), for
 /// `Copy` service keys and endpoints, with a hit cost close to one cache miss.
@@ -110,6 +113,24 @@ struct Shard<K, E> {
 struct Slots<K, E> {
     array: Vec<Option<Slot<K, E>>>,
     used: usize,
+}
+
+/// One connection of a pick, hashed and with its times in the table's nanoseconds.
+struct Probe<K> {
+    hash: u64,
+    service: K,
+    client: IpAddr,
+    now: Nanos,
+    expires: Nanos,
+    random: u64,
+}
+
+/// The outcome of the locked part of a pick.
+enum Locked<E> {
+    /// The pick's result.
+    Done(Option<AffinityPick<E>>),
+    /// The connection needs an entry and the table is full; nothing was changed.
+    Full,
 }
 
 /// One remembered client, stored inline in the probed array.
@@ -202,53 +223,269 @@ where
             "every candidate must be eligible"
         );
         let now = self.nanos(conn.now);
-        let expires = now.saturating_add(saturating_nanos(conn.timeout));
-        let service = *conn.service;
-        let hash = self.hash(&service, conn.client);
-        let shard = &self.shards[shard_of(hash)];
-        for attempt in 0..2 {
-            let mut slots = lock(shard);
-            if let Some(i) = find(&slots.array, hash, &service, conn.client) {
-                if let Some(slot) = slots.array[i].as_mut() {
-                    return self.use_or_replace(
-                        slot,
-                        now,
-                        expires,
-                        conn.random,
-                        &is_eligible,
-                        candidates,
-                    );
+        let probe = Probe {
+            hash: self.hash(conn.service, conn.client),
+            service: *conn.service,
+            client: conn.client,
+            now,
+            expires: now.saturating_add(saturating_nanos(conn.timeout)),
+            random: conn.random,
+        };
+        self.pick_probe(&probe, &is_eligible, candidates)
+    }
+
+    /// Picks for many new connections at once: `out` is cleared, then holds one result per
+    /// connection, in order, exactly what [`FlatAffinityTable::pick`] called on each connection
+    /// in turn would have returned (a later connection of a client sees the entry an earlier
+    /// one in the batch made or refreshed), with `eligible` for every connection. For
+    /// connections with different endpoint sets, see [`FlatAffinityTable::pick_batch_with`].
+    ///
+    /// # Why batches
+    ///
+    /// In a table far larger than the CPU caches a pick waits for one cache miss, and picks made
+    /// one after another do not overlap their misses (see the [module docs](self)). A batch
+    /// reads the home slots of all its connections before deciding any of them, so their
+    /// misses are in flight together: this is the API for embedders that receive connections
+    /// in bursts (an `epoll_wait` or `io_uring` completion batch, a packet burst).
+    ///
+    /// # Concurrency
+    ///
+    /// The batch is not atomic: other threads may pick between its connections, and then the
+    /// results are those of some interleaving, each one keeping the contract. The batch locks
+    /// several shards at once (always in ascending order, so batches on several threads cannot
+    /// deadlock) and calls nothing outside the table while holding them, except `is_eligible`
+    /// in [`FlatAffinityTable::pick_batch_with`].
+    pub fn pick_batch(
+        &self,
+        conns: &[NewConnection<'_, K>],
+        eligible: &[E],
+        out: &mut Vec<Option<AffinityPick<E>>>,
+    ) {
+        self.pick_batch_with(conns, |_, e| eligible.contains(e), |_| eligible, out);
+    }
+
+    /// Like [`FlatAffinityTable::pick_batch`], with each connection's eligibility and
+    /// candidates given by its index in `conns`: `is_eligible(i, e)` and `candidates(i)` play
+    /// the roles of [`FlatAffinityTable::pick_with`]'s arguments for `conns[i]`, so one batch
+    /// can serve connections to different Services.
+    ///
+    /// `is_eligible` runs while shards of the table are locked: it must not call back into
+    /// this table (that could deadlock).
+    pub fn pick_batch_with<'e, F, C>(
+        &self,
+        conns: &[NewConnection<'_, K>],
+        is_eligible: F,
+        candidates: C,
+        out: &mut Vec<Option<AffinityPick<E>>>,
+    ) where
+        F: Fn(usize, &E) -> bool,
+        C: Fn(usize) -> &'e [E],
+        E: 'e,
+    {
+        out.clear();
+        out.resize(conns.len(), None);
+        let mut start = 0;
+        while start < conns.len() {
+            let rest = conns.len() - start;
+            // Picks on different shards commute as long as every insertion finds room: only
+            // a full table (the bound, its reap and overflow) makes one shard's pick depend on
+            // another's. So the batch goes shard by shard in chunks that cannot fill the
+            // table, and one at a time when it is full.
+            let chunk = match self.occupancy.max_entries {
+                None => rest,
+                Some(max) => max.saturating_sub(self.len()).min(rest),
+            };
+            if chunk == 0 {
+                let c = conns[start];
+                out[start] = self.pick_with(c, |e| is_eligible(start, e), candidates(start));
+                start += 1;
+            } else {
+                let end = start + chunk;
+                self.pick_chunk(conns, start..end, &is_eligible, &candidates, out);
+                start = end;
+            }
+        }
+    }
+
+    /// Picks `conns[range]` into `out[range]`, grouped by shard: [`GROUP`] shards are locked at
+    /// once (in ascending order), the home slots of all their connections are read, then each
+    /// shard's connections are picked in their batch order. A connection that finds no room
+    /// (only possible when other threads insert meanwhile) and the later ones of its shard are
+    /// picked one at a time afterwards, with the locks released (a reap needs every shard).
+    fn pick_chunk<'e, F, C>(
+        &self,
+        conns: &[NewConnection<'_, K>],
+        range: std::ops::Range<usize>,
+        is_eligible: &F,
+        candidates: &C,
+        out: &mut [Option<AffinityPick<E>>],
+    ) where
+        F: Fn(usize, &E) -> bool,
+        C: Fn(usize) -> &'e [E],
+        E: 'e,
+    {
+        let mut probes = Vec::with_capacity(range.len());
+        // (shard << 32 | index): sorted, the connections of a shard in batch order.
+        let mut order = Vec::with_capacity(range.len());
+        let mut last: Option<(Instant, Nanos)> = None;
+        for i in range {
+            let c = &conns[i];
+            debug_assert!(
+                candidates(i).iter().all(|e| is_eligible(i, e)),
+                "every candidate must be eligible"
+            );
+            let now = match last {
+                Some((at, nanos)) if at == c.now => nanos,
+                _ => {
+                    let nanos = self.nanos(c.now);
+                    last = Some((c.now, nanos));
+                    nanos
+                }
+            };
+            let hash = self.hash(c.service, c.client);
+            order.push((shard_of(hash) as u64) << 32 | probes.len() as u64);
+            probes.push((
+                i,
+                Probe {
+                    hash,
+                    service: *c.service,
+                    client: c.client,
+                    now,
+                    expires: now.saturating_add(saturating_nanos(c.timeout)),
+                    random: c.random,
+                },
+            ));
+        }
+        order.sort_unstable();
+        let mut deferred = Vec::new();
+        let mut guards = Vec::with_capacity(GROUP);
+        let mut at = 0;
+        while at < order.len() {
+            // Lock up to GROUP shards, each with its run of `order`.
+            while at < order.len() && guards.len() < GROUP {
+                let shard = (order[at] >> 32) as usize;
+                let begin = at;
+                while at < order.len() && (order[at] >> 32) as usize == shard {
+                    at += 1;
+                }
+                guards.push((lock(&self.shards[shard]), begin..at));
+            }
+            // Read every home slot first: independent loads whose misses overlap.
+            let mut touched = 0usize;
+            for (slots, run) in &guards {
+                if slots.array.is_empty() {
+                    continue;
+                }
+                let mask = slots.array.len() - 1;
+                for &o in &order[run.clone()] {
+                    let probe = &probes[(o & 0xffff_ffff) as usize].1;
+                    touched += usize::from(slots.array[probe.hash as usize & mask].is_some());
                 }
             }
-            let chosen = *pick::uniform(candidates, conn.random)?;
-            if self.occupancy.reserve_slot() {
-                self.insert(
-                    &mut slots,
-                    Slot {
-                        service,
-                        client: conn.client,
-                        expires,
-                        endpoint: chosen,
-                    },
-                );
-                drop(slots);
-                self.occupancy.note_expiry(expires);
-                return Some(AffinityPick {
-                    endpoint: chosen,
-                    outcome: Outcome::Miss,
-                });
+            std::hint::black_box(touched);
+            for (slots, run) in &mut guards {
+                for (n, &o) in order[run.clone()].iter().enumerate() {
+                    let (i, probe) = &probes[(o & 0xffff_ffff) as usize];
+                    let i = *i;
+                    match self.pick_locked(slots, probe, &|e| is_eligible(i, e), candidates(i)) {
+                        Locked::Done(pick) => out[i] = pick,
+                        Locked::Full => {
+                            deferred.extend(order[run.start + n..run.end].iter().copied());
+                            break;
+                        }
+                    }
+                }
             }
-            // Release the shard before reaping, which locks every shard.
-            drop(slots);
-            if attempt == 0 {
-                self.reap_for_room(now);
+            guards.clear();
+        }
+        // Rare: each waits for room as a single pick would, in batch order.
+        deferred.sort_unstable_by_key(|&o| o & 0xffff_ffff);
+        for o in deferred {
+            let (i, probe) = &probes[(o & 0xffff_ffff) as usize];
+            let i = *i;
+            out[i] = self.pick_probe(probe, &|e| is_eligible(i, e), candidates(i));
+        }
+    }
+
+    /// A single pick, given its probe: the shard's part, then, if the table is full, a reap
+    /// for room (with the shard released) and one more try, then an overflow.
+    fn pick_probe<F>(
+        &self,
+        probe: &Probe<K>,
+        is_eligible: &F,
+        candidates: &[E],
+    ) -> Option<AffinityPick<E>>
+    where
+        F: Fn(&E) -> bool,
+    {
+        let shard = &self.shards[shard_of(probe.hash)];
+        for attempt in 0..2 {
+            let mut slots = lock(shard);
+            match self.pick_locked(&mut slots, probe, is_eligible, candidates) {
+                Locked::Done(pick) => return pick,
+                Locked::Full => {
+                    // Release the shard before reaping, which locks every shard.
+                    drop(slots);
+                    if attempt == 0 {
+                        self.reap_for_room(probe.now);
+                    }
+                }
             }
         }
         self.occupancy.overflowed();
         Some(AffinityPick {
-            endpoint: *pick::uniform(candidates, conn.random)?,
+            endpoint: *pick::uniform(candidates, probe.random)?,
             outcome: Outcome::Overflow,
         })
+    }
+
+    /// The part of a pick done under its shard's lock: a hit, an in-place replacement, an
+    /// insertion, `None` (no usable entry and no candidate), or [`Locked::Full`] when an
+    /// insertion found the table full (nothing was changed then).
+    #[inline]
+    fn pick_locked<F>(
+        &self,
+        slots: &mut Slots<K, E>,
+        probe: &Probe<K>,
+        is_eligible: &F,
+        candidates: &[E],
+    ) -> Locked<E>
+    where
+        F: Fn(&E) -> bool,
+    {
+        if let Some(i) = find(&slots.array, probe.hash, &probe.service, probe.client) {
+            if let Some(slot) = slots.array[i].as_mut() {
+                return Locked::Done(self.use_or_replace(
+                    slot,
+                    probe.now,
+                    probe.expires,
+                    probe.random,
+                    is_eligible,
+                    candidates,
+                ));
+            }
+        }
+        let Some(&chosen) = pick::uniform(candidates, probe.random) else {
+            return Locked::Done(None);
+        };
+        if !self.occupancy.reserve_slot() {
+            return Locked::Full;
+        }
+        self.insert(
+            slots,
+            probe.hash,
+            Slot {
+                service: probe.service,
+                client: probe.client,
+                expires: probe.expires,
+                endpoint: chosen,
+            },
+        );
+        self.occupancy.note_expiry(probe.expires);
+        Locked::Done(Some(AffinityPick {
+            endpoint: chosen,
+            outcome: Outcome::Miss,
+        }))
     }
 
     /// The endpoint remembered for `client` of `service` if it has not expired at `now`,
@@ -353,8 +590,9 @@ where
         })
     }
 
-    /// Inserts a slot known to be absent, growing the shard once it is 3/4 full.
-    fn insert(&self, shard: &mut Slots<K, E>, slot: Slot<K, E>) {
+    /// Inserts a slot known to be absent, whose key hashes to `hash`, growing the shard once it
+    /// is 3/4 full.
+    fn insert(&self, shard: &mut Slots<K, E>, hash: u64, slot: Slot<K, E>) {
         if (shard.used + 1) * 4 > shard.array.len() * 3 {
             let size = (shard.array.len() * 2).max(MIN_SLOTS);
             let mut grown = vec![None; size];
@@ -363,11 +601,7 @@ where
             }
             shard.array = grown;
         }
-        place(
-            &mut shard.array,
-            self.hash(&slot.service, slot.client),
-            slot,
-        );
+        place(&mut shard.array, hash, slot);
         shard.used += 1;
     }
 

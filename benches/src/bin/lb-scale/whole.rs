@@ -659,6 +659,8 @@ pub fn affinity_hits() {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     const CLIENTS: u32 = 1_000_000;
     const HITS: u64 = 4_000_000;
+    /// Connections per `pick_batch` call: a modest `epoll_wait` burst, and a large one.
+    const BATCHES: [usize; 2] = [32, 256];
     println!("\n## lb-core FlatAffinityTable, {CLIENTS} clients, 2 threads, uniformly random hits");
     let table: FlatAffinityTable<u32, SocketAddr> = FlatAffinityTable::new();
     let eps: Vec<SocketAddr> = (0..10u8)
@@ -691,7 +693,31 @@ pub fn affinity_hits() {
         "AFFINITY hit, 1M clients, 2 threads: {} per hit (slowest thread)",
         per_hit.show()
     );
-    summary::note(Row::Affinity, format!("{} per hit", per_hit.show()));
+    let mut batches = Vec::new();
+    for batch in BATCHES {
+        let per_hit = on_two_threads_batched(HITS, batch, |randoms, conns, out| {
+            conns.clear();
+            conns.extend(randoms.iter().map(|&r| {
+                let client = (((r >> 32) * u64::from(CLIENTS)) >> 32) as u32;
+                conn(client, r)
+            }));
+            table.pick_batch(conns, &eps, out);
+            assert!(
+                out.iter()
+                    .all(|p| p.as_ref().map(|p| p.outcome) == Some(lb_core::affinity::Outcome::Hit)),
+                "every pick of a remembered client hits"
+            );
+        });
+        println!(
+            "AFFINITY hit, batches of {batch}, 1M clients, 2 threads: {} per hit (slowest thread)",
+            per_hit.show()
+        );
+        batches.push(format!("batches of {batch}: {}", per_hit.show()));
+    }
+    summary::note(
+        Row::Affinity,
+        format!("one at a time {}; {}", per_hit.show(), batches.join("; ")),
+    );
     drop(table);
 
     // The table's slot array at 1M clients: 2^21 slots of 64 bytes (at most 3/4 full).
@@ -774,6 +800,58 @@ fn on_two_threads_chained(n: u64, op: impl Fn(u64, u64) -> u64 + Sync) -> PerOp 
                         .map(|(a, b)| b.saturating_sub(a) / n as u32);
                     PerOp {
                         wall: started.elapsed() / n as u32,
+                        cpu,
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .collect()
+    });
+    PerOp {
+        wall: per_thread.iter().map(|p| p.wall).max().unwrap_or_default(),
+        cpu: per_thread.iter().map(|p| p.cpu).max().flatten(),
+    }
+}
+
+/// Like [`on_two_threads`] for an operation on `batch` random numbers at once (with a
+/// connection and a result buffer the operation may reuse); the time is per number.
+fn on_two_threads_batched<'a, C, P>(
+    n: u64,
+    batch: usize,
+    op: impl Fn(&[u64], &mut Vec<C>, &mut Vec<P>) + Sync,
+) -> PerOp
+where
+    C: 'a,
+{
+    let per_thread: Vec<PerOp> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2u64)
+            .map(|t| {
+                let op = &op;
+                s.spawn(move || {
+                    let mut x = 0x1234_5678_u64 ^ t << 40;
+                    let mut randoms = vec![0; batch];
+                    let (mut conns, mut out) = (Vec::with_capacity(batch), Vec::new());
+                    let calls = n / batch as u64;
+                    let (started, cpu_started) = (Instant::now(), thread_cpu_time());
+                    for _ in 0..calls {
+                        for r in randoms.iter_mut() {
+                            // xorshift64*, as in `on_two_threads_chained`.
+                            x ^= x >> 12;
+                            x ^= x << 25;
+                            x ^= x >> 27;
+                            *r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+                        }
+                        op(&randoms, &mut conns, &mut out);
+                    }
+                    let done = (calls * batch as u64).max(1) as u32;
+                    let cpu = cpu_started
+                        .zip(thread_cpu_time())
+                        .map(|(a, b)| b.saturating_sub(a) / done);
+                    PerOp {
+                        wall: started.elapsed() / done,
                         cpu,
                     }
                 })
