@@ -46,7 +46,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{
     AffinityPick, DefaultHashBuilder, Nanos, NewConnection, Occupancy, Outcome, nanos_since,
@@ -54,15 +54,22 @@ use super::{
 };
 use crate::pick;
 
-/// Shards: a power of two well above the thread count of a proxy, so threads rarely meet on a
-/// lock, and small enough that a whole-table reap stays cheap.
-const SHARD_BITS: u32 = 6;
+/// Shards: a power of two above the thread count of a proxy, so threads rarely meet on a lock,
+/// and few, because a batch ([`FlatAffinityTable::pick_batch`]) locks every shard it touches
+/// and each lock taken after another core's is a cache-line transfer between cores: with 64
+/// shards a batch of 256 hits cost 105–110 ns per hit, with 16 shards 88–91 ns (same run
+/// conditions, `lb-scale --affinity`); single picks measured the same with either.
+const SHARD_BITS: u32 = 4;
 const SHARDS: usize = 1 << SHARD_BITS;
 /// Slots of a shard before its first insertion grows it.
 const MIN_SLOTS: usize = 8;
-/// Shards a batch holds locked at once: enough connections to keep many cache misses in
-/// flight, few enough that another thread rarely waits for them.
-const GROUP: usize = 16;
+/// Connections a batch groups by shard at most at once (indexes are `u32`).
+const MAX_CHUNK: usize = u32::MAX as usize;
+/// Connections a batch reads the home slots of before picking them, with their shards locked:
+/// enough to keep many cache misses in flight (the CPU tracks a few dozen), few enough that
+/// another thread rarely waits for the locks. Measured: 16, 32 and 64 give about the same
+/// batch cost, 32 the lowest.
+const GROUP: usize = 32;
 
 /// A ClientIP affinity table with the contract of [`AffinityTable`](super::AffinityTable), for
 /// `Copy` service keys and endpoints, with a hit cost close to one cache miss.
@@ -235,9 +242,10 @@ where
     }
 
     /// Picks for many new connections at once: `out` is cleared, then holds one result per
-    /// connection, in order, exactly what [`FlatAffinityTable::pick`] called on each connection
-    /// in turn would have returned (a later connection of a client sees the entry an earlier
-    /// one in the batch made or refreshed), with `eligible` for every connection. For
+    /// connection, in order: exactly what [`FlatAffinityTable::pick`] called on each connection
+    /// in turn would have returned, with `eligible` for every connection. A later connection
+    /// of a client sees the entry an earlier one in the batch made or refreshed; a bounded
+    /// table fills, reaps and overflows at the same connection as with single picks. For
     /// connections with different endpoint sets, see [`FlatAffinityTable::pick_batch_with`].
     ///
     /// # Why batches
@@ -250,8 +258,10 @@ where
     ///
     /// # Concurrency
     ///
-    /// The batch is not atomic: other threads may pick between its connections, and then the
-    /// results are those of some interleaving, each one keeping the contract. The batch locks
+    /// "Exactly" holds when no other thread changes the table during the batch. The batch is
+    /// not atomic: other threads may pick between its connections, and then each result
+    /// keeps the contract (never an expired or ineligible endpoint, the bound never exceeded)
+    /// as concurrent single picks do. The batch locks
     /// several shards at once (always in ascending order, so batches on several threads cannot
     /// deadlock) and calls nothing outside the table while holding them, except `is_eligible`
     /// in [`FlatAffinityTable::pick_batch_with`].
@@ -294,7 +304,8 @@ where
             let chunk = match self.occupancy.max_entries {
                 None => rest,
                 Some(max) => max.saturating_sub(self.len()).min(rest),
-            };
+            }
+            .min(MAX_CHUNK);
             if chunk == 0 {
                 let c = conns[start];
                 out[start] = self.pick_with(c, |e| is_eligible(start, e), candidates(start));
@@ -307,9 +318,10 @@ where
         }
     }
 
-    /// Picks `conns[range]` into `out[range]`, grouped by shard: [`GROUP`] shards are locked at
-    /// once (in ascending order), the home slots of all their connections are read, then each
-    /// shard's connections are picked in their batch order. A connection that finds no room
+    /// Picks `conns[range]` into `out[range]`, grouped by shard: the next shards holding about
+    /// [`GROUP`] connections are locked at once (in ascending order), the home slots of all
+    /// their connections are read, then each shard's connections are picked in their batch
+    /// order. A connection that finds no room
     /// (only possible when other threads insert meanwhile) and the later ones of its shard are
     /// picked one at a time afterwards, with the locks released (a reap needs every shard).
     fn pick_chunk<'e, F, C>(
@@ -324,51 +336,61 @@ where
         C: Fn(usize) -> &'e [E],
         E: 'e,
     {
+        let first = range.start;
         let mut probes = Vec::with_capacity(range.len());
-        // (shard << 32 | index): sorted, the connections of a shard in batch order.
-        let mut order = Vec::with_capacity(range.len());
-        let mut last: Option<(Instant, Nanos)> = None;
-        for i in range {
-            let c = &conns[i];
-            debug_assert!(
-                candidates(i).iter().all(|e| is_eligible(i, e)),
-                "every candidate must be eligible"
-            );
-            let now = match last {
-                Some((at, nanos)) if at == c.now => nanos,
+        // Connections per shard, then (prefix sums) where each shard's run starts in `order`.
+        let mut starts = [0u32; SHARDS + 1];
+        // The times of the previous connection, reused while they repeat (a burst's usual
+        // case: one `now` and one timeout).
+        let mut last: Option<(Instant, Duration, Nanos, Nanos)> = None;
+        for c in &conns[range] {
+            let (now, expires) = match last {
+                Some((at, timeout, now, expires)) if at == c.now && timeout == c.timeout => {
+                    (now, expires)
+                }
                 _ => {
-                    let nanos = self.nanos(c.now);
-                    last = Some((c.now, nanos));
-                    nanos
+                    let now = self.nanos(c.now);
+                    let expires = now.saturating_add(saturating_nanos(c.timeout));
+                    last = Some((c.now, c.timeout, now, expires));
+                    (now, expires)
                 }
             };
             let hash = self.hash(c.service, c.client);
-            order.push((shard_of(hash) as u64) << 32 | probes.len() as u64);
-            probes.push((
-                i,
-                Probe {
-                    hash,
-                    service: *c.service,
-                    client: c.client,
-                    now,
-                    expires: now.saturating_add(saturating_nanos(c.timeout)),
-                    random: c.random,
-                },
-            ));
+            starts[shard_of(hash) + 1] += 1;
+            probes.push(Probe {
+                hash,
+                service: *c.service,
+                client: c.client,
+                now,
+                expires,
+                random: c.random,
+            });
         }
-        order.sort_unstable();
+        for s in 1..=SHARDS {
+            starts[s] += starts[s - 1];
+        }
+        // Probe indexes grouped by shard, each shard's in batch order (a counting sort).
+        let mut order = vec![0u32; probes.len()];
+        let mut next = starts;
+        for (n, probe) in probes.iter().enumerate() {
+            let shard = shard_of(probe.hash);
+            order[next[shard] as usize] = n as u32;
+            next[shard] += 1;
+        }
+        let run = |shard: usize| starts[shard] as usize..starts[shard + 1] as usize;
         let mut deferred = Vec::new();
-        let mut guards = Vec::with_capacity(GROUP);
-        let mut at = 0;
-        while at < order.len() {
-            // Lock up to GROUP shards, each with its run of `order`.
-            while at < order.len() && guards.len() < GROUP {
-                let shard = (order[at] >> 32) as usize;
-                let begin = at;
-                while at < order.len() && (order[at] >> 32) as usize == shard {
-                    at += 1;
+        let mut guards = Vec::new();
+        let mut shard = 0;
+        while shard < SHARDS {
+            // Lock the next shards that have connections, in ascending order, until they have
+            // GROUP connections.
+            let mut grouped = 0;
+            while shard < SHARDS && grouped < GROUP {
+                if starts[shard] < starts[shard + 1] {
+                    guards.push((lock(&self.shards[shard]), run(shard)));
+                    grouped += run(shard).len();
                 }
-                guards.push((lock(&self.shards[shard]), begin..at));
+                shard += 1;
             }
             // Read every home slot first: independent loads whose misses overlap.
             let mut touched = 0usize;
@@ -377,20 +399,20 @@ where
                     continue;
                 }
                 let mask = slots.array.len() - 1;
-                for &o in &order[run.clone()] {
-                    let probe = &probes[(o & 0xffff_ffff) as usize].1;
-                    touched += usize::from(slots.array[probe.hash as usize & mask].is_some());
+                for &n in &order[run.clone()] {
+                    let home = probes[n as usize].hash as usize & mask;
+                    touched += usize::from(slots.array[home].is_some());
                 }
             }
             std::hint::black_box(touched);
             for (slots, run) in &mut guards {
-                for (n, &o) in order[run.clone()].iter().enumerate() {
-                    let (i, probe) = &probes[(o & 0xffff_ffff) as usize];
-                    let i = *i;
+                for (k, &n) in order[run.clone()].iter().enumerate() {
+                    let i = first + n as usize;
+                    let probe = &probes[n as usize];
                     match self.pick_locked(slots, probe, &|e| is_eligible(i, e), candidates(i)) {
                         Locked::Done(pick) => out[i] = pick,
                         Locked::Full => {
-                            deferred.extend(order[run.start + n..run.end].iter().copied());
+                            deferred.extend_from_slice(&order[run.start + k..run.end]);
                             break;
                         }
                     }
@@ -399,10 +421,10 @@ where
             guards.clear();
         }
         // Rare: each waits for room as a single pick would, in batch order.
-        deferred.sort_unstable_by_key(|&o| o & 0xffff_ffff);
-        for o in deferred {
-            let (i, probe) = &probes[(o & 0xffff_ffff) as usize];
-            let i = *i;
+        deferred.sort_unstable();
+        for n in deferred {
+            let i = first + n as usize;
+            let probe = &probes[n as usize];
             out[i] = self.pick_probe(probe, &|e| is_eligible(i, e), candidates(i));
         }
     }
@@ -555,9 +577,16 @@ where
         self.occupancy.overflows()
     }
 
+    /// The hash of a key. The address is hashed as one `u128` (an IPv4 one mapped into IPv6
+    /// space): one hasher step instead of `IpAddr`'s four (variant, length, bytes); the
+    /// mapping's collisions only cost a probe, slots compare the real address.
     #[inline]
     fn hash(&self, service: &K, client: IpAddr) -> u64 {
-        self.hasher.hash_one((service, client))
+        let client = match client {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        self.hasher.hash_one((service, client.to_bits()))
     }
 
     #[inline]
@@ -729,6 +758,264 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn conn(client: u32, now: Instant, random: u64) -> NewConnection<'static, u32> {
+        NewConnection {
+            service: &1,
+            client: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + client)),
+            now,
+            timeout: TIMEOUT,
+            random,
+        }
+    }
+
+    /// A random stream for the picks' `random` argument.
+    fn randoms(seed: u64) -> impl FnMut() -> u64 {
+        let mut x = seed | 1;
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
+    type Results = Vec<Option<(u32, Outcome)>>;
+
+    /// Picks `conns` one at a time on `single` and as one batch on `batched` (tables in the
+    /// same state), requires the same results, counts and remembered endpoints, and returns
+    /// the results.
+    fn batch_matches_single_picks(
+        single: &FlatAffinityTable<u32, u32>,
+        batched: &FlatAffinityTable<u32, u32>,
+        conns: &[NewConnection<'_, u32>],
+        eligible: &[u32],
+    ) -> Results {
+        let one_by_one: Results = conns
+            .iter()
+            .map(|&c| single.pick(c, eligible).map(|p| (p.endpoint, p.outcome)))
+            .collect();
+        let mut out = vec![None; 3]; // stale contents are cleared
+        batched.pick_batch(conns, eligible, &mut out);
+        let out: Results = out.into_iter().map(|p| p.map(|p| (p.endpoint, p.outcome))).collect();
+        assert_eq!(out, one_by_one);
+        assert_eq!(batched.len(), single.len());
+        assert_eq!(batched.overflows(), single.overflows());
+        for c in conns {
+            assert_eq!(
+                batched.peek(c.service, c.client, c.now),
+                single.peek(c.service, c.client, c.now)
+            );
+        }
+        out
+    }
+
+    fn outcomes(results: &Results) -> [usize; 3] {
+        let mut counts = [0; 3];
+        for (_, outcome) in results.iter().flatten() {
+            counts[*outcome as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn a_batch_gives_the_picks_of_single_picks_in_turn() {
+        let (single, batched) = (FlatAffinityTable::new(), FlatAffinityTable::new());
+        let t0 = Instant::now();
+        let mut random = randoms(7);
+        let eps = [1, 2, 3, 4, 5];
+        // 300 clients remembered, then a batch of 1,000 connections from 600 clients: hits,
+        // misses, and many clients twice or more within the batch, over every shard.
+        let first: Vec<_> = (0..300).map(|c| conn(c, t0, random())).collect();
+        batch_matches_single_picks(&single, &batched, &first, &eps);
+        let later = t0 + Duration::from_secs(1);
+        let conns: Vec<_> = (0..1_000u32)
+            .map(|_| {
+                let r = random();
+                conn((r >> 40) as u32 % 600, later, r)
+            })
+            .collect();
+        let results = batch_matches_single_picks(&single, &batched, &conns, &eps);
+        let [hits, misses, overflows] = outcomes(&results);
+        assert!(hits > 500 && misses > 100 && overflows == 0, "{hits} {misses}");
+        assert_eq!(single.len(), 300 + misses);
+    }
+
+    #[test]
+    fn a_later_connection_in_a_batch_sees_the_entry_an_earlier_one_made() {
+        let (single, batched) = (FlatAffinityTable::new(), FlatAffinityTable::new());
+        let t0 = Instant::now();
+        let conns = [conn(1, t0, 0), conn(2, t0, u64::MAX), conn(1, t0, u64::MAX)];
+        let results = batch_matches_single_picks(&single, &batched, &conns, &[1, 2]);
+        assert_eq!(
+            results,
+            [
+                Some((1, Outcome::Miss)),
+                Some((2, Outcome::Miss)),
+                Some((1, Outcome::Hit))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_replaces_expired_entries_and_ineligible_endpoints_as_single_picks_do() {
+        let (single, batched) = (FlatAffinityTable::new(), FlatAffinityTable::new());
+        let t0 = Instant::now();
+        let mut random = randoms(11);
+        let early: Vec<_> = (0..100).map(|c| conn(c, t0, random())).collect();
+        batch_matches_single_picks(&single, &batched, &early, &[1, 2, 3]);
+        let late: Vec<_> = (100..200)
+            .map(|c| conn(c, t0 + TIMEOUT / 2, random()))
+            .collect();
+        batch_matches_single_picks(&single, &batched, &late, &[1, 2, 3]);
+        // At t0 + TIMEOUT the first 100 have expired; endpoint 3 no longer serves.
+        let now = t0 + TIMEOUT;
+        let conns: Vec<_> = (0..200).map(|c| conn(c, now, random())).collect();
+        let results = batch_matches_single_picks(&single, &batched, &conns, &[1, 2]);
+        for (c, result) in (0..200).zip(&results) {
+            let (endpoint, outcome) = result.expect("eligible endpoints");
+            assert!(endpoint != 3);
+            if c < 100 {
+                assert_eq!(outcome, Outcome::Miss, "client {c} expired");
+            }
+        }
+        let [hits, misses, _] = outcomes(&results);
+        assert!(hits > 30 && misses > 130, "{hits} {misses}");
+        assert_eq!(single.len(), 200);
+        // No eligible endpoint: `None` for every connection, entries kept.
+        let results = batch_matches_single_picks(&single, &batched, &conns[..10], &[]);
+        assert_eq!(results, vec![None; 10]);
+    }
+
+    #[test]
+    fn a_bounded_table_fills_reaps_and_overflows_in_a_batch_where_single_picks_do() {
+        let single = FlatAffinityTable::with_max_entries(50);
+        let batched = FlatAffinityTable::with_max_entries(50);
+        let t0 = Instant::now();
+        let mut random = randoms(3);
+        // 30 entries that expire at t0 + TIMEOUT, then 30 more clients at TIMEOUT / 2: the
+        // batch fills the table at its 21st connection and overflows after that.
+        let early: Vec<_> = (0..30).map(|c| conn(c, t0, random())).collect();
+        batch_matches_single_picks(&single, &batched, &early, &[1, 2, 3]);
+        let half = t0 + TIMEOUT / 2;
+        let conns: Vec<_> = (100..130).map(|c| conn(c, half, random())).collect();
+        let results = batch_matches_single_picks(&single, &batched, &conns, &[1, 2, 3]);
+        assert_eq!(outcomes(&results), [0, 20, 10]);
+        // At t0 + TIMEOUT, a batch of new clients, remembered ones and repeats: the first
+        // miss on the full table reaps the 30 expired entries, and the batch goes on.
+        let now = t0 + TIMEOUT;
+        let conns: Vec<_> = (0..120u32)
+            .map(|_| {
+                let r = random();
+                conn(100 + (r >> 40) as u32 % 80, now, r)
+            })
+            .collect();
+        let results = batch_matches_single_picks(&single, &batched, &conns, &[1, 2, 3]);
+        let [hits, misses, overflows] = outcomes(&results);
+        assert!(hits > 0 && misses > 0 && overflows > 0, "{hits} {misses} {overflows}");
+        assert_eq!(single.len(), 50);
+        // A table bounded to nothing overflows every connection.
+        let (single, batched) = (
+            FlatAffinityTable::with_max_entries(0),
+            FlatAffinityTable::with_max_entries(0),
+        );
+        let results = batch_matches_single_picks(&single, &batched, &conns[..5], &[1]);
+        assert_eq!(outcomes(&results), [0, 0, 5]);
+    }
+
+    #[test]
+    fn pick_batch_with_serves_each_connection_from_its_own_endpoints() {
+        let table = FlatAffinityTable::<u32, u32>::new();
+        let t0 = Instant::now();
+        let (web, db) = (1, 2);
+        let web_eps = [10, 11];
+        let db_eps = [20, 21, 22];
+        let client = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+        let conns = [
+            NewConnection {
+                service: &web,
+                ..conn(0, t0, 0)
+            },
+            NewConnection {
+                service: &db,
+                ..conn(0, t0, u64::MAX)
+            },
+            NewConnection {
+                service: &web,
+                client,
+                ..conn(0, t0, u64::MAX)
+            },
+        ];
+        let endpoints = |i: usize| -> &[u32] {
+            if *conns[i].service == web {
+                &web_eps
+            } else {
+                &db_eps
+            }
+        };
+        let mut out = Vec::new();
+        table.pick_batch_with(&conns, |i, e| endpoints(i).contains(e), endpoints, &mut out);
+        let got: Vec<_> = out.iter().flatten().map(|p| (p.endpoint, p.outcome)).collect();
+        assert_eq!(
+            got,
+            [(10, Outcome::Miss), (22, Outcome::Miss), (11, Outcome::Miss)]
+        );
+        // Again a second later: every one hits, whatever its random number.
+        let again: Vec<_> = conns
+            .iter()
+            .map(|c| NewConnection {
+                now: t0 + Duration::from_secs(1),
+                random: 0,
+                ..*c
+            })
+            .collect();
+        table.pick_batch_with(&again, |i, e| endpoints(i).contains(e), endpoints, &mut out);
+        let got: Vec<_> = out.iter().flatten().map(|p| (p.endpoint, p.outcome)).collect();
+        assert_eq!(
+            got,
+            [(10, Outcome::Hit), (22, Outcome::Hit), (11, Outcome::Hit)]
+        );
+    }
+
+    #[test]
+    fn concurrent_batches_never_exceed_the_bound_and_keep_len_exact() {
+        let table = Arc::new(FlatAffinityTable::<u32, u32>::with_max_entries(500));
+        let t0 = Instant::now();
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let table = Arc::clone(&table);
+                std::thread::spawn(move || {
+                    let mut out = Vec::new();
+                    for i in 0..500u32 {
+                        let now = t0 + Duration::from_millis(u64::from(i) * 10);
+                        let conns: Vec<_> = (0..16)
+                            .map(|k| {
+                                let c = (i * 16 + k) * 7 + t;
+                                NewConnection {
+                                    timeout: Duration::from_secs(1),
+                                    ..conn(c % 2_000, now, u64::from(c))
+                                }
+                            })
+                            .collect();
+                        table.pick_batch(&conns, &[1, 2, 3], &mut out);
+                        assert!(out.iter().all(Option::is_some));
+                        assert!(table.len() <= 500);
+                        if i % 100 == 0 {
+                            table.reap(now);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("no panic");
+        }
+        let stored: usize = table.shards.iter().map(|s| lock(s).used).sum();
+        assert_eq!(table.len(), stored);
+        assert!(table.len() <= 500);
+    }
 
     #[test]
     fn concurrent_picks_never_exceed_the_bound_and_keep_len_exact() {
