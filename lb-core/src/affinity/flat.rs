@@ -799,7 +799,10 @@ mod tests {
             .collect();
         let mut out = vec![None; 3]; // stale contents are cleared
         batched.pick_batch(conns, eligible, &mut out);
-        let out: Results = out.into_iter().map(|p| p.map(|p| (p.endpoint, p.outcome))).collect();
+        let out: Results = out
+            .into_iter()
+            .map(|p| p.map(|p| (p.endpoint, p.outcome)))
+            .collect();
         assert_eq!(out, one_by_one);
         assert_eq!(batched.len(), single.len());
         assert_eq!(batched.overflows(), single.overflows());
@@ -839,7 +842,10 @@ mod tests {
             .collect();
         let results = batch_matches_single_picks(&single, &batched, &conns, &eps);
         let [hits, misses, overflows] = outcomes(&results);
-        assert!(hits > 500 && misses > 100 && overflows == 0, "{hits} {misses}");
+        assert!(
+            hits > 500 && misses > 100 && overflows == 0,
+            "{hits} {misses}"
+        );
         assert_eq!(single.len(), 300 + misses);
     }
 
@@ -914,7 +920,10 @@ mod tests {
             .collect();
         let results = batch_matches_single_picks(&single, &batched, &conns, &[1, 2, 3]);
         let [hits, misses, overflows] = outcomes(&results);
-        assert!(hits > 0 && misses > 0 && overflows > 0, "{hits} {misses} {overflows}");
+        assert!(
+            hits > 0 && misses > 0 && overflows > 0,
+            "{hits} {misses} {overflows}"
+        );
         assert_eq!(single.len(), 50);
         // A table bounded to nothing overflows every connection.
         let (single, batched) = (
@@ -957,10 +966,18 @@ mod tests {
         };
         let mut out = Vec::new();
         table.pick_batch_with(&conns, |i, e| endpoints(i).contains(e), endpoints, &mut out);
-        let got: Vec<_> = out.iter().flatten().map(|p| (p.endpoint, p.outcome)).collect();
+        let got: Vec<_> = out
+            .iter()
+            .flatten()
+            .map(|p| (p.endpoint, p.outcome))
+            .collect();
         assert_eq!(
             got,
-            [(10, Outcome::Miss), (22, Outcome::Miss), (11, Outcome::Miss)]
+            [
+                (10, Outcome::Miss),
+                (22, Outcome::Miss),
+                (11, Outcome::Miss)
+            ]
         );
         // Again a second later: every one hits, whatever its random number.
         let again: Vec<_> = conns
@@ -972,7 +989,11 @@ mod tests {
             })
             .collect();
         table.pick_batch_with(&again, |i, e| endpoints(i).contains(e), endpoints, &mut out);
-        let got: Vec<_> = out.iter().flatten().map(|p| (p.endpoint, p.outcome)).collect();
+        let got: Vec<_> = out
+            .iter()
+            .flatten()
+            .map(|p| (p.endpoint, p.outcome))
+            .collect();
         assert_eq!(
             got,
             [(10, Outcome::Hit), (22, Outcome::Hit), (11, Outcome::Hit)]
