@@ -61,6 +61,8 @@ use crate::pick;
 /// conditions, `lb-scale --affinity`); single picks measured the same with either.
 const SHARD_BITS: u32 = 4;
 const SHARDS: usize = 1 << SHARD_BITS;
+// A batch keeps the shards it has still to visit as bits of a `u64`.
+const _: () = assert!(SHARDS <= 64);
 /// Slots of a shard before its first insertion grows it.
 const MIN_SLOTS: usize = 8;
 /// Connections a batch groups by shard at most at once (indexes are `u32`).
@@ -378,19 +380,30 @@ where
             next[shard] += 1;
         }
         let run = |shard: usize| starts[shard] as usize..starts[shard + 1] as usize;
+        // The shards with connections still to pick, one bit each.
+        let mut pending = (0..SHARDS)
+            .filter(|&s| starts[s] < starts[s + 1])
+            .fold(0u64, |bits, s| bits | 1 << s);
         let mut deferred = Vec::new();
         let mut guards = Vec::new();
-        let mut shard = 0;
-        while shard < SHARDS {
-            // Lock the next shards that have connections, in ascending order, until they have
-            // GROUP connections.
+        while pending != 0 {
+            // Lock pending shards that are free until they hold GROUP connections; a busy one
+            // is left for a later group. Waiting only while holding no lock cannot deadlock.
             let mut grouped = 0;
-            while shard < SHARDS && grouped < GROUP {
-                if starts[shard] < starts[shard + 1] {
-                    guards.push((lock(&self.shards[shard]), run(shard)));
+            let mut bits = pending;
+            while bits != 0 && grouped < GROUP {
+                let shard = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if let Some(slots) = try_lock(&self.shards[shard]) {
+                    pending &= !(1 << shard);
                     grouped += run(shard).len();
+                    guards.push((slots, run(shard)));
                 }
-                shard += 1;
+            }
+            if guards.is_empty() {
+                let shard = pending.trailing_zeros() as usize;
+                pending &= !(1 << shard);
+                guards.push((lock(&self.shards[shard]), run(shard)));
             }
             // Read every home slot first: independent loads whose misses overlap.
             let mut touched = 0usize;
@@ -716,6 +729,16 @@ fn lock<K, E>(shard: &Shard<K, E>) -> MutexGuard<'_, Slots<K, E>> {
         .slots
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A shard's slots if no other thread holds them (poisoning as in [`lock`]).
+#[inline]
+fn try_lock<K, E>(shard: &Shard<K, E>) -> Option<MutexGuard<'_, Slots<K, E>>> {
+    match shard.slots.try_lock() {
+        Ok(slots) => Some(slots),
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
 }
 
 /// The index of the slot holding `(service, client)`, probing linearly from the hash.
