@@ -818,14 +818,11 @@ fn on_two_threads_chained(n: u64, op: impl Fn(u64, u64) -> u64 + Sync) -> PerOp 
 
 /// Like [`on_two_threads`] for an operation on `batch` random numbers at once (with a
 /// connection and a result buffer the operation may reuse); the time is per number.
-fn on_two_threads_batched<'a, C, P>(
+fn on_two_threads_batched<C, P>(
     n: u64,
     batch: usize,
     op: impl Fn(&[u64], &mut Vec<C>, &mut Vec<P>) + Sync,
-) -> PerOp
-where
-    C: 'a,
-{
+) -> PerOp {
     let per_thread: Vec<PerOp> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2u64)
             .map(|t| {
