@@ -29,9 +29,33 @@
 //! that variant, touching the slots of 16 connections before picking them halved the cost
 //! (160–190 ns per hit), still above the 60 ns of a hit whose slot is already cached.
 //!
+//! # Batches
+//!
+//! So one-at-a-time picks cannot get much below one uncached read each. Embedders that see
+//! connections in bursts (an `epoll_wait` or `io_uring` completion batch, a packet burst) can
+//! call [`FlatAffinityTable::pick_batch`], which gives exactly the answers of single picks in
+//! turn but overlaps their misses: it hashes every connection, groups them by shard (a
+//! counting sort), locks the shards of about 32 connections at once (`try_lock`, a busy
+//! shard is left for a later group, so it never waits while holding a lock), reads each
+//! connection's home slot and the one after it (independent loads, whose misses the CPU
+//! keeps in flight together), then picks each shard's connections in batch order. Picks on
+//! different shards commute unless an insertion finds the table full, so a bounded table is
+//! batched only in chunks that cannot fill it, and one connection at a time when it is full.
+//! Each lock a batch takes after the other core is a cache-line transfer between the cores,
+//! so the table has 16 shards rather than 64 (see `SHARD_BITS`).
+//!
+//! `lb-scale --affinity`, same shape as above: batches of 256 hits cost 76–78 ns per hit (wall
+//! and CPU) in a quiet run whose dependent read cost 206 ns, and 82–88 ns of CPU on a
+//! machine loaded by other builds (where the dependent read costs 260–320 ns of CPU); batches
+//! of 32 cost 103–143 ns of CPU (each takes about 14 of the 16 locks, so lock transfers
+//! between the cores dominate). The single pick costs what it did (the same figures with 16
+//! or 64 shards). With one thread and the entries cached a batched hit is about 40 ns of CPU
+//! work (hash, group, probe, eligibility scan, expiry store, result): the rest of the 76 ns is
+//! memory and the lock transfers.
+//!
 //! # Layout
 //!
-//! `SHARDS` shards, chosen by the top bits of the hash, each a [`Mutex`] around a power-of-two
+//! 16 shards, chosen by the top bits of the hash, each a [`Mutex`] around a power-of-two
 //! array of `Option<Slot>` probed linearly from the low bits of the hash, kept at most 3/4 full
 //! (it doubles beyond that). With `u32` keys and `SocketAddr` endpoints a slot is 64 bytes, a
 //! cache line's size (not aligned to one: aligning would pad smaller slots, and measured no
@@ -254,19 +278,47 @@ where
     ///
     /// In a table far larger than the CPU caches a pick waits for one cache miss, and picks made
     /// one after another do not overlap their misses (see the [module docs](self)). A batch
-    /// reads the home slots of all its connections before deciding any of them, so their
-    /// misses are in flight together: this is the API for embedders that receive connections
+    /// reads the slots where its connections' entries lie before deciding any of them, so
+    /// their misses are in flight together: this is the API for embedders that receive connections
     /// in bursts (an `epoll_wait` or `io_uring` completion batch, a packet burst).
+    ///
+    /// ```
+    /// use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    /// use std::time::{Duration, Instant};
+    /// use lb_core::affinity::{FlatAffinityTable, NewConnection, Outcome};
+    ///
+    /// let table: FlatAffinityTable<u32, SocketAddr> = FlatAffinityTable::new();
+    /// let endpoints: Vec<SocketAddr> = vec!["10.0.0.1:80".parse()?, "10.0.0.2:80".parse()?];
+    /// let now = Instant::now();
+    /// // A burst of three connections, the first and the last from one client.
+    /// let conns: Vec<_> = [7, 8, 7]
+    ///     .into_iter()
+    ///     .zip([0, 1, u64::MAX])
+    ///     .map(|(host, random)| NewConnection {
+    ///         service: &1,
+    ///         client: IpAddr::V4(Ipv4Addr::new(192, 0, 2, host)),
+    ///         now,
+    ///         timeout: Duration::from_secs(10_800),
+    ///         random,
+    ///     })
+    ///     .collect();
+    /// let mut picks = Vec::new();
+    /// table.pick_batch(&conns, &endpoints, &mut picks);
+    /// let picks: Vec<_> = picks.into_iter().flatten().map(|p| (p.endpoint, p.outcome)).collect();
+    /// assert_eq!(picks[0], (endpoints[0], Outcome::Miss));
+    /// assert_eq!(picks[2], (endpoints[0], Outcome::Hit));
+    /// # Ok::<(), std::net::AddrParseError>(())
+    /// ```
     ///
     /// # Concurrency
     ///
     /// "Exactly" holds when no other thread changes the table during the batch. The batch is
     /// not atomic: other threads may pick between its connections, and then each result
     /// keeps the contract (never an expired or ineligible endpoint, the bound never exceeded)
-    /// as concurrent single picks do. The batch locks
-    /// several shards at once (always in ascending order, so batches on several threads cannot
-    /// deadlock) and calls nothing outside the table while holding them, except `is_eligible`
-    /// in [`FlatAffinityTable::pick_batch_with`].
+    /// as concurrent single picks do. The batch holds several shards' locks at once, but waits
+    /// for a lock only while it holds none (so batches on several threads cannot deadlock),
+    /// and calls nothing outside the table while holding them, except `is_eligible` in
+    /// [`FlatAffinityTable::pick_batch_with`].
     pub fn pick_batch(
         &self,
         conns: &[NewConnection<'_, K>],
@@ -320,10 +372,9 @@ where
         }
     }
 
-    /// Picks `conns[range]` into `out[range]`, grouped by shard: the next shards holding about
-    /// [`GROUP`] connections are locked at once (in ascending order), the home slots of all
-    /// their connections are read, then each shard's connections are picked in their batch
-    /// order. A connection that finds no room
+    /// Picks `conns[range]` into `out[range]`, grouped by shard: free shards holding about
+    /// [`GROUP`] connections are locked at once, the home slots of all their connections are
+    /// read, then each shard's connections are picked in their batch order. A connection that finds no room
     /// (only possible when other threads insert meanwhile) and the later ones of its shard are
     /// picked one at a time afterwards, with the locks released (a reap needs every shard).
     fn pick_chunk<'e, F, C>(
