@@ -645,11 +645,13 @@ pub fn note_sync_lines(out: &str) {
 }
 
 /// lb-core's affinity table in the shape: 1M remembered clients, 2 threads hitting
-/// uniformly random ones; the mean time of one hit per thread. Then, for reference, the same
-/// two threads doing nothing but random reads in an array the size of the table: independent
-/// reads (the CPU overlaps their misses) and dependent ones (each address comes from the
-/// previous read, so every read waits for its miss) — the floor and the ceiling of a lookup
-/// whose entry is not in the caches.
+/// uniformly random ones; the mean time of one hit per thread, picked one at a time and in
+/// batches (`FlatAffinityTable::pick_batch`) of 32 and of 256 connections. Then, for
+/// reference, the same two threads doing nothing but random reads in an array the size of the
+/// table: independent reads (the CPU overlaps their misses) and dependent ones (each address
+/// comes from the previous read, so every read waits for its miss) — the floor and the
+/// ceiling of a lookup whose entry is not in the caches. Last, all of it again in a child
+/// process on transparent huge pages.
 ///
 /// Each line gives the wall time (what the target is about) and, where Linux reports
 /// it, the CPU time the thread itself ran, which does not grow when other processes share the
@@ -750,7 +752,34 @@ pub fn affinity_hits() {
         "AFFINITY reference, random read in 128 MiB, dependent: {} per read",
         dependent.show()
     );
+    drop(data);
+
+    // Not the headline: the same lines with the table on transparent huge pages (a child
+    // process whose allocator asks for them; this VM gives them only on request), which
+    // spares the TLB misses of 4 KiB pages.
+    if std::env::var_os(THP_CONF).is_none() {
+        let exe = std::env::current_exe().expect("own path");
+        match Command::new(exe)
+            .arg("--affinity")
+            .env(THP_CONF, "thp:always")
+            .output()
+        {
+            Ok(out) => {
+                let out = String::from_utf8_lossy(&out.stdout);
+                for line in out.lines().filter(|l| l.starts_with("AFFINITY ")) {
+                    println!(
+                        "{}",
+                        line.replacen("AFFINITY ", "AFFINITY (huge pages) ", 1)
+                    );
+                }
+            }
+            Err(e) => println!("AFFINITY (huge pages): not measured: {e}"),
+        }
+    }
 }
+
+/// The allocator's configuration variable (jemalloc as built by `tikv-jemallocator`).
+const THP_CONF: &str = "_RJEM_MALLOC_CONF";
 
 /// Time per operation on the slowest of two threads: wall clock, and CPU time where known.
 struct PerOp {
