@@ -35,7 +35,7 @@
 //! connections in bursts (an `epoll_wait` or `io_uring` completion batch, a packet burst) can
 //! call [`FlatAffinityTable::pick_batch`], which gives exactly the answers of single picks in
 //! turn but overlaps their misses: it hashes every connection, groups them by shard (a
-//! counting sort), locks the shards of about 32 connections at once (`try_lock`, a busy
+//! counting sort), locks the shards of about 16 connections at once (`try_lock`, a busy
 //! shard is left for a later group, so it never waits while holding a lock), reads each
 //! connection's home slot and the one after it (independent loads, whose misses the CPU
 //! keeps in flight together), then picks each shard's connections in batch order. Picks on
@@ -93,9 +93,10 @@ const MIN_SLOTS: usize = 8;
 const MAX_CHUNK: usize = u32::MAX as usize;
 /// Connections a batch reads the home slots of before picking them, with their shards locked:
 /// enough to keep many cache misses in flight (the CPU tracks a few dozen), few enough that
-/// another thread rarely waits for the locks. Measured: 16, 32 and 64 give about the same
-/// batch cost, 32 the lowest.
-const GROUP: usize = 32;
+/// another thread rarely waits for the locks. Measured (`lb-scale --affinity`, alternating):
+/// batches of 256 cost about the same with 16 or 32 (80–83 ns per hit) and more with 64
+/// (86–111 ns); batches of 32 cost least with 16 (112–130 ns, against 128–150 with 32).
+const GROUP: usize = 16;
 
 /// A ClientIP affinity table with the contract of [`AffinityTable`](super::AffinityTable), for
 /// `Copy` service keys and endpoints, with a hit cost close to one cache miss.
