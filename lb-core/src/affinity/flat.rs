@@ -44,14 +44,16 @@
 //! Each lock a batch takes after the other core is a cache-line transfer between the cores,
 //! so the table has 16 shards rather than 64 (see `SHARD_BITS`).
 //!
-//! `lb-scale --affinity`, same shape as above: batches of 256 hits cost 76–78 ns per hit (wall
-//! and CPU) in a quiet run whose dependent read cost 206 ns, and 82–88 ns of CPU on a
-//! machine loaded by other builds (where the dependent read costs 260–320 ns of CPU); batches
-//! of 32 cost 103–143 ns of CPU (each takes about 14 of the 16 locks, so lock transfers
-//! between the cores dominate). The single pick costs what it did (the same figures with 16
-//! or 64 shards). With one thread and the entries cached a batched hit is about 40 ns of CPU
-//! work (hash, group, probe, eligibility scan, expiry store, result): the rest of the 76 ns is
-//! memory and the lock transfers.
+//! `lb-scale --affinity`, same shape as above, three runs: batches of 256 cost 85, 121 and
+//! 87 ns per hit (single hits 358, 422, 332 ns; a dependent read 247–271 ns, an independent
+//! one 21–31 ns); quiet runs gave 76–83 ns, runs beside other builds up to 110 ns of CPU
+//! (their memory traffic slows every read). Batches of 32 cost 132–137 ns: each takes about
+//! 14 of the 16 locks, and each lock taken after the other core is a cache-line transfer. The
+//! single pick costs what it did (the same figures with 16 or 64 shards). With one thread and
+//! the entries cached, a batched hit is about 40 ns of CPU work (hash, group, probe,
+//! eligibility scan, expiry store, result); the rest is two independent reads (the home slot
+//! and the next) and the lock transfers. On transparent huge pages (the same command prints
+//! it last, from a child process) batches of 256 cost 76–91 ns.
 //!
 //! # Layout
 //!
