@@ -282,8 +282,8 @@ where
     /// In a table far larger than the CPU caches a pick waits for one cache miss, and picks made
     /// one after another do not overlap their misses (see the [module docs](self)). A batch
     /// reads the slots where its connections' entries lie before deciding any of them, so
-    /// their misses are in flight together: this is the API for embedders that receive connections
-    /// in bursts (an `epoll_wait` or `io_uring` completion batch, a packet burst).
+    /// their misses are in flight together: this is the API for embedders that receive
+    /// connections in bursts (an `epoll_wait` or `io_uring` completion batch, a packet burst).
     ///
     /// ```
     /// use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -349,6 +349,10 @@ where
         C: Fn(usize) -> &'e [E],
         E: 'e,
     {
+        debug_assert!(
+            (0..conns.len()).all(|i| candidates(i).iter().all(|e| is_eligible(i, e))),
+            "every candidate must be eligible"
+        );
         out.clear();
         out.resize(conns.len(), None);
         let mut start = 0;
@@ -377,9 +381,10 @@ where
 
     /// Picks `conns[range]` into `out[range]`, grouped by shard: free shards holding about
     /// [`GROUP`] connections are locked at once, the home slots of all their connections are
-    /// read, then each shard's connections are picked in their batch order. A connection that finds no room
-    /// (only possible when other threads insert meanwhile) and the later ones of its shard are
-    /// picked one at a time afterwards, with the locks released (a reap needs every shard).
+    /// read, then each shard's connections are picked in their batch order. A connection that
+    /// finds no room (only possible when other threads insert meanwhile) and the later ones of
+    /// its shard are picked one at a time afterwards, with the locks released (a reap needs
+    /// every shard).
     fn pick_chunk<'e, F, C>(
         &self,
         conns: &[NewConnection<'_, K>],

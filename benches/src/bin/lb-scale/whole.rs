@@ -657,7 +657,7 @@ pub fn note_sync_lines(out: &str) {
 /// it, the CPU time the thread itself ran, which does not grow when other processes share the
 /// cores.
 pub fn affinity_hits() {
-    use lb_core::affinity::{FlatAffinityTable, NewConnection};
+    use lb_core::affinity::{FlatAffinityTable, NewConnection, Outcome};
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     const CLIENTS: u32 = 1_000_000;
     const HITS: u64 = 4_000_000;
@@ -687,7 +687,7 @@ pub fn affinity_hits() {
         let p = table.pick(conn(client, r), &eps);
         assert_eq!(
             p.map(|p| p.outcome),
-            Some(lb_core::affinity::Outcome::Hit),
+            Some(Outcome::Hit),
             "every pick of a remembered client hits"
         );
     });
@@ -706,7 +706,7 @@ pub fn affinity_hits() {
             table.pick_batch(conns, &eps, out);
             assert!(
                 out.iter()
-                    .all(|p| p.as_ref().map(|p| p.outcome) == Some(lb_core::affinity::Outcome::Hit)),
+                    .all(|p| p.as_ref().map(|p| p.outcome) == Some(Outcome::Hit)),
                 "every pick of a remembered client hits"
             );
         });
