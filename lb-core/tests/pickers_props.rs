@@ -71,19 +71,52 @@ enum Op {
         /// Use `pick_with`, choosing among the eligible endpoints selected by this mask.
         with_candidates: Option<u8>,
     },
+    /// Picks for these connections as one batch (`pick_batch`, or `pick_batch_with` when
+    /// every connection has a candidate mask), which must answer as the same picks in turn.
+    PickBatch(Vec<BatchedPick>),
     SetEligible(u8),
     Advance(Duration),
     Reap,
     RemoveEndpoint(u32),
 }
 
+/// One connection of [`Op::PickBatch`].
+#[derive(Debug, Clone)]
+struct BatchedPick {
+    service: u8,
+    client: u8,
+    timeout_secs: u64,
+    random: u64,
+    candidates: Option<u8>,
+    /// The connection's time after the current one: a batch may span instants.
+    later: Duration,
+}
+
 fn op() -> impl Strategy<Value = Op> {
+    let pick = (
+        0..SERVICES,
+        0..CLIENTS,
+        prop::sample::select(vec![1u64, 5, 30]),
+        any::<u64>(),
+        prop::option::of(any::<u8>()),
+    );
+    let later = prop::sample::select(vec![0u64, 0, 0, 999, 5_000]).prop_map(Duration::from_millis);
+    let batched = (pick.clone(), later).prop_map(
+        |((service, client, timeout_secs, random, candidates), later)| BatchedPick {
+            service,
+            client,
+            timeout_secs,
+            random,
+            candidates,
+            later,
+        },
+    );
     prop_oneof![
-        6 => (0..SERVICES, 0..CLIENTS, prop::sample::select(vec![1u64, 5, 30]), any::<u64>(),
-              prop::option::of(any::<u8>()))
+        6 => pick
             .prop_map(|(service, client, timeout_secs, random, with_candidates)| Op::Pick {
                 service, client, timeout_secs, random, with_candidates
             }),
+        2 => prop::collection::vec(batched, 1..40).prop_map(Op::PickBatch),
         2 => any::<u8>().prop_map(Op::SetEligible),
         3 => (0u64..20_000).prop_map(|ms| Op::Advance(Duration::from_millis(ms))),
         1 => Just(Op::Reap),
@@ -184,6 +217,18 @@ trait Table: Sized {
         is_eligible: impl Fn(&u32) -> bool,
         candidates: &[u32],
     ) -> Option<AffinityPick<u32>>;
+    /// Batch picks where the table has them; one pick after another where it has not.
+    fn pick_batch_with(
+        &self,
+        conns: &[NewConnection<'_, u8>],
+        is_eligible: impl Fn(usize, &u32) -> bool,
+        candidates: &[Vec<u32>],
+    ) -> Vec<Option<AffinityPick<u32>>>;
+    fn pick_batch(
+        &self,
+        conns: &[NewConnection<'_, u8>],
+        eligible: &[u32],
+    ) -> Vec<Option<AffinityPick<u32>>>;
     fn peek(&self, service: u8, client: IpAddr, now: Instant) -> Option<u32>;
     fn reap(&self, now: Instant) -> usize;
     fn remove_endpoint(&self, endpoint: u32) -> usize;
@@ -220,7 +265,7 @@ impl std::hash::BuildHasher for Colliding {
 type CollidingFlatTable = FlatAffinityTable<u8, u32, Colliding>;
 
 macro_rules! impl_table {
-    ($table:ident $(<$($param:ty),*>)?, $new:expr) => {
+    ($table:ident $(<$($param:ty),*>)?, $new:expr, batch: $batch:ident) => {
         impl Table for $table<u8, u32 $($(, $param)*)?> {
             fn new(max_entries: Option<usize>) -> Self {
                 $new(max_entries)
@@ -239,6 +284,21 @@ macro_rules! impl_table {
                 candidates: &[u32],
             ) -> Option<AffinityPick<u32>> {
                 $table::pick_with(self, conn, is_eligible, candidates)
+            }
+            fn pick_batch_with(
+                &self,
+                conns: &[NewConnection<'_, u8>],
+                is_eligible: impl Fn(usize, &u32) -> bool,
+                candidates: &[Vec<u32>],
+            ) -> Vec<Option<AffinityPick<u32>>> {
+                $batch!(with self, conns, is_eligible, candidates)
+            }
+            fn pick_batch(
+                &self,
+                conns: &[NewConnection<'_, u8>],
+                eligible: &[u32],
+            ) -> Vec<Option<AffinityPick<u32>>> {
+                $batch!(self, conns, eligible)
             }
             fn peek(&self, service: u8, client: IpAddr, now: Instant) -> Option<u32> {
                 $table::peek(self, &service, client, now)
@@ -259,17 +319,45 @@ macro_rules! impl_table {
     };
 }
 
+/// `AffinityTable` has no batch API: its "batch" is one pick after another.
+macro_rules! one_by_one {
+    (with $table:expr, $conns:expr, $is_eligible:expr, $candidates:expr) => {
+        $conns
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| $table.pick_with(c, |e| $is_eligible(i, e), &$candidates[i]))
+            .collect()
+    };
+    ($table:expr, $conns:expr, $eligible:expr) => {
+        $conns.iter().map(|&c| $table.pick(c, $eligible)).collect()
+    };
+}
+
+/// `FlatAffinityTable`'s batch API.
+macro_rules! batched {
+    (with $table:expr, $conns:expr, $is_eligible:expr, $candidates:expr) => {{
+        let mut out = Vec::new();
+        $table.pick_batch_with($conns, $is_eligible, |i| &$candidates[i], &mut out);
+        out
+    }};
+    ($table:expr, $conns:expr, $eligible:expr) => {{
+        let mut out = Vec::new();
+        $table.pick_batch($conns, $eligible, &mut out);
+        out
+    }};
+}
+
 impl_table!(AffinityTable, |max: Option<usize>| match max {
     None => AffinityTable::new(),
     Some(max) => AffinityTable::with_max_entries(max),
-});
+}, batch: one_by_one);
 impl_table!(FlatAffinityTable, |max: Option<usize>| match max {
     None => FlatAffinityTable::new(),
     Some(max) => FlatAffinityTable::with_max_entries(max),
-});
+}, batch: batched);
 impl_table!(FlatAffinityTable<Colliding>, |max| {
     FlatAffinityTable::with_hasher(Colliding, max)
-});
+}, batch: batched);
 
 /// Drives `T` and the model with the same operations and requires the same answers.
 fn affinity_matches_the_model<T: Table>(
@@ -332,6 +420,51 @@ fn affinity_matches_the_model<T: Table>(
                         let before = remembered.expect("a hit needs an entry");
                         prop_assert!(!before.expired(now));
                         prop_assert_eq!(before.endpoint, endpoint);
+                    }
+                }
+            }
+            Op::PickBatch(picks) => {
+                let conns: Vec<NewConnection<'_, u8>> = picks
+                    .iter()
+                    .map(|p| NewConnection {
+                        service: &p.service,
+                        client: client_ip(p.client),
+                        now: now + p.later,
+                        timeout: Duration::from_secs(p.timeout_secs),
+                        random: p.random,
+                    })
+                    .collect();
+                let with_candidates = picks.iter().all(|p| p.candidates.is_some());
+                let candidates: Vec<Vec<u32>> = picks
+                    .iter()
+                    .map(|p| match p.candidates.filter(|_| with_candidates) {
+                        None => eligible.clone(),
+                        Some(mask) => eligible
+                            .iter()
+                            .copied()
+                            .filter(|e| mask & (1 << e) != 0)
+                            .collect(),
+                    })
+                    .collect();
+                let got = if with_candidates {
+                    table.pick_batch_with(&conns, |_, e| eligible.contains(e), &candidates)
+                } else {
+                    table.pick_batch(&conns, &eligible)
+                };
+                prop_assert_eq!(got.len(), picks.len());
+                for ((p, got), candidates) in picks.iter().zip(got).zip(&candidates) {
+                    let want = model.pick(
+                        (p.service, p.client),
+                        now + p.later,
+                        Duration::from_secs(p.timeout_secs),
+                        p.random,
+                        &eligible,
+                        candidates,
+                    );
+                    let got = got.map(|p| (p.endpoint, p.outcome));
+                    prop_assert_eq!(got, want);
+                    if let Some((endpoint, _)) = got {
+                        prop_assert!(eligible.contains(&endpoint), "{} is not eligible", endpoint);
                     }
                 }
             }

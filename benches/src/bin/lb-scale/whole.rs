@@ -645,20 +645,24 @@ pub fn note_sync_lines(out: &str) {
 }
 
 /// lb-core's affinity table in the shape: 1M remembered clients, 2 threads hitting
-/// uniformly random ones; the mean time of one hit per thread. Then, for reference, the same
-/// two threads doing nothing but random reads in an array the size of the table: independent
-/// reads (the CPU overlaps their misses) and dependent ones (each address comes from the
-/// previous read, so every read waits for its miss) — the floor and the ceiling of a lookup
-/// whose entry is not in the caches.
+/// uniformly random ones; the mean time of one hit per thread, picked one at a time and in
+/// batches (`FlatAffinityTable::pick_batch`) of 32 and of 256 connections. Then, for
+/// reference, the same two threads doing nothing but random reads in an array the size of the
+/// table: independent reads (the CPU overlaps their misses) and dependent ones (each address
+/// comes from the previous read, so every read waits for its miss) — the floor and the
+/// ceiling of a lookup whose entry is not in the caches. Last, all of it again in a child
+/// process on transparent huge pages.
 ///
 /// Each line gives the wall time (what the target is about) and, where Linux reports
 /// it, the CPU time the thread itself ran, which does not grow when other processes share the
 /// cores.
 pub fn affinity_hits() {
-    use lb_core::affinity::{FlatAffinityTable, NewConnection};
+    use lb_core::affinity::{FlatAffinityTable, NewConnection, Outcome};
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     const CLIENTS: u32 = 1_000_000;
     const HITS: u64 = 4_000_000;
+    /// Connections per `pick_batch` call: a modest `epoll_wait` burst, and a large one.
+    const BATCHES: [usize; 2] = [32, 256];
     println!("\n## lb-core FlatAffinityTable, {CLIENTS} clients, 2 threads, uniformly random hits");
     let table: FlatAffinityTable<u32, SocketAddr> = FlatAffinityTable::new();
     let eps: Vec<SocketAddr> = (0..10u8)
@@ -683,7 +687,7 @@ pub fn affinity_hits() {
         let p = table.pick(conn(client, r), &eps);
         assert_eq!(
             p.map(|p| p.outcome),
-            Some(lb_core::affinity::Outcome::Hit),
+            Some(Outcome::Hit),
             "every pick of a remembered client hits"
         );
     });
@@ -691,7 +695,31 @@ pub fn affinity_hits() {
         "AFFINITY hit, 1M clients, 2 threads: {} per hit (slowest thread)",
         per_hit.show()
     );
-    summary::note(Row::Affinity, format!("{} per hit", per_hit.show()));
+    let mut batches = Vec::new();
+    for batch in BATCHES {
+        let per_hit = on_two_threads_batched(HITS, batch, |randoms, conns, out| {
+            conns.clear();
+            conns.extend(randoms.iter().map(|&r| {
+                let client = (((r >> 32) * u64::from(CLIENTS)) >> 32) as u32;
+                conn(client, r)
+            }));
+            table.pick_batch(conns, &eps, out);
+            assert!(
+                out.iter()
+                    .all(|p| p.as_ref().map(|p| p.outcome) == Some(Outcome::Hit)),
+                "every pick of a remembered client hits"
+            );
+        });
+        println!(
+            "AFFINITY hit, batches of {batch}, 1M clients, 2 threads: {} per hit (slowest thread)",
+            per_hit.show()
+        );
+        batches.push(format!("batches of {batch}: {}", per_hit.show()));
+    }
+    summary::note(
+        Row::Affinity,
+        format!("one at a time {}; {}", per_hit.show(), batches.join("; ")),
+    );
     drop(table);
 
     // The table's slot array at 1M clients: 2^21 slots of 64 bytes (at most 3/4 full).
@@ -724,7 +752,34 @@ pub fn affinity_hits() {
         "AFFINITY reference, random read in 128 MiB, dependent: {} per read",
         dependent.show()
     );
+    drop(data);
+
+    // Not the headline: the same lines with the table on transparent huge pages (a child
+    // process whose allocator asks for them; this VM gives them only on request), which
+    // spares the TLB misses of 4 KiB pages.
+    if std::env::var_os(THP_CONF).is_none() {
+        let exe = std::env::current_exe().expect("own path");
+        match Command::new(exe)
+            .arg("--affinity")
+            .env(THP_CONF, "thp:always")
+            .output()
+        {
+            Ok(out) => {
+                let out = String::from_utf8_lossy(&out.stdout);
+                for line in out.lines().filter(|l| l.starts_with("AFFINITY ")) {
+                    println!(
+                        "{}",
+                        line.replacen("AFFINITY ", "AFFINITY (huge pages) ", 1)
+                    );
+                }
+            }
+            Err(e) => println!("AFFINITY (huge pages): not measured: {e}"),
+        }
+    }
 }
+
+/// The allocator's configuration variable (jemalloc as built by `tikv-jemallocator`).
+const THP_CONF: &str = "_RJEM_MALLOC_CONF";
 
 /// Time per operation on the slowest of two threads: wall clock, and CPU time where known.
 struct PerOp {
@@ -774,6 +829,55 @@ fn on_two_threads_chained(n: u64, op: impl Fn(u64, u64) -> u64 + Sync) -> PerOp 
                         .map(|(a, b)| b.saturating_sub(a) / n as u32);
                     PerOp {
                         wall: started.elapsed() / n as u32,
+                        cpu,
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .collect()
+    });
+    PerOp {
+        wall: per_thread.iter().map(|p| p.wall).max().unwrap_or_default(),
+        cpu: per_thread.iter().map(|p| p.cpu).max().flatten(),
+    }
+}
+
+/// Like [`on_two_threads`] for an operation on `batch` random numbers at once (with a
+/// connection and a result buffer the operation may reuse); the time is per number.
+fn on_two_threads_batched<C, P>(
+    n: u64,
+    batch: usize,
+    op: impl Fn(&[u64], &mut Vec<C>, &mut Vec<P>) + Sync,
+) -> PerOp {
+    let per_thread: Vec<PerOp> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2u64)
+            .map(|t| {
+                let op = &op;
+                s.spawn(move || {
+                    let mut x = 0x1234_5678_u64 ^ t << 40;
+                    let mut randoms = vec![0; batch];
+                    let (mut conns, mut out) = (Vec::with_capacity(batch), Vec::new());
+                    let calls = n / batch as u64;
+                    let (started, cpu_started) = (Instant::now(), thread_cpu_time());
+                    for _ in 0..calls {
+                        for r in randoms.iter_mut() {
+                            // xorshift64*, as in `on_two_threads_chained`.
+                            x ^= x >> 12;
+                            x ^= x << 25;
+                            x ^= x >> 27;
+                            *r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+                        }
+                        op(&randoms, &mut conns, &mut out);
+                    }
+                    let done = (calls * batch as u64).max(1) as u32;
+                    let cpu = cpu_started
+                        .zip(thread_cpu_time())
+                        .map(|(a, b)| b.saturating_sub(a) / done);
+                    PerOp {
+                        wall: started.elapsed() / done,
                         cpu,
                     }
                 })
