@@ -331,29 +331,36 @@ fn estimated_bytes(tx: &Transaction) -> usize {
 /// written is touched: 64 MiB holds a 50,000-Service full sync in one page).
 const STREAMED_PAGE_BYTES: u32 = 64 << 20;
 
-/// A batch being encoded: the messages, and each command's rendering for error messages (a
-/// batch given in pieces no longer holds its commands when the kernel answers).
+/// A batch being encoded: the messages, the number of commands, and, for a batch given in
+/// pieces (which no longer holds its commands when the kernel answers), each command's
+/// rendering for error messages.
 struct Encoder {
     b: Batch,
-    shorts: Vec<String>,
+    commands: usize,
+    shorts: Option<Vec<String>>,
 }
 
 impl Encoder {
-    fn new(page: u32) -> Self {
+    /// `keep_shorts`: whether to keep each command's rendering.
+    fn new(page: u32, keep_shorts: bool) -> Self {
         Encoder {
             b: Batch {
                 batch: nftnl::Batch::with_page_size(page),
                 owners: Vec::new(),
                 set_ids: 0,
             },
-            shorts: Vec::new(),
+            commands: 0,
+            shorts: keep_shorts.then(Vec::new),
         }
     }
 
     fn push(&mut self, c: &Command) -> Result<(), ApplyError> {
-        let i = self.shorts.len();
+        let i = self.commands;
         encode_command(&mut self.b, i, c).map_err(|r| ApplyError::invalid(i, c, r))?;
-        self.shorts.push(short(c));
+        if let Some(shorts) = &mut self.shorts {
+            shorts.push(short(c));
+        }
+        self.commands += 1;
         Ok(())
     }
 }
@@ -370,11 +377,11 @@ impl Backend for Netlink {
             );
             bytes as u32
         });
-        let mut e = Encoder::new(page);
+        let mut e = Encoder::new(page, false);
         for c in &tx.commands {
             e.push(c)?;
         }
-        self.send(e)
+        self.send(e, &|i| short(&tx.commands[i]))
     }
 
     /// Encodes each piece as it comes and frees it: the kernel gets one batch, and only the
@@ -383,17 +390,18 @@ impl Backend for Netlink {
         &mut self,
         produce: &mut dyn FnMut(&mut super::Sink<'_>) -> Result<(), ApplyError>,
     ) -> Result<(), ApplyError> {
-        let mut e = Encoder::new(self.page_size.unwrap_or(STREAMED_PAGE_BYTES));
+        let mut e = Encoder::new(self.page_size.unwrap_or(STREAMED_PAGE_BYTES), true);
         produce(&mut |piece: Transaction| {
             for c in &piece.commands {
                 e.push(c)?;
             }
             Ok(())
         })?;
-        if e.shorts.is_empty() {
+        if e.commands == 0 {
             return Ok(());
         }
-        self.send(e)
+        let shorts = e.shorts.take().unwrap_or_default();
+        self.send(e, &|i| shorts.get(i).cloned().unwrap_or_default())
     }
     /// A consistent dump ([`Netlink::dump_elements`]) decoded with the set's types.
     fn list_elements(
@@ -439,9 +447,9 @@ impl Backend for Netlink {
 
 impl Netlink {
     /// Sends an encoded batch and reads the kernel's answers: the first error, with the
-    /// command it belongs to.
-    fn send(&mut self, e: Encoder) -> Result<(), ApplyError> {
-        let Encoder { b, shorts } = e;
+    /// command it belongs to (`describe`: the rendering of command `i`).
+    fn send(&mut self, e: Encoder, describe: &dyn Fn(usize) -> String) -> Result<(), ApplyError> {
+        let Encoder { b, .. } = e;
         let Batch { batch, owners, .. } = b;
         let batch = batch.finalize();
         let seqs = batch.sequence_numbers();
@@ -512,7 +520,7 @@ impl Netlink {
             return Err(match owner {
                 Some(i) => ApplyError::Kernel {
                     index: i,
-                    command: shorts[i].clone(),
+                    command: describe(i),
                     source,
                 },
                 None => ApplyError::Batch(source),
