@@ -1087,66 +1087,62 @@ mod tests {
 
     #[test]
     fn concurrent_batches_never_exceed_the_bound_and_keep_len_exact() {
-        let table = Arc::new(FlatAffinityTable::<u32, u32>::with_max_entries(500));
-        let t0 = Instant::now();
-        let threads: Vec<_> = (0..4u32)
-            .map(|t| {
-                let table = Arc::clone(&table);
-                std::thread::spawn(move || {
-                    let mut out = Vec::new();
-                    for i in 0..500u32 {
-                        let now = t0 + Duration::from_millis(u64::from(i) * 10);
-                        let conns: Vec<_> = (0..16)
-                            .map(|k| {
-                                let c = (i * 16 + k) * 7 + t;
-                                NewConnection {
-                                    timeout: Duration::from_secs(1),
-                                    ..conn(c % 2_000, now, u64::from(c))
-                                }
-                            })
-                            .collect();
-                        table.pick_batch(&conns, &[1, 2, 3], &mut out);
-                        assert!(out.iter().all(Option::is_some));
-                        assert!(table.len() <= 500);
-                        if i % 100 == 0 {
-                            table.reap(now);
+        on_four_threads_bounded_to_500(|table, t, t0| {
+            let mut out = Vec::new();
+            for i in 0..500u32 {
+                let now = t0 + Duration::from_millis(u64::from(i) * 10);
+                let conns: Vec<_> = (0..16)
+                    .map(|k| {
+                        let c = (i * 16 + k) * 7 + t;
+                        NewConnection {
+                            timeout: Duration::from_secs(1),
+                            ..conn(c % 2_000, now, u64::from(c))
                         }
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().expect("no panic");
-        }
-        let stored: usize = table.shards.iter().map(|s| lock(s).used).sum();
-        assert_eq!(table.len(), stored);
-        assert!(table.len() <= 500);
+                    })
+                    .collect();
+                table.pick_batch(&conns, &[1, 2, 3], &mut out);
+                assert!(out.iter().all(Option::is_some));
+                assert!(table.len() <= 500);
+                if i % 100 == 0 {
+                    table.reap(now);
+                }
+            }
+        });
     }
 
     #[test]
     fn concurrent_picks_never_exceed_the_bound_and_keep_len_exact() {
+        on_four_threads_bounded_to_500(|table, t, t0| {
+            for i in 0..5_000u32 {
+                let now = t0 + Duration::from_millis(u64::from(i));
+                let conn = NewConnection {
+                    service: &1,
+                    client: IpAddr::V4(Ipv4Addr::from((i * 7 + t) % 2_000)),
+                    now,
+                    timeout: Duration::from_secs(1),
+                    random: u64::from(i),
+                };
+                table.pick(conn, &[1, 2, 3]).expect("eligible");
+                assert!(table.len() <= 500);
+                if i % 1000 == 0 {
+                    table.reap(now);
+                }
+            }
+        });
+    }
+
+    /// Runs `work(table, t, t0)` on threads `t` = 0..4 sharing one table bounded to 500
+    /// entries, then checks that the count matches the slots in use and kept the bound.
+    fn on_four_threads_bounded_to_500(
+        work: impl Fn(&FlatAffinityTable<u32, u32>, u32, Instant) + Send + Sync + 'static,
+    ) {
         let table = Arc::new(FlatAffinityTable::<u32, u32>::with_max_entries(500));
+        let work = Arc::new(work);
         let t0 = Instant::now();
         let threads: Vec<_> = (0..4u32)
             .map(|t| {
-                let table = Arc::clone(&table);
-                std::thread::spawn(move || {
-                    for i in 0..5_000u32 {
-                        let now = t0 + Duration::from_millis(u64::from(i));
-                        let conn = NewConnection {
-                            service: &1,
-                            client: IpAddr::V4(Ipv4Addr::from((i * 7 + t) % 2_000)),
-                            now,
-                            timeout: Duration::from_secs(1),
-                            random: u64::from(i),
-                        };
-                        table.pick(conn, &[1, 2, 3]).expect("eligible");
-                        assert!(table.len() <= 500);
-                        if i % 1000 == 0 {
-                            table.reap(now);
-                        }
-                    }
-                })
+                let (table, work) = (Arc::clone(&table), Arc::clone(&work));
+                std::thread::spawn(move || work(&table, t, t0))
             })
             .collect();
         for t in threads {

@@ -808,41 +808,15 @@ fn on_two_threads(n: u64, op: impl Fn(u64) + Sync) -> PerOp {
 /// Like [`on_two_threads`], feeding each call the previous call's result, so that calls
 /// whose next input depends on it cannot overlap.
 fn on_two_threads_chained(n: u64, op: impl Fn(u64, u64) -> u64 + Sync) -> PerOp {
-    let per_thread: Vec<PerOp> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..2u64)
-            .map(|t| {
-                let op = &op;
-                s.spawn(move || {
-                    let mut x = 0x1234_5678_u64 ^ t << 40;
-                    let mut previous = 0;
-                    let (started, cpu_started) = (Instant::now(), thread_cpu_time());
-                    for _ in 0..n {
-                        // xorshift64*: a cheap uniform stream.
-                        x ^= x >> 12;
-                        x ^= x << 25;
-                        x ^= x >> 27;
-                        previous = op(x.wrapping_mul(0x2545_f491_4f6c_dd1d), previous);
-                    }
-                    std::hint::black_box(previous);
-                    let cpu = cpu_started
-                        .zip(thread_cpu_time())
-                        .map(|(a, b)| b.saturating_sub(a) / n as u32);
-                    PerOp {
-                        wall: started.elapsed() / n as u32,
-                        cpu,
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("bench thread"))
-            .collect()
-    });
-    PerOp {
-        wall: per_thread.iter().map(|p| p.wall).max().unwrap_or_default(),
-        cpu: per_thread.iter().map(|p| p.cpu).max().flatten(),
-    }
+    timed_on_two_threads(|t| {
+        let mut x = xorshift_seed(t);
+        let mut previous = 0;
+        for _ in 0..n {
+            previous = op(xorshift(&mut x), previous);
+        }
+        std::hint::black_box(previous);
+        n
+    })
 }
 
 /// Like [`on_two_threads`] for an operation on `batch` random numbers at once (with a
@@ -852,27 +826,31 @@ fn on_two_threads_batched<C, P>(
     batch: usize,
     op: impl Fn(&[u64], &mut Vec<C>, &mut Vec<P>) + Sync,
 ) -> PerOp {
+    timed_on_two_threads(|t| {
+        let mut x = xorshift_seed(t);
+        let mut randoms = vec![0; batch];
+        let (mut conns, mut out) = (Vec::with_capacity(batch), Vec::new());
+        let calls = n / batch as u64;
+        for _ in 0..calls {
+            for r in randoms.iter_mut() {
+                *r = xorshift(&mut x);
+            }
+            op(&randoms, &mut conns, &mut out);
+        }
+        calls * batch as u64
+    })
+}
+
+/// Runs `work(t)` on threads `t` = 0 and 1; `work` returns how many operations it did. The
+/// time per operation of the slowest thread: wall clock, and the thread's CPU time.
+fn timed_on_two_threads(work: impl Fn(u64) -> u64 + Sync) -> PerOp {
     let per_thread: Vec<PerOp> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2u64)
             .map(|t| {
-                let op = &op;
+                let work = &work;
                 s.spawn(move || {
-                    let mut x = 0x1234_5678_u64 ^ t << 40;
-                    let mut randoms = vec![0; batch];
-                    let (mut conns, mut out) = (Vec::with_capacity(batch), Vec::new());
-                    let calls = n / batch as u64;
                     let (started, cpu_started) = (Instant::now(), thread_cpu_time());
-                    for _ in 0..calls {
-                        for r in randoms.iter_mut() {
-                            // xorshift64*, as in `on_two_threads_chained`.
-                            x ^= x >> 12;
-                            x ^= x << 25;
-                            x ^= x >> 27;
-                            *r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
-                        }
-                        op(&randoms, &mut conns, &mut out);
-                    }
-                    let done = (calls * batch as u64).max(1) as u32;
+                    let done = work(t).max(1) as u32;
                     let cpu = cpu_started
                         .zip(thread_cpu_time())
                         .map(|(a, b)| b.saturating_sub(a) / done);
@@ -892,6 +870,19 @@ fn on_two_threads_batched<C, P>(
         wall: per_thread.iter().map(|p| p.wall).max().unwrap_or_default(),
         cpu: per_thread.iter().map(|p| p.cpu).max().flatten(),
     }
+}
+
+/// The start of thread `t`'s random stream.
+fn xorshift_seed(t: u64) -> u64 {
+    0x1234_5678_u64 ^ t << 40
+}
+
+/// The next number of an xorshift64* stream: a cheap uniform one.
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x >> 12;
+    *x ^= *x << 25;
+    *x ^= *x >> 27;
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
 /// The CPU time the calling thread has run (Linux: the first field of its `schedstat`).
