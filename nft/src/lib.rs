@@ -224,6 +224,8 @@ pub(crate) fn short(cmd: &Command) -> String {
         }
         s.truncate(end);
         s.push('…');
+        // Rendered with its first elements, kept for every command of a streamed batch.
+        s.shrink_to_fit();
     }
     s
 }

@@ -32,7 +32,8 @@
 //! every core. Nothing is bounded by size (real dumps of any size read), while the protections
 //! against alias bombs (bounded alias replay) and absurd nesting (depth 128) stay. A type error
 //! names the field path: a document that fails is read a second time with path tracking, which
-//! is too slow to pay for on every document.
+//! is too slow to pay for on every document. [`Sources`] converts each file's objects as soon
+//! as the file is read and keeps only the converted form.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -43,7 +44,8 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
-use lb_core::IpFamily;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use lb_core::{IpFamily, ServicePort};
 use serde_json::Value;
 
 use crate::convert::{self, ConvertError, Converted, Filter};
@@ -64,19 +66,14 @@ pub struct Objects {
     pub service_cidrs: Vec<ServiceCIDR>,
 }
 
-/// The objects found in a set of manifests, borrowed from where they are kept
-/// ([`Sources::objects`], [`Objects::refs`]): converting them needs no copy of them (issue 13:
-/// a copy of every object read was most of the memory a load of a large cluster peaked at).
+/// The objects of a set of manifests, converted, borrowed from where they are kept
+/// ([`Sources::objects`]): loading them into a store copies only what the store keeps.
 #[derive(Debug, Default, Clone)]
 pub struct ObjectRefs<'a> {
-    /// Services.
-    pub services: Vec<&'a Service>,
-    /// EndpointSlices.
-    pub endpoint_slices: Vec<&'a EndpointSlice>,
-    /// Nodes.
-    pub nodes: Vec<&'a Node>,
-    /// ServiceCIDRs (`networking.k8s.io/v1`).
-    pub service_cidrs: Vec<&'a ServiceCIDR>,
+    services: Vec<(&'a ObjectKey, &'a Converted<Vec<ServicePort>>)>,
+    slices: Vec<(&'a ObjectKey, &'a Converted<convert::Slice>)>,
+    nodes: Vec<&'a lb_core::Node>,
+    service_cidrs: Vec<&'a [ipnet::IpNet]>,
 }
 
 /// A problem with one document or object; reading goes on.
@@ -150,20 +147,52 @@ pub struct Loaded {
 /// Identity of an object in the manifests: kind, namespace (empty for Nodes), name.
 type ObjectKey = (&'static str, String, String);
 
-/// One object of a kind we use.
+/// One object of a kind we use, as read.
 #[derive(Debug, Clone, PartialEq)]
-enum Object {
+enum Typed {
     Service(Box<Service>),
     Slice(Box<EndpointSlice>),
     Node(Box<Node>),
     ServiceCidr(Box<ServiceCIDR>),
 }
 
+/// One object of a kind we use, converted (and so validated) as the store takes it: what
+/// [`Sources`] keeps of each file, under half the memory of the object as read, and not
+/// converted a second time when the store is filled (issue 13).
+#[derive(Debug, Clone, PartialEq)]
+enum Object {
+    Service(Converted<Vec<ServicePort>>),
+    Slice(Converted<convert::Slice>),
+    Node(Box<lb_core::Node>),
+    ServiceCidr(Vec<ipnet::IpNet>),
+}
+
+impl Typed {
+    /// Converts the object; an EndpointSlice's invalid endpoints go to `errors` (the rest of
+    /// it is used).
+    fn convert(
+        &self,
+        filter: &Filter,
+        errors: &mut Vec<ConvertError>,
+    ) -> Result<Object, ConvertError> {
+        Ok(match self {
+            Typed::Service(s) => Object::Service(convert::service(s, filter)?),
+            Typed::Slice(s) => {
+                let (slice, endpoint_errors) = convert::endpoint_slice(s, filter)?;
+                errors.extend(endpoint_errors);
+                Object::Slice(slice)
+            }
+            Typed::Node(n) => Object::Node(Box::new(convert::node(n)?)),
+            Typed::ServiceCidr(c) => Object::ServiceCidr(convert::service_cidr(c)?),
+        })
+    }
+}
+
 /// The outcome of parsing one file that parsed as a whole.
 #[derive(Debug, Default)]
 struct Parsed {
     /// Objects of our kinds, in document order, with their key.
-    objects: Vec<(ObjectKey, Object)>,
+    objects: Vec<(ObjectKey, Typed)>,
     /// Keys of objects whose document did not match their kind's schema.
     broken: Vec<ObjectKey>,
     errors: Vec<ManifestError>,
@@ -548,16 +577,16 @@ impl Parsed {
         };
         let key = (kind_key, namespace, name);
         let typed = match kind_key {
-            "Service" => doc.typed().map(|s| Object::Service(Box::new(s))),
+            "Service" => doc.typed().map(|s| Typed::Service(Box::new(s))),
             "EndpointSlice" => doc.typed().map(|mut s: EndpointSlice| {
                 // The API server defaults a port's protocol to TCP; files are not defaulted.
                 for p in s.ports.iter_mut().flatten() {
                     p.protocol.get_or_insert_with(|| "TCP".into());
                 }
-                Object::Slice(Box::new(s))
+                Typed::Slice(Box::new(s))
             }),
-            "ServiceCIDR" => doc.typed().map(|c| Object::ServiceCidr(Box::new(c))),
-            _ => doc.typed().map(|n| Object::Node(Box::new(n))),
+            "ServiceCIDR" => doc.typed().map(|c| Typed::ServiceCidr(Box::new(c))),
+            _ => doc.typed().map(|n| Typed::Node(Box::new(n))),
         };
         match typed {
             Ok(o) => self.objects.push((key, o)),
@@ -634,59 +663,19 @@ impl Objects {
         }
     }
 
-    fn push(&mut self, o: Object) {
+    fn push(&mut self, o: Typed) {
         match o {
-            Object::Service(s) => self.services.push(*s),
-            Object::Slice(s) => self.endpoint_slices.push(*s),
-            Object::Node(n) => self.nodes.push(*n),
-            Object::ServiceCidr(c) => self.service_cidrs.push(*c),
-        }
-    }
-
-    /// A borrowed view of the objects, for converting them.
-    pub fn refs(&self) -> ObjectRefs<'_> {
-        ObjectRefs {
-            services: self.services.iter().collect(),
-            endpoint_slices: self.endpoint_slices.iter().collect(),
-            nodes: self.nodes.iter().collect(),
-            service_cidrs: self.service_cidrs.iter().collect(),
-        }
-    }
-
-    /// See [`ObjectRefs::service_cidrs`].
-    pub fn service_cidrs(&self, invalid: &mut dyn FnMut(ConvertError)) -> Vec<ipnet::IpNet> {
-        self.refs().service_cidrs(invalid)
-    }
-
-    /// See [`ObjectRefs::into_store`].
-    pub fn into_store(
-        self,
-        node_name: Option<&str>,
-        filter: &Filter,
-    ) -> (Store, Vec<ConvertError>, Vec<String>) {
-        self.refs().into_store(node_name, filter)
-    }
-
-    /// See [`ObjectRefs::replace_in`].
-    pub fn replace_in(self, store: &mut Store, node_name: Option<&str>, filter: &Filter) -> Loaded {
-        self.refs().replace_in(store, node_name, filter)
-    }
-}
-
-impl<'a> ObjectRefs<'a> {
-    fn push(&mut self, o: &'a Object) {
-        match o {
-            Object::Service(s) => self.services.push(s),
-            Object::Slice(s) => self.endpoint_slices.push(s),
-            Object::Node(n) => self.nodes.push(n),
-            Object::ServiceCidr(c) => self.service_cidrs.push(c),
+            Typed::Service(s) => self.services.push(*s),
+            Typed::Slice(s) => self.endpoint_slices.push(*s),
+            Typed::Node(n) => self.nodes.push(*n),
+            Typed::ServiceCidr(c) => self.service_cidrs.push(*c),
         }
     }
 
     /// The CIDRs of every ServiceCIDR object (sorted, without duplicates); an invalid one is
     /// reported through `invalid` and left out.
     pub fn service_cidrs(&self, invalid: &mut dyn FnMut(ConvertError)) -> Vec<ipnet::IpNet> {
-        let mut all = std::collections::BTreeSet::new();
+        let mut all = BTreeSet::new();
         for c in &self.service_cidrs {
             match convert::service_cidr(c) {
                 Ok(cidrs) => all.extend(cidrs),
@@ -699,7 +688,7 @@ impl<'a> ObjectRefs<'a> {
     /// Converts the objects into a store for node `node_name` (or the only Node given, when
     /// `None`). Invalid objects are reported and left out; the rest are loaded.
     pub fn into_store(
-        &self,
+        self,
         node_name: Option<&str>,
         filter: &Filter,
     ) -> (Store, Vec<ConvertError>, Vec<String>) {
@@ -710,34 +699,119 @@ impl<'a> ObjectRefs<'a> {
 
     /// Replaces everything in `store` with these objects (as a re-list would), so the store
     /// records exactly which Services changed. Returns the invalid objects, the skipped ones
-    /// and the ignored EndpointSlices (with the reason).
-    pub fn replace_in(
-        &self,
-        store: &mut Store,
-        node_name: Option<&str>,
-        filter: &Filter,
-    ) -> Loaded {
+    /// and the ignored EndpointSlices (with the reason). Conversion is independent per object,
+    /// so a large cluster converts on every core.
+    pub fn replace_in(self, store: &mut Store, node_name: Option<&str>, filter: &Filter) -> Loaded {
         let mut loaded = Loaded::default();
-        let mut services = Vec::new();
-        // Conversion is independent per object, so a large cluster converts on every core.
+        let key = |kind: &'static str, m: &ObjectMeta| -> ObjectKey {
+            let namespace = m.namespace.clone().unwrap_or_else(|| "default".into());
+            (kind, namespace, m.name.clone().unwrap_or_default())
+        };
         let converted = crate::par::map(&self.services, |s| convert::service(s, filter));
-        for (s, converted) in self.services.iter().zip(converted) {
+        let services: Vec<_> = (self.services.iter().zip(converted))
+            .filter_map(|(s, c)| match c {
+                Ok(c) => Some((key("Service", &s.metadata), c)),
+                Err(e) => {
+                    loaded.invalid.push(e);
+                    None
+                }
+            })
+            .collect();
+        let converted = crate::par::map(&self.endpoint_slices, |s| {
+            convert::endpoint_slice(s, filter)
+        });
+        let slices: Vec<_> = (self.endpoint_slices.iter().zip(converted))
+            .filter_map(|(s, c)| match c {
+                Ok((c, endpoint_errors)) => {
+                    loaded.invalid.extend(endpoint_errors);
+                    Some((key("EndpointSlice", &s.metadata), c))
+                }
+                Err(e) => {
+                    loaded.invalid.push(e);
+                    None
+                }
+            })
+            .collect();
+        let node = match node_name {
+            Some(n) => self
+                .nodes
+                .iter()
+                .find(|k| k.metadata.name.as_deref() == Some(n)),
+            None if self.nodes.len() == 1 => self.nodes.first(),
+            None => None,
+        };
+        let node = match (node, node_name) {
+            (Some(k), _) => convert::node(k).map_err(|e| loaded.invalid.push(e)).ok(),
+            (None, n) => n.and_then(|n| lb_core::Node::new(n, None).ok()),
+        };
+        let refs = ObjectRefs {
+            services: services.iter().map(|(k, c)| (k, c)).collect(),
+            slices: slices.iter().map(|(k, c)| (k, c)).collect(),
+            ..ObjectRefs::default()
+        };
+        refs.load(store, node, &mut loaded);
+        loaded
+    }
+}
+
+impl<'a> ObjectRefs<'a> {
+    fn push(&mut self, key: &'a ObjectKey, o: &'a Object) {
+        match o {
+            Object::Service(c) => self.services.push((key, c)),
+            Object::Slice(c) => self.slices.push((key, c)),
+            Object::Node(n) => self.nodes.push(n),
+            Object::ServiceCidr(c) => self.service_cidrs.push(c),
+        }
+    }
+
+    /// The CIDRs of every ServiceCIDR object, sorted, without duplicates.
+    pub fn service_cidrs(&self) -> Vec<ipnet::IpNet> {
+        let all: BTreeSet<ipnet::IpNet> = self
+            .service_cidrs
+            .iter()
+            .copied()
+            .flatten()
+            .copied()
+            .collect();
+        all.into_iter().collect()
+    }
+
+    /// Replaces everything in `store` with these objects (as a re-list would), for node
+    /// `node_name` (or the only Node given, when `None`), so the store records exactly which
+    /// Services changed. Returns the skipped objects and the ignored EndpointSlices (with the
+    /// reason); invalid ones were left out when read.
+    pub fn replace_in(&self, store: &mut Store, node_name: Option<&str>) -> Loaded {
+        let node = match node_name {
+            Some(n) => self.nodes.iter().find(|k| k.name() == n),
+            None if self.nodes.len() == 1 => self.nodes.first(),
+            None => None,
+        };
+        // A node without a Node object: no zone label, so no topology filtering.
+        let node = node
+            .map(|n| (*n).clone())
+            .or_else(|| node_name.and_then(|n| lb_core::Node::new(n, None).ok()));
+        let mut loaded = Loaded::default();
+        self.load(store, node, &mut loaded);
+        loaded
+    }
+
+    /// Puts the Services and EndpointSlices, and `node`, in `store`.
+    fn load(&self, store: &mut Store, node: Option<lb_core::Node>, loaded: &mut Loaded) {
+        let mut services = Vec::new();
+        for ((_, namespace, name), converted) in &self.services {
             match converted {
-                Ok(Converted::Accepted(ports)) => {
+                Converted::Accepted(ports) => {
                     if let Some(p) = ports.first() {
                         let key = convert::ServiceKey {
                             namespace: p.name().namespace.to_string(),
                             name: p.name().name.to_string(),
                         };
-                        services.push((key, ports));
+                        services.push((key, ports.clone()));
                     }
                 }
-                Ok(Converted::Skipped(why)) => loaded.skipped.push(format!(
-                    "Service {}/{}: {why}",
-                    s.metadata.namespace.as_deref().unwrap_or("default"),
-                    s.metadata.name.as_deref().unwrap_or("")
-                )),
-                Err(e) => loaded.invalid.push(e),
+                Converted::Skipped(why) => loaded
+                    .skipped
+                    .push(format!("Service {namespace}/{name}: {why}")),
             }
         }
         // Which families each Service serves: those of its cluster IPs (kube-proxy programs a
@@ -754,20 +828,9 @@ impl<'a> ObjectRefs<'a> {
             .collect();
         store.replace_services(services);
         let mut slices = Vec::new();
-        let converted = crate::par::map(&self.endpoint_slices, |s| {
-            convert::endpoint_slice(s, filter)
-        });
-        for (s, converted) in self.endpoint_slices.iter().zip(converted) {
-            let key = (
-                s.metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
-                s.metadata.name.clone().unwrap_or_default(),
-            );
+        for ((_, namespace, name), converted) in &self.slices {
             match converted {
-                Ok((Converted::Accepted(slice), errs)) => {
-                    loaded.invalid.extend(errs);
+                Converted::Accepted(slice) => {
                     let why = match families.get(&slice.service) {
                         None => Some(format!(
                             "its Service {} is not in the manifests (or not proxied)",
@@ -783,41 +846,21 @@ impl<'a> ObjectRefs<'a> {
                         loaded.ignored.push(Ignored {
                             file: String::new(),
                             kind: "EndpointSlice".into(),
-                            name: format!("{}/{}", key.0, key.1),
+                            name: format!("{namespace}/{name}"),
                             reason,
                         });
                     }
-                    slices.push((key, slice));
+                    slices.push(((namespace.clone(), name.clone()), slice.clone()));
                 }
-                Ok((Converted::Skipped(why), _)) => loaded
+                Converted::Skipped(why) => loaded
                     .skipped
-                    .push(format!("EndpointSlice {}/{}: {why}", key.0, key.1)),
-                Err(e) => loaded.invalid.push(e),
+                    .push(format!("EndpointSlice {namespace}/{name}: {why}")),
             }
         }
         store.replace_slices(slices);
-        let node = match node_name {
-            Some(n) => self
-                .nodes
-                .iter()
-                .find(|k| k.metadata.name.as_deref() == Some(n)),
-            None if self.nodes.len() == 1 => self.nodes.first(),
-            None => None,
-        };
-        match (node, node_name) {
-            (Some(k), _) => match convert::node(k) {
-                Ok(n) => store.set_node(n),
-                Err(e) => loaded.invalid.push(e),
-            },
-            (None, Some(n)) => {
-                // A node without a Node object: no zone label, so no topology filtering.
-                if let Ok(n) = lb_core::Node::new(n, None) {
-                    store.set_node(n);
-                }
-            }
-            (None, None) => {}
+        if let Some(n) = node {
+            store.set_node(n);
         }
-        loaded
     }
 }
 
@@ -1144,6 +1187,11 @@ impl Sources {
         state.failing = None;
         state.ignored = std::mem::take(&mut parsed.ignored);
         let (objects, errors) = validate(&file, parsed, &state.objects, filter);
+        if stamp.len >= PARALLEL_MIN_BYTES as u64 {
+            // Parsed on several threads, each allocating in an arena of its own: what they
+            // freed goes back now, or the next file's threads add to the peak (issue 13).
+            crate::memory::release_freed();
+        }
         out.errors.extend(errors);
         if objects != state.objects {
             state.objects = objects;
@@ -1173,8 +1221,8 @@ impl Sources {
             }
         }
         let mut objects = ObjectRefs::default();
-        for (_, (_, o)) in merged {
-            objects.push(o);
+        for (key, (_, o)) in merged {
+            objects.push(key, o);
         }
         (objects, ignored)
     }
@@ -1204,8 +1252,8 @@ impl Sources {
     }
 }
 
-/// Validates a file's objects as the store will convert them. An object that is invalid, or
-/// whose document did not match its schema, keeps its last good version from `old` (if any);
+/// Converts a file's objects as the store takes them. An object that is invalid, or whose
+/// document did not match its schema, keeps its last good version from `old` (if any);
 /// everything else is taken as read. Returns the objects and the problems.
 fn validate(
     file: &str,
@@ -1221,16 +1269,10 @@ fn validate(
     };
     let mut keep_old = Vec::new();
     for (key, o) in parsed.objects {
-        let valid = match &o {
-            Object::Service(s) => convert::service(s, filter).map(|_| ()),
-            Object::Slice(s) => convert::endpoint_slice(s, filter).map(|(_, endpoint_errors)| {
-                errors.extend(endpoint_errors.into_iter().map(invalid))
-            }),
-            Object::Node(n) => convert::node(n).map(|_| ()),
-            Object::ServiceCidr(c) => convert::service_cidr(c).map(|_| ()),
-        };
-        match valid {
-            Ok(()) => {
+        let mut endpoint_errors = Vec::new();
+        match o.convert(filter, &mut endpoint_errors) {
+            Ok(o) => {
+                errors.extend(endpoint_errors.into_iter().map(invalid));
                 objects.insert(key, o);
             }
             Err(e) => {
@@ -1280,7 +1322,7 @@ mod tests {
         let (o, _) = s.objects();
         o.services
             .iter()
-            .map(|s| s.metadata.name.clone().unwrap_or_default())
+            .map(|((_, _, name), _)| name.clone())
             .collect()
     }
 
@@ -1356,11 +1398,11 @@ mod tests {
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(objects.len(), 2999);
         let dup = ("Service", "t".to_string(), "dup".to_string());
-        let Some(Object::Service(s)) = objects.get(&dup) else {
+        let Some(Object::Service(Converted::Accepted(ports))) = objects.get(&dup) else {
             panic!("dup read");
         };
-        let ip = s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref());
-        assert_eq!(ip, Some("10.96.9.9"), "the later copy wins");
+        let ip = ports[0].cluster_ips().first().map(|ip| ip.to_string());
+        assert_eq!(ip.as_deref(), Some("10.96.9.9"), "the later copy wins");
         text.push_str("metadata:\n  name: no-kind\n");
         let err = Parsed::from_text("f.yaml", &text).expect_err("a document without kind");
         assert_eq!(err, "document 3001: no kind");
@@ -1487,12 +1529,15 @@ mod tests {
             let port = |n: &str| {
                 o.services
                     .iter()
-                    .find(|s| s.metadata.name.as_deref() == Some(n))
-                    .and_then(|s| s.spec.as_ref())
-                    .map(|s| (s.cluster_ip.clone(), s.ports.as_ref().map(|p| p[0].port)))
+                    .find(|((_, _, name), _)| name == n)
+                    .and_then(|(_, c)| match c {
+                        Converted::Accepted(ports) => ports.first(),
+                        Converted::Skipped(_) => None,
+                    })
+                    .map(|p| (p.cluster_ips()[0].to_string(), p.port()))
             };
-            assert_eq!(port("web"), Some((Some("10.96.0.10".into()), Some(80))));
-            assert_eq!(port("api").and_then(|p| p.0), Some("10.96.0.12".into()));
+            assert_eq!(port("web"), Some(("10.96.0.10".into(), 80)));
+            assert_eq!(port("api").map(|p| p.0), Some("10.96.0.12".into()));
         }
         // A new object that is invalid from the start is simply left out.
         d.write(
@@ -1620,7 +1665,7 @@ mod tests {
         refresh(&mut s);
         let (objects, mut ignored) = s.objects();
         let mut store = Store::new();
-        let loaded = objects.replace_in(&mut store, Some("node-a"), &Filter::default());
+        let loaded = objects.replace_in(&mut store, Some("node-a"));
         ignored.extend(loaded.ignored);
         let reported = s.newly_ignored(ignored.clone());
         let text: Vec<String> = reported.iter().map(|i| i.to_string()).collect();

@@ -424,15 +424,26 @@ impl<B: Backend> Reconciler<B> {
         }
         self.changes.programmed(&self.metrics, SystemTime::now());
         self.health.updated();
-        // The merged entries of every recompiled Service, read once for the hooks.
-        let changed: Vec<(ServiceKey, Vec<ServiceEntry>)> = report
-            .changed_services
-            .iter()
-            .map(|k| (k.clone(), self.store.entries(k)))
-            .collect();
-        if let Some(node) = self.store.node() {
-            hooks::update_health_checks(node, &changed, &mut self.health_checks);
-            hooks::update_no_local_endpoints(node, &changed, &mut self.no_local, &self.metrics);
+        // The merged entries of every recompiled Service, read for the hooks a few hundred
+        // Services at a time: after a full sync, all of them at once would be another copy of
+        // the store (issue 13: peak memory). Conntrack cleanup keeps only UDP and SCTP ports.
+        let mut conntrack = Vec::new();
+        for keys in report.changed_services.chunks(HOOK_CHUNK) {
+            let changed: Vec<(ServiceKey, Vec<ServiceEntry>)> = keys
+                .iter()
+                .map(|k| (k.clone(), self.store.entries(k)))
+                .collect();
+            if let Some(node) = self.store.node() {
+                hooks::update_health_checks(node, &changed, &mut self.health_checks);
+                hooks::update_no_local_endpoints(node, &changed, &mut self.no_local, &self.metrics);
+            }
+            if self.options.conntrack_cleanup {
+                conntrack.extend(
+                    changed
+                        .iter()
+                        .map(|(k, entries)| (k.clone(), hooks::conntrack_states(entries))),
+                );
+            }
         }
         if let Some(r) = &mut self.responders {
             let wanted = self
@@ -447,7 +458,7 @@ impl<B: Backend> Reconciler<B> {
         }
         if self.options.conntrack_cleanup {
             hooks::clean_conntrack(
-                &changed,
+                conntrack,
                 &mut self.conntrack_seen,
                 &self.metrics,
                 self.options.voice,
@@ -462,6 +473,9 @@ impl<B: Backend> Reconciler<B> {
         report_sync(self.options.voice, report, first);
     }
 }
+
+/// How many changed Services' entries the hooks after a sync get at a time.
+const HOOK_CHUNK: usize = 512;
 
 /// Reports a successful sync in `voice`.
 fn report_sync(voice: Voice, r: &SyncReport, first: bool) {

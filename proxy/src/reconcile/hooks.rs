@@ -136,12 +136,29 @@ pub(super) fn update_health_checks(
     }
 }
 
-/// Deletes conntrack entries that the changes to `changed` Services left stale (UDP and SCTP
-/// flows to endpoints that left; un-DNATed flows to service ports that gained endpoints), and
-/// reconciles the whole table against every Service's serving endpoints
-/// ([`crate::conntrack::Reconciler`]), which also repairs what went stale before a restart.
+/// The UDP and SCTP service ports of a Service's `entries`, as conntrack cleanup compares
+/// them ([`clean_conntrack`]).
+pub(super) fn conntrack_states(
+    entries: &[ServiceEntry],
+) -> Vec<(lb_core::ServicePortName, crate::conntrack::ServicePortState)> {
+    entries
+        .iter()
+        .filter_map(|e| {
+            crate::conntrack::ServicePortState::from_entry(e).map(|s| (e.port.name().clone(), s))
+        })
+        .collect()
+}
+
+/// Deletes conntrack entries that the changes to the `fresh` Services (each with its
+/// [`conntrack_states`] now) left stale (UDP and SCTP flows to endpoints that left;
+/// un-DNATed flows to service ports that gained endpoints), and reconciles the whole table
+/// against every Service's serving endpoints ([`crate::conntrack::Reconciler`]), which also
+/// repairs what went stale before a restart.
 pub(super) fn clean_conntrack(
-    changed: &[(ServiceKey, Vec<ServiceEntry>)],
+    fresh: Vec<(
+        ServiceKey,
+        Vec<(lb_core::ServicePortName, crate::conntrack::ServicePortState)>,
+    )>,
     seen: &mut BTreeMap<
         ServiceKey,
         Vec<(lb_core::ServicePortName, crate::conntrack::ServicePortState)>,
@@ -149,22 +166,16 @@ pub(super) fn clean_conntrack(
     metrics: &Metrics,
     voice: Voice,
 ) {
-    use crate::conntrack::{ServicePortState, ServicePorts};
+    use crate::conntrack::ServicePorts;
     let mut previous = ServicePorts::new();
     let mut next = ServicePorts::new();
-    let mut fresh = Vec::new();
-    for (key, entries) in changed {
+    for (key, now) in &fresh {
         for (name, state) in seen.get(key).into_iter().flatten() {
             previous.insert(name.clone(), state.clone());
         }
-        let now: Vec<_> = entries
-            .iter()
-            .filter_map(|e| ServicePortState::from_entry(e).map(|s| (e.port.name().clone(), s)))
-            .collect();
-        for (name, state) in &now {
+        for (name, state) in now {
             next.insert(name.clone(), state.clone());
         }
-        fresh.push((key.clone(), now));
     }
     // Every UDP and SCTP service port as it is now, for the whole-table reconciliation.
     let mut serving = ServicePorts::new();

@@ -163,12 +163,14 @@ impl FileSource {
         if !r.changed && !first {
             return Ok(loaded);
         }
+        // What parsing used (the documents, the objects as read) is freed: return it before
+        // the store is filled, or the peak holds both (issue 13).
+        crate::memory::release_freed();
         let (objects, mut ignored) = self.sources.objects();
         // Invalid ServiceCIDRs were reported when their file was read, as other objects.
-        let service_cidrs = objects.service_cidrs(&mut |_| {});
+        let service_cidrs = objects.service_cidrs();
         let mut store = Store::new();
-        let converted =
-            objects.replace_in(&mut store, self.files.node.as_deref(), &self.files.filter);
+        let converted = objects.replace_in(&mut store, self.files.node.as_deref());
         // Invalid objects were reported when their file was read (and kept their last good
         // version), so `converted.invalid` holds nothing new.
         for mut i in converted.ignored {
