@@ -450,16 +450,8 @@ impl<B: Backend> Dataplane<B> {
         let result = self.backend.apply_streamed(&mut |sink| {
             let mut counted = |piece: Transaction| {
                 commands += piece.commands.len();
-                let n = piece.element_count();
-                elements += n;
-                sink(piece)?;
-                // A wave of decoded elements, encoded and freed: its pages go back now, or
-                // the next wave, decoded on new threads (other allocator arenas), adds to
-                // the peak instead of reusing them (issue 13).
-                if n >= RELEASE_AFTER_ELEMENTS {
-                    crate::memory::release_freed();
-                }
-                Ok(())
+                elements += piece.element_count();
+                sink(piece)
             };
             for (c, fragments) in compilers.iter().zip(fragments.take().into_iter().flatten()) {
                 // Creating then deleting our table first makes the batch replace whatever an
@@ -514,9 +506,6 @@ impl<B: Backend> Dataplane<B> {
         })
     }
 }
-
-/// A full sync gives freed memory back after each piece of at least this many elements.
-const RELEASE_AFTER_ELEMENTS: usize = 4096;
 
 /// Reads back the affinity maps `stale` looks at: backend I/O only, the decision is
 /// [`Purge::deletes`]. A map the kernel does not hold has no entries.

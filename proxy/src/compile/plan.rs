@@ -160,7 +160,9 @@ pub struct Compiler {
 }
 
 /// How many touched keys of a fresh table are decoded before they are handed on
-/// ([`Compiler::plan_streamed`]): a few MiB of decoded elements at a time.
+/// ([`Compiler::plan_streamed`]): about 2 MiB of decoded elements at a time. Smaller waves
+/// only add commands to the batch; at 10k Services × 10 endpoints, waves of 8k keys instead of
+/// 32k lower `run --once`'s peak from 103 to 96 MiB for 2 % more time (issue 13).
 pub const STREAM_KEYS: usize = 1 << 13;
 
 /// The new fragments of some service ports (`None`: the service port is gone or programs
