@@ -132,10 +132,11 @@ impl fmt::Display for Ignored {
     }
 }
 
-/// What [`Objects::replace_in`] loaded and left out.
+/// What [`Objects::replace_in`] and [`ObjectRefs::replace_in`] loaded and left out.
 #[derive(Debug, Default, Clone)]
 pub struct Loaded {
-    /// Invalid objects (or invalid endpoints of a slice that is otherwise used).
+    /// Invalid objects (or invalid endpoints of a slice that is otherwise used). Always empty
+    /// from [`ObjectRefs::replace_in`]: [`Sources`] leaves invalid objects out as it reads.
     pub invalid: Vec<ConvertError>,
     /// Valid objects that are not ours (headless, another proxy's, ExternalName), with why.
     pub skipped: Vec<String>,
@@ -1187,15 +1188,17 @@ impl Sources {
         state.failing = None;
         state.ignored = std::mem::take(&mut parsed.ignored);
         let (objects, errors) = validate(&file, parsed, &state.objects, filter);
+        out.errors.extend(errors);
+        // Compared converted: an edit of what the proxy does not use (an annotation, a label
+        // it does not read) changes nothing.
+        if objects != state.objects {
+            state.objects = objects;
+            out.changed = true;
+        }
         if stamp.len >= PARALLEL_MIN_BYTES as u64 {
             // Parsed on several threads, each allocating in an arena of its own: what they
             // freed goes back now, or the next file's threads add to the peak (issue 13).
             crate::memory::release_freed();
-        }
-        out.errors.extend(errors);
-        if objects != state.objects {
-            state.objects = objects;
-            out.changed = true;
         }
     }
 
@@ -1254,7 +1257,7 @@ impl Sources {
 
 /// Converts a file's objects as the store takes them. An object that is invalid, or whose
 /// document did not match its schema, keeps its last good version from `old` (if any);
-/// everything else is taken as read. Returns the objects and the problems.
+/// everything else is taken, converted. Returns the objects and the problems.
 fn validate(
     file: &str,
     parsed: Parsed,
@@ -1499,6 +1502,26 @@ mod tests {
         assert!(refresh(&mut s).changed);
         assert_eq!(names(&s), ["web"]);
         assert_eq!(s.failing(), 0);
+    }
+
+    #[test]
+    fn an_edit_of_what_the_proxy_does_not_use_is_no_change() {
+        let d = Dir::new("unused");
+        d.write("a.yaml", SVC);
+        let mut s = Sources::new(&[&d.0]);
+        assert!(refresh(&mut s).changed);
+        d.write(
+            "a.yaml",
+            SVC.replace(
+                "metadata:\n",
+                "metadata:\n  annotations:\n    note: edited\n",
+            ),
+        );
+        let r = refresh(&mut s);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert!(!r.changed, "an annotation the proxy does not read");
+        d.write("a.yaml", SVC.replace("10.96.0.10", "10.96.0.100"));
+        assert!(refresh(&mut s).changed, "a new cluster IP");
     }
 
     #[test]

@@ -435,7 +435,7 @@ impl<B: Backend> Reconciler<B> {
                 .collect();
             if let Some(node) = self.store.node() {
                 hooks::update_health_checks(node, &changed, &mut self.health_checks);
-                hooks::update_no_local_endpoints(node, &changed, &mut self.no_local, &self.metrics);
+                hooks::update_no_local_endpoints(node, &changed, &mut self.no_local);
             }
             if self.options.conntrack_cleanup {
                 conntrack.extend(
@@ -444,6 +444,9 @@ impl<B: Backend> Reconciler<B> {
                         .map(|(k, entries)| (k.clone(), hooks::conntrack_states(entries))),
                 );
             }
+        }
+        if self.store.node().is_some() {
+            hooks::publish_no_local_endpoints(&self.no_local, &self.metrics);
         }
         if let Some(r) = &mut self.responders {
             let wanted = self
@@ -549,6 +552,10 @@ mod tests {
 
     /// One Service with `internalTrafficPolicy: Local` whose only endpoint is on node-b.
     fn relist(node: bool) -> Vec<Input> {
+        relist_events(node).into_iter().map(Input::now).collect()
+    }
+
+    fn relist_events(node: bool) -> Vec<StoreEvent> {
         let port = ServicePort::builder("ns", "web", "http", Protocol::Tcp, 80)
             .cluster_ips(["10.96.0.1"])
             .internal_traffic_policy(TrafficPolicy::Local)
@@ -588,7 +595,7 @@ mod tests {
                 StoreEvent::Node(E::InitDone),
             ]);
         }
-        events.into_iter().map(Input::now).collect()
+        events
     }
 
     fn no_local_internal_v4(metrics: &Metrics) -> i64 {
@@ -651,6 +658,60 @@ mod tests {
             assert_eq!(no_local_internal_v4(&metrics), 1, "{voice:?}");
             assert!(health.body(true).healthy, "{voice:?}");
         }
+    }
+
+    #[test]
+    fn the_hooks_see_every_service_of_a_sync_larger_than_one_chunk() {
+        // Each Service like `relist`'s: internalTrafficPolicy Local, its endpoint elsewhere.
+        let n = 2 * HOOK_CHUNK + 100;
+        let mut events = Vec::new();
+        for event in relist_events(true) {
+            match event {
+                StoreEvent::Service(E::InitApply(_, ports)) => {
+                    for i in 0..n {
+                        let key = ServiceKey {
+                            namespace: "ns".into(),
+                            name: format!("web-{i}"),
+                        };
+                        let port = ServicePort::builder("ns", &key.name, "http", Protocol::Tcp, 80)
+                            .cluster_ips([format!("10.96.{}.{}", i / 250, i % 250 + 1)])
+                            .internal_traffic_policy(TrafficPolicy::Local)
+                            .build()
+                            .expect("valid port");
+                        assert_eq!(ports.len(), 1);
+                        events.push(StoreEvent::Service(E::InitApply(key, vec![port])));
+                    }
+                }
+                StoreEvent::Slice(E::InitApply(_, slice)) => {
+                    for i in 0..n {
+                        let mut slice = slice.clone();
+                        slice.service.name = format!("web-{i}");
+                        let key = ("ns".to_string(), format!("web-{i}-1"));
+                        events.push(StoreEvent::Slice(E::InitApply(key, slice)));
+                    }
+                }
+                other => events.push(other),
+            }
+        }
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
+        let running = spawn(
+            Fake::default(),
+            options(Voice::Log),
+            metrics.clone(),
+            health,
+            None,
+        )
+        .expect("reconciler thread");
+        for e in events {
+            running
+                .input
+                .send(Input::now(e))
+                .expect("reconciler running");
+        }
+        running.wait().expect("the sync succeeds");
+        assert_eq!(no_local_internal_v4(&metrics), n as i64);
     }
 
     #[test]

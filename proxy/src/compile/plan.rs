@@ -159,7 +159,7 @@ pub struct Compiler {
     pub(super) installed: bool,
 }
 
-/// How many touched keys of a fresh table are decoded before they are handed on
+/// How many elements of a fresh table are decoded before they are handed on
 /// ([`Compiler::plan_streamed`]): about 2 MiB of decoded elements at a time. Smaller waves
 /// only add commands to the batch; at 10k Services × 10 endpoints, waves of 8k keys instead of
 /// 32k lower `run --once`'s peak from 103 to 96 MiB for 2 % more time (issue 13).
@@ -211,16 +211,9 @@ impl Compiler {
         TableId::new(self.f.table_family(), self.config.table.clone())
     }
 
-    /// Whether the table exists in the kernel (a plan was committed since the last
-    /// [`Compiler::forget_installed`]).
+    /// Whether the table exists in the kernel (a plan was committed).
     pub fn is_installed(&self) -> bool {
         self.installed
-    }
-
-    /// Declares that the kernel no longer holds our table (deleted, or never programmed): the
-    /// next plan creates it from scratch with every element.
-    pub fn forget_installed(&mut self) {
-        self.installed = false;
     }
 
     /// Figures for logs and metrics.
@@ -298,10 +291,10 @@ impl Compiler {
 
     /// Like [`Compiler::plan_fragments`], handing the transaction to `sink` in pieces, in
     /// order, instead of in the plan (whose `tx` is then empty). For a table not yet
-    /// installed (a full sync), the elements are decoded [`STREAM_KEYS`] keys at a time, so
-    /// with a backend that encodes each piece as it comes ([`Backend::apply_streamed`]) the
-    /// elements are never all held decoded (issue 13: a full sync's peak memory). A change to
-    /// an installed table gives its deletes before its adds, as one piece each.
+    /// installed (a full sync), the elements are decoded [`STREAM_KEYS`] at a time, so with a
+    /// backend that encodes each piece as it comes ([`Backend::apply_streamed`]) the elements
+    /// are never all held decoded (issue 13: a full sync's peak memory). A change to an
+    /// installed table gives its deletes before its adds, as one piece each.
     ///
     /// [`Backend::apply_streamed`]: crate::nft::Backend::apply_streamed
     pub fn plan_streamed(
@@ -367,8 +360,10 @@ impl Compiler {
         );
         tx.commands.extend(chains_first);
         sink(tx)?;
-        if fresh && self.fragments.is_empty() {
-            // Nothing committed (a full sync's new compiler): no element to compare with.
+        if fresh {
+            // Nothing committed (a full sync's new compiler): no element to compare with, no
+            // record chain to delete last.
+            debug_assert!(self.fragments.is_empty() && chains_last.is_empty());
             let owners = owners_of(&changes);
             self.add_all(&changes, &owners, sink)?;
             return Ok(Plan {
@@ -420,48 +415,38 @@ impl Compiler {
         drop(index);
         let mut owners_after: Owners =
             HashMap::with_capacity_and_hasher(touched.len(), Default::default());
-        // Decoding the elements is most of a full sync's compute: the touched keys are decoded
-        // in parts, in parallel when there are many. Each part's elements go in commands of
-        // their own (several for one set are one transaction all the same): merging them per
-        // set would copy every element once more. A fresh table has nothing to delete, so its
-        // keys go in waves, each handed on before the next is decoded; an installed one's in
-        // one wave, whose deletes all come before its adds.
-        let wave = if fresh {
-            STREAM_KEYS
-        } else {
-            touched.len().max(1)
-        };
-        for keys in touched.chunks_mut(wave) {
-            let decoded = crate::par::map_parts_mut(keys, |part| self.decode(part));
-            let (mut deletes, mut adds) = (Transaction::new(), Transaction::new());
-            for part in decoded {
-                owners_after.extend(part.owners);
-                for (set, keys) in part.deletes {
-                    deletes.push(Command::DeleteElements {
-                        table: id.clone(),
-                        set: set.name(),
-                        keys,
-                    });
-                }
-                // Element order inside one message does not matter to the kernel; not
-                // sorting keeps a full sync linear.
-                for (set, elements) in part.adds {
-                    adds.push(Command::AddElements {
-                        table: id.clone(),
-                        set: set.name(),
-                        elements,
-                    });
-                }
+        // The touched keys are decoded in parts, in parallel when there are many. Each part's
+        // elements go in commands of their own (several for one set are one transaction all
+        // the same): merging them per set would copy every element once more. All deletes come
+        // before all adds.
+        let decoded = crate::par::map_parts_mut(&mut touched, |part| self.decode(part));
+        drop(touched);
+        let (mut deletes, mut adds) = (Transaction::new(), Transaction::new());
+        for part in decoded {
+            owners_after.extend(part.owners);
+            for (set, keys) in part.deletes {
+                deletes.push(Command::DeleteElements {
+                    table: id.clone(),
+                    set: set.name(),
+                    keys,
+                });
             }
-            debug_assert!(!fresh || deletes.is_empty(), "a fresh table has no deletes");
-            if !deletes.is_empty() {
-                sink(deletes)?;
-            }
-            if !adds.is_empty() {
-                sink(adds)?;
+            // Element order inside one message does not matter to the kernel; not sorting
+            // keeps a large change linear.
+            for (set, elements) in part.adds {
+                adds.push(Command::AddElements {
+                    table: id.clone(),
+                    set: set.name(),
+                    elements,
+                });
             }
         }
-        drop(touched);
+        if !deletes.is_empty() {
+            sink(deletes)?;
+        }
+        if !adds.is_empty() {
+            sink(adds)?;
+        }
         sink(Transaction {
             commands: chains_last,
         })?;
@@ -490,11 +475,21 @@ impl Compiler {
         let mut records = changes.iter().flat_map(|(name, frag)| {
             let all: SmallVec<[Record<'_>; 32]> =
                 frag.iter().flat_map(|f| f.elems.records()).collect();
-            let last: SmallVec<[(&Arc<ServicePortName>, Record<'_>); 32]> = (all.iter())
-                .enumerate()
-                .filter(|(i, r)| !all[i + 1..].iter().any(|later| later.key == r.key))
-                .map(|(_, r)| (name, *r))
-                .collect();
+            let last: SmallVec<[(&Arc<ServicePortName>, Record<'_>); 32]> = if all.len() <= 32 {
+                (all.iter().enumerate())
+                    .filter(|(i, r)| !all[i + 1..].iter().any(|later| later.key == r.key))
+                    .map(|(_, r)| (name, *r))
+                    .collect()
+            } else {
+                // A service port with many endpoints: by a set of the keys met, from the end.
+                let mut met = rustc_hash::FxHashSet::default();
+                let mut last: SmallVec<_> = (all.iter().rev())
+                    .filter(|r| met.insert(r.key))
+                    .map(|r| (name, *r))
+                    .collect();
+                last.reverse();
+                last
+            };
             last
         });
         let mut wave: Vec<(&Arc<ServicePortName>, Record<'_>)> = Vec::new();
@@ -904,7 +899,7 @@ mod tests {
             comment: Some(c.into()),
             ..Element::key_only()
         };
-        let frag = |records: &[(u8, &str)]| {
+        let frag = |records: &[(u8, String)]| {
             let mut f = Fragment::default();
             for (k, c) in records {
                 f.elems.push(set, &key(*k), &elem(c));
@@ -912,9 +907,20 @@ mod tests {
             Some(f)
         };
         let name = |n: &str| ServicePortName::new("ns", n, "http", Protocol::Tcp);
+        let records = |r: &[(u8, &str)]| -> Vec<(u8, String)> {
+            r.iter().map(|(k, c)| (*k, c.to_string())).collect()
+        };
+        // A large fragment too (many endpoints), with a key given twice.
+        let mut many = vec![(10, "c10-old".to_string())];
+        many.extend((11..60).map(|k| (k, format!("c{k}"))));
+        many.push((10, "c10".into()));
         let changes = Fragments(vec![
-            (name("b"), frag(&[(2, "b2"), (3, "b3")])),
-            (name("a"), frag(&[(1, "a1-old"), (2, "a2"), (1, "a1")])),
+            (name("b"), frag(&records(&[(2, "b2"), (3, "b3")]))),
+            (
+                name("a"),
+                frag(&records(&[(1, "a1-old"), (2, "a2"), (1, "a1")])),
+            ),
+            (name("c"), frag(&many)),
         ]);
         let mut c = Compiler::new(Config::default(), IpFamily::V4);
         let plan = c.plan_fragments(changes);
@@ -935,8 +941,14 @@ mod tests {
                 .clone()
         };
         assert_eq!(
-            [comment(1), comment(2), comment(3)],
-            [Some("a1".into()), Some("a2".into()), Some("b3".into())]
+            [comment(1), comment(2), comment(3), comment(10), comment(59)],
+            [
+                Some("a1".into()),
+                Some("a2".into()),
+                Some("b3".into()),
+                Some("c10".into()),
+                Some("c59".into())
+            ]
         );
         c.commit(plan);
         let table = c.table();
@@ -990,7 +1002,7 @@ mod tests {
             plan.touched.len()
         );
         assert!(plan.tx.is_empty(), "the pieces went to the sink");
-        // Head, two waves of adds at least, tail; no piece holds more than a wave.
+        // Head, then two waves of adds at least; no piece holds more than a wave.
         assert!(pieces >= 4, "{pieces} pieces");
         assert!(largest <= STREAM_KEYS, "a piece of {largest} elements");
         c.commit(plan);

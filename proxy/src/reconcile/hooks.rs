@@ -79,18 +79,15 @@ impl ChangeLog {
     }
 }
 
-/// Refreshes `kubeproxy_sync_proxy_rules_no_local_endpoints_total` for `changed` Services:
-/// per family, the service ports with an internal (resp. external) Local policy that have
-/// usable endpoints but none on this node — traffic to them is dropped here (kube-proxy's
-/// count, kept per Service so a sync costs what changed).
+/// Counts, for `changed` Services, what `kubeproxy_sync_proxy_rules_no_local_endpoints_total`
+/// sums ([`publish_no_local_endpoints`]): per family, the service ports with an internal
+/// (resp. external) Local policy that have usable endpoints but none on this node — traffic to
+/// them is dropped here (kube-proxy's count, kept per Service so a sync costs what changed).
 pub(super) fn update_no_local_endpoints(
     node: &lb_core::Node,
     changed: &[(ServiceKey, Vec<ServiceEntry>)],
     table: &mut BTreeMap<ServiceKey, [i64; 4]>,
-    metrics: &Metrics,
 ) {
-    use lb_core::IpFamily;
-    const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
     for (key, entries) in changed {
         let counts = crate::health::no_local_endpoints(node, entries);
         if counts == [0; 4] {
@@ -99,6 +96,16 @@ pub(super) fn update_no_local_endpoints(
             table.insert(key.clone(), counts);
         }
     }
+}
+
+/// Sets `kubeproxy_sync_proxy_rules_no_local_endpoints_total` from the counts of every
+/// Service ([`update_no_local_endpoints`]).
+pub(super) fn publish_no_local_endpoints(
+    table: &BTreeMap<ServiceKey, [i64; 4]>,
+    metrics: &Metrics,
+) {
+    use lb_core::IpFamily;
+    const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
     let mut totals = [0i64; 4];
     for counts in table.values() {
         for (t, c) in totals.iter_mut().zip(counts) {
@@ -179,8 +186,9 @@ pub(super) fn clean_conntrack(
     }
     // Every UDP and SCTP service port as it is now, for the whole-table reconciliation.
     let mut serving = ServicePorts::new();
+    let changed: std::collections::BTreeSet<&ServiceKey> = fresh.iter().map(|(k, _)| k).collect();
     for (key, states) in seen.iter() {
-        if fresh.iter().any(|(k, _)| k == key) {
+        if changed.contains(key) {
             continue;
         }
         for (name, state) in states {

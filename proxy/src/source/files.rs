@@ -172,7 +172,7 @@ impl FileSource {
         let mut store = Store::new();
         let converted = objects.replace_in(&mut store, self.files.node.as_deref());
         // Invalid objects were reported when their file was read (and kept their last good
-        // version), so `converted.invalid` holds nothing new.
+        // version), so `converted.invalid` is empty.
         for mut i in converted.ignored {
             i.file = self.sources.file_of(&i.kind, &i.name).unwrap_or_default();
             ignored.push(i);
