@@ -1195,11 +1195,6 @@ impl Sources {
             state.objects = objects;
             out.changed = true;
         }
-        if stamp.len >= PARALLEL_MIN_BYTES as u64 {
-            // Parsed on several threads, each allocating in an arena of its own: what they
-            // freed goes back now, or the next file's threads add to the peak (issue 13).
-            crate::memory::release_freed();
-        }
     }
 
     /// Every object, merged across files; for a duplicate, the last file in sort order wins
@@ -1255,6 +1250,9 @@ impl Sources {
     }
 }
 
+/// From how many objects a file's objects are converted on several threads.
+const CONVERT_PARALLEL_MIN: usize = 256;
+
 /// Converts a file's objects as the store takes them. An object that is invalid, or whose
 /// document did not match its schema, keeps its last good version from `old` (if any);
 /// everything else is taken, converted. Returns the objects and the problems.
@@ -1271,9 +1269,13 @@ fn validate(
         source: e,
     };
     let mut keep_old = Vec::new();
-    for (key, o) in parsed.objects {
+    // Each object converts in microseconds: a file of hundreds converts on every core.
+    let converted = crate::par::map_from(CONVERT_PARALLEL_MIN, &parsed.objects, |(_, o)| {
         let mut endpoint_errors = Vec::new();
-        match o.convert(filter, &mut endpoint_errors) {
+        (o.convert(filter, &mut endpoint_errors), endpoint_errors)
+    });
+    for ((key, _), (converted, endpoint_errors)) in parsed.objects.into_iter().zip(converted) {
+        match converted {
             Ok(o) => {
                 errors.extend(endpoint_errors.into_iter().map(invalid));
                 objects.insert(key, o);

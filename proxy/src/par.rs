@@ -9,7 +9,12 @@ pub const PARALLEL_MIN: usize = 4096;
 
 /// How many threads share the work of `items` items (1 below [`PARALLEL_MIN`]).
 pub fn threads_for(items: usize) -> usize {
-    if items < PARALLEL_MIN {
+    threads_from(PARALLEL_MIN, items)
+}
+
+/// How many threads share the work of `items` items (1 below `min`).
+fn threads_from(min: usize, items: usize) -> usize {
+    if items < min.max(2) {
         return 1;
     }
     std::thread::available_parallelism()
@@ -19,7 +24,13 @@ pub fn threads_for(items: usize) -> usize {
 
 /// `f` of every item, in order; computed on up to [`threads_for`] threads.
 pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let parts = threads_for(items.len());
+    map_from(PARALLEL_MIN, items, f)
+}
+
+/// Like [`map`], for items that each cost microseconds (converting an API object): on
+/// several threads from `min` items on.
+pub fn map_from<T: Sync, R: Send>(min: usize, items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let parts = threads_from(min, items.len());
     if parts <= 1 {
         return items.iter().map(f).collect();
     }
@@ -69,6 +80,12 @@ mod tests {
         let doubled = super::map(&items, |i| i * 2);
         assert_eq!(doubled, items.iter().map(|i| i * 2).collect::<Vec<_>>());
         assert_eq!(super::map(&items[..3], |i| i + 1), vec![1, 2, 3]);
+        let few: Vec<u32> = (0..300).collect();
+        let on_threads = super::map_from(256, &few, |i| (*i, std::thread::current().id()));
+        assert_eq!(on_threads.iter().map(|(i, _)| *i).collect::<Vec<_>>(), few);
+        let main = std::thread::current().id();
+        let parallel = std::thread::available_parallelism().map_or(1, usize::from) > 1;
+        assert_eq!(on_threads.iter().any(|(_, t)| *t != main), parallel);
     }
 
     #[test]
