@@ -543,6 +543,22 @@ mod tests {
         }
     }
 
+    /// A reconciler on the fake backend, with its metrics and health.
+    fn start(voice: Voice) -> (Running, Arc<Metrics>, Arc<ProxyHealth>) {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
+        let running = spawn(
+            Fake::default(),
+            options(voice),
+            metrics.clone(),
+            health.clone(),
+            None,
+        )
+        .expect("reconciler thread");
+        (running, metrics, health)
+    }
+
     fn key() -> ServiceKey {
         ServiceKey {
             namespace: "ns".into(),
@@ -610,17 +626,7 @@ mod tests {
 
     #[test]
     fn nothing_is_programmed_before_every_kind_has_listed_once() {
-        let mut registry = prometheus_client::registry::Registry::default();
-        let metrics = Arc::new(Metrics::new(&mut registry));
-        let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
-        let mut running = spawn(
-            Fake::default(),
-            options(Voice::Log),
-            metrics.clone(),
-            health,
-            None,
-        )
-        .expect("reconciler thread");
+        let (mut running, metrics, _) = start(Voice::Log);
         for i in relist(false) {
             running.input.send(i).expect("reconciler running");
         }
@@ -640,17 +646,7 @@ mod tests {
     #[test]
     fn the_post_sync_hooks_run_in_both_modes() {
         for voice in [Voice::Plain, Voice::Log] {
-            let mut registry = prometheus_client::registry::Registry::default();
-            let metrics = Arc::new(Metrics::new(&mut registry));
-            let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
-            let running = spawn(
-                Fake::default(),
-                options(voice),
-                metrics.clone(),
-                health.clone(),
-                None,
-            )
-            .expect("reconciler thread");
+            let (running, metrics, health) = start(voice);
             for i in relist(true) {
                 running.input.send(i).expect("reconciler running");
             }
@@ -693,17 +689,7 @@ mod tests {
                 other => events.push(other),
             }
         }
-        let mut registry = prometheus_client::registry::Registry::default();
-        let metrics = Arc::new(Metrics::new(&mut registry));
-        let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
-        let running = spawn(
-            Fake::default(),
-            options(Voice::Log),
-            metrics.clone(),
-            health,
-            None,
-        )
-        .expect("reconciler thread");
+        let (running, metrics, _) = start(Voice::Log);
         for e in events {
             running
                 .input
@@ -716,11 +702,7 @@ mod tests {
 
     #[test]
     fn live_explain_says_not_synced_until_the_first_sync() {
-        let mut registry = prometheus_client::registry::Registry::default();
-        let metrics = Arc::new(Metrics::new(&mut registry));
-        let health = Arc::new(ProxyHealth::new(Duration::from_secs(60)));
-        let running = spawn(Fake::default(), options(Voice::Log), metrics, health, None)
-            .expect("reconciler thread");
+        let (running, _, _) = start(Voice::Log);
         let q = crate::health::parse_explain_query("to=10.96.0.1:80&from=10.244.0.5")
             .expect("a valid query");
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -98,6 +98,22 @@ fn touch<'t, 'a>(
 /// reads nothing else (this runs once per element of a full sync).
 type Seen<'a> = SmallVec<[(usize, bool, &'a [u8]); 1]>;
 
+/// Decoded elements to add, by set, as commands of `tx`: one per set. Element order inside one
+/// message does not matter to the kernel; not sorting keeps a large change linear.
+fn push_adds(
+    tx: &mut Transaction,
+    id: &TableId,
+    adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>>,
+) {
+    for (set, elements) in adds {
+        tx.push(Command::AddElements {
+            table: id.clone(),
+            set: set.name(),
+            elements,
+        });
+    }
+}
+
 /// The owners of every key of `changes`' fragments, from nothing committed: each key's
 /// service ports, sorted.
 fn owners_of(changes: &[(Arc<ServicePortName>, Option<Fragment>)]) -> Owners {
@@ -431,15 +447,7 @@ impl Compiler {
                     keys,
                 });
             }
-            // Element order inside one message does not matter to the kernel; not sorting
-            // keeps a large change linear.
-            for (set, elements) in part.adds {
-                adds.push(Command::AddElements {
-                    table: id.clone(),
-                    set: set.name(),
-                    elements,
-                });
-            }
+            push_adds(&mut adds, &id, part.adds);
         }
         if !deletes.is_empty() {
             sink(deletes)?;
@@ -512,13 +520,7 @@ impl Compiler {
             });
             let mut adds = Transaction::new();
             for part in decoded {
-                for (set, elements) in part {
-                    adds.push(Command::AddElements {
-                        table: id.clone(),
-                        set: set.name(),
-                        elements,
-                    });
-                }
+                push_adds(&mut adds, &id, part);
             }
             if !adds.is_empty() {
                 sink(adds)?;
