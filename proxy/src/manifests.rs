@@ -27,9 +27,9 @@
 //!     or does not serve its address family. kube-proxy ignores them too; we say so once.
 //!
 //! Parsing: JSON goes through `serde_json` straight into the API types (no intermediate
-//! tree). So does a YAML stream of plain block-style objects of the kinds we use (each
-//! document's `kind` and name read from its lines, then checked against the typed object):
-//! 30 % less CPU than through values. Any other YAML, and any file that path does not read
+//! tree). So do a YAML stream, or a YAML `List`, of plain block-style objects of the kinds we
+//! use (each document's or item's `kind` and name read from its lines, then checked against
+//! the typed object): 30 % less CPU than through values. Any other YAML, and any file that path does not read
 //! cleanly, goes through `serde_yaml_ng` into JSON values (see `yaml`: big streams and
 //! `List`s are cut into pieces parsed on every core), which says what is wrong. The documents and `List` items are then typed on
 //! every core. Nothing is bounded by size (real dumps of any size read), while the protections
@@ -236,6 +236,8 @@ enum Doc<'a> {
     Value(Value),
     Raw(&'a str),
     Yaml(&'a str),
+    /// A `List` item's text, moved to column 0 ([`yaml_list_entries`]).
+    Item(String),
 }
 
 /// Just enough of a JSON document to know what it is.
@@ -271,7 +273,7 @@ impl<'a> Doc<'a> {
         match self {
             Doc::Value(v) => v.is_null(),
             Doc::Raw(r) => r.trim() == "null",
-            Doc::Yaml(_) => false,
+            Doc::Yaml(_) | Doc::Item(_) => false,
         }
     }
 
@@ -296,13 +298,8 @@ impl<'a> Doc<'a> {
                     m.namespace.map(Into::into),
                 )
             }
-            Doc::Yaml(y) => yaml_head(y).map_or((None, None, None), |(kind, name, namespace)| {
-                (
-                    Some(kind.into()),
-                    Some(name.into()),
-                    namespace.map(Into::into),
-                )
-            }),
+            Doc::Yaml(y) => head_of(y),
+            Doc::Item(y) => head_of(y),
         }
     }
 
@@ -316,6 +313,10 @@ impl<'a> Doc<'a> {
             },
             Doc::Value(_) => Err("not a mapping".into()),
             Doc::Yaml(y) => match serde_yaml_ng::from_str::<Value>(y) {
+                Ok(v) => Doc::Value(v).items(),
+                Err(e) => Err(e.to_string()),
+            },
+            Doc::Item(y) => match serde_yaml_ng::from_str::<Value>(&y) {
                 Ok(v) => Doc::Value(v).items(),
                 Err(e) => Err(e.to_string()),
             },
@@ -351,6 +352,7 @@ impl<'a> Doc<'a> {
             // Any error sends the whole file through the general path (`Parsed::from_text`),
             // which reports it.
             Doc::Yaml(y) => serde_yaml_ng::from_str(y).map_err(|e| e.to_string()),
+            Doc::Item(y) => serde_yaml_ng::from_str(&y).map_err(|e| e.to_string()),
         }
     }
 }
@@ -457,6 +459,81 @@ fn yaml_entries(text: &str) -> Option<(usize, Vec<Entry<'_>>)> {
     }
     add(&mut entries, &text[start..], explicit)?;
     Some((entries.len(), entries))
+}
+
+/// The items of a one-document YAML `List` when each is one object of a kind we use, in
+/// block style ([`yaml_head`]), each moved to column 0 (`kubectl get -o yaml` prints the
+/// sequence at column 0, entries as `- apiVersion: v1` and the rest indented by two). The
+/// document without its items must read as a `List`. `None` otherwise: the general path reads
+/// the file then.
+fn yaml_list_entries(text: &str) -> Option<(usize, Vec<Entry<'static>>)> {
+    if text.starts_with('%') || text.contains("\n%") {
+        return None;
+    }
+    let list = yaml::list_entries(text)?;
+    let rest: Value = serde_yaml_ng::from_str(&list.rest).ok()?;
+    if !rest
+        .get("kind")
+        .and_then(Value::as_str)
+        .is_some_and(is_list)
+        || rest.get("items") != Some(&Value::Array(Vec::new()))
+    {
+        return None;
+    }
+    let ends = list.starts.iter().skip(1).copied().chain([list.end]);
+    let mut entries = Vec::with_capacity(list.starts.len());
+    for (j, (&start, end)) in list.starts.iter().zip(ends).enumerate() {
+        let item = dedent(&text[start..end], list.indent)?;
+        let (kind, name, namespace) = yaml_head(&item)?;
+        if !matches!(kind, "Service" | "EndpointSlice" | "Node" | "ServiceCIDR") {
+            return None;
+        }
+        let head = (
+            Some(kind.into()),
+            Some(name.into()),
+            namespace.map(Into::into),
+        );
+        let pos = Pos {
+            doc: 0,
+            item: Some(j),
+        };
+        entries.push((pos, Doc::Item(item), Some(head)));
+    }
+    Some((1, entries))
+}
+
+/// A sequence entry's text at `indent` (`- ` then the node, the rest indented two more) as a
+/// document at column 0; comment lines indented less are left out (they are not content).
+/// `None` if a line of content is indented less.
+fn dedent(entry: &str, indent: usize) -> Option<String> {
+    let mut out = String::with_capacity(entry.len());
+    for (i, line) in entry.split_inclusive('\n').enumerate() {
+        if i == 0 {
+            out.push_str(line.get(indent..)?.strip_prefix("- ")?);
+            continue;
+        }
+        let body = line.trim_end_matches(['\n', '\r']);
+        let lead = body.len() - body.trim_start_matches(' ').len();
+        if lead >= indent + 2 {
+            out.push_str(&line[indent + 2..]);
+        } else if body.trim().is_empty() {
+            out.push_str(&line[lead..]);
+        } else if !body.trim_start().starts_with('#') {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// [`Doc::head`] of a document read by its lines ([`yaml_head`]).
+fn head_of(y: &str) -> DocHead {
+    yaml_head(y).map_or((None, None, None), |(kind, name, namespace)| {
+        (
+            Some(kind.into()),
+            Some(name.into()),
+            namespace.map(Into::into),
+        )
+    })
 }
 
 /// `kind`, `metadata.name` and `metadata.namespace` of a block-style YAML document, read from
@@ -575,7 +652,9 @@ impl Parsed {
             // documents, generated manifests) are typed straight from their text. Anything
             // this path does not read cleanly is read again by the general path, which says
             // what is wrong exactly as before.
-            if let Some((documents, entries)) = yaml_entries(text) {
+            if let Some((documents, entries)) =
+                yaml_entries(text).or_else(|| yaml_list_entries(text))
+            {
                 if let Ok(p) = Parsed::type_entries(file, text.len(), documents, entries) {
                     if p.errors.is_empty() && p.broken.is_empty() && p.ignored.is_empty() {
                         return Ok(p);
@@ -730,7 +809,7 @@ impl Parsed {
             namespace.unwrap_or_else(|| "default".into())
         };
         let key = (kind_key, namespace, name);
-        let sniffed = matches!(doc, Doc::Yaml(_));
+        let sniffed = matches!(doc, Doc::Yaml(_) | Doc::Item(_));
         let typed = match kind_key {
             "Service" => doc.typed().map(|s| Typed::Service(Box::new(s))),
             "EndpointSlice" => doc.typed().map(|mut s: EndpointSlice| {
@@ -1603,6 +1682,46 @@ mod tests {
         ];
         for text in &other {
             let _ = read_both(text);
+        }
+        // `List`s as kubectl prints them (sequence at column 0), and indented by two, with a
+        // block scalar whose lines look like entries and comments, and comments between items.
+        let item = |doc: &str, indent: &str| -> String {
+            let mut lines = doc.lines();
+            let mut out = format!("{indent}- {}\n", lines.next().unwrap_or_default());
+            for l in lines {
+                // An empty line stays empty (inside a block scalar too).
+                match l {
+                    "" => out.push('\n'),
+                    l => out.push_str(&format!("{indent}  {l}\n")),
+                }
+            }
+            out
+        };
+        let noted = SVC.replace(
+            "metadata:\n",
+            "metadata:\n  annotations:\n    note: |\n      - not an item\n      # not a comment\n\n      end\n",
+        );
+        for indent in ["", "  "] {
+            let list = format!(
+                "apiVersion: v1\nitems:\n{}# a comment\n{}{}kind: List\nmetadata:\n  resourceVersion: \"\"\n",
+                item(&noted, indent),
+                item(SLICE, indent),
+                item(NODE, indent),
+            );
+            assert!(
+                yaml_list_entries(&list).is_some(),
+                "read from its lines: {list}"
+            );
+            let (objects, errors) = read_both(&list).expect("reads");
+            assert_eq!((objects, errors), (3, 0), "{list}");
+            for odd in [
+                list.replace("kind: Node", "kind: Pod"),
+                list.replace("port: 80", "port: eighty"),
+                list.replace("kind: List", "kind: Lost"),
+                list.replace("  name: web\n", "name: web\n"),
+            ] {
+                let _ = read_both(&odd);
+            }
         }
         // Read wrongly from the lines (a head inside a multi-line quoted scalar): the typed
         // object's name differs from it, so the general path reads the file.

@@ -148,9 +148,22 @@ impl ListCut<'_> {
     }
 }
 
-/// Finds a top-level `items:` block sequence in a one-document `text` and cuts it into about
-/// `n` runs of entries, at lines that start an entry at the sequence's own indentation.
-fn split_list(text: &str, n: usize) -> Option<ListCut<'_>> {
+/// A one-document `text`'s top-level `items:` block sequence, found by its lines.
+#[derive(Debug)]
+pub(super) struct ListEntries {
+    /// The document with `items: []` in place of the sequence.
+    pub(super) rest: String,
+    /// The byte offset of each entry's first line (`- ` at the sequence's indentation).
+    pub(super) starts: Vec<usize>,
+    /// Where the sequence ends.
+    pub(super) end: usize,
+    /// The sequence's indentation (kubectl prints it at column 0).
+    pub(super) indent: usize,
+}
+
+/// Finds a top-level `items:` block sequence in a one-document `text`, and where each of its
+/// entries starts: lines that start an entry at the sequence's own indentation.
+pub(super) fn list_entries(text: &str) -> Option<ListEntries> {
     if text.contains("\n---") || text.contains("\n...") {
         return None;
     }
@@ -165,7 +178,7 @@ fn split_list(text: &str, n: usize) -> Option<ListCut<'_>> {
     };
     let mut it = lines().skip_while(|(_, l)| l.trim_end() != "items:");
     let (items_at, _) = it.next()?;
-    // The first entry fixes the sequence's indentation (kubectl prints it at column 0).
+    // The first entry fixes the sequence's indentation.
     let (first, first_line) =
         it.find(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'))?;
     let indent = first_line.len() - first_line.trim_start_matches(' ').len();
@@ -191,9 +204,25 @@ fn split_list(text: &str, n: usize) -> Option<ListCut<'_>> {
             break;
         }
     }
+    let rest = format!("{}items: []\n{}", &text[..items_at], &text[end..]);
+    Some(ListEntries {
+        rest,
+        starts,
+        end,
+        indent,
+    })
+}
+
+/// Finds a top-level `items:` block sequence in a one-document `text` and cuts it into about
+/// `n` runs of entries ([`list_entries`]).
+fn split_list(text: &str, n: usize) -> Option<ListCut<'_>> {
+    let ListEntries {
+        rest, starts, end, ..
+    } = list_entries(text)?;
     if starts.len() < 4 {
         return None;
     }
+    let first = starts[0];
     let section = end - first;
     let mut runs = Vec::with_capacity(n);
     let mut from = first;
@@ -206,7 +235,6 @@ fn split_list(text: &str, n: usize) -> Option<ListCut<'_>> {
         from = cut;
     }
     runs.push(&text[from..end]);
-    let rest = format!("{}items: []\n{}", &text[..items_at], &text[end..]);
     Some(ListCut { rest, runs })
 }
 
