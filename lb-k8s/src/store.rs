@@ -403,6 +403,11 @@ impl Store {
         self.services.len()
     }
 
+    /// The keys of the Services held, in order.
+    pub fn service_keys(&self) -> impl ExactSizeIterator<Item = &ServiceKey> {
+        self.services.keys()
+    }
+
     /// The merged entries of one Service (empty when unknown).
     pub fn entries(&self, key: &ServiceKey) -> Vec<ServiceEntry> {
         let Some(ports) = self.services.get(key) else {

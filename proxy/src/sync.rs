@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use lb_core::{IpFamily, ServicePortName};
 
 use crate::compile::affinity::{self, Purge, ReadBack, Touched};
-use crate::compile::{Compiler, Config, Plan};
+use crate::compile::{Compiler, Config, Fragments, Plan};
 use crate::convert::ServiceKey;
 use crate::nft::{ApplyError, Backend, Command, Transaction};
 use crate::store::{ServiceEntry, Store};
@@ -386,25 +386,25 @@ impl<B: Backend> Dataplane<B> {
     /// Replaces both tables with everything in the store, atomically.
     pub fn full_sync(&mut self, store: &Store) -> Result<SyncReport, ApplyError> {
         let started = Instant::now();
-        let Some(snapshot) = store.snapshot() else {
+        let Some(node) = store.node().cloned() else {
             return Ok(SyncReport::default());
         };
         // Node-dependent settings (`nodePortAddresses: primary`, detectLocalMode NodeCIDR)
         // follow the Node: a change of the Node always brings a full sync.
-        if self.config.node_port_fallback(&snapshot.node) {
+        if self.config.node_port_fallback(&node) {
             tracing::warn!(
-                node = snapshot.node.name(),
+                node = node.name(),
                 "nodePortAddresses primary: the Node has no InternalIP or ExternalIP; serving NodePorts on every local address"
             );
         }
-        let mut config = self.config.for_node(&snapshot.node);
+        let mut config = self.config.for_node(&node);
         if !self.service_cidrs.is_empty() {
             config.service_cidrs = self.service_cidrs.clone();
         }
         if matches!(&config.detect_local, crate::compile::DetectLocal::NodeCidr(c) if c.is_empty())
         {
             tracing::warn!(
-                node = snapshot.node.name(),
+                node = node.name(),
                 "detectLocalMode NodeCIDR: the Node has no spec.podCIDRs yet, so no traffic is recognised as coming from a pod"
             );
         }
@@ -412,21 +412,31 @@ impl<B: Backend> Dataplane<B> {
             Compiler::new(config.clone(), IpFamily::V4),
             Compiler::new(config, IpFamily::V6),
         ];
-        let fragments: Vec<_> = compilers
-            .iter()
-            .map(|c| {
-                c.fragments(
-                    &snapshot.node,
-                    snapshot.services.iter().map(|(n, e)| (n.clone(), Some(e))),
-                )
-            })
-            .collect();
-        // The fragments are built: the snapshot (a copy of every Service and endpoint) is not
-        // needed beyond its names, so it is freed before the plans are (issue 13: peak
-        // memory).
-        let service_ports = snapshot.services.len();
-        let names: Vec<ServicePortName> = snapshot.services.into_keys().collect();
+        // The fragments of every service port, in name order, built from the merged entries
+        // of `FULL_SYNC_SERVICES` Services at a time: a copy of every Service and endpoint is
+        // never held whole (issue 13: peak memory), and the entries are merged on every core.
+        let mut fragments = [Fragments::default(), Fragments::default()];
+        let mut names: Vec<ServicePortName> = Vec::new();
+        let keys: Vec<&ServiceKey> = store.service_keys().collect();
+        for chunk in keys.chunks(FULL_SYNC_SERVICES) {
+            // Service keys and service port names order alike (namespace, then name), so the
+            // chunks' entries follow each other in name order.
+            let entries: BTreeMap<ServicePortName, ServiceEntry> =
+                crate::par::map_from(MERGE_PARALLEL_MIN, chunk, |key| store.entries(key))
+                    .into_iter()
+                    .flatten()
+                    .map(|e| (e.port.name().clone(), e))
+                    .collect();
+            for (c, f) in compilers.iter().zip(&mut fragments) {
+                f.append(c.fragments(&node, entries.iter().map(|(n, e)| (n.clone(), Some(e)))));
+            }
+            names.extend(entries.into_keys());
+        }
+        drop(keys);
+        // The entries were merged on other threads, whose jemalloc arenas keep the pages they
+        // freed: hand those back before the plans allocate (see `crate::memory`).
         crate::memory::release_freed();
+        let service_ports = names.len();
         // Replacing the tables would empty the ClientIP affinity maps: read what they hold
         // now, to put back the entries that are still valid right after.
         let mut carried: [ReadBack; 2] = Default::default();
@@ -521,6 +531,14 @@ fn read_back<B: Backend>(backend: &mut B, stale: &Purge) -> Result<ReadBack, App
     }
     Ok(read)
 }
+
+/// A full sync merges and compiles this many Services' entries at a time (at 10 endpoints
+/// each, a few MiB of entries; enough service ports for the compile to use every core).
+pub const FULL_SYNC_SERVICES: usize = 8192;
+
+/// Merging one Service's slices costs microseconds: from this many Services on, a chunk is
+/// merged on every core.
+const MERGE_PARALLEL_MIN: usize = 256;
 
 /// Opens the netfilter netlink socket of the current network namespace: the backend of `run`,
 /// `cleanup` and the daemon.

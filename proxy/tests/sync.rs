@@ -156,6 +156,66 @@ proptest! {
     }
 }
 
+/// A full sync compiles the store a chunk of Services at a time: with more Services than one
+/// chunk, in several namespaces, with two-port Services (whose ports order by name, not as
+/// given) and node ports shared across chunks (the first owner in name order wins), the
+/// kernel holds exactly what one compile of the whole store produces.
+#[test]
+fn a_full_sync_of_more_services_than_one_chunk_holds_what_a_full_compile_produces() {
+    let config = Config::default();
+    let mut store = Store::new();
+    store.set_node(Node::new("n1", Some("z1")).expect("node"));
+    let n = lb_proxy::sync::FULL_SYNC_SERVICES + 700;
+    for i in 0..n {
+        let (ns, name) = (format!("ns{}", i % 3), format!("svc{i}"));
+        let ip = |k: usize| format!("10.{}.{}.{}", 96 + k, (i >> 8) & 255, i & 255);
+        let port = |port_name: &str, k: usize| {
+            ServicePort::builder(&ns, &name, port_name, Protocol::Tcp, 80 + k as i64)
+                .cluster_ips([ip(k)])
+                .service_type(ServiceType::NodePort)
+                // Shared by Services far apart in name order, so in different chunks.
+                .node_port(30000 + (i % 1000) as i64 + 1000 * k as i64)
+                .build()
+                .expect("valid port")
+        };
+        let ports = if i % 5 == 0 {
+            vec![port("web", 0), port("api", 1)]
+        } else {
+            vec![port("", 0)]
+        };
+        let key = ServiceKey {
+            namespace: ns.clone(),
+            name: name.clone(),
+        };
+        store.apply_service(key.clone(), Some(ports));
+        let endpoint = Endpoint::builder(format!("10.244.{}.{}", (i >> 8) & 255, i & 255), 1)
+            .node_name(if i % 2 == 0 { "n1" } else { "n2" })
+            .build()
+            .expect("valid endpoint");
+        let slice_ports = ["web", "api", ""].map(|p| SlicePort {
+            name: p.into(),
+            protocol: Protocol::Tcp,
+            port: std::num::NonZeroU16::new(8080).expect("non-zero"),
+        });
+        store.apply_slice(
+            (ns, format!("{name}-abc")),
+            Some(Slice {
+                service: key,
+                family: IpFamily::V4,
+                ports: slice_ports.to_vec(),
+                endpoints: vec![endpoint],
+            }),
+        );
+    }
+    let mut dp = Dataplane::new(Fake::default(), config.clone());
+    let report = dp.sync(&mut store).expect("fake accepts the sync");
+    assert!(report.full);
+    assert_eq!(report.service_ports, n + n.div_ceil(5));
+    let want = expected(&store, &config);
+    assert_eq!(dp.ruleset(), want, "the compilers' committed view");
+    assert_eq!(dp.backend().ruleset, want, "what the kernel holds");
+}
+
 /// A backend that fails the next apply on request, like a kernel rejecting a batch.
 #[derive(Debug, Default)]
 struct Flaky {

@@ -183,10 +183,15 @@ pub const STREAM_KEYS: usize = 1 << 13;
 
 /// The new fragments of some service ports (`None`: the service port is gone or programs
 /// nothing), from [`Compiler::fragments`], for [`Compiler::plan_fragments`].
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Fragments(Vec<(ServicePortName, Option<Fragment>)>);
 
 impl Fragments {
+    /// Adds `more` after these (built in parts, e.g. a full sync's chunks of Services).
+    pub fn append(&mut self, mut more: Fragments) {
+        self.0.append(&mut more.0);
+    }
+
     /// The ClientIP affinity timeouts the fragments use.
     pub(super) fn timeouts(&self) -> impl Iterator<Item = u64> + '_ {
         self.0
