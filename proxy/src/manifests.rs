@@ -225,7 +225,7 @@ const PARALLEL_MIN_BYTES: usize = 256 << 10;
 
 /// How many threads to parse on.
 fn threads() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
+    crate::par::cores()
 }
 
 /// One document: a YAML value, or the raw text of a JSON one, or the text of a plain YAML

@@ -17,9 +17,15 @@ fn threads_from(min: usize, items: usize) -> usize {
     if items < min.max(2) {
         return 1;
     }
-    std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(4)
+    cores().min(4)
+}
+
+/// The cores this process may use, read once: the standard library reads the cgroup's CPU
+/// quota from `/proc` on every call (two files), and a full sync maps in parallel dozens of
+/// times.
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
 }
 
 /// `f` of every item, in order; computed on up to [`threads_for`] threads.
@@ -84,7 +90,7 @@ mod tests {
         let on_threads = super::map_from(256, &few, |i| (*i, std::thread::current().id()));
         assert_eq!(on_threads.iter().map(|(i, _)| *i).collect::<Vec<_>>(), few);
         let main = std::thread::current().id();
-        let parallel = std::thread::available_parallelism().map_or(1, usize::from) > 1;
+        let parallel = super::cores() > 1;
         assert_eq!(on_threads.iter().any(|(_, t)| *t != main), parallel);
     }
 

@@ -4,6 +4,7 @@
 
 mod purge;
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -49,7 +50,54 @@ pub fn compile(snapshot: &Snapshot, config: &Config, family: IpFamily) -> (Table
 /// lives in that service port's [`Fragment`] (not copied here, nor is the key: issue 13).
 ///
 /// A name is shared with the [`Compiler`]'s fragment map (8 bytes per owner).
-type Owners = HashMap<KeyHash, Vec<Arc<ServicePortName>>>;
+type Owners = HashMap<KeyHash, OwnerList>;
+
+/// The contributors of one key, sorted; never empty. Almost every key has one, held in place:
+/// a map entry is 32 bytes, where a vector was 40 and an allocation of its own (issue 13: at
+/// 50k Services × 10 endpoints the map holds 1.15M keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum OwnerList {
+    One(Arc<ServicePortName>),
+    /// Two or more. Boxed, so the list is one pointer and a tag (16 bytes); a vector would
+    /// make every entry 40.
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<Arc<ServicePortName>>>),
+}
+
+impl OwnerList {
+    /// The list of `owners` (sorted), or `None` when there is none.
+    fn of(mut owners: Vec<Arc<ServicePortName>>) -> Option<OwnerList> {
+        match owners.len() {
+            0 => None,
+            1 => owners.pop().map(OwnerList::One),
+            _ => {
+                owners.shrink_to_fit();
+                Some(OwnerList::Many(Box::new(owners)))
+            }
+        }
+    }
+
+    pub(super) fn as_slice(&self) -> &[Arc<ServicePortName>] {
+        match self {
+            OwnerList::One(o) => std::slice::from_ref(o),
+            OwnerList::Many(v) => v,
+        }
+    }
+
+    /// The first contributor: the one whose element the kernel holds.
+    pub(super) fn first(&self) -> &Arc<ServicePortName> {
+        &self.as_slice()[0]
+    }
+
+    /// Adds `name` in its place, unless it is there.
+    fn insert(&mut self, name: &Arc<ServicePortName>) {
+        let mut all = self.as_slice().to_vec();
+        if let Err(i) = all.binary_search(name) {
+            all.insert(i, name.clone());
+            *self = OwnerList::Many(Box::new(all));
+        }
+    }
+}
 
 /// One (set, key) a plan touches: its owners after the change, and the elements the changed
 /// owners gave it before and after (`seen`), each named by the address of its shared name.
@@ -63,12 +111,12 @@ struct Touched<'a> {
 }
 
 impl<'a> Touched<'a> {
-    fn new(hash: KeyHash, key: &'a [u8], owners: Option<&'a Vec<Arc<ServicePortName>>>) -> Self {
+    fn new(hash: KeyHash, key: &'a [u8], owners: Option<&'a OwnerList>) -> Self {
         Touched {
             hash,
             key,
-            before: owners.and_then(|o| o.first()),
-            owners: owners.cloned().unwrap_or_default(),
+            before: owners.map(OwnerList::first),
+            owners: owners.map_or_else(Vec::new, |o| o.as_slice().to_vec()),
             seen: SmallVec::new(),
         }
     }
@@ -124,11 +172,11 @@ fn owners_of(changes: &[(Arc<ServicePortName>, Option<Fragment>)]) -> Owners {
     let mut owners: Owners = HashMap::with_capacity_and_hasher(records, Default::default());
     for (name, frag) in changes {
         for r in frag.iter().flat_map(|f| f.elems.records()) {
-            let o = owners.entry(hash_encoded(r.key)).or_default();
-            if let Err(i) = o.binary_search(name) {
-                // Almost every key has one owner: no spare capacity to shrink at commit.
-                o.reserve_exact(1);
-                o.insert(i, name.clone());
+            match owners.entry(hash_encoded(r.key)) {
+                Entry::Occupied(mut o) => o.get_mut().insert(name),
+                Entry::Vacant(v) => {
+                    v.insert(OwnerList::One(name.clone()));
+                }
             }
         }
     }
@@ -206,7 +254,10 @@ pub struct Plan {
     /// The transaction to apply.
     pub tx: Transaction,
     pub(super) changes: Vec<(Arc<ServicePortName>, Option<Fragment>)>,
+    /// The keys whose owners change: those that still have some, with them...
     pub(super) touched: Owners,
+    /// ...and those that no longer have any.
+    pub(super) gone: Vec<KeyHash>,
     pub(super) installed_counts: BTreeSet<(Dispatch, usize)>,
     pub(super) installed_timeouts: BTreeSet<u64>,
 }
@@ -390,6 +441,7 @@ impl Compiler {
             return Ok(Plan {
                 tx: Transaction::new(),
                 touched: owners,
+                gone: Vec::new(),
                 changes,
                 installed_counts: counts,
                 installed_timeouts: timeouts,
@@ -436,6 +488,7 @@ impl Compiler {
         drop(index);
         let mut owners_after: Owners =
             HashMap::with_capacity_and_hasher(touched.len(), Default::default());
+        let mut gone = Vec::new();
         // The touched keys are decoded in parts, in parallel when there are many. Each part's
         // elements go in commands of their own (several for one set are one transaction all
         // the same): merging them per set would copy every element once more. All deletes come
@@ -444,7 +497,14 @@ impl Compiler {
         drop(touched);
         let (mut deletes, mut adds) = (Transaction::new(), Transaction::new());
         for part in decoded {
-            owners_after.extend(part.owners);
+            for (hash, owners) in part.owners {
+                match OwnerList::of(owners) {
+                    Some(o) => {
+                        owners_after.insert(hash, o);
+                    }
+                    None => gone.push(hash),
+                }
+            }
             for (set, keys) in part.deletes {
                 deletes.push(Command::DeleteElements {
                     table: id.clone(),
@@ -463,10 +523,13 @@ impl Compiler {
         sink(Transaction {
             commands: chains_last,
         })?;
+        // Sorted: the affinity purge looks keys up in it.
+        gone.sort_unstable();
         Ok(Plan {
             tx: Transaction::new(),
             changes,
             touched: owners_after,
+            gone,
             installed_counts: counts,
             installed_timeouts: timeouts,
         })
@@ -515,7 +578,7 @@ impl Compiler {
             let decoded = crate::par::map_parts_mut(&mut wave, |part| {
                 let mut adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>> = BTreeMap::new();
                 for (name, r) in part.iter() {
-                    let first = owners.get(&hash_encoded(r.key)).and_then(|o| o.first());
+                    let first = owners.get(&hash_encoded(r.key)).map(OwnerList::first);
                     if first.is_some_and(|f| Arc::ptr_eq(f, name)) {
                         let (set, values) = r.decode_key();
                         adds.entry(set).or_default().push((values, r.decode_elem()));
@@ -580,23 +643,13 @@ impl Compiler {
 
     /// Adopts a plan whose transaction the kernel accepted.
     pub fn commit(&mut self, mut plan: Plan) {
-        // Owner lists are built by `insert` (capacity 4) and almost always hold one owner:
-        // shrinking them is most of the memory a synced compiler holds (issue 13).
         if self.owners.is_empty() {
             // A first or full sync: the plan's view is the whole state; adopt it as is.
-            plan.touched.retain(|_, owners| {
-                owners.shrink_to_fit();
-                !owners.is_empty()
-            });
             self.owners = std::mem::take(&mut plan.touched);
         }
-        for (k, mut owners) in plan.touched {
-            if owners.is_empty() {
-                self.owners.remove(&k);
-            } else {
-                owners.shrink_to_fit();
-                self.owners.insert(k, owners);
-            }
+        self.owners.extend(plan.touched);
+        for k in plan.gone {
+            self.owners.remove(&k);
         }
         for (name, frag) in plan.changes {
             if let Some(old) = self.fragments.remove(&name) {
@@ -637,10 +690,7 @@ impl Compiler {
         // earlier one), of the keys it is the first contributor of.
         for (name, frag) in &self.fragments {
             for r in frag.elems.records() {
-                let first = self
-                    .owners
-                    .get(&hash_encoded(r.key))
-                    .and_then(|o| o.first());
+                let first = self.owners.get(&hash_encoded(r.key)).map(OwnerList::first);
                 if first.is_none_or(|f| !Arc::ptr_eq(f, name) && f != name) {
                     continue;
                 }
@@ -673,8 +723,7 @@ impl Compiler {
     pub fn traffic_owner(&self, set: &'static str, key: &[Value]) -> Option<&ServicePortName> {
         self.owners
             .get(&key_hash(SetRef::Static(set), key))
-            .and_then(|o| o.first())
-            .map(|n| &**n)
+            .map(|o| &**o.first())
     }
 }
 
@@ -856,9 +905,9 @@ mod tests {
         let mut bulk_kernel = Fake::default();
         let p = bulk.plan(&node(), names.iter().cloned().zip(entries.iter().map(Some)));
         assert!(
-            p.touched.len() >= crate::par::PARALLEL_MIN,
+            p.touched.len() + p.gone.len() >= crate::par::PARALLEL_MIN,
             "{} keys",
-            p.touched.len()
+            p.touched.len() + p.gone.len()
         );
         bulk_kernel.apply(&p.tx).expect("valid transaction");
         bulk.commit(p);
@@ -893,6 +942,21 @@ mod tests {
         );
         assert_eq!(bulk.owners, single.owners);
         assert_eq!(bulk.stats().service_ports, 300);
+    }
+
+    #[test]
+    fn an_owner_list_is_two_words_and_keeps_its_owners_sorted() {
+        assert_eq!(std::mem::size_of::<OwnerList>(), 16);
+        let name = |n: &str| Arc::new(ServicePortName::new("ns", n, "", Protocol::Tcp));
+        let (a, b, c) = (name("a"), name("b"), name("c"));
+        let mut list = OwnerList::One(b.clone());
+        list.insert(&c);
+        list.insert(&a);
+        list.insert(&b);
+        assert_eq!(list.as_slice(), [a.clone(), b.clone(), c.clone()]);
+        assert_eq!(list.first(), &a);
+        assert_eq!(OwnerList::of(vec![c.clone()]), Some(OwnerList::One(c)));
+        assert_eq!(OwnerList::of(vec![]), None);
     }
 
     #[test]

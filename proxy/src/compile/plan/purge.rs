@@ -4,7 +4,6 @@
 //! compiler because it reads the compiler's fragments and owners.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use lb_core::ServicePortName;
 use rustc_hash::FxHashMap as HashMap;
@@ -18,7 +17,7 @@ use super::super::affinity::{
 };
 use super::super::packed::{KeyHash, key_hash};
 use super::super::service::Fragment;
-use super::{Compiler, Fragments, Plan};
+use super::{Compiler, Fragments, OwnerList, Plan};
 
 impl Compiler {
     /// The ClientIP affinity destinations whose entries a plan may make stale, per timeout:
@@ -75,7 +74,11 @@ impl Compiler {
             .collect();
         self.targets_with(
             touched,
-            |k| plan.touched.get(&k).or_else(|| self.owners.get(&k)),
+            |k| match plan.touched.get(&k) {
+                Some(o) => Some(o),
+                None if plan.gone.binary_search(&k).is_ok() => None,
+                None => self.owners.get(&k),
+            },
             |name| match changed.get(name) {
                 Some(f) => *f,
                 None => self.fragments.get(name),
@@ -86,7 +89,7 @@ impl Compiler {
     fn targets_with<'s>(
         &self,
         touched: &Touched,
-        owners_of: impl Fn(KeyHash) -> Option<&'s Vec<Arc<ServicePortName>>>,
+        owners_of: impl Fn(KeyHash) -> Option<&'s OwnerList>,
         fragment_of: impl Fn(&ServicePortName) -> Option<&'s Fragment>,
     ) -> BTreeMap<u64, AffinityTargets> {
         let mut out: BTreeMap<u64, AffinityTargets> = BTreeMap::new();
@@ -95,7 +98,8 @@ impl Compiler {
             for dest in dests {
                 let set = dest.key_set(secs);
                 let allowed = targets.entry(dest.clone()).or_default();
-                for name in owners_of(key_hash(set, dest.key())).into_iter().flatten() {
+                let owners = owners_of(key_hash(set, dest.key()));
+                for name in owners.iter().flat_map(|o| o.as_slice()) {
                     let Some(frag) = fragment_of(name) else {
                         continue;
                     };
