@@ -313,3 +313,50 @@ fn a_node_keeps_its_first_pod_cidr_of_each_family_truncated_to_the_network() {
     let got: Vec<String> = n.pod_cidrs().iter().map(|c| c.to_string()).collect();
     assert_eq!(got, ["10.244.1.0/24", "fd00:244:1::/64"]);
 }
+
+#[test]
+fn an_endpoint_without_hints_is_80_bytes_and_its_hints_read_back_sorted() {
+    assert_eq!(std::mem::size_of::<Endpoint>(), 80);
+    let plain = Endpoint::builder("10.0.0.1", 80).build().expect("valid");
+    assert!(plain.hints_for_zones().is_empty() && plain.hints_for_nodes().is_empty());
+    let hinted = Endpoint::builder("10.0.0.1", 80)
+        .hints_for_zones(["z2", "z1", "z2"])
+        .build()
+        .expect("valid");
+    assert_eq!(hinted.hints_for_zones(), ["z1".into(), "z2".into()]);
+    assert!(hinted.hints_for_nodes().is_empty());
+    assert_ne!(plain, hinted);
+    // No hints given and empty hints given are the same endpoint.
+    let empty = Endpoint::builder("10.0.0.1", 80)
+        .hints_for_zones(Vec::<String>::new())
+        .build()
+        .expect("valid");
+    assert_eq!(plain, empty);
+}
+
+#[test]
+fn endpoints_sharing_names_hold_one_copy_of_each_and_stay_equal() {
+    let build = || {
+        Endpoint::builder("10.0.0.1", 80)
+            .node_name("node-1")
+            .zone("z1")
+            .build()
+            .expect("valid")
+    };
+    let (mut a, mut b) = (build(), build());
+    let before = a.clone();
+    let mut names = std::collections::HashSet::new();
+    a.share_names(&mut names);
+    b.share_names(&mut names);
+    assert_eq!(names.len(), 2, "one node name and one zone");
+    assert_eq!((a.node_name(), a.zone()), (Some("node-1"), Some("z1")));
+    assert_eq!(a, before, "sharing changes no value");
+    assert!(std::ptr::eq(
+        a.node_name().expect("node"),
+        b.node_name().expect("node")
+    ));
+    assert!(std::ptr::eq(
+        a.zone().expect("zone"),
+        b.zone().expect("zone")
+    ));
+}

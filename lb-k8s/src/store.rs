@@ -9,8 +9,9 @@
 //! update records which Services changed, so a sync can be incremental; a re-list that lists
 //! the same objects again marks nothing.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use lb_core::{Endpoint, Node, ServicePort, ServicePortName};
 
@@ -105,6 +106,11 @@ pub struct Store {
     relists: Relists,
     /// Kinds whose first re-list completed.
     listed: BTreeSet<Kind>,
+    /// The node and zone names of the endpoints held, one copy each (shared by the
+    /// endpoints: [`Endpoint::share_names`]).
+    names: HashSet<Arc<str>>,
+    /// The number of names after they were last pruned of those no endpoint uses.
+    names_pruned_at: usize,
 }
 
 /// One service port with the endpoints of all its EndpointSlices merged.
@@ -311,7 +317,15 @@ impl Store {
             self.slices.remove(&(svc.clone(), key.1.clone()));
             self.changed.insert(svc);
         }
-        if let Some(s) = slice {
+        if let Some(mut s) = slice {
+            for e in &mut s.endpoints {
+                e.share_names(&mut self.names);
+            }
+            if self.names.len() > 2 * self.names_pruned_at + 1024 {
+                // Nodes come and go: forget the names no endpoint holds any more.
+                self.names.retain(|n| Arc::strong_count(n) > 1);
+                self.names_pruned_at = self.names.len();
+            }
             self.changed.insert(s.service.clone());
             self.owner.insert(key.clone(), s.service.clone());
             self.slices.insert((s.service.clone(), key.1), s);
@@ -354,6 +368,8 @@ impl Store {
         }
         self.slices = fresh.slices;
         self.owner = fresh.owner;
+        self.names = fresh.names;
+        self.names_pruned_at = fresh.names_pruned_at;
         any
     }
 
@@ -518,6 +534,47 @@ mod tests {
             .iter()
             .map(|e| (e.addr().to_string(), e.conditions()))
             .collect()
+    }
+
+    /// A slice of `n` endpoints, endpoint `i` on node `node-{(first + i)}`.
+    fn slice_on_nodes(first: usize, n: usize) -> Slice {
+        let mut s = slice(&[]);
+        s.endpoints = (0..n)
+            .map(|i| {
+                Endpoint::builder(format!("10.0.{}.{}", i / 200, i % 200 + 1), 1)
+                    .node_name(&format!("node-{}", first + i))
+                    .zone("z1")
+                    .build()
+                    .expect("valid endpoint")
+            })
+            .collect();
+        s
+    }
+
+    #[test]
+    fn endpoints_on_one_node_share_its_name_and_names_no_endpoint_uses_are_forgotten() {
+        let mut store = Store::new();
+        store.apply_slice(("ns".into(), "a".into()), Some(slice_on_nodes(0, 3)));
+        store.apply_slice(("ns".into(), "b".into()), Some(slice_on_nodes(1, 3)));
+        let node_of = |store: &Store, s: &str, i: usize| {
+            let slice = &store.slices[&(key(), s.to_string())];
+            slice.endpoints[i].node_name().expect("node").as_ptr()
+        };
+        // a[1] and b[0] are on node-1; every endpoint is in zone z1.
+        assert_eq!(node_of(&store, "a", 1), node_of(&store, "b", 0));
+        assert_eq!(store.names.len(), 4 + 1, "node-0..node-3 and z1");
+        // Thousands of nodes come and go: the names kept follow the endpoints held.
+        for round in 0..10 {
+            let s = slice_on_nodes(1000 * (round + 1), 1000);
+            store.apply_slice(("ns".into(), "a".into()), Some(s));
+        }
+        assert!(
+            store.names.len() <= 3 * 1000 + 1024,
+            "{} names kept",
+            store.names.len()
+        );
+        let b = &store.slices[&(key(), "b".to_string())];
+        assert_eq!(b.endpoints[2].node_name(), Some("node-3"));
     }
 
     #[test]

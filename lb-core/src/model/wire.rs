@@ -177,8 +177,8 @@ impl From<Endpoint> for EndpointRepr {
             conditions: e.conditions,
             node_name: e.node_name.as_deref().map(str::to_string),
             zone: e.zone.as_deref().map(str::to_string),
-            hints_for_zones: texts(&e.hints_for_zones),
-            hints_for_nodes: texts(&e.hints_for_nodes),
+            hints_for_zones: texts(e.hints_for_zones()),
+            hints_for_nodes: texts(e.hints_for_nodes()),
         }
     }
 }
