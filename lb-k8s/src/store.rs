@@ -573,8 +573,20 @@ mod tests {
             "{} names kept",
             store.names.len()
         );
-        let b = &store.slices[&(key(), "b".to_string())];
-        assert_eq!(b.endpoints[2].node_name(), Some("node-3"));
+        // A name kept through the pruning is still the one copy: a new endpoint on node-1
+        // gets b's.
+        store.apply_slice(("ns".into(), "c".into()), Some(slice_on_nodes(1, 1)));
+        assert_eq!(node_of(&store, "c", 0), node_of(&store, "b", 0));
+        // A re-list adopts the names of what it holds.
+        let all: Vec<_> = ["b", "c"]
+            .map(|s| {
+                let k = ("ns".to_string(), s.to_string());
+                (k, store.slices[&(key(), s.to_string())].clone())
+            })
+            .into();
+        store.replace_slices(all);
+        assert_eq!(store.names.len(), 3 + 1, "node-1..node-3 and z1");
+        assert_eq!(node_of(&store, "c", 0), node_of(&store, "b", 0));
     }
 
     #[test]

@@ -414,7 +414,7 @@ impl<B: Backend> Dataplane<B> {
         ];
         // The fragments of every service port, in name order, built from the merged entries
         // of `FULL_SYNC_SERVICES` Services at a time: a copy of every Service and endpoint is
-        // never held whole (issue 13: peak memory), and the entries are merged on every core.
+        // never held whole (issue 13: peak memory), and the entries are merged in parallel.
         let mut fragments = [Fragments::default(), Fragments::default()];
         let mut names: Vec<ServicePortName> = Vec::new();
         let keys: Vec<&ServiceKey> = store.service_keys().collect();
@@ -533,11 +533,11 @@ fn read_back<B: Backend>(backend: &mut B, stale: &Purge) -> Result<ReadBack, App
 }
 
 /// A full sync merges and compiles this many Services' entries at a time (at 10 endpoints
-/// each, a few MiB of entries; enough service ports for the compile to use every core).
+/// each, a few MiB of entries; enough service ports for the compile to run in parallel).
 pub const FULL_SYNC_SERVICES: usize = 8192;
 
 /// Merging one Service's slices costs microseconds: from this many Services on, a chunk is
-/// merged on every core.
+/// merged in parallel (`crate::par`: up to four threads).
 const MERGE_PARALLEL_MIN: usize = 256;
 
 /// Opens the netfilter netlink socket of the current network namespace: the backend of `run`,

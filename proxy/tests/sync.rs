@@ -216,6 +216,90 @@ fn a_full_sync_of_more_services_than_one_chunk_holds_what_a_full_compile_produce
     assert_eq!(dp.backend().ruleset, want, "what the kernel holds");
 }
 
+/// Keys with several owners: three NodePort Services share one node port (the first in name
+/// order programs it) and one endpoint (its hairpin key). Deleting them one at a time takes
+/// those keys from three owners to two, to one, to none; after each step the kernel holds
+/// what a whole compile of the store produces.
+#[test]
+fn keys_shared_by_several_services_follow_their_first_owner_as_the_services_go() {
+    let config = Config::default();
+    let mut store = Store::new();
+    store.set_node(Node::new("n1", None).expect("node"));
+    let svc = |i: u8| ServiceKey {
+        namespace: "ns".into(),
+        name: format!("shared{i}"),
+    };
+    for i in 0..3u8 {
+        let name = format!("shared{i}");
+        let port = ServicePort::builder("ns", &name, "p", Protocol::Tcp, 80)
+            .cluster_ips([format!("10.96.1.{i}")])
+            .service_type(ServiceType::NodePort)
+            .node_port(30080)
+            .build()
+            .expect("valid port");
+        store.apply_service(svc(i), Some(vec![port]));
+        let endpoint = Endpoint::builder("10.244.9.9", 1)
+            .node_name("n1")
+            .build()
+            .expect("valid endpoint");
+        store.apply_slice(
+            ("ns".into(), format!("{name}-abc")),
+            Some(Slice {
+                service: svc(i),
+                family: IpFamily::V4,
+                ports: vec![SlicePort {
+                    name: "p".into(),
+                    protocol: Protocol::Tcp,
+                    port: std::num::NonZeroU16::new(8080 + u16::from(i)).expect("non-zero"),
+                }],
+                endpoints: vec![endpoint],
+            }),
+        );
+    }
+    let mut dp = Dataplane::new(Fake::default(), config.clone());
+    dp.sync(&mut store).expect("first sync");
+    let check = |dp: &Dataplane<Fake>, store: &Store, step: &str| {
+        let want = expected(store, &config);
+        assert_eq!(dp.ruleset(), want, "{step}: the compilers' view");
+        for (id, t) in &want.tables {
+            for (name, set) in &t.sets {
+                assert_eq!(
+                    &dp.backend().ruleset.tables[id].sets[name].elements,
+                    &set.elements,
+                    "{step}: set {name}"
+                );
+            }
+        }
+    };
+    check(&dp, &store, "three owners");
+    let node_port_target = |dp: &Dataplane<Fake>| {
+        let id = TableId::new(Family::Ip, lb_proxy::compile::TABLE);
+        format!(
+            "{:?}",
+            dp.backend().ruleset.tables[&id].sets["service-nodeports"].elements
+        )
+    };
+    assert!(
+        node_port_target(&dp).contains("shared0"),
+        "{}",
+        node_port_target(&dp)
+    );
+    for (i, step) in ["two owners", "one owner", "none"].iter().enumerate() {
+        store.apply_service(svc(i as u8), None);
+        let report = dp.sync(&mut store).expect("sync");
+        assert!(!report.full, "{step}: an incremental sync");
+        check(&dp, &store, step);
+        if i < 2 {
+            let next = format!("shared{}", i + 1);
+            assert!(
+                node_port_target(&dp).contains(&next),
+                "{step}: {}",
+                node_port_target(&dp)
+            );
+        }
+    }
+}
+
 /// A backend that fails the next apply on request, like a kernel rejecting a batch.
 #[derive(Debug, Default)]
 struct Flaky {

@@ -91,10 +91,21 @@ impl OwnerList {
 
     /// Adds `name` in its place, unless it is there.
     fn insert(&mut self, name: &Arc<ServicePortName>) {
-        let mut all = self.as_slice().to_vec();
-        if let Err(i) = all.binary_search(name) {
-            all.insert(i, name.clone());
-            *self = OwnerList::Many(Box::new(all));
+        match self {
+            OwnerList::One(one) if one == name => {}
+            OwnerList::One(one) => {
+                let (first, second) = if *one < *name {
+                    (one.clone(), name.clone())
+                } else {
+                    (name.clone(), one.clone())
+                };
+                *self = OwnerList::Many(Box::new(vec![first, second]));
+            }
+            OwnerList::Many(all) => {
+                if let Err(i) = all.binary_search(name) {
+                    all.insert(i, name.clone());
+                }
+            }
         }
     }
 }
@@ -178,6 +189,12 @@ fn owners_of(changes: &[(Arc<ServicePortName>, Option<Fragment>)]) -> Owners {
                     v.insert(OwnerList::One(name.clone()));
                 }
             }
+        }
+    }
+    // The shared keys' lists grew by doubling: kept as long as the state, they are shrunk.
+    for o in owners.values_mut() {
+        if let OwnerList::Many(all) = o {
+            all.shrink_to_fit();
         }
     }
     owners
@@ -478,7 +495,8 @@ impl Compiler {
             for r in frag.iter().flat_map(|f| f.elems.records()) {
                 let t = touch(&mut index, &mut touched, &self.owners, r.key);
                 if let Err(i) = t.owners.binary_search(name) {
-                    // Almost every key has one owner: no spare capacity to shrink at commit.
+                    // Almost every key has one owner: no spare capacity to hand on
+                    // (`OwnerList::of` shrinks a longer list).
                     t.owners.reserve_exact(1);
                     t.owners.insert(i, name.clone());
                 }
