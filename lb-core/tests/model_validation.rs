@@ -316,6 +316,8 @@ fn a_node_keeps_its_first_pod_cidr_of_each_family_truncated_to_the_network() {
 
 #[test]
 fn an_endpoint_without_hints_is_80_bytes_and_its_hints_read_back_sorted() {
+    // The layout figures are for 64-bit targets (8-byte pointers).
+    #[cfg(target_pointer_width = "64")]
     assert_eq!(std::mem::size_of::<Endpoint>(), 80);
     let plain = Endpoint::builder("10.0.0.1", 80).build().expect("valid");
     assert!(plain.hints_for_zones().is_empty() && plain.hints_for_nodes().is_empty());
