@@ -473,14 +473,21 @@ impl Store {
     /// A snapshot of everything, or `None` until the node is known.
     pub fn snapshot(&self) -> Option<Snapshot> {
         let node = self.node.clone()?;
-        let mut services = BTreeMap::new();
-        for key in self.services.keys() {
-            for e in self.entries(key) {
-                services.insert(e.port.name().clone(), e);
-            }
-        }
+        let services = by_name(self.services.keys().map(|key| self.entries(key)));
         Some(Snapshot { node, services })
     }
+}
+
+/// Services' merged entries ([`Store::entries`]) by service port name, as a [`Snapshot`] holds
+/// them (of two entries with one name, the later one).
+pub fn by_name(
+    entries: impl IntoIterator<Item = Vec<ServiceEntry>>,
+) -> BTreeMap<ServicePortName, ServiceEntry> {
+    entries
+        .into_iter()
+        .flatten()
+        .map(|e| (e.port.name().clone(), e))
+        .collect()
 }
 
 #[cfg(test)]

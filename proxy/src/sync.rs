@@ -421,18 +421,15 @@ impl<B: Backend> Dataplane<B> {
         for chunk in keys.chunks(FULL_SYNC_SERVICES) {
             // Service keys and service port names order alike (namespace, then name), so the
             // chunks' entries follow each other in name order.
-            let entries: BTreeMap<ServicePortName, ServiceEntry> =
-                crate::par::map_from(MERGE_PARALLEL_MIN, chunk, |key| store.entries(key))
-                    .into_iter()
-                    .flatten()
-                    .map(|e| (e.port.name().clone(), e))
-                    .collect();
+            let entries =
+                crate::store::by_name(crate::par::map_from(MERGE_PARALLEL_MIN, chunk, |key| {
+                    store.entries(key)
+                }));
             for (c, f) in compilers.iter().zip(&mut fragments) {
                 f.append(c.fragments(&node, entries.iter().map(|(n, e)| (n.clone(), Some(e)))));
             }
             names.extend(entries.into_keys());
         }
-        drop(keys);
         // The entries were merged on other threads, whose jemalloc arenas keep the pages they
         // freed: hand those back before the plans allocate (see `crate::memory`).
         crate::memory::release_freed();

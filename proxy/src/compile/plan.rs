@@ -495,8 +495,8 @@ impl Compiler {
             for r in frag.iter().flat_map(|f| f.elems.records()) {
                 let t = touch(&mut index, &mut touched, &self.owners, r.key);
                 if let Err(i) = t.owners.binary_search(name) {
-                    // Almost every key has one owner: no spare capacity to hand on
-                    // (`OwnerList::of` shrinks a longer list).
+                    // Almost every key has one owner: no spare capacity while the plan holds
+                    // the list of every touched key.
                     t.owners.reserve_exact(1);
                     t.owners.insert(i, name.clone());
                 }
