@@ -30,9 +30,10 @@ pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// larger is malformed and rejected so one object cannot balloon the dataplane.
 pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
 
-/// An object or a field of it was invalid.
+/// An object or a field of it was invalid: `Service shop/web: field spec.ports[0].port: …`,
+/// or `Node node-a: field …` for a cluster-scoped object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{kind} {namespace}/{name}: field {field}: {reason}")]
+#[error("{kind} {}{name}: field {field}: {reason}", namespaced(namespace))]
 pub struct ConvertError {
     /// `Service`, `EndpointSlice` or `Node`.
     pub kind: &'static str,
@@ -44,6 +45,15 @@ pub struct ConvertError {
     pub field: String,
     /// What is wrong.
     pub reason: String,
+}
+
+/// `namespace/`, or nothing for a cluster-scoped object.
+fn namespaced(namespace: &str) -> String {
+    if namespace.is_empty() {
+        String::new()
+    } else {
+        format!("{namespace}/")
+    }
 }
 
 /// The outcome of converting an object that was not invalid.

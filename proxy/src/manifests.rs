@@ -2088,7 +2088,7 @@ mod default_tests {
         assert_eq!(cidrs, ["10.96.0.0/16", "10.97.0.0/16", "fd00:96::/108"]);
         assert_eq!(
             invalid,
-            ["ServiceCIDR /broken: field spec.cidrs[0]: \"10.98.0.0/40\" is not a CIDR"]
+            ["ServiceCIDR broken: field spec.cidrs[0]: \"10.98.0.0/40\" is not a CIDR"]
         );
     }
 
