@@ -98,6 +98,14 @@ pub enum StateError {
         /// The key.
         key: Key,
     },
+    /// More elements than the set's `size` (the kernel's `ENFILE`).
+    #[error("set {set} is full: it may hold {size} elements")]
+    SetFull {
+        /// The set.
+        set: String,
+        /// Its size.
+        size: u32,
+    },
     /// Two elements of an interval set that overlap (rendered as nft writes them).
     #[error("element {first} overlaps {second} in {set}")]
     Overlap {
@@ -331,6 +339,14 @@ pub fn apply_command(
                         key: k.clone(),
                     });
                 }
+            }
+            // As the kernel counts: the elements the set holds at this point of the
+            // transaction (those deleted earlier in it make room).
+            if let Some(size) = s.spec.size.filter(|&n| s.elements.len() > n as usize) {
+                return Err(StateError::SetFull {
+                    set: set.clone(),
+                    size,
+                });
             }
             if s.spec.flags.interval {
                 if let Some((a, b)) = validate::overlapping(s.elements.keys()) {

@@ -303,6 +303,11 @@ pub struct SetSpec {
     pub flags: SetFlags,
     /// Default element timeout (needs `flags.timeout`).
     pub timeout: Option<Duration>,
+    /// `size`: the most elements the set may hold. The kernel sizes the set's hash table for
+    /// it when the set is created (a set without a size starts small and rehashes as it
+    /// grows, which makes a large transaction's element inserts several times dearer) and
+    /// refuses an element beyond it (`ENFILE`, [`crate::ApplyError::is_set_full`]).
+    pub size: Option<u32>,
     /// Comment.
     pub comment: Option<String>,
 }
@@ -315,6 +320,7 @@ impl SetSpec {
             data: None,
             flags: SetFlags::default(),
             timeout: None,
+            size: None,
             comment: None,
         }
     }
@@ -326,6 +332,7 @@ impl SetSpec {
             data: Some(data),
             flags: SetFlags::default(),
             timeout: None,
+            size: None,
             comment: None,
         }
     }

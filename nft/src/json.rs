@@ -251,6 +251,10 @@ fn set(o: &J, is_map: bool) -> Result<Set, JsonError> {
         data: data.clone(),
         flags,
         timeout,
+        size: o
+            .get("size")
+            .and_then(J::as_u64)
+            .and_then(|n| u32::try_from(n).ok()),
         comment: o.get("comment").and_then(J::as_str).map(str::to_owned),
     };
     let mut elements = BTreeMap::new();
@@ -755,6 +759,9 @@ fn dynset_text(t: &str) -> Result<Stmt, JsonError> {
     })
 }
 
+/// The size the kernel gives a set without one when an `update` statement adds to it.
+pub const DYNSET_DEFAULT_SIZE: u32 = 65_535;
+
 /// What nft 1.0.6's JSON listing can show of `rs` (see the module doc): compare
 /// `from_nft_json(listing)` with `json_view(&applied)`.
 pub fn json_view(rs: &Ruleset) -> Ruleset {
@@ -791,6 +798,23 @@ pub fn json_view(rs: &Ruleset) -> Ruleset {
                         )
                     });
                 }
+            }
+        }
+        // The kernel gives a set without a size that an `update` statement adds to a size of
+        // 65,535 (`nft_dynset_init`), and lists it.
+        let updated: std::collections::BTreeSet<String> = t
+            .chains
+            .values()
+            .flat_map(|c| &c.rules)
+            .flat_map(|r| &r.stmts)
+            .filter_map(|s| match s {
+                Stmt::Dynset { set, .. } => Some(set.clone()),
+                _ => None,
+            })
+            .collect();
+        for (name, set) in &mut t.sets {
+            if set.spec.size.is_none() && updated.contains(name) {
+                set.spec.size = Some(DYNSET_DEFAULT_SIZE);
             }
         }
         for set in t.sets.values_mut() {

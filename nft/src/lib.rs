@@ -177,6 +177,19 @@ impl ApplyError {
         }
     }
 
+    /// Whether the kernel answered `ENFILE` to an element: the set holds as many elements as
+    /// its `size` allows ([`ir::SetSpec::size`]). Re-creating the set larger is the way out.
+    pub fn is_set_full(&self) -> bool {
+        match self {
+            ApplyError::Kernel { source, .. } => source.raw_os_error() == Some(libc::ENFILE),
+            ApplyError::Invalid {
+                reason: InvalidCommand::State(fake::StateError::SetFull { .. }),
+                ..
+            } => true,
+            _ => false,
+        }
+    }
+
     pub(crate) fn invalid(index: usize, cmd: &Command, reason: impl Into<InvalidCommand>) -> Self {
         ApplyError::Invalid {
             index,

@@ -213,9 +213,12 @@ pub fn set_type(spec: &SetSpec) -> String {
     format!("{kw} {key}{data}")
 }
 
-/// The property lines of a set or map (`type`, `flags`, `timeout`, `comment`).
+/// The property lines of a set or map (`type`, `size`, `flags`, `timeout`, `comment`).
 fn set_lines(spec: &SetSpec) -> Vec<String> {
     let mut lines = vec![set_type(spec)];
+    if let Some(n) = spec.size {
+        lines.push(format!("size {n}"));
+    }
     let f = spec.flags;
     let flags: Vec<&str> = [
         (f.constant, "constant"),

@@ -55,6 +55,8 @@ pub fn sample_ruleset() -> Ruleset {
         MapData::Verdict,
     ));
     svc.spec.comment = Some("service VIPs".into());
+    // Sized, as the compiler's full sync sizes its sets.
+    svc.spec.size = Some(1024);
     svc.elements.insert(
         vec![ip("10.96.0.10"), Value::TCP, Value::Port(80)],
         Element::verdict(Verdict::Goto("svc-dnat".into())),
@@ -636,6 +638,7 @@ pub fn sample_ruleset_v6() -> Ruleset {
         data: None,
         flags: SetFlags::default(),
         timeout: None,
+        size: None,
         comment: None,
     });
     aff_keys.elements.insert(

@@ -864,3 +864,97 @@ fn netlink_batch_spanning_many_pages_is_sent_whole_and_applied_atomically() {
         .expect("apply over many pages and dump");
     assert_eq!(dumped.len(), 20_000);
 }
+
+/// A set with a `size` takes that many elements and refuses the next with `ENFILE`
+/// ([`ApplyError::is_set_full`]), rolling the whole batch back; elements deleted earlier in
+/// a batch make room for as many. The fake backend agrees with the kernel on each outcome.
+#[test]
+fn netlink_a_sized_set_refuses_an_element_beyond_its_size_whole_and_the_fake_agrees() {
+    let ns = NetNs::new();
+    let id = table_id();
+    let addr = |i: u8| vec![Value::Ipv4(std::net::Ipv4Addr::new(10, 96, 0, i))];
+    let mut sized = Set::new(SetSpec::set(vec![DataType::Ipv4Addr]));
+    sized.spec.size = Some(4);
+    for i in 1..=3 {
+        sized.elements.insert(addr(i), Element::key_only());
+    }
+    let mut other = Set::new(SetSpec::set(vec![DataType::Ipv4Addr]));
+    other.elements.insert(addr(1), Element::key_only());
+    let mut table = Table::default();
+    table.sets.insert("sized".into(), sized);
+    table.sets.insert("other".into(), other);
+    let mut rs = Ruleset::default();
+    rs.tables.insert(id.clone(), table);
+    let mut fake = Fake::default();
+    let create = Transaction::create(&rs);
+    ns.apply(&create).expect("the kernel creates the sized set");
+    fake.apply(&create).expect("the fake creates the sized set");
+    // The size reaches the kernel (`nft -j` lists it) and reads back.
+    assert_same(&ns.listing(), &json_view(&rs), "created");
+
+    let add = |set: &str, keys: &[u8]| Command::AddElements {
+        table: id.clone(),
+        set: set.into(),
+        elements: keys
+            .iter()
+            .map(|&i| (addr(i), Element::key_only()))
+            .collect(),
+    };
+    let delete = |keys: &[u8]| Command::DeleteElements {
+        table: id.clone(),
+        set: "sized".into(),
+        keys: keys.iter().map(|&i| addr(i)).collect(),
+    };
+    let both = |fake: &mut Fake, commands: Vec<Command>| {
+        let tx = Transaction { commands };
+        (ns.apply(&tx), fake.apply(&tx))
+    };
+    // The fourth element fits.
+    let (kernel, fake_says) = both(&mut fake, vec![add("sized", &[4])]);
+    kernel.expect("the kernel takes a fourth element");
+    fake_says.expect("the fake takes a fourth element");
+    // A fifth does not, and the batch goes whole: the other set's new element too.
+    let (kernel, fake_says) = both(&mut fake, vec![add("other", &[2]), add("sized", &[5])]);
+    let kernel = kernel.expect_err("the kernel refuses a fifth element");
+    assert!(kernel.is_set_full(), "{kernel:?}");
+    match &kernel {
+        ApplyError::Kernel { index, source, .. } => {
+            assert_eq!(*index, 1, "the command adding to the full set");
+            assert_eq!(source.raw_os_error(), Some(23), "ENFILE");
+        }
+        other => panic!("expected a kernel rejection, got {other:?}"),
+    }
+    let fake_says = fake_says.expect_err("the fake refuses a fifth element");
+    assert!(fake_says.is_set_full(), "{fake_says:?}");
+    let mut held = rs.clone();
+    held.tables
+        .get_mut(&id)
+        .expect("table")
+        .sets
+        .get_mut("sized")
+        .expect("set")
+        .elements
+        .insert(addr(4), Element::key_only());
+    assert_same(
+        &ns.listing(),
+        &json_view(&held),
+        "the refused batch left nothing",
+    );
+    assert_eq!(fake.ruleset, held);
+    // Deleting one makes room for one in the same batch.
+    let (kernel, fake_says) = both(&mut fake, vec![delete(&[1]), add("sized", &[5])]);
+    kernel.expect("the kernel takes an element in place of one deleted before it");
+    fake_says.expect("the fake too");
+    let sized = &mut held
+        .tables
+        .get_mut(&id)
+        .expect("table")
+        .sets
+        .get_mut("sized")
+        .expect("set")
+        .elements;
+    sized.remove(&addr(1));
+    sized.insert(addr(5), Element::key_only());
+    assert_same(&ns.listing(), &json_view(&held), "one swapped for another");
+    assert_eq!(fake.ruleset, held);
+}

@@ -98,3 +98,4 @@ pub mod names {
 pub use layout::{TABLE, TABLE_COMMENT, affinity_map, affinity_nodeport_map};
 pub use plan::{Compiler, Fragments, Plan, Stats, compile};
 pub use service::Fragment;
+pub use skeleton::{MIN_SET_SIZE, fit_size};

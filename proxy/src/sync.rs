@@ -240,6 +240,15 @@ impl<B: Backend> Dataplane<B> {
             }
             if let Err(e) = result {
                 self.needs_full = true;
+                if e.is_set_full() {
+                    // The change outgrew a set's size: the kernel refused it whole. A full
+                    // sync re-creates the sets with room for twice their elements.
+                    tracing::info!(
+                        error = %crate::error_chain(&e),
+                        "a set is full: re-creating the tables with larger sets (full sync)"
+                    );
+                    return self.full_sync(store);
+                }
                 return Err(e);
             }
             report.apply = t.elapsed();

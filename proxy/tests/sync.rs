@@ -767,3 +767,120 @@ fn an_affinity_entry_expiring_before_the_transaction_does_not_fail_the_endpoint_
         vec![entry("10.100.0.3", "10.244.3.2").0]
     );
 }
+
+/// Services `from..to`: ClusterIP, one endpoint each (the first with ClientIP affinity).
+fn add_plain_services(store: &mut Store, range: std::ops::Range<usize>) {
+    for i in range {
+        let name = format!("plain{i}");
+        let key = ServiceKey {
+            namespace: "ns".into(),
+            name: name.clone(),
+        };
+        let mut port = ServicePort::builder("ns", &name, "p", Protocol::Tcp, 80)
+            .cluster_ips([format!("10.97.{}.{}", i / 256, i % 256)]);
+        if i == 0 {
+            port = port.client_ip_affinity(Some(60));
+        }
+        store.apply_service(key.clone(), Some(vec![port.build().expect("valid port")]));
+        let endpoint = Endpoint::builder(format!("10.245.{}.{}", i / 256, i % 256), 1)
+            .node_name("n2")
+            .build()
+            .expect("valid endpoint");
+        store.apply_slice(
+            ("ns".into(), format!("{name}-abc")),
+            Some(Slice {
+                service: key,
+                family: IpFamily::V4,
+                ports: vec![SlicePort {
+                    name: "p".into(),
+                    protocol: Protocol::Tcp,
+                    port: std::num::NonZeroU16::new(8080).expect("non-zero"),
+                }],
+                endpoints: vec![endpoint],
+            }),
+        );
+    }
+}
+
+/// A full sync sizes each set the compiler fills for twice its elements (a power of two, at
+/// least `MIN_SET_SIZE`); the sets the data path fills and the interval sets get no size. A
+/// change keeps the sizes while the sets have room; a change that outgrows one is refused by
+/// the kernel as a whole and becomes, in the same sync, a full sync that sizes them anew.
+#[test]
+fn a_change_that_outgrows_a_set_becomes_a_full_sync_that_sizes_the_sets_anew() {
+    use lb_proxy::compile::{MIN_SET_SIZE, fit_size};
+    assert_eq!(
+        [0, 512, 513, 1100, 100_000].map(fit_size),
+        [MIN_SET_SIZE, 1024, 2048, 4096, 262_144]
+    );
+    let config = Config::default();
+    let mut store = Store::new();
+    store.set_node(Node::new("n1", None).expect("node"));
+    add_plain_services(&mut store, 0..500);
+    let mut dp = Dataplane::new(Fake::default(), config.clone());
+    assert!(dp.sync(&mut store).expect("first sync").full);
+    let id = TableId::new(Family::Ip, lb_proxy::compile::TABLE);
+    let size =
+        |dp: &Dataplane<Fake>, set: &str| dp.backend().ruleset.tables[&id].sets[set].spec.size;
+    let len =
+        |dp: &Dataplane<Fake>, set: &str| dp.backend().ruleset.tables[&id].sets[set].elements.len();
+    assert_eq!(len(&dp, "cluster-ips"), 500);
+    for set in [
+        "cluster-ips",
+        "service-ips",
+        "endpoints",
+        "hairpin",
+        "affinity-keys-60",
+    ] {
+        assert_eq!(size(&dp, set), Some(1024), "{set}");
+    }
+    for set in ["affinity-60", "service-cidrs", "firewall-allow"] {
+        assert_eq!(
+            size(&dp, set),
+            None,
+            "{set}: filled by the data path, or intervals"
+        );
+    }
+    assert_eq!(dp.backend().ruleset, expected(&store, &config));
+
+    // 400 more fit: an incremental sync, the sizes unchanged.
+    add_plain_services(&mut store, 500..900);
+    let report = dp.sync(&mut store).expect("sync");
+    assert!(!report.full, "{report:?}");
+    assert_eq!(
+        (len(&dp, "cluster-ips"), size(&dp, "cluster-ips")),
+        (900, Some(1024))
+    );
+    // The compilers' view gives the sizes a full sync would (the kernel's are those of the
+    // last full sync); the elements are the same.
+    let want = expected(&store, &config);
+    assert_eq!(dp.ruleset(), want);
+    assert_eq!(want.tables[&id].sets["cluster-ips"].spec.size, Some(2048));
+
+    // 200 more do not fit in 1,024: the kernel refuses the change, and the same sync
+    // replaces the tables with sets sized for the 1,100.
+    let applies = dp.backend().applies;
+    add_plain_services(&mut store, 900..1100);
+    let report = dp.sync(&mut store).expect("the full sync succeeds");
+    assert!(report.full, "{report:?}");
+    assert_eq!(
+        dp.backend().applies,
+        applies + 1,
+        "the refused change applied nothing"
+    );
+    assert_eq!(
+        (len(&dp, "cluster-ips"), size(&dp, "cluster-ips")),
+        (1100, Some(4096))
+    );
+    assert_eq!(size(&dp, "masquerade-nodeports"), Some(MIN_SET_SIZE));
+    assert_eq!(dp.backend().ruleset, expected(&store, &config));
+    // And the next change is incremental again.
+    store.apply_service(
+        ServiceKey {
+            namespace: "ns".into(),
+            name: "plain7".into(),
+        },
+        None,
+    );
+    assert!(!dp.sync(&mut store).expect("sync").full);
+}

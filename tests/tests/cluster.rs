@@ -242,3 +242,50 @@ fn the_daemon_drops_unallocated_cluster_ips_of_the_watched_service_cidrs_and_fol
         t.tcp(&t.client, "10.96.0.99:80").is_ok_and(|r| r.0 == "up")
     });
 }
+
+/// `(size, elements)` of a set of the IPv4 table, as the kernel lists it.
+fn set_size_and_len(t: &Topology, set: &str) -> (Option<u64>, usize) {
+    let out = lb_e2e::must(std::process::Command::new("ip").args([
+        "netns", "exec", &t.node, "nft", "-j", "list", "set", "ip", "lb-proxy", set,
+    ]));
+    let v: Value = serde_json::from_str(&out).expect("nft -j output");
+    let s = v["nftables"]
+        .as_array()
+        .and_then(|a| a.iter().find_map(|o| o.get("set")))
+        .unwrap_or_else(|| panic!("no set {set} in {out}"));
+    (s["size"].as_u64(), s["elem"].as_array().map_or(0, Vec::len))
+}
+
+/// A full sync sizes each set for twice its elements, so the kernel allocates the set's hash
+/// table once instead of rehashing it while a large batch fills it. Services that outgrow a
+/// set are refused by the kernel as a whole (`ENFILE`), and the refusal becomes a full sync
+/// that re-creates the sets larger: with the real kernel, every Service ends up programmed,
+/// the one programmed before answers, and so do the new ones.
+#[test]
+fn services_that_outgrow_a_set_are_programmed_by_a_full_sync_that_enlarges_it() {
+    let (t, api, _) = setup(&[]);
+    assert_eq!(set_size_and_len(&t, "cluster-ips"), (Some(1024), 1));
+    const MORE: usize = 1_100;
+    let ip = |i: usize| format!("10.97.{}.{}", i / 256, i % 256);
+    for i in 0..MORE {
+        let name = format!("extra-{i}");
+        api.apply(Kind::Service, service(&name, &ip(i)));
+        api.apply(Kind::EndpointSlice, slice(&name, &[(2, None)]));
+    }
+    Topology::wait_until(
+        "every Service is programmed",
+        Duration::from_secs(60),
+        || set_size_and_len(&t, "cluster-ips").1 == MORE + 1,
+    );
+    // 1,101 cluster IPs outgrew 1,024: the full sync gave the set room for twice them.
+    assert_eq!(set_size_and_len(&t, "cluster-ips"), (Some(4096), MORE + 1));
+    assert_eq!(backends(&t, "10.96.0.10:80", 20), ["b0", "b1"]);
+    for i in [0, MORE / 2, MORE - 1] {
+        let target = format!("{}:80", ip(i));
+        assert_eq!(
+            t.tcp(&t.client, &target).map(|r| r.0),
+            Ok("b2".to_string()),
+            "{target}"
+        );
+    }
+}

@@ -298,6 +298,8 @@ pub struct SetDesc {
     pub data_len: u32,
     /// Default timeout.
     pub timeout_ms: Option<u64>,
+    /// The most elements the set may hold (`NFTA_SET_DESC_SIZE`).
+    pub size: Option<u32>,
     /// Field lengths in bytes (unpadded) of an interval concatenation
     /// (`NFTA_SET_DESC_CONCAT`, which selects the kernel's pipapo set); empty otherwise.
     pub concat: Vec<u8>,
@@ -368,6 +370,7 @@ pub fn set_desc(spec: &SetSpec) -> SetDesc {
         data_type,
         data_len,
         timeout_ms: spec.timeout.map(|t| t.as_millis() as u64),
+        size: spec.size,
         concat,
         udata,
         counter: f.counter,

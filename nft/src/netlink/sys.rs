@@ -268,6 +268,9 @@ impl SetMsg {
             if let Some(t) = d.timeout_ms {
                 sys::nftnl_set_set_u64(s, sys::NFTNL_SET_TIMEOUT as u16, t);
             }
+            if let Some(n) = d.size {
+                sys::nftnl_set_set_u32(s, sys::NFTNL_SET_DESC_SIZE as u16, n);
+            }
             if !d.concat.is_empty() {
                 // Copied into a zeroed array of 16 (checked above).
                 sys::nftnl_set_set_data(

@@ -54,6 +54,25 @@ pub(super) fn hash_encoded(key: &[u8]) -> KeyHash {
     [h as u64, (h >> 64) as u64]
 }
 
+/// The set's part of an encoded key (as [`Record::key`] holds it): equal for the keys of one
+/// set, different for keys of different sets.
+pub(super) fn set_prefix(key: &[u8]) -> &[u8] {
+    match key.first() {
+        Some(0) => &key[..2],
+        _ => &key[..9],
+    }
+}
+
+/// The set a [`set_prefix`] names.
+pub(super) fn set_of_prefix(prefix: &[u8]) -> SetRef {
+    Record {
+        key: prefix,
+        elem: &[],
+    }
+    .decode_key()
+    .0
+}
+
 /// The hash of the key `values` of `set`.
 pub(super) fn key_hash(set: SetRef, values: &[Value]) -> KeyHash {
     let mut b = Vec::with_capacity(64);

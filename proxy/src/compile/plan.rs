@@ -18,9 +18,9 @@ use crate::store::{ServiceEntry, Snapshot};
 
 use super::config::Config;
 use super::layout::{Dispatch, Fam, SetRef};
-use super::packed::{KeyHash, Record, hash_encoded, key_hash};
+use super::packed::{KeyHash, Record, hash_encoded, key_hash, set_of_prefix, set_prefix};
 use super::service::{Builder, Fragment};
-use super::skeleton::{skeleton, traffic_sets};
+use super::skeleton::{Sizes, apply_sizes, fit_sizes, skeleton, traffic_sets};
 
 /// What the compiler produced besides the table: figures for logs and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -175,29 +175,38 @@ fn push_adds(
 
 /// The owners of every key of `changes`' fragments, from nothing committed: each key's
 /// service ports, sorted.
-fn owners_of(changes: &[(Arc<ServicePortName>, Option<Fragment>)]) -> Owners {
+fn owners_of(
+    changes: &[(Arc<ServicePortName>, Option<Fragment>)],
+) -> (Owners, HashMap<String, usize>) {
     let records = changes
         .iter()
         .flat_map(|(_, f)| f.iter().map(|f| f.elems.records().count()))
         .sum();
     let mut owners: Owners = HashMap::with_capacity_and_hasher(records, Default::default());
+    // Distinct keys per set (by the set's part of the encoded key): its element count.
+    let mut per_set: HashMap<&[u8], usize> = HashMap::default();
     for (name, frag) in changes {
         for r in frag.iter().flat_map(|f| f.elems.records()) {
             match owners.entry(hash_encoded(r.key)) {
                 Entry::Occupied(mut o) => o.get_mut().insert(name),
                 Entry::Vacant(v) => {
                     v.insert(OwnerList::One(name.clone()));
+                    *per_set.entry(set_prefix(r.key)).or_default() += 1;
                 }
             }
         }
     }
+    let elements = per_set
+        .into_iter()
+        .map(|(prefix, n)| (set_of_prefix(prefix).name(), n))
+        .collect();
     // The shared keys' lists grew by doubling: kept as long as the state, they are shrunk.
     for o in owners.values_mut() {
         if let OwnerList::Many(all) = o {
             all.shrink_to_fit();
         }
     }
-    owners
+    (owners, elements)
 }
 
 /// The element `owner` gave the key before or `after` the change (its last record with it),
@@ -237,6 +246,10 @@ pub struct Compiler {
     /// use: unused ones are only removed by a full sync).
     pub(super) installed_counts: BTreeSet<(Dispatch, usize)>,
     pub(super) installed_timeouts: BTreeSet<u64>,
+    /// The `size` of each set as the kernel holds it: fitted to the set's elements by the
+    /// last full sync ([`fit_sizes`]). A change keeps them; one that outgrows a set is
+    /// refused by the kernel and becomes a full sync, which fits them anew.
+    pub(super) installed_sizes: Sizes,
     pub(super) installed: bool,
 }
 
@@ -277,6 +290,7 @@ pub struct Plan {
     pub(super) gone: Vec<KeyHash>,
     pub(super) installed_counts: BTreeSet<(Dispatch, usize)>,
     pub(super) installed_timeouts: BTreeSet<u64>,
+    pub(super) installed_sizes: Sizes,
 }
 
 impl Compiler {
@@ -291,6 +305,7 @@ impl Compiler {
             timeouts: BTreeMap::new(),
             installed_counts: BTreeSet::new(),
             installed_timeouts: BTreeSet::new(),
+            installed_sizes: Sizes::new(),
             installed: false,
         }
     }
@@ -416,20 +431,29 @@ impl Compiler {
         let id = self.table_id();
         let mut tx = Transaction::new();
         let fresh = !self.installed;
+        // A fresh table's sets are sized to fit their elements; a change keeps the sizes the
+        // kernel holds (a set it adds, for a new affinity timeout, has none until the next
+        // full sync).
+        let owners_fresh = fresh.then(|| owners_of(&changes));
+        let mut after = skeleton(self.f, &self.config, &counts, &timeouts);
+        let sizes = match &owners_fresh {
+            Some((_, elements)) => fit_sizes(&after, |set| elements.get(set).copied()),
+            None => self.installed_sizes.clone(),
+        };
+        apply_sizes(&mut after, &sizes);
         let before = if fresh {
             crate::nft::ir::Ruleset::default()
         } else {
-            one_table(
-                &id,
-                skeleton(
-                    self.f,
-                    &self.config,
-                    &self.installed_counts,
-                    &self.installed_timeouts,
-                ),
-            )
+            let mut before = skeleton(
+                self.f,
+                &self.config,
+                &self.installed_counts,
+                &self.installed_timeouts,
+            );
+            apply_sizes(&mut before, &sizes);
+            one_table(&id, before)
         };
-        let after = one_table(&id, skeleton(self.f, &self.config, &counts, &timeouts));
+        let after = one_table(&id, after);
         tx.commands
             .extend(crate::nft::diff::diff(&before, &after).commands);
         // Record chains (ClientIP affinity): created before the elements that send
@@ -449,11 +473,10 @@ impl Compiler {
         );
         tx.commands.extend(chains_first);
         sink(tx)?;
-        if fresh {
+        if let Some((owners, _)) = owners_fresh {
             // Nothing committed (a full sync's new compiler): no element to compare with, no
             // record chain to delete last.
             debug_assert!(self.fragments.is_empty() && chains_last.is_empty());
-            let owners = owners_of(&changes);
             self.add_all(&changes, &owners, sink)?;
             return Ok(Plan {
                 tx: Transaction::new(),
@@ -462,6 +485,7 @@ impl Compiler {
                 changes,
                 installed_counts: counts,
                 installed_timeouts: timeouts,
+                installed_sizes: sizes,
             });
         }
 
@@ -550,6 +574,7 @@ impl Compiler {
             gone,
             installed_counts: counts,
             installed_timeouts: timeouts,
+            installed_sizes: sizes,
         })
     }
 
@@ -691,6 +716,7 @@ impl Compiler {
         }
         self.installed_counts = plan.installed_counts;
         self.installed_timeouts = plan.installed_timeouts;
+        self.installed_sizes = plan.installed_sizes;
         self.installed = true;
     }
 
@@ -718,6 +744,8 @@ impl Compiler {
                 }
             }
         }
+        let sizes = fit_sizes(&table, |set| table.sets.get(set).map(|s| s.elements.len()));
+        apply_sizes(&mut table, &sizes);
         table
     }
 
@@ -726,6 +754,12 @@ impl Compiler {
     pub fn mark_full_sync(&mut self) {
         self.installed_counts = self.counts.keys().copied().collect();
         self.installed_timeouts = self.timeouts.keys().copied().collect();
+        self.installed_sizes = self
+            .table()
+            .sets
+            .into_iter()
+            .filter_map(|(name, s)| Some((name, s.spec.size?)))
+            .collect();
     }
 }
 
@@ -927,14 +961,18 @@ mod tests {
             "{} keys",
             p.touched.len() + p.gone.len()
         );
-        bulk_kernel.apply(&p.tx).expect("valid transaction");
+        bulk_kernel
+            .apply(&without_sizes(&p.tx))
+            .expect("valid transaction");
         bulk.commit(p);
 
         let mut single = Compiler::new(config, IpFamily::V4);
         let mut single_kernel = Fake::default();
         for (n, e) in names.iter().zip(&entries) {
             let p = single.plan(&node(), [(n.clone(), Some(e))]);
-            single_kernel.apply(&p.tx).expect("valid transaction");
+            single_kernel
+                .apply(&without_sizes(&p.tx))
+                .expect("valid transaction");
             single.commit(p);
         }
         let id = bulk.table_id();
@@ -947,11 +985,15 @@ mod tests {
 
         // Every second port deleted: in one plan, and one at a time.
         let p = bulk.plan(&node(), names.iter().step_by(2).map(|n| (n.clone(), None)));
-        bulk_kernel.apply(&p.tx).expect("valid transaction");
+        bulk_kernel
+            .apply(&without_sizes(&p.tx))
+            .expect("valid transaction");
         bulk.commit(p);
         for n in names.iter().step_by(2) {
             let p = single.plan(&node(), [(n.clone(), None)]);
-            single_kernel.apply(&p.tx).expect("valid transaction");
+            single_kernel
+                .apply(&without_sizes(&p.tx))
+                .expect("valid transaction");
             single.commit(p);
         }
         assert_eq!(
@@ -960,6 +1002,19 @@ mod tests {
         );
         assert_eq!(bulk.owners, single.owners);
         assert_eq!(bulk.stats().service_ports, 300);
+    }
+
+    /// `tx` with its sets created without a size. A full sync sizes sets for the elements it
+    /// installs (`proxy/tests/sync.rs` tests that); one port at a time from nothing, the
+    /// sets outgrow what the first port's plan gives them.
+    fn without_sizes(tx: &Transaction) -> Transaction {
+        let mut tx = tx.clone();
+        for c in &mut tx.commands {
+            if let Command::AddSet { spec, .. } = c {
+                spec.size = None;
+            }
+        }
+        tx
     }
 
     #[test]

@@ -17,6 +17,49 @@ use super::affinity::affinity_sets;
 use super::config::Config;
 use super::layout::*;
 
+/// The `size` of sets, by name ([`crate::nft::ir::SetSpec::size`]).
+pub(super) type Sizes = BTreeMap<String, u32>;
+
+/// The smallest size a set is given: a fresh cluster's sets take this many elements before
+/// the first one outgrows its size (a full sync then re-creates them larger). The kernel's
+/// hash table for it is 16 KiB.
+pub const MIN_SET_SIZE: u32 = 1024;
+
+/// The size a full sync gives a set of `elements` elements: room for as many again, rounded
+/// up to a power of two, so a set is re-created (by a full sync) only once it has doubled.
+/// With a size the kernel allocates the set's hash table once, at four to eight buckets of 8
+/// bytes per element (a fixed table: `nft_hash`), instead of rehashing a table that starts
+/// small as a large batch fills it, which made those inserts the costliest part of a full
+/// sync (`rhashtable_insert_slow` took a quarter of `run --once`'s CPU time, issue 13).
+pub fn fit_size(elements: usize) -> u32 {
+    let room = elements.saturating_mul(2).next_power_of_two();
+    u32::try_from(room).unwrap_or(u32::MAX).max(MIN_SET_SIZE)
+}
+
+/// Whether a set gets a size: those whose elements only the compiler adds. Sets the data
+/// path adds to (`dynamic`, the affinity maps) and interval sets (a few prefixes, in
+/// another kind of kernel set) keep none.
+fn sizable(spec: &SetSpec) -> bool {
+    !spec.flags.dynamic && !spec.flags.timeout && !spec.flags.interval && !spec.flags.constant
+}
+
+/// The sizes for `table`'s sizable sets holding `elements(set)` elements (`None`: none).
+pub(super) fn fit_sizes(table: &Table, elements: impl Fn(&str) -> Option<usize>) -> Sizes {
+    table
+        .sets
+        .iter()
+        .filter(|(_, s)| sizable(&s.spec))
+        .map(|(name, _)| (name.clone(), fit_size(elements(name).unwrap_or(0))))
+        .collect()
+}
+
+/// Gives `table`'s sets their sizes in `sizes` (those not listed keep none).
+pub(super) fn apply_sizes(table: &mut Table, sizes: &Sizes) {
+    for (name, set) in &mut table.sets {
+        set.spec.size = sizes.get(name).copied();
+    }
+}
+
 /// The static sets and maps, without elements.
 pub(super) fn skeleton_sets(f: Fam, config: &Config) -> Table {
     let mut table = Table {
