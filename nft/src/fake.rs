@@ -342,7 +342,12 @@ pub fn apply_command(
             }
             // As the kernel counts: the elements the set holds at this point of the
             // transaction (those deleted earlier in it make room).
-            if let Some(size) = s.spec.size.filter(|&n| s.elements.len() > n as usize) {
+            // A size of 0 is none, as for the kernel.
+            if let Some(size) = s
+                .spec
+                .size
+                .filter(|&n| n > 0 && s.elements.len() > n as usize)
+            {
                 return Err(StateError::SetFull {
                     set: set.clone(),
                     size,

@@ -306,7 +306,8 @@ pub struct SetSpec {
     /// `size`: the most elements the set may hold. The kernel sizes the set's hash table for
     /// it when the set is created (a set without a size starts small and rehashes as it
     /// grows, which makes a large transaction's element inserts several times dearer) and
-    /// refuses an element beyond it (`ENFILE`, [`crate::ApplyError::is_set_full`]).
+    /// refuses an element beyond it (`ENFILE`, [`crate::ApplyError::is_set_full`]). `Some(0)`
+    /// is no size, for the kernel as for the fake backend.
     pub size: Option<u32>,
     /// Comment.
     pub comment: Option<String>,

@@ -759,7 +759,7 @@ fn dynset_text(t: &str) -> Result<Stmt, JsonError> {
     })
 }
 
-/// The size the kernel gives a set without one when an `update` statement adds to it.
+/// The size the kernel gives a set without one when a dynamic set statement writes to it.
 pub const DYNSET_DEFAULT_SIZE: u32 = 65_535;
 
 /// What nft 1.0.6's JSON listing can show of `rs` (see the module doc): compare
@@ -800,8 +800,8 @@ pub fn json_view(rs: &Ruleset) -> Ruleset {
                 }
             }
         }
-        // The kernel gives a set without a size that an `update` statement adds to a size of
-        // 65,535 (`nft_dynset_init`), and lists it.
+        // The kernel gives a set without a size that a dynamic set statement (`update`, `add`)
+        // writes to a size of 65,535 (`nft_dynset_init`), and lists it.
         let updated: std::collections::BTreeSet<String> = t
             .chains
             .values()

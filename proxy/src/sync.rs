@@ -5,7 +5,9 @@
 //! sync replaces both tables in one atomic transaction (`add table` + `delete table` +
 //! everything), which also repairs rules someone else changed or deleted. When the kernel
 //! rejects a transaction nothing is committed, the previous ruleset keeps serving, and the
-//! next sync is a full one.
+//! next sync is a full one; a change refused because it overfills a set (`ENFILE`: a full
+//! sync gives every set a size, [`crate::compile::fit_size`]) becomes a full sync at once,
+//! which sizes the sets anew.
 //!
 //! When an incremental sync takes endpoints away from Services with ClientIP affinity, the
 //! affinity entries that point to an endpoint their destination no longer dispatches to are
@@ -132,11 +134,12 @@ impl<B: Backend> Dataplane<B> {
         }
     }
 
-    /// The committed tables (what the kernel holds after the last successful sync).
+    /// The committed tables (what the kernel holds after the last successful sync, set sizes
+    /// included; chains and sets no longer in use, which linger until a full sync, left out).
     pub fn ruleset(&self) -> crate::nft::ir::Ruleset {
         let mut rs = crate::nft::ir::Ruleset::default();
         for c in &self.compilers {
-            rs.tables.insert(c.table_id(), c.table());
+            rs.tables.insert(c.table_id(), c.installed_table());
         }
         rs
     }

@@ -851,11 +851,18 @@ fn a_change_that_outgrows_a_set_becomes_a_full_sync_that_sizes_the_sets_anew() {
         (len(&dp, "cluster-ips"), size(&dp, "cluster-ips")),
         (900, Some(1024))
     );
-    // The compilers' view gives the sizes a full sync would (the kernel's are those of the
-    // last full sync); the elements are the same.
+    // The committed view is the kernel's, sizes included; a full sync now would size the set
+    // for its 900 elements. The elements are a whole compile's.
+    assert_eq!(dp.ruleset(), dp.backend().ruleset);
     let want = expected(&store, &config);
-    assert_eq!(dp.ruleset(), want);
     assert_eq!(want.tables[&id].sets["cluster-ips"].spec.size, Some(2048));
+    for (name, set) in &want.tables[&id].sets {
+        assert_eq!(
+            dp.backend().ruleset.tables[&id].sets[name].elements,
+            set.elements,
+            "{name}"
+        );
+    }
 
     // 200 more do not fit in 1,024: the kernel refuses the change, and the same sync
     // replaces the tables with sets sized for the 1,100.
@@ -874,6 +881,7 @@ fn a_change_that_outgrows_a_set_becomes_a_full_sync_that_sizes_the_sets_anew() {
     );
     assert_eq!(size(&dp, "masquerade-nodeports"), Some(MIN_SET_SIZE));
     assert_eq!(dp.backend().ruleset, expected(&store, &config));
+    assert_eq!(dp.ruleset(), dp.backend().ruleset);
     // And the next change is incremental again.
     store.apply_service(
         ServiceKey {
@@ -883,4 +891,20 @@ fn a_change_that_outgrows_a_set_becomes_a_full_sync_that_sizes_the_sets_anew() {
         None,
     );
     assert!(!dp.sync(&mut store).expect("sync").full);
+    // A change that needs a new set (the key map of a new affinity timeout) creates it with
+    // the smallest size.
+    let sticky = ServicePort::builder("ns", "sticky", "p", Protocol::Tcp, 80)
+        .cluster_ips(["10.98.0.1"])
+        .client_ip_affinity(Some(90))
+        .build()
+        .expect("valid port");
+    let key = ServiceKey {
+        namespace: "ns".into(),
+        name: "sticky".into(),
+    };
+    store.apply_service(key, Some(vec![sticky]));
+    assert!(!dp.sync(&mut store).expect("sync").full);
+    assert_eq!(size(&dp, "affinity-keys-90"), Some(MIN_SET_SIZE));
+    assert_eq!(size(&dp, "affinity-90"), None);
+    assert_eq!(dp.ruleset(), dp.backend().ruleset);
 }

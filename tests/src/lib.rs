@@ -359,6 +359,13 @@ impl Topology {
         }
     }
 
+    /// The sync lines lb-proxy printed since the last call or wait (those with its markers:
+    /// `programmed`/`applied` for `run`, `full sync`/`synced` for the daemon).
+    pub fn sync_lines(&mut self) -> Vec<String> {
+        let rx = self.proxy_events.as_ref().expect("proxy started");
+        rx.try_iter().collect()
+    }
+
     /// Waits until lb-proxy reports it applied a change.
     pub fn wait_applied(&mut self) {
         let rx = self.proxy_events.as_ref().expect("proxy started");

@@ -263,7 +263,7 @@ fn set_size_and_len(t: &Topology, set: &str) -> (Option<u64>, usize) {
 /// the one programmed before answers, and so do the new ones.
 #[test]
 fn services_that_outgrow_a_set_are_programmed_by_a_full_sync_that_enlarges_it() {
-    let (t, api, _) = setup(&[]);
+    let (mut t, api, _) = setup(&[]);
     assert_eq!(set_size_and_len(&t, "cluster-ips"), (Some(1024), 1));
     const MORE: usize = 1_100;
     let ip = |i: usize| format!("10.97.{}.{}", i / 256, i % 256);
@@ -279,6 +279,23 @@ fn services_that_outgrow_a_set_are_programmed_by_a_full_sync_that_enlarges_it() 
     );
     // 1,101 cluster IPs outgrew 1,024: the full sync gave the set room for twice them.
     assert_eq!(set_size_and_len(&t, "cluster-ips"), (Some(4096), MORE + 1));
+    // In the sync the kernel refused, not after a failure and a retry.
+    let lines = t.sync_lines();
+    assert!(
+        lines.iter().any(|l| l.contains("a set is full")),
+        "{lines:#?}"
+    );
+    let metrics = lb_e2e::must(t.ns_command(&t.node, &lb_e2e::binary("lb-testsrv")).args([
+        "http",
+        "127.0.0.1:10249",
+        "/metrics",
+    ]));
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "kubeproxy_sync_proxy_rules_nftables_sync_failures_total 0"),
+        "{metrics}"
+    );
     assert_eq!(backends(&t, "10.96.0.10:80", 20), ["b0", "b1"]);
     for i in [0, MORE / 2, MORE - 1] {
         let target = format!("{}:80", ip(i));

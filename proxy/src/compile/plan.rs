@@ -431,14 +431,21 @@ impl Compiler {
         let id = self.table_id();
         let mut tx = Transaction::new();
         let fresh = !self.installed;
-        // A fresh table's sets are sized to fit their elements; a change keeps the sizes the
-        // kernel holds (a set it adds, for a new affinity timeout, has none until the next
-        // full sync).
+        // A fresh table's sets are sized to fit their elements. A change keeps the sizes the
+        // kernel holds, and gives a set it adds (the key maps of a new affinity timeout) the
+        // smallest size: should the change overfill it, the kernel refuses the change and the
+        // dataplane turns it into a full sync (`crate::sync`).
         let owners_fresh = fresh.then(|| owners_of(&changes));
         let mut after = skeleton(self.f, &self.config, &counts, &timeouts);
         let sizes = match &owners_fresh {
             Some((_, elements)) => fit_sizes(&after, |set| elements.get(set).copied()),
-            None => self.installed_sizes.clone(),
+            None => {
+                let mut sizes = self.installed_sizes.clone();
+                for (set, size) in fit_sizes(&after, |_| None) {
+                    sizes.entry(set).or_insert(size);
+                }
+                sizes
+            }
         };
         apply_sizes(&mut after, &sizes);
         let before = if fresh {
@@ -749,6 +756,15 @@ impl Compiler {
         table
     }
 
+    /// [`Compiler::table`] with the set sizes the kernel holds: those of the last full sync
+    /// (and the smallest for a set a change added since), where [`Compiler::table`] gives the
+    /// sizes a full sync would give now.
+    pub fn installed_table(&self) -> Table {
+        let mut table = self.table();
+        apply_sizes(&mut table, &self.installed_sizes);
+        table
+    }
+
     /// Forgets which chains and sets beyond those in use exist, after a full sync replaced
     /// the table with [`Compiler::table`].
     pub fn mark_full_sync(&mut self) {
@@ -918,6 +934,87 @@ mod tests {
     }
 
     /// `n` endpoints of the `i`-th generated Service (`10.{100 + i / 250}.{i % 250}.{1..=n}`).
+    /// A full sync sizes each set for the elements it installs: the per-set counts taken while
+    /// the ownership map is built must be exactly the element counts of the table, in every
+    /// set and both families, with keys several service ports share (a node port, an external
+    /// IP, an endpoint) counted once. A wrong count could make a set too small (every full
+    /// sync refused) or waste kernel memory; `fit_size` hides counts up to 512, so the counts
+    /// themselves are compared.
+    #[test]
+    fn a_fresh_plan_counts_each_sets_elements_as_the_table_holds_them() {
+        use lb_core::TrafficPolicy;
+        let entries: Vec<ServiceEntry> = (0..40u32)
+            .map(|i| {
+                let mut b = ServicePort::builder("ns", &format!("s{i}"), "http", Protocol::Tcp, 80)
+                    .cluster_ips([format!("10.96.0.{i}"), format!("fd00:96::{i}")])
+                    .service_type(ServiceType::NodePort)
+                    // Shared by several service ports.
+                    .node_port(30000 + i64::from(i % 7))
+                    .external_ips(["198.51.100.7", "2001:db8::7"]);
+                match i % 4 {
+                    0 => {
+                        b = b
+                            .service_type(ServiceType::LoadBalancer)
+                            .load_balancer_ips([format!("192.0.2.{i}"), format!("2001:db8:1::{i}")])
+                            .load_balancer_source_ranges(["10.0.0.0/8", "fd00::/8"])
+                            .external_traffic_policy(TrafficPolicy::Local)
+                    }
+                    1 => b = b.client_ip_affinity(Some(60 + i64::from(i % 3))),
+                    2 => b = b.internal_traffic_policy(TrafficPolicy::Local),
+                    _ => {}
+                }
+                let endpoints = (0..u8::try_from(i % 4).expect("small"))
+                    .flat_map(|j| {
+                        // One endpoint every service port has, and some of their own.
+                        let ips = [
+                            format!("10.200.{i}.{j}"),
+                            format!("fd00:200::{i}:{j}"),
+                            "10.201.0.1".into(),
+                        ];
+                        ips.into_iter().map(move |ip| {
+                            Endpoint::builder(ip, 8080)
+                                .node_name(if j % 2 == 0 { "node-a" } else { "node-b" })
+                                .build()
+                                .expect("valid endpoint")
+                        })
+                    })
+                    .collect();
+                ServiceEntry {
+                    port: b.build().expect("valid service"),
+                    endpoints,
+                }
+            })
+            .collect();
+        for family in [IpFamily::V4, IpFamily::V6] {
+            let mut c = Compiler::new(Config::default(), family);
+            let p = c.plan(
+                &node(),
+                entries.iter().map(|e| (e.port.name().clone(), Some(e))),
+            );
+            let (_, counted) = owners_of(&p.changes);
+            c.commit(p);
+            let table = c.table();
+            let mut held = 0;
+            for (name, set) in &table.sets {
+                if set.spec.size.is_none() {
+                    continue;
+                }
+                held += set.elements.len();
+                assert_eq!(
+                    counted.get(name).copied().unwrap_or(0),
+                    set.elements.len(),
+                    "{family:?} {name}"
+                );
+            }
+            assert!(held > 300, "{family:?}: {held} elements in sized sets");
+            for shared in ["nodeport-endpoints", "service-nodeports"] {
+                assert!(counted.contains_key(shared), "{family:?} {shared}");
+            }
+            // The kernel's sizes are the ones this count gives.
+            assert_eq!(c.installed_table(), table);
+        }
+    }
+
     fn endpoints(i: u32, n: u8) -> Vec<Endpoint> {
         let (hi, lo) = (i / 250, i % 250);
         (1..=n)
