@@ -201,11 +201,22 @@ impl Typed {
     }
 }
 
+/// An object converted as soon as it was typed: the result, and the errors of an
+/// EndpointSlice's invalid endpoints (the rest of it is used).
+type Checked = (Result<Object, ConvertError>, Vec<ConvertError>);
+
 /// The outcome of parsing one file that parsed as a whole.
 #[derive(Debug, Default)]
 struct Parsed {
-    /// Objects of our kinds, in document order, with their key.
+    /// Objects of our kinds, in document order, with their key (read without a filter).
     objects: Vec<(ObjectKey, Typed)>,
+    /// With a filter: each object converted as soon as it was typed, in document order, so
+    /// the objects as read are never all held at once (issue 13: a 50,000-Service dump in
+    /// one file peaked at 675 MiB while it was read, holding every object typed and then
+    /// converted).
+    converted: Vec<(ObjectKey, Checked)>,
+    /// The filter objects are converted with (`None`: they are kept as typed).
+    filter: Option<Filter>,
     /// Keys of objects whose document did not match their kind's schema.
     broken: Vec<ObjectKey>,
     errors: Vec<ManifestError>,
@@ -647,6 +658,12 @@ impl Parsed {
     /// The documents, with the items of top-level `List`s in their place, are typed on every
     /// core in contiguous runs, and the results joined in document order.
     fn from_text(file: &str, text: &str) -> Result<Parsed, String> {
+        Parsed::read(file, text, None)
+    }
+
+    /// [`Parsed::from_text`], converting each object with `filter` as soon as it is typed
+    /// (into [`Parsed::converted`]) when there is one.
+    fn read(file: &str, text: &str, filter: Option<&Filter>) -> Result<Parsed, String> {
         if !looks_like_json(text) {
             // Plain YAML objects of our kinds (a `kubectl get -o yaml` dump split into
             // documents, generated manifests) are typed straight from their text. Anything
@@ -655,24 +672,30 @@ impl Parsed {
             if let Some((documents, entries)) =
                 yaml_entries(text).or_else(|| yaml_list_entries(text))
             {
-                if let Ok(p) = Parsed::type_entries(file, text.len(), documents, entries) {
+                if let Ok(p) = Parsed::type_entries(file, text.len(), documents, entries, filter) {
                     if p.errors.is_empty() && p.broken.is_empty() && p.ignored.is_empty() {
                         return Ok(p);
                     }
                 }
             }
         }
-        Parsed::from_text_general(file, text)
+        Parsed::general(file, text, filter)
     }
 
     /// [`Parsed::from_text`] through YAML values for YAML.
+    #[cfg(test)]
     fn from_text_general(file: &str, text: &str) -> Result<Parsed, String> {
+        Parsed::general(file, text, None)
+    }
+
+    /// [`Parsed::read`] through YAML values for YAML.
+    fn general(file: &str, text: &str, filter: Option<&Filter>) -> Result<Parsed, String> {
         let fast = looks_like_json(text).then(|| json_entries(text)).flatten();
         let (documents, entries) = match fast {
             Some(read) => read,
             None => Parsed::entries(parse_documents(text)?)?,
         };
-        Parsed::type_entries(file, text.len(), documents, entries)
+        Parsed::type_entries(file, text.len(), documents, entries, filter)
     }
 
     /// The documents to type: each one, or the items of a `List` in its place.
@@ -711,10 +734,11 @@ impl Parsed {
         len: usize,
         documents: usize,
         mut entries: Vec<Entry<'_>>,
+        filter: Option<&Filter>,
     ) -> Result<Parsed, String> {
         let n = threads();
         let mut parsed = if n < 2 || len < PARALLEL_MIN_BYTES || entries.len() < 2 * n {
-            Parsed::from_entries(file, entries)?
+            Parsed::from_entries(file, entries, filter)?
         } else {
             let per = entries.len().div_ceil(n);
             let mut runs = Vec::with_capacity(n);
@@ -726,7 +750,7 @@ impl Parsed {
             let results: Vec<Result<Parsed, String>> = std::thread::scope(|s| {
                 let handles: Vec<_> = runs
                     .into_iter()
-                    .map(|run| s.spawn(move || Parsed::from_entries(file, run)))
+                    .map(|run| s.spawn(move || Parsed::from_entries(file, run, filter)))
                     .collect();
                 handles
                     .into_iter()
@@ -740,6 +764,7 @@ impl Parsed {
             for r in results {
                 let p = r?;
                 all.objects.extend(p.objects);
+                all.converted.extend(p.converted);
                 all.broken.extend(p.broken);
                 all.errors.extend(p.errors);
                 all.ignored.extend(p.ignored);
@@ -751,8 +776,15 @@ impl Parsed {
     }
 
     /// Types a run of documents and items, in order.
-    fn from_entries(file: &str, entries: Vec<Entry<'_>>) -> Result<Parsed, String> {
-        let mut parsed = Parsed::default();
+    fn from_entries(
+        file: &str,
+        entries: Vec<Entry<'_>>,
+        filter: Option<&Filter>,
+    ) -> Result<Parsed, String> {
+        let mut parsed = Parsed {
+            filter: filter.cloned(),
+            ..Parsed::default()
+        };
         for (pos, doc, head) in entries {
             parsed.add_value(file, doc, &pos, head)?;
         }
@@ -835,7 +867,14 @@ impl Parsed {
             Ok(o)
         });
         match typed {
-            Ok(o) => self.objects.push((key, o)),
+            Ok(o) => match &self.filter {
+                Some(filter) => {
+                    let mut endpoint_errors = Vec::new();
+                    let converted = o.convert(filter, &mut endpoint_errors);
+                    self.converted.push((key, (converted, endpoint_errors)));
+                }
+                None => self.objects.push((key, o)),
+            },
             Err(reason) => {
                 self.errors.push(ManifestError::Object {
                     file: file.into(),
@@ -1412,7 +1451,7 @@ impl Sources {
                 return;
             }
             Err(e) => Err(e.to_string()),
-            Ok((bytes, _)) => utf8(&bytes).and_then(|text| Parsed::from_text(&file, text)),
+            Ok((bytes, _)) => utf8(&bytes).and_then(|text| Parsed::read(&file, text, Some(filter))),
         };
         state.acted = Some(stamp);
         let mut parsed = match parsed {
@@ -1495,9 +1534,6 @@ impl Sources {
     }
 }
 
-/// From how many objects a file's objects are converted on several threads.
-const CONVERT_PARALLEL_MIN: usize = 256;
-
 /// Converts a file's objects as the store takes them. An object that is invalid, or whose
 /// document did not match its schema, keeps its last good version from `old` (if any);
 /// everything else is taken, converted. Returns the objects and the problems.
@@ -1514,12 +1550,17 @@ fn validate(
         source: e,
     };
     let mut keep_old = Vec::new();
-    // Each object converts in microseconds: a file of hundreds converts on every core.
-    let converted = crate::par::map_from(CONVERT_PARALLEL_MIN, &parsed.objects, |(_, o)| {
+    // Converted as they were typed ([`Parsed::read`] with the filter); any read without one
+    // are converted here.
+    let mut checked = parsed.converted;
+    checked.extend(parsed.objects.into_iter().map(|(key, o)| {
         let mut endpoint_errors = Vec::new();
-        (o.convert(filter, &mut endpoint_errors), endpoint_errors)
-    });
-    for ((key, _), (converted, endpoint_errors)) in parsed.objects.into_iter().zip(converted) {
+        (
+            key,
+            (o.convert(filter, &mut endpoint_errors), endpoint_errors),
+        )
+    }));
+    for (key, (converted, endpoint_errors)) in checked {
         match converted {
             Ok(o) => {
                 errors.extend(endpoint_errors.into_iter().map(invalid));
@@ -1770,6 +1811,45 @@ mod tests {
         );
         let err = Parsed::from_text("f.json", &list).expect_err("an item without kind");
         assert_eq!(err, "document 1, items[4000]: no kind");
+    }
+
+    /// Read with a filter (as [`Sources`] reads), a big file's objects are converted as they
+    /// are typed, on every core: none is kept as read, and each one's conversion, an invalid
+    /// one's error included, is in document order, as validating them afterwards gives.
+    #[test]
+    fn a_file_read_with_a_filter_keeps_its_objects_converted_not_as_read() {
+        let mut text = String::new();
+        for i in 0..3000 {
+            let port = if i == 1500 { "port: 0" } else { "port: 80" };
+            text.push_str(
+                &SVC.replace("name: web", &format!("name: web-{i}"))
+                    .replace("port: 80", port),
+            );
+            text.push_str("---\n");
+        }
+        assert!(text.len() > PARALLEL_MIN_BYTES);
+        let filter = Filter::default();
+        let parsed = Parsed::read("f.yaml", &text, Some(&filter)).expect("parses");
+        assert!(parsed.objects.is_empty(), "no object kept as read");
+        assert_eq!(parsed.converted.len(), 3000);
+        let names: Vec<&str> = parsed.converted.iter().map(|(k, _)| k.2.as_str()).collect();
+        let want: Vec<String> = (0..3000).map(|i| format!("web-{i}")).collect();
+        assert_eq!(names, want);
+        assert!(parsed.converted[1500].1.0.is_err(), "port 0 is invalid");
+        let (objects, errors) = validate("f.yaml", parsed, &BTreeMap::new(), &filter);
+        let typed = Parsed::from_text("f.yaml", &text).expect("parses");
+        assert_eq!(typed.converted.len(), 0);
+        let (objects_typed, errors_typed) = validate("f.yaml", typed, &BTreeMap::new(), &filter);
+        assert_eq!(objects, objects_typed);
+        assert_eq!(objects.len(), 2999);
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        let errors_typed: Vec<String> = errors_typed.iter().map(ToString::to_string).collect();
+        assert_eq!(errors, errors_typed);
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].contains("Service t/web-1500: field spec.ports[0].port"),
+            "{errors:?}"
+        );
     }
 
     #[test]
