@@ -816,8 +816,6 @@ pub fn json_view(rs: &Ruleset) -> Ruleset {
             if set.spec.size.is_none() && updated.contains(name) {
                 set.spec.size = Some(DYNSET_DEFAULT_SIZE);
             }
-        }
-        for set in t.sets.values_mut() {
             let key_kept = listed_fields(&set.spec.key);
             let data_kept = match &set.spec.data {
                 Some(MapData::Values(d)) => listed_fields(d),

@@ -933,7 +933,6 @@ mod tests {
         assert!(p.tx.is_empty(), "{}", p.tx.to_nft());
     }
 
-    /// `n` endpoints of the `i`-th generated Service (`10.{100 + i / 250}.{i % 250}.{1..=n}`).
     /// A full sync sizes each set for the elements it installs: the per-set counts taken while
     /// the ownership map is built must be exactly the element counts of the table, in every
     /// set and both families, with keys several service ports share (a node port, an external
@@ -1015,6 +1014,7 @@ mod tests {
         }
     }
 
+    /// `n` endpoints of the `i`-th generated Service (`10.{100 + i / 250}.{i % 250}.{1..=n}`).
     fn endpoints(i: u32, n: u8) -> Vec<Endpoint> {
         let (hi, lo) = (i / 250, i % 250);
         (1..=n)
