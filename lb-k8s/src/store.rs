@@ -317,20 +317,28 @@ impl Store {
             self.slices.remove(&(svc.clone(), key.1.clone()));
             self.changed.insert(svc);
         }
-        if let Some(mut s) = slice {
-            for e in &mut s.endpoints {
-                e.share_names(&mut self.names);
-            }
+        if let Some(s) = slice {
+            self.changed.insert(s.service.clone());
+            self.place_slice(key, s);
             if self.names.len() > 2 * self.names_pruned_at + 1024 {
                 // Nodes come and go: forget the names no endpoint holds any more.
                 self.names.retain(|n| Arc::strong_count(n) > 1);
                 self.names_pruned_at = self.names.len();
             }
-            self.changed.insert(s.service.clone());
-            self.owner.insert(key.clone(), s.service.clone());
-            self.slices.insert((s.service.clone(), key.1), s);
         }
         true
+    }
+
+    /// Puts `slice` under `key` (replacing the slice of that key), sharing its endpoints'
+    /// names; records no change.
+    fn place_slice(&mut self, key: SliceKey, mut slice: Slice) {
+        for e in &mut slice.endpoints {
+            e.share_names(&mut self.names);
+        }
+        if let Some(svc) = self.owner.insert(key.clone(), slice.service.clone()) {
+            self.slices.remove(&(svc, key.1.clone()));
+        }
+        self.slices.insert((slice.service.clone(), key.1), slice);
     }
 
     /// [`Store::replace_services`]; returns whether any Service changed.
@@ -339,14 +347,10 @@ impl Store {
         all: impl IntoIterator<Item = (ServiceKey, Vec<ServicePort>)>,
     ) -> bool {
         let new: BTreeMap<_, _> = all.into_iter().collect();
-        let keys: BTreeSet<ServiceKey> = self.services.keys().chain(new.keys()).cloned().collect();
-        let mut any = false;
-        for k in keys {
-            if self.services.get(&k) != new.get(&k) {
-                self.changed.insert(k);
-                any = true;
-            }
-        }
+        let changed = &mut self.changed;
+        let any = for_each_difference(&self.services, &new, |k| {
+            changed.insert(k.clone());
+        });
         self.services = new;
         any
     }
@@ -355,17 +359,18 @@ impl Store {
     fn swap_slices(&mut self, all: impl IntoIterator<Item = (SliceKey, Slice)>) -> bool {
         let mut fresh = Store::default();
         for (k, s) in all {
-            fresh.put_slice(k, Some(s));
+            fresh.place_slice(k, s);
         }
-        let keys: BTreeSet<&(ServiceKey, String)> =
-            self.slices.keys().chain(fresh.slices.keys()).collect();
-        let mut any = false;
-        for k in keys {
-            if self.slices.get(k) != fresh.slices.get(k) {
-                self.changed.insert(k.0.clone());
-                any = true;
+        fresh.names_pruned_at = fresh.names.len();
+        let changed = &mut self.changed;
+        // Slices are keyed by their Service first: its differing slices come in a row.
+        let mut last: Option<&ServiceKey> = None;
+        let any = for_each_difference(&self.slices, &fresh.slices, |(svc, _)| {
+            if last != Some(svc) {
+                changed.insert(svc.clone());
+                last = Some(svc);
             }
-        }
+        });
         self.slices = fresh.slices;
         self.owner = fresh.owner;
         self.names = fresh.names;
@@ -488,6 +493,53 @@ pub fn by_name(
         .flatten()
         .map(|e| (e.port.name().clone(), e))
         .collect()
+}
+
+/// Calls `differs` with every key whose value differs between `old` and `new` (held by one
+/// only, or by both with unequal values), in key order, walking both maps once; returns
+/// whether there was any.
+fn for_each_difference<'a, K: Ord, V: PartialEq>(
+    old: &'a BTreeMap<K, V>,
+    new: &'a BTreeMap<K, V>,
+    mut differs: impl FnMut(&'a K),
+) -> bool {
+    let (mut old, mut new) = (old.iter().peekable(), new.iter().peekable());
+    let mut any = false;
+    loop {
+        let key = match (old.peek().copied(), new.peek().copied()) {
+            (None, None) => return any,
+            (Some((k, _)), None) => {
+                old.next();
+                k
+            }
+            (None, Some((k, _))) => {
+                new.next();
+                k
+            }
+            (Some((ko, vo)), Some((kn, vn))) => match ko.cmp(kn) {
+                std::cmp::Ordering::Less => {
+                    old.next();
+                    ko
+                }
+                std::cmp::Ordering::Greater => {
+                    new.next();
+                    kn
+                }
+                std::cmp::Ordering::Equal => {
+                    let same = vo == vn;
+                    let k = ko;
+                    old.next();
+                    new.next();
+                    if same {
+                        continue;
+                    }
+                    k
+                }
+            },
+        };
+        any = true;
+        differs(key);
+    }
 }
 
 #[cfg(test)]
@@ -759,6 +811,71 @@ mod tests {
         assert!(store.apply(sl(Event::InitDone)));
         assert_eq!(names(&store.take_changes().0), ["b"]);
         assert_eq!(addrs(&store, "b"), ["10.244.0.9:8080"]);
+    }
+
+    #[test]
+    fn a_relist_marks_services_of_slices_added_removed_changed_or_moved_and_no_other() {
+        let mut store = Store::new();
+        let listed = |slices: Vec<(&str, Slice)>| {
+            let mut events = vec![sl(Event::Init)];
+            events.extend(
+                slices
+                    .into_iter()
+                    .map(|(k, s)| sl(Event::InitApply(sk(k), s))),
+            );
+            events.push(sl(Event::InitDone));
+            events
+        };
+        for e in listed(vec![
+            ("a-1", slice_of("a", &["10.244.0.1"])),
+            ("c-1", slice_of("c", &["10.244.0.3"])),
+            ("c-2", slice_of("c", &["10.244.0.4"])),
+            ("e-1", slice_of("e", &["10.244.0.6"])),
+            ("m-1", slice_of("x", &["10.244.0.7"])),
+            ("z-1", slice_of("z", &["10.244.0.9"])),
+        ]) {
+            store.apply(e);
+        }
+        assert_eq!(
+            names(&store.take_changes().0),
+            ["a", "c", "e", "x", "z"],
+            "a first list marks every Service with a slice"
+        );
+        // a-1 removed, b-1 added, c-2 changed (c-1 not), d-1 added, e-1 unchanged, m-1 moved
+        // from Service x to y, z-1 unchanged and last (the walk's tail).
+        for e in listed(vec![
+            ("b-1", slice_of("b", &["10.244.0.2"])),
+            ("c-1", slice_of("c", &["10.244.0.3"])),
+            ("c-2", slice_of("c", &["10.244.0.5"])),
+            ("d-1", slice_of("d", &["10.244.0.8"])),
+            ("e-1", slice_of("e", &["10.244.0.6"])),
+            ("m-1", slice_of("y", &["10.244.0.7"])),
+            ("z-1", slice_of("z", &["10.244.0.9"])),
+        ]) {
+            store.apply(e);
+        }
+        assert_eq!(
+            names(&store.take_changes().0),
+            ["a", "b", "c", "d", "x", "y"]
+        );
+    }
+
+    #[test]
+    fn the_difference_walk_finds_keys_of_one_map_only_and_unequal_values_at_both_ends() {
+        let map = |kv: &[(u8, char)]| kv.iter().copied().collect::<BTreeMap<u8, char>>();
+        let differing = |old: &BTreeMap<u8, char>, new: &BTreeMap<u8, char>| {
+            let mut keys = Vec::new();
+            let any = for_each_difference(old, new, |k| keys.push(*k));
+            assert_eq!(any, !keys.is_empty());
+            keys
+        };
+        let old = map(&[(1, 'a'), (3, 'c'), (4, 'd'), (9, 'i')]);
+        let new = map(&[(0, 'z'), (3, 'c'), (4, 'x'), (5, 'e')]);
+        assert_eq!(differing(&old, &new), [0, 1, 4, 5, 9]);
+        assert_eq!(differing(&new, &old), [0, 1, 4, 5, 9]);
+        assert_eq!(differing(&old, &old), Vec::<u8>::new());
+        assert_eq!(differing(&old, &BTreeMap::new()), [1, 3, 4, 9]);
+        assert_eq!(differing(&BTreeMap::new(), &new), [0, 3, 4, 5]);
     }
 
     #[test]
