@@ -174,26 +174,35 @@ fn push_adds(
 }
 
 /// The owners of every key of `changes`' fragments, from nothing committed: each key's
-/// service ports, sorted.
+/// service ports, sorted; each set's element count; and, for every record of the fragments
+/// in order, whether its service port is its key's first owner (whose element the kernel
+/// gets). `changes` must be sorted by name: a key's first owner is then the first to give
+/// it.
 fn owners_of(
     changes: &[(Arc<ServicePortName>, Option<Fragment>)],
-) -> (Owners, HashMap<String, usize>) {
+) -> (Owners, HashMap<String, usize>, Vec<bool>) {
+    debug_assert!(changes.is_sorted_by(|a, b| a.0 <= b.0));
     let records = changes
         .iter()
         .flat_map(|(_, f)| f.iter().map(|f| f.elems.records().count()))
         .sum();
     let mut owners: Owners = HashMap::with_capacity_and_hasher(records, Default::default());
+    let mut first = Vec::with_capacity(records);
     // Distinct keys per set (by the set's part of the encoded key): its element count.
     let mut per_set: HashMap<&[u8], usize> = HashMap::default();
     for (name, frag) in changes {
         for r in frag.iter().flat_map(|f| f.elems.records()) {
-            match owners.entry(hash_encoded(r.key)) {
-                Entry::Occupied(mut o) => o.get_mut().insert(name),
+            first.push(match owners.entry(hash_encoded(r.key)) {
+                Entry::Occupied(mut o) => {
+                    o.get_mut().insert(name);
+                    Arc::ptr_eq(o.get().first(), name)
+                }
                 Entry::Vacant(v) => {
                     v.insert(OwnerList::One(name.clone()));
                     *per_set.entry(set_prefix(r.key)).or_default() += 1;
+                    true
                 }
-            }
+            });
         }
     }
     let elements = per_set
@@ -206,7 +215,7 @@ fn owners_of(
             all.shrink_to_fit();
         }
     }
-    (owners, elements)
+    (owners, elements, first)
 }
 
 /// The element `owner` gave the key before or `after` the change (its last record with it),
@@ -406,7 +415,7 @@ impl Compiler {
         fragments: Fragments,
         sink: &mut Sink<'_>,
     ) -> Result<Plan, ApplyError> {
-        let changes: Vec<(Arc<ServicePortName>, Option<Fragment>)> = fragments
+        let mut changes: Vec<(Arc<ServicePortName>, Option<Fragment>)> = fragments
             .0
             .into_iter()
             .filter(|(name, frag)| self.fragments.get(name) != frag.as_ref())
@@ -435,10 +444,15 @@ impl Compiler {
         // kernel holds, and gives a set it adds (the key maps of a new affinity timeout) the
         // smallest size: should the change overfill it, the kernel refuses the change and the
         // dataplane turns it into a full sync (`crate::sync`).
+        if fresh && !changes.is_sorted_by(|a, b| a.0 <= b.0) {
+            // A full sync's fragments come in name order; others are put in it, so that each
+            // key's first owner is the first to give it (`owners_of`).
+            changes.sort_by(|a, b| a.0.cmp(&b.0));
+        }
         let owners_fresh = fresh.then(|| owners_of(&changes));
         let mut after = skeleton(self.f, &self.config, &counts, &timeouts);
         let sizes = match &owners_fresh {
-            Some((_, elements)) => fit_sizes(&after, |set| elements.get(set).copied()),
+            Some((_, elements, _)) => fit_sizes(&after, |set| elements.get(set).copied()),
             None => {
                 let mut sizes = self.installed_sizes.clone();
                 for (set, size) in fit_sizes(&after, |_| None) {
@@ -480,11 +494,11 @@ impl Compiler {
         );
         tx.commands.extend(chains_first);
         sink(tx)?;
-        if let Some((owners, _)) = owners_fresh {
+        if let Some((owners, _, first)) = owners_fresh {
             // Nothing committed (a full sync's new compiler): no element to compare with, no
             // record chain to delete last.
             debug_assert!(self.fragments.is_empty() && chains_last.is_empty());
-            self.add_all(&changes, &owners, sink)?;
+            self.add_all(&changes, &first, sink)?;
             return Ok(Plan {
                 tx: Transaction::new(),
                 touched: owners,
@@ -586,39 +600,45 @@ impl Compiler {
     }
 
     /// Hands on, in waves of about [`STREAM_KEYS`] elements, the elements of a table that
-    /// holds nothing yet: of every key, its first owner's (last) element, by `owners`. Without the
-    /// bookkeeping a change to committed state needs (the touched keys, with their owners
-    /// before and after and the elements seen), a full sync's peak memory is lower by about
-    /// a third (issue 13).
+    /// holds nothing yet: of every key, its first owner's (last) element, `first` telling
+    /// for each record of `changes` in order whether its owner is the key's first
+    /// ([`owners_of`]). Without the bookkeeping a change to committed state needs (the
+    /// touched keys, with their owners before and after and the elements seen), a full
+    /// sync's peak memory is lower by about a third (issue 13).
     fn add_all(
         &self,
         changes: &[(Arc<ServicePortName>, Option<Fragment>)],
-        owners: &Owners,
+        first: &[bool],
         sink: &mut Sink<'_>,
     ) -> Result<(), ApplyError> {
         let id = self.table_id();
-        // Every fragment's records but those a later record with the same key replaces.
-        let mut records = changes.iter().flat_map(|(name, frag)| {
+        // Of every fragment's records whose owner is their key's first, those no later
+        // record with the same key replaces. (A record and the later ones with its key
+        // have the same owner, so the same `first`.)
+        let mut offset = 0;
+        let mut records = changes.iter().flat_map(|(_, frag)| {
             let all: SmallVec<[Record<'_>; 32]> =
                 frag.iter().flat_map(|f| f.elems.records()).collect();
-            let last: SmallVec<[(&Arc<ServicePortName>, Record<'_>); 32]> = if all.len() <= 32 {
+            let first = &first[offset..offset + all.len()];
+            offset += all.len();
+            let last: SmallVec<[Record<'_>; 32]> = if all.len() <= 32 {
                 (all.iter().enumerate())
-                    .filter(|(i, r)| !all[i + 1..].iter().any(|later| later.key == r.key))
-                    .map(|(_, r)| (name, *r))
+                    .filter(|(i, r)| first[*i] && !all[i + 1..].iter().any(|l| l.key == r.key))
+                    .map(|(_, r)| *r)
                     .collect()
             } else {
                 // A service port with many endpoints: by a set of the keys met, from the end.
                 let mut met = rustc_hash::FxHashSet::default();
-                let mut last: SmallVec<_> = (all.iter().rev())
-                    .filter(|r| met.insert(r.key))
-                    .map(|r| (name, *r))
+                let mut last: SmallVec<_> = (all.iter().enumerate().rev())
+                    .filter(|(i, r)| met.insert(r.key) && first[*i])
+                    .map(|(_, r)| *r)
                     .collect();
                 last.reverse();
                 last
             };
             last
         });
-        let mut wave: Vec<(&Arc<ServicePortName>, Record<'_>)> = Vec::new();
+        let mut wave: Vec<Record<'_>> = Vec::new();
         loop {
             wave.clear();
             wave.extend(records.by_ref().take(STREAM_KEYS));
@@ -627,12 +647,9 @@ impl Compiler {
             }
             let decoded = crate::par::map_parts_mut(&mut wave, |part| {
                 let mut adds: BTreeMap<SetRef, Vec<(Vec<Value>, Element)>> = BTreeMap::new();
-                for (name, r) in part.iter() {
-                    let first = owners.get(&hash_encoded(r.key)).map(OwnerList::first);
-                    if first.is_some_and(|f| Arc::ptr_eq(f, name)) {
-                        let (set, values) = r.decode_key();
-                        adds.entry(set).or_default().push((values, r.decode_elem()));
-                    }
+                for r in part.iter() {
+                    let (set, values) = r.decode_key();
+                    adds.entry(set).or_default().push((values, r.decode_elem()));
                 }
                 adds
             });
@@ -990,7 +1007,7 @@ mod tests {
                 &node(),
                 entries.iter().map(|e| (e.port.name().clone(), Some(e))),
             );
-            let (_, counted) = owners_of(&p.changes);
+            let (_, counted, _) = owners_of(&p.changes);
             c.commit(p);
             let table = c.table();
             let mut held = 0;
