@@ -526,14 +526,12 @@ fn for_each_difference<'a, K: Ord, V: PartialEq>(
                     kn
                 }
                 std::cmp::Ordering::Equal => {
-                    let same = vo == vn;
-                    let k = ko;
                     old.next();
                     new.next();
-                    if same {
+                    if vo == vn {
                         continue;
                     }
-                    k
+                    ko
                 }
             },
         };
@@ -816,26 +814,24 @@ mod tests {
     #[test]
     fn a_relist_marks_services_of_slices_added_removed_changed_or_moved_and_no_other() {
         let mut store = Store::new();
-        let listed = |slices: Vec<(&str, Slice)>| {
-            let mut events = vec![sl(Event::Init)];
-            events.extend(
-                slices
-                    .into_iter()
-                    .map(|(k, s)| sl(Event::InitApply(sk(k), s))),
-            );
-            events.push(sl(Event::InitDone));
-            events
+        let relist = |store: &mut Store, slices: Vec<(&str, Slice)>| {
+            store.apply(sl(Event::Init));
+            for (k, s) in slices {
+                store.apply(sl(Event::InitApply(sk(k), s)));
+            }
+            store.apply(sl(Event::InitDone));
         };
-        for e in listed(vec![
-            ("a-1", slice_of("a", &["10.244.0.1"])),
-            ("c-1", slice_of("c", &["10.244.0.3"])),
-            ("c-2", slice_of("c", &["10.244.0.4"])),
-            ("e-1", slice_of("e", &["10.244.0.6"])),
-            ("m-1", slice_of("x", &["10.244.0.7"])),
-            ("z-1", slice_of("z", &["10.244.0.9"])),
-        ]) {
-            store.apply(e);
-        }
+        relist(
+            &mut store,
+            vec![
+                ("a-1", slice_of("a", &["10.244.0.1"])),
+                ("c-1", slice_of("c", &["10.244.0.3"])),
+                ("c-2", slice_of("c", &["10.244.0.4"])),
+                ("e-1", slice_of("e", &["10.244.0.6"])),
+                ("m-1", slice_of("x", &["10.244.0.7"])),
+                ("z-1", slice_of("z", &["10.244.0.9"])),
+            ],
+        );
         assert_eq!(
             names(&store.take_changes().0),
             ["a", "c", "e", "x", "z"],
@@ -843,17 +839,18 @@ mod tests {
         );
         // a-1 removed, b-1 added, c-2 changed (c-1 not), d-1 added, e-1 unchanged, m-1 moved
         // from Service x to y, z-1 unchanged and last (the walk's tail).
-        for e in listed(vec![
-            ("b-1", slice_of("b", &["10.244.0.2"])),
-            ("c-1", slice_of("c", &["10.244.0.3"])),
-            ("c-2", slice_of("c", &["10.244.0.5"])),
-            ("d-1", slice_of("d", &["10.244.0.8"])),
-            ("e-1", slice_of("e", &["10.244.0.6"])),
-            ("m-1", slice_of("y", &["10.244.0.7"])),
-            ("z-1", slice_of("z", &["10.244.0.9"])),
-        ]) {
-            store.apply(e);
-        }
+        relist(
+            &mut store,
+            vec![
+                ("b-1", slice_of("b", &["10.244.0.2"])),
+                ("c-1", slice_of("c", &["10.244.0.3"])),
+                ("c-2", slice_of("c", &["10.244.0.5"])),
+                ("d-1", slice_of("d", &["10.244.0.8"])),
+                ("e-1", slice_of("e", &["10.244.0.6"])),
+                ("m-1", slice_of("y", &["10.244.0.7"])),
+                ("z-1", slice_of("z", &["10.244.0.9"])),
+            ],
+        );
         assert_eq!(
             names(&store.take_changes().0),
             ["a", "b", "c", "d", "x", "y"]

@@ -181,7 +181,7 @@ fn push_adds(
 fn owners_of(
     changes: &[(Arc<ServicePortName>, Option<Fragment>)],
 ) -> (Owners, HashMap<String, usize>, Vec<bool>) {
-    debug_assert!(changes.is_sorted_by(|a, b| a.0 <= b.0));
+    debug_assert!(in_name_order(changes));
     let records = changes
         .iter()
         .flat_map(|(_, f)| f.iter().map(|f| f.elems.records().count()))
@@ -216,6 +216,11 @@ fn owners_of(
         }
     }
     (owners, elements, first)
+}
+
+/// Whether `changes` are sorted by service port name.
+fn in_name_order(changes: &[(Arc<ServicePortName>, Option<Fragment>)]) -> bool {
+    changes.is_sorted_by(|a, b| a.0 <= b.0)
 }
 
 /// The element `owner` gave the key before or `after` the change (its last record with it),
@@ -440,15 +445,15 @@ impl Compiler {
         let id = self.table_id();
         let mut tx = Transaction::new();
         let fresh = !self.installed;
-        // A fresh table's sets are sized to fit their elements. A change keeps the sizes the
-        // kernel holds, and gives a set it adds (the key maps of a new affinity timeout) the
-        // smallest size: should the change overfill it, the kernel refuses the change and the
-        // dataplane turns it into a full sync (`crate::sync`).
-        if fresh && !changes.is_sorted_by(|a, b| a.0 <= b.0) {
+        if fresh && !in_name_order(&changes) {
             // A full sync's fragments come in name order; others are put in it, so that each
             // key's first owner is the first to give it (`owners_of`).
             changes.sort_by(|a, b| a.0.cmp(&b.0));
         }
+        // A fresh table's sets are sized to fit their elements. A change keeps the sizes the
+        // kernel holds, and gives a set it adds (the key maps of a new affinity timeout) the
+        // smallest size: should the change overfill it, the kernel refuses the change and the
+        // dataplane turns it into a full sync (`crate::sync`).
         let owners_fresh = fresh.then(|| owners_of(&changes));
         let mut after = skeleton(self.f, &self.config, &counts, &timeouts);
         let sizes = match &owners_fresh {
