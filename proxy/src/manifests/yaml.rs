@@ -1,4 +1,5 @@
-//! YAML streams into JSON values, on every core for big inputs.
+//! YAML streams into JSON values, on every core for big inputs: the general path, for what
+//! the fast paths (`block`, straight into the API types) do not read.
 //!
 //! The parser is `serde_yaml_ng` (libyaml's parser ported to Rust): about three times as fast
 //! as `serde-saphyr` on `kubectl get -o yaml` output. Its protections stay in force on every
