@@ -25,8 +25,10 @@
 //!   \r \0 \xXX \uXXXX \UXXXXXXXX`), and the empty collections `{}` and `[]`.
 //!
 //! Declined: anchors, aliases, tags, flow collections with content, block scalars (`|`, `>`),
-//! scalars over several lines, complex (`?`) and quoted keys, merge keys (`<<`), directives,
-//! nesting deeper than [`MAX_DEPTH`].
+//! scalars over several lines, complex (`?`), quoted and over-long keys (libyaml's limit),
+//! keys starting with `...` (a document end), merge keys (`<<`), directives, nesting deeper
+//! than [`MAX_DEPTH`], and, while deserialising, more than [`MAX_LEVELS`] levels (newtypes
+//! included) or a collection the type does not read to its end.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -36,6 +38,13 @@ use serde::de::{self, DeserializeOwned, DeserializeSeed, MapAccess, SeqAccess, V
 /// Nesting deeper than this is declined (`serde_yaml_ng` refuses more than 128 levels).
 const MAX_DEPTH: usize = 100;
 
+/// Levels a document may take while it is deserialised, each mapping, sequence and newtype
+/// one, as `serde_yaml_ng` counts them (it refuses more than 128): beyond, declined.
+const MAX_LEVELS: u32 = 100;
+
+/// The longest key libyaml takes (its colon at most 1024 characters after the key's start).
+const MAX_KEY: usize = 1024;
+
 /// `text` (one document) as a `T`, or `None` when it is outside the subset or does not
 /// deserialize as a `T`.
 pub(super) fn from_str<T: DeserializeOwned>(text: &str) -> Option<T> {
@@ -43,6 +52,7 @@ pub(super) fn from_str<T: DeserializeOwned>(text: &str) -> Option<T> {
     T::deserialize(Node {
         items: &items,
         at: 0,
+        levels: MAX_LEVELS,
     })
     .ok()
 }
@@ -231,14 +241,20 @@ fn split_key(text: &str) -> Option<(&str, &str)> {
     if text.starts_with([
         '\'', '"', '[', ']', '{', '}', '&', '*', '!', '|', '>', '%', '@', '`', '?', '#', ',', ':',
         '-',
-    ]) {
+    ]) || text.starts_with("...")
+    {
+        // `... ` at column 0 ends the document.
         return None;
     }
     let (key, rest) = match find_pair(text, b':', b' ') {
         Some(i) => (&text[..i], text[i + 2..].trim_start_matches(' ')),
         None => (text.strip_suffix(':')?, ""),
     };
-    if key.ends_with(' ') || find_pair(key, b' ', b'#').is_some() || key == "<<" {
+    if key.len() > MAX_KEY
+        || key.ends_with(' ')
+        || find_pair(key, b' ', b'#').is_some()
+        || key == "<<"
+    {
         return None;
     }
     Some((key, rest))
@@ -421,6 +437,8 @@ impl de::Error for Declined {
 struct Node<'t, 'a> {
     items: &'t [Item<'a>],
     at: usize,
+    /// Levels left ([`MAX_LEVELS`]).
+    levels: u32,
 }
 
 impl<'t, 'a> Node<'t, 'a> {
@@ -428,13 +446,27 @@ impl<'t, 'a> Node<'t, 'a> {
         &self.items[self.at].kind
     }
 
-    /// The node's children (its entries or elements).
-    fn children(self) -> Children<'t, 'a> {
-        Children {
+    /// `visit` given the node's children (its entries or elements; none for a missing
+    /// value), taking a level for a mapping or sequence; declined unless it read every child
+    /// (`serde_yaml_ng` fails then: "invalid length").
+    fn children<T>(
+        self,
+        visit: impl FnOnce(&mut Children<'t, 'a>) -> Result<T, Declined>,
+    ) -> Result<T, Declined> {
+        let levels = match self.kind() {
+            Kind::Map | Kind::Seq => self.levels.checked_sub(1).ok_or(Declined)?,
+            Kind::Plain(_) | Kind::Quoted(_) => self.levels,
+        };
+        let mut children = Children {
             items: self.items,
             next: self.at + 1,
             end: self.items[self.at].end,
-        }
+            levels,
+        };
+        let value = visit(&mut children)?;
+        (children.next >= children.end)
+            .then_some(value)
+            .ok_or(Declined)
     }
 
     fn plain(&self) -> Option<&'a str> {
@@ -465,8 +497,8 @@ impl<'de> de::Deserializer<'de> for Node<'_, '_> {
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
         match self.kind() {
-            Kind::Map => visitor.visit_map(self.children()),
-            Kind::Seq => visitor.visit_seq(self.children()),
+            Kind::Map => self.children(|c| visitor.visit_map(c)),
+            Kind::Seq => self.children(|c| visitor.visit_seq(c)),
             Kind::Quoted(s) => visitor.visit_str(s),
             Kind::Plain(s) => match resolve(s) {
                 Plain::Null => visitor.visit_unit(),
@@ -580,13 +612,14 @@ impl<'de> de::Deserializer<'de> for Node<'_, '_> {
         _: &'static str,
         visitor: V,
     ) -> Result<V::Value, Declined> {
-        visitor.visit_newtype_struct(self)
+        let levels = self.levels.checked_sub(1).ok_or(Declined)?;
+        visitor.visit_newtype_struct(Node { levels, ..self })
     }
 
     /// A sequence, or a missing value as an empty one (as `serde_yaml_ng` does).
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
         match self.kind() {
-            Kind::Seq | Kind::Plain("") => visitor.visit_seq(self.children()),
+            Kind::Seq | Kind::Plain("") => self.children(|c| visitor.visit_seq(c)),
             _ => Err(Declined),
         }
     }
@@ -611,7 +644,7 @@ impl<'de> de::Deserializer<'de> for Node<'_, '_> {
     /// A mapping, or a missing value as an empty one (as `serde_yaml_ng` does).
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
         match self.kind() {
-            Kind::Map | Kind::Plain("") => visitor.visit_map(self.children()),
+            Kind::Map | Kind::Plain("") => self.children(|c| visitor.visit_map(c)),
             _ => Err(Declined),
         }
     }
@@ -648,6 +681,8 @@ struct Children<'t, 'a> {
     items: &'t [Item<'a>],
     next: usize,
     end: usize,
+    /// Levels left for the children.
+    levels: u32,
 }
 
 impl<'de> MapAccess<'de> for Children<'_, '_> {
@@ -666,7 +701,12 @@ impl<'de> MapAccess<'de> for Children<'_, '_> {
             kind: Kind::Plain(self.items[self.next].key),
             end: 1,
         }];
-        seed.deserialize(Node { items: &key, at: 0 }).map(Some)
+        seed.deserialize(Node {
+            items: &key,
+            at: 0,
+            levels: self.levels,
+        })
+        .map(Some)
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Declined> {
@@ -675,6 +715,7 @@ impl<'de> MapAccess<'de> for Children<'_, '_> {
         seed.deserialize(Node {
             items: self.items,
             at,
+            levels: self.levels,
         })
     }
 }
@@ -694,6 +735,7 @@ impl<'de> SeqAccess<'de> for Children<'_, '_> {
         seed.deserialize(Node {
             items: self.items,
             at,
+            levels: self.levels,
         })
         .map(Some)
     }
@@ -888,6 +930,38 @@ spec:
             assert!(reference::<Service>(doc).is_none(), "{doc}");
             assert!(from_str::<Service>(doc).is_none(), "{doc}");
         }
+    }
+
+    /// A type nesting itself through a newtype: each level is a mapping and a newtype.
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct Nested(BTreeMap<String, Nested>);
+
+    #[test]
+    fn what_serde_yaml_ng_refuses_is_declined() {
+        #[track_caller]
+        fn refused<T: DeserializeOwned + PartialEq + std::fmt::Debug>(doc: &str) {
+            assert!(reference::<T>(doc).is_none(), "serde_yaml_ng reads:\n{doc}");
+            assert!(!agrees::<T>(doc), "read:\n{doc}");
+        }
+        // `...` at column 0 ends the document.
+        refused::<BTreeMap<String, i32>>("a: 1\n... b: 2\n");
+        refused::<Value>("... a: b\n");
+        // libyaml takes keys of at most 1024 characters.
+        refused::<Value>(&format!("{}: v\n", "x".repeat(1025)));
+        refused::<Value>(&format!("a:\n- {}: v\n", "y".repeat(1030)));
+        assert!(agrees::<Value>(&format!("{}: v\n", "x".repeat(1024))));
+        // A sequence longer than the tuple or array it is read as.
+        refused::<BTreeMap<String, (i32, i32)>>("a:\n- 1\n- 2\n- 3\n");
+        refused::<BTreeMap<String, [i32; 2]>>("a:\n- 1\n- 2\n- 3\n");
+        assert!(agrees::<BTreeMap<String, (i32, i32)>>("a:\n- 1\n- 2\n"));
+        // Newtypes count toward serde_yaml_ng's depth limit as mappings do.
+        let deep = |n: usize| {
+            (0..n)
+                .map(|i| format!("{}k{i}:\n", "  ".repeat(i)))
+                .collect::<String>()
+        };
+        refused::<Nested>(&deep(70));
+        assert!(agrees::<Nested>(&deep(30)));
     }
 
     /// `k: <scalar>` read as a map of `T`, by both readers.
