@@ -365,15 +365,26 @@ impl<'a> Doc<'a> {
             }),
             // Any error sends the whole file through the general path (`Parsed::from_text`),
             // which reports it.
-            // Plain block style is read by `block`; what it declines, `serde_yaml_ng` reads.
-            Doc::Yaml(y) => block::from_str(y)
-                .map_or_else(|| serde_yaml_ng::from_str(y).map_err(|e| e.to_string()), Ok),
-            Doc::Item(y) => block::from_str(&y).map_or_else(
-                || serde_yaml_ng::from_str(&y).map_err(|e| e.to_string()),
-                Ok,
-            ),
+            Doc::Yaml(y) => yaml_typed(y),
+            Doc::Item(y) => yaml_typed(&y),
         }
     }
+}
+
+/// One YAML document as a `T`: plain block style is read by `block`; what it declines,
+/// `serde_yaml_ng` reads (and reports).
+fn yaml_typed<T: serde::de::DeserializeOwned>(doc: &str) -> Result<T, String> {
+    block::from_str(doc).map_or_else(
+        || serde_yaml_ng::from_str(doc).map_err(|e| e.to_string()),
+        Ok,
+    )
+}
+
+/// The kinds lb-proxy reads, each as its `'static` name; `None` for any other.
+fn used_kind(kind: &str) -> Option<&'static str> {
+    ["Service", "EndpointSlice", "Node", "ServiceCIDR"]
+        .into_iter()
+        .find(|k| *k == kind)
 }
 
 /// A JSON document's head and, for a `List`, its items: what [`json_entries`] reads in one pass.
@@ -456,17 +467,13 @@ fn yaml_entries(text: &str) -> Option<(usize, Vec<Entry<'_>>)> {
     }
     // Where the lines starting with `---` or `...` start: one search of the whole text for
     // each (a 1 MB file has 40,000 lines and 1,000 markers).
-    let mut markers: Vec<usize> = ["---", "..."]
-        .into_iter()
-        .flat_map(|m| {
-            let first = text.starts_with(m).then_some(0);
-            let rest = text
-                .match_indices(&format!("\n{m}"))
-                .map(|(i, _)| i + 1)
-                .collect::<Vec<_>>();
-            first.into_iter().chain(rest)
-        })
-        .collect();
+    let mut markers: Vec<usize> = Vec::new();
+    if text.starts_with("---") || text.starts_with("...") {
+        markers.push(0);
+    }
+    for marker in ["\n---", "\n..."] {
+        markers.extend(text.match_indices(marker).map(|(i, _)| i + 1));
+    }
     markers.sort_unstable();
     let mut entries = Vec::new();
     let (mut start, mut explicit) = (0, false);
@@ -506,9 +513,7 @@ fn yaml_list_entries(text: &str) -> Option<(usize, Vec<Entry<'static>>)> {
     for (j, (&start, end)) in list.starts.iter().zip(ends).enumerate() {
         let item = dedent(&text[start..end], list.indent)?;
         let (kind, name, namespace) = yaml_head(&item)?;
-        if !matches!(kind, "Service" | "EndpointSlice" | "Node" | "ServiceCIDR") {
-            return None;
-        }
+        used_kind(kind)?;
         let head = (
             Some(kind.into()),
             Some(name.into()),
@@ -814,14 +819,10 @@ impl Parsed {
         let Some(kind) = kind else {
             return Err(format!("{at}: no kind"));
         };
+        let used = used_kind(&kind);
         // The fast paths read documents of our kinds only: the general path reads the file.
         let sniffed = matches!(doc, Doc::Yaml(_) | Doc::Item(_));
-        if sniffed
-            && !matches!(
-                kind.as_str(),
-                "Service" | "EndpointSlice" | "Node" | "ServiceCIDR"
-            )
-        {
+        if sniffed && used.is_none() {
             return Err(format!("{at}: {kind}"));
         }
         if is_list(&kind) {
@@ -839,20 +840,14 @@ impl Parsed {
         let Some(name) = name.filter(|n| !n.is_empty()) else {
             return Err(format!("{at}: {kind} without metadata.name"));
         };
-        let kind_key: &'static str = match kind.as_str() {
-            "Service" => "Service",
-            "EndpointSlice" => "EndpointSlice",
-            "Node" => "Node",
-            "ServiceCIDR" => "ServiceCIDR",
-            _ => {
-                self.ignored.push(Ignored {
-                    file: file.into(),
-                    kind: kind.clone(),
-                    name: display_name(namespace.as_deref().unwrap_or(""), &name),
-                    reason: format!("lb-proxy does not use {kind} objects"),
-                });
-                return Ok(());
-            }
+        let Some(kind_key) = used else {
+            self.ignored.push(Ignored {
+                file: file.into(),
+                kind: kind.clone(),
+                name: display_name(namespace.as_deref().unwrap_or(""), &name),
+                reason: format!("lb-proxy does not use {kind} objects"),
+            });
+            return Ok(());
         };
         let namespace = if kind_key == "Node" || kind_key == "ServiceCIDR" {
             String::new()

@@ -228,10 +228,10 @@ impl<'a> Parser<'a> {
         Some(self.items.len() - 1)
     }
 
+    /// Adds a node without children.
     fn leaf(&mut self, key: &'a str, kind: Kind<'a>, depth: usize) -> Option<()> {
-        (depth <= MAX_DEPTH).then_some(())?;
-        let end = self.items.len() + 1;
-        self.items.push(Item { key, kind, end });
+        let me = self.open(key, kind, depth)?;
+        self.items[me].end = me + 1;
         Some(())
     }
 }
@@ -396,7 +396,9 @@ fn resolve(s: &str) -> Plain {
         || s.parse::<f64>().is_ok()
         || s.strip_prefix('+')
             .is_some_and(|u| u.parse::<f64>().is_ok())
-        || matches!(unsigned.to_ascii_lowercase().as_str(), ".inf" | ".nan");
+        || [".inf", ".nan"]
+            .iter()
+            .any(|w| unsigned.eq_ignore_ascii_case(w));
     if other { Plain::Other } else { Plain::Str }
 }
 
@@ -490,6 +492,20 @@ impl<'t, 'a> Node<'t, 'a> {
             _ => Err(Declined),
         }
     }
+
+    /// What this reader leaves to `serde_yaml_ng`: floats, characters, bytes.
+    fn declined<'de, V: Visitor<'de>>(self, _: V) -> Result<V::Value, Declined> {
+        Err(Declined)
+    }
+}
+
+/// `Deserializer` methods that each call the reader named beside them.
+macro_rules! read_with {
+    ($($method:ident => $reader:ident),* $(,)?) => {$(
+        fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
+            self.$reader(visitor)
+        }
+    )*};
 }
 
 impl<'de> de::Deserializer<'de> for Node<'_, '_> {
@@ -518,48 +534,22 @@ impl<'de> de::Deserializer<'de> for Node<'_, '_> {
         }
     }
 
-    fn deserialize_i8<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
-        self.signed(visitor)
-    }
-
-    fn deserialize_i16<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
-        self.signed(visitor)
-    }
-
-    fn deserialize_i32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
-        self.signed(visitor)
-    }
-
-    fn deserialize_i64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
-        self.signed(visitor)
-    }
-
-    fn deserialize_u8<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
-        self.unsigned(visitor)
-    }
-
-    fn deserialize_u16<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
-        self.unsigned(visitor)
-    }
-
-    fn deserialize_u32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
-        self.unsigned(visitor)
-    }
-
-    fn deserialize_u64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
-        self.unsigned(visitor)
-    }
-
-    fn deserialize_f32<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Declined> {
-        Err(Declined)
-    }
-
-    fn deserialize_f64<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Declined> {
-        Err(Declined)
-    }
-
-    fn deserialize_char<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Declined> {
-        Err(Declined)
+    read_with! {
+        deserialize_i8 => signed,
+        deserialize_i16 => signed,
+        deserialize_i32 => signed,
+        deserialize_i64 => signed,
+        deserialize_u8 => unsigned,
+        deserialize_u16 => unsigned,
+        deserialize_u32 => unsigned,
+        deserialize_u64 => unsigned,
+        deserialize_f32 => declined,
+        deserialize_f64 => declined,
+        deserialize_char => declined,
+        deserialize_bytes => declined,
+        deserialize_byte_buf => declined,
+        deserialize_string => deserialize_str,
+        deserialize_identifier => deserialize_str,
     }
 
     /// Any scalar as its text, as `serde_yaml_ng` does (a plain `80` or `null` included).
@@ -569,18 +559,6 @@ impl<'de> de::Deserializer<'de> for Node<'_, '_> {
             Kind::Quoted(s) => visitor.visit_str(s),
             Kind::Map | Kind::Seq => Err(Declined),
         }
-    }
-
-    fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
-        self.deserialize_str(visitor)
-    }
-
-    fn deserialize_bytes<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Declined> {
-        Err(Declined)
-    }
-
-    fn deserialize_byte_buf<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Declined> {
-        Err(Declined)
     }
 
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
@@ -665,10 +643,6 @@ impl<'de> de::Deserializer<'de> for Node<'_, '_> {
         _: V,
     ) -> Result<V::Value, Declined> {
         Err(Declined)
-    }
-
-    fn deserialize_identifier<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
-        self.deserialize_str(visitor)
     }
 
     fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
