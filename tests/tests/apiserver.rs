@@ -516,6 +516,64 @@ async fn streaming_list_sends_initial_events_then_changes() {
     assert!(!watches[1].contains("sendInitialEvents"), "{watches:#?}");
 }
 
+/// The emulator encodes each object once when it is written and sends that encoding in every
+/// list (as the API server's watch cache shares one): a list or a streaming list sends the
+/// object as last written, without the deleted ones, and a list at an older revision sends
+/// the objects as they were then.
+#[tokio::test]
+async fn lists_send_each_object_as_last_written_and_past_lists_as_it_was() {
+    let api = ApiServer::start_local();
+    api.apply(Kind::Service, service("a", json!({"v": "1"})));
+    api.apply(Kind::Service, service("b", json!({})));
+    let before = api.resource_version();
+    api.apply(Kind::Service, service("a", json!({"v": "2"})));
+    api.delete(Kind::Service, "default", "b");
+
+    let (code, list) = raw_get(&api, "/api/v1/services");
+    assert_eq!(code, 200, "{list}");
+    let mut a = api.get(Kind::Service, "default", "a").expect("a is stored");
+    if let Some(a) = a.as_object_mut() {
+        a.remove("kind");
+        a.remove("apiVersion");
+    }
+    assert_eq!(
+        list["items"],
+        json!([a]),
+        "the list item is a as last written"
+    );
+    assert_eq!(a["metadata"]["labels"]["v"], "2");
+
+    let (code, past) = raw_get(
+        &api,
+        &format!("/api/v1/services?resourceVersion={before}&resourceVersionMatch=Exact"),
+    );
+    assert_eq!(code, 200, "{past}");
+    let labels: Vec<(&Value, &Value)> = past["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| (&i["metadata"]["name"], &i["metadata"]["labels"]))
+        .collect();
+    assert_eq!(
+        labels,
+        [(&json!("a"), &json!({"v": "1"})), (&json!("b"), &json!({}))]
+    );
+
+    let services = Api::<Service>::all(client(&api).await);
+    let config = watcher::Config::default().streaming_lists();
+    let mut w = Watch::spawn(watcher(services, config));
+    assert!(matches!(w.next_ok().await, Event::Init));
+    match w.next_ok().await {
+        Event::InitApply(s) => {
+            assert_eq!(s.name_any(), "a");
+            assert_eq!(s.labels().get("v").map(String::as_str), Some("2"));
+            assert_eq!(s.resource_version(), Some(rv_of(&a)));
+        }
+        other => panic!("expected a's InitApply, got {other:?}"),
+    }
+    assert!(matches!(w.next_ok().await, Event::InitDone));
+}
+
 /// A server started with streaming lists `mode`, holding Services a, b and c.
 fn server_with_three(mode: StreamingLists) -> ApiServer {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");

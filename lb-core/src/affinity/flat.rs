@@ -29,6 +29,19 @@
 //! that variant, touching the slots of 16 connections before picking them halved the cost
 //! (160–190 ns per hit), still above the 60 ns of a hit whose slot is already cached.
 //!
+//! A second lock-free variant (a seqlocked mirror of each shard in atomic words, keys and
+//! endpoints as keyed 64-bit fingerprints, a per-thread handle caching the arrays, the refresh
+//! one tagged word) served single hits in 246–281 ns against 330–364 ns locked, alternating in
+//! one run; but the mirror doubled the table's memory, and a locked or batched hit then read
+//! two cache lines instead of one (locked 436–481 ns; batches of 256 190–221 ns instead of
+//! 111–131), so it was dropped too. Two things it showed: a hit must be short for the CPU to
+//! overlap consecutive hits' misses at all (the reorder buffer and schedulers hold a couple of
+//! hundred instructions, and every instruction waiting on the miss holds a place), and it must
+//! never reload, through a wider or narrower access, a value stored a moment before: a failed
+//! store-to-load forwarding waits for the store to retire, hence for the outstanding miss.
+//! Hashing an `IpAddr` read through a pointer, and comparing a copied array through one 16-byte
+//! load, each serialised that variant's hits completely.
+//!
 //! # Batches
 //!
 //! So one-at-a-time picks cannot get much below one uncached read each. Embedders that see
