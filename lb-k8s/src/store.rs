@@ -429,6 +429,11 @@ impl Store {
         self.services.keys()
     }
 
+    /// The ports of one Service (empty when unknown), without merging its slices.
+    pub fn ports(&self, key: &ServiceKey) -> &[ServicePort] {
+        self.services.get(key).map_or(&[], Vec::as_slice)
+    }
+
     /// The merged entries of one Service (empty when unknown).
     pub fn entries(&self, key: &ServiceKey) -> Vec<ServiceEntry> {
         let Some(ports) = self.services.get(key) else {

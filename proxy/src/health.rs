@@ -342,6 +342,13 @@ pub fn health_check_ports(node: &Node, entries: &[ServiceEntry]) -> Vec<(u16, Lo
 pub fn no_local_endpoints(node: &Node, entries: &[ServiceEntry]) -> [i64; 4] {
     let mut counts = [0i64; 4];
     for e in entries {
+        let classes = counted_classes(&e.port);
+        if !classes
+            .iter()
+            .any(|c| c.endpoints == lb_core::EndpointSet::Local)
+        {
+            continue;
+        }
         for (i, family) in [IpFamily::V4, IpFamily::V6].into_iter().enumerate() {
             let endpoints: Vec<lb_core::Endpoint> = e
                 .endpoints
@@ -350,16 +357,7 @@ pub fn no_local_endpoints(node: &Node, entries: &[ServiceEntry]) -> [i64; 4] {
                 .cloned()
                 .collect();
             let c = lb_core::categorize(&e.port, &endpoints, node);
-            for (j, destination) in [Destination::ClusterIp, Destination::LoadBalancerIp]
-                .into_iter()
-                .enumerate()
-            {
-                let class = traffic::classify(
-                    &e.port,
-                    destination,
-                    Source::Elsewhere,
-                    Masquerading::default(),
-                );
+            for (j, class) in classes.iter().enumerate() {
                 if class.endpoints == lb_core::EndpointSet::Local
                     && class.outcome(&c) == Outcome::Drop
                 {
@@ -369,6 +367,29 @@ pub fn no_local_endpoints(node: &Node, entries: &[ServiceEntry]) -> [i64; 4] {
         }
     }
     counts
+}
+
+/// The two traffic classes [`no_local_endpoints`] counts drops of: traffic from elsewhere to
+/// a cluster IP (internal) and to a load-balancer IP (external).
+fn counted_classes(port: &lb_core::ServicePort) -> [traffic::TrafficClass; 2] {
+    [Destination::ClusterIp, Destination::LoadBalancerIp].map(|destination| {
+        traffic::classify(
+            port,
+            destination,
+            Source::Elsewhere,
+            Masquerading::default(),
+        )
+    })
+}
+
+/// Whether [`health_check_ports`] or [`no_local_endpoints`] can find anything in `port`'s
+/// endpoints: it has a health check node port, or a Local policy sends some of its traffic
+/// only to this node's endpoints. For any other port both give nothing whatever the endpoints.
+pub fn reads_endpoints(port: &lb_core::ServicePort) -> bool {
+    port.health_check_node_port().is_some()
+        || counted_classes(port)
+            .iter()
+            .any(|c| c.endpoints == lb_core::EndpointSet::Local)
 }
 
 impl ServiceHealthServers {
@@ -747,5 +768,60 @@ mod tests {
         assert_eq!(count(Local, Local, local4), [0; 4]);
         assert_eq!(count(Local, Local, vec![]), [0; 4]);
         assert_eq!(count(Cluster, Cluster, remote4()), [0; 4]);
+    }
+
+    #[test]
+    fn a_port_that_reads_no_endpoints_gets_nothing_from_its_endpoints() {
+        use TrafficPolicy::{Cluster, Local};
+        let cluster_ip = |itp| {
+            ServicePort::builder("ns", "web", "http", Protocol::Tcp, 80)
+                .cluster_ips(["10.96.0.2"])
+                .internal_traffic_policy(itp)
+                .build()
+                .expect("valid service")
+        };
+        let node_port = |etp| {
+            ServicePort::builder("ns", "np", "http", Protocol::Tcp, 80)
+                .cluster_ips(["10.96.0.3"])
+                .service_type(ServiceType::NodePort)
+                .node_port(30081)
+                .external_traffic_policy(etp)
+                .build()
+                .expect("valid service")
+        };
+        let ports = [
+            (cluster_ip(Cluster), false),
+            (node_port(Cluster), false),
+            (lb("http", Cluster, Cluster), true), // a health check node port
+            (cluster_ip(Local), true),
+            (node_port(Local), true),
+            (lb("http", Local, Local), true),
+        ];
+        let endpoint_sets = [
+            vec![],
+            vec![ep("10.244.1.1", "node-a", true)],
+            vec![
+                ep("10.244.2.1", "node-b", true),
+                ep("fd00:244::2", "node-b", true),
+            ],
+            vec![
+                ep("10.244.1.2", "node-a", false),
+                ep("10.244.2.2", "node-b", false),
+            ],
+        ];
+        for (port, reads) in ports {
+            assert_eq!(reads_endpoints(&port), reads, "{port:?}");
+            if reads {
+                continue;
+            }
+            for endpoints in &endpoint_sets {
+                let entries = [ServiceEntry {
+                    port: port.clone(),
+                    endpoints: endpoints.clone(),
+                }];
+                assert!(health_check_ports(&node(), &entries).is_empty());
+                assert_eq!(no_local_endpoints(&node(), &entries), [0; 4]);
+            }
+        }
     }
 }

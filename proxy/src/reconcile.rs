@@ -427,11 +427,22 @@ impl<B: Backend> Reconciler<B> {
         // The merged entries of every recompiled Service, read for the hooks a few hundred
         // Services at a time: after a full sync, all of them at once would be another copy of
         // the store (issue 13: peak memory). Conntrack cleanup keeps only UDP and SCTP ports.
+        // A Service none of whose ports the hooks read endpoints of (no health check node
+        // port, no Local policy, no UDP or SCTP: most of them) is passed with no entries,
+        // which gives every hook the same answer without merging its slices.
         let mut conntrack = Vec::new();
         for keys in report.changed_services.chunks(HOOK_CHUNK) {
             let changed: Vec<(ServiceKey, Vec<ServiceEntry>)> = keys
                 .iter()
-                .map(|k| (k.clone(), self.store.entries(k)))
+                .map(|k| {
+                    let read = self.store.ports(k).iter().any(hooks::reads_endpoints);
+                    let entries = if read {
+                        self.store.entries(k)
+                    } else {
+                        Vec::new()
+                    };
+                    (k.clone(), entries)
+                })
                 .collect();
             if let Some(node) = self.store.node() {
                 hooks::update_health_checks(node, &changed, &mut self.health_checks);

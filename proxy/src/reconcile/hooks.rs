@@ -143,6 +143,13 @@ pub(super) fn update_health_checks(
     }
 }
 
+/// Whether any hook after a sync reads `port`'s endpoints: its health check node port or
+/// Local policies ([`crate::health::reads_endpoints`]) or conntrack cleanup (UDP and SCTP).
+/// For other ports every hook gives the same answer with no endpoints at all.
+pub(super) fn reads_endpoints(port: &lb_core::ServicePort) -> bool {
+    crate::conntrack::cleaned(port.protocol()) || crate::health::reads_endpoints(port)
+}
+
 /// The UDP and SCTP service ports of a Service's `entries`, as conntrack cleanup compares
 /// them ([`clean_conntrack`]).
 pub(super) fn conntrack_states(
