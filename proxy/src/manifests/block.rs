@@ -659,6 +659,19 @@ struct Children<'t, 'a> {
     levels: u32,
 }
 
+impl<'t, 'a> Children<'t, 'a> {
+    /// The next child (a mapping's value, a sequence's element), moving past its subtree.
+    fn take(&mut self) -> Node<'t, 'a> {
+        let at = self.next;
+        self.next = self.items[at].end;
+        Node {
+            items: self.items,
+            at,
+            levels: self.levels,
+        }
+    }
+}
+
 impl<'de> MapAccess<'de> for Children<'_, '_> {
     type Error = Declined;
 
@@ -684,13 +697,7 @@ impl<'de> MapAccess<'de> for Children<'_, '_> {
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Declined> {
-        let at = self.next;
-        self.next = self.items[at].end;
-        seed.deserialize(Node {
-            items: self.items,
-            at,
-            levels: self.levels,
-        })
+        seed.deserialize(self.take())
     }
 }
 
@@ -704,14 +711,7 @@ impl<'de> SeqAccess<'de> for Children<'_, '_> {
         if self.next >= self.end {
             return Ok(None);
         }
-        let at = self.next;
-        self.next = self.items[at].end;
-        seed.deserialize(Node {
-            items: self.items,
-            at,
-            levels: self.levels,
-        })
-        .map(Some)
+        seed.deserialize(self.take()).map(Some)
     }
 }
 
