@@ -22,6 +22,56 @@ use std::time::{Duration, Instant};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// The ids of this process's topologies that are up, for [`remove_live_on_signal`].
+static LIVE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// A new topology id, registered as live; the first also installs the signal handler.
+fn live_id() -> String {
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    HANDLER.call_once(remove_live_on_signal);
+    let id = format!(
+        "{}{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(id.clone());
+    id
+}
+
+/// Takes topology `id` down: its processes and namespaces (`scripts/netns-topology down`),
+/// and its scratch directory.
+fn take_down(id: &str) {
+    let _ = Command::new("bash")
+        .arg(repo().join("scripts/netns-topology"))
+        .args(["down", id])
+        .status();
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("lbt-{id}")));
+}
+
+/// On SIGINT, SIGTERM or SIGHUP (Ctrl-C, a test runner's timeout), takes every live topology
+/// down and exits: the `Drop`s that do so when a test ends do not run when a signal ends the
+/// process.
+fn remove_live_on_signal() {
+    let handler = || {
+        let ids = std::mem::take(
+            &mut *LIVE
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for id in &ids {
+            take_down(id);
+        }
+        std::process::exit(130);
+    };
+    if let Err(e) = ctrlc::set_handler(handler) {
+        eprintln!(
+            "lb-e2e: cannot handle signals ({e}): an interrupted test leaves its lbt-* namespaces"
+        );
+    }
+}
+
 /// The repository root.
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -81,11 +131,7 @@ pub struct Topology {
 impl Topology {
     /// Creates the namespaces with `backends` backends.
     pub fn up(backends: usize) -> Topology {
-        let id = format!(
-            "{}{}",
-            std::process::id() % 100_000,
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = live_id();
         let dir = std::env::temp_dir().join(format!("lbt-{id}"));
         std::fs::create_dir_all(&dir).expect("scratch directory");
         let t = Topology {
@@ -111,11 +157,7 @@ impl Topology {
     /// the node `lbt-<id>-node` and the client `lbt-<id>-client`; [`Topology::ns`] names the
     /// others. No backends are started.
     pub fn up_with(script: &str, args: &[&str]) -> Topology {
-        let id = format!(
-            "{}{}",
-            std::process::id() % 100_000,
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = live_id();
         let dir = std::env::temp_dir().join(format!("lbt-{id}"));
         std::fs::create_dir_all(&dir).expect("scratch directory");
         let t = Topology {
@@ -450,11 +492,10 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         self.kill_children();
-        let _ = Command::new("bash")
-            .arg(repo().join("scripts/netns-topology"))
-            .args(["down", &self.id])
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        take_down(&self.id);
+        LIVE.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|id| *id != self.id);
     }
 }
 
