@@ -22,54 +22,60 @@ use std::time::{Duration, Instant};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// The ids of this process's topologies that are up, for [`remove_live_on_signal`].
+/// The ids taken down when a signal ends this process ([`take_down_on_signal`]).
 static LIVE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
-/// A new topology id, registered as live; the first also installs the signal handler.
-fn live_id() -> String {
-    static HANDLER: std::sync::Once = std::sync::Once::new();
-    HANDLER.call_once(remove_live_on_signal);
-    let id = format!(
-        "{}{}",
-        std::process::id() % 100_000,
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    );
+fn live() -> std::sync::MutexGuard<'static, Vec<String>> {
     LIVE.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(id.clone());
-    id
 }
 
-/// Takes topology `id` down: its processes and namespaces (`scripts/netns-topology down`),
-/// and its scratch directory.
-fn take_down(id: &str) {
+/// Takes down `id`'s namespaces (`lbt-<id>-*`, with the processes in them, by
+/// `scripts/netns-topology down`) and its scratch directories (`lbt-<id>` and `lbt-<id>-*` in
+/// the temporary directory).
+pub fn take_down(id: &str) {
     let _ = Command::new("bash")
         .arg(repo().join("scripts/netns-topology"))
         .args(["down", id])
         .status();
-    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("lbt-{id}")));
+    let (exact, prefix) = (format!("lbt-{id}"), format!("lbt-{id}-"));
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name == exact || name.starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
-/// On SIGINT, SIGTERM or SIGHUP (Ctrl-C, a test runner's timeout), takes every live topology
-/// down and exits: the `Drop`s that do so when a test ends do not run when a signal ends the
-/// process.
-fn remove_live_on_signal() {
-    let handler = || {
-        let ids = std::mem::take(
-            &mut *LIVE
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        for id in &ids {
-            take_down(id);
+/// Takes `id` down ([`take_down`]) if SIGINT, SIGTERM or SIGHUP (Ctrl-C, a test runner's
+/// timeout) ends this process, then exits 130: the `Drop`s that take things down at the end
+/// do not run then. The first call installs the handler, the one for the whole process.
+pub fn take_down_on_signal(id: &str) {
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    HANDLER.call_once(|| {
+        let handler = || {
+            let ids = std::mem::take(&mut *live());
+            eprintln!("interrupted: taking down lbt-{{{}}}-*", ids.join(","));
+            for id in &ids {
+                take_down(id);
+            }
+            std::process::exit(130);
+        };
+        if let Err(e) = ctrlc::set_handler(handler) {
+            eprintln!(
+                "cannot handle signals ({e}): an interrupted run leaves its lbt-* namespaces"
+            );
         }
-        std::process::exit(130);
-    };
-    if let Err(e) = ctrlc::set_handler(handler) {
-        eprintln!(
-            "lb-e2e: cannot handle signals ({e}): an interrupted test leaves its lbt-* namespaces"
-        );
-    }
+    });
+    live().push(id.to_string());
+}
+
+/// Undoes [`take_down_on_signal`] for `id`, once it is taken down.
+pub fn forget_on_signal(id: &str) {
+    live().retain(|live| live != id);
 }
 
 /// The repository root.
@@ -131,18 +137,7 @@ pub struct Topology {
 impl Topology {
     /// Creates the namespaces with `backends` backends.
     pub fn up(backends: usize) -> Topology {
-        let id = live_id();
-        let dir = std::env::temp_dir().join(format!("lbt-{id}"));
-        std::fs::create_dir_all(&dir).expect("scratch directory");
-        let t = Topology {
-            node: format!("lbt-{id}-node"),
-            client: format!("lbt-{id}-client"),
-            backends: (0..backends).map(|i| format!("lbt-{id}-b{i}")).collect(),
-            id,
-            children: Vec::new(),
-            dir,
-            proxy_events: None,
-        };
+        let t = Topology::named(backends);
         // Build inside the guard so a failure half-way still cleans up.
         must(
             Command::new("bash")
@@ -157,18 +152,7 @@ impl Topology {
     /// the node `lbt-<id>-node` and the client `lbt-<id>-client`; [`Topology::ns`] names the
     /// others. No backends are started.
     pub fn up_with(script: &str, args: &[&str]) -> Topology {
-        let id = live_id();
-        let dir = std::env::temp_dir().join(format!("lbt-{id}"));
-        std::fs::create_dir_all(&dir).expect("scratch directory");
-        let t = Topology {
-            node: format!("lbt-{id}-node"),
-            client: format!("lbt-{id}-client"),
-            backends: Vec::new(),
-            id,
-            children: Vec::new(),
-            dir,
-            proxy_events: None,
-        };
+        let t = Topology::named(0);
         must(
             Command::new("bash")
                 .arg(repo().join("scripts").join(script))
@@ -176,6 +160,28 @@ impl Topology {
                 .args(args),
         );
         t
+    }
+
+    /// A new topology's names (a fresh id, `backends` backends) and scratch directory, taken
+    /// down on drop or when a signal ends the process; no namespace exists yet.
+    fn named(backends: usize) -> Topology {
+        let id = format!(
+            "{}{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        take_down_on_signal(&id);
+        let dir = std::env::temp_dir().join(format!("lbt-{id}"));
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        Topology {
+            node: format!("lbt-{id}-node"),
+            client: format!("lbt-{id}-client"),
+            backends: (0..backends).map(|i| format!("lbt-{id}-b{i}")).collect(),
+            id,
+            children: Vec::new(),
+            dir,
+            proxy_events: None,
+        }
     }
 
     /// The namespace `lbt-<id>-<suffix>` of this topology.
@@ -493,9 +499,7 @@ impl Drop for Topology {
     fn drop(&mut self) {
         self.kill_children();
         take_down(&self.id);
-        LIVE.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|id| *id != self.id);
+        forget_on_signal(&self.id);
     }
 }
 

@@ -50,59 +50,6 @@ impl Drop for Netns {
     }
 }
 
-/// On SIGINT, SIGTERM or SIGHUP, removes what this process made and exits: the `Drop`s that
-/// remove it at the end of a run do not run when a signal ends the process.
-fn remove_own_on_signal() {
-    let prefix = format!("lbt-scale-{}-", std::process::id());
-    let handler = {
-        let prefix = prefix.clone();
-        move || {
-            eprintln!("lb-scale: interrupted; removing {prefix}*");
-            remove_own(&prefix);
-            std::process::exit(130);
-        }
-    };
-    if let Err(e) = ctrlc::set_handler(handler) {
-        eprintln!("lb-scale: cannot handle signals ({e}): an interrupted run leaves {prefix}*");
-    }
-}
-
-/// Removes the namespaces named `prefix*` with the processes in them (a daemon under test),
-/// and the scratch directories of that name.
-fn remove_own(prefix: &str) {
-    let me = std::process::id().to_string();
-    let lines = |args: &[&str]| -> Vec<String> {
-        Command::new("ip")
-            .args(args)
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    for name in lines(&["netns", "list"]) {
-        if !name.starts_with(prefix) {
-            continue;
-        }
-        for pid in lines(&["netns", "pids", &name]) {
-            if pid != me {
-                let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            }
-        }
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-    }
-    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
-        for entry in dir.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(prefix) {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
@@ -237,7 +184,9 @@ fn one_change_at(services: u32, endpoints: u32, compare_nft: bool) {
 }
 
 fn main() {
-    remove_own_on_signal();
+    // Namespaces and scratch directories are all `lbt-scale-<pid>-*`: an interrupted run
+    // takes them down, with the processes in them (a daemon under test).
+    lb_e2e::take_down_on_signal(&format!("scale-{}", std::process::id()));
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let kernel = Command::new("uname")
