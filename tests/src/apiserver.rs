@@ -564,9 +564,8 @@ struct Store {
 }
 
 /// An object's JSON, encoded once when it is written and shared by every list and watch that
-/// sends it, as the API server's watch cache shares one encoding of an object among its
-/// watchers (`cachingObject`). The emulator runs on the cores of the daemon it serves in the
-/// benches; encoding 20,000 objects again for every list would weigh on what they measure.
+/// sends it, as the API server's watch cache shares one encoding among its watchers
+/// (`cachingObject`; why: the module docs).
 #[derive(Debug, Clone)]
 struct Encoded {
     /// As a watch event carries it.
