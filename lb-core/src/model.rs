@@ -34,6 +34,29 @@ pub struct ModelError {
     pub reason: String,
 }
 
+/// An object's name for an error, formatted only when one is made: a kind, then a value
+/// (`service port ns/name:port/TCP`, `endpoint 10.0.0.1:80`).
+#[derive(Clone, Copy)]
+struct Named<'a>(&'static str, &'a dyn fmt::Display);
+
+impl fmt::Display for Named<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.0, self.1)
+    }
+}
+
+/// An endpoint's address as given to its builder, valid or not, and its port.
+struct EndpointAt<'a>(&'a Result<IpAddr, String>, i64);
+
+impl fmt::Display for EndpointAt<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Ok(ip) => write!(f, "{ip}:{}", self.1),
+            Err(text) => write!(f, "{text}:{}", self.1),
+        }
+    }
+}
+
 impl ModelError {
     fn new(object: impl fmt::Display, field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
@@ -665,8 +688,9 @@ impl ServicePortBuilder {
 
     /// Validates every field.
     pub fn build(self) -> Result<ServicePort, ModelError> {
-        let obj = format!("service port {}", self.name);
-        let err = |field: &str, reason: String| ModelError::new(&obj, field, reason);
+        // Formatted only for an error: most builds succeed.
+        let obj = Named("service port", &self.name);
+        let err = |field: &str, reason: String| ModelError::new(obj, field, reason);
 
         let port = port_value(self.port).map_err(|r| err("port", r))?;
         let node_port = optional_port(self.node_port).map_err(|r| err("nodePort", r))?;
@@ -992,8 +1016,8 @@ pub struct EndpointBuilder {
     ip: Result<IpAddr, String>,
     port: i64,
     conditions: Conditions,
-    node_name: Option<String>,
-    zone: Option<String>,
+    node_name: Option<Arc<str>>,
+    zone: Option<Arc<str>>,
     hints_for_zones: Vec<String>,
     hints_for_nodes: Vec<String>,
 }
@@ -1021,12 +1045,12 @@ impl EndpointBuilder {
     }
     /// `nodeName`.
     pub fn node_name(mut self, node: &str) -> Self {
-        self.node_name = Some(node.to_string());
+        self.node_name = Some(Arc::from(node));
         self
     }
     /// `zone`.
     pub fn zone(mut self, zone: &str) -> Self {
-        self.zone = Some(zone.to_string());
+        self.zone = Some(Arc::from(zone));
         self
     }
     /// `hints.forZones`.
@@ -1042,27 +1066,33 @@ impl EndpointBuilder {
 
     /// Validates every field.
     pub fn build(self) -> Result<Endpoint, ModelError> {
-        let obj = match &self.ip {
-            Ok(ip) => format!("endpoint {ip}:{}", self.port),
-            Err(text) => format!("endpoint {text}:{}", self.port),
+        // Formatted only for an error: most builds succeed.
+        let at = EndpointAt(&self.ip, self.port);
+        let obj = Named("endpoint", &at);
+        let ip = match &self.ip {
+            Ok(ip) => *ip,
+            Err(text) => {
+                return Err(ModelError::new(
+                    obj,
+                    "addresses[0]",
+                    format!("invalid IP address {text:?}"),
+                ));
+            }
         };
-        let ip: IpAddr = self.ip.map_err(|text| {
-            ModelError::new(&obj, "addresses[0]", format!("invalid IP address {text:?}"))
-        })?;
         if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
             return Err(ModelError::new(
-                &obj,
+                obj,
                 "addresses[0]",
                 format!("{ip} cannot be an endpoint address"),
             ));
         }
-        let port = port_value(self.port).map_err(|r| ModelError::new(&obj, "port", r))?;
+        let port = port_value(self.port).map_err(|r| ModelError::new(obj, "port", r))?;
         // `ready: true` with `serving: false` is accepted as kube-proxy accepts it
         // (`pkg/proxy/endpointslicecache.go` reads each condition on its own): the endpoint is
         // ready, so it is used; `serving` only matters for terminating endpoints.
-        let non_empty = |field: &str, v: Option<String>| match v {
-            Some(s) if s.is_empty() => Err(ModelError::new(&obj, field, "must not be empty")),
-            other => Ok(other.map(Arc::from)),
+        let non_empty = |field: &str, v: Option<Arc<str>>| match v {
+            Some(s) if s.is_empty() => Err(ModelError::new(obj, field, "must not be empty")),
+            other => Ok(other),
         };
         let node_name = non_empty("nodeName", self.node_name)?;
         let zone = non_empty("zone", self.zone)?;
@@ -1071,7 +1101,7 @@ impl EndpointBuilder {
             for (i, s) in v.into_iter().enumerate() {
                 if s.is_empty() {
                     return Err(ModelError::new(
-                        &obj,
+                        obj,
                         format!("{field}[{i}].name"),
                         "must not be empty",
                     ));

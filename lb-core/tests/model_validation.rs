@@ -187,6 +187,28 @@ fn an_endpoint_with_a_bad_address_or_port_is_rejected_naming_the_field() {
 }
 
 #[test]
+fn every_endpoint_error_names_the_endpoint_as_given() {
+    // The name is formatted only when an error is made: each path must still give it.
+    let message = |b: lb_core::EndpointBuilder| b.build().expect_err("invalid").to_string();
+    assert_eq!(
+        message(Endpoint::builder("10.0.0.300", 80)),
+        "endpoint 10.0.0.300:80: field addresses[0]: invalid IP address \"10.0.0.300\""
+    );
+    assert_eq!(
+        message(Endpoint::builder("10.0.0.1", 70_000)),
+        "endpoint 10.0.0.1:70000: field port: 70000 is not a valid port (1..=65535)"
+    );
+    assert_eq!(
+        message(Endpoint::builder("fd00::5", 80).zone("")),
+        "endpoint fd00::5:80: field zone: must not be empty"
+    );
+    assert_eq!(
+        message(Endpoint::builder("10.0.0.1", 80).hints_for_nodes(["n1", ""])),
+        "endpoint 10.0.0.1:80: field hints.forNodes[1].name: must not be empty"
+    );
+}
+
+#[test]
 fn a_ready_endpoint_that_is_not_serving_is_accepted_and_used_as_kube_proxy_does() {
     // Issue 9, point 4: kube-proxy reads each condition on its own; a ready endpoint is used
     // whatever `serving` says.

@@ -367,15 +367,17 @@ pub fn endpoint_slice(
             ))
             .hints_for_zones(
                 hints
-                    .and_then(|h| h.for_zones.as_ref())
-                    .map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>())
-                    .unwrap_or_default(),
+                    .and_then(|h| h.for_zones.as_deref())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|z| &z.name),
             )
             .hints_for_nodes(
                 hints
-                    .and_then(|h| h.for_nodes.as_ref())
-                    .map(|n| n.iter().map(|n| n.name.clone()).collect::<Vec<_>>())
-                    .unwrap_or_default(),
+                    .and_then(|h| h.for_nodes.as_deref())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|n| &n.name),
             );
         if let Some(n) = &e.node_name {
             b = b.node_name(n);
