@@ -165,8 +165,10 @@ impl Topology {
     /// A new topology's names (a fresh id, `backends` backends) and scratch directory, taken
     /// down on drop or when a signal ends the process; no namespace exists yet.
     fn named(backends: usize) -> Topology {
+        // The process, then its topology: a separator, so no two (process, topology) pairs
+        // give one id (1234 and 50, 12345 and 0).
         let id = format!(
-            "{}{}",
+            "{}-{}",
             std::process::id() % 100_000,
             NEXT.fetch_add(1, Ordering::SeqCst)
         );
