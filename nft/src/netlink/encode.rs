@@ -129,15 +129,22 @@ pub fn type_info(types: &[DataType]) -> (u32, u32, u32) {
 
 /// Bytes of one value as the kernel compares it (unpadded).
 pub fn value_bytes(v: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16);
+    put_value(&mut out, v);
+    out
+}
+
+/// Appends [`value_bytes`] of `v` to `out`.
+fn put_value(out: &mut Vec<u8>, v: &Value) {
     match v {
-        Value::Ipv4(a) => a.octets().to_vec(),
-        Value::Ipv6(a) => a.octets().to_vec(),
-        Value::Ipv4Net(n) => n.network().octets().to_vec(),
-        Value::Ipv6Net(n) => n.network().octets().to_vec(),
-        Value::Proto(p) => vec![*p],
-        Value::Port(p) => p.to_be_bytes().to_vec(),
-        Value::Mark(m) | Value::Integer(m) => m.to_ne_bytes().to_vec(),
-        Value::IfName(n) => n.bytes(),
+        Value::Ipv4(a) => out.extend_from_slice(&a.octets()),
+        Value::Ipv6(a) => out.extend_from_slice(&a.octets()),
+        Value::Ipv4Net(n) => out.extend_from_slice(&n.network().octets()),
+        Value::Ipv6Net(n) => out.extend_from_slice(&n.network().octets()),
+        Value::Proto(p) => out.push(*p),
+        Value::Port(p) => out.extend_from_slice(&p.to_be_bytes()),
+        Value::Mark(m) | Value::Integer(m) => out.extend_from_slice(&m.to_ne_bytes()),
+        Value::IfName(n) => out.extend_from_slice(&n.bytes()),
     }
 }
 
@@ -146,11 +153,11 @@ pub fn tuple_bytes(vals: &[Value]) -> Vec<u8> {
     if let [v] = vals {
         return value_bytes(v);
     }
-    let mut out = Vec::new();
+    // Fields take 4 or 16 bytes; an IfName is the only longer one (16, also a multiple of 4).
+    let mut out = Vec::with_capacity(vals.len() * 16);
     for v in vals {
-        let mut b = value_bytes(v);
-        b.resize(b.len().div_ceil(4) * 4, 0);
-        out.extend(b);
+        put_value(&mut out, v);
+        out.resize(out.len().next_multiple_of(4), 0);
     }
     out
 }
@@ -410,6 +417,110 @@ impl ElemDesc {
                 .map_or(0, |c| c.len() + 8)
             + self.udata.as_ref().map_or(0, |u| u.len() + 8)
     }
+}
+
+// Attribute numbers of nf_tables' element messages and of netlink nests, from the kernel's
+// `include/uapi/linux/netfilter/nf_tables.h` and `linux/netlink.h` (stable ABI; the `libc`
+// crate does not carry these).
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
+const NFTA_SET_ELEM_USERDATA: u16 = 6;
+const NFTA_SET_ELEM_KEY_END: u16 = 10;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+const NLA_F_NESTED: u16 = 1 << 15;
+
+/// Appends a netlink attribute (`struct nlattr`, then the value, padded to 4 bytes).
+fn put_attr(out: &mut Vec<u8>, ty: u16, value: &[u8]) {
+    let len = u16::try_from(4 + value.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_ne_bytes());
+    out.extend_from_slice(&ty.to_ne_bytes());
+    out.extend_from_slice(value);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+/// Appends a string attribute with its terminating NUL.
+fn put_strz(out: &mut Vec<u8>, ty: u16, s: &str) {
+    let len = u16::try_from(4 + s.len() + 1).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_ne_bytes());
+    out.extend_from_slice(&ty.to_ne_bytes());
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+/// Opens a nested attribute; [`nest_end`] writes its length.
+fn nest_start(out: &mut Vec<u8>, ty: u16) -> usize {
+    let at = out.len();
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+    at
+}
+
+fn nest_end(out: &mut [u8], at: usize) {
+    let len = u16::try_from(out.len() - at).unwrap_or(u16::MAX);
+    out[at..at + 2].copy_from_slice(&len.to_ne_bytes());
+}
+
+/// The attributes of an element-list message (NEWSETELEM, DELSETELEM, GETSETELEM) after its
+/// headers: the set and table names, then each element of `elems` (none: a flush or a dump
+/// of the whole set), byte for byte as libnftnl's `nftnl_set_elems_nlmsg_build_payload`
+/// writes them, without its per-element objects. Names must hold no NUL (the caller checks).
+pub fn elem_list_attrs(out: &mut Vec<u8>, table: &str, set: &str, elems: &[ElemDesc]) {
+    put_strz(out, NFTA_SET_ELEM_LIST_SET, set);
+    put_strz(out, NFTA_SET_ELEM_LIST_TABLE, table);
+    if elems.is_empty() {
+        return;
+    }
+    let list = nest_start(out, NFTA_SET_ELEM_LIST_ELEMENTS);
+    for (i, e) in elems.iter().enumerate() {
+        // libnftnl numbers the list's entries from 1; the kernel reads them in order.
+        let elem = nest_start(
+            out,
+            u16::try_from(i + 1).unwrap_or(u16::MAX) & !NLA_F_NESTED,
+        );
+        if e.flags != 0 {
+            put_attr(out, NFTA_SET_ELEM_FLAGS, &e.flags.to_be_bytes());
+        }
+        if let Some(t) = e.timeout_ms {
+            put_attr(out, NFTA_SET_ELEM_TIMEOUT, &t.to_be_bytes());
+        }
+        let key = nest_start(out, NFTA_SET_ELEM_KEY);
+        put_attr(out, NFTA_DATA_VALUE, &e.key);
+        nest_end(out, key);
+        if let Some(k) = &e.key_end {
+            let key_end = nest_start(out, NFTA_SET_ELEM_KEY_END);
+            put_attr(out, NFTA_DATA_VALUE, k);
+            nest_end(out, key_end);
+        }
+        if let Some((code, chain)) = &e.verdict {
+            let data = nest_start(out, NFTA_SET_ELEM_DATA);
+            let verdict = nest_start(out, NFTA_DATA_VERDICT);
+            put_attr(out, NFTA_VERDICT_CODE, &code.to_be_bytes());
+            if let Some(c) = chain {
+                put_strz(out, NFTA_VERDICT_CHAIN, c);
+            }
+            nest_end(out, verdict);
+            nest_end(out, data);
+        }
+        if let Some(d) = &e.data {
+            let data = nest_start(out, NFTA_SET_ELEM_DATA);
+            put_attr(out, NFTA_DATA_VALUE, d);
+            nest_end(out, data);
+        }
+        if let Some(u) = &e.udata {
+            put_attr(out, NFTA_SET_ELEM_USERDATA, u);
+        }
+        nest_end(out, elem);
+    }
+    nest_end(out, list);
 }
 
 fn verdict_code(v: &Verdict) -> (i32, Option<String>) {

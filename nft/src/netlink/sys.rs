@@ -9,7 +9,9 @@
 //!   they cannot build the concatenations our rules look up (several fields in consecutive
 //!   32-bit registers), and it has no fib, numgen, dynset or reject. The rules themselves are
 //!   `nftnl::Rule`s. Each libnftnl object is owned by a small RAII wrapper and serialised by
-//!   libnftnl straight into the batch's buffer.
+//!   libnftnl straight into the batch's buffer; element lists, the bulk of a full sync, are
+//!   encoded in safe code instead (`encode::elem_list_attrs`, checked byte for byte against
+//!   libnftnl's encoding in this module's tests) and only copied into the buffer here.
 //! - Parsing dumped elements with libnftnl's own parser (`nftnl_set_elems_nlmsg_parse`).
 //! - What `mnl::Socket` lacks: socket options, waiting for a reply with a timeout, `Send`.
 //! - Entering a network namespace.
@@ -25,7 +27,7 @@ use nftnl::nftnl_sys as sys;
 use nftnl::{MsgType, NlMsg};
 use sys::libc::{c_char, c_int, c_void};
 
-use super::encode::{ElemDesc, Insn, SetDesc};
+use super::encode::{self, ElemDesc, Insn, SetDesc};
 use super::{DumpedElement, EncodeError};
 use crate::ElementCounter;
 
@@ -314,27 +316,32 @@ unsafe impl NlMsg for SetMsg {
 }
 
 /// Elements of one set: NEWSETELEM (add) or DELSETELEM (delete; with no elements, a flush),
-/// and as a request of its own, GETSETELEM ([`ElemsMsg::request`]).
+/// and as a request of its own, GETSETELEM ([`ElemsMsg::request`]). Its attributes are
+/// encoded in safe code ([`encode::elem_list_attrs`], the bytes libnftnl would write) and
+/// copied behind the message's headers: a full sync's hundreds of thousands of elements are
+/// not each made, filled and freed as a libnftnl object.
 pub struct ElemsMsg {
-    s: Set,
+    attrs: Vec<u8>,
     family: u16,
-    size_bound: usize,
 }
-
-// SAFETY: as for TableMsg.
-unsafe impl Send for ElemsMsg {}
 
 /// The largest serialised element list we let into one message ([`ElemsMsg::new`] refuses
 /// more): the element list is one netlink attribute, whose length is 16 bits.
 pub const MAX_ELEMS_BYTES: usize = 60 * 1024;
+
+/// The most attribute bytes a message holds: the element list and the two names (each
+/// checked in [`ElemsMsg::new`]), below `nft_nlmsg_maxsize()` (64 KiB and a page) less the
+/// 20 bytes of headers.
+const MAX_ATTR_BYTES: usize = 64 * 1024;
 
 impl ElemsMsg {
     /// The elements `elems` of `set`; none for a flush or a dump.
     ///
     /// The message checks its own size: if the [`ElemDesc::size_bound`]s add up to more than
     /// [`MAX_ELEMS_BYTES`] it is refused with [`EncodeError::ElementsTooLarge`], whoever
-    /// packed the list (the batch packs by the smaller [`super::ELEMS_PER_MSG_BYTES`]). The
-    /// `unsafe` [`NlMsg`] implementation relies on this bound.
+    /// packed the list (the batch packs by the smaller [`super::ELEMS_PER_MSG_BYTES`]); so is
+    /// a message whose encoding exceeds `MAX_ATTR_BYTES`, which the `unsafe` [`NlMsg`]
+    /// implementation relies on.
     pub fn new(
         family: u16,
         table: &str,
@@ -342,100 +349,51 @@ impl ElemsMsg {
         elems: &[ElemDesc],
     ) -> Result<Self, EncodeError> {
         let size_bound: usize = elems.iter().map(ElemDesc::size_bound).sum();
+        let too_large = |bytes| EncodeError::ElementsTooLarge {
+            set: set.to_owned(),
+            elements: elems.len(),
+            bytes,
+            limit: MAX_ELEMS_BYTES,
+        };
         if size_bound > MAX_ELEMS_BYTES {
-            return Err(EncodeError::ElementsTooLarge {
-                set: set.to_owned(),
-                elements: elems.len(),
-                bytes: size_bound,
-                limit: MAX_ELEMS_BYTES,
-            });
+            return Err(too_large(size_bound));
         }
-        let s = SetMsg::named(family, table, set)?.s;
-        for e in elems {
-            // SAFETY: s.0 is a live set; every element is allocated, filled (libnftnl copies
-            // the data) and handed over to the set, which frees it.
-            unsafe {
-                let el = sys::nftnl_set_elem_alloc();
-                if el.is_null() {
-                    return Err(EncodeError::Alloc {
-                        object: "nftnl_set_elem",
-                    });
-                }
-                sys::nftnl_set_elem_add(s.0, el);
-                sys::nftnl_set_elem_set(
-                    el,
-                    sys::NFTNL_SET_ELEM_KEY as u16,
-                    e.key.as_ptr() as *const c_void,
-                    e.key.len() as u32,
-                );
-                if let Some(k) = &e.key_end {
-                    sys::nftnl_set_elem_set(
-                        el,
-                        sys::NFTNL_SET_ELEM_KEY_END as u16,
-                        k.as_ptr() as *const c_void,
-                        k.len() as u32,
-                    );
-                }
-                if e.flags != 0 {
-                    sys::nftnl_set_elem_set_u32(el, sys::NFTNL_SET_ELEM_FLAGS as u16, e.flags);
-                }
-                if let Some((code, chain)) = &e.verdict {
-                    sys::nftnl_set_elem_set_u32(
-                        el,
-                        sys::NFTNL_SET_ELEM_VERDICT as u16,
-                        *code as u32,
-                    );
-                    if let Some(c) = chain {
-                        let c = cstr("verdict chain", c)?;
-                        sys::nftnl_set_elem_set_str(
-                            el,
-                            sys::NFTNL_SET_ELEM_CHAIN as u16,
-                            c.as_ptr(),
-                        );
-                    }
-                }
-                if let Some(d) = &e.data {
-                    sys::nftnl_set_elem_set(
-                        el,
-                        sys::NFTNL_SET_ELEM_DATA as u16,
-                        d.as_ptr() as *const c_void,
-                        d.len() as u32,
-                    );
-                }
-                if let Some(t) = e.timeout_ms {
-                    sys::nftnl_set_elem_set_u64(el, sys::NFTNL_SET_ELEM_TIMEOUT as u16, t);
-                }
-                if let Some(u) = &e.udata {
-                    sys::nftnl_set_elem_set(
-                        el,
-                        sys::NFTNL_SET_ELEM_USERDATA as u16,
-                        u.as_ptr() as *const c_void,
-                        u.len() as u32,
-                    );
-                }
-            }
+        // Names go to the kernel NUL-terminated: refuse what libnftnl could not carry.
+        cstr("table name", table)?;
+        cstr("set name", set)?;
+        for chain in elems.iter().filter_map(|e| e.verdict.as_ref()?.1.as_ref()) {
+            cstr("verdict chain", chain)?;
         }
-        Ok(Self {
-            s,
-            family,
-            size_bound,
-        })
+        let mut attrs = Vec::with_capacity(size_bound + 2 * 256);
+        encode::elem_list_attrs(&mut attrs, table, set, elems);
+        if attrs.len() > MAX_ATTR_BYTES {
+            return Err(too_large(attrs.len()));
+        }
+        Ok(Self { attrs, family })
     }
 
     /// # Safety
     /// `buf` has room for [`nftnl::nft_nlmsg_maxsize`] bytes.
     unsafe fn build(&self, buf: *mut c_void, msg_type: i32, flags: u16, seq: u32) {
-        // SAFETY: the caller provides the room; the elements fit (checked in `new`).
+        // SAFETY: the caller provides nft_nlmsg_maxsize() bytes; the headers take 20 and
+        // `new` keeps the attributes within MAX_ATTR_BYTES, which together fit. The
+        // attributes are copied right after the headers (whose length is a multiple of 4)
+        // and counted in the message's length.
         unsafe {
             let nlh = header_at(buf, msg_type, self.family, flags, seq);
-            sys::nftnl_set_elems_nlmsg_build_payload(nlh, self.s.0);
+            let len = (*nlh).nlmsg_len as usize;
+            std::ptr::copy_nonoverlapping(
+                self.attrs.as_ptr(),
+                buf.cast::<u8>().add(len),
+                self.attrs.len(),
+            );
+            (*nlh).nlmsg_len += self.attrs.len() as u32;
         }
     }
 
     /// This message as a request of its own (`GETSETELEM`: a dump with `NLM_F_DUMP`, a
     /// lookup of the elements otherwise), written into `buf`.
     pub fn request<'b>(&self, buf: &'b mut AlignedBuf, flags: u16, seq: u32) -> &'b [u8] {
-        debug_assert!(self.size_bound <= MAX_ELEMS_BYTES);
         let room = nftnl::nft_nlmsg_maxsize() as usize;
         buf.reserve(room);
         let bytes = buf.bytes_mut();
@@ -449,8 +407,8 @@ impl ElemsMsg {
     }
 }
 
-// SAFETY: `new` refuses element lists over 60 KiB (by a conservative bound), so a message
-// stays below nft_nlmsg_maxsize() (64 KiB + a page).
+// SAFETY: `new` keeps the attributes within MAX_ATTR_BYTES, so a message stays below
+// nft_nlmsg_maxsize() (64 KiB + a page).
 unsafe impl NlMsg for ElemsMsg {
     unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
         let (ty, flags) = match msg_type {
@@ -994,4 +952,201 @@ impl Socket {
 pub fn enter_netns(ns: &std::fs::File) -> io::Result<()> {
     // SAFETY: setns(2) on an open namespace fd; it only affects the calling thread.
     check(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The message libnftnl writes for `elems` (the way elements were encoded before
+    /// `encode::elem_list_attrs`): the reference our bytes must equal.
+    fn libnftnl_message(family: u16, table: &str, set: &str, elems: &[ElemDesc]) -> Vec<u8> {
+        let s = SetMsg::named(family, table, set).expect("names").s;
+        for e in elems {
+            // SAFETY: s.0 is a live set; each element is allocated, filled (libnftnl copies
+            // the data) and handed over to the set, which frees it.
+            unsafe {
+                let el = sys::nftnl_set_elem_alloc();
+                assert!(!el.is_null());
+                sys::nftnl_set_elem_add(s.0, el);
+                let put = |attr: u32, b: &[u8]| {
+                    sys::nftnl_set_elem_set(el, attr as u16, b.as_ptr().cast(), b.len() as u32)
+                };
+                put(sys::NFTNL_SET_ELEM_KEY, &e.key);
+                if let Some(k) = &e.key_end {
+                    put(sys::NFTNL_SET_ELEM_KEY_END, k);
+                }
+                if e.flags != 0 {
+                    sys::nftnl_set_elem_set_u32(el, sys::NFTNL_SET_ELEM_FLAGS as u16, e.flags);
+                }
+                if let Some((code, chain)) = &e.verdict {
+                    sys::nftnl_set_elem_set_u32(
+                        el,
+                        sys::NFTNL_SET_ELEM_VERDICT as u16,
+                        *code as u32,
+                    );
+                    if let Some(c) = chain {
+                        let c = cstr("verdict chain", c).expect("no NUL");
+                        sys::nftnl_set_elem_set_str(
+                            el,
+                            sys::NFTNL_SET_ELEM_CHAIN as u16,
+                            c.as_ptr(),
+                        );
+                    }
+                }
+                if let Some(d) = &e.data {
+                    put(sys::NFTNL_SET_ELEM_DATA, d);
+                }
+                if let Some(t) = e.timeout_ms {
+                    sys::nftnl_set_elem_set_u64(el, sys::NFTNL_SET_ELEM_TIMEOUT as u16, t);
+                }
+                if let Some(u) = &e.udata {
+                    put(sys::NFTNL_SET_ELEM_USERDATA, u);
+                }
+            }
+        }
+        let mut buf = AlignedBuf::with_len(nftnl::nft_nlmsg_maxsize() as usize);
+        let bytes = buf.bytes_mut();
+        // SAFETY: bytes holds nft_nlmsg_maxsize() bytes; s.0 is a live set.
+        unsafe {
+            let nlh = header_at(
+                bytes.as_mut_ptr().cast(),
+                libc::NFT_MSG_NEWSETELEM,
+                family,
+                CREATE | EXCL | ACK,
+                9,
+            );
+            sys::nftnl_set_elems_nlmsg_build_payload(nlh, s.0);
+        }
+        let len = header(bytes).expect("a header").nlmsg_len as usize;
+        bytes[..len].to_vec()
+    }
+
+    fn ours(family: u16, table: &str, set: &str, elems: &[ElemDesc]) -> Vec<u8> {
+        let msg = ElemsMsg::new(family, table, set, elems).expect("fits");
+        let mut buf = AlignedBuf::with_len(nftnl::nft_nlmsg_maxsize() as usize);
+        let bytes = buf.bytes_mut();
+        // SAFETY: bytes holds nft_nlmsg_maxsize() bytes (the NlMsg contract).
+        unsafe { msg.write(bytes.as_mut_ptr().cast(), 9, MsgType::Add) };
+        let len = header(bytes).expect("a header").nlmsg_len as usize;
+        bytes[..len].to_vec()
+    }
+
+    fn elem(key: &[u8]) -> ElemDesc {
+        ElemDesc {
+            key: key.to_vec(),
+            key_end: None,
+            flags: 0,
+            verdict: None,
+            data: None,
+            timeout_ms: None,
+            udata: None,
+        }
+    }
+
+    #[test]
+    fn element_lists_are_encoded_byte_for_byte_as_libnftnl_encodes_them() {
+        let v4 = [10, 96, 0, 10];
+        // ip . proto . port . bucket, each field padded to 4 bytes.
+        let concat = [10, 96, 0, 10, 6, 0, 0, 0, 0, 80, 0, 0, 3, 0, 0, 0];
+        let cases: Vec<(&str, Vec<ElemDesc>)> = vec![
+            ("a flush or a dump: no elements", vec![]),
+            ("one address", vec![elem(&v4)]),
+            (
+                "odd key lengths are padded",
+                vec![elem(&[6]), elem(&[0, 80]), elem(&[1, 2, 3])],
+            ),
+            ("an IPv6 address", vec![elem(&[0xfd; 16])]),
+            (
+                "endpoint map: concatenated key and data",
+                vec![ElemDesc {
+                    data: Some(vec![10, 244, 1, 10, 31, 144, 0, 0]),
+                    ..elem(&concat)
+                }],
+            ),
+            (
+                "verdict map: goto a chain, with a comment",
+                vec![ElemDesc {
+                    verdict: Some((libc::NFT_GOTO, Some("pick-3".into()))),
+                    udata: Some(vec![
+                        0, 14, b'd', b'e', b'm', b'o', b'/', b'w', b'e', b'b', b':', b'h', b't',
+                        b't', b'p', 0,
+                    ]),
+                    ..elem(&concat[..12])
+                }],
+            ),
+            (
+                "verdicts without a chain, chain names of every length mod 4",
+                ["r", "re", "rej", "reje", "rejec"]
+                    .iter()
+                    .map(|c| ElemDesc {
+                        verdict: Some((libc::NFT_JUMP, Some((*c).into()))),
+                        ..elem(&v4)
+                    })
+                    .chain([ElemDesc {
+                        verdict: Some((libc::NF_DROP, None)),
+                        ..elem(&v4)
+                    }])
+                    .collect(),
+            ),
+            (
+                "interval: a range end and an end flag",
+                vec![
+                    ElemDesc {
+                        key_end: Some(vec![10, 255, 255, 255]),
+                        ..elem(&[10, 0, 0, 0])
+                    },
+                    ElemDesc {
+                        flags: libc::NFT_SET_ELEM_INTERVAL_END as u32,
+                        ..elem(&[11, 0, 0, 0])
+                    },
+                ],
+            ),
+            (
+                "affinity entry: a timeout and data",
+                vec![ElemDesc {
+                    timeout_ms: Some(10_800_000),
+                    data: Some(vec![10, 244, 1, 11, 0x1f, 0x90, 0, 0]),
+                    ..elem(&[10, 100, 0, 2, 10, 96, 0, 10, 6, 0, 0, 0, 0, 80, 0, 0])
+                }],
+            ),
+        ];
+        for (what, elems) in &cases {
+            for family in [2, 10] {
+                assert_eq!(
+                    ours(family, "lb-proxy", "endpoints", elems),
+                    libnftnl_message(family, "lb-proxy", "endpoints", elems),
+                    "{what}, family {family}"
+                );
+            }
+        }
+        // A full message of a full sync's size.
+        let many: Vec<ElemDesc> = (0..300u32)
+            .map(|i| ElemDesc {
+                data: Some(i.to_be_bytes().repeat(2)),
+                ..elem(&i.to_be_bytes().repeat(4))
+            })
+            .collect();
+        assert_eq!(
+            ours(2, "t", "s", &many),
+            libnftnl_message(2, "t", "s", &many),
+            "300 elements"
+        );
+    }
+
+    #[test]
+    fn names_with_a_nul_are_refused_naming_what_holds_it() {
+        let e = ElemDesc {
+            verdict: Some((libc::NFT_GOTO, Some("pick\0".into()))),
+            ..elem(&[1, 2, 3, 4])
+        };
+        let err = |r: Result<ElemsMsg, EncodeError>| match r {
+            Err(EncodeError::Nul { what, .. }) => what,
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("accepted"),
+        };
+        assert_eq!(err(ElemsMsg::new(2, "t", "s", &[e])), "verdict chain");
+        assert_eq!(err(ElemsMsg::new(2, "t\0", "s", &[])), "table name");
+        assert_eq!(err(ElemsMsg::new(2, "t", "s\0", &[])), "set name");
+    }
 }
