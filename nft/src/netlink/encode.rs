@@ -153,7 +153,7 @@ pub fn tuple_bytes(vals: &[Value]) -> Vec<u8> {
     if let [v] = vals {
         return value_bytes(v);
     }
-    // Fields take 4 or 16 bytes; an IfName is the only longer one (16, also a multiple of 4).
+    // A field takes at most 16 bytes (an IPv6 address, an interface name).
     let mut out = Vec::with_capacity(vals.len() * 16);
     for v in vals {
         put_value(&mut out, v);

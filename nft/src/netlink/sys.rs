@@ -33,10 +33,24 @@ use crate::ElementCounter;
 
 /// `s` as a C string; `what` names it in the error (`table name`, `comment`, …).
 pub fn cstr(what: &'static str, s: &str) -> Result<CString, EncodeError> {
-    CString::new(s).map_err(|_| EncodeError::Nul {
+    CString::new(s).map_err(|_| nul(what, s))
+}
+
+/// The error [`cstr`] gives if `s` holds a NUL, without making the C string (for names that
+/// are encoded in safe code, such as every verdict chain of a full sync's elements).
+fn no_nul(what: &'static str, s: &str) -> Result<(), EncodeError> {
+    if s.as_bytes().contains(&0) {
+        Err(nul(what, s))
+    } else {
+        Ok(())
+    }
+}
+
+fn nul(what: &'static str, s: &str) -> EncodeError {
+    EncodeError::Nul {
         what,
         value: s.to_owned(),
-    })
+    }
 }
 
 macro_rules! owned {
@@ -359,10 +373,10 @@ impl ElemsMsg {
             return Err(too_large(size_bound));
         }
         // Names go to the kernel NUL-terminated: refuse what libnftnl could not carry.
-        cstr("table name", table)?;
-        cstr("set name", set)?;
+        no_nul("table name", table)?;
+        no_nul("set name", set)?;
         for chain in elems.iter().filter_map(|e| e.verdict.as_ref()?.1.as_ref()) {
-            cstr("verdict chain", chain)?;
+            no_nul("verdict chain", chain)?;
         }
         let mut attrs = Vec::with_capacity(size_bound + 2 * 256);
         encode::elem_list_attrs(&mut attrs, table, set, elems);

@@ -247,17 +247,14 @@ async fn watch_kind<K, Key, V>(
                 }
             }
         }
-        let sent = match events.len() {
-            0 => true,
-            1 => send(&input, now, events.pop().expect("one event")),
-            _ => input
+        if !events.is_empty()
+            && input
                 .send(Input::Batch {
                     arrived: now,
                     events,
                 })
-                .is_ok(),
-        };
-        if !sent {
+                .is_err()
+        {
             return;
         }
     }
