@@ -44,25 +44,36 @@
 //!
 //! Stand-alone loops on the same VM (2026-12-01; 1M keys in 2^21 64-byte slots, 2 threads,
 //! uniformly random hits, the slowest thread of three runs or more each) bound what a redesign
-//! could reach:
-//! - a bare lock-free hit (fixed-width key compare, expiry check, the expiry refreshed by a
-//!   compare-and-swap) costs 72–106 ns, 69–87 with a plain store: a compare-and-swap on the
-//!   line the hit has just read does not keep the next hit's read from starting;
+//! could reach. The same binary's figure drifts up to 2× within minutes here, so the second
+//! set ran every variant in turn, three rounds, beside this table:
 //! - a locked hit (16 shard mutexes, plain slots, with the eligibility scan) costs 285–378 ns,
 //!   and 237–290 ns with the home slot prefetched before the lock: the lock's
-//!   read-modify-writes chain one hit to the next;
-//! - lock-free again, with the key hashed as this table does (keyed hash of the service and
-//!   the 128-bit client) and the endpoint decoded from words: 93–130 ns;
-//! - the same plus the contract's check that the remembered endpoint is still eligible:
-//!   201–307 ns with a scan of 10 endpoints, 125–217 ns with one comparison (an index hint
-//!   stored in the slot), 148–206 ns comparing packed words, 198–241 ns with the check moved
-//!   after the refresh. Every instruction that waits for the slot holds its place in the CPU's
-//!   window, so fewer hits overlap.
+//!   read-modify-writes chain one hit to the next. This table, beside the variants below:
+//!   356–435 ns;
+//! - a lock-free hit (all-atomic slots read under the slot's version, the eligibility check
+//!   through an index hint stored in the slot, the refresh by a 64-bit compare-and-swap on the
+//!   version) costs 186–247 ns as the API is: an `Instant` per connection, this table's keyed
+//!   hash;
+//! - the same with the time given as integer nanoseconds: 131–145 ns; and with an unkeyed
+//!   multiply for the hash as well: 93–116 ns;
+//! - what each part costs, from those pairs: converting the `Instant` about 90 ns, the keyed
+//!   hash about 25 ns, the index-hint check and a 64-bit compare-and-swap nothing measurable,
+//!   a 128-bit compare-and-swap (`cmpxchg16b`) 40–70 ns, a scan of 10 endpoints instead of the
+//!   hint 80–100 ns (its exit depends on the slot, and a mispredicted branch after the miss
+//!   discards the next hits' work).
 //!
-//! So a lock-free hit path (all-atomic slots, keys and endpoints packed into words, a
-//! per-thread handle keeping the arrays alive) would not bring a one-at-a-time hit to 100 ns on
-//! this VM while it checks eligibility, which the contract requires (a remembered endpoint
-//! that left is not used). Batches overlap the misses of many hits and do reach it.
+//! A hit's cost follows its instruction count, about a nanosecond per instruction: consecutive
+//! hits overlap only as far as the CPU's window (a couple of hundred instructions) reaches past
+//! a 150–250 ns miss, and every instruction waiting on the slot holds its place. Converting an
+//! `Instant` is about 60 instructions in std that are not inlined
+//! (`Instant::checked_duration_since`, `Timespec::sub_timespec`).
+//!
+//! So with the API as it is (an `Instant` per connection, a keyed hash since clients choose
+//! their addresses), no one-at-a-time design reaches 100 ns on this VM. A lock-free one would
+//! halve the cost, at the price of all-atomic slots (keys and endpoints restricted to types
+//! packed into words, growth without freeing arrays a reader may hold); it reaches 100 ns only
+//! with an integer clock and an unkeyed hash, and then only on a quiet VM. Batches overlap the
+//! misses of many hits and reach it on a quiet VM.
 //!
 //! # Batches
 //!
@@ -315,10 +326,11 @@ where
     /// # Why batches
     ///
     /// In a table far larger than the CPU caches a pick waits for one cache miss, and picks made
-    /// one after another do not overlap their misses (see the [module docs](self)). A batch
-    /// reads the slots where its connections' entries lie before deciding any of them, so
-    /// their misses are in flight together: this is the API for embedders that receive
-    /// connections in bursts (an `epoll_wait` or `io_uring` completion batch, a packet burst).
+    /// one after another do not overlap their misses (measured in the module docs of
+    /// `lb-core/src/affinity/flat.rs`). A batch reads the slots where its connections' entries
+    /// lie before deciding any of them, so their misses are in flight together: this is the
+    /// API for embedders that receive connections in bursts (an `epoll_wait` or `io_uring`
+    /// completion batch, a packet burst).
     ///
     /// ```
     /// use std::net::{IpAddr, Ipv4Addr, SocketAddr};
