@@ -49,16 +49,18 @@
 //! - a locked hit (16 shard mutexes, plain slots, with the eligibility scan) costs 285–378 ns,
 //!   and 237–290 ns with the home slot prefetched before the lock: the lock's
 //!   read-modify-writes chain one hit to the next. This table, beside the variants below:
-//!   356–435 ns;
+//!   362–435 ns;
 //! - a lock-free hit (all-atomic slots read under the slot's version, the eligibility check
-//!   through an index hint stored in the slot, the refresh by a 64-bit compare-and-swap on the
-//!   version) costs 186–247 ns as the API is: an `Instant` per connection, this table's keyed
-//!   hash;
+//!   through an index hint stored in the slot, the refresh by a 64-bit compare-and-swap in the
+//!   slot) costs 186–247 ns as the API is: an `Instant` per connection, this table's keyed
+//!   hash. The compare-and-swap was timed on another word of the slot, the same instruction on
+//!   the same cache line as one on the version; the two plain stores a real refresh adds (the
+//!   expiry, the version) were not timed;
 //! - the same with the time given as integer nanoseconds: 131–145 ns; and with an unkeyed
 //!   multiply for the hash as well: 93–116 ns;
 //! - what each part costs, from those pairs: converting the `Instant` about 90 ns, the keyed
 //!   hash about 25 ns, the index-hint check and a 64-bit compare-and-swap nothing measurable,
-//!   a 128-bit compare-and-swap (`cmpxchg16b`) 40–70 ns, a scan of 10 endpoints instead of the
+//!   a 128-bit compare-and-swap (`cmpxchg16b`) 35–75 ns, a scan of 10 endpoints instead of the
 //!   hint 80–100 ns (its exit depends on the slot, and a mispredicted branch after the miss
 //!   discards the next hits' work).
 //!
